@@ -1,0 +1,32 @@
+"""The metadata stored with every model: what serving needs to reproduce training exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from training.models import ModelSpec
+from training.preprocess import PreprocessConfig
+
+MODEL_NAME = "pneumonia-classifier"
+WEIGHTS_FILE = "weights.pt"
+
+
+class ModelCard(BaseModel):
+    """Saved as the BentoML model's metadata; validated again on every load."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    spec: ModelSpec
+    preprocess: PreprocessConfig
+    class_names: tuple[str, str] = ("NORMAL", "PNEUMONIA")
+    temperature: float = Field(1.0, gt=0)
+    threshold: float = Field(0.5, ge=0, le=1, description="pneumonia probability at or above which the label is PNEUMONIA")
+    target_sensitivity: float = Field(0.98, gt=0, le=1)
+    val_metrics: dict[str, Any] = Field(default_factory=dict)
+    training_config: dict[str, Any] = Field(default_factory=dict)
+    data_fingerprint: str = ""
+    code_version: str = ""
+    weights_sha256: str = ""
+    training_seconds: float | None = None

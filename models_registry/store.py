@@ -1,0 +1,244 @@
+"""The BentoML model store plus a small promotion record (production pointer and its history).
+
+Promotion lives in `<BENTOML_HOME>/models/.registry/<model>.json`, beside the
+store it describes, so a freshly started service sees a promotion without any
+code change. A store that holds no promotion record but exactly one model (for
+example the store packed inside a Bento or container image) serves that model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import torch
+from bentoml.exceptions import NotFound
+from torch import nn
+
+from models_registry.card import MODEL_NAME, WEIGHTS_FILE, ModelCard
+
+PRODUCTION = "production"
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be carried out; the message says what to do."""
+
+
+def _model_store_dir() -> Path:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    store = BentoMLContainer.model_store.get()
+    return Path(store._fs.getsyspath("/"))
+
+
+def _record_path(name: str) -> Path:
+    return _model_store_dir() / ".registry" / f"{name}.json"
+
+
+def _read_record(name: str) -> dict[str, Any]:
+    path = _record_path(name)
+    if not path.exists():
+        return {"production": None, "history": []}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"promotion record {path} is unreadable ({exc}); fix or delete it") from None
+
+
+def _write_record(name: str, record: dict[str, Any]) -> None:
+    path = _record_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(record, handle, indent=2)
+    os.replace(handle.name, path)  # atomic: a reader never sees half a record
+
+
+def weights_to_bytes(module: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def save_model(module: nn.Module, card: ModelCard, name: str = MODEL_NAME) -> str:
+    """Store weights and card as a new version of `name`; returns the tag."""
+    payload = weights_to_bytes(module)
+    card = card.model_copy(update={"weights_sha256": hashlib.sha256(payload).hexdigest()})
+    labels = {
+        "arch": card.spec.arch,
+        "image_size": str(card.preprocess.image_size),
+        "data": card.data_fingerprint[:12],
+    }
+    with bentoml.models.create(name, labels=labels, metadata=card.model_dump(mode="json")) as ref:
+        Path(ref.path_of(WEIGHTS_FILE)).write_bytes(payload)
+        Path(ref.path_of("model_card.json")).write_text(card.model_dump_json(indent=2))
+    return str(ref.tag)
+
+
+def _versions(name: str) -> list[Any]:
+    try:
+        models = bentoml.models.list(name)
+    except NotFound:
+        return []
+    return sorted(models, key=lambda m: m.info.creation_time)
+
+
+def production_tag(name: str = MODEL_NAME) -> str | None:
+    """The promoted tag, or the only model in the store when nothing was ever promoted."""
+    record = _read_record(name)
+    if record.get("production"):
+        return record["production"]
+    versions = _versions(name)
+    if len(versions) == 1:
+        return str(versions[0].tag)
+    return None
+
+
+def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
+    """'production', 'latest', a version or a full tag -> an existing full tag."""
+    if ref == PRODUCTION:
+        tag = production_tag(name)
+        if tag is None:
+            versions = _versions(name)
+            hint = (
+                "the store has no model: run `./dev.sh serve` (imports the shipped default model) "
+                "or `python -m models_registry import-default`"
+                if not versions
+                else f"{len(versions)} models are stored but none is promoted: run `python -m models_registry promote TAG`"
+            )
+            raise RegistryError(f"no production model; {hint}")
+        ref = tag
+    if ":" not in ref:
+        ref = f"{name}:{ref}"
+    try:
+        return str(bentoml.models.get(ref).tag)
+    except NotFound:
+        raise RegistryError(f"model {ref} is not in the store ({_model_store_dir()})") from None
+
+
+def list_models(name: str = MODEL_NAME) -> list[dict[str, Any]]:
+    """Every stored version, oldest first, with its key validation metrics."""
+    production = production_tag(name)
+    rows = []
+    for model in _versions(name):
+        meta = model.info.metadata
+        val = meta.get("val_metrics", {})
+        rows.append(
+            {
+                "tag": str(model.tag),
+                "production": str(model.tag) == production,
+                "created": model.info.creation_time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                "arch": meta.get("spec", {}).get("arch"),
+                "image_size": meta.get("preprocess", {}).get("image_size"),
+                "roc_auc": val.get("roc_auc"),
+                "accuracy": val.get("accuracy"),
+                "sensitivity": val.get("per_class", {}).get("PNEUMONIA", {}).get("recall"),
+                "specificity": val.get("per_class", {}).get("NORMAL", {}).get("recall"),
+                "threshold": meta.get("threshold"),
+                "size_mb": round(sum(f.stat().st_size for f in Path(model.path).rglob("*") if f.is_file()) / 1e6, 2),
+            }
+        )
+    return rows
+
+
+def show(ref: str = PRODUCTION, name: str = MODEL_NAME) -> dict[str, Any]:
+    tag = resolve_tag(ref, name)
+    model = bentoml.models.get(tag)
+    return {"tag": tag, "path": str(model.path), "labels": dict(model.info.labels), **model.info.metadata}
+
+
+def promote(ref: str, name: str = MODEL_NAME) -> str:
+    """Make `ref` the production model; the previous one is kept for `rollback`."""
+    tag = resolve_tag(ref, name)
+    record = _read_record(name)
+    if record.get("production") == tag:
+        return tag
+    if record.get("production"):
+        record["history"].append(record["production"])
+    record["production"] = tag
+    record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(), "promoted": tag})
+    _write_record(name, record)
+    return tag
+
+
+def rollback(name: str = MODEL_NAME) -> str:
+    """Re-promote the model that was production before the current one."""
+    record = _read_record(name)
+    while record["history"]:
+        previous = record["history"].pop()
+        try:
+            bentoml.models.get(previous)
+        except NotFound:
+            continue  # deleted since; skip to the one before
+        record["production"] = previous
+        record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(), "rolled_back_to": previous})
+        _write_record(name, record)
+        return previous
+    raise RegistryError("nothing to roll back to: no earlier production model is recorded")
+
+
+def delete_model(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
+    tag = resolve_tag(ref, name)
+    record = _read_record(name)
+    if record.get("production") == tag and not force:
+        raise RegistryError(f"{tag} is the production model; promote another first or pass --force")
+    bentoml.models.delete(tag)
+    if record.get("production") == tag:
+        record["production"] = None
+    record["history"] = [t for t in record["history"] if t != tag]
+    _write_record(name, record)
+    return tag
+
+
+def export_model(ref: str, path: str | Path, name: str = MODEL_NAME) -> Path:
+    """Write a `.bentomodel` archive (the format of `bentoml models export`)."""
+    tag = resolve_tag(ref, name)
+    out = Path(path)
+    if out.is_dir():
+        out = out / f"{tag.replace(':', '-')}.bentomodel"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(bentoml.models.export_model(tag, str(out)))
+
+
+def import_model(path: str | Path, promote_if_none: bool = False, name: str = MODEL_NAME) -> str:
+    """Import a `.bentomodel` archive; optionally promote it when no production model exists."""
+    archive = Path(path)
+    if not archive.is_file():
+        raise RegistryError(f"{archive} does not exist")
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        tag = str(bentoml.models.import_model(str(archive)).tag)
+    except BentoMLException as exc:
+        if "already exists" not in str(exc):
+            raise RegistryError(f"could not import {archive}: {exc}") from None
+        tag = _tag_in_archive(archive)
+    if promote_if_none and _read_record(name).get("production") is None:
+        promote(tag, name)
+    return tag
+
+
+def _tag_in_archive(archive: Path) -> str:
+    import tarfile
+
+    import yaml
+
+    with tarfile.open(archive) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("model.yaml"))
+        info = yaml.safe_load(tar.extractfile(member).read())  # type: ignore[union-attr]
+    return f"{info['name']}:{info['version']}"
+
+
+def store_path_of(tag: str) -> Path:
+    """Folder of a stored model (for the loader and integrity checks)."""
+    return Path(bentoml.models.get(tag).path)
+
+

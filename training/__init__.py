@@ -1,0 +1,1 @@
+"""Training side of the pneumonia classifier: data, preprocessing, models, training loop, evaluation."""

@@ -1,0 +1,93 @@
+"""Radiograph-appropriate augmentation, applied to whole batches of uint8 grids.
+
+The aim is robustness to acquisition differences (exposure, contrast curve,
+cropping, positioning, sharpness, noise), the known gap between this
+collection's training and test images. Runs batched on tensors so that two CPU
+cores are spent on the model, not on per-image Python.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AugmentConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rotate_deg: float = Field(10.0, ge=0)
+    scale: tuple[float, float] = (0.85, 1.15)
+    translate: float = Field(0.08, ge=0, description="fraction of the side")
+    shear_deg: float = Field(5.0, ge=0)
+    hflip: float = Field(0.5, ge=0, le=1)
+    gamma: tuple[float, float] = (0.6, 1.6)
+    window: float = Field(0.15, ge=0, lt=0.5, description="max fraction clipped at either end of the grey range")
+    blur_p: float = Field(0.25, ge=0, le=1)
+    noise_p: float = Field(0.3, ge=0, le=1)
+    noise_std: float = Field(0.03, ge=0)
+    erase_p: float = Field(0.25, ge=0, le=1)
+
+
+def _affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(n, generator=gen) * (hi - lo) + lo
+
+    angle = uniform(-cfg.rotate_deg, cfg.rotate_deg) * math.pi / 180
+    shear = uniform(-cfg.shear_deg, cfg.shear_deg) * math.pi / 180
+    scale = torch.exp(uniform(math.log(cfg.scale[0]), math.log(cfg.scale[1])))
+    flip = torch.where(torch.rand(n, generator=gen) < cfg.hflip, -1.0, 1.0)
+    tx, ty = uniform(-cfg.translate, cfg.translate) * 2, uniform(-cfg.translate, cfg.translate) * 2
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(n, 2, 3)
+    # grid_sample maps output to input coordinates, so dividing by scale zooms in.
+    theta[:, 0, 0] = cos / scale * flip
+    theta[:, 0, 1] = (-sin + torch.tan(shear)) / scale
+    theta[:, 1, 0] = sin / scale * flip
+    theta[:, 1, 1] = cos / scale
+    theta[:, 0, 2] = tx
+    theta[:, 1, 2] = ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def augment_batch(pixels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """uint8 (N, H, W) -> augmented float (N, 1, H, W) in [0, 1], ready for `preprocess.to_tensor`."""
+    x = pixels.float().div_(255.0).unsqueeze(1)
+    n = x.shape[0]
+    x = _affine(x, cfg, gen)
+    # Exposure: a random grey-level window, then a random gamma curve.
+    low = torch.rand(n, 1, 1, 1, generator=gen) * cfg.window
+    high = 1.0 - torch.rand(n, 1, 1, 1, generator=gen) * cfg.window
+    x = ((x - low) / (high - low)).clamp_(0.0, 1.0)
+    log_g = torch.rand(n, 1, 1, 1, generator=gen) * (math.log(cfg.gamma[1]) - math.log(cfg.gamma[0])) + math.log(cfg.gamma[0])
+    x = x.clamp_min(1e-4).pow(torch.exp(log_g))
+    # Sharpness: blur a random subset with one Gaussian kernel.
+    blur = torch.rand(n, generator=gen) < cfg.blur_p
+    if blur.any():
+        sigma = float(torch.rand(1, generator=gen)) * 1.0 + 0.5
+        radius = 3
+        k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
+        k = k / k.sum()
+        sub = x[blur]
+        sub = F.conv2d(F.pad(sub, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+        sub = F.conv2d(F.pad(sub, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+        x[blur] = sub
+    # Sensor noise.
+    noisy = (torch.rand(n, 1, 1, 1, generator=gen) < cfg.noise_p).float()
+    x = x + noisy * torch.randn(x.shape, generator=gen) * cfg.noise_std
+    # Random erasing: occluders, markers, cropped-off regions.
+    h, w = x.shape[-2:]
+    for i in torch.nonzero(torch.rand(n, generator=gen) < cfg.erase_p).flatten().tolist():
+        area = float(torch.rand(1, generator=gen)) * 0.08 + 0.02
+        aspect = math.exp(float(torch.rand(1, generator=gen)) * 2 * math.log(3) - math.log(3))
+        eh = min(h, int(round(math.sqrt(area * h * w * aspect))))
+        ew = min(w, int(round(math.sqrt(area * h * w / aspect))))
+        top = int(torch.randint(0, h - eh + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - ew + 1, (1,), generator=gen))
+        x[i, :, top : top + eh, left : left + ew] = float(torch.rand(1, generator=gen))
+    return x.clamp_(0.0, 1.0)

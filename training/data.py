@@ -1,0 +1,160 @@
+"""Reading a `<split>/<CLASS>/<image>` folder, patient-level splitting, and in-memory datasets.
+
+The folder layout is the one of the original Kermany et al. download. File names
+carry the patient, and one patient can have several (even identical) images, so
+validation splits are made by patient: splitting by image leaks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.preprocess import ImageRejected, InputLimits, PreprocessConfig, load_file
+
+CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE),
+    re.compile(r"^(NORMAL2-IM-\d+)-", re.IGNORECASE),
+    re.compile(r"^(IM-\d+)-", re.IGNORECASE),
+)
+
+
+class DataFolderError(Exception):
+    """The data folder cannot be used; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # index into CLASS_NAMES
+    patient: str
+
+
+def patient_id(path: Path, label: int) -> str:
+    """The patient a file belongs to, from the naming scheme of the collection.
+
+    Unknown names fall back to the file stem, i.e. each such file is its own
+    patient, which is the conservative choice (it never merges two patients).
+    The class is part of the key because the NORMAL and PNEUMONIA folders use
+    independent numbering schemes.
+    """
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(path.name)
+        if match:
+            return f"{CLASS_NAMES[label]}/{match.group(1).lower()}"
+    return f"{CLASS_NAMES[label]}/{path.stem.lower()}"
+
+
+def scan_split(data_dir: Path, split: str) -> list[Sample]:
+    """List the images of one split, failing with every layout problem at once."""
+    root = Path(data_dir) / split
+    problems: list[str] = []
+    if not root.is_dir():
+        raise DataFolderError(f"{root} does not exist: expected {root}/NORMAL and {root}/PNEUMONIA")
+    samples: list[Sample] = []
+    for label, name in enumerate(CLASS_NAMES):
+        class_dir = root / name
+        if not class_dir.is_dir():
+            problems.append(f"missing class folder {class_dir}")
+            continue
+        files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            problems.append(f"no images (*.jpeg, *.png, ...) in {class_dir}")
+        samples.extend(Sample(path=p, label=label, patient=patient_id(p, label)) for p in files)
+    extra = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in CLASS_NAMES)
+    if extra:
+        problems.append(f"unknown class folder(s) {', '.join(extra)} in {root}; expected {', '.join(CLASS_NAMES)}")
+    if problems:
+        raise DataFolderError(f"data folder {root} cannot be used:\n  - " + "\n  - ".join(problems))
+    return samples
+
+
+def split_by_patient(
+    samples: list[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Seeded, class-stratified split in which every patient lands on exactly one side."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    by_patient: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_patient[sample.patient].append(sample)
+    rng = random.Random(seed)
+    val_patients: set[str] = set()
+    for label in range(len(CLASS_NAMES)):
+        patients = sorted(p for p, items in by_patient.items() if items[0].label == label)
+        rng.shuffle(patients)
+        target = val_fraction * sum(len(by_patient[p]) for p in patients)
+        taken = 0
+        for patient in patients:
+            if taken >= target:
+                break
+            val_patients.add(patient)
+            taken += len(by_patient[patient])
+    train = [s for s in samples if s.patient not in val_patients]
+    val = [s for s in samples if s.patient in val_patients]
+    return train, val
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """sha256 over (class, file name, size) of every sample: identifies the training data cheaply."""
+    digest = hashlib.sha256()
+    for sample in sorted(samples, key=lambda s: (s.label, s.path.name)):
+        digest.update(f"{CLASS_NAMES[sample.label]}/{sample.path.name}:{sample.path.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedSplit:
+    """A split decoded once into memory: uint8 grids (N, H, W) and labels (N,)."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    samples: list[Sample]
+
+
+def load_samples(
+    samples: list[Sample],
+    config: PreprocessConfig,
+    *,
+    skip_bad: bool = False,
+    progress: bool = True,
+    description: str = "decoding",
+) -> LoadedSplit:
+    """Decode every image up front, so a bad file fails here and not mid-epoch.
+
+    With `skip_bad`, unreadable files are dropped and reported; otherwise the
+    error lists all of them at once.
+    """
+    limits = InputLimits(max_bytes=2**40, max_pixels=2**40, min_side=1)
+    grids: list[np.ndarray] = []
+    kept: list[Sample] = []
+    bad: list[str] = []
+    for sample in tqdm(samples, desc=description, disable=not progress, unit="img", leave=False):
+        try:
+            grids.append(load_file(sample.path, config, limits).pixels)
+            kept.append(sample)
+        except (ImageRejected, OSError) as exc:
+            bad.append(f"{sample.path}: {exc}")
+    if bad and not skip_bad:
+        listing = "\n  - ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
+        raise DataFolderError(
+            f"{len(bad)} unreadable image(s); fix or remove them, or pass --skip-bad-images:\n  - {listing}"
+        )
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s):\n  - " + "\n  - ".join(bad))
+    if not kept:
+        raise DataFolderError("no readable images left to use")
+    pixels = torch.from_numpy(np.stack(grids))
+    labels = torch.tensor([s.label for s in kept], dtype=torch.long)
+    return LoadedSplit(pixels=pixels, labels=labels, samples=kept)

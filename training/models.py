@@ -1,0 +1,99 @@
+"""Model definitions: one factory from an architecture config, used by training and the registry.
+
+The registry stores `ModelSpec` next to the weights and rebuilds the module
+through `build_model`, so a stored model can always be reconstructed exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torchvision
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+Architecture = Literal["mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "regnet_x_400mf", "efficientnet_b0"]
+
+
+class ModelSpec(BaseModel):
+    """Everything needed to rebuild the module before loading its weights."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    arch: Architecture = "mobilenet_v3_small"
+    in_channels: int = Field(1, ge=1, le=3)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    tta_hflip: bool = Field(
+        True, description="average the logits of the image and its mirror image (test-time augmentation)"
+    )
+
+
+def _replace_first_conv(module: nn.Module, in_channels: int) -> None:
+    """Swap the stem convolution for one taking `in_channels`; pretrained RGB filters are summed."""
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Conv2d) and child.in_channels == 3:
+            new = nn.Conv2d(
+                in_channels,
+                child.out_channels,
+                kernel_size=child.kernel_size,
+                stride=child.stride,
+                padding=child.padding,
+                bias=child.bias is not None,
+            )
+            with torch.no_grad():
+                summed = child.weight.sum(dim=1, keepdim=True)
+                new.weight.copy_(summed.repeat(1, in_channels, 1, 1) / in_channels)
+                if child.bias is not None:
+                    new.bias.copy_(child.bias)
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, new)
+            return
+    raise ValueError("no 3-channel stem convolution found")
+
+
+def _backbone(spec: ModelSpec, pretrained: bool) -> nn.Module:
+    weights = "DEFAULT" if pretrained else None
+    factory = getattr(torchvision.models, spec.arch)
+    if spec.arch.startswith("mobilenet") or spec.arch.startswith("efficientnet"):
+        net = factory(weights=weights, dropout=spec.dropout) if not pretrained else factory(weights=weights)
+    else:
+        net = factory(weights=weights)
+    # A single logit for PNEUMONIA: the last Linear layer becomes out_features=1.
+    last_linear = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+    for name, child in net.named_modules():
+        if child is last_linear:
+            parent_name, _, attr = name.rpartition(".")
+            parent = net.get_submodule(parent_name) if parent_name else net
+            setattr(parent, attr, nn.Linear(last_linear.in_features, 1))
+    if spec.in_channels != 3:
+        _replace_first_conv(net, spec.in_channels)
+    # torchvision's MobileNet/EfficientNet use BatchNorm momentum 0.01, tuned for long
+    # ImageNet schedules; a short from-scratch run needs running statistics that keep up.
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = 0.1
+    return net
+
+
+class PneumoniaNet(nn.Module):
+    """Backbone + optional mirror TTA; maps (N, C, H, W) to pneumonia logits (N,)."""
+
+    def __init__(self, spec: ModelSpec, pretrained: bool = False) -> None:
+        super().__init__()
+        self.spec = spec
+        self.backbone = _backbone(spec, pretrained)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.spec.in_channels:
+            x = x.expand(-1, self.spec.in_channels, -1, -1)
+        logits = self.backbone(x).squeeze(1)
+        if self.spec.tta_hflip and not self.training:
+            logits = (logits + self.backbone(torch.flip(x, dims=(3,))).squeeze(1)) / 2
+        return logits
+
+
+def build_model(spec: ModelSpec, pretrained: bool = False) -> PneumoniaNet:
+    """A fresh module for `spec`; `pretrained` needs network access to torchvision's weights."""
+    return PneumoniaNet(spec, pretrained=pretrained)

@@ -1,0 +1,215 @@
+"""The one preprocessing path: decode, validate, grayscale, resize, normalise.
+
+Training, evaluation, the HTTP service, the gRPC endpoint and the benchmarks all
+call these functions, parameterised by the `PreprocessConfig` stored with each
+model, so served predictions cannot drift from what the model was trained on.
+Nothing else in the project decodes or resizes an image.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+# Truncated files must fail loudly, never be silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# We enforce our own (configurable) pixel limit before decoding; PIL's global
+# guard would otherwise raise or warn with its own message first.
+Image.MAX_IMAGE_PIXELS = None
+
+RejectReason = Literal[
+    "empty",
+    "too_many_bytes",
+    "not_an_image",
+    "unsupported_format",
+    "too_many_pixels",
+    "too_small",
+    "corrupt",
+]
+
+# Formats a radiology client can reasonably send; anything else PIL happens to
+# understand (EPS, ICNS, ...) is refused rather than fed to a decoder we never test.
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO"})
+
+
+class PreprocessConfig(BaseModel):
+    """Preprocessing parameters; stored with every model in the registry."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image_size: int = Field(224, ge=16, le=1024, description="square input side in pixels")
+    normalization: Literal["per_image", "fixed"] = Field(
+        "per_image",
+        description="per_image: zero mean, unit variance per image (robust to exposure); "
+        "fixed: (x - mean) / std with the constants below",
+    )
+    mean: float = 0.5
+    std: float = 0.25
+
+
+class InputLimits(BaseModel):
+    """Bounds on what one uploaded image may cost before it is decoded."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest accepted file")
+    max_pixels: int = Field(50_000_000, gt=0, description="largest width*height (decompression bombs)")
+    min_side: int = Field(32, ge=1, description="smallest accepted width or height")
+
+
+class ImageRejected(ValueError):
+    """An input that cannot be classified; `reason` is a stable machine-readable code."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(message)
+        self.reason: RejectReason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A validated image reduced to the model's input grid, plus what a client should know."""
+
+    pixels: np.ndarray  # uint8, shape (image_size, image_size)
+    width: int
+    height: int
+    mode: str
+    format: str
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _open(data: bytes, limits: InputLimits) -> Image.Image:
+    if not data:
+        raise ImageRejected("empty", "the upload is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(
+            "too_many_bytes",
+            f"the upload is {len(data):,} bytes, over the limit of {limits.max_bytes:,} bytes",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageRejected("not_an_image", "the upload is not a recognised image file") from None
+    except Exception as exc:  # PIL raises many types on hostile headers
+        raise ImageRejected("corrupt", f"the image header could not be read: {exc}") from None
+    if image.format not in SUPPORTED_FORMATS:
+        raise ImageRejected(
+            "unsupported_format",
+            f"image format {image.format} is not supported; send JPEG, PNG, TIFF, BMP, GIF or WebP",
+        )
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise ImageRejected(
+            "too_many_pixels",
+            f"the image is {width}x{height} = {width * height:,} pixels, "
+            f"over the limit of {limits.max_pixels:,} pixels",
+        )
+    if min(width, height) < limits.min_side:
+        raise ImageRejected(
+            "too_small",
+            f"the image is {width}x{height} pixels; both sides must be at least {limits.min_side}",
+        )
+    return image
+
+
+def _to_grayscale(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit 'L', keeping the full dynamic range of 16-bit scans."""
+    if image.mode == "L":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        lo, hi = float(array.min()), float(array.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        return Image.fromarray(((array - lo) * scale).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent areas become black, the background of a radiograph.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    return image.convert("L")
+
+
+def prepare(data: bytes, config: PreprocessConfig, limits: InputLimits | None = None) -> PreparedImage:
+    """Validate and decode one upload into the model's uint8 input grid.
+
+    Raises `ImageRejected` (never anything else) for input that cannot be used.
+    Large JPEGs are decoded at a reduced scale (draft mode), which is both the
+    fast path and the only path, so training and serving see identical pixels.
+    """
+    limits = limits or InputLimits()
+    image = _open(data, limits)
+    width, height, mode, fmt = image.width, image.height, image.mode, image.format or "?"
+    notes: list[str] = []
+    try:
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            notes.append(f"{fmt} has {frames} frames; only the first was classified")
+        orientation = image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
+        if image.format == "JPEG":
+            # Ask libjpeg for the smallest power-of-two scale whose both sides
+            # still cover the input grid: a 2000 px scan decodes 8x faster.
+            image.draft(image.mode, (config.image_size, config.image_size))
+        image.load()
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            image = ImageOps.exif_transpose(image)
+        coloured = image.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "P") and _looks_coloured(image)
+        gray = _to_grayscale(image)
+        gray = gray.resize((config.image_size, config.image_size), Image.Resampling.BILINEAR, reducing_gap=None)
+        pixels = np.array(gray, dtype=np.uint8)
+    except ImageRejected:
+        raise
+    except Exception as exc:  # truncated data, bad CRC, decoder errors
+        raise ImageRejected("corrupt", f"the image could not be decoded: {exc}") from None
+    if min(width, height) < 2 * config.image_size // 3:
+        notes.append(f"low resolution ({width}x{height}); the model expects at least {config.image_size} px")
+    if coloured:
+        notes.append("colour image: it may not be a radiograph")
+    return PreparedImage(pixels=pixels, width=width, height=height, mode=mode, format=fmt, warnings=tuple(notes))
+
+
+def _looks_coloured(image: Image.Image) -> bool:
+    """True when the channels differ noticeably (X-rays saved as RGB have equal channels)."""
+    try:
+        small = image.convert("RGB").resize((32, 32))
+    except Exception:
+        return False
+    rgb = np.asarray(small, dtype=np.int16)
+    spread = np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean()
+    return bool(spread > 8.0)
+
+
+def to_tensor(pixels: np.ndarray | torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """uint8 grid(s) (..., H, W) -> normalised float32 tensor (N, 1, H, W).
+
+    Training applies augmentation to the uint8/float grid first and then calls
+    this, so normalisation is identical in every flow.
+    """
+    x = torch.as_tensor(pixels)
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255.0)
+    x = x.float()
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if config.normalization == "per_image":
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+        return (x - mean) / std
+    return (x - config.mean) / config.std
+
+
+def load_file(path: str | os.PathLike[str], config: PreprocessConfig, limits: InputLimits | None = None) -> PreparedImage:
+    """`prepare` for a file on disk (training data, evaluation folders, CLI)."""
+    with open(path, "rb") as handle:
+        return prepare(handle.read(), config, limits)

@@ -1,0 +1,313 @@
+"""Train a pneumonia classifier from scratch on a `<split>/<CLASS>/<image>` folder.
+
+    python -m training.train --data-dir ../shared/datasets/chest_xray --out runs/r1
+    torchrun --nproc_per_node=2 -m training.train --data-dir ... --out runs/ddp
+
+Plain functions and an argparse config with every knob named, in the style of
+torchvision's references/classification. The run folder gets the config,
+per-epoch metrics (JSON and CSV), plots, and the calibrated model, which is
+also saved into the BentoML model store through `models_registry`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+from training import plots
+from training.augment import AugmentConfig, augment_batch
+from training.calibration import choose_threshold, fit_temperature
+from training.data import CLASS_NAMES, DataFolderError, LoadedSplit, fingerprint, load_samples, scan_split, split_by_patient
+from training.metrics import classification_report
+from training.models import ModelSpec, build_model
+from training.preprocess import PreprocessConfig, to_tensor
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", type=Path, required=True, help="folder holding <split>/NORMAL and <split>/PNEUMONIA")
+    g.add_argument("--split", default="train", help="sub-folder to train on (split into train/validation by patient)")
+    g.add_argument("--val-fraction", type=float, default=0.15, help="share of images (by patient) held out for validation")
+    g.add_argument("--max-per-class", type=int, default=None, help="use at most this many images per class (smoke runs)")
+    g.add_argument("--skip-bad-images", action="store_true", help="drop unreadable images with a report instead of failing")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="mobilenet_v3_small", choices=list(ModelSpec.model_fields["arch"].annotation.__args__))
+    g.add_argument("--image-size", type=int, default=224)
+    g.add_argument("--normalization", default="per_image", choices=["per_image", "fixed"])
+    g.add_argument("--dropout", type=float, default=0.2)
+    g.add_argument("--no-tta", dest="tta", action="store_false", help="disable mirror test-time augmentation")
+    g.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (needs network access)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=24)
+    g.add_argument("--batch-size", type=int, default=64, help="per process")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--warmup-fraction", type=float, default=0.1)
+    g.add_argument("--label-smoothing", type=float, default=0.05)
+    g.add_argument("--ema-decay", type=float, default=0.998, help="decay of the weight average evaluated and saved")
+    g.add_argument("--bn-images", type=int, default=1024, help="clean training images used to re-estimate BatchNorm statistics before each evaluation")
+    g.add_argument("--patience", type=int, default=8, help="early stop after this many epochs without a better validation ROC-AUC")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--target-sensitivity", type=float, default=0.98, help="pneumonia recall the threshold must reach on validation")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, required=True, help="run folder for config, metrics, plots")
+    g.add_argument("--no-register", dest="register", action="store_false", help="do not save into the BentoML store")
+    g.add_argument("--promote", action="store_true", help="promote the saved model to production")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        rank = dist.get_rank()
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return rank, world, torch.device("cuda", local)
+        return rank, world, torch.device("cpu")
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@torch.inference_mode()
+def predict_logits(module: torch.nn.Module, split: LoadedSplit, preprocess: PreprocessConfig,
+                   device: torch.device, batch_size: int = 128) -> np.ndarray:
+    module.eval()
+    out = [module(to_tensor(split.pixels[i:i + batch_size], preprocess).to(device)).float().cpu()
+           for i in range(0, len(split.labels), batch_size)]
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def recompute_batchnorm(module: torch.nn.Module, split: LoadedSplit, preprocess: PreprocessConfig,
+                        device: torch.device, images: int, batch_size: int = 64, seed: int = 0) -> None:
+    """Re-estimate BatchNorm statistics on clean training images ("precise BN").
+
+    Early in from-scratch training the activations move faster than running
+    averages follow, and the evaluated model collapses to a constant; exact
+    statistics on un-augmented images match what evaluation and serving see.
+    """
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the passes below
+    module.train()
+    order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))[:images]
+    for i in range(0, len(order), batch_size):
+        index = order[i:i + batch_size]
+        if len(index) > 1:
+            module(to_tensor(split.pixels[index], preprocess).to(device))
+    for norm in norms:
+        norm.momentum = 0.1
+    module.eval()
+
+
+def train_one_epoch(model, optimizer, scheduler, ema, train: LoadedSplit, args, preprocess, augment,
+                    gen: torch.Generator, epoch: int, rank: int, world: int, device: torch.device,
+                    pos_weight: torch.Tensor) -> float:
+    model.train()
+    order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    per_rank = len(order) // world
+    order = order[rank * per_rank:(rank + 1) * per_rank]
+    steps = per_rank // args.batch_size  # drop the ragged last batch: BatchNorm dislikes tiny batches
+    total, seen = 0.0, 0
+    bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not (args.progress and rank == 0), leave=False, unit="batch")
+    for step in bar:
+        index = order[step * args.batch_size:(step + 1) * args.batch_size]
+        x = to_tensor(augment_batch(train.pixels[index], augment, gen), preprocess).to(device)
+        y = train.labels[index].float().to(device)
+        target = y * (1 - args.label_smoothing) + 0.5 * args.label_smoothing
+        loss = F.binary_cross_entropy_with_logits(model(x), target, pos_weight=pos_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        ema.update_parameters(model)
+        total += loss.item() * len(index)
+        seen += len(index)
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    return total / max(seen, 1)
+
+
+def main(args: argparse.Namespace) -> int:
+    rank, world, device = setup_distributed()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    gen = seed_everything(args.seed + rank)
+    started = time.monotonic()
+    preprocess = PreprocessConfig(image_size=args.image_size, normalization=args.normalization)
+    spec = ModelSpec(arch=args.arch, dropout=args.dropout, tta_hflip=args.tta)
+    augment = AugmentConfig()
+
+    samples = scan_split(args.data_dir, args.split)
+    if args.max_per_class:
+        samples = [s for label in range(len(CLASS_NAMES)) for s in [x for x in samples if x.label == label][:args.max_per_class]]
+    train_samples, val_samples = split_by_patient(samples, args.val_fraction, args.seed)
+    show = args.progress and rank == 0
+    train = load_samples(train_samples, preprocess, skip_bad=args.skip_bad_images, progress=show, description="decoding train")
+    val = load_samples(val_samples, preprocess, skip_bad=args.skip_bad_images, progress=show, description="decoding validation")
+    data_fp = fingerprint(train.samples + val.samples)
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        config.update(world_size=world, augment=augment.model_dump(), preprocess=preprocess.model_dump(), spec=spec.model_dump())
+        (args.out / "config.json").write_text(json.dumps(config, indent=2))
+        print(f"train {len(train.labels)} images / val {len(val.labels)} images "
+              f"({len({s.patient for s in train.samples})} / {len({s.patient for s in val.samples})} patients), "
+              f"data fingerprint {data_fp[:12]}, {world} process(es), {torch.get_num_threads()} threads each", flush=True)
+
+    model = build_model(spec, pretrained=args.pretrained).to(device)
+    decay = args.ema_decay
+
+    def ema_update(average: torch.Tensor, current: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        # Warm-up: a plain mean over the first 1/(1-decay) steps, then exponential.
+        weight = max(1.0 - decay, 1.0 / (float(count) + 1.0))
+        return average + (current - average) * weight
+
+    ema = AveragedModel(model, avg_fn=ema_update, use_buffers=True)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = max(1, (len(train.labels) // world) // args.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch,
+                                                    pct_start=args.warmup_fraction)
+    positives = float(train.labels.sum())
+    pos_weight = torch.tensor((len(train.labels) - positives) / max(positives, 1.0), device=device)
+
+    history: list[dict] = []
+    best_auc, best_state, best_epoch, stale = -1.0, None, 0, 0
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.monotonic()
+        loss = train_one_epoch(ddp_model, optimizer, scheduler, ema, train, args, preprocess, augment, gen, epoch,
+                               rank, world, device, pos_weight)
+        stop = torch.zeros(1)
+        if rank == 0:
+            recompute_batchnorm(ema.module, train, preprocess, device, args.bn_images, seed=args.seed)
+            logits = predict_logits(ema.module, val, preprocess, device)
+            probs = 1 / (1 + np.exp(-logits))
+            report = classification_report(val.labels.numpy(), probs, 0.5)
+            val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), val.labels.float()))
+            row = {"epoch": epoch, "train_loss": loss, "val_loss": val_loss, "val_roc_auc": report["roc_auc"],
+                   "val_accuracy": report["accuracy"], "lr": scheduler.get_last_lr()[0], "seconds": time.monotonic() - t0}
+            history.append(row)
+            improved = report["roc_auc"] > best_auc
+            if improved:
+                best_auc, best_epoch, stale = report["roc_auc"], epoch, 0
+                best_state = copy.deepcopy(ema.module.state_dict())
+            else:
+                stale += 1
+            print(f"epoch {epoch:3d}/{args.epochs}  train_loss {loss:.4f}  val_loss {val_loss:.4f}  "
+                  f"val_auc {report['roc_auc']:.4f}  val_acc@0.5 {report['accuracy']:.4f}  "
+                  f"{row['seconds']:.0f}s{'  *best' if improved else ''}", flush=True)
+            if stale >= args.patience:
+                print(f"early stop: no better validation ROC-AUC for {args.patience} epochs", flush=True)
+                stop[0] = 1
+        if world > 1:
+            dist.broadcast(stop, src=0)
+        if stop.item():
+            break
+
+    if rank == 0:
+        finish(args, spec, preprocess, ema.module, best_state, best_epoch, history, val, device, data_fp,
+               time.monotonic() - started)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def finish(args, spec, preprocess, module, best_state, best_epoch, history, val: LoadedSplit, device, data_fp,
+           seconds: float) -> None:
+    """Calibrate on validation, pick the operating point, write the run folder, register the model."""
+    module.load_state_dict(best_state)
+    module = module.cpu().eval()
+    logits = predict_logits(module, val, preprocess, torch.device("cpu"))
+    labels = val.labels.numpy()
+    temperature = fit_temperature(logits, labels)
+    probs = 1 / (1 + np.exp(-logits / temperature))
+    threshold = choose_threshold(labels, probs, args.target_sensitivity)
+    report = classification_report(labels, probs, threshold)
+    report["best_epoch"] = best_epoch
+
+    out: Path = args.out
+    (out / "metrics.json").write_text(json.dumps({"history": history, "validation": report, "temperature": temperature,
+                                                  "threshold": threshold, "training_seconds": seconds}, indent=2))
+    with open(out / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    plots.training_curves(history, out / "curves.png")
+    plots.roc(labels, probs, threshold, out / "roc.png", f"validation ROC (AUC {report['roc_auc']:.4f})")
+    plots.confusion(report["confusion_matrix"], out / "confusion.png", f"validation @ threshold {threshold:.3f}")
+    print(f"best epoch {best_epoch}: val ROC-AUC {report['roc_auc']:.4f}, temperature {temperature:.3f}, "
+          f"threshold {threshold:.4f} -> sensitivity {report['per_class']['PNEUMONIA']['recall']:.4f}, "
+          f"specificity {report['per_class']['NORMAL']['recall']:.4f}, accuracy {report['accuracy']:.4f}, "
+          f"ECE {report['ece']:.4f}; {seconds / 60:.1f} min", flush=True)
+    if not args.register:
+        torch.save(module.state_dict(), out / "weights.pt")
+        return
+    from models_registry import ModelCard, promote, save_model
+
+    card = ModelCard(spec=spec, preprocess=preprocess, class_names=CLASS_NAMES, temperature=temperature,
+                     threshold=threshold, target_sensitivity=args.target_sensitivity, val_metrics=report,
+                     training_config=json.loads((out / "config.json").read_text()), data_fingerprint=data_fp,
+                     code_version=code_version(), training_seconds=round(seconds, 1))
+    tag = save_model(module, card)
+    if args.promote:
+        promote(tag)
+    (out / "model_tag.txt").write_text(tag + "\n")
+    print(f"saved {tag} to the BentoML model store{' and promoted it to production' if args.promote else ''}", flush=True)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return main(args)
+    except DataFolderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
