@@ -36,7 +36,7 @@ def _model_store_dir() -> Path:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     store = BentoMLContainer.model_store.get()
-    return Path(store._fs.getsyspath("/"))
+    return Path(store._path)
 
 
 def _record_path(name: str) -> Path:
@@ -242,3 +242,31 @@ def store_path_of(tag: str) -> Path:
     return Path(bentoml.models.get(tag).path)
 
 
+
+
+def read_card(tag: str) -> "ModelCard":
+    """The stored card of `tag`, without loading weights (cheap; used at service import)."""
+    try:
+        return ModelCard.model_validate(bentoml.models.get(tag).info.metadata)
+    except NotFound:
+        raise RegistryError(f"model {tag} is not in the store ({_model_store_dir()})") from None
+    except ValueError as exc:
+        raise RegistryError(f"model {tag} has unusable metadata: {exc}") from None
+
+
+def resolve_service_tag(ref: str, service_dir: Path, name: str = MODEL_NAME) -> str:
+    """The tag a service should serve.
+
+    Inside a built Bento (its `bento.yaml` sits one level above the service
+    code) 'production' means the model packed at build time, so a Bento always
+    serves what it was built with; elsewhere it is the store's promoted model.
+    """
+    manifest = service_dir.parent / "bento.yaml"
+    if ref == PRODUCTION and manifest.is_file():
+        import yaml
+
+        info = yaml.safe_load(manifest.read_text())
+        packed = [m["tag"] for m in info.get("models", []) if str(m.get("tag", "")).startswith(f"{name}:")]
+        if len(packed) == 1:
+            return packed[0]
+    return resolve_tag(ref, name)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Project entry point. Creates and uses the virtual environment at .venv.
+#
+#   ./dev.sh serve        set up, import the shipped model if the store has none, serve on 127.0.0.1:3000
+#   ./dev.sh test [ARGS]  set up and run the whole test suite (ARGS go to pytest)
+#   ./dev.sh setup        only create/refresh .venv (fast no-op when up to date)
+#   ./dev.sh run CMD...   run a command inside the environment, e.g. ./dev.sh run python -m models_registry list
+set -euo pipefail
+cd "$(dirname "$0")"
+export BENTOML_DO_NOT_TRACK=true
+
+python_311() {
+  for candidate in "${PYTHON:-}" python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+      echo "$candidate"; return 0
+    fi
+  done
+  echo "error: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2
+  return 1
+}
+
+setup() {
+  local py stamp
+  py=$(python_311)
+  [ -x .venv/bin/python ] || "$py" -m venv .venv
+  stamp=$( (cat pyproject.toml requirements/dev.lock; cat proto/pneumonia/v1/*.proto scripts/gen_proto.py 2>/dev/null || true) |
+          sha256sum | cut -c1-32)
+  if [ "$(cat .venv/.setup-stamp 2>/dev/null)" != "$stamp" ]; then
+    echo "setting up .venv (first run installs PyTorch, a few GB) ..." >&2
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check uv==0.13.9
+    .venv/bin/uv pip install --quiet --python .venv/bin/python -r requirements/dev.lock
+    if [ -f scripts/gen_proto.py ]; then .venv/bin/python scripts/gen_proto.py; fi
+    echo "$stamp" > .venv/.setup-stamp
+  fi
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  serve)
+    setup
+    .venv/bin/python -m models_registry ensure-default
+    exec .venv/bin/bentoml serve service:PneumoniaClassifier --host "${HOST:-127.0.0.1}" --port "${PORT:-3000}" "$@"
+    ;;
+  test)
+    setup
+    exec .venv/bin/python -m pytest "$@"
+    ;;
+  run)
+    setup
+    export PATH="$PWD/.venv/bin:$PATH" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    exec "$@"
+    ;;
+  *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
+esac

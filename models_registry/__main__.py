@@ -1,0 +1,106 @@
+"""Command line for the model registry.
+
+    python -m models_registry list
+    python -m models_registry show production
+    python -m models_registry promote TAG
+    python -m models_registry rollback
+    python -m models_registry delete TAG
+    python -m models_registry export production out/
+    python -m models_registry import model.bentomodel [--promote-if-none]
+    python -m models_registry import-default
+    python -m models_registry ensure-default
+    python -m models_registry verify production
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "no models in the store (try: python -m models_registry import-default)"
+    cols = ["tag", "production", "created", "arch", "image_size", "roc_auc", "sensitivity", "specificity", "threshold", "size_mb"]
+
+    def cell(v: object) -> str:
+        if isinstance(v, bool):
+            return "*" if v else ""
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return "" if v is None else str(v)
+
+    body = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*cols), *(fmt.format(*b) for b in body)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m models_registry", description="Manage pneumonia classifier models in the BentoML model store.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("list", help="every stored model with its key validation metrics")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("show", help="full metadata of one model")
+    p.add_argument("ref", nargs="?", default="production", help="'production', a version or a tag")
+    p = sub.add_parser("promote", help="make a model the one the service serves")
+    p.add_argument("ref")
+    sub.add_parser("rollback", help="re-promote the previous production model")
+    p = sub.add_parser("delete", help="delete a model from the store")
+    p.add_argument("ref")
+    p.add_argument("--force", action="store_true", help="also delete the production model")
+    p = sub.add_parser("export", help="write a .bentomodel archive")
+    p.add_argument("ref")
+    p.add_argument("path", help="archive file or folder")
+    p = sub.add_parser("import", help="import a .bentomodel archive")
+    p.add_argument("path")
+    p.add_argument("--promote-if-none", action="store_true", help="promote it when no production model exists")
+    sub.add_parser("import-default", help="import the default model shipped in the repo, promoting it if none is promoted")
+    sub.add_parser("ensure-default", help="import and promote the shipped default model only if no production model exists")
+    p = sub.add_parser("verify", help="load a model and check its weights against the stored sha256")
+    p.add_argument("ref", nargs="?", default="production")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import models_registry as reg
+    from models_registry.default import ensure_default, import_default
+
+    try:
+        if args.command == "list":
+            rows = reg.list_models()
+            print(json.dumps(rows, indent=2) if args.json else _table(rows))
+        elif args.command == "show":
+            from models_registry.store import show
+
+            print(json.dumps(show(args.ref), indent=2, default=str))
+        elif args.command == "promote":
+            print(f"production is now {reg.promote(args.ref)}")
+        elif args.command == "rollback":
+            print(f"production is now {reg.rollback()}")
+        elif args.command == "delete":
+            print(f"deleted {reg.delete_model(args.ref, force=args.force)}")
+        elif args.command == "export":
+            print(f"wrote {reg.export_model(args.ref, args.path)}")
+        elif args.command == "import":
+            print(f"imported {reg.import_model(args.path, promote_if_none=args.promote_if_none)}")
+        elif args.command == "import-default":
+            print(import_default())
+        elif args.command == "ensure-default":
+            print(ensure_default())
+        elif args.command == "verify":
+            model = reg.load_model(args.ref)
+            print(f"{model.tag}: weights match sha256 {model.card.weights_sha256}")
+    except reg.RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Re-resolve the pinned dependency sets from pyproject.toml (the one place they are declared):
+#   requirements/dev.lock   everything, used by ./dev.sh (set-up, tests, CI)
+#   requirements/bento.txt  run-time only, without the CUDA wheels, used by bentofile.yaml;
+#                           the Bento's Docker build takes torch from PyTorch's CPU index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+uv=".venv/bin/uv"
+common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header)
+"$uv" pip compile pyproject.toml --extra dev "${common[@]}" --quiet -o requirements/dev.lock
+"$uv" pip compile pyproject.toml "${common[@]}" 2>/dev/null |
+  grep -vE '^(cuda-[a-z-]+|nvidia-(cu|nv|nccl)[a-z0-9-]*|triton)==' > requirements/bento.txt
+echo "wrote requirements/dev.lock and requirements/bento.txt"

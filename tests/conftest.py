@@ -1,0 +1,55 @@
+"""Test-wide set-up: an isolated BentoML home, the shipped model in it, one shared live server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Before anything imports bentoml: tests never touch a user's model store.
+_HOME = Path(tempfile.mkdtemp(prefix="pneumonia-test-bentoml-"))
+os.environ["BENTOML_HOME"] = str(_HOME)
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+
+import pytest  # noqa: E402
+
+from tests.support import DATA_DIR, ServerProcess, bentoml_serve, free_port  # noqa: E402
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "train" / "NORMAL").is_dir():
+        pytest.fail(f"the shared data set is missing at {DATA_DIR} (set PNEUMONIA_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def bentoml_home() -> Path:
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def production_tag(bentoml_home: Path) -> str:
+    """The shipped default model, imported into the test store and promoted."""
+    from models_registry import production_tag as current
+    from models_registry.default import ensure_default
+
+    ensure_default()
+    tag = current()
+    assert tag is not None
+    return tag
+
+
+@pytest.fixture(scope="session")
+def server(production_tag: str, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    """One `bentoml serve` of the repository's service for the whole session, always stopped."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    proc = bentoml_serve("service:PneumoniaClassifier", free_port(), log, PNEUMONIA_BATCHING__MAX_BATCH_SIZE="32")
+    proc.start()
+    yield proc
+    proc.stop()

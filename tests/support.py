@@ -1,0 +1,96 @@
+"""Helpers for tests that run real servers: free loopback ports, start, wait, always stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("PNEUMONIA_DATA_DIR", ROOT.parent / "shared" / "datasets" / "chest_xray"))
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A server subprocess in its own process group, logging to a file."""
+
+    args: list[str]
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    cwd: Path = ROOT
+    process: subprocess.Popen | None = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready_timeout: float = 180.0, ready_path: str = "/readyz") -> "ServerProcess":
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            self.args, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
+            try:
+                if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"server not ready after {ready_timeout}s:\n{self.logs()[-4000:]}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=timeout)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=10)
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(BENTOML_DO_NOT_TRACK="true", PYTHONPATH=str(ROOT), PATH=f"{VENV_BIN}:{env.get('PATH', '')}")
+    env.update(extra)
+    return env
+
+
+def bentoml_serve(target: str, port: int, log_path: Path, **env: str) -> ServerProcess:
+    """`bentoml serve TARGET` on 127.0.0.1:PORT (not yet started)."""
+    args = [str(VENV_BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    return ServerProcess(args=args, port=port, env=server_env(**env), log_path=log_path)
+
+
+def sample_xrays(per_class: int, offset: int = 0) -> list[Path]:
+    """Real X-rays from the shared training folder, deterministic selection, both classes."""
+    files: list[Path] = []
+    for name in ("NORMAL", "PNEUMONIA"):
+        all_files = sorted((DATA_DIR / "train" / name).iterdir())
+        files.extend(all_files[offset : offset + per_class])
+    return files

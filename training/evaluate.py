@@ -1,0 +1,86 @@
+"""Evaluate a stored model on any `<split>/<CLASS>/<image>` folder, at its stored threshold.
+
+    python -m training.evaluate --model production --data-dir /path/to/chest_xray --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.data import CLASS_NAMES, DataFolderError, load_samples, scan_split
+from training.metrics import classification_report
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="production", help="'production', a version or a full tag from the model store")
+    p.add_argument("--data-dir", type=Path, required=True, help="folder holding <split>/NORMAL and <split>/PNEUMONIA")
+    p.add_argument("--split", default="test", help="sub-folder to evaluate")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--skip-bad-images", action="store_true", help="drop unreadable images with a report instead of failing")
+    p.add_argument("--json", type=Path, default=None, help="also write metrics and per-image probabilities here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    return p
+
+
+def predict_files(model, paths: list[Path], batch_size: int = 64) -> np.ndarray:
+    """Calibrated pneumonia probabilities for image files, through the shared preprocessing."""
+    from training.data import Sample
+
+    split = load_samples([Sample(p, 0, p.stem) for p in paths], model.card.preprocess, progress=False)
+    return np.concatenate([model.probabilities(split.pixels[i:i + batch_size]) for i in range(0, len(paths), batch_size)])
+
+
+def format_table(report: dict, tag: str) -> str:
+    lines = [f"model {tag} on {report['n']} images, threshold {report['threshold']:.4f}", ""]
+    lines.append(f"{'class':<10} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}")
+    for name in CLASS_NAMES:
+        c = report["per_class"][name]
+        lines.append(f"{name:<10} {c['precision']:>9.4f} {c['recall']:>7.4f} {c['f1']:>7.4f} {c['support']:>8d}")
+    lines.append("")
+    for key in ("accuracy", "roc_auc", "pr_auc", "ece", "brier"):
+        lines.append(f"{key:<10} {report[key]:.4f}")
+    m = report["confusion_matrix"]
+    lines += ["", "confusion (rows true, columns predicted)", f"{'':<10} {'NORMAL':>9} {'PNEUMONIA':>9}",
+              f"{'NORMAL':<10} {m[0][0]:>9d} {m[0][1]:>9d}", f"{'PNEUMONIA':<10} {m[1][0]:>9d} {m[1][1]:>9d}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from models_registry import RegistryError, load_model
+
+    try:
+        model = load_model(args.model)
+        samples = scan_split(args.data_dir, args.split)
+        split = load_samples(samples, model.card.preprocess, skip_bad=args.skip_bad_images, progress=sys.stderr.isatty())
+    except (RegistryError, DataFolderError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    probs = np.concatenate([model.probabilities(split.pixels[i:i + args.batch_size])
+                            for i in range(0, len(split.labels), args.batch_size)])
+    report = classification_report(split.labels.numpy(), probs, model.card.threshold)
+    print(format_table(report, model.tag))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "model": model.tag, "data_dir": str(args.data_dir), "split": args.split, "metrics": report,
+            "predictions": [{"file": str(s.path), "label": CLASS_NAMES[s.label], "probability": float(p)}
+                            for s, p in zip(split.samples, probs)],
+        }, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
