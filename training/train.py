@@ -56,7 +56,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--no-tta", dest="tta", action="store_false", help="disable mirror test-time augmentation")
     g.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (needs network access)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=24)
+    g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     g.add_argument("--weight-decay", type=float, default=0.05)
@@ -192,7 +192,7 @@ def main(args: argparse.Namespace) -> int:
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        config.update(world_size=world, augment=augment.model_dump(), preprocess=preprocess.model_dump(), spec=spec.model_dump())
+        config.update(command="python -m training.train " + " ".join(sys.argv[1:]), world_size=world, augment=augment.model_dump(), preprocess=preprocess.model_dump(), spec=spec.model_dump())
         (args.out / "config.json").write_text(json.dumps(config, indent=2))
         print(f"train {len(train.labels)} images / val {len(val.labels)} images "
               f"({len({s.patient for s in train.samples})} / {len({s.patient for s in val.samples})} patients), "

@@ -1,0 +1,69 @@
+"""`bentoml build` of this repository, the built Bento served by tag, and its generated Dockerfile."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.support import ROOT, VENV_BIN, bentoml_serve, free_port, sample_xrays, server_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bento_tag(production_tag: str) -> str:
+    result = subprocess.run([str(VENV_BIN / "bentoml"), "build", "--output", "tag"], cwd=ROOT, env=server_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    tag = result.stdout.strip().splitlines()[-1].replace("__tag__:", "").strip()
+    assert tag.startswith("pneumonia-classifier-service:")
+    return tag
+
+
+def _bento_dir(bento_home: Path, tag: str) -> Path:
+    name, version = tag.split(":")
+    return bento_home / "bentos" / name / version
+
+
+def test_bento_packs_code_model_and_pinned_dependencies(bento_tag: str, bentoml_home: Path, production_tag: str) -> None:
+    root = _bento_dir(bentoml_home, bento_tag)
+    info = yaml.safe_load((root / "bento.yaml").read_text())
+    assert [m["tag"] for m in info["models"]] == [production_tag]
+    for path in ("src/service.py", "src/settings.py", "src/training/preprocess.py", "src/models_registry/loader.py"):
+        assert (root / path).is_file(), path
+    assert not (root / "src/tests").exists() and not (root / "src/loadtests").exists()
+    requirements = (root / "env/python/requirements.txt").read_text()
+    assert "torch==2.14.0" in requirements and "bentoml==1.4.39" in requirements
+    assert "nvidia-cublas" not in requirements  # CPU-only image
+    assert info["docker"]["python_version"] == "3.11"
+
+
+def test_generated_dockerfile(bento_tag: str, tmp_path: Path) -> None:
+    import bentoml
+
+    out = tmp_path / "Dockerfile"
+    bentoml.container.get_containerfile(bento_tag, output_path=str(out))
+    dockerfile = out.read_text()
+    assert "python:3.11" in dockerfile or "3.11" in dockerfile
+    assert "EXPOSE 3000" in dockerfile
+    assert "download.pytorch.org/whl/cpu" in dockerfile or "requirements.txt" in dockerfile
+    assert "bentoml" in dockerfile.lower()
+
+
+def test_built_bento_serves_by_tag(bento_tag: str, tmp_path: Path, production_tag: str) -> None:
+    proc = bentoml_serve(bento_tag, free_port(), tmp_path / "bento.log")
+    proc.cwd = tmp_path  # prove it runs from the Bento, not from the working tree
+    proc.env["PYTHONPATH"] = ""
+    proc.start()
+    try:
+        path = sample_xrays(1, offset=3)[1]
+        response = httpx.post(proc.url + "/classify", files=[("images", (path.name, path.read_bytes()))], timeout=60)
+        assert response.status_code == 200, response.text
+        item = response.json()[0]
+        assert item["model"] == production_tag and item["label"] in ("NORMAL", "PNEUMONIA")
+    finally:
+        proc.stop()

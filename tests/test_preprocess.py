@@ -1,0 +1,145 @@
+"""The shared preprocessing path: shapes, ranges, odd inputs, limits, and one path for every flow."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.images import encode, gradient, png_bomb
+from tests.support import sample_xrays
+from training.data import Sample, load_samples
+from training.preprocess import ImageRejected, InputLimits, PreprocessConfig, load_file, prepare, to_tensor
+
+CONFIG = PreprocessConfig()
+
+
+def test_real_xray_becomes_a_normalised_grid() -> None:
+    path = sample_xrays(1)[0]
+    prepared = load_file(path, CONFIG)
+    assert prepared.pixels.shape == (224, 224) and prepared.pixels.dtype == np.uint8
+    assert (prepared.width, prepared.height, prepared.format) == (224, 224, "JPEG")
+    tensor = to_tensor(prepared.pixels, CONFIG)
+    assert tensor.shape == (1, 1, 224, 224) and tensor.dtype == torch.float32
+    assert abs(float(tensor.mean())) < 1e-4 and abs(float(tensor.std()) - 1) < 1e-3
+    fixed = to_tensor(prepared.pixels, PreprocessConfig(normalization="fixed", mean=0.5, std=0.25))
+    assert torch.allclose(fixed, (torch.from_numpy(prepared.pixels).float() / 255 - 0.5) / 0.25)
+
+
+def test_training_and_serving_paths_give_identical_tensors() -> None:
+    paths = sample_xrays(3)
+    training = load_samples([Sample(p, 0, p.stem) for p in paths], CONFIG, progress=False)
+    serving = np.stack([prepare(p.read_bytes(), CONFIG).pixels for p in paths])
+    assert torch.equal(to_tensor(training.pixels, CONFIG), to_tensor(serving, CONFIG))
+
+
+@pytest.mark.parametrize(
+    "name,data",
+    [
+        ("16-bit grayscale PNG", encode(Image.fromarray((np.arange(300 * 260).reshape(260, 300) % 65535).astype(np.uint16)), "PNG")),
+        ("RGBA PNG", encode(gradient(mode="RGBA"), "PNG")),
+        ("palette PNG", encode(gradient(mode="P"), "PNG")),
+        ("LA PNG", encode(gradient(mode="LA"), "PNG")),
+        ("CMYK JPEG", encode(gradient(mode="CMYK"), "JPEG")),
+        ("RGB JPEG", encode(gradient(mode="RGB"), "JPEG")),
+        ("TIFF", encode(gradient(), "TIFF")),
+        ("BMP", encode(gradient(), "BMP")),
+        ("WebP", encode(gradient(mode="RGB"), "WEBP")),
+    ],
+)
+def test_odd_but_valid_inputs_are_accepted(name: str, data: bytes) -> None:
+    prepared = prepare(data, CONFIG)
+    assert prepared.pixels.shape == (224, 224) and prepared.pixels.dtype == np.uint8
+    assert prepared.pixels.std() > 5, f"{name} lost its content"
+
+
+def test_sixteen_bit_keeps_its_dynamic_range() -> None:
+    ramp = np.tile(np.linspace(1000, 3000, 300, dtype=np.uint16), (260, 1))
+    pixels = prepare(encode(Image.fromarray(ramp), "PNG"), CONFIG).pixels
+    assert pixels.min() <= 2 and pixels.max() >= 253
+
+
+def test_exif_orientation_is_honoured() -> None:
+    upright = gradient((320, 240))
+    rotated = upright.rotate(90, expand=True)  # stored sideways ...
+    exif = Image.Exif()
+    exif[0x0112] = 8  # ... with the tag saying "rotate 90 CW to display"
+    a = prepare(encode(upright, "PNG"), CONFIG).pixels.astype(int)
+    b = prepare(encode(rotated, "PNG", exif=exif), CONFIG).pixels.astype(int)
+    assert np.abs(a - b).mean() < 2.0
+    assert np.abs(a - prepare(encode(rotated, "PNG"), CONFIG).pixels.astype(int)).mean() > 20
+
+
+def test_large_jpeg_draft_decoding_matches_full_decoding() -> None:
+    original = Image.open(sample_xrays(1, offset=5)[-1]).convert("L")
+    big = original.resize((2000, 2000), Image.Resampling.BICUBIC)
+    fast = prepare(encode(big, "JPEG", quality=92), CONFIG)
+    full = np.asarray(big.resize((224, 224), Image.Resampling.BILINEAR, reducing_gap=None), dtype=int)
+    assert (fast.width, fast.height) == (2000, 2000)
+    assert np.abs(fast.pixels.astype(int) - full).mean() < 3.0
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty"),
+        (b"hello, this is not an image", "not_an_image"),
+        (b"<html><body>x.jpeg</body></html>", "not_an_image"),
+        (encode(gradient((16, 16)), "PNG"), "too_small"),
+        (encode(gradient((1, 1)), "PNG"), "too_small"),
+    ],
+)
+def test_unusable_inputs_are_rejected_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(ImageRejected) as info:
+        prepare(data, CONFIG)
+    assert info.value.reason == reason and info.value.message
+
+
+def test_truncated_jpeg_is_corrupt() -> None:
+    data = sample_xrays(1)[0].read_bytes()
+    with pytest.raises(ImageRejected) as info:
+        prepare(data[: len(data) // 2], CONFIG)
+    assert info.value.reason == "corrupt"
+
+
+def test_pixel_bomb_is_refused_before_decoding() -> None:
+    bomb = png_bomb(30000)
+    assert len(bomb) < 200_000
+    started = time.perf_counter()
+    with pytest.raises(ImageRejected) as info:
+        prepare(bomb, CONFIG)
+    assert info.value.reason == "too_many_pixels" and "900,000,000" in info.value.message
+    assert time.perf_counter() - started < 1.0  # behaviour: nothing was decoded
+
+
+def test_byte_limit_is_configurable() -> None:
+    data = sample_xrays(1)[0].read_bytes()
+    with pytest.raises(ImageRejected) as info:
+        prepare(data, CONFIG, InputLimits(max_bytes=len(data) - 1))
+    assert info.value.reason == "too_many_bytes"
+    assert prepare(data, CONFIG, InputLimits(max_bytes=len(data))).pixels.shape == (224, 224)
+
+
+def test_warnings_for_colour_and_low_resolution() -> None:
+    colourful = Image.fromarray(np.dstack([np.full((300, 300), v, np.uint8) for v in (200, 30, 90)]), "RGB")
+    assert any("colour" in w for w in prepare(encode(colourful, "PNG"), CONFIG).warnings)
+    assert not prepare(sample_xrays(1)[0].read_bytes(), CONFIG).warnings
+    assert any("low resolution" in w for w in prepare(encode(gradient((100, 100)), "PNG"), CONFIG).warnings)
+
+
+def test_multi_frame_images_use_the_first_frame_and_say_so() -> None:
+    frames = [gradient((120, 120)), gradient((120, 120)).rotate(180)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    prepared = prepare(data, CONFIG)
+    assert any("2 frames" in w for w in prepared.warnings)
+    single = prepare(encode(frames[0], "GIF"), CONFIG)
+    assert np.array_equal(prepared.pixels, single.pixels)
+
+
+def test_real_files_on_disk_match_bytes(tmp_path: Path) -> None:
+    path = sample_xrays(1)[0]
+    assert np.array_equal(load_file(path, CONFIG).pixels, prepare(path.read_bytes(), CONFIG).pixels)

@@ -1,0 +1,119 @@
+"""Registry round trip against the real BentoML store (a temporary BENTOML_HOME)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import models_registry as reg
+from models_registry.store import show
+from tests.support import ROOT, sample_xrays, server_env
+from training.models import ModelSpec, build_model
+from training.preprocess import PreprocessConfig, load_file
+
+NAME = "registry-test-model"  # kept apart from the production model the servers use
+
+
+def _card(threshold: float) -> reg.ModelCard:
+    return reg.ModelCard(
+        spec=ModelSpec(), preprocess=PreprocessConfig(), temperature=1.5, threshold=threshold,
+        val_metrics={"roc_auc": 0.9, "accuracy": 0.8}, data_fingerprint="f" * 64, code_version="test",
+    )
+
+
+@pytest.fixture(scope="module")
+def two_models() -> tuple[tuple[str, torch.nn.Module], tuple[str, torch.nn.Module]]:
+    saved = []
+    for seed, threshold in ((1, 0.4), (2, 0.6)):
+        torch.manual_seed(seed)
+        module = build_model(ModelSpec()).eval()
+        saved.append((reg.save_model(module, _card(threshold), name=NAME), module))
+    return saved[0], saved[1]
+
+
+def _grids() -> np.ndarray:
+    return np.stack([load_file(p, PreprocessConfig()).pixels for p in sample_xrays(2)])
+
+
+def test_save_list_promote_load_gives_the_same_outputs_bit_for_bit(two_models) -> None:
+    (first, module), (second, _) = two_models
+    rows = {r["tag"]: r for r in reg.list_models(NAME)}
+    assert {first, second} <= set(rows)
+    assert rows[first]["roc_auc"] == 0.9 and rows[first]["arch"] == "mobilenet_v3_small"
+    assert reg.production_tag(NAME) is None  # two models, nothing promoted yet
+    assert reg.promote(first, NAME) == first
+    loaded = reg.load_model("production", NAME)
+    assert loaded.tag == first and loaded.card.threshold == 0.4 and loaded.card.temperature == 1.5
+    grids = _grids()
+    from training.preprocess import to_tensor
+
+    with torch.inference_mode():
+        expected = module(to_tensor(grids, loaded.card.preprocess))
+    assert torch.equal(loaded.logits(grids), expected)
+    info = show("production", NAME)
+    for key in ("spec", "preprocess", "class_names", "temperature", "threshold", "val_metrics",
+                "training_config", "data_fingerprint", "code_version", "weights_sha256"):
+        assert key in info
+
+
+def test_promotion_history_and_rollback(two_models) -> None:
+    (first, _), (second, _) = two_models
+    reg.promote(first, NAME)
+    reg.promote(second, NAME)
+    assert reg.production_tag(NAME) == second
+    assert reg.rollback(NAME) == first
+    assert reg.production_tag(NAME) == first
+    with pytest.raises(reg.RegistryError, match="production model"):
+        reg.delete_model(first, NAME)
+
+
+def test_export_delete_import_round_trip(two_models, tmp_path: Path) -> None:
+    (_, _), (second, _) = two_models
+    before = reg.load_model(second, NAME).probabilities(_grids())
+    archive = reg.export_model(second, tmp_path, NAME)
+    assert archive.is_file() and archive.stat().st_size > 1_000_000
+    reg.delete_model(second, NAME, force=True)
+    with pytest.raises(reg.RegistryError, match="not in the store"):
+        reg.resolve_tag(second, NAME)
+    assert reg.import_model(archive, name=NAME) == second
+    assert np.array_equal(reg.load_model(second, NAME).probabilities(_grids()), before)
+
+
+def test_corrupt_weights_are_detected_on_load(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    tag = reg.save_model(build_model(ModelSpec()), _card(0.5), name=NAME)
+    weights = Path(reg.store.store_path_of(tag)) / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    weights.write_bytes(bytes(data))
+    with pytest.raises(reg.ModelIntegrityError, match="corrupt"):
+        reg.load_model(tag, NAME)
+    weights.unlink()
+    with pytest.raises(reg.ModelIntegrityError, match="cannot read weights"):
+        reg.load_model(tag, NAME)
+
+
+def test_unknown_refs_give_a_clear_error() -> None:
+    with pytest.raises(reg.RegistryError, match="not in the store"):
+        reg.resolve_tag("doesnotexist", NAME)
+    with pytest.raises(reg.RegistryError, match="no production model"):
+        reg.resolve_tag("production", "never-saved-model")
+
+
+def test_cli_lists_and_fails_cleanly(production_tag: str) -> None:
+    run = lambda *a: subprocess.run([sys.executable, "-m", "models_registry", *a], cwd=ROOT, env=server_env(),  # noqa: E731
+                                     capture_output=True, text=True, timeout=120)
+    listed = run("list")
+    assert listed.returncode == 0 and production_tag in listed.stdout and "roc_auc" in listed.stdout
+    shown = run("show", "production")
+    assert shown.returncode == 0 and '"weights_sha256"' in shown.stdout
+    assert run("verify").returncode == 0
+    bad = run("promote", "nope")
+    assert bad.returncode == 1 and "not in the store" in bad.stderr and "Traceback" not in bad.stderr
+    helped = run("--help")
+    assert helped.returncode == 0 and "promote" in helped.stdout and "rollback" in helped.stdout

@@ -1,0 +1,161 @@
+"""The HTTP service against a real `bentoml serve` of the shipped model, with real X-rays."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.images import encode, gradient, png_bomb
+from tests.support import ROOT, ServerProcess, sample_xrays, server_env
+
+
+def classify(server: ServerProcess, files: list[tuple[str, bytes]], field: str = "images") -> httpx.Response:
+    return httpx.post(server.url + "/classify", files=[(field, (name, data)) for name, data in files], timeout=120)
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus sample over all label sets that contain `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def metrics(server: ServerProcess) -> str:
+    return httpx.get(server.url + "/metrics", timeout=30).text
+
+
+def test_served_probabilities_equal_offline_evaluation(server: ServerProcess, tmp_path: Path) -> None:
+    files = sample_xrays(6, offset=200)
+    for path in files:
+        target = tmp_path / "eval" / path.parent.name
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / path.name)
+    report = tmp_path / "offline.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", "--model", "production", "--data-dir", str(tmp_path),
+         "--split", "eval", "--json", str(report)],
+        cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "roc_auc" in result.stdout and "PNEUMONIA" in result.stdout
+    offline = {Path(p["file"]).name: p for p in json.loads(report.read_text())["predictions"]}
+    response = classify(server, [(p.name, p.read_bytes()) for p in files])
+    assert response.status_code == 200, response.text
+    served = response.json()
+    assert len(served) == len(files)
+    for path, item in zip(files, served):
+        assert item["probability"] == pytest.approx(offline[path.name]["probability"], abs=1e-4)
+        assert item["label"] == offline[path.name]["label"] or abs(item["probability"] - item["threshold"]) < 1e-4
+
+
+def test_response_contract_and_request_order(server: ServerProcess, production_tag: str) -> None:
+    normal, pneumonia = sample_xrays(1, offset=10)
+    payload = [("a.jpeg", normal.read_bytes()), ("b.jpeg", pneumonia.read_bytes()), ("c.jpeg", normal.read_bytes())]
+    items = classify(server, payload).json()
+    assert [i["probability"] for i in items][0] == pytest.approx(items[2]["probability"], abs=1e-6)
+    alone = classify(server, payload[1:2]).json()[0]
+    assert items[1]["probability"] == pytest.approx(alone["probability"], abs=1e-5)
+    for item in items:
+        assert item["label"] in ("NORMAL", "PNEUMONIA")
+        assert 0.0 <= item["probability"] <= 1.0
+        assert item["label"] == ("PNEUMONIA" if item["probability"] >= item["threshold"] else "NORMAL")
+        assert item["model"] == production_tag
+        assert item["confidence"] == pytest.approx(max(item["probability"], 1 - item["probability"]), abs=1e-6)
+        assert item["image"] == {"width": 224, "height": 224, "mode": "RGB", "format": "JPEG"}
+        assert item["processing_ms"] >= 0 and item["batch_size"] >= 3
+
+
+def test_odd_formats_and_warnings_are_served(server: ServerProcess) -> None:
+    payload = [("scan.png", encode(gradient(mode="I;16"), "PNG")), ("photo.png", encode(gradient((80, 80), "RGB"), "PNG"))]
+    items = classify(server, payload).json()
+    assert items[0]["image"]["mode"] == "I;16"
+    assert any("low resolution" in w for w in items[1]["warnings"])
+
+
+def test_concurrent_requests_are_batched(server: ServerProcess) -> None:
+    before = metrics(server)
+    images = [p.read_bytes() for p in sample_xrays(12, offset=30)]
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        responses = list(pool.map(lambda data: classify(server, [("x.jpeg", data)]), images))
+    assert all(r.status_code == 200 for r in responses)
+    after = metrics(server)
+    name = "bentoml_service_adaptive_batch_size"
+    batches = metric_total(after, name + "_count", method_name="classify") - metric_total(before, name + "_count", method_name="classify")
+    batched_images = metric_total(after, name + "_sum", method_name="classify") - metric_total(before, name + "_sum", method_name="classify")
+    assert batched_images == 24
+    assert batches < 24, "no two concurrent requests shared a forward pass"
+    assert max(item.json()[0]["batch_size"] for item in responses) > 1
+
+
+def test_metrics_move_with_traffic(server: ServerProcess, production_tag: str) -> None:
+    before = metrics(server)
+    ok = classify(server, [(p.name, p.read_bytes()) for p in sample_xrays(1, offset=40)])
+    assert ok.status_code == 200
+    bad = classify(server, [("notes.jpeg", b"definitely not an image")])
+    assert bad.status_code == 400
+    after = metrics(server)
+    predicted = lambda text: metric_total(text, "pneumonia_predictions_total", model=production_tag)  # noqa: E731
+    assert predicted(after) - predicted(before) == 2
+    labels = [i["label"] for i in ok.json()]
+    for label in set(labels):
+        delta = metric_total(after, "pneumonia_predictions_total", label=label) - metric_total(before, "pneumonia_predictions_total", label=label)
+        assert delta == labels.count(label)
+    assert metric_total(after, "pneumonia_probability_count") - metric_total(before, "pneumonia_probability_count") == 2
+    rejected = lambda text: metric_total(text, "pneumonia_rejected_inputs_total", reason="not_an_image")  # noqa: E731
+    assert rejected(after) - rejected(before) == 1
+    assert re.search(r'pneumonia_model_info\{[^}]*model="' + re.escape(production_tag), after)
+    assert "bentoml_service_request_total" in after
+
+
+TRUNCATED = sample_xrays(1)[0].read_bytes()[:3000]
+
+
+@pytest.mark.parametrize(
+    "files,field,status,reason",
+    [
+        ([("notes.jpeg", b"hello, not an image")], "images", 400, "not_an_image"),
+        ([("cut.jpeg", TRUNCATED)], "images", 400, "corrupt"),
+        ([("empty.jpeg", b"")], "images", 400, "empty"),
+        ([("bomb.png", png_bomb())], "images", 400, "too_many_pixels"),
+        ([("x.png", encode(gradient(), "PNG"))] * 17, "images", 400, "too_many_images"),
+        ([("x.png", encode(gradient(), "PNG"))], "image", 400, "missing"),
+    ],
+    ids=["not-an-image", "truncated", "empty", "pixel-bomb", "too-many-images", "missing-field"],
+)
+def test_bad_input_gets_a_4xx_naming_the_problem(server: ServerProcess, files, field, status, reason) -> None:
+    response = classify(server, files, field=field)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert reason in json.dumps(body)
+    good = classify(server, [("ok.jpeg", sample_xrays(1)[0].read_bytes())])
+    assert good.status_code == 200
+
+
+def test_too_many_bytes_is_refused(server: ServerProcess) -> None:
+    big = b"\xff\xd8\xff\xe0" + bytes(21 * 1024 * 1024)
+    response = classify(server, [("huge.jpeg", big)])
+    assert response.status_code in (400, 413), response.text
+    assert "bytes" in response.text
+    assert classify(server, [("ok.jpeg", sample_xrays(1)[0].read_bytes())]).status_code == 200
+
+
+def test_health_and_probes(server: ServerProcess, production_tag: str) -> None:
+    health = httpx.post(server.url + "/health", json={}, timeout=30).json()
+    assert health["ready"] is True and health["model"] == production_tag
+    assert 0 < health["threshold"] < 1 and health["validation_metrics"]["roc_auc"] > 0.9
+    assert health["batching"]["max_batch_size"] == 32 and health["uptime_s"] >= 0
+    assert health["preprocess"]["image_size"] == 224
+    assert httpx.get(server.url + "/livez", timeout=10).status_code == 200
+    assert httpx.get(server.url + "/readyz", timeout=10).status_code == 200
