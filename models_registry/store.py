@@ -68,6 +68,15 @@ def weights_to_bytes(module: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
+def _without_none(value: Any) -> Any:
+    """BentoML metadata refuses None; absent keys read back as the card's defaults."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value if v is not None]
+    return value
+
+
 def save_model(module: nn.Module, card: ModelCard, name: str = MODEL_NAME) -> str:
     """Store weights and card as a new version of `name`; returns the tag."""
     payload = weights_to_bytes(module)
@@ -77,7 +86,7 @@ def save_model(module: nn.Module, card: ModelCard, name: str = MODEL_NAME) -> st
         "image_size": str(card.preprocess.image_size),
         "data": card.data_fingerprint[:12],
     }
-    with bentoml.models.create(name, labels=labels, metadata=card.model_dump(mode="json")) as ref:
+    with bentoml.models.create(name, labels=labels, metadata=_without_none(card.model_dump(mode="json"))) as ref:
         Path(ref.path_of(WEIGHTS_FILE)).write_bytes(payload)
         Path(ref.path_of("model_card.json")).write_text(card.model_dump_json(indent=2))
     return str(ref.tag)

@@ -23,6 +23,7 @@ def _card(threshold: float) -> reg.ModelCard:
     return reg.ModelCard(
         spec=ModelSpec(), preprocess=PreprocessConfig(), temperature=1.5, threshold=threshold,
         val_metrics={"roc_auc": 0.9, "accuracy": 0.8}, data_fingerprint="f" * 64, code_version="test",
+        training_config={"max_per_class": None, "epochs": 2},  # argparse leaves unset options as None
     )
 
 

@@ -285,8 +285,8 @@ def finish(args, spec, preprocess, module, best_state, best_epoch, history, val:
           f"threshold {threshold:.4f} -> sensitivity {report['per_class']['PNEUMONIA']['recall']:.4f}, "
           f"specificity {report['per_class']['NORMAL']['recall']:.4f}, accuracy {report['accuracy']:.4f}, "
           f"ECE {report['ece']:.4f}; {seconds / 60:.1f} min", flush=True)
+    torch.save(module.state_dict(), out / "weights.pt")  # kept even if registering fails below
     if not args.register:
-        torch.save(module.state_dict(), out / "weights.pt")
         return
     from models_registry import ModelCard, promote, save_model
 
