@@ -210,7 +210,7 @@ def delete_model(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
 def export_model(ref: str, path: str | Path, name: str = MODEL_NAME) -> Path:
     """Write a `.bentomodel` archive (the format of `bentoml models export`)."""
     tag = resolve_tag(ref, name)
-    out = Path(path)
+    out = Path(path).resolve()  # BentoML resolves relative paths against "/"
     if out.is_dir():
         out = out / f"{tag.replace(':', '-')}.bentomodel"
     out.parent.mkdir(parents=True, exist_ok=True)
