@@ -65,9 +65,9 @@ def test_sixteen_bit_keeps_its_dynamic_range() -> None:
 
 def test_exif_orientation_is_honoured() -> None:
     upright = gradient((320, 240))
-    rotated = upright.rotate(90, expand=True)  # stored sideways ...
+    rotated = upright.rotate(90, expand=True)  # stored sideways (PIL rotates counter-clockwise) ...
     exif = Image.Exif()
-    exif[0x0112] = 8  # ... with the tag saying "rotate 90 CW to display"
+    exif[0x0112] = 6  # ... with the tag saying "rotate 90 degrees clockwise to display"
     a = prepare(encode(upright, "PNG"), CONFIG).pixels.astype(int)
     b = prepare(encode(rotated, "PNG", exif=exif), CONFIG).pixels.astype(int)
     assert np.abs(a - b).mean() < 2.0
