@@ -34,6 +34,8 @@ setup() {
     if [ -f scripts/gen_proto.py ]; then .venv/bin/python scripts/gen_proto.py; fi
     echo "$stamp" > .venv/.setup-stamp
   fi
+  # generated stubs are git-ignored: a fresh checkout or a clean may lack them while the stamp is current
+  if [ -f scripts/gen_proto.py ] && [ ! -f client/_proto/__init__.py ]; then .venv/bin/python scripts/gen_proto.py; fi
 }
 
 cmd=${1:-help}
@@ -43,6 +45,7 @@ case "$cmd" in
   serve)
     setup
     .venv/bin/python -m models_registry ensure-default
+    export PNEUMONIA_GRPC__HOST="${PNEUMONIA_GRPC__HOST:-${HOST:-127.0.0.1}}"  # gRPC (port 3001) on the same interface as HTTP
     exec .venv/bin/bentoml serve service:PneumoniaClassifier --host "${HOST:-127.0.0.1}" --port "${PORT:-3000}" "$@"
     ;;
   test)

@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
 import models_registry
+from serving import grpc_endpoint
 from settings import ServingSettings
 from training.preprocess import ImageRejected, PreparedImage, prepare
 
@@ -139,6 +140,16 @@ class PneumoniaClassifier:
 
     def __is_ready__(self) -> bool:
         return self.ready
+
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        """The gRPC endpoint of this worker, on its own port and this event loop (serving/grpc_endpoint.py)."""
+        self.grpc = await grpc_endpoint.start(self, SETTINGS) if SETTINGS.grpc.enabled else None
+
+    @bentoml.on_shutdown
+    async def stop_grpc(self) -> None:
+        if getattr(self, "grpc", None) is not None:
+            await self.grpc.stop()
 
     @bentoml.api(
         batchable=SETTINGS.batching.enabled,

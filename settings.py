@@ -31,6 +31,17 @@ class BatchingSettings(BaseModel):
     )
 
 
+class GrpcSettings(BaseModel):
+    """The gRPC endpoint (serving/grpc_endpoint.py), started inside every worker by `bentoml serve`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="false: HTTP only")
+    host: str = Field("0.0.0.0", description="interface to bind; the HTTP --host does not apply to gRPC")
+    port: int = Field(3001, ge=1, le=65535, description="shared by all workers (SO_REUSEPORT)")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get to finish on shutdown")
+
+
 class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PNEUMONIA_", env_nested_delimiter="__", extra="forbid")
 
@@ -43,6 +54,7 @@ class ServingSettings(BaseSettings):
     max_concurrency: int = Field(256, ge=1, description="requests in flight before 503")
     limits: InputLimits = InputLimits()
     batching: BatchingSettings = BatchingSettings()
+    grpc: GrpcSettings = GrpcSettings()
 
     def threads_per_worker(self) -> int:
         return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)

@@ -33,11 +33,16 @@ class ServerProcess:
     env: dict[str, str]
     log_path: Path
     cwd: Path = ROOT
+    grpc_port: int | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, ready_timeout: float = 180.0, ready_path: str = "/readyz") -> "ServerProcess":
         log = open(self.log_path, "wb")
@@ -82,9 +87,12 @@ def server_env(**extra: str) -> dict[str, str]:
 
 
 def bentoml_serve(target: str, port: int, log_path: Path, **env: str) -> ServerProcess:
-    """`bentoml serve TARGET` on 127.0.0.1:PORT (not yet started)."""
+    """`bentoml serve TARGET` on 127.0.0.1:PORT, its gRPC endpoint on a free loopback port (not yet started)."""
     args = [str(VENV_BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
-    return ServerProcess(args=args, port=port, env=server_env(**env), log_path=log_path)
+    # Never the default 3001: with SO_REUSEPORT two servers on one port would silently share it.
+    env.setdefault("PNEUMONIA_GRPC__HOST", "127.0.0.1")
+    grpc_port = int(env.setdefault("PNEUMONIA_GRPC__PORT", str(free_port())))
+    return ServerProcess(args=args, port=port, env=server_env(**env), log_path=log_path, grpc_port=grpc_port)
 
 
 def sample_xrays(per_class: int, offset: int = 0) -> list[Path]:

@@ -1,0 +1,1 @@
+"""Serving-side adapters around the BentoML service in service.py (the gRPC endpoint)."""
