@@ -1,0 +1,134 @@
+"""Typed Python client of the pneumonia classifier: one interface, two transports (HTTP, gRPC), sync and async.
+
+    from client import connect
+    with connect("http://127.0.0.1:3000") as api:              # or connect("127.0.0.1:3001", transport="grpc")
+        for p in api.classify(["xray.jpeg"]):
+            print(p.label, p.probability)
+
+    async with connect_async("127.0.0.1:3001", transport="grpc") as api:
+        predictions = await api.classify([b"...jpeg bytes..."])
+
+Every client has `classify(images, timeout=None) -> list[Prediction]`, `model_info() -> ModelInfo` and
+`ready() -> bool`, and raises the exceptions of `client.errors`. The package imports only its own models
+and the generated stubs (`client._proto`, built by scripts/gen_proto.py), never server code; names are
+loaded lazily so that the server, which imports only `client._proto`, does not load the clients.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ._common import ImageInput
+    from .errors import (
+        AuthenticationError,
+        ClientError,
+        DeadlineExceeded,
+        InvalidInput,
+        LimitExceeded,
+        ServerError,
+        Unavailable,
+    )
+    from .grpc_transport import AsyncGrpcClient, GrpcClient
+    from .http_transport import AsyncHttpClient, HttpClient
+    from .models import ImageInfo, ImageUpload, ModelInfo, Prediction
+
+Transport = Literal["http", "grpc"]
+
+_EXPORTS = {
+    "HttpClient": "http_transport",
+    "AsyncHttpClient": "http_transport",
+    "GrpcClient": "grpc_transport",
+    "AsyncGrpcClient": "grpc_transport",
+    "Prediction": "models",
+    "ImageInfo": "models",
+    "ModelInfo": "models",
+    "ImageUpload": "models",
+    "ImageInput": "_common",
+    "ClientError": "errors",
+    "InvalidInput": "errors",
+    "LimitExceeded": "errors",
+    "Unavailable": "errors",
+    "DeadlineExceeded": "errors",
+    "AuthenticationError": "errors",
+    "ServerError": "errors",
+}
+__all__ = ["AsyncClassifierClient", "ClassifierClient", "Transport", "connect", "connect_async", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@runtime_checkable
+class ClassifierClient(Protocol):
+    """What HttpClient and GrpcClient both offer."""
+
+    transport: str
+    url: str
+
+    def classify(self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None) -> list[Prediction]: ...
+    def model_info(self) -> ModelInfo: ...
+    def ready(self) -> bool: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> ClassifierClient: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class AsyncClassifierClient(Protocol):
+    """What AsyncHttpClient and AsyncGrpcClient both offer."""
+
+    transport: str
+    url: str
+
+    async def classify(
+        self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None
+    ) -> list[Prediction]: ...
+    async def model_info(self) -> ModelInfo: ...
+    async def ready(self) -> bool: ...
+    async def close(self) -> None: ...
+    async def __aenter__(self) -> AsyncClassifierClient: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+def connect(
+    url: str | None = None,
+    *,
+    transport: Transport = "http",
+    timeout: float = 60.0,
+    headers: Mapping[str, str] | None = None,
+) -> ClassifierClient:
+    """A synchronous client; `url` is http://host:port for HTTP, host:port (or grpc://host:port) for gRPC."""
+    if transport == "grpc":
+        from .grpc_transport import GrpcClient
+
+        return GrpcClient(url, timeout=timeout, headers=headers)
+    if transport == "http":
+        from .http_transport import HttpClient
+
+        return HttpClient(url, timeout=timeout, headers=headers)
+    raise ValueError(f"unknown transport {transport!r}; use 'http' or 'grpc'")
+
+
+def connect_async(
+    url: str | None = None,
+    *,
+    transport: Transport = "http",
+    timeout: float = 60.0,
+    headers: Mapping[str, str] | None = None,
+) -> AsyncClassifierClient:
+    """The asyncio version of `connect`."""
+    if transport == "grpc":
+        from .grpc_transport import AsyncGrpcClient
+
+        return AsyncGrpcClient(url, timeout=timeout, headers=headers)
+    if transport == "http":
+        from .http_transport import AsyncHttpClient
+
+        return AsyncHttpClient(url, timeout=timeout, headers=headers)
+    raise ValueError(f"unknown transport {transport!r}; use 'http' or 'grpc'")

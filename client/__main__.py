@@ -1,0 +1,109 @@
+"""Command line: classify X-rays or check the service, over HTTP (default) or gRPC.
+
+    python -m client classify xray.jpeg [more.png ...] [--grpc] [--url URL] [--json] [--timeout S]
+    python -m client health [--grpc] [--url URL] [--json]
+
+--url defaults to http://127.0.0.1:3000 (HTTP) or 127.0.0.1:3001 (gRPC), or to $PNEUMONIA_URL /
+$PNEUMONIA_GRPC_URL when set. Exit status: 0 success, 1 not ready, 2 usage error or unreadable file,
+3 input refused by the server (4xx, INVALID_ARGUMENT, RESOURCE_EXHAUSTED), 4 server unreachable, busy
+or too slow, 5 authentication or server error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import ClassifierClient, connect
+from .errors import ClientError
+from .models import ImageUpload, ModelInfo, Prediction
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--grpc", action="store_true", help="use the gRPC endpoint instead of HTTP")
+    common.add_argument("--url", help="http://host:port (HTTP) or host:port (gRPC)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer (default 60)")
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    classify = commands.add_parser("classify", parents=[common], help="classify one or more chest X-ray images")
+    classify.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, TIFF, BMP, GIF, WebP)")
+    classify.add_argument("--client-id", action="append", help="an identifier per image, echoed in the result")
+    commands.add_parser("health", parents=[common], help="is the service ready, and which model does it serve")
+    return parser
+
+
+def _format_prediction(p: Prediction) -> str:
+    name = p.filename or "image"
+    lines = [
+        f"{name}: {p.label}  probability of pneumonia {p.probability:.4f} (threshold {p.threshold:.4f}), "
+        f"confidence {p.confidence:.1%}",
+        f"    {p.image.width}x{p.image.height} {p.image.format} {p.image.mode}; "
+        f"batch of {p.batch_size}, {p.processing_ms:.1f} ms on the server"
+        + (f"; client id {p.client_id}" if p.client_id else ""),
+    ]
+    lines += [f"    warning: {w}" for w in p.warnings]
+    return "\n".join(lines)
+
+
+def _format_info(info: ModelInfo, api: ClassifierClient) -> str:
+    metrics = info.validation_metrics
+    recall = metrics.get("per_class", {}).get("PNEUMONIA", {}).get("recall")
+    quality = f"validation ROC-AUC {metrics['roc_auc']:.4f}" if isinstance(metrics.get("roc_auc"), float) else ""
+    if recall is not None:
+        quality += f", sensitivity {recall:.4f}"
+    return (
+        f"{'ready' if info.ready else 'NOT ready'} at {api.url} ({api.transport}): model {info.model} ({info.arch}), "
+        f"threshold {info.threshold:.4f}{'; ' + quality if quality else ''}; "
+        f"{info.workers} worker(s), up {info.uptime_s:.0f} s"
+    )
+
+
+def _uploads(paths: list[Path], client_ids: list[str] | None) -> list[ImageUpload]:
+    if client_ids and len(client_ids) != len(paths):
+        raise SystemExit(f"error: {len(client_ids)} --client-id for {len(paths)} images; give one per image or none")
+    uploads = []
+    for i, path in enumerate(paths):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr)
+            raise SystemExit(2) from None
+        uploads.append(ImageUpload(data=data, filename=path.name, client_id=client_ids[i] if client_ids else None))
+    return uploads
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    url = args.url or os.environ.get("PNEUMONIA_GRPC_URL" if args.grpc else "PNEUMONIA_URL")
+    try:
+        with connect(url, transport="grpc" if args.grpc else "http", timeout=args.timeout) as api:
+            if args.command == "classify":
+                predictions = api.classify(_uploads(args.images, args.client_id))
+                if args.json:
+                    print(json.dumps([p.model_dump() for p in predictions], indent=2))
+                else:
+                    print("\n".join(_format_prediction(p) for p in predictions))
+                    print(f"model {predictions[0].model} via {api.transport} {api.url}")
+                return 0
+            ready = api.ready()
+            if not ready:
+                print(f"not ready: {api.url} ({api.transport}) answers but the model is not serving yet", file=sys.stderr)
+                return 1
+            info = api.model_info()
+            print(info.model_dump_json(indent=2) if args.json else _format_info(info, api))
+            return 0
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ValueError as exc:  # a malformed --url
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""What both transports share: the default addresses, input normalisation and rejection messages."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+from .errors import LIMIT_REASONS, InvalidInput, LimitExceeded
+from .models import ImageUpload
+
+DEFAULT_HTTP_URL = "http://127.0.0.1:3000"
+DEFAULT_GRPC_TARGET = "127.0.0.1:3001"
+DEFAULT_TIMEOUT_S = 60.0
+
+ImageInput = Union[str, os.PathLike, bytes, ImageUpload]
+
+
+def as_uploads(images: Iterable[ImageInput] | ImageInput) -> list[ImageUpload]:
+    """Paths are read (their name kept as filename), bytes sent as they are, uploads passed through."""
+    if isinstance(images, (str, os.PathLike, bytes, ImageUpload)):
+        images = [images]
+    uploads = []
+    for image in images:
+        if isinstance(image, ImageUpload):
+            uploads.append(image)
+        elif isinstance(image, bytes):
+            uploads.append(ImageUpload(data=image))
+        elif isinstance(image, (str, os.PathLike)):
+            path = Path(image)
+            uploads.append(ImageUpload(data=path.read_bytes(), filename=path.name))
+        else:
+            raise TypeError(f"cannot send {type(image).__name__} as an image; pass a path, bytes or ImageUpload")
+    return uploads
+
+
+def rejection(details: Sequence[dict[str, Any]], uploads: Sequence[ImageUpload], status: str | int) -> InvalidInput:
+    """The HTTP API's validation details -> the same exception and message the gRPC transport gives."""
+    parts, reasons = [], []
+    for detail in details:
+        reason = str(detail.get("type", "invalid"))
+        reasons.append(reason)
+        index = next((p for p in detail.get("loc") or [] if isinstance(p, int)), None)
+        message = str(detail.get("msg", reason))
+        if index is not None and 0 <= index < len(uploads):
+            name = uploads[index].filename
+            parts.append(f"image {index}" + (f" ({name})" if name else "") + f": {message}")
+        else:
+            parts.append(message)
+    cls = LimitExceeded if reasons and reasons[0] in LIMIT_REASONS else InvalidInput
+    return cls("; ".join(parts) or "the server refused the input", status=status, reasons=tuple(reasons))
+
+
+def grpc_target(url: str | None) -> str:
+    """'grpc://host:port' or 'host:port' -> 'host:port' (what grpc channels take)."""
+    if not url:
+        return DEFAULT_GRPC_TARGET
+    for prefix in ("grpc://", "dns:///"):
+        if url.startswith(prefix):
+            return url[len(prefix) :].rstrip("/")
+    if "://" in url:
+        raise ValueError(f"{url!r} is not a gRPC address; use host:port or grpc://host:port")
+    return url

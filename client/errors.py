@@ -1,0 +1,55 @@
+"""One exception family for both transports, so callers handle HTTP and gRPC failures alike."""
+
+from __future__ import annotations
+
+# Rejection reasons that are size limits (bytes, pixels, images per request) rather than bad input.
+LIMIT_REASONS = frozenset({"too_many_bytes", "too_many_pixels", "too_many_images"})
+
+
+class ClientError(Exception):
+    """A failed call. `status` is the HTTP status or gRPC status name; `reasons` the server's rejection codes."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, status: str | int | None = None, reasons: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.reasons = reasons
+
+    def __str__(self) -> str:
+        return f"{self.message} [{self.status}]" if self.status is not None else self.message
+
+
+class InvalidInput(ClientError):
+    """The server refused an input: not an image, corrupt, too small, none sent (400 / INVALID_ARGUMENT)."""
+
+    exit_code = 3
+
+
+class LimitExceeded(InvalidInput):
+    """An input is over a size limit: bytes, pixels, images per request (RESOURCE_EXHAUSTED / 413 / 429)."""
+
+
+class Unavailable(ClientError):
+    """The server cannot be reached, is still loading or is overloaded (connection error, 503 / UNAVAILABLE)."""
+
+    exit_code = 4
+
+
+class DeadlineExceeded(ClientError):
+    """No answer within the timeout."""
+
+    exit_code = 4
+
+
+class AuthenticationError(ClientError):
+    """Missing or refused credentials (401 / 403, UNAUTHENTICATED / PERMISSION_DENIED)."""
+
+    exit_code = 5
+
+
+class ServerError(ClientError):
+    """Anything else the server got wrong (5xx / INTERNAL / UNKNOWN)."""
+
+    exit_code = 5

@@ -1,0 +1,221 @@
+"""The gRPC transport: `pneumonia.v1.Classifier` and `grpc.health.v1.Health`, sync and asyncio."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ._common import DEFAULT_TIMEOUT_S, ImageInput, as_uploads, grpc_target
+from .errors import (
+    LIMIT_REASONS,
+    AuthenticationError,
+    ClientError,
+    DeadlineExceeded,
+    InvalidInput,
+    LimitExceeded,
+    ServerError,
+    Unavailable,
+)
+from .models import ImageInfo, ImageUpload, ModelInfo, Prediction
+
+try:
+    from ._proto.pneumonia.v1 import classifier_pb2 as pb
+    from ._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
+except ImportError as exc:  # pragma: no cover - a checkout that skipped ./dev.sh setup
+    raise ImportError(
+        f"the generated gRPC stubs are missing ({exc}); run `./dev.sh setup` or `python scripts/gen_proto.py`"
+    ) from exc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+REASONS_KEY = "pneumonia-reject-reasons"
+# Room for the largest request the server accepts by default (64 MiB), both ways.
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 * 1024 * 1024), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+_ERRORS: dict[grpc.StatusCode, type[ClientError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+}
+
+
+def _request(uploads: Sequence[ImageUpload]) -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(
+        images=[pb.Image(data=u.data, filename=u.filename, client_id=u.client_id) for u in uploads]
+    )
+
+
+def _prediction(message: pb.Prediction) -> Prediction:
+    return Prediction(
+        label=message.label,
+        probability=message.probability,
+        threshold=message.threshold,
+        confidence=message.confidence,
+        model=message.model,
+        image=ImageInfo(
+            width=message.image.width, height=message.image.height, mode=message.image.mode, format=message.image.format
+        ),
+        warnings=list(message.warnings),
+        processing_ms=message.processing_ms,
+        batch_size=message.batch_size,
+        filename=message.filename if message.HasField("filename") else None,
+        client_id=message.client_id if message.HasField("client_id") else None,
+    )
+
+
+def _model_info(message: pb.ModelInfo) -> ModelInfo:
+    data = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    limits = data.get("limits", {})
+    for key in ("max_bytes", "max_pixels", "max_message_bytes"):  # int64 travels as a JSON string
+        if key in limits:
+            limits[key] = int(limits[key])
+    return ModelInfo.model_validate(data)
+
+
+def _error(exc: grpc.RpcError, target: str) -> ClientError:
+    code: grpc.StatusCode = exc.code()
+    details = exc.details() or code.name
+    trailing = dict(exc.trailing_metadata() or ())
+    reasons = tuple(r for r in str(trailing.get(REASONS_KEY, "")).split(",") if r)
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+        details = f"cannot reach the gRPC service at {target}: {details}"
+    cls = _ERRORS.get(code, ServerError)
+    if cls is InvalidInput and reasons and reasons[0] in LIMIT_REASONS:
+        cls = LimitExceeded
+    return cls(details, status=code.name, reasons=reasons)
+
+
+def _metadata(headers: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    return tuple((k.lower(), v) for k, v in (headers or {}).items())
+
+
+class GrpcClient:
+    """Synchronous gRPC client. `headers` travel as call metadata (e.g. credentials)."""
+
+    transport = "grpc"
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        headers: Mapping[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.url = grpc_target(target)
+        self.timeout = timeout
+        self._metadata = _metadata(headers)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(self.url, options=_CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(self.url, credentials, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.ClassifierStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def classify(self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None) -> list[Prediction]:
+        """One prediction per image, in order."""
+        uploads = as_uploads(images)
+        try:
+            response = self._stub.Classify(_request(uploads), timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.url) from None
+        return [_prediction(p) for p in response.predictions]
+
+    def model_info(self) -> ModelInfo:
+        try:
+            response = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.url) from None
+        return _model_info(response)
+
+    def ready(self) -> bool:
+        """True when the standard health check says SERVING; raises Unavailable when nothing answers."""
+        try:
+            response = self._health.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=min(self.timeout, 10.0)
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc, self.url) from None
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> GrpcClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncGrpcClient:
+    """The asyncio twin of GrpcClient (grpc.aio); the channel opens on first use, inside the running loop."""
+
+    transport = "grpc"
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        headers: Mapping[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.url = grpc_target(target)
+        self.timeout = timeout
+        self._metadata = _metadata(headers)
+        self._credentials = credentials
+        self._channel: grpc.aio.Channel | None = None
+
+    def _open(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.url, options=_CHANNEL_OPTIONS)
+            else:
+                self._channel = grpc.aio.secure_channel(self.url, self._credentials, options=_CHANNEL_OPTIONS)
+        return self._channel
+
+    async def classify(
+        self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None
+    ) -> list[Prediction]:
+        uploads = as_uploads(images)
+        stub = pb_grpc.ClassifierStub(self._open())
+        try:
+            response = await stub.Classify(_request(uploads), timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.url) from None
+        return [_prediction(p) for p in response.predictions]
+
+    async def model_info(self) -> ModelInfo:
+        stub = pb_grpc.ClassifierStub(self._open())
+        try:
+            response = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.url) from None
+        return _model_info(response)
+
+    async def ready(self) -> bool:
+        stub = health_pb2_grpc.HealthStub(self._open())
+        try:
+            response = await stub.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=min(self.timeout, 10.0)
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc, self.url) from None
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def __aenter__(self) -> AsyncGrpcClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

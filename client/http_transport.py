@@ -1,0 +1,149 @@
+"""The HTTP transport (httpx): multipart uploads to `POST /classify`, `POST /health`, `GET /readyz`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import httpx
+from pydantic import TypeAdapter
+
+from ._common import DEFAULT_HTTP_URL, DEFAULT_TIMEOUT_S, ImageInput, as_uploads, rejection
+from .errors import AuthenticationError, ClientError, DeadlineExceeded, LimitExceeded, ServerError, Unavailable
+from .models import ImageUpload, ModelInfo, Prediction
+
+_PREDICTIONS = TypeAdapter(list[Prediction])
+
+
+def _files(uploads: list[ImageUpload]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("images", (u.filename or f"image-{i}", u.data, "application/octet-stream")) for i, u in enumerate(uploads)]
+
+
+def _predictions(response: httpx.Response, uploads: list[ImageUpload]) -> list[Prediction]:
+    _raise_for_status(response, uploads)
+    predictions = _PREDICTIONS.validate_python(response.json())
+    # The HTTP API does not echo names and ids; attach them here so both transports answer alike.
+    return [p.model_copy(update={"filename": u.filename, "client_id": u.client_id}) for p, u in zip(predictions, uploads)]
+
+
+def _raise_for_status(response: httpx.Response, uploads: Sequence[ImageUpload] = ()) -> None:
+    status = response.status_code
+    if status < 400:
+        return
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = {"error": response.text}
+    body = body[0] if isinstance(body, list) and body else body  # BentoML wraps some errors in a list
+    error = str(body.get("error") or body) if isinstance(body, dict) else str(body)
+    if status == 400 and isinstance(body, dict) and isinstance(body.get("detail"), list):
+        raise rejection(body["detail"], uploads, status)
+    if status in (413, 429):
+        raise LimitExceeded(error, status=status)
+    if status in (401, 403):
+        raise AuthenticationError(error, status=status)
+    if status == 503:
+        raise Unavailable(error, status=status)
+    if status == 504:
+        raise DeadlineExceeded(error, status=status)
+    if status < 500:
+        raise ClientError(error, status=status)
+    raise ServerError(error, status=status)
+
+
+def _transport_error(exc: httpx.HTTPError, url: str) -> ClientError:
+    if isinstance(exc, httpx.TimeoutException):
+        return DeadlineExceeded(f"no answer from {url} in time ({type(exc).__name__})")
+    return Unavailable(f"cannot reach the service at {url}: {exc}")
+
+
+class HttpClient:
+    """Synchronous HTTP client. `headers` go with every request (e.g. credentials)."""
+
+    transport = "http"
+
+    def __init__(
+        self, url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.url = (url or DEFAULT_HTTP_URL).rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=dict(headers or {}))
+
+    def classify(self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None) -> list[Prediction]:
+        """One prediction per image, in order."""
+        uploads = as_uploads(images)
+        extra = {} if timeout is None else {"timeout": timeout}
+        try:
+            response = self._http.post("/classify", files=_files(uploads), **extra)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.url) from None
+        return _predictions(response, uploads)
+
+    def model_info(self) -> ModelInfo:
+        try:
+            response = self._http.post("/health", json={})
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.url) from None
+        _raise_for_status(response)
+        return ModelInfo.model_validate(response.json())
+
+    def ready(self) -> bool:
+        """True once the model is loaded and warm; raises Unavailable when the server cannot be reached."""
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.url) from None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncHttpClient:
+    """The asyncio twin of HttpClient."""
+
+    transport = "http"
+
+    def __init__(
+        self, url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.url = (url or DEFAULT_HTTP_URL).rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=dict(headers or {}))
+
+    async def classify(
+        self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None
+    ) -> list[Prediction]:
+        uploads = as_uploads(images)
+        extra = {} if timeout is None else {"timeout": timeout}
+        try:
+            response = await self._http.post("/classify", files=_files(uploads), **extra)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.url) from None
+        return _predictions(response, uploads)
+
+    async def model_info(self) -> ModelInfo:
+        try:
+            response = await self._http.post("/health", json={})
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.url) from None
+        _raise_for_status(response)
+        return ModelInfo.model_validate(response.json())
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.url) from None
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncHttpClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
