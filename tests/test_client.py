@@ -1,0 +1,136 @@
+"""The typed client package and its CLI, over both transports, against the live session server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client import (
+    AsyncClassifierClient,
+    ClassifierClient,
+    ImageUpload,
+    InvalidInput,
+    LimitExceeded,
+    Prediction,
+    Unavailable,
+    connect,
+    connect_async,
+)
+from tests.support import ROOT, ServerProcess, free_port, sample_xrays, server_env
+
+SAME = ("label", "probability", "threshold", "confidence", "model", "image", "warnings", "filename", "client_id")
+
+
+def _target(server: ServerProcess, transport: str) -> str:
+    return server.grpc_target if transport == "grpc" else server.url
+
+
+@pytest.fixture(scope="module")
+def live(server: ServerProcess) -> ServerProcess:
+    with connect(server.grpc_target, transport="grpc") as api:  # SERVING follows HTTP readiness by milliseconds
+        deadline = time.monotonic() + 15
+        while not api.ready():
+            assert time.monotonic() < deadline, "gRPC endpoint never became SERVING"
+            time.sleep(0.05)
+    return server
+
+
+def _essentials(predictions: list[Prediction]) -> list[dict]:
+    return [p.model_dump(include=set(SAME)) for p in predictions]
+
+
+def test_sync_clients_agree_across_transports(live: ServerProcess) -> None:
+    paths = sample_xrays(2, offset=11)
+    uploads = [ImageUpload(data=p.read_bytes(), filename=p.name, client_id=f"id-{i}") for i, p in enumerate(paths)]
+    results = {}
+    for transport in ("http", "grpc"):
+        with connect(_target(live, transport), transport=transport) as api:
+            assert isinstance(api, ClassifierClient) and api.ready()
+            results[transport] = api.classify(uploads)
+            assert api.classify(paths[0])[0].filename == paths[0].name  # a bare path works too
+    assert _essentials(results["http"]) == _essentials(results["grpc"])
+    assert [p.client_id for p in results["grpc"]] == ["id-0", "id-1", "id-2", "id-3"]
+    assert all(isinstance(p, Prediction) and p.batch_size >= 4 for p in results["grpc"])
+
+
+def test_async_clients_agree_across_transports(live: ServerProcess) -> None:
+    paths = sample_xrays(2, offset=13)
+
+    async def run(transport: str) -> tuple[list[Prediction], dict]:
+        async with connect_async(_target(live, transport), transport=transport) as api:
+            assert isinstance(api, AsyncClassifierClient) and await api.ready()
+            predictions = await api.classify(paths)
+            info = await api.model_info()
+        return predictions, info.model_dump()
+
+    (http_predictions, http_info), (grpc_predictions, grpc_info) = asyncio.run(run("http")), asyncio.run(run("grpc"))
+    assert _essentials(http_predictions) == _essentials(grpc_predictions)
+    for key in ("ready", "model", "arch", "threshold", "temperature", "workers"):
+        assert http_info[key] == grpc_info[key], key
+    for key in ("max_bytes", "max_pixels", "min_side", "max_images_per_request"):
+        assert http_info["limits"][key] == grpc_info["limits"][key], key
+    assert http_info["validation_metrics"]["accuracy"] == pytest.approx(grpc_info["validation_metrics"]["accuracy"])
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_rejections_raise_the_same_typed_errors(live: ServerProcess, transport: str) -> None:
+    good = sample_xrays(1)[0]
+    with connect(_target(live, transport), transport=transport) as api:
+        with pytest.raises(InvalidInput) as invalid:
+            api.classify([good, ImageUpload(data=b"GIF89a but not really", filename="fake.gif")])
+        assert type(invalid.value) is InvalidInput
+        assert "image 1 (fake.gif)" in invalid.value.message and invalid.value.reasons[0] in ("corrupt", "not_an_image")
+        with pytest.raises(LimitExceeded) as limit:
+            api.classify([good] * 17)
+        assert limit.value.reasons == ("too_many_images",) and "the limit is 16" in limit.value.message
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_unreachable_server_is_unavailable(transport: str) -> None:
+    url = f"127.0.0.1:{free_port()}" if transport == "grpc" else f"http://127.0.0.1:{free_port()}"
+    with connect(url, transport=transport, timeout=5) as api, pytest.raises(Unavailable) as error:
+        api.classify(sample_xrays(1)[0])
+    assert "cannot reach" in error.value.message
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_cli_classify_and_health(live: ServerProcess, transport: str) -> None:
+    flags = ["--grpc"] if transport == "grpc" else []
+    url = _target(live, transport)
+    paths = sample_xrays(1, offset=17)
+    text = _cli("classify", *map(str, paths), *flags, "--url", url)
+    assert text.returncode == 0, text.stderr
+    for path in paths:
+        assert f"{path.name}: " in text.stdout
+    assert "probability of pneumonia" in text.stdout and f"via {transport} {url}" in text.stdout
+    as_json = _cli("classify", *map(str, paths), *flags, "--url", url, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    parsed = [Prediction.model_validate(item) for item in json.loads(as_json.stdout)]
+    assert [p.filename for p in parsed] == [p.name for p in paths]
+    assert all(f"{p.filename}: {p.label}" in text.stdout for p in parsed)
+    health = _cli("health", *flags, "--url", url)
+    assert health.returncode == 0 and health.stdout.startswith("ready at"), health.stdout + health.stderr
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_cli_errors_exit_non_zero_with_a_message(live: ServerProcess, transport: str, tmp_path: Path) -> None:
+    flags = ["--grpc"] if transport == "grpc" else []
+    bad = tmp_path / "scan.jpeg"
+    bad.write_bytes(b"this is not a jpeg")
+    refused = _cli("classify", str(bad), *flags, "--url", _target(live, transport))
+    assert refused.returncode == 3 and "scan.jpeg" in refused.stderr and "Traceback" not in refused.stderr
+    down_url = f"127.0.0.1:{free_port()}" if transport == "grpc" else f"http://127.0.0.1:{free_port()}"
+    down = _cli("health", *flags, "--url", down_url)
+    assert down.returncode == 4 and "cannot reach" in down.stderr and "Traceback" not in down.stderr
+    missing = _cli("classify", str(tmp_path / "absent.png"), *flags, "--url", _target(live, transport))
+    assert missing.returncode == 2 and "absent.png" in missing.stderr
