@@ -275,7 +275,9 @@ def resolve_service_tag(ref: str, service_dir: Path, name: str = MODEL_NAME) -> 
         import yaml
 
         info = yaml.safe_load(manifest.read_text())
-        packed = [m["tag"] for m in info.get("models", []) if str(m.get("tag", "")).startswith(f"{name}:")]
+        # BentoML 1.4 lists a service's models under services[].models (older: top-level models).
+        listed = list(info.get("models") or []) + [m for svc in info.get("services") or [] for m in svc.get("models") or []]
+        packed = sorted({str(m["tag"]) for m in listed if str(m.get("tag", "")).startswith(f"{name}:")})
         if len(packed) == 1:
             return packed[0]
     return resolve_tag(ref, name)

@@ -32,7 +32,7 @@ def _bento_dir(bento_home: Path, tag: str) -> Path:
 def test_bento_packs_code_model_and_pinned_dependencies(bento_tag: str, bentoml_home: Path, production_tag: str) -> None:
     root = _bento_dir(bentoml_home, bento_tag)
     info = yaml.safe_load((root / "bento.yaml").read_text())
-    assert [m["tag"] for m in info["models"]] == [production_tag]
+    assert [m["tag"] for svc in info["services"] for m in svc["models"]] == [production_tag]
     for path in ("src/service.py", "src/settings.py", "src/training/preprocess.py", "src/models_registry/loader.py"):
         assert (root / path).is_file(), path
     assert not (root / "src/tests").exists() and not (root / "src/loadtests").exists()

@@ -118,3 +118,13 @@ def test_cli_lists_and_fails_cleanly(production_tag: str) -> None:
     assert bad.returncode == 1 and "not in the store" in bad.stderr and "Traceback" not in bad.stderr
     helped = run("--help")
     assert helped.returncode == 0 and "promote" in helped.stdout and "rollback" in helped.stdout
+
+
+def test_a_bento_serves_the_model_it_was_built_with(two_models, tmp_path: Path) -> None:
+    (first, _), (second, _) = two_models
+    reg.promote(second, NAME)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "bento.yaml").write_text(f"models: []\nservices:\n- name: svc\n  models:\n  - tag: {first}\n")
+    assert reg.resolve_service_tag("production", tmp_path / "src", NAME) == first
+    assert reg.resolve_service_tag("production", tmp_path, NAME) == second  # not a Bento: the promoted model
+    reg.promote(first, NAME)
