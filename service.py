@@ -17,17 +17,19 @@ from typing import Annotated, Literal
 import bentoml
 import numpy as np
 import torch
+from bentoml.exceptions import ServiceUnavailable
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
 import models_registry
 from serving import grpc_endpoint
+from serving.lifecycle import ReadinessGate, preflight, resolve_model, warm_up_in_background
 from settings import ServingSettings
 from training.preprocess import ImageRejected, PreparedImage, prepare
 
 SETTINGS = ServingSettings()
-MODEL_TAG = models_registry.resolve_service_tag(SETTINGS.model, Path(__file__).resolve().parent)
-CARD = models_registry.read_card(MODEL_TAG)
+# A missing or unusable model stops `bentoml serve` here with one line (serving/lifecycle.py).
+MODEL_TAG, CARD = resolve_model(SETTINGS.model, Path(__file__).resolve().parent)
 
 PREDICTIONS = bentoml.metrics.Counter(
     name="pneumonia_predictions_total", documentation="Classified images by predicted label", labelnames=["label", "model"]
@@ -130,13 +132,24 @@ class PneumoniaClassifier:
     def __init__(self) -> None:
         self.ready = False
         self.started = time.monotonic()
+        self.model: models_registry.LoadedModel | None = None
         torch.set_num_threads(SETTINGS.threads_per_worker())
-        self.model = models_registry.load_model(MODEL_TAG)
-        size = self.model.card.preprocess.image_size
+        # In a thread, so the worker listens (and says 503) while the model loads and warms up.
+        warm_up_in_background(self._load_and_warm, delay_s=SETTINGS.warmup_delay_s)
+
+    def _load_and_warm(self) -> None:
+        model = models_registry.load_model(MODEL_TAG)
+        size = model.card.preprocess.image_size
         for batch in (1, SETTINGS.batching.max_batch_size):  # allocate kernels and buffers before traffic
-            self.model.probabilities(np.zeros((batch, size, size), dtype=np.uint8))
+            model.probabilities(np.zeros((batch, size, size), dtype=np.uint8))
+        self.model = model
         MODEL_INFO.labels(model=MODEL_TAG, arch=CARD.spec.arch, threshold=f"{CARD.threshold:.6f}").set(1)
         self.ready = True
+
+    @bentoml.on_deployment
+    def check_model() -> None:
+        """Once, in the `bentoml serve` process before any worker: a bad model exits 1 with one line."""
+        preflight(MODEL_TAG)
 
     def __is_ready__(self) -> bool:
         return self.ready
@@ -159,6 +172,8 @@ class PneumoniaClassifier:
     def classify(self, images: Annotated[list[Upload], BeforeValidator(_check_count)]) -> list[Prediction]:
         """Classify one or more chest X-rays (multipart field `images`, JPEG/PNG/TIFF/..., any size)."""
         prepared: list[PreparedImage] = images  # type: ignore[assignment]  # validators turned paths into images
+        if self.model is None:  # ReadinessGate normally answers before a request gets here
+            raise ServiceUnavailable("the model is still loading on this server; retry shortly")
         probabilities = self.model.probabilities(np.stack([p.pixels for p in prepared]))
         card = self.model.card
         done = time.perf_counter()
@@ -185,7 +200,7 @@ class PneumoniaClassifier:
     @bentoml.api(route="/health")
     def health(self) -> Health:
         """Readiness, the served model with its validation metrics, and the serving configuration."""
-        card = self.model.card
+        card = CARD  # the served model's card, known before its weights are loaded
         return Health(
             ready=self.ready,
             model=MODEL_TAG,
@@ -201,3 +216,7 @@ class PneumoniaClassifier:
             batching=SETTINGS.batching.model_dump(),
             limits={**SETTINGS.limits.model_dump(), "max_images_per_request": SETTINGS.max_images_per_request},
         )
+
+
+# Model routes wait briefly for a warming worker, then answer 503 (serving/lifecycle.py).
+PneumoniaClassifier.add_asgi_middleware(ReadinessGate, paths=["/classify"], wait_s=SETTINGS.ready_wait_s)

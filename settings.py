@@ -52,6 +52,12 @@ class ServingSettings(BaseSettings):
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest accepted request body")
     timeout_s: int = Field(60, ge=1, description="request timeout")
     max_concurrency: int = Field(256, ge=1, description="requests in flight before 503")
+    ready_wait_s: float = Field(
+        5.0, ge=0, le=60, description="how long a classify call waits for a worker still warming up before its 503"
+    )
+    warmup_delay_s: float = Field(
+        0.0, ge=0, le=600, description="TEST/OPS KNOB, keep 0: extra seconds before each worker loads its model"
+    )
     limits: InputLimits = InputLimits()
     batching: BatchingSettings = BatchingSettings()
     grpc: GrpcSettings = GrpcSettings()

@@ -1,0 +1,168 @@
+"""Start-up checks, background warm-up and readiness of the service.
+
+Three faults this module turns into clear, bounded behaviour (docs/hardening-faults.md):
+
+* A missing, unknown, corrupt or sha-mismatched model stops `bentoml serve` before
+  any worker starts, with one line on stderr and exit code 1. `resolve_model` runs
+  when service.py is imported, `preflight` in BentoML's `on_deployment` hook (the
+  `bentoml serve` process, once). Both raise `StartupError`, a BentoMLException,
+  which the BentoML CLI prints as one line instead of a stack trace. Left to a
+  worker, the same failure would crash it, and BentoML's process supervisor
+  (circus) would restart it every 10 s forever.
+* BentoML builds the service instance inside uvicorn's start-up, before the worker
+  listens, so a model loaded in `__init__` leaves no window in which a client could
+  be told "not ready": its connection just waits. `warm_up_in_background` loads and
+  warms the model in a thread instead. The worker listens at once: /readyz says 503,
+  and `ReadinessGate` holds a classify request for at most `ready_wait_s` (long
+  enough to cover a normal warm-up, so a restarted worker costs callers no errors)
+  and then answers 503 with Retry-After rather than letting the caller time out.
+* If the warm-up fails anyway (the preflight makes that an environmental problem,
+  such as memory), the worker logs one line and exits with code 3; it never stays
+  alive without a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bentoml.exceptions import BentoMLException
+from starlette.responses import JSONResponse
+
+import models_registry
+from models_registry import ModelCard, RegistryError
+
+logger = logging.getLogger("bentoml.pneumonia.lifecycle")
+
+WARMUP_FAILED_EXIT_CODE = 3
+NOT_READY_MESSAGE = "the model is still loading on this server; retry shortly"
+
+
+class StartupError(BentoMLException):
+    """The service cannot start. `bentoml serve` prints the message on one line and exits with 1."""
+
+    def __init__(self, message: str) -> None:
+        # One line, even for pydantic's multi-line validation errors; their doc links add nothing here.
+        super().__init__(" ".join(re.sub(r"For further information visit \S+", "", message).split()))
+
+
+def resolve_model(ref: str, service_dir: Path) -> tuple[str, ModelCard]:
+    """The tag to serve and its card, or a `StartupError` that says what to do (runs at import)."""
+    try:
+        tag = models_registry.resolve_service_tag(ref, service_dir)
+        return tag, models_registry.read_card(tag)
+    except RegistryError as exc:
+        raise StartupError(f"cannot serve: {exc}") from None
+
+
+def preflight(tag: str) -> None:
+    """Verify (sha256), load and run the model once, in the `bentoml serve` process before workers start.
+
+    Why here: a failure in a worker is retried by circus forever; here it ends the
+    server with one line and a non-zero exit code within seconds.
+    """
+    started = time.monotonic()
+    try:
+        model = models_registry.load_model(tag)
+        size = model.card.preprocess.image_size
+        probability = model.probabilities(np.zeros((1, size, size), dtype=np.uint8))
+    except RegistryError as exc:  # ModelIntegrityError included: sha mismatch, unreadable or ill-fitting weights
+        raise StartupError(f"cannot serve: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure to run the model is equally fatal
+        raise StartupError(f"cannot serve: model {tag} fails to run ({type(exc).__name__}: {exc})") from None
+    if not np.all(np.isfinite(probability)):
+        raise StartupError(f"cannot serve: model {tag} returns {probability.tolist()} for a blank image")
+    logger.info("model %s verified and runs (%.1f s)", tag, time.monotonic() - started)
+
+
+class Readiness:
+    """Whether this worker process has a loaded, warm model (read by /readyz, the HTTP gate and gRPC)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def mark_ready(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Block a thread until ready or `timeout` seconds passed; returns readiness."""
+        return self._event.wait(timeout)
+
+    async def wait_async(self, timeout: float, poll_s: float = 0.05) -> bool:
+        """Wait without blocking the event loop; returns readiness."""
+        deadline = time.monotonic() + timeout
+        while not self.ready and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        return self.ready
+
+
+READINESS = Readiness()
+
+
+def warm_up_in_background(work: Callable[[], None], delay_s: float = 0.0) -> threading.Thread:
+    """Run `work` (load and warm the model) in a daemon thread, then mark this worker ready.
+
+    `delay_s` is the PNEUMONIA_WARMUP_DELAY_S test/ops knob: it widens the
+    not-ready window so tests can observe it; production leaves it at 0.
+    """
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            if delay_s:
+                time.sleep(delay_s)
+            work()
+        except BaseException as exc:  # noqa: BLE001 - a worker without a model must not live on
+            message = f"model warm-up failed, worker {os.getpid()} exits: {type(exc).__name__}: {exc}"
+            logger.critical(message)
+            print(message, file=sys.stderr, flush=True)
+            os._exit(WARMUP_FAILED_EXIT_CODE)
+        READINESS.mark_ready()
+        logger.info("worker %d ready: model warm after %.2f s", os.getpid(), time.monotonic() - started)
+
+    thread = threading.Thread(target=run, name="model-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+class ReadinessGate:
+    """ASGI middleware: a model route called before this worker is warm waits, then gets 503.
+
+    The wait (`wait_s`) absorbs the second or two a freshly (re)started worker
+    needs; a longer warm-up answers JSON 503 with Retry-After instead of leaving
+    the caller to its timeout. No image is decoded for a request that gets it.
+    """
+
+    def __init__(self, app: Any, paths: Iterable[str], wait_s: float, retry_after_s: float = 5.0) -> None:
+        self.app = app
+        self.paths = frozenset(paths)
+        self.wait_s = wait_s
+        self.retry_after = str(max(1, math.ceil(retry_after_s)))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or READINESS.ready or scope.get("path") not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if await READINESS.wait_async(self.wait_s):
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(  # the shape of every error body of the service (docs/hardening.md)
+            {"error": NOT_READY_MESSAGE, "detail": [{"type": "not_ready", "loc": [], "msg": NOT_READY_MESSAGE}]},
+            status_code=503,
+            headers={"Retry-After": self.retry_after},
+        )
+        await response(scope, receive, send)
