@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -86,6 +87,25 @@ class PreparedImage:
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png_crcs(data: bytes) -> None:
+    """A PNG chunk whose CRC does not match means a damaged file; PIL ignores image-data CRCs."""
+    view, pos = memoryview(data), len(_PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return  # truncated: decoding reports it
+        if zlib.crc32(view[pos + 4 : end]) != int.from_bytes(view[end : end + 4], "big"):
+            kind = "".join(c for c in bytes(view[pos + 4 : pos + 8]).decode("latin-1") if c.isalnum())
+            raise ImageRejected("corrupt", f"PNG chunk {kind or '?'} fails its CRC check: the file is damaged")
+        if view[pos + 4 : pos + 8] == b"IEND":
+            return
+        pos = end + 4
+
+
 def _open(data: bytes, limits: InputLimits) -> Image.Image:
     if not data:
         raise ImageRejected("empty", "the upload is empty (0 bytes)")
@@ -94,6 +114,8 @@ def _open(data: bytes, limits: InputLimits) -> Image.Image:
             "too_many_bytes",
             f"the upload is {len(data):,} bytes, over the limit of {limits.max_bytes:,} bytes",
         )
+    if data.startswith(_PNG_SIGNATURE):
+        _check_png_crcs(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
