@@ -10,13 +10,99 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from training.preprocess import InputLimits
+
+
+class RateLimitSettings(BaseModel):
+    """Per-client token bucket, keyed by API key (else client address), counted per worker process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="true: clients over their rate get 429 with Retry-After")
+    requests_per_minute: float = Field(600.0, gt=0, description="sustained requests per client")
+    burst: int = Field(30, ge=1, description="requests a client may send at once before the rate applies")
+    max_clients: int = Field(10_000, ge=1, description="buckets kept; the least recently seen client is forgotten")
+
+
+class CorsSettings(BaseModel):
+    """Cross-origin browser access: off unless origins are listed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="exact origins (scheme://host[:port]), comma separated in env; empty = off"
+    )
+    max_age_s: int = Field(600, ge=0, description="how long a browser may cache a preflight answer")
+
+    @field_validator("allow_origins", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return [o.strip() for o in value.split(",") if o.strip()] if isinstance(value, str) else value
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _exact(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?", origin):
+                raise ValueError(f"CORS origin {origin!r} is not scheme://host[:port] (wildcards are not allowed)")
+        return origins
+
+
+class SecuritySettings(BaseModel):
+    """Access control for the HTTP and gRPC endpoints (serving/security.py applies it).
+
+    API keys come from `api_keys` (comma separated, e.g. PNEUMONIA_SECURITY__API_KEYS)
+    and/or `api_keys_file` (one per line, # comments); none configured = open service.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys: SecretStr = Field(SecretStr(""), description="comma-separated keys (at least 16 characters each)")
+    api_keys_file: Path | None = Field(None, description="file with one key per line; read at start-up")
+    protect_health: bool = Field(False, description="true: /health needs a key too (when keys are configured)")
+    protect_metrics: bool = Field(False, description="true: /metrics needs a key too (when keys are configured)")
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    cors: CorsSettings = CorsSettings()
+    _keys: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def _load_keys(self) -> "SecuritySettings":
+        keys = [k.strip() for k in self.api_keys.get_secret_value().split(",")]
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"api_keys_file {self.api_keys_file} cannot be read: {exc.strerror}") from None
+            keys += [line.strip() for line in lines if not line.lstrip().startswith("#")]
+        keys = [k for k in keys if k]
+        if any(len(k) < 16 or not k.isprintable() or " " in k for k in keys):
+            raise ValueError("every API key must be at least 16 printable characters without spaces")
+        self._keys = tuple(dict.fromkeys(keys))
+        return self
+
+    def keys(self) -> tuple[str, ...]:
+        """The configured API keys (empty: authentication is off)."""
+        return self._keys
+
+
+class RequestLogSettings(BaseModel):
+    """The service's own JSON-lines request log (serving/request_log.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="one JSON line per HTTP request on standard output")
+    client_identifiers: bool = Field(
+        False,
+        description="also accept and log client-supplied identifiers: X-Request-ID, file names, "
+        "client address, User-Agent (off: none of them reaches the logs)",
+    )
 
 
 class BatchingSettings(BaseModel):
@@ -43,7 +129,9 @@ class GrpcSettings(BaseModel):
 
 
 class ServingSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PNEUMONIA_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="PNEUMONIA_", env_nested_delimiter="__", extra="forbid", hide_input_in_errors=True  # values may be secrets
+    )
 
     model: str = Field("production", description="'production' (resolved at start-up), a version or a full tag")
     workers: int = Field(1, ge=1, le=64, description="server processes, each with its own copy of the model")
@@ -60,6 +148,8 @@ class ServingSettings(BaseSettings):
     )
     limits: InputLimits = InputLimits()
     batching: BatchingSettings = BatchingSettings()
+    security: SecuritySettings = SecuritySettings()
+    request_log: RequestLogSettings = RequestLogSettings()
     grpc: GrpcSettings = GrpcSettings()
 
     def threads_per_worker(self) -> int:
