@@ -23,6 +23,7 @@ from pydantic_core import PydanticCustomError
 
 import models_registry
 from serving import grpc_endpoint
+from serving.http_guard import HttpGuard
 from serving.lifecycle import ReadinessGate, preflight, resolve_model, warm_up_in_background
 from settings import ServingSettings
 from training.preprocess import ImageRejected, PreparedImage, prepare
@@ -123,6 +124,7 @@ class Health(BaseModel):
     workers=SETTINGS.workers,
     threads=1,  # one forward pass at a time per worker; torch uses the cores inside it
     traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    logging={"access": {"enabled": False}},  # replaced by the JSON request log (serving/request_log.py)
 )
 class PneumoniaClassifier:
     """Loads the model once per worker, warms it up, then serves batched predictions."""
@@ -218,5 +220,7 @@ class PneumoniaClassifier:
         )
 
 
+# Outermost of ours: request id, security headers, CORS, API keys, rate limit, body and multipart checks.
+PneumoniaClassifier.add_asgi_middleware(HttpGuard, settings=SETTINGS, upload_routes={"/classify": "images"})
 # Model routes wait briefly for a warming worker, then answer 503 (serving/lifecycle.py).
 PneumoniaClassifier.add_asgi_middleware(ReadinessGate, paths=["/classify"], wait_s=SETTINGS.ready_wait_s)

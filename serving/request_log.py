@@ -1,0 +1,78 @@
+"""The service's own request log: one JSON line per HTTP request, and nothing a client sent.
+
+A line carries the server's request id (also returned as `X-Request-ID`), the
+matched route, status, duration, how many images were sent and why any were
+refused. It never carries image bytes, file names, client addresses or other
+client-supplied identifiers unless `request_log.client_identifiers` is on
+(settings.py). BentoML's own text access log is switched off in service.py
+because this log replaces it, and BentoML's traceback for a refused upload is
+dropped here because pydantic prints the upload's temporary path, which ends
+in the client's file name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from settings import RequestLogSettings
+
+LOGGER_NAME = "pneumonia.request"
+# BentoML logs every API exception here, client validation errors included.
+BENTOML_API_LOGGER = "bentoml._internal.server.http_app"
+
+
+class JsonLineFormatter(logging.Formatter):
+    """`{"ts": ..., "level": ..., "logger": ..., **fields}` on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        else:
+            line["message"] = record.getMessage()
+        return json.dumps(line, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+class DropClientInputTracebacks(logging.Filter):
+    """Drops BentoML's 'Exception on /classify' records caused by refused client input.
+
+    They repeat what the request log already says, and their pydantic message
+    includes the upload's temporary path (which ends in the client's file name).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pydantic import ValidationError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, ValidationError)
+
+
+def configure(settings: RequestLogSettings) -> logging.Logger:
+    """The request logger of this worker (idempotent; call once the server has configured logging)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if not any(isinstance(h.formatter, JsonLineFormatter) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)  # where BentoML's own server logs go
+        handler.setFormatter(JsonLineFormatter())
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.disabled = not settings.enabled
+    api_logger = logging.getLogger(BENTOML_API_LOGGER)
+    if not settings.client_identifiers and not any(
+        isinstance(f, DropClientInputTracebacks) for f in api_logger.filters
+    ):
+        api_logger.addFilter(DropClientInputTracebacks())
+    return logger
+
+
+def log_request(logger: logging.Logger, fields: dict[str, Any]) -> None:
+    logger.info("request", extra={"fields": {"event": "request", **fields}})
