@@ -45,6 +45,8 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serving.grpc_access import classifier_access
+from serving.security import internal_headers
 from settings import ServingSettings
 
 try:
@@ -176,7 +178,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
 def build_interceptors(settings: ServingSettings) -> list[grpc.aio.ServerInterceptor]:
     """Every interceptor of the gRPC server, outermost first; add authentication / rate limits here."""
-    return [MetricsInterceptor()]
+    return [MetricsInterceptor(), classifier_access(settings.security, SERVICE_NAME)]
 
 
 # --------------------------------------------------------------------------- the Classifier service
@@ -265,6 +267,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send at least one image in 'images'")
         incoming = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
         headers = {key: str(incoming[key]) for key in FORWARDED_METADATA if key in incoming}
+        headers.update(internal_headers())  # checked by the access interceptor: not again over HTTP
         # Positional names: the caller's filename is echoed back, never used as a path by the server.
         files = [("images", (f"image-{i}", image.data, "application/octet-stream")) for i, image in enumerate(images)]
         try:
