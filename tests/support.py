@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,12 +87,26 @@ def server_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def private_home(shared: Path) -> Path:
+    """A BENTOML_HOME of its own that reuses `shared`'s model and Bento stores.
+
+    `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts,
+    which silently freezes the /metrics of any other server on the same home.
+    """
+    home = Path(tempfile.mkdtemp(prefix="server-home-", dir=shared))
+    for store in ("models", "bentos"):
+        (shared / store).mkdir(exist_ok=True)
+        (home / store).symlink_to(shared / store, target_is_directory=True)
+    return home
+
+
 def bentoml_serve(target: str, port: int, log_path: Path, **env: str) -> ServerProcess:
     """`bentoml serve TARGET` on 127.0.0.1:PORT, its gRPC endpoint on a free loopback port (not yet started)."""
     args = [str(VENV_BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     # Never the default 3001: with SO_REUSEPORT two servers on one port would silently share it.
     env.setdefault("PNEUMONIA_GRPC__HOST", "127.0.0.1")
     grpc_port = int(env.setdefault("PNEUMONIA_GRPC__PORT", str(free_port())))
+    env.setdefault("BENTOML_HOME", str(private_home(Path(os.environ["BENTOML_HOME"]))))
     return ServerProcess(args=args, port=port, env=server_env(**env), log_path=log_path, grpc_port=grpc_port)
 
 
