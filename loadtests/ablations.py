@@ -1,0 +1,175 @@
+"""In-process measurements behind each "make it fast" decision (no HTTP).
+
+    python -m loadtests.ablations [--only preprocess,forward,bf16,compile]
+
+- preprocess: `prepare()` per image for the full-size and the small samples,
+  with JPEG draft-mode decoding (as shipped) and without (draft disabled here only);
+- forward: ms per image of the forward pass by memory layout (channels-last or
+  not), torch threads and batch size;
+- bf16 / compile: bfloat16 autocast and torch.compile: speed, and the largest
+  probability difference to eager float32 plus label changes on real X-rays.
+
+Prints a table and writes results/ablations.json. Service-level settings
+(workers, threads, batching bounds) are measured with
+`python -m loadtests.benchmark --systems service --service-env KEY=VALUE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loadtests.samples import ROOT, DATA_DIR, build_samples
+
+
+def per_call_ms(fn, min_s: float = 1.5, min_calls: int = 3) -> float:
+    fn()  # warm-up
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_s or calls < min_calls:
+        fn()
+        calls += 1
+    return 1000 * (time.perf_counter() - start) / calls
+
+
+@contextmanager
+def draft_disabled():
+    """Make `Image.draft` a no-op, so JPEGs decode at full size (what prepare() avoids)."""
+    from PIL import JpegImagePlugin
+
+    original = JpegImagePlugin.JpegImageFile.draft
+    JpegImagePlugin.JpegImageFile.draft = lambda self, mode, size: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        JpegImagePlugin.JpegImageFile.draft = original  # type: ignore[method-assign]
+
+
+def preprocess_rows(samples, config) -> list[dict]:
+    from training.preprocess import prepare
+
+    rows = []
+    for kind, items in (("full-size", samples.full), ("small 224 px", samples.small)):
+        for draft in (True, False):
+            with nullcontext() if draft else draft_disabled():
+                ms = per_call_ms(lambda: [prepare(s.data, config) for s in items]) / len(items)
+                pixels = np.stack([prepare(s.data, config).pixels for s in items])
+            rows.append({"what": f"prepare() {kind}", "variant": "draft decode" if draft else "full decode",
+                         "ms_per_image": round(ms, 2), "pixels": pixels})
+    for kind in ("full-size", "small 224 px"):
+        a, b = (r for r in rows if r["what"] == f"prepare() {kind}")
+        diff = np.abs(a["pixels"].astype(int) - b["pixels"].astype(int))
+        a["note"] = f"{b['ms_per_image'] / a['ms_per_image']:.1f}x faster than full decode; pixel diff mean {diff.mean():.2f}, max {diff.max()}"
+    for r in rows:
+        r.pop("pixels")
+    return rows
+
+
+def real_pixels(samples, config, extra: int) -> np.ndarray:
+    """The sample set plus `extra` more training images per class, through prepare()."""
+    from training.preprocess import load_file, prepare
+
+    pixels = [prepare(s.data, config).pixels for s in (*samples.small, *samples.full)]
+    for name in ("NORMAL", "PNEUMONIA"):
+        files = sorted((DATA_DIR / "train" / name).iterdir())[1::max(1, 1000 // extra)][:extra]
+        pixels.extend(load_file(p, config).pixels for p in files)
+    return np.stack(pixels)
+
+
+def forward_rows(model, pixels: np.ndarray) -> list[dict]:
+    rows = []
+    cores = os.cpu_count() or 1
+    for layout in (torch.channels_last, torch.contiguous_format):
+        model.module.to(memory_format=layout)
+        for threads in sorted({1, cores}):
+            torch.set_num_threads(threads)
+            for batch in (1, 8, 32, 64):
+                x = pixels[:batch] if len(pixels) >= batch else np.resize(pixels, (batch, *pixels.shape[1:]))
+                ms = per_call_ms(lambda: model.probabilities(x)) / batch
+                rows.append({"what": "forward", "variant": f"{'channels-last' if layout is torch.channels_last else 'contiguous'}, "
+                             f"{threads} thread(s), batch {batch}", "ms_per_image": round(ms, 3)})
+    model.module.to(memory_format=torch.channels_last)
+    torch.set_num_threads(cores)
+    return rows
+
+
+def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
+    """bf16 autocast and torch.compile against eager float32, speed and accuracy."""
+    rows = []
+    reference = np.concatenate([model.probabilities(pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
+    labels = reference >= model.card.threshold
+    x32 = pixels[:32]
+    eager_ms = per_call_ms(lambda: model.probabilities(x32)) / 32
+    rows.append({"what": "variant", "variant": "eager float32 (shipped)", "ms_per_image": round(eager_ms, 3)})
+
+    def compare(name: str, fn) -> None:
+        probs = np.concatenate([fn(pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
+        ms = per_call_ms(lambda: fn(x32)) / 32
+        flips = int(((probs >= model.card.threshold) != labels).sum())
+        delta = float(np.abs(probs - reference).max())
+        rows.append({"what": "variant", "variant": name, "ms_per_image": round(ms, 3), "max_abs_prob_diff": delta,
+                     "label_changes": flips, "images": len(pixels),
+                     "note": f"{eager_ms / ms:.2f}x eager speed; max |dp| {delta:.2e}; {flips} label changes on {len(pixels)} real X-rays"})
+
+    if "bf16" in which:
+        def bf16(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model.probabilities(x)
+        compare("bfloat16 autocast", bf16)
+    if "compile" in which:
+        from training.preprocess import to_tensor
+
+        compiled = torch.compile(model.module, dynamic=False)
+        config, temperature = model.card.preprocess, model.card.temperature
+
+        def run_compiled(x):
+            with torch.inference_mode():
+                return torch.sigmoid(compiled(to_tensor(x, config)).float() / temperature).numpy().astype(np.float64)
+        start = time.perf_counter()
+        run_compiled(x32)
+        rows.append({"what": "variant", "variant": "torch.compile (first call)", "ms_per_image": None,
+                     "note": f"compilation took {time.perf_counter() - start:.0f} s"})
+        compare("torch.compile (inductor)", run_compiled)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="preprocess,forward,bf16", help="preprocess,forward,bf16,compile")
+    p.add_argument("--model", default="production")
+    p.add_argument("--extra-images", type=int, default=100, help="training images per class added to the accuracy check")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "ablations.json")
+    args = p.parse_args(argv)
+    which = args.only.split(",")
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    from models_registry import load_model
+    from models_registry.default import ensure_default
+
+    print(ensure_default(), file=sys.stderr)
+    model = load_model(args.model)
+    samples = build_samples()
+    rows: list[dict] = []
+    if "preprocess" in which:
+        rows += preprocess_rows(samples, model.card.preprocess)
+    if "forward" in which or "bf16" in which or "compile" in which:
+        pixels = real_pixels(samples, model.card.preprocess, args.extra_images)
+        if "forward" in which:
+            rows += forward_rows(model, pixels)
+        rows += variant_rows(model, pixels, which)
+    for r in rows:
+        ms = "-" if r.get("ms_per_image") is None else f"{r['ms_per_image']:.3f}"
+        print(f"{r['what']:<24} {r['variant']:<44} {ms:>9} ms/image  {r.get('note', '')}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model": model.tag, "cores": os.cpu_count(), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

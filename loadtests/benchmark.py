@@ -1,0 +1,355 @@
+"""One-run serving benchmark: bare model, service with and without batching, naive FastAPI baseline.
+
+    python -m loadtests.benchmark             # full run, a few minutes on 2 cores
+    python -m loadtests.benchmark --quick     # CI smoke: same rows, short windows
+
+In one process on one machine, with one load generator (`loadtests.loadgen`,
+a closed-loop asyncio HTTP/1.1 client whose CPU use is measured and printed)
+and one image mix (`loadtests.samples`: full-size radiographs, single small
+images, four-image requests), it measures
+
+- the bare-model limit: preprocessing (`training.preprocess.prepare` from the
+  uploaded bytes) plus the forward pass in this process, no HTTP, at each batch
+  size, serial and with decoding overlapped with the forward pass; the best is the limit;
+- the service (`bentoml serve`) with adaptive batching, as shipped;
+- the same service with batching off (PNEUMONIA_BATCHING__ENABLED=false);
+- the FastAPI baseline (`loadtests.baseline_fastapi`);
+
+each at 1, 8 and 32 concurrent clients: requests/s, images/s, p50/p95/p99,
+failures, server CPU (the server's whole process tree, in cores) and the load
+generator's CPU, plus the ratios the targets are stated in. Writes
+benchmark.json, benchmark.md and benchmark.png to --out (default
+results/benchmark/<time>/); servers bind free 127.0.0.1 ports and are always stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from loadtests.loadgen import encode_requests, run_load, system_busy_s, wait_for_quiet
+from loadtests.samples import MIX_WEIGHTS, MULTI_COUNT, ROOT, IMAGE_KINDS, build_samples, request_plan
+from tests.support import VENV_BIN, ServerProcess, bentoml_serve, free_port, server_env
+
+SYSTEMS = {
+    "service": "service, adaptive batching",
+    "service_nobatch": "service, batching off",
+    "baseline": "FastAPI baseline",
+}
+TARGETS = {
+    "service_vs_baseline": 2.0,
+    "service_vs_bare_model": 0.70,
+    "batching_vs_nobatch": 1.5,
+    "service_p99_ms_at_8": 250.0,
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short windows for CI (the table keeps every row)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default results/benchmark/<time>)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
+    p.add_argument("--window-s", type=float, default=None, help="measured seconds per point (default 20, quick 2)")
+    p.add_argument("--warmup-s", type=float, default=None, help="unmeasured seconds before each window (default 3, quick 0.5)")
+    p.add_argument("--systems", default="bare,service,service_nobatch,baseline", help="which rows to measure")
+    p.add_argument("--batch-sizes", default=None, help="bare-model batch sizes (default 1,4,8,16,32,64; quick 1,8,32)")
+    p.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for both service rows, e.g. PNEUMONIA_WORKERS=2 (for ablations)")
+    p.add_argument("--model", default="production", help="model reference served by every row")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the bare-model measurement (0: all cores)")
+    p.add_argument("--max-other-load", type=float, default=0.25,
+                   help="before each point, wait until other processes use fewer cores than this (shared machines)")
+    p.add_argument("--quiet-timeout-s", type=float, default=None, help="longest such wait (default 600, quick 5)")
+    return p
+
+
+# ---------------------------------------------------------------- bare model
+
+
+def bare_model(tag: str, images: list[bytes], batch_sizes: list[int], seconds: float, threads: int) -> dict:
+    """Images/s of prepare() + forward pass in this process, per batch size, serial and overlapped."""
+    import torch
+
+    from models_registry import load_model
+    from training.preprocess import InputLimits, prepare
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    model = load_model(tag)
+    config, limits = model.card.preprocess, InputLimits()
+
+    def prep(datas: list[bytes]) -> np.ndarray:
+        return np.stack([prepare(d, config, limits).pixels for d in datas])
+
+    def batches(size: int):
+        k = 0
+        while True:
+            yield [images[(k * size + j) % len(images)] for j in range(size)]
+            k += 1
+
+    rows = []
+    for size in batch_sizes:
+        model.probabilities(prep(next(batches(size))))  # warm-up: kernels for this shape
+        for mode in ("serial", "overlapped"):
+            source = batches(size)
+            count, prep_s, start, cpu0, busy0 = 0, 0.0, time.perf_counter(), time.process_time(), system_busy_s()
+            if mode == "serial":
+                while time.perf_counter() - start < seconds or count < 2 * size:
+                    t0 = time.perf_counter()
+                    pixels = prep(next(source))
+                    prep_s += time.perf_counter() - t0
+                    model.probabilities(pixels)
+                    count += size
+            else:  # decode the next batch in a thread while the forward pass runs (PIL releases the GIL)
+                with ThreadPoolExecutor(1) as pool:
+                    pending = pool.submit(prep, next(source))
+                    while time.perf_counter() - start < seconds or count < 2 * size:
+                        pixels = pending.result()
+                        pending = pool.submit(prep, next(source))
+                        model.probabilities(pixels)
+                        count += size
+                    pending.result()
+            elapsed, own = time.perf_counter() - start, time.process_time() - cpu0
+            rows.append({
+                "batch": size, "mode": mode, "images": count,
+                "images_per_s": round(count / elapsed, 1),
+                "cpu_cores": round(own / elapsed, 2),
+                "other_cpu_cores": round(max(0.0, system_busy_s() - busy0 - own) / elapsed, 2),
+                **({"preprocess_ms_per_image": round(1000 * prep_s / count, 2)} if mode == "serial" else {}),
+            })
+            print(f"  bare model, batch {size:>3}, {mode:<10}: {rows[-1]['images_per_s']:7.1f} images/s", file=sys.stderr)
+    best = max(rows, key=lambda r: r["images_per_s"])
+    return {"rows": rows, "limit_images_per_s": best["images_per_s"], "best": best, "torch_threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------- servers
+
+
+def tree_cpu_probe(pid: int):
+    """Cumulative CPU seconds of a process and all its descendants."""
+    def probe() -> float | None:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return None
+        total = 0.0
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+    return probe
+
+
+def start_system(system: str, tag: str, out: Path, service_env: dict[str, str]) -> ServerProcess:
+    port = free_port()
+    log = out / f"{system}.log"
+    if system == "baseline":
+        args = [str(VENV_BIN / "uvicorn"), "loadtests.baseline_fastapi:app", "--host", "127.0.0.1", "--port", str(port)]
+        server = ServerProcess(args=args, port=port, env=server_env(PNEUMONIA_BASELINE_MODEL=tag), log_path=log)
+        return server.start(ready_path="/openapi.json")
+    # The gRPC endpoint (not measured here) gets a free loopback port, never the fixed default.
+    env = {"PNEUMONIA_MODEL": tag, "PNEUMONIA_GRPC__HOST": "127.0.0.1", "PNEUMONIA_GRPC__PORT": str(free_port()),
+           **service_env}
+    if system == "service_nobatch":
+        env["PNEUMONIA_BATCHING__ENABLED"] = "false"
+    return bentoml_serve("service:PneumoniaClassifier", port, log, **env).start()
+
+
+# ---------------------------------------------------------------- report
+
+
+def ratios_and_targets(bare: dict | None, runs: list[dict], top: int) -> tuple[dict, dict]:
+    def at(system: str, clients: int) -> dict | None:
+        return next((r for r in runs if r["system"] == system and r["clients"] == clients), None)
+
+    service, nobatch, baseline = at("service", top), at("service_nobatch", top), at("baseline", top)
+    ratios: dict[str, float | None] = {
+        "service_vs_baseline": service and baseline and round(service["images_per_s"] / max(baseline["images_per_s"], 1e-9), 2),
+        "service_vs_bare_model": service and bare and round(service["images_per_s"] / bare["limit_images_per_s"], 2),
+        "batching_vs_nobatch": service and nobatch and round(service["images_per_s"] / max(nobatch["images_per_s"], 1e-9), 2),
+        "service_p99_ms_at_8": (at("service", 8) or {}).get("p99_ms"),
+    }
+    targets = {}
+    for name, goal in TARGETS.items():
+        value = ratios.get(name)
+        if value is None:
+            continue
+        met = value <= goal if name.endswith("_ms_at_8") else value >= goal
+        targets[name] = {"value": value, "target": goal, "met": bool(met)}
+    failures = sum(r["failures"] for r in runs if r["clients"] == top)
+    targets["zero_failures_at_top"] = {"value": failures, "target": 0, "met": failures == 0}
+    return ratios, targets
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        "| system | clients | req/s | images/s | p50 ms | p95 ms | p99 ms | failures | server CPU (cores) "
+        "| generator CPU (cores) | other load (cores) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    bare = result.get("bare_model")
+    if bare:
+        best = bare["best"]
+        lines.append(
+            f"| bare model limit (batch {best['batch']}, {best['mode']}, no HTTP) | - | - | {best['images_per_s']:.1f} "
+            f"| - | - | - | - | {best['cpu_cores']:.2f} | - | {best.get('other_cpu_cores', 0):.2f} |"
+        )
+    for r in result["runs"]:
+        cpu = "-" if r["server_cpu_cores"] is None else f"{r['server_cpu_cores']:.2f}"
+        lines.append(
+            f"| {SYSTEMS[r['system']]} | {r['clients']} | {r['requests_per_s']:.1f} | {r['images_per_s']:.1f} | "
+            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['failures']} | {cpu} | {r['client_cpu_cores']:.2f} "
+            f"| {r['other_cpu_cores']:.2f} |"
+        )
+    lines.append("")
+    top = result["concurrency"][-1]
+    names = {
+        "service_vs_baseline": f"service / baseline, images/s at {top} clients",
+        "service_vs_bare_model": f"service / bare-model limit, images/s at {top} clients",
+        "batching_vs_nobatch": f"batching / batching off, images/s at {top} clients",
+        "service_p99_ms_at_8": "service p99 at 8 clients (ms)",
+        "zero_failures_at_top": f"failures at {top} clients",
+    }
+    lines += ["| measure | value | target | met |", "| --- | ---: | ---: | --- |"]
+    for name, t in result["targets"].items():
+        sign = "<=" if name in ("service_p99_ms_at_8", "zero_failures_at_top") else ">="
+        lines.append(f"| {names[name]} | {t['value']} | {sign} {t['target']} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"service": ("#1f77b4", "o"), "service_nobatch": ("#ff7f0e", "s"), "baseline": ("#7f7f7f", "^")}
+    for system, label in SYSTEMS.items():
+        rows = [r for r in result["runs"] if r["system"] == system]
+        if not rows:
+            continue
+        colour, marker = styles[system]
+        xs = [r["clients"] for r in rows]
+        left.plot(xs, [r["images_per_s"] for r in rows], marker=marker, color=colour, label=label)
+        right.plot(xs, [r["p95_ms"] for r in rows], marker=marker, color=colour, label=label)
+    if result.get("bare_model"):
+        left.axhline(result["bare_model"]["limit_images_per_s"], color="#2ca02c", linestyle="--", label="bare-model limit (no HTTP)")
+    for ax, title, unit in ((left, "Throughput", "images / s"), (right, "Latency, 95th percentile", "ms (log scale)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(result["concurrency"], [str(c) for c in result["concurrency"]])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    right.set_yscale("log")
+    left.set_ylim(bottom=0)
+    left.legend(fontsize=8, loc="upper left")
+    machine = result["machine"]
+    fig.suptitle(f"Pneumonia X-ray serving on {machine['cores']} cores ({machine['cpu']}), mix: {result['mix_text']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    window = args.window_s or (2.0 if args.quick else 20.0)
+    warmup = args.warmup_s if args.warmup_s is not None else (0.5 if args.quick else 3.0)
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,8,32" if args.quick else "1,4,8,16,32,64")).split(",")]
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - {"bare", *SYSTEMS}
+    if unknown:
+        print(f"unknown systems {sorted(unknown)}; choose from bare,{','.join(SYSTEMS)}", file=sys.stderr)
+        return 2
+    service_env = dict(item.split("=", 1) for item in args.service_env)
+    out = args.out or ROOT / "results" / "benchmark" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+
+    from models_registry import resolve_tag
+    from models_registry.default import ensure_default
+
+    print(ensure_default(), file=sys.stderr)
+    tag = resolve_tag(args.model)
+    samples = build_samples()
+    plan = request_plan(samples, 240 if args.quick else 600, seed=0)
+    images_per_request = sum(len(p.images) for p in plan) / len(plan)
+    mix_text = ", ".join(f"{k} {MIX_WEIGHTS[k]}" for k in IMAGE_KINDS) + f" (multi = {MULTI_COUNT} images)"
+    print(f"model {tag}; samples: {samples.describe()}; request mix {mix_text}", file=sys.stderr)
+
+    result: dict = {
+        "command": "python -m loadtests.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cores": os.cpu_count(), "cpu": cpu_name(), "python": platform.python_version()},
+        "model": tag,
+        "samples": samples.describe(),
+        "mix": {k: MIX_WEIGHTS[k] for k in IMAGE_KINDS}, "mix_text": mix_text,
+        "images_per_request": round(images_per_request, 3),
+        "generator": "loadtests.loadgen: closed-loop asyncio HTTP/1.1 client, one keep-alive connection per client, "
+                     "pre-encoded multipart bodies, every answer checked",
+        "concurrency": concurrency, "window_s": window, "warmup_s": warmup, "service_env": service_env,
+        "bare_model": None, "runs": [],
+    }
+    quiet_timeout = args.quiet_timeout_s if args.quiet_timeout_s is not None else (5.0 if args.quick else 600.0)
+    if "bare" in systems:
+        print("measuring the bare-model limit ...", file=sys.stderr)
+        wait_for_quiet(args.max_other_load, quiet_timeout)
+        stream = [image.data for request in plan for image in request.images]
+        result["bare_model"] = bare_model(tag, stream, batch_sizes, 1.0 if args.quick else 4.0, args.threads)
+
+    for system in (s for s in SYSTEMS if s in systems):
+        print(f"starting {SYSTEMS[system]} ...", file=sys.stderr)
+        server = start_system(system, tag, out, service_env)
+        try:
+            requests = encode_requests(plan, server.url)
+            probe = tree_cpu_probe(server.process.pid)
+            run_load(server.url, requests, clients=2, warmup_s=0.0, window_s=max(1.0, warmup))  # first-request costs
+            for clients in concurrency:
+                other_before = wait_for_quiet(args.max_other_load, quiet_timeout)
+                load = run_load(server.url, requests, clients, warmup, window, cpu_probe=probe)
+                row = {"system": system, **load.summary(), "other_cpu_cores_before": other_before}
+                result["runs"].append(row)
+                print(f"  {SYSTEMS[system]:<28} {clients:>3} clients: {row['images_per_s']:7.1f} images/s, "
+                      f"p99 {row['p99_ms']:7.0f} ms, {row['failures']} failures", file=sys.stderr)
+        finally:
+            server.stop()
+
+    result["ratios"], result["targets"] = ratios_and_targets(result["bare_model"], result["runs"], concurrency[-1])
+    table = format_table(result)
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2))
+    (out / "benchmark.md").write_text(f"`{result['command']}`\n\n{table}\n")
+    if result["runs"]:
+        plot(result, out / "benchmark.png")
+    print(table)
+    print(f"\nwrote {out}/benchmark.json, benchmark.md, benchmark.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Locust suite: clients sending real chest X-rays to the classification service.
+
+    python -m loadtests.run_locust --users 32 --duration 60         # starts a service, writes reports
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:3000  # Locust's own UI against a running one
+
+`ClassifyUser` (HTTP, geventhttpclient-based FastHttpUser: light enough that the
+load generator does not eat the cores it measures) sends the request mix of
+`loadtests.samples.MIX_WEIGHTS`: full-size radiographs, single small images,
+four-image requests and health probes. Every answer is checked (status, one
+prediction per image, a label from the model's classes), so a wrong answer
+counts as a failure, not as a fast success.
+
+Set PNEUMONIA_LOADTEST_GRPC=1 to add the gRPC user class (`loadtests.grpc_user`)
+to the same run when that module is present; pick classes with Locust's
+positional user-class arguments as usual. PNEUMONIA_LOADTEST_WAIT_S sets a think
+time per user (default 0: a closed loop that measures capacity).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `locust -f` only adds loadtests/ itself
+
+from locust import between, constant, task  # noqa: E402
+from locust.contrib.fasthttp import FastHttpUser  # noqa: E402
+
+from loadtests.samples import MIX_WEIGHTS, MULTI_COUNT, SampleImage, build_samples, encode_multipart  # noqa: E402
+
+SAMPLES = build_samples()
+LABELS = frozenset({"NORMAL", "PNEUMONIA"})
+_WAIT_S = float(os.environ.get("PNEUMONIA_LOADTEST_WAIT_S", "0"))
+
+
+def _check_predictions(response, expected: int) -> None:
+    """Mark the Locust response failed unless it holds `expected` well-formed predictions."""
+    if response.status_code != 200:
+        response.failure(f"HTTP {response.status_code}: {response.text[:200] if response.text else ''}")
+        return
+    try:
+        predictions = response.json()
+    except ValueError:
+        response.failure("the answer is not JSON")
+        return
+    if not isinstance(predictions, list) or len(predictions) != expected:
+        response.failure(f"expected {expected} predictions, got {predictions!r:.200}")
+    elif any(p.get("label") not in LABELS or not 0.0 <= p.get("probability", -1) <= 1.0 for p in predictions):
+        response.failure(f"malformed prediction in {predictions!r:.200}")
+    else:
+        response.success()
+
+
+class ClassifyUser(FastHttpUser):
+    """An HTTP client of POST /classify and POST /health with a realistic request mix."""
+
+    wait_time = between(_WAIT_S / 2, _WAIT_S * 1.5) if _WAIT_S > 0 else constant(0)
+    network_timeout = 60.0
+    connection_timeout = 10.0
+
+    def _classify(self, images: list[SampleImage], name: str) -> None:
+        body, content_type = encode_multipart(images)
+        with self.client.post(
+            "/classify", data=body, headers={"Content-Type": content_type}, name=name, catch_response=True
+        ) as response:
+            _check_predictions(response, len(images))
+
+    @task(MIX_WEIGHTS["full"])
+    def full_size(self) -> None:
+        self._classify([SAMPLES.full[self._next() % len(SAMPLES.full)]], "/classify [full-size]")
+
+    @task(MIX_WEIGHTS["single"])
+    def single(self) -> None:
+        self._classify([SAMPLES.small[self._next() % len(SAMPLES.small)]], "/classify [single]")
+
+    @task(MIX_WEIGHTS["multi"])
+    def multi(self) -> None:
+        start = self._next()
+        images = [SAMPLES.small[(start + i) % len(SAMPLES.small)] for i in range(MULTI_COUNT)]
+        self._classify(images, f"/classify [{MULTI_COUNT} images]")
+
+    @task(MIX_WEIGHTS["health"])
+    def health(self) -> None:
+        with self.client.post("/health", json={}, name="/health", catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}")
+            elif response.json().get("ready") is not True:
+                response.failure("service reports not ready")
+            else:
+                response.success()
+
+    def _next(self) -> int:
+        self._counter = getattr(self, "_counter", id(self) % 97) + 1
+        return self._counter
+
+
+if os.environ.get("PNEUMONIA_LOADTEST_GRPC", "").lower() in ("1", "true", "yes"):
+    try:
+        from loadtests.grpc_user import GrpcClassifyUser  # noqa: F401  (Locust collects it from this module)
+    except ImportError as exc:  # the gRPC endpoint is optional
+        print(f"PNEUMONIA_LOADTEST_GRPC is set but the gRPC user is unavailable: {exc}", file=sys.stderr)

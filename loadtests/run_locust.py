@@ -1,0 +1,167 @@
+"""Run the Locust suite headless and write its reports plus a short summary.
+
+    python -m loadtests.run_locust --users 32 --duration 60        # starts `bentoml serve`, stops it afterwards
+    python -m loadtests.run_locust --url http://10.0.0.5:3000 -u 8 -d 30
+
+Without --url the production model of the current BentoML store is served
+(the shipped default model is imported first when the store has none, like
+`./dev.sh serve`) on a free 127.0.0.1 port, and the server is stopped at the
+end, also when the run fails or is interrupted. Writes to --out (default
+results/locust/<time>/): locust_stats.csv, locust_failures.csv,
+locust_exceptions.csv, locust_stats_history.csv, report.html, summary.json,
+summary.md, locust.log and server.log. Exits 1 when any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from loadtests.samples import MULTI_COUNT, ROOT
+from tests.support import VENV_BIN, ServerProcess, bentoml_serve, free_port, server_env
+
+IMAGES_PER_REQUEST = {"full-size": 1, "single": 1, f"{MULTI_COUNT} images": MULTI_COUNT}
+
+
+def parse_duration(text: str) -> int:
+    """'90', '90s', '2m', '1h30m' -> seconds."""
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    parts = re.findall(r"(\d+)\s*([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+        raise argparse.ArgumentTypeError(f"cannot read duration {text!r}; use e.g. 60, 60s, 2m, 1h30m")
+    return sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--url", default=None, help="service to test; omitted: start one on a free local port")
+    p.add_argument("-u", "--users", type=int, default=32, help="concurrent simulated clients")
+    p.add_argument("-r", "--spawn-rate", type=float, default=None, help="users started per second (default: all at once)")
+    p.add_argument("-d", "--duration", type=parse_duration, default=60, help="test length, e.g. 60, 90s, 5m")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default results/locust/<time>)")
+    p.add_argument("--grpc", action="store_true", help="add the gRPC user class (PNEUMONIA_LOADTEST_GRPC=1)")
+    p.add_argument("--wait-s", type=float, default=0.0, help="mean think time per user between requests")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the started service, e.g. PNEUMONIA_BATCHING__MAX_BATCH_SIZE=16")
+    return p
+
+
+def summarise(csv_path: Path) -> dict:
+    """The aggregated and per-request-type figures of Locust's stats CSV."""
+    rows = []
+    with open(csv_path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            def num(key: str) -> float:
+                value = row.get(key) or "0"
+                return float(value) if value not in ("N/A", "") else 0.0
+
+            name = row["Name"]
+            kind = re.search(r"\[(.+)\]", name)
+            images = IMAGES_PER_REQUEST.get(kind.group(1), 0) if kind else 0
+            rows.append({
+                "type": row.get("Type") or "",
+                "name": name,
+                "requests": int(num("Request Count")),
+                "failures": int(num("Failure Count")),
+                "requests_per_s": round(num("Requests/s"), 2),
+                "images_per_s": round(num("Requests/s") * images, 2),
+                "p50_ms": num("50%"), "p95_ms": num("95%"), "p99_ms": num("99%"), "max_ms": num("Max Response Time"),
+            })
+    total = next(r for r in rows if r["name"] == "Aggregated")
+    total["images_per_s"] = round(sum(r["images_per_s"] for r in rows if r["name"] != "Aggregated"), 2)
+    return {"aggregated": total, "by_request": [r for r in rows if r["name"] != "Aggregated"]}
+
+
+def format_summary(summary: dict, meta: dict) -> str:
+    lines = [
+        f"Locust, {meta['users']} users, {meta['duration_s']} s against {meta['url']}",
+        "",
+        "| request | requests | failures | req/s | images/s | p50 ms | p95 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in [*summary["by_request"], summary["aggregated"]]:
+        lines.append(
+            f"| {(row['type'] + ' ' + row['name']).strip()} | {row['requests']} | {row['failures']} | {row['requests_per_s']:.1f} | "
+            f"{row['images_per_s']:.1f} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['p99_ms']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_locust(url: str, users: int, duration_s: int, out: Path, spawn_rate: float | None = None,
+               grpc_url: str | None = None, grpc: bool = False, wait_s: float = 0.0) -> int:
+    """Locust headless against `url`; returns its exit code (1 when requests failed)."""
+    env = server_env(PNEUMONIA_LOADTEST_WAIT_S=str(wait_s))
+    if grpc:
+        env["PNEUMONIA_LOADTEST_GRPC"] = "1"
+        if grpc_url:
+            env["PNEUMONIA_GRPC_URL"] = grpc_url
+    args = [
+        str(VENV_BIN / "locust"), "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
+        "--users", str(users), "--spawn-rate", str(spawn_rate or users), "--run-time", f"{duration_s}s",
+        "--host", url, "--csv", str(out / "locust"), "--html", str(out / "report.html"),
+        "--only-summary", "--stop-timeout", "30",
+    ]
+    with open(out / "locust.log", "wb") as log:
+        process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return process.wait(timeout=duration_s + 180)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    out = args.out or ROOT / "results" / "locust" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    server: ServerProcess | None = None
+    grpc_url = None  # with --url, the gRPC user finds the endpoint itself (PNEUMONIA_GRPC_URL or port 3001)
+    try:
+        url = args.url
+        if url is None:
+            from models_registry.default import ensure_default
+
+            print(ensure_default(), file=sys.stderr)
+            grpc_port = free_port()  # never the fixed default, which another local server may hold
+            extra = {"PNEUMONIA_GRPC__HOST": "127.0.0.1", "PNEUMONIA_GRPC__PORT": str(grpc_port)}
+            extra.update(item.split("=", 1) for item in args.env)
+            grpc_url = f"127.0.0.1:{extra['PNEUMONIA_GRPC__PORT']}"
+            server = bentoml_serve("service:PneumoniaClassifier", free_port(), out / "server.log", **extra)
+            print(f"starting the service on {server.url} (log: {out / 'server.log'}) ...", file=sys.stderr)
+            server.start()
+            url = server.url
+        code = run_locust(url.rstrip("/"), args.users, args.duration, out, args.spawn_rate, grpc_url, args.grpc,
+                          args.wait_s)
+    finally:
+        if server is not None:
+            server.stop()
+    stats = out / "locust_stats.csv"
+    if not stats.exists():
+        print(f"Locust wrote no statistics (exit {code}); see {out / 'locust.log'}", file=sys.stderr)
+        return 2
+    meta = {"url": url, "users": args.users, "duration_s": args.duration, "locust_exit_code": code}
+    summary = summarise(stats)
+    (out / "summary.json").write_text(json.dumps({**meta, **summary}, indent=2))
+    text = format_summary(summary, meta)
+    (out / "summary.md").write_text(text + "\n")
+    print(text)
+    print(f"\nreports: {out}/report.html, {out}/locust_stats.csv, summary.json")
+    failures = summary["aggregated"]["failures"]
+    if failures:
+        print(f"{failures} requests failed: see {out / 'locust_failures.csv'}", file=sys.stderr)
+        return 1
+    return 0 if code == 0 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
