@@ -9,13 +9,12 @@ Without --url the production model of the current BentoML store is served
 end, also when the run fails or is interrupted. Writes to --out (default
 results/locust/<time>/): locust_stats.csv, locust_failures.csv,
 locust_exceptions.csv, locust_stats_history.csv, report.html, summary.json,
-summary.md, locust.log and server.log. Exits 1 when any request failed.
+summary.md, final_stats.json, locust.log and server.log. Exits 1 when any request failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -54,30 +53,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def summarise(csv_path: Path) -> dict:
-    """The aggregated and per-request-type figures of Locust's stats CSV."""
+def summarise(stats_json: Path) -> dict:
+    """Aggregated and per-request-type figures from the locustfile's final statistics, with images/s added."""
+    raw = json.loads(stats_json.read_text())
     rows = []
-    with open(csv_path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            def num(key: str) -> float:
-                value = row.get(key) or "0"
-                return float(value) if value not in ("N/A", "") else 0.0
-
-            name = row["Name"]
-            kind = re.search(r"\[(.+)\]", name)
-            images = IMAGES_PER_REQUEST.get(kind.group(1), 0) if kind else 0
-            rows.append({
-                "type": row.get("Type") or "",
-                "name": name,
-                "requests": int(num("Request Count")),
-                "failures": int(num("Failure Count")),
-                "requests_per_s": round(num("Requests/s"), 2),
-                "images_per_s": round(num("Requests/s") * images, 2),
-                "p50_ms": num("50%"), "p95_ms": num("95%"), "p99_ms": num("99%"), "max_ms": num("Max Response Time"),
-            })
-    total = next(r for r in rows if r["name"] == "Aggregated")
-    total["images_per_s"] = round(sum(r["images_per_s"] for r in rows if r["name"] != "Aggregated"), 2)
-    return {"aggregated": total, "by_request": [r for r in rows if r["name"] != "Aggregated"]}
+    for row in raw["by_request"]:
+        kind = re.search(r"\[(.+)\]", row["name"])
+        images = IMAGES_PER_REQUEST.get(kind.group(1), 0) if kind else 0
+        rows.append({**row, "images_per_s": row["requests_per_s"] * images})
+    rows.sort(key=lambda r: (r["type"], r["name"]))
+    total = {**raw["aggregated"], "name": "Aggregated", "images_per_s": sum(r["images_per_s"] for r in rows)}
+    rounded = [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in [*rows, total]]
+    return {"aggregated": rounded[-1], "by_request": rounded[:-1]}
 
 
 def format_summary(summary: dict, meta: dict) -> str:
@@ -98,7 +85,7 @@ def format_summary(summary: dict, meta: dict) -> str:
 def run_locust(url: str, users: int, duration_s: int, out: Path, spawn_rate: float | None = None,
                grpc_url: str | None = None, grpc: bool = False, wait_s: float = 0.0) -> int:
     """Locust headless against `url`; returns its exit code (1 when requests failed)."""
-    env = server_env(PNEUMONIA_LOADTEST_WAIT_S=str(wait_s))
+    env = server_env(PNEUMONIA_LOADTEST_WAIT_S=str(wait_s), PNEUMONIA_LOADTEST_STATS_JSON=str(out / "final_stats.json"))
     if grpc:
         env["PNEUMONIA_LOADTEST_GRPC"] = "1"
         if grpc_url:
@@ -145,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
-    stats = out / "locust_stats.csv"
+    stats = out / "final_stats.json"
     if not stats.exists():
         print(f"Locust wrote no statistics (exit {code}); see {out / 'locust.log'}", file=sys.stderr)
         return 2
