@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import csv
+import json
 import subprocess
 import threading
 import time
@@ -293,19 +293,22 @@ def test_two_workers_share_the_grpc_port(tmp_path: Path, production_tag: str) ->
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="depends on loadtests/locustfile.py, whose smoke runs fail on a clean checkout (issue 5 still open)")
 def test_locust_grpc_user_runs_without_failures(server: ServerProcess, tmp_path: Path) -> None:
     """The gRPC user class inside the project's Locust suite, a few seconds against the live server."""
     wait_serving(server.grpc_target)
-    env = server_env(PNEUMONIA_LOADTEST_GRPC="1", PNEUMONIA_GRPC_URL=server.grpc_target)
+    stats_json = tmp_path / "final_stats.json"
+    env = server_env(PNEUMONIA_LOADTEST_GRPC="1", PNEUMONIA_GRPC_URL=server.grpc_target,
+                     PNEUMONIA_LOADTEST_STATS_JSON=str(stats_json))
     args = [
         str(VENV_BIN / "locust"), "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless", "-u", "3", "-r", "3",
-        "-t", "6s", "--host", server.url, "--csv", str(tmp_path / "run"), "--only-summary", "GrpcClassifyUser",
+        "-t", "6s", "--host", server.url, "--only-summary", "GrpcClassifyUser",
     ]
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    rows = {row["Name"]: row for row in csv.DictReader((tmp_path / "run_stats.csv").open())}
+    assert stats_json.exists(), result.stderr[-3000:]
+    stats = json.loads(stats_json.read_text())
+    rows = {row["name"]: row for row in stats["by_request"]}
     assert {"Classify [full-size]", "Classify [single]", "Classify [4 images]"} <= set(rows), result.stderr[-3000:]
-    assert all(row["Type"] == "gRPC" for name, row in rows.items() if name != "Aggregated")
-    assert int(rows["Aggregated"]["Request Count"]) > 10
-    assert int(rows["Aggregated"]["Failure Count"]) == 0, (tmp_path / "run_failures.csv").read_text()
+    assert all(row["type"] == "gRPC" for row in rows.values())
+    assert stats["aggregated"]["requests"] > 10
+    assert stats["aggregated"]["failures"] == 0, result.stderr[-3000:]
     assert result.returncode == 0, result.stderr[-3000:]

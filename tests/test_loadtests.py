@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skip(reason="load-test smoke runs fail on a clean checkout (issue 5 still open); see the closing note")
-
 from loadtests import run_locust
 from tests.support import ROOT, server_env
 
-pytestmark = [pytestmark, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def test_locust_command_writes_reports_with_no_failures(server, tmp_path: Path) -> None:
