@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,7 @@ class ServerProcess:
     log_path: Path
     cwd: Path = ROOT
     grpc_port: int | None = None
+    scratch_dirs: list[Path] = field(default_factory=list)  # removed by stop()
     process: subprocess.Popen | None = field(default=None, init=False)
 
     @property
@@ -46,27 +48,37 @@ class ServerProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, ready_timeout: float = 180.0, ready_path: str = "/readyz") -> "ServerProcess":
-        log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            self.args, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
-            try:
-                if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"server not ready after {ready_timeout}s:\n{self.logs()[-4000:]}")
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.args, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            deadline = time.monotonic() + ready_timeout
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
+                try:
+                    if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            raise TimeoutError(f"server not ready after {ready_timeout}s:\n{self.logs()[-4000:]}")
+        except BaseException:  # not ready, or interrupted while waiting: never leave it running
+            self.stop()
+            raise
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, timeout: float = 20.0) -> None:
+        try:
+            self._terminate(timeout)
+        finally:
+            for path in self.scratch_dirs:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _terminate(self, timeout: float) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         try:
@@ -93,7 +105,7 @@ def private_home(shared: Path) -> Path:
     `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts,
     which silently freezes the /metrics of any other server on the same home.
     """
-    home = Path(tempfile.mkdtemp(prefix="server-home-", dir=shared))
+    home = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
     for store in ("models", "bentos"):
         (shared / store).mkdir(exist_ok=True)
         (home / store).symlink_to(shared / store, target_is_directory=True)
@@ -106,8 +118,13 @@ def bentoml_serve(target: str, port: int, log_path: Path, **env: str) -> ServerP
     # Never the default 3001: with SO_REUSEPORT two servers on one port would silently share it.
     env.setdefault("PNEUMONIA_GRPC__HOST", "127.0.0.1")
     grpc_port = int(env.setdefault("PNEUMONIA_GRPC__PORT", str(free_port())))
-    env.setdefault("BENTOML_HOME", str(private_home(Path(os.environ["BENTOML_HOME"]))))
-    return ServerProcess(args=args, port=port, env=server_env(**env), log_path=log_path, grpc_port=grpc_port)
+    scratch: list[Path] = []
+    if "BENTOML_HOME" not in env:
+        shared = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")  # BentoML's own default
+        scratch.append(private_home(shared))
+        env["BENTOML_HOME"] = str(scratch[0])
+    return ServerProcess(args=args, port=port, env=server_env(**env), log_path=log_path, grpc_port=grpc_port,
+                         scratch_dirs=scratch)
 
 
 def sample_xrays(per_class: int, offset: int = 0) -> list[Path]:
