@@ -1,12 +1,13 @@
 """In-process measurements behind each "make it fast" decision (no HTTP).
 
-    python -m loadtests.ablations [--only preprocess,forward,bf16,compile]
+    python -m loadtests.ablations [--only preprocess,forward,bf16,engines,compile]
 
 - preprocess: `prepare()` per image for the full-size and the small samples,
   with JPEG draft-mode decoding (as shipped) and without (draft disabled here only);
 - forward: ms per image of the forward pass by memory layout (channels-last or
   not), torch threads and batch size;
-- bf16 / compile: bfloat16 autocast and torch.compile: speed, and the largest
+- bf16 / engines / compile: bfloat16 autocast, the serving engines of
+  models_registry/engines.py (BatchNorm folded, TorchScript) and torch.compile: speed, and the largest
   probability difference to eager float32 plus label changes on real X-rays.
 
 Prints a table and writes results/ablations.json. Service-level settings
@@ -123,6 +124,18 @@ def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return model.probabilities(x)
         compare("bfloat16 autocast", bf16)
+    if "engines" in which:
+        from models_registry.engines import build_runner
+        from training.preprocess import to_tensor
+
+        config, temperature = model.card.preprocess, model.card.temperature
+        for engine in ("folded", "torchscript"):
+            runner = build_runner(model.module, engine, config.image_size)
+
+            def run_engine(x, runner=runner):
+                with torch.inference_mode():
+                    return torch.sigmoid(runner(to_tensor(x, config)).float() / temperature).numpy().astype(np.float64)
+            compare(f"engine {engine} (PNEUMONIA_ENGINE)", run_engine)
     if "compile" in which:
         from training.preprocess import to_tensor
 
@@ -142,7 +155,7 @@ def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="preprocess,forward,bf16", help="preprocess,forward,bf16,compile")
+    p.add_argument("--only", default="preprocess,forward,bf16", help="preprocess,forward,bf16,engines,compile")
     p.add_argument("--model", default="production")
     p.add_argument("--extra-images", type=int, default=100, help="training images per class added to the accuracy check")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "ablations.json")
@@ -158,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if "preprocess" in which:
         rows += preprocess_rows(samples, model.card.preprocess)
-    if "forward" in which or "bf16" in which or "compile" in which:
+    if {"forward", "bf16", "engines", "compile"} & set(which):
         pixels = real_pixels(samples, model.card.preprocess, args.extra_images)
         if "forward" in which:
             rows += forward_rows(model, pixels)

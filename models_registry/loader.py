@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from models_registry.card import MODEL_NAME, WEIGHTS_FILE, ModelCard
+from models_registry.engines import Engine, build_runner
 from models_registry.store import PRODUCTION, RegistryError, resolve_tag, store_path_of
 from training.models import PneumoniaNet, build_model
 from training.preprocess import to_tensor
@@ -26,11 +28,14 @@ class LoadedModel:
     tag: str
     module: PneumoniaNet
     card: ModelCard
+    engine: str = "eager"
+    # What runs the forward pass (models_registry/engines.py); the module itself for "eager".
+    runner: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     def logits(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 grids (N, H, W) -> raw logits (N,)."""
         with torch.inference_mode():
-            return self.module(to_tensor(pixels, self.card.preprocess)).float()
+            return (self.runner or self.module)(to_tensor(pixels, self.card.preprocess)).float()
 
     def probabilities(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 grids (N, H, W) -> calibrated pneumonia probabilities (N,)."""
@@ -41,8 +46,12 @@ class LoadedModel:
         return [self.card.class_names[int(p >= self.card.threshold)] for p in probabilities]
 
 
-def load_model(ref: str = PRODUCTION, name: str = MODEL_NAME) -> LoadedModel:
-    """Resolve `ref` ('production', a version or a tag), verify and load it in eval mode."""
+def load_model(ref: str = PRODUCTION, name: str = MODEL_NAME, engine: Engine = "eager") -> LoadedModel:
+    """Resolve `ref` ('production', a version or a tag), verify and load it in eval mode.
+
+    `engine` chooses how the forward pass runs (models_registry/engines.py); `module`
+    stays the eager reference either way.
+    """
     tag = resolve_tag(ref, name)
     import bentoml
 
@@ -69,4 +78,5 @@ def load_model(ref: str = PRODUCTION, name: str = MODEL_NAME) -> LoadedModel:
     except Exception as exc:
         raise ModelIntegrityError(f"model {tag}: weights do not fit architecture {card.spec.arch}: {exc}") from None
     module = module.to(memory_format=torch.channels_last).eval()  # oneDNN's fast layout on CPU
-    return LoadedModel(tag=tag, module=module, card=card)
+    runner = build_runner(module, engine, card.preprocess.image_size)
+    return LoadedModel(tag=tag, module=module, card=card, engine=engine, runner=runner)

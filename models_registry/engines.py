@@ -1,0 +1,64 @@
+"""Inference engines: how a loaded model's forward pass is executed (same weights, same float32 maths).
+
+- `eager`: the PyTorch module as trained (the reference; training and evaluation use it).
+- `folded`: eager PyTorch with every BatchNorm folded into the convolution before it.
+- `torchscript`: the module traced and frozen by TorchScript: BatchNorm folded, the
+  graph run by the C++ interpreter, which also frees the GIL for the whole forward
+  pass (the serving process decodes uploads on another thread meanwhile).
+
+All are float32 and agree with eager to about 1e-7 in probability (tests/test_engines.py
+holds them to 1e-4 on real X-rays); reduced-precision options (bfloat16 autocast)
+were measured and rejected because they move probabilities by ~1e-2
+(docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+Engine = Literal["eager", "folded", "torchscript"]
+ENGINES: tuple[str, ...] = ("eager", "folded", "torchscript")
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """A copy of an eval-mode module in which each Conv2d -> BatchNorm2d pair is one Conv2d."""
+    module = copy.deepcopy(module).eval()
+    for parent in module.modules():
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:]):
+            conv, norm = parent._modules[first], parent._modules[second]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats):
+                continue
+            with torch.no_grad():
+                scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+                fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                  conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+                fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+                fused.bias.copy_((bias - norm.running_mean) * scale + norm.bias)
+            parent._modules[first] = fused
+            parent._modules[second] = nn.Identity()
+    return module.to(memory_format=torch.channels_last)
+
+
+def build_runner(module: nn.Module, engine: Engine, image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The callable that maps a normalised (N, 1, H, W) batch (what `to_tensor` makes) to logits."""
+    if engine == "eager":
+        return module
+    if engine == "folded":
+        return fold_batchnorm(module)
+    if engine == "torchscript":
+        example = torch.zeros(2, 1, image_size, image_size)  # grayscale grids; the module expands channels itself
+        with warnings.catch_warnings(), torch.inference_mode():
+            # torch.jit is deprecated upstream in favour of torch.compile/export, which measured
+            # slower here (and need a compiler at start-up); PNEUMONIA_ENGINE=folded avoids it.
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(module.eval(), example, check_trace=False)
+            return torch.jit.freeze(traced.eval())
+    raise ValueError(f"unknown inference engine {engine!r}; choose one of {', '.join(ENGINES)}")

@@ -1,0 +1,40 @@
+"""Serving engines (models_registry/engines.py) must give the eager model's answers on real X-rays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from models_registry import load_model
+from models_registry.engines import ENGINES, build_runner
+from settings import ServingSettings
+from tests.support import sample_xrays
+from training.preprocess import load_file
+
+
+@pytest.fixture(scope="module")
+def xray_pixels(production_tag: str, data_dir) -> np.ndarray:
+    config = load_model(production_tag).card.preprocess
+    return np.stack([load_file(path, config).pixels for path in sample_xrays(per_class=12, offset=40)])
+
+
+@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "eager"])
+def test_engine_matches_eager_on_real_xrays(engine: str, production_tag: str, xray_pixels: np.ndarray) -> None:
+    eager = load_model(production_tag, engine="eager")
+    other = load_model(production_tag, engine=engine)
+    assert other.engine == engine and other.runner is not eager.module
+    for batch in (xray_pixels[:1], xray_pixels):  # the traced graph must not be tied to its example batch size
+        reference, probabilities = eager.probabilities(batch), other.probabilities(batch)
+        assert np.abs(probabilities - reference).max() < 1e-4
+        assert eager.labels(reference) == other.labels(probabilities)
+    # Both classes are present, so equal labels are not a constant answer.
+    assert len(set(eager.labels(eager.probabilities(xray_pixels)))) == 2
+
+
+def test_unknown_engine_is_refused_clearly(production_tag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="unknown inference engine 'onnx'"):
+        build_runner(load_model(production_tag).module, "onnx", 224)  # type: ignore[arg-type]
+    monkeypatch.setenv("PNEUMONIA_ENGINE", "onnx")
+    with pytest.raises(ValidationError, match="engine"):
+        ServingSettings()
