@@ -201,8 +201,8 @@ def prepare(data: bytes, config: PreprocessConfig, limits: InputLimits | None = 
 
 def _looks_coloured(image: Image.Image) -> bool:
     """True when the channels differ noticeably (X-rays saved as RGB have equal channels)."""
-    try:
-        small = image.convert("RGB").resize((32, 32))
+    try:  # shrink first, convert after: converting the whole image cost more than decoding it
+        small = image.resize((32, 32), Image.Resampling.BOX).convert("RGB")
     except Exception:
         return False
     rgb = np.asarray(small, dtype=np.int16)
