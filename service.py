@@ -18,8 +18,9 @@ import bentoml
 import numpy as np
 import torch
 from bentoml.exceptions import ServiceUnavailable
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, Field, ValidatorFunctionWrapHandler, WrapValidator
 from pydantic_core import PydanticCustomError
+from starlette.datastructures import UploadFile
 
 import models_registry
 from serving import grpc_endpoint
@@ -54,14 +55,25 @@ def _reject(reason: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(reason, message)
 
 
-def _prepare_upload(path: Path) -> PreparedImage:
-    """Runs while the request is parsed: decode, validate and preprocess one upload."""
+def _prepare_upload(value: object, to_path: ValidatorFunctionWrapHandler) -> PreparedImage:
+    """Runs while the request is parsed: decode, validate and preprocess one upload.
+
+    Multipart uploads arrive as Starlette UploadFiles and are read from memory;
+    only other inputs (e.g. a path from a Python caller) go through BentoML's
+    own file handling, which writes every upload to a temporary file first.
+    """
     received = time.perf_counter()
     try:
-        size = path.stat().st_size
+        if isinstance(value, UploadFile):
+            size = value.size if value.size is not None else value.file.seek(0, 2)
+            value.file.seek(0)
+            read = value.file.read
+        else:
+            path: Path = to_path(value)
+            size, read = path.stat().st_size, path.read_bytes
         if size > SETTINGS.limits.max_bytes:
             raise ImageRejected("too_many_bytes", f"the upload is {size:,} bytes, over the limit of {SETTINGS.limits.max_bytes:,} bytes")
-        prepared = prepare(path.read_bytes(), CARD.preprocess, SETTINGS.limits)
+        prepared = prepare(read(), CARD.preprocess, SETTINGS.limits)
     except ImageRejected as exc:
         raise _reject(exc.reason, exc.message) from None
     object.__setattr__(prepared, "received", received)
@@ -81,7 +93,7 @@ def _check_count(value: object) -> object:
     return value
 
 
-Upload = Annotated[Path, AfterValidator(_prepare_upload)]
+Upload = Annotated[Path, WrapValidator(_prepare_upload)]
 
 
 class ImageInfo(BaseModel):
@@ -121,7 +133,7 @@ class Health(BaseModel):
 
 @bentoml.service(
     name="pneumonia_classifier",
-    workers=SETTINGS.workers,
+    workers=SETTINGS.worker_count(),
     threads=1,  # one forward pass at a time per worker; torch uses the cores inside it
     traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
     logging={"access": {"enabled": False}},  # replaced by the JSON request log (serving/request_log.py)
@@ -140,7 +152,7 @@ class PneumoniaClassifier:
         warm_up_in_background(self._load_and_warm, delay_s=SETTINGS.warmup_delay_s)
 
     def _load_and_warm(self) -> None:
-        model = models_registry.load_model(MODEL_TAG)
+        model = models_registry.load_model(MODEL_TAG, engine=SETTINGS.engine)
         size = model.card.preprocess.image_size
         for batch in (1, SETTINGS.batching.max_batch_size):  # allocate kernels and buffers before traffic
             model.probabilities(np.zeros((batch, size, size), dtype=np.uint8))
@@ -213,12 +225,17 @@ class PneumoniaClassifier:
             validation_metrics=card.val_metrics,
             preprocess=card.preprocess.model_dump(),
             uptime_s=round(time.monotonic() - self.started, 1),
-            workers=SETTINGS.workers,
+            workers=SETTINGS.worker_count(),
             torch_threads=torch.get_num_threads(),
             batching=SETTINGS.batching.model_dump(),
             limits={**SETTINGS.limits.model_dump(), "max_images_per_request": SETTINGS.max_images_per_request},
         )
 
+
+# BentoML otherwise derives each response's media type from a freshly generated JSON schema (measured:
+# 13% of the event loop's time under load); both APIs answer JSON.
+for _api in PneumoniaClassifier.apis.values():
+    _api.output_spec.media_type = "application/json"
 
 # Outermost of ours: request id, security headers, CORS, API keys, rate limit, body and multipart checks.
 PneumoniaClassifier.add_asgi_middleware(HttpGuard, settings=SETTINGS, upload_routes={"/classify": "images"})
