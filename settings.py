@@ -12,12 +12,23 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from training.preprocess import InputLimits
+
+
+MAX_AUTO_WORKERS = 8  # each worker holds a model copy and a torch runtime (~0.4 GB resident)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (CPU affinity / cpuset), not the host's total."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class RateLimitSettings(BaseModel):
@@ -134,8 +145,18 @@ class ServingSettings(BaseSettings):
     )
 
     model: str = Field("production", description="'production' (resolved at start-up), a version or a full tag")
-    workers: int = Field(1, ge=1, le=64, description="server processes, each with its own copy of the model")
+    workers: int = Field(
+        0, ge=0, le=64,
+        description="server processes, each with its own copy of the model; 0 = one per usable CPU core, at most "
+        f"{MAX_AUTO_WORKERS} (each worker decodes uploads on its own event loop: 2 x 1 thread served 1.3x the "
+        "images/s of 1 x 2 threads on 2 cores, docs/performance.md)",
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op threads per worker; 0 = cores / workers")
+    engine: Literal["eager", "folded", "torchscript"] = Field(
+        "torchscript",
+        description="how the forward pass runs (models_registry/engines.py): torchscript = traced and frozen, "
+        "measured fastest (docs/performance.md); folded = eager with BatchNorm folded; eager = as trained",
+    )
     max_images_per_request: int = Field(16, ge=1, le=256)
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest accepted request body")
     timeout_s: int = Field(60, ge=1, description="request timeout")
@@ -152,8 +173,11 @@ class ServingSettings(BaseSettings):
     request_log: RequestLogSettings = RequestLogSettings()
     grpc: GrpcSettings = GrpcSettings()
 
+    def worker_count(self) -> int:
+        return self.workers or min(MAX_AUTO_WORKERS, usable_cores())
+
     def threads_per_worker(self) -> int:
-        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        return self.torch_threads or max(1, usable_cores() // self.worker_count())
 
     @classmethod
     def settings_customise_sources(

@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between memory samples")
     parser.add_argument("--url", help="a running service on this machine (default: start one on 127.0.0.1)")
     parser.add_argument("--pid", type=int, help="with --url: the `bentoml serve` pid, for memory figures")
-    parser.add_argument("--workers", type=int, default=1, help="PNEUMONIA_WORKERS of a started service")
+    parser.add_argument("--workers", type=int, default=None, help="PNEUMONIA_WORKERS of a started service (default: the service's own)")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections of the soak")
     parser.add_argument("--max-queue", type=int, default=2000, help="requests waiting for a connection before "
                         "further ones are counted as failures")
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     with model_store() if not args.url else contextlib.nullcontext():
         server = None
         if not args.url:
-            server = start_server(args.out / f"soak-{stamp}.log", PNEUMONIA_WORKERS=str(args.workers))
+            extra = {} if args.workers is None else {"PNEUMONIA_WORKERS": str(args.workers)}
+            server = start_server(args.out / f"soak-{stamp}.log", **extra)
         try:
             url = args.url or server.url  # type: ignore[union-attr]
             parts = urlsplit(url)

@@ -215,7 +215,7 @@ def test_not_ready_until_warm_early_callers_get_503_and_unavailable(spawn: Spawn
     # Listening (/livez answers) while the warm-up is held back by the test knob. BENTOML_CONTAINERIZED is
     # what BentoML's Docker image sets; it matters only for the worker kill at the end.
     server = spawn(ready_path="/livez", PNEUMONIA_WARMUP_DELAY_S=str(delay), PNEUMONIA_READY_WAIT_S=str(wait),
-                   PNEUMONIA_GRPC__PORT=str(grpc_port), BENTOML_CONTAINERIZED="true")
+                   PNEUMONIA_GRPC__PORT=str(grpc_port), BENTOML_CONTAINERIZED="true", PNEUMONIA_WORKERS="1")
     listening = time.monotonic()
     image = xray_payloads(2)[0]
 
