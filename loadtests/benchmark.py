@@ -75,15 +75,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- bare model
 
 
-def bare_model(tag: str, images: list[bytes], batch_sizes: list[int], seconds: float, threads: int) -> dict:
-    """Images/s of prepare() + forward pass in this process, per batch size, serial and overlapped."""
+def bare_model(tag: str, images: list[bytes], batch_sizes: list[int], seconds: float, threads: int, engine: str) -> dict:
+    """Images/s of prepare() + forward pass in this process, per batch size, serial and overlapped.
+
+    Uses the service's inference engine (PNEUMONIA_ENGINE), so the limit is the best the service could do.
+    """
     import torch
 
     from models_registry import load_model
     from training.preprocess import InputLimits, prepare
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    model = load_model(tag)
+    model = load_model(tag, engine=engine)
     config, limits = model.card.preprocess, InputLimits()
 
     def prep(datas: list[bytes]) -> np.ndarray:
@@ -127,7 +130,8 @@ def bare_model(tag: str, images: list[bytes], batch_sizes: list[int], seconds: f
             })
             print(f"  bare model, batch {size:>3}, {mode:<10}: {rows[-1]['images_per_s']:7.1f} images/s", file=sys.stderr)
     best = max(rows, key=lambda r: r["images_per_s"])
-    return {"rows": rows, "limit_images_per_s": best["images_per_s"], "best": best, "torch_threads": torch.get_num_threads()}
+    return {"rows": rows, "limit_images_per_s": best["images_per_s"], "best": best, "torch_threads": torch.get_num_threads(),
+            "engine": engine}
 
 
 # ---------------------------------------------------------------- servers
@@ -203,7 +207,7 @@ def format_table(result: dict) -> str:
     if bare:
         best = bare["best"]
         lines.append(
-            f"| bare model limit (batch {best['batch']}, {best['mode']}, no HTTP) | - | - | {best['images_per_s']:.1f} "
+            f"| bare model limit (batch {best['batch']}, {best['mode']}, {bare.get('engine', 'eager')}, no HTTP) | - | - | {best['images_per_s']:.1f} "
             f"| - | - | - | - | {best['cpu_cores']:.2f} | - | {best.get('other_cpu_cores', 0):.2f} |"
         )
     for r in result["runs"]:
@@ -321,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         print("measuring the bare-model limit ...", file=sys.stderr)
         wait_for_quiet(args.max_other_load, quiet_timeout)
         stream = [image.data for request in plan for image in request.images]
-        result["bare_model"] = bare_model(tag, stream, batch_sizes, 1.0 if args.quick else 4.0, args.threads)
+        from settings import ServingSettings
+
+        engine = service_env.get("PNEUMONIA_ENGINE") or ServingSettings.model_fields["engine"].default
+        result["bare_model"] = bare_model(tag, stream, batch_sizes, 1.0 if args.quick else 4.0, args.threads, engine)
 
     for system in (s for s in SYSTEMS if s in systems):
         print(f"starting {SYSTEMS[system]} ...", file=sys.stderr)
