@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,9 @@ class ServerProcess:
     cwd: Path = ROOT
     grpc_port: int | None = None
     scratch_dirs: list[Path] = field(default_factory=list)  # removed by stop()
+    # Readiness is per worker (BentoML's /readyz answers for the worker that took the call), so a
+    # multi-worker service is ready for measurements only once every worker has logged a warm model.
+    warm_workers: int = 0
     process: subprocess.Popen | None = field(default=None, init=False)
 
     @property
@@ -58,7 +62,9 @@ class ServerProcess:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
                 try:
-                    if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
+                    if httpx.get(self.url + ready_path, timeout=2).status_code == 200 and (
+                        ready_path != "/readyz" or self._workers_warm()
+                    ):
                         return self
                 except httpx.HTTPError:
                     pass
@@ -67,6 +73,9 @@ class ServerProcess:
         except BaseException:  # not ready, or interrupted while waiting: never leave it running
             self.stop()
             raise
+
+    def _workers_warm(self) -> bool:
+        return len(set(re.findall(r"worker (\d+) ready: model warm", self.logs()))) >= self.warm_workers
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -112,6 +121,17 @@ def private_home(shared: Path) -> Path:
     return home
 
 
+def _expected_workers(env: dict[str, str]) -> int:
+    """How many workers the started service will run (its own settings decide the default)."""
+    from settings import ServingSettings
+
+    value = env.get("PNEUMONIA_WORKERS", os.environ.get("PNEUMONIA_WORKERS", "0"))
+    try:
+        return ServingSettings.model_construct(workers=int(value)).worker_count()
+    except ValueError:  # a test of bad configuration: the server will refuse to start by itself
+        return 0
+
+
 def bentoml_serve(target: str, port: int, log_path: Path, **env: str) -> ServerProcess:
     """`bentoml serve TARGET` on 127.0.0.1:PORT, its gRPC endpoint on a free loopback port (not yet started)."""
     args = [str(VENV_BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
@@ -124,7 +144,7 @@ def bentoml_serve(target: str, port: int, log_path: Path, **env: str) -> ServerP
         scratch.append(private_home(shared))
         env["BENTOML_HOME"] = str(scratch[0])
     return ServerProcess(args=args, port=port, env=server_env(**env), log_path=log_path, grpc_port=grpc_port,
-                         scratch_dirs=scratch)
+                         scratch_dirs=scratch, warm_workers=_expected_workers(env))
 
 
 def sample_xrays(per_class: int, offset: int = 0) -> list[Path]:
