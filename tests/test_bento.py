@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import yaml
@@ -51,6 +52,9 @@ def test_generated_dockerfile(bento_tag: str, tmp_path: Path) -> None:
     dockerfile = out.read_text()
     assert "python:3.11" in dockerfile or "3.11" in dockerfile
     assert "EXPOSE 3000" in dockerfile
+    # The gRPC endpoint's port (bentofile envs) is set in the image and exposed.
+    assert "ENV PNEUMONIA_GRPC__PORT=$PNEUMONIA_GRPC__PORT" in dockerfile and "ARG PNEUMONIA_GRPC__PORT=3001" in dockerfile
+    assert "EXPOSE 3001" in dockerfile
     assert "download.pytorch.org/whl/cpu" in dockerfile or "requirements.txt" in dockerfile
     assert "bentoml" in dockerfile.lower()
 
@@ -66,5 +70,17 @@ def test_built_bento_serves_by_tag(bento_tag: str, tmp_path: Path, production_ta
         assert response.status_code == 200, response.text
         item = response.json()[0]
         assert item["model"] == production_tag and item["label"] in ("NORMAL", "PNEUMONIA")
+        # The same image over the Bento's gRPC endpoint: same answer.
+        from client._proto.pneumonia.v1 import classifier_pb2 as pb
+        from client._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
+        from tests.test_grpc import wait_serving
+
+        wait_serving(proc.grpc_target)
+        with grpc.insecure_channel(proc.grpc_target) as channel:
+            reply = pb_grpc.ClassifierStub(channel).Classify(
+                pb.ClassifyRequest(images=[pb.Image(data=path.read_bytes(), filename=path.name)]), timeout=30
+            )
+        assert reply.predictions[0].label == item["label"]
+        assert abs(reply.predictions[0].probability - item["probability"]) < 1e-6
     finally:
         proc.stop()
