@@ -1,7 +1,7 @@
 """One-run serving benchmark: bare model, service with and without batching, naive FastAPI baseline.
 
     python -m loadtests.benchmark             # full run, a few minutes on 2 cores
-    python -m loadtests.benchmark --quick     # CI smoke: same rows, short windows
+    python -m loadtests.benchmark --quick     # CI smoke: same rows, short windows, 1 worker, servers started together
 
 In one process on one machine, with one load generator (`loadtests.loadgen`,
 a closed-loop asyncio HTTP/1.1 client whose CPU use is measured and printed)
@@ -171,6 +171,23 @@ def start_system(system: str, tag: str, out: Path, service_env: dict[str, str]) 
     return bentoml_serve("service:PneumoniaClassifier", port, log, **env).start()
 
 
+def start_all(systems: list[str], tag: str, out: Path, service_env: dict[str, str]) -> dict[str, ServerProcess]:
+    """Start the systems concurrently; if any fails, the others are stopped and the error raised."""
+    with ThreadPoolExecutor(len(systems)) as pool:
+        futures = {system: pool.submit(start_system, system, tag, out, service_env) for system in systems}
+    servers, errors = {}, []
+    for system, future in futures.items():
+        try:
+            servers[system] = future.result()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are stopped
+            errors.append(exc)
+    if errors:
+        for server in servers.values():
+            server.stop()
+        raise errors[0]
+    return servers
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -294,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown systems {sorted(unknown)}; choose from bare,{','.join(SYSTEMS)}", file=sys.stderr)
         return 2
     service_env = dict(item.split("=", 1) for item in args.service_env)
+    if args.quick:  # a smoke run checks behaviour: one worker per service starts faster on a small CI machine
+        service_env.setdefault("PNEUMONIA_WORKERS", "1")
     out = args.out or ROOT / "results" / "benchmark" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -330,21 +349,32 @@ def main(argv: list[str] | None = None) -> int:
         engine = service_env.get("PNEUMONIA_ENGINE") or ServingSettings.model_fields["engine"].default
         result["bare_model"] = bare_model(tag, stream, batch_sizes, 1.0 if args.quick else 4.0, args.threads, engine)
 
-    for system in (s for s in SYSTEMS if s in systems):
-        print(f"starting {SYSTEMS[system]} ...", file=sys.stderr)
-        server = start_system(system, tag, out, service_env)
-        try:
-            requests = encode_requests(plan, server.url)
-            probe = tree_cpu_probe(server.process.pid)
-            run_load(server.url, requests, clients=2, warmup_s=0.0, window_s=max(1.0, warmup))  # first-request costs
-            for clients in concurrency:
-                other_before = wait_for_quiet(args.max_other_load, quiet_timeout)
-                load = run_load(server.url, requests, clients, warmup, window, cpu_probe=probe)
-                row = {"system": system, **load.summary(), "other_cpu_cores_before": other_before}
-                result["runs"].append(row)
-                print(f"  {SYSTEMS[system]:<28} {clients:>3} clients: {row['images_per_s']:7.1f} images/s, "
-                      f"p99 {row['p99_ms']:7.0f} ms, {row['failures']} failures", file=sys.stderr)
-        finally:
+    order = [s for s in SYSTEMS if s in systems]
+    started: dict[str, ServerProcess] = {}
+    try:
+        if args.quick and order:  # CI smoke: start-ups dominate a short run, so start every server at once
+            print(f"starting {', '.join(SYSTEMS[s] for s in order)} ...", file=sys.stderr)
+            started.update(start_all(order, tag, out, service_env))
+        for system in order:
+            if system not in started:
+                print(f"starting {SYSTEMS[system]} ...", file=sys.stderr)
+                started[system] = start_system(system, tag, out, service_env)
+            server = started[system]
+            try:
+                requests = encode_requests(plan, server.url)
+                probe = tree_cpu_probe(server.process.pid)
+                run_load(server.url, requests, clients=2, warmup_s=0.0, window_s=max(1.0, warmup))  # first-request costs
+                for clients in concurrency:
+                    other_before = wait_for_quiet(args.max_other_load, quiet_timeout)
+                    load = run_load(server.url, requests, clients, warmup, window, cpu_probe=probe)
+                    row = {"system": system, **load.summary(), "other_cpu_cores_before": other_before}
+                    result["runs"].append(row)
+                    print(f"  {SYSTEMS[system]:<28} {clients:>3} clients: {row['images_per_s']:7.1f} images/s, "
+                          f"p99 {row['p99_ms']:7.0f} ms, {row['failures']} failures", file=sys.stderr)
+            finally:
+                server.stop()  # before the next system is measured: an idle server still holds memory
+    finally:
+        for server in started.values():
             server.stop()
 
     result["ratios"], result["targets"] = ratios_and_targets(result["bare_model"], result["runs"], concurrency[-1])
