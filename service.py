@@ -25,11 +25,10 @@ from starlette.datastructures import UploadFile
 import models_registry
 from serving import grpc_endpoint
 from serving.http_guard import HttpGuard
-from serving.lifecycle import ReadinessGate, preflight, resolve_model, warm_up_in_background
-from settings import ServingSettings
+from serving.lifecycle import ReadinessGate, load_settings, preflight, resolve_model, warm_up_in_background
 from training.preprocess import ImageRejected, PreparedImage, prepare
 
-SETTINGS = ServingSettings()
+SETTINGS = load_settings()  # bad configuration stops `bentoml serve` here with one line
 # A missing or unusable model stops `bentoml serve` here with one line (serving/lifecycle.py).
 MODEL_TAG, CARD = resolve_model(SETTINGS.model, Path(__file__).resolve().parent)
 
@@ -163,7 +162,7 @@ class PneumoniaClassifier:
     @bentoml.on_deployment
     def check_model() -> None:
         """Once, in the `bentoml serve` process before any worker: a bad model exits 1 with one line."""
-        preflight(MODEL_TAG)
+        preflight(MODEL_TAG, SETTINGS.engine)
 
     def __is_ready__(self) -> bool:
         return self.ready

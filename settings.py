@@ -201,4 +201,12 @@ class _JsonFileSource(PydanticBaseSettingsSource):
         path = os.environ.get("PNEUMONIA_SETTINGS_FILE")
         if not path:
             return {}
-        return json.loads(Path(path).read_text())
+        try:
+            values = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"PNEUMONIA_SETTINGS_FILE {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise ValueError(f"PNEUMONIA_SETTINGS_FILE {path} is not valid JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"PNEUMONIA_SETTINGS_FILE {path} must hold a JSON object of settings")
+        return values

@@ -37,10 +37,13 @@ from typing import Any
 
 import numpy as np
 from bentoml.exceptions import BentoMLException
+from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 import models_registry
 from models_registry import ModelCard, RegistryError
+from models_registry.engines import Engine
+from settings import ServingSettings
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
 
@@ -56,6 +59,16 @@ class StartupError(BentoMLException):
         super().__init__(" ".join(re.sub(r"For further information visit \S+", "", message).split()))
 
 
+def load_settings() -> ServingSettings:
+    """The serving configuration, or a `StartupError` naming each bad setting (runs at import)."""
+    try:
+        return ServingSettings()
+    except ValidationError as exc:  # values are hidden in the message (hide_input_in_errors): they may be secrets
+        raise StartupError(f"invalid configuration (PNEUMONIA_* variables or settings file): {exc}") from None
+    except ValueError as exc:  # e.g. an unreadable PNEUMONIA_SETTINGS_FILE
+        raise StartupError(f"invalid configuration: {exc}") from None
+
+
 def resolve_model(ref: str, service_dir: Path) -> tuple[str, ModelCard]:
     """The tag to serve and its card, or a `StartupError` that says what to do (runs at import)."""
     try:
@@ -65,7 +78,7 @@ def resolve_model(ref: str, service_dir: Path) -> tuple[str, ModelCard]:
         raise StartupError(f"cannot serve: {exc}") from None
 
 
-def preflight(tag: str) -> None:
+def preflight(tag: str, engine: Engine = "eager") -> None:
     """Verify (sha256), load and run the model once, in the `bentoml serve` process before workers start.
 
     Why here: a failure in a worker is retried by circus forever; here it ends the
@@ -73,7 +86,7 @@ def preflight(tag: str) -> None:
     """
     started = time.monotonic()
     try:
-        model = models_registry.load_model(tag)
+        model = models_registry.load_model(tag, engine=engine)
         size = model.card.preprocess.image_size
         probability = model.probabilities(np.zeros((1, size, size), dtype=np.uint8))
     except RegistryError as exc:  # ModelIntegrityError included: sha mismatch, unreadable or ill-fitting weights

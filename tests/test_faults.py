@@ -265,3 +265,35 @@ def test_not_ready_until_warm_early_callers_get_503_and_unavailable(spawn: Spawn
     assert code != 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/readyz", timeout=5)
+
+
+# --------------------------------------------------------------------------- bad configuration
+
+
+BAD_CONFIGS: dict[str, tuple[dict[str, str], str]] = {
+    # case: (environment, text the one-line error must contain)
+    "unknown_engine": ({"PNEUMONIA_ENGINE": "onnx"}, "engine Input should be 'eager', 'folded' or 'torchscript'"),
+    "workers_not_a_number": ({"PNEUMONIA_WORKERS": "two"}, "workers Input should be a valid integer"),
+    "settings_file_not_json": ({"PNEUMONIA_SETTINGS_FILE": "{settings}"}, "is not valid JSON"),
+}
+
+
+def test_bad_configuration_stops_the_server_with_one_clear_line(production_tag: str, bentoml_home: Path,
+                                                                tmp_path: Path) -> None:
+    """Invalid settings end `bentoml serve` with exit 1 and one line naming the setting, never a stack trace."""
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text("{workers: 2}")
+    cases = {case: ({k: v.format(settings=settings_file) for k, v in env.items()}, text)
+             for case, (env, text) in BAD_CONFIGS.items()}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = list(pool.map(lambda case: _serve_until_exit(case, bentoml_home, cases[case][0]), cases))
+    problems = []
+    for run in runs:
+        lines = [line for line in run.output.splitlines() if "invalid configuration" in line]
+        if run.code != 1:
+            problems.append(f"{run.case}: exit code {run.code}")
+        if "Traceback" in run.output:
+            problems.append(f"{run.case}: stack trace in the output")
+        if len(lines) != 1 or cases[run.case][1] not in lines[0]:
+            problems.append(f"{run.case}: no single line saying {cases[run.case][1]!r}")
+    assert not problems, "\n".join(problems) + "\n" + "\n---\n".join(r.output[-2000:] for r in runs)
