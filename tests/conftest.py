@@ -49,7 +49,11 @@ def production_tag(bentoml_home: Path) -> str:
 def server(production_tag: str, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     """One `bentoml serve` of the repository's service for the whole session, always stopped."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = bentoml_serve("service:PneumoniaClassifier", free_port(), log, PNEUMONIA_BATCHING__MAX_BATCH_SIZE="32")
+    # One worker: batching assertions (HTTP and gRPC calls sharing a forward pass) need one batch queue; with
+    # two, the kernel spreads connections over the workers. Multi-worker serving (the default: one worker
+    # per core) has its own tests: test_two_workers_share_the_grpc_port, the fault tests, the Bento test.
+    proc = bentoml_serve("service:PneumoniaClassifier", free_port(), log, PNEUMONIA_BATCHING__MAX_BATCH_SIZE="32",
+                         PNEUMONIA_WORKERS="1")
     proc.start()
     yield proc
     proc.stop()
