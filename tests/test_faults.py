@@ -172,24 +172,29 @@ def _check_bad_model_runs(cases: dict, production_tag: str, bentoml_home: Path, 
             damage(_copy_store(bentoml_home, homes[case]), production_tag)
     with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: start-up is mostly imports
         runs = list(pool.map(lambda case: _serve_until_exit(case, homes[case], cases[case][1]), cases))
-    problems = []
-    for run in runs:
-        expected = cases[run.case][2]
-        last = run.output.strip().splitlines()[-1] if run.output.strip() else ""
-        print(f"\n{run.case}: exit {run.code} after {run.seconds:.1f}s: {last}")
-        error_lines = [line for line in run.output.splitlines() if "cannot serve:" in line]
-        if run.code in (0, None):
-            problems.append(f"{run.case}: exit code {run.code}")
-        elif "Traceback" in run.output:
-            problems.append(f"{run.case}: stack trace in the output")
-        elif len(error_lines) != 1 or expected not in error_lines[0]:
-            problems.append(f"{run.case}: no single line saying {expected!r}")
-        try:  # nothing listens: no half-ready server
-            httpx.get(f"http://127.0.0.1:{run.port}/livez", timeout=5)
-            problems.append(f"{run.case}: something answers on its port")
-        except httpx.ConnectError:
-            pass
+    problems = [problem for run in runs for problem in _stop_problems(run, "cannot serve:", cases[run.case][2])]
     assert not problems, "\n".join(problems) + "\n" + "\n---\n".join(r.output[-2000:] for r in runs)
+
+
+def _stop_problems(run: ServeRun, marker: str, expected: str) -> list[str]:
+    """What is wrong with a `bentoml serve` that had to refuse to start: it must exit 1 with exactly one
+    `marker` line containing `expected`, print no stack trace and leave nothing listening."""
+    last = run.output.strip().splitlines()[-1] if run.output.strip() else ""
+    print(f"\n{run.case}: exit {run.code} after {run.seconds:.1f}s: {last}")
+    problems = []
+    error_lines = [line for line in run.output.splitlines() if marker in line]
+    if run.code != 1:
+        problems.append(f"{run.case}: exit code {run.code}")
+    if "Traceback" in run.output:
+        problems.append(f"{run.case}: stack trace in the output")
+    if len(error_lines) != 1 or expected not in error_lines[0]:
+        problems.append(f"{run.case}: no single line saying {expected!r}")
+    try:  # nothing listens: no half-ready server
+        httpx.get(f"http://127.0.0.1:{run.port}/livez", timeout=5)
+        problems.append(f"{run.case}: something answers on its port")
+    except httpx.ConnectError:
+        pass
+    return problems
 
 
 def test_bad_model_stops_the_server_with_one_clear_line(production_tag: str, bentoml_home: Path,
@@ -287,13 +292,5 @@ def test_bad_configuration_stops_the_server_with_one_clear_line(production_tag: 
              for case, (env, text) in BAD_CONFIGS.items()}
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = list(pool.map(lambda case: _serve_until_exit(case, bentoml_home, cases[case][0]), cases))
-    problems = []
-    for run in runs:
-        lines = [line for line in run.output.splitlines() if "invalid configuration" in line]
-        if run.code != 1:
-            problems.append(f"{run.case}: exit code {run.code}")
-        if "Traceback" in run.output:
-            problems.append(f"{run.case}: stack trace in the output")
-        if len(lines) != 1 or cases[run.case][1] not in lines[0]:
-            problems.append(f"{run.case}: no single line saying {cases[run.case][1]!r}")
+    problems = [problem for run in runs for problem in _stop_problems(run, "invalid configuration", cases[run.case][1])]
     assert not problems, "\n".join(problems) + "\n" + "\n---\n".join(r.output[-2000:] for r in runs)
