@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         stream = [image.data for request in plan for image in request.images]
         from settings import ServingSettings
 
-        engine = service_env.get("PNEUMONIA_ENGINE") or ServingSettings.model_fields["engine"].default
+        # The service rows run with this process's environment plus --service-env: resolve the engine alike.
+        engine = {**os.environ, **service_env}.get("PNEUMONIA_ENGINE") or ServingSettings.model_fields["engine"].default
         result["bare_model"] = bare_model(tag, stream, batch_sizes, 1.0 if args.quick else 4.0, args.threads, engine)
 
     order = [s for s in SYSTEMS if s in systems]
