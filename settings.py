@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from training.preprocess import InputLimits
 
 
-MAX_AUTO_WORKERS = 8  # each worker holds a model copy and a torch runtime (~0.4 GB resident)
+MAX_AUTO_WORKERS = 8  # each worker holds a model copy and a torch runtime (about 1 GB resident in the soak run)
 
 
 def usable_cores() -> int:
