@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -90,6 +91,13 @@ def _error(exc: grpc.RpcError, target: str) -> ClientError:
     return cls(details, status=code.name, reasons=reasons)
 
 
+def _open_channel(api: Any, target: str, credentials: grpc.ChannelCredentials | None) -> Any:
+    """A channel from `api` (`grpc` or `grpc.aio`): plaintext without credentials, TLS with them."""
+    if credentials is None:
+        return api.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    return api.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+
+
 def _metadata(headers: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
     return tuple((k.lower(), v) for k, v in (headers or {}).items())
 
@@ -110,10 +118,7 @@ class GrpcClient:
         self.url = grpc_target(target)
         self.timeout = timeout
         self._metadata = _metadata(headers)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(self.url, options=_CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.secure_channel(self.url, credentials, options=_CHANNEL_OPTIONS)
+        self._channel = _open_channel(grpc, self.url, credentials)
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -174,10 +179,7 @@ class AsyncGrpcClient:
 
     def _open(self) -> grpc.aio.Channel:
         if self._channel is None:
-            if self._credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.url, options=_CHANNEL_OPTIONS)
-            else:
-                self._channel = grpc.aio.secure_channel(self.url, self._credentials, options=_CHANNEL_OPTIONS)
+            self._channel = _open_channel(grpc.aio, self.url, self._credentials)
         return self._channel
 
     async def classify(
