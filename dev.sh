@@ -25,17 +25,20 @@ setup() {
   local py stamp
   py=$(python_311)
   [ -x .venv/bin/python ] || "$py" -m venv .venv
-  stamp=$( (cat pyproject.toml requirements/dev.lock; cat proto/pneumonia/v1/*.proto scripts/gen_proto.py 2>/dev/null || true) |
+  # The editable install records this folder's path: a moved checkout sets up again.
+  stamp=$( (pwd; cat pyproject.toml requirements/dev.lock; cat api/proto/pneumonia/v1/*.proto scripts/gen_proto.py 2>/dev/null || true) |
           sha256sum | cut -c1-32)
   if [ "$(cat .venv/.setup-stamp 2>/dev/null)" != "$stamp" ]; then
     echo "setting up .venv (first run installs PyTorch, a few GB) ..." >&2
     .venv/bin/python -m pip install --quiet --disable-pip-version-check uv==0.13.9
     .venv/bin/uv pip install --quiet --python .venv/bin/python -r requirements/dev.lock
-    if [ -f scripts/gen_proto.py ]; then .venv/bin/python scripts/gen_proto.py; fi
+    .venv/bin/python scripts/gen_proto.py
+    # The project itself, editable: its packages import from this folder, no PYTHONPATH or sys.path edits.
+    .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
     echo "$stamp" > .venv/.setup-stamp
   fi
   # generated stubs are git-ignored: a fresh checkout or a clean may lack them while the stamp is current
-  if [ -f scripts/gen_proto.py ] && [ ! -f client/_proto/__init__.py ]; then .venv/bin/python scripts/gen_proto.py; fi
+  if [ ! -f api/_proto/__init__.py ]; then .venv/bin/python scripts/gen_proto.py; fi
 }
 
 cmd=${1:-help}
@@ -54,7 +57,7 @@ case "$cmd" in
     ;;
   run)
     setup
-    export PATH="$PWD/.venv/bin:$PATH" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    export PATH="$PWD/.venv/bin:$PATH"
     exec "$@"
     ;;
   *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;

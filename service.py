@@ -3,30 +3,37 @@
     bentoml serve                      # serves the production model from the store
 
 Each upload is validated and reduced to the model's input grid while the
-request is parsed (`training.preprocess.prepare`, the same code training used),
+request is parsed (`core.preprocess.prepare`, the same code training used),
 so only good images reach the adaptive batcher, and a bad file is answered with
 a 400 that names it instead of failing the whole batch it would have joined.
+The gRPC endpoint (serving/grpc/) runs the same checks (`prepare_images`) and
+joins the same adaptive batches (`classify_prepared`); the HTTP guard
+(serving/http/) wraps the BentoML app.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any
 
 import bentoml
 import numpy as np
 import torch
 from bentoml.exceptions import ServiceUnavailable
-from pydantic import BaseModel, BeforeValidator, Field, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import BeforeValidator, ValidatorFunctionWrapHandler, WrapValidator
 from pydantic_core import PydanticCustomError
 from starlette.datastructures import UploadFile
 
 import models_registry
-from serving import grpc_endpoint
-from serving.http_guard import HttpGuard
-from serving.lifecycle import ReadinessGate, load_settings, preflight, resolve_model, warm_up_in_background
-from training.preprocess import ImageRejected, PreparedImage, prepare
+from api.models import ImageInfo, ModelInfo, Prediction, Refused
+from core.inference import LoadedModel
+from core.preprocess import ImageRejected, PreparedImage, prepare
+from serving.grpc import server as grpc_server
+from serving.http import HttpGuard
+from serving.lifecycle import READINESS, load_settings, preflight, resolve_model, warm_up_in_background
 
 SETTINGS = load_settings()  # bad configuration stops `bentoml serve` here with one line
 # A missing or unusable model stops `bentoml serve` here with one line (serving/lifecycle.py).
@@ -54,6 +61,15 @@ def _reject(reason: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(reason, message)
 
 
+def _prepared(read: Callable[[], bytes], size: int, received: float) -> PreparedImage:
+    """One upload of `size` bytes -> the model's input grid, stamped with when it arrived; raises ImageRejected."""
+    if size > SETTINGS.limits.max_bytes:
+        raise ImageRejected("too_many_bytes", f"the upload is {size:,} bytes, over the limit of {SETTINGS.limits.max_bytes:,} bytes")
+    prepared = prepare(read(), CARD.preprocess, SETTINGS.limits)
+    object.__setattr__(prepared, "received", received)
+    return prepared
+
+
 def _prepare_upload(value: object, to_path: ValidatorFunctionWrapHandler) -> PreparedImage:
     """Runs while the request is parsed: decode, validate and preprocess one upload.
 
@@ -66,68 +82,72 @@ def _prepare_upload(value: object, to_path: ValidatorFunctionWrapHandler) -> Pre
         if isinstance(value, UploadFile):
             size = value.size if value.size is not None else value.file.seek(0, 2)
             value.file.seek(0)
-            read = value.file.read
-        else:
-            path: Path = to_path(value)
-            size, read = path.stat().st_size, path.read_bytes
-        if size > SETTINGS.limits.max_bytes:
-            raise ImageRejected("too_many_bytes", f"the upload is {size:,} bytes, over the limit of {SETTINGS.limits.max_bytes:,} bytes")
-        prepared = prepare(read(), CARD.preprocess, SETTINGS.limits)
+            return _prepared(value.file.read, size, received)
+        path: Path = to_path(value)
+        return _prepared(path.read_bytes, path.stat().st_size, received)
     except ImageRejected as exc:
         raise _reject(exc.reason, exc.message) from None
-    object.__setattr__(prepared, "received", received)
-    return prepared
+
+
+def _count_problem(count: int) -> tuple[str, str] | None:
+    """(reason, message) when a request carries no images or too many, else None."""
+    if count == 0:
+        return "no_images", "send at least one image in the 'images' field"
+    if count > SETTINGS.max_images_per_request:
+        return "too_many_images", f"{count} images in one request; the limit is {SETTINGS.max_images_per_request}"
+    return None
 
 
 def _check_count(value: object) -> object:
     """Refuse over-long lists before any image in them is decoded."""
-    if isinstance(value, list):
-        if not value:
-            raise _reject("no_images", "send at least one image in the 'images' field")
-        if len(value) > SETTINGS.max_images_per_request:
-            raise _reject(
-                "too_many_images",
-                f"{len(value)} images in one request; the limit is {SETTINGS.max_images_per_request}",
-            )
+    if isinstance(value, list) and (problem := _count_problem(len(value))):
+        raise _reject(*problem)
     return value
+
+
+def prepare_images(images: Sequence[bytes]) -> list[PreparedImage]:
+    """The checks `POST /classify` runs while parsing, for images that arrived another way (gRPC).
+
+    Count first, then every image; raises `Refused` (400) with one detail per
+    refused image, located as pydantic locates them (`["images", index]`).
+    """
+    if problem := _count_problem(len(images)):
+        reason, message = problem
+        REJECTED.labels(reason=reason).inc()
+        raise Refused(400, message, [{"type": reason, "loc": ["images"], "msg": message}])
+    prepared: list[PreparedImage] = []
+    details: list[dict[str, Any]] = []
+    for index, data in enumerate(images):
+        try:
+            prepared.append(_prepared(lambda data=data: data, len(data), time.perf_counter()))
+        except ImageRejected as exc:
+            REJECTED.labels(reason=exc.reason).inc()
+            details.append({"type": exc.reason, "loc": ["images", index], "msg": exc.message})
+    if details:
+        raise Refused(400, f"{len(details)} validation error{'s' if len(details) > 1 else ''} for Input", details)
+    return prepared
 
 
 Upload = Annotated[Path, WrapValidator(_prepare_upload)]
 
 
-class ImageInfo(BaseModel):
-    width: int
-    height: int
-    mode: str = Field(description="PIL mode of the upload, e.g. L, RGB, I;16")
-    format: str
+def _batched(instance: object, api: str) -> Callable[[list[PreparedImage]], Awaitable[list[Prediction]]] | None:
+    """The adaptive batcher of `api` that HTTP requests join, once BentoML has built this worker's app.
 
-
-class Prediction(BaseModel):
-    label: Literal["NORMAL", "PNEUMONIA"]
-    probability: float = Field(ge=0, le=1, description="calibrated probability of pneumonia")
-    threshold: float = Field(description="operating point: probability >= threshold means PNEUMONIA")
-    confidence: float = Field(ge=0, le=1, description="calibrated probability of the returned label")
-    model: str = Field(description="model tag that produced this prediction")
-    image: ImageInfo
-    warnings: list[str] = Field(default_factory=list, description="reasons to double-check this result")
-    processing_ms: float = Field(description="server time from upload parsed to result, queueing included")
-    batch_size: int = Field(description="images in the forward pass that produced this prediction")
-
-
-class Health(BaseModel):
-    ready: bool
-    model: str
-    arch: str
-    threshold: float
-    temperature: float
-    target_sensitivity: float
-    validation_metrics: dict
-    preprocess: dict
-    uptime_s: float
-    workers: int
-    torch_threads: int
-    batching: dict
-    limits: dict
+    BentoML keeps its dispatchers in the app factory, which the service instance
+    reaches only through its self proxy's ASGI app: the factory's route for `api`
+    is a partial of its bound endpoint. None until the app is started.
+    """
+    app = getattr(getattr(getattr(instance, "__self_proxy__", None), "to_async", None), "app", None)
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        endpoint = getattr(route, "endpoint", None)
+        if getattr(route, "name", None) == api and isinstance(endpoint, functools.partial):
+            factory = endpoint.func.__self__  # type: ignore[attr-defined]
+            if api in factory.dispatchers:
+                return lambda images: factory.batch_infer(api, (), {"images": images})
+            local = getattr(instance, api).local  # batching off: one forward pass per call, on the API's thread
+            return lambda images: factory._to_thread(local, images=images)
+    return None
 
 
 @bentoml.service(
@@ -143,9 +163,8 @@ class PneumoniaClassifier:
     stored_model = bentoml.models.BentoModel(MODEL_TAG)  # packs the model into the Bento
 
     def __init__(self) -> None:
-        self.ready = False
         self.started = time.monotonic()
-        self.model: models_registry.LoadedModel | None = None
+        self.model: LoadedModel | None = None
         torch.set_num_threads(SETTINGS.threads_per_worker())
         # In a thread, so the worker listens (and says 503) while the model loads and warms up.
         warm_up_in_background(self._load_and_warm, delay_s=SETTINGS.warmup_delay_s)
@@ -157,7 +176,7 @@ class PneumoniaClassifier:
             model.probabilities(np.zeros((batch, size, size), dtype=np.uint8))
         self.model = model
         MODEL_INFO.labels(model=MODEL_TAG, arch=CARD.spec.arch, threshold=f"{CARD.threshold:.6f}").set(1)
-        self.ready = True
+        # warm_up_in_background marks this worker ready (serving.lifecycle.READINESS) once this returns.
 
     @bentoml.on_deployment
     def check_model() -> None:
@@ -165,12 +184,12 @@ class PneumoniaClassifier:
         preflight(MODEL_TAG, SETTINGS.engine)
 
     def __is_ready__(self) -> bool:
-        return self.ready
+        return READINESS.ready
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:
-        """The gRPC endpoint of this worker, on its own port and this event loop (serving/grpc_endpoint.py)."""
-        self.grpc = await grpc_endpoint.start(self, SETTINGS) if SETTINGS.grpc.enabled else None
+        """The gRPC endpoint of this worker, on its own port and this event loop (serving/grpc/server.py)."""
+        self.grpc = await grpc_server.start(self, SETTINGS) if SETTINGS.grpc.enabled else None
 
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:
@@ -185,7 +204,7 @@ class PneumoniaClassifier:
     def classify(self, images: Annotated[list[Upload], BeforeValidator(_check_count)]) -> list[Prediction]:
         """Classify one or more chest X-rays (multipart field `images`, JPEG/PNG/TIFF/..., any size)."""
         prepared: list[PreparedImage] = images  # type: ignore[assignment]  # validators turned paths into images
-        if self.model is None:  # ReadinessGate normally answers before a request gets here
+        if self.model is None:  # the guard's readiness wait normally answers before a request gets here
             raise ServiceUnavailable("the model is still loading on this server; retry shortly")
         probabilities = self.model.probabilities(np.stack([p.pixels for p in prepared]))
         card = self.model.card
@@ -211,11 +230,32 @@ class PneumoniaClassifier:
         return results
 
     @bentoml.api(route="/health")
-    def health(self) -> Health:
+    def health(self) -> ModelInfo:
         """Readiness, the served model with its validation metrics, and the serving configuration."""
+        return self.model_info()
+
+    # What the gRPC endpoint (serving/grpc/servicer.py) calls: the same checks, batches and answers as HTTP.
+
+    def is_serving(self) -> bool:
+        """Model warm, and the adaptive batcher of `classify` in place (BentoML builds it after start-up hooks)."""
+        return READINESS.ready and _batched(self, "classify") is not None
+
+    def prepare_images(self, images: Sequence[bytes]) -> list[PreparedImage]:
+        """`prepare_images` of this module: the checks and preprocessing of `POST /classify`."""
+        return prepare_images(images)
+
+    async def classify_prepared(self, images: list[PreparedImage]) -> list[Prediction]:
+        """Classify validated images in the adaptive batches that HTTP requests join."""
+        run = _batched(self, "classify")
+        if run is None:
+            raise ServiceUnavailable("the model is still loading on this server; retry shortly")
+        return await run(images)
+
+    def model_info(self) -> ModelInfo:
+        """The `/health` answer, computed in this worker."""
         card = CARD  # the served model's card, known before its weights are loaded
-        return Health(
-            ready=self.ready,
+        return ModelInfo(
+            ready=READINESS.ready,
             model=MODEL_TAG,
             arch=card.spec.arch,
             threshold=card.threshold,
@@ -236,7 +276,6 @@ class PneumoniaClassifier:
 for _api in PneumoniaClassifier.apis.values():
     _api.output_spec.media_type = "application/json"
 
-# Outermost of ours: request id, security headers, CORS, API keys, rate limit, body and multipart checks.
+# Request id, security headers, CORS, API keys, rate limit, body and multipart checks, and the readiness wait of
+# model routes (a warming worker holds them briefly, then answers 503).
 PneumoniaClassifier.add_asgi_middleware(HttpGuard, settings=SETTINGS, upload_routes={"/classify": "images"})
-# Model routes wait briefly for a warming worker, then answer 503 (serving/lifecycle.py).
-PneumoniaClassifier.add_asgi_middleware(ReadinessGate, paths=["/classify"], wait_s=SETTINGS.ready_wait_s)

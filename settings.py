@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from training.preprocess import InputLimits
+from core.preprocess import InputLimits
 
 
 MAX_AUTO_WORKERS = 8  # each worker holds a model copy and a torch runtime (about 1 GB resident in the soak run)
@@ -129,7 +129,7 @@ class BatchingSettings(BaseModel):
 
 
 class GrpcSettings(BaseModel):
-    """The gRPC endpoint (serving/grpc_endpoint.py), started inside every worker by `bentoml serve`."""
+    """The gRPC endpoint (serving/grpc/), started inside every worker by `bentoml serve`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -154,7 +154,7 @@ class ServingSettings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="intra-op threads per worker; 0 = cores / workers")
     engine: Literal["eager", "folded", "torchscript"] = Field(
         "torchscript",
-        description="how the forward pass runs (models_registry/engines.py): torchscript = traced and frozen, "
+        description="how the forward pass runs (core/engines.py): torchscript = traced and frozen, "
         "measured fastest (docs/performance.md); folded = eager with BatchNorm folded; eager = as trained",
     )
     max_images_per_request: int = Field(16, ge=1, le=256)

@@ -9,9 +9,9 @@
         predictions = await api.classify([b"...jpeg bytes..."])
 
 Every client has `classify(images, timeout=None) -> list[Prediction]`, `model_info() -> ModelInfo` and
-`ready() -> bool`, and raises the exceptions of `client.errors`. The package imports only its own models
-and the generated stubs (`client._proto`, built by scripts/gen_proto.py), never server code; names are
-loaded lazily so that the server, which imports only `client._proto`, does not load the clients.
+`ready() -> bool`, and raises the exceptions of `client.errors`. The package imports only the wire contract
+(`api`: models, reason codes, the generated stubs), never server code; names are loaded lazily, so a
+caller of one transport does not load the other.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-# Rejection reasons that are size limits (bytes, pixels, images per request) rather than bad input.
-LIMIT_REASONS = frozenset({"too_many_bytes", "too_many_pixels", "too_many_images"})
+from api.reasons import LIMIT_REASONS
+
+__all__ = ["LIMIT_REASONS", "AuthenticationError", "ClientError", "DeadlineExceeded", "InvalidInput", "LimitExceeded",
+           "ServerError", "Unavailable"]
 
 
 class ClientError(Exception):

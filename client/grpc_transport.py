@@ -6,9 +6,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from api.grpc import SERVICE_NAME, model_info_fields, pb, pb_grpc, prediction_fields
+from api.status import REASONS_METADATA_KEY
 from ._common import DEFAULT_TIMEOUT_S, ImageInput, as_uploads, grpc_target
 from .errors import (
     LIMIT_REASONS,
@@ -20,18 +21,8 @@ from .errors import (
     ServerError,
     Unavailable,
 )
-from .models import ImageInfo, ImageUpload, ModelInfo, Prediction
+from .models import ImageUpload, ModelInfo, Prediction
 
-try:
-    from ._proto.pneumonia.v1 import classifier_pb2 as pb
-    from ._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
-except ImportError as exc:  # pragma: no cover - a checkout that skipped ./dev.sh setup
-    raise ImportError(
-        f"the generated gRPC stubs are missing ({exc}); run `./dev.sh setup` or `python scripts/gen_proto.py`"
-    ) from exc
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
-REASONS_KEY = "pneumonia-reject-reasons"
 # Room for the largest request the server accepts by default (64 MiB), both ways.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 * 1024 * 1024), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
@@ -52,37 +43,18 @@ def _request(uploads: Sequence[ImageUpload]) -> pb.ClassifyRequest:
 
 
 def _prediction(message: pb.Prediction) -> Prediction:
-    return Prediction(
-        label=message.label,
-        probability=message.probability,
-        threshold=message.threshold,
-        confidence=message.confidence,
-        model=message.model,
-        image=ImageInfo(
-            width=message.image.width, height=message.image.height, mode=message.image.mode, format=message.image.format
-        ),
-        warnings=list(message.warnings),
-        processing_ms=message.processing_ms,
-        batch_size=message.batch_size,
-        filename=message.filename if message.HasField("filename") else None,
-        client_id=message.client_id if message.HasField("client_id") else None,
-    )
+    return Prediction.model_validate(prediction_fields(message))
 
 
 def _model_info(message: pb.ModelInfo) -> ModelInfo:
-    data = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    limits = data.get("limits", {})
-    for key in ("max_bytes", "max_pixels", "max_message_bytes"):  # int64 travels as a JSON string
-        if key in limits:
-            limits[key] = int(limits[key])
-    return ModelInfo.model_validate(data)
+    return ModelInfo.model_validate(model_info_fields(message))
 
 
 def _error(exc: grpc.RpcError, target: str) -> ClientError:
     code: grpc.StatusCode = exc.code()
     details = exc.details() or code.name
     trailing = dict(exc.trailing_metadata() or ())
-    reasons = tuple(r for r in str(trailing.get(REASONS_KEY, "")).split(",") if r)
+    reasons = tuple(r for r in str(trailing.get(REASONS_METADATA_KEY, "")).split(",") if r)
     if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
         details = f"cannot reach the gRPC service at {target}: {details}"
     cls = _ERRORS.get(code, ServerError)

@@ -7,7 +7,7 @@
 - forward: ms per image of the forward pass by memory layout (channels-last or
   not), torch threads and batch size;
 - bf16 / engines / compile: bfloat16 autocast, the serving engines of
-  models_registry/engines.py (BatchNorm folded, TorchScript) and torch.compile: speed, and the largest
+  core/engines.py (BatchNorm folded, TorchScript) and torch.compile: speed, and the largest
   probability difference to eager float32 plus label changes on real X-rays.
 
 Prints a table and writes results/ablations.json. Service-level settings
@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loadtests.samples import ROOT, DATA_DIR, build_samples
+from harness.paths import DATA_DIR, RESULTS
+from harness.payloads import build_samples
 
 
 def per_call_ms(fn, min_s: float = 1.5, min_calls: int = 3) -> float:
@@ -54,7 +55,7 @@ def draft_disabled():
 
 
 def preprocess_rows(samples, config) -> list[dict]:
-    from training.preprocess import prepare
+    from core.preprocess import prepare
 
     rows = []
     for kind, items in (("full-size", samples.full), ("small 224 px", samples.small)):
@@ -75,7 +76,7 @@ def preprocess_rows(samples, config) -> list[dict]:
 
 def real_pixels(samples, config, extra: int) -> np.ndarray:
     """The sample set plus `extra` more training images per class, through prepare()."""
-    from training.preprocess import load_file, prepare
+    from core.preprocess import load_file, prepare
 
     pixels = [prepare(s.data, config).pixels for s in (*samples.small, *samples.full)]
     for name in ("NORMAL", "PNEUMONIA"):
@@ -125,8 +126,8 @@ def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
                 return model.probabilities(x)
         compare("bfloat16 autocast", bf16)
     if "engines" in which:
-        from models_registry.engines import build_runner
-        from training.preprocess import to_tensor
+        from core.engines import build_runner
+        from core.preprocess import to_tensor
 
         config, temperature = model.card.preprocess, model.card.temperature
         for engine in ("folded", "torchscript"):
@@ -137,7 +138,7 @@ def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
                     return torch.sigmoid(runner(to_tensor(x, config)).float() / temperature).numpy().astype(np.float64)
             compare(f"engine {engine} (PNEUMONIA_ENGINE)", run_engine)
     if "compile" in which:
-        from training.preprocess import to_tensor
+        from core.preprocess import to_tensor
 
         compiled = torch.compile(model.module, dynamic=False)
         config, temperature = model.card.preprocess, model.card.temperature
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="preprocess,forward,bf16", help="preprocess,forward,bf16,engines,compile")
     p.add_argument("--model", default="production")
     p.add_argument("--extra-images", type=int, default=100, help="training images per class added to the accuracy check")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "ablations.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "ablations.json")
     args = p.parse_args(argv)
     which = args.only.split(",")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")

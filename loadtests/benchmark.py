@@ -3,12 +3,12 @@
     python -m loadtests.benchmark             # full run, a few minutes on 2 cores
     python -m loadtests.benchmark --quick     # CI smoke: same rows, short windows, 1 worker, servers started together
 
-In one process on one machine, with one load generator (`loadtests.loadgen`,
+In one process on one machine, with one load generator (`harness.loadgen`,
 a closed-loop asyncio HTTP/1.1 client whose CPU use is measured and printed)
-and one image mix (`loadtests.samples`: full-size radiographs, single small
+and one image mix (`harness.payloads`: full-size radiographs, single small
 images, four-image requests), it measures
 
-- the bare-model limit: preprocessing (`training.preprocess.prepare` from the
+- the bare-model limit: preprocessing (`core.preprocess.prepare` from the
   uploaded bytes) plus the forward pass in this process, no HTTP, at each batch
   size, serial and with decoding overlapped with the forward pass; the best is the limit;
 - the service (`bentoml serve`) with adaptive batching, as shipped;
@@ -34,11 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import psutil
 
-from loadtests.loadgen import encode_requests, run_load, system_busy_s, wait_for_quiet
-from loadtests.samples import MIX_WEIGHTS, MULTI_COUNT, ROOT, IMAGE_KINDS, build_samples, request_plan
-from tests.support import VENV_BIN, ServerProcess, bentoml_serve, free_port, server_env
+from harness.loadgen import encode_requests, run_load
+from harness.paths import RESULTS, VENV_BIN
+from harness.payloads import IMAGE_KINDS, MIX_WEIGHTS, MULTI_COUNT, build_samples, request_plan
+from harness.processes import system_busy_s, tree_cpu_probe, wait_for_quiet
+from harness.servers import ServerProcess, bentoml_serve, free_port, server_env
 
 SYSTEMS = {
     "service": "service, adaptive batching",
@@ -83,7 +84,7 @@ def bare_model(tag: str, images: list[bytes], batch_sizes: list[int], seconds: f
     import torch
 
     from models_registry import load_model
-    from training.preprocess import InputLimits, prepare
+    from core.preprocess import InputLimits, prepare
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     model = load_model(tag, engine=engine)
@@ -135,25 +136,6 @@ def bare_model(tag: str, images: list[bytes], batch_sizes: list[int], seconds: f
 
 
 # ---------------------------------------------------------------- servers
-
-
-def tree_cpu_probe(pid: int):
-    """Cumulative CPU seconds of a process and all its descendants."""
-    def probe() -> float | None:
-        try:
-            root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return None
-        total = 0.0
-        for proc in procs:
-            try:
-                times = proc.cpu_times()
-                total += times.user + times.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
-    return probe
 
 
 def start_system(system: str, tag: str, out: Path, service_env: dict[str, str]) -> ServerProcess:
@@ -313,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     service_env = dict(item.split("=", 1) for item in args.service_env)
     if args.quick:  # a smoke run checks behaviour: one worker per service starts faster on a small CI machine
         service_env.setdefault("PNEUMONIA_WORKERS", "1")
-    out = args.out or ROOT / "results" / "benchmark" / time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or RESULTS / "benchmark" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 
     from models_registry import resolve_tag
@@ -334,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples": samples.describe(),
         "mix": {k: MIX_WEIGHTS[k] for k in IMAGE_KINDS}, "mix_text": mix_text,
         "images_per_request": round(images_per_request, 3),
-        "generator": "loadtests.loadgen: closed-loop asyncio HTTP/1.1 client, one keep-alive connection per client, "
+        "generator": "harness.loadgen: closed-loop asyncio HTTP/1.1 client, one keep-alive connection per client, "
                      "pre-encoded multipart bodies, every answer checked",
         "concurrency": concurrency, "window_s": window, "warmup_s": warmup, "service_env": service_env,
         "bare_model": None, "runs": [],

@@ -19,21 +19,17 @@ importing this module does it.
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `locust -f` only adds loadtests/ itself
-
 from locust import User, between, constant, task  # noqa: E402
 
 from client import ClientError, GrpcClient, ImageUpload, Prediction  # noqa: E402
-from loadtests.samples import MIX_WEIGHTS, MULTI_COUNT, SampleImage, build_samples  # noqa: E402
+from harness.payloads import MIX_WEIGHTS, MULTI_COUNT, SampleImage, build_samples  # noqa: E402
 
 LABELS = frozenset({"NORMAL", "PNEUMONIA"})
 _WAIT_S = float(os.environ.get("PNEUMONIA_LOADTEST_WAIT_S", "0"))

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from client import GrpcClient, HttpClient, ImageUpload
-from loadtests.samples import DATA_DIR, ROOT
+from harness.paths import DATA_DIR, RESULTS
+from harness.servers import bentoml_serve, free_port
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -83,10 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.url is None:
             os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
             from models_registry.default import ensure_default
-            from tests.support import bentoml_serve, free_port
 
             ensure_default()
-            out = ROOT / "results" / "latency"
+            out = RESULTS / "latency"
             out.mkdir(parents=True, exist_ok=True)
             server = bentoml_serve("service:PneumoniaClassifier", free_port(), out / "server.log")
             print(f"starting the service on {server.url}, gRPC {server.grpc_target} ...", file=sys.stderr)

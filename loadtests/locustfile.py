@@ -5,7 +5,7 @@
 
 `ClassifyUser` (HTTP, geventhttpclient-based FastHttpUser: light enough that the
 load generator does not eat the cores it measures) sends the request mix of
-`loadtests.samples.MIX_WEIGHTS`: full-size radiographs, single small images,
+`harness.payloads.MIX_WEIGHTS`: full-size radiographs, single small images,
 four-image requests and health probes. Every answer is checked (status, one
 prediction per image, a label from the model's classes), so a wrong answer
 counts as a failure, not as a fast success.
@@ -18,18 +18,15 @@ time per user (default 0: a closed loop that measures capacity).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `locust -f` only adds loadtests/ itself
+from locust import between, constant, events, task
+from locust.contrib.fasthttp import FastHttpUser
 
-import json  # noqa: E402
-
-from locust import between, constant, events, task  # noqa: E402
-from locust.contrib.fasthttp import FastHttpUser  # noqa: E402
-
-from loadtests.samples import MIX_WEIGHTS, MULTI_COUNT, SampleImage, build_samples, encode_multipart  # noqa: E402
+from harness.payloads import MIX_WEIGHTS, MULTI_COUNT, SampleImage, build_samples, encode_multipart
 
 SAMPLES = build_samples()
 STATS_JSON_ENV = "PNEUMONIA_LOADTEST_STATS_JSON"

@@ -23,8 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from loadtests.samples import MULTI_COUNT, ROOT
-from tests.support import VENV_BIN, ServerProcess, bentoml_serve, free_port, server_env
+from harness.paths import RESULTS, ROOT, VENV_BIN
+from harness.payloads import MULTI_COUNT
+from harness.servers import ServerProcess, bentoml_serve, free_port, server_env
 
 IMAGES_PER_REQUEST = {"full-size": 1, "single": 1, f"{MULTI_COUNT} images": MULTI_COUNT}
 
@@ -109,7 +110,7 @@ def run_locust(url: str, users: int, duration_s: int, out: Path, spawn_rate: flo
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    out = args.out or ROOT / "results" / "locust" / time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or RESULTS / "locust" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     server: ServerProcess | None = None
     grpc_url = None  # with --url, the gRPC user finds the endpoint itself (PNEUMONIA_GRPC_URL or port 3001)

@@ -3,7 +3,7 @@
 No other code in the project calls `bentoml.models` directly.
 """
 
-from models_registry.card import MODEL_NAME, ModelCard
+from core.card import MODEL_NAME, ModelCard
 from models_registry.loader import LoadedModel, ModelIntegrityError, load_model
 from models_registry.store import (
     PRODUCTION,

@@ -23,7 +23,7 @@ import torch
 from bentoml.exceptions import NotFound
 from torch import nn
 
-from models_registry.card import MODEL_NAME, WEIGHTS_FILE, ModelCard
+from core.card import MODEL_NAME, WEIGHTS_FILE, ModelCard
 
 PRODUCTION = "production"
 

@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.faultkit import kill_group, large_png, model_store, sigterm_experiment, start_server, write_json  # noqa: E402
+from harness.faults import sigterm_experiment, write_json
+from harness.paths import RESULTS
+from harness.payloads import large_png
+from harness.servers import kill_group, model_store, start_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=4, help="heavy requests in flight at SIGTERM")
     parser.add_argument("--images", type=int, default=16, help="large PNGs per heavy request")
     parser.add_argument("--side", type=int, default=1536, help="side of the large PNGs in pixels")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "faults")
+    parser.add_argument("--out", type=Path, default=RESULTS / "faults")
     args = parser.parse_args(argv)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")

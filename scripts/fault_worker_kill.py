@@ -20,18 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.faultkit import (  # noqa: E402
-    kill_group,
-    model_store,
-    start_server,
-    wait_until_workers_warm,
-    worker_kill_experiment,
-    write_json,
-    xray_payloads,
-)
+from harness.faults import worker_kill_experiment, write_json
+from harness.paths import RESULTS
+from harness.payloads import xray_payloads
+from harness.processes import wait_until_workers_warm
+from harness.servers import kill_group, model_store, start_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="kills, one after the other (same server)")
     parser.add_argument("--warm-s", type=float, default=5.0, help="seconds of load before the kill")
     parser.add_argument("--recover-timeout-s", type=float, default=120.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "faults")
+    parser.add_argument("--out", type=Path, default=RESULTS / "faults")
     args = parser.parse_args(argv)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -1,9 +1,9 @@
-"""Long property-based fuzz run of the decode-and-validate path (training.preprocess.prepare).
+"""Long property-based fuzz run of the decode-and-validate path (core.preprocess.prepare).
 
     python scripts/fuzz_decode.py --minutes 10            # prints examples run, outcomes, failures
     python scripts/fuzz_decode.py --minutes 1 --out runs/fuzz
 
-Runs the property of tests/decode_fuzz.py in rounds of fresh random examples
+Runs the property of harness/fuzz.py in rounds of fresh random examples
 until the time is up. A failing input is shrunk by hypothesis, written to
 --out as a .bin file and reported; the run goes on. Exit status 1 if any
 example failed. The short CI run is tests/test_fuzz_decode.py.
@@ -19,11 +19,9 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hypothesis import HealthCheck, Phase, given, settings
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-
-from tests.decode_fuzz import ANY_INPUT, check  # noqa: E402
+from harness.fuzz import ANY_INPUT, check
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,10 +17,10 @@ latency percentiles, RSS at start and end, growth in percent and a fitted
 trend. Exit 1 unless there were zero failures and the memory grew by less than
 `--max-growth-pct` (default 5).
 
-The client speaks HTTP/1.1 over asyncio streams with pre-encoded requests: it
-shares the machine's cores with the server, so it must cost little. Requests go
-only to the given URL (by default a server this script starts on 127.0.0.1),
-and stop at the end of the run.
+The client is the project's load generator (harness.loadgen: HTTP/1.1 over
+asyncio streams, pre-encoded requests): it shares the machine's cores with the
+server, so it must cost little. Requests go only to the given URL (by default a
+server this script starts on 127.0.0.1), and stop at the end of the run.
 """
 
 from __future__ import annotations
@@ -31,190 +31,36 @@ import contextlib
 import json
 import sys
 import time
-import uuid
-from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
-import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.faultkit import kill_group, model_store, start_server, tree_rss, write_json, xray_payloads  # noqa: E402
-
-MB = 1024 * 1024
-LABELS = (b'"NORMAL"', b'"PNEUMONIA"')
+from harness.faults import write_json
+from harness.loadgen import encode_request, measure_capacity, open_loop
+from harness.paths import RESULTS
+from harness.payloads import xray_payloads
+from harness.processes import MB, process_rss, tree_rss
+from harness.servers import kill_group, model_store, start_server
 
 
-def encode_request(host: str, image: bytes, path: str = "/classify") -> bytes:
-    """A complete keep-alive HTTP/1.1 POST with one image in the multipart field `images`."""
-    boundary = uuid.uuid4().hex
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="xray.jpeg"\r\n'
-        f"Content-Type: image/jpeg\r\n\r\n"
-    ).encode() + image + f"\r\n--{boundary}--\r\n".encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\nAccept: application/json\r\n\r\n"
-    ).encode()
-    return head + body
-
-
-class Connection:
-    """One keep-alive connection; reopened after an error or a `Connection: close`."""
-
-    def __init__(self, host: str, port: int, timeout_s: float) -> None:
-        self.host, self.port, self.timeout_s = host, port, timeout_s
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def send(self, raw: bytes) -> str:
-        """'ok', or what went wrong (HTTP status, malformed answer, transport error)."""
-        try:
-            if self.writer is None:
-                self.reader, self.writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), self.timeout_s
-                )
-            self.writer.write(raw)
-            await self.writer.drain()
-            status, body, keep = await asyncio.wait_for(self._response(), self.timeout_s)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError) as exc:
-            self.close()
-            return type(exc).__name__
-        if not keep:
-            self.close()
-        if status != 200:
-            return f"http_{status}"
-        if body.count(b'"label"') != 1 or not any(label in body for label in LABELS):
-            return "bad_body"
-        return "ok"
-
-    async def _response(self) -> tuple[int, bytes, bool]:
-        assert self.reader is not None
-        line = await self.reader.readline()
-        if not line:
-            raise ConnectionResetError("closed by the server")
-        status, length, keep = int(line.split()[1]), 0, True
-        while (header := await self.reader.readline()) not in (b"\r\n", b"\n", b""):
-            key, _, value = header.partition(b":")
-            key, value = key.strip().lower(), value.strip().lower()
-            if key == b"content-length":
-                length = int(value)
-            elif key == b"connection" and value == b"close":
-                keep = False
-        return status, await self.reader.readexactly(length), keep
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-
-async def closed_loop(host: str, port: int, requests: list[bytes], clients: int, seconds: float) -> dict:
-    """`clients` connections back to back for `seconds`: successful requests per second and failures."""
-    done: Counter[str] = Counter()
-    deadline = time.monotonic() + seconds
-
-    async def caller(index: int) -> None:
-        connection, i = Connection(host, port, 60), index
-        while time.monotonic() < deadline:
-            done[await connection.send(requests[i % len(requests)])] += 1
-            i += clients
-        connection.close()
-
-    started = time.monotonic()
-    await asyncio.gather(*(caller(i) for i in range(clients)))
-    elapsed = time.monotonic() - started
-    return {"clients": clients, "rps": round(done["ok"] / elapsed, 2), "failures": sum(done.values()) - done["ok"]}
-
-
-async def measure_capacity(host: str, port: int, requests: list[bytes], step_s: float) -> tuple[float, list[dict]]:
-    await closed_loop(host, port, requests, 4, min(step_s, 5.0))  # warm the server; not counted
-    steps: list[dict] = []
-    for clients in (1, 2, 4, 8, 16, 32):
-        step = await closed_loop(host, port, requests, clients, step_s)
-        steps.append(step)
-        print(f"  capacity ramp: {clients:2d} connections -> {step['rps']:.1f} req/s ({step['failures']} failed)",
-              file=sys.stderr)
-        if len(steps) >= 3 and step["rps"] < 1.03 * max(s["rps"] for s in steps[:-1]):
-            break  # no longer growing: past the knee
-    return max(s["rps"] for s in steps), steps
-
-
-def process_rss(pid: int | None) -> dict[str, float]:
-    """RSS in MB of each process of the server tree (arbiter first), for the report."""
-    if not pid:
-        return {}
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return {}
-    out = {}
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            out[str(process.pid)] = round(process.memory_info().rss / MB, 1)
-    return out
-
-
-async def soak(host: str, port: int, requests: list[bytes], rate: float, seconds: float, sample_s: float,
-               pid: int | None, connections: int, max_queue: int, timeout_s: float) -> dict:
+def soak(host: str, port: int, requests: list[bytes], rate: float, seconds: float, sample_s: float,
+         pid: int | None, connections: int, max_queue: int, timeout_s: float) -> dict:
     """Open-loop requests at `rate`/s for `seconds`, sampling throughput, latency and server RSS."""
-    outcomes: Counter[str] = Counter()
-    latencies: list[float] = []
-    window: list[float] = []
     samples: list[dict] = []
-    queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(maxsize=max_queue)
 
-    async def consumer() -> None:
-        connection = Connection(host, port, timeout_s)
-        while (item := await queue.get()) is not None:
-            scheduled, raw = item
-            outcomes[await connection.send(raw)] += 1
-            latencies.append(time.monotonic() - scheduled)
-            window.append(latencies[-1])
-        connection.close()
-
-    def sample(t0: float) -> None:
-        lat = np.array(window) * 1000
-        samples.append({
-            "t_s": round(time.monotonic() - t0, 1),
-            "rss_mb": round(tree_rss(pid) / MB, 1) if pid else None,
-            "served": outcomes["ok"],
-            "failed": sum(outcomes.values()) - outcomes["ok"],
-            "queued": queue.qsize(),
-            "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
-            "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
-        })
-        window.clear()
+    def on_sample(figures: dict) -> None:
+        samples.append({**figures, "rss_mb": round(tree_rss(pid) / MB, 1) if pid else None})
         s = samples[-1]
         print(f"  t={s['t_s']:7.1f}s  served {s['served']:7d}  failed {s['failed']:3d}  p95 {s['p95_ms']} ms"
               f"  rss {s['rss_mb']} MB", file=sys.stderr)
 
-    consumers = [asyncio.create_task(consumer()) for _ in range(connections)]
-    t0 = time.monotonic()
-    sample(t0)
-    next_sample = t0 + sample_s
     rss_start = process_rss(pid)
-    for i in range(int(rate * seconds)):
-        scheduled = t0 + i / rate
-        now = time.monotonic()
-        if now >= next_sample:
-            sample(t0)
-            next_sample += sample_s
-        if scheduled > now:
-            await asyncio.sleep(scheduled - now)
-        try:
-            queue.put_nowait((scheduled, requests[i % len(requests)]))
-        except asyncio.QueueFull:
-            outcomes["client_queue_full"] += 1  # the server fell this far behind: counted as a failure
-    for _ in consumers:
-        await queue.put(None)
-    await asyncio.wait_for(asyncio.gather(*consumers), timeout_s + 10)
+    t0 = time.monotonic()
+    outcomes, latencies = asyncio.run(
+        open_loop(host, port, requests, rate, seconds, connections, max_queue, timeout_s, sample_s, on_sample)
+    )
     elapsed = time.monotonic() - t0
-    sample(t0)
     lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     return {
         "target_rate": round(rate, 2),
@@ -264,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                         "further ones are counted as failures")
     parser.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
     parser.add_argument("--max-growth-pct", type=float, default=5.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.url and urlsplit(args.url).hostname not in ("127.0.0.1", "localhost"):
         parser.error("--url must point at this machine (127.0.0.1 or localhost)")
@@ -290,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 rate = capacity * args.fraction
                 report.update(capacity_rps=capacity, capacity_ramp=ramp)
             print(f"soak: {rate:.1f} req/s for {args.minutes} min against {url}", file=sys.stderr)
-            result = asyncio.run(soak(host, port, requests, rate, args.minutes * 60, args.sample_s, pid,
-                                      args.connections, args.max_queue, args.timeout_s))
+            result = soak(host, port, requests, rate, args.minutes * 60, args.sample_s, pid,
+                          args.connections, args.max_queue, args.timeout_s)
         finally:
             if server is not None:
                 server.stop()

@@ -1,6 +1,6 @@
 """Start-up checks, background warm-up and readiness of the service.
 
-Three faults this module turns into clear, bounded behaviour (docs/hardening-faults.md):
+Three faults this module turns into clear, bounded behaviour (docs/hardening.md, "Faults"):
 
 * A missing, unknown, corrupt or sha-mismatched model stops `bentoml serve` before
   any worker starts, with one line on stderr and exit code 1. `resolve_model` runs
@@ -13,9 +13,11 @@ Three faults this module turns into clear, bounded behaviour (docs/hardening-fau
   listens, so a model loaded in `__init__` leaves no window in which a client could
   be told "not ready": its connection just waits. `warm_up_in_background` loads and
   warms the model in a thread instead. The worker listens at once: /readyz says 503,
-  and `ReadinessGate` holds a classify request for at most `ready_wait_s` (long
-  enough to cover a normal warm-up, so a restarted worker costs callers no errors)
-  and then answers 503 with Retry-After rather than letting the caller time out.
+  and the HTTP guard (serving/http/admission.py) holds a classify request for at
+  most `ready_wait_s` (long enough to cover a normal warm-up, so a restarted worker
+  costs callers no errors) and then answers 503 with Retry-After rather than
+  letting the caller time out; gRPC answers UNAVAILABLE at once. All of them read
+  the one flag of this worker, `READINESS`.
 * If the warm-up fails anyway (the preflight makes that an environmental problem,
   such as memory), the worker logs one line and exits with code 3; it never stays
   alive without a model.
@@ -25,24 +27,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
-from starlette.responses import JSONResponse
 
 import models_registry
-from models_registry import ModelCard, RegistryError
-from models_registry.engines import Engine
+from core.card import ModelCard
+from core.engines import Engine
+from models_registry import RegistryError
 from settings import ServingSettings
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
@@ -99,7 +99,7 @@ def preflight(tag: str, engine: Engine = "eager") -> None:
 
 
 class Readiness:
-    """Whether this worker process has a loaded, warm model (read by /readyz, the HTTP gate and gRPC)."""
+    """Whether this worker process has a loaded, warm model: the one flag /readyz, /health, the HTTP guard and gRPC read."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -110,10 +110,6 @@ class Readiness:
 
     def mark_ready(self) -> None:
         self._event.set()
-
-    def wait(self, timeout: float) -> bool:
-        """Block a thread until ready or `timeout` seconds passed; returns readiness."""
-        return self._event.wait(timeout)
 
     async def wait_async(self, timeout: float, poll_s: float = 0.05) -> bool:
         """Wait without blocking the event loop; returns readiness."""
@@ -150,32 +146,3 @@ def warm_up_in_background(work: Callable[[], None], delay_s: float = 0.0) -> thr
     thread = threading.Thread(target=run, name="model-warm-up", daemon=True)
     thread.start()
     return thread
-
-
-class ReadinessGate:
-    """ASGI middleware: a model route called before this worker is warm waits, then gets 503.
-
-    The wait (`wait_s`) absorbs the second or two a freshly (re)started worker
-    needs; a longer warm-up answers JSON 503 with Retry-After instead of leaving
-    the caller to its timeout. No image is decoded for a request that gets it.
-    """
-
-    def __init__(self, app: Any, paths: Iterable[str], wait_s: float, retry_after_s: float = 5.0) -> None:
-        self.app = app
-        self.paths = frozenset(paths)
-        self.wait_s = wait_s
-        self.retry_after = str(max(1, math.ceil(retry_after_s)))
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or READINESS.ready or scope.get("path") not in self.paths:
-            await self.app(scope, receive, send)
-            return
-        if await READINESS.wait_async(self.wait_s):
-            await self.app(scope, receive, send)
-            return
-        response = JSONResponse(  # the shape of every error body of the service (docs/hardening.md)
-            {"error": NOT_READY_MESSAGE, "detail": [{"type": "not_ready", "loc": [], "msg": NOT_READY_MESSAGE}]},
-            status_code=503,
-            headers={"Retry-After": self.retry_after},
-        )
-        await response(scope, receive, send)

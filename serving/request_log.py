@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +25,8 @@ from settings import RequestLogSettings
 LOGGER_NAME = "pneumonia.request"
 # BentoML logs every API exception here, client validation errors included.
 BENTOML_API_LOGGER = "bentoml._internal.server.http_app"
+# A client's own X-Request-ID, used only with request_log.client_identifiers.
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class JsonLineFormatter(logging.Formatter):
@@ -76,3 +80,10 @@ def configure(settings: RequestLogSettings) -> logging.Logger:
 
 def log_request(logger: logging.Logger, fields: dict[str, Any]) -> None:
     logger.info("request", extra={"fields": {"event": "request", **fields}})
+
+
+def request_id(supplied: str | None, settings: RequestLogSettings) -> str:
+    """The id of one request: the client's own (sane) id only when client identifiers are on, else a fresh one."""
+    if settings.client_identifiers and supplied and CLIENT_REQUEST_ID.fullmatch(supplied):
+        return supplied
+    return uuid.uuid4().hex

@@ -1,4 +1,4 @@
-"""Access control shared by the HTTP guard (serving/http_guard.py) and the gRPC interceptor.
+"""Access control shared by the HTTP guard (serving/http/admission.py) and the gRPC interceptor.
 
 One `AccessPolicy` per worker process answers, for one call, "may this client
 go on?": a constant-time API-key check over every configured key, then a
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -20,24 +19,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from api.status import API_KEY_HEADER
 from settings import SecuritySettings
 
-API_KEY_HEADER = "x-api-key"
-# In-process calls that a transport has already checked (the gRPC endpoint forwards
-# Classify to the HTTP API inside the worker) carry this header with a per-process
-# random token, so they are not authenticated and rate-limited a second time.
-INTERNAL_HEADER = "x-pneumonia-internal"
-_INTERNAL_TOKEN = secrets.token_urlsafe(32)
-
-
-def internal_headers() -> dict[str, str]:
-    """Headers that mark an in-process request as already checked by its transport."""
-    return {INTERNAL_HEADER: _INTERNAL_TOKEN}
-
-
-def is_internal(value: str | None) -> bool:
-    """True only for the token of this process (it never leaves the process)."""
-    return value is not None and hmac.compare_digest(value.encode("utf-8", "replace"), _INTERNAL_TOKEN.encode())
+__all__ = ["API_KEY_HEADER", "UNAUTHENTICATED_MESSAGE", "AccessPolicy", "Decision", "KeyRing", "RateLimiter",
+           "client_label", "presented_key", "shared_policy"]
 
 
 def presented_key(x_api_key: str | None, authorization: str | None) -> str | None:
@@ -144,9 +130,6 @@ class AccessPolicy:
         self.limiter = (
             RateLimiter(limits.requests_per_minute, limits.burst, limits.max_clients) if limits.enabled else None
         )
-
-    def authenticate(self, key: str | None) -> bool:
-        return self.keys.authenticate(key)
 
     def check(self, key: str | None, address: str, *, protected: bool, limited: bool = True) -> Decision:
         """Decide one call.

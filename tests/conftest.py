@@ -14,7 +14,8 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
 import pytest  # noqa: E402
 
-from tests.support import DATA_DIR, ServerProcess, bentoml_serve, free_port  # noqa: E402
+from harness.paths import DATA_DIR  # noqa: E402
+from harness.servers import ServerProcess, bentoml_serve, free_port  # noqa: E402
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -7,7 +7,7 @@ holds the same rows as a table, generated from this file:
     python -m tests.hostile_matrix --check docs/hardening.md   # exit 1 if it is stale
 
 Inputs are built on demand from a real X-ray of the shared data set
-(tests.support.sample_xrays) or synthesised here; nothing is committed.
+(harness.payloads.sample_xrays) or synthesised here; nothing is committed.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ BEGIN, END = (
 @cache
 def xray() -> Image.Image:
     """A real chest X-ray (grayscale) from the shared training folder."""
-    from tests.support import sample_xrays
+    from harness.payloads import sample_xrays
 
     with Image.open(sample_xrays(1, offset=3)[0]) as image:
         return image.convert("L")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serving.grpc_access import peer_address
+from serving.grpc.interceptors import peer_address
 from serving.security import AccessPolicy, KeyRing, RateLimiter, presented_key
 from settings import SecuritySettings, ServingSettings
 

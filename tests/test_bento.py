@@ -10,7 +10,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.support import ROOT, VENV_BIN, bentoml_serve, free_port, sample_xrays, server_env
+from harness.paths import ROOT, VENV_BIN
+from harness.payloads import sample_xrays
+from harness.servers import bentoml_serve, free_port, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +36,12 @@ def test_bento_packs_code_model_and_pinned_dependencies(bento_tag: str, bentoml_
     root = _bento_dir(bentoml_home, bento_tag)
     info = yaml.safe_load((root / "bento.yaml").read_text())
     assert [m["tag"] for svc in info["services"] for m in svc["models"]] == [production_tag]
-    for path in ("src/service.py", "src/settings.py", "src/training/preprocess.py", "src/models_registry/loader.py"):
+    for path in ("src/service.py", "src/settings.py", "src/core/preprocess.py", "src/models_registry/loader.py",
+                 "src/api/_proto/pneumonia/v1/classifier_pb2.py", "src/serving/grpc/servicer.py"):
         assert (root / path).is_file(), path
     assert not (root / "src/tests").exists() and not (root / "src/loadtests").exists()
+    for room in ("training", "client", "harness", "scripts"):  # the trainer and the client are not served
+        assert not (root / "src" / room).exists(), room
     requirements = (root / "env/python/requirements.txt").read_text()
     assert "torch==2.14.0" in requirements and "bentoml==1.4.39" in requirements
     pinned = [line.split("==")[0] for line in requirements.splitlines() if "==" in line and not line.lstrip().startswith("#")]
@@ -71,8 +76,8 @@ def test_built_bento_serves_by_tag(bento_tag: str, tmp_path: Path, production_ta
         item = response.json()[0]
         assert item["model"] == production_tag and item["label"] in ("NORMAL", "PNEUMONIA")
         # The same image over the Bento's gRPC endpoint: same answer.
-        from client._proto.pneumonia.v1 import classifier_pb2 as pb
-        from client._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
+        from api._proto.pneumonia.v1 import classifier_pb2 as pb
+        from api._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
         from tests.test_grpc import wait_serving
 
         wait_serving(proc.grpc_target)

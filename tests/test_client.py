@@ -22,7 +22,9 @@ from client import (
     connect,
     connect_async,
 )
-from tests.support import ROOT, ServerProcess, free_port, sample_xrays, server_env
+from harness.paths import ROOT
+from harness.payloads import sample_xrays
+from harness.servers import ServerProcess, free_port, server_env
 
 SAME = ("label", "probability", "threshold", "confidence", "model", "image", "warnings", "filename", "client_id")
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, server_env
+from harness.paths import ROOT
+from harness.servers import server_env
 from training.data import (
     CLASS_NAMES,
     DataFolderError,
@@ -19,7 +20,7 @@ from training.data import (
     scan_split,
     split_by_patient,
 )
-from training.preprocess import PreprocessConfig
+from core.preprocess import PreprocessConfig
 
 
 def test_patient_ids_follow_the_collection_naming() -> None:

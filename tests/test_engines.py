@@ -1,4 +1,4 @@
-"""Serving engines (models_registry/engines.py) must give the eager model's answers on real X-rays."""
+"""Serving engines (core/engines.py) must give the eager model's answers on real X-rays."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 from pydantic import ValidationError
 
 from models_registry import load_model
-from models_registry.engines import ENGINES, build_runner
+from core.engines import ENGINES, build_runner
 from settings import ServingSettings
-from tests.support import sample_xrays
-from training.preprocess import load_file
+from harness.payloads import sample_xrays
+from core.preprocess import load_file
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 Each test starts its own server on free loopback ports (the shared session
 server must not be killed) and always kills its whole process group at the end.
 The measured figures are printed (`pytest -s`) and documented in
-docs/hardening-faults.md; scripts/fault_*.py run the same experiments standalone.
+docs/hardening.md ("Faults"); scripts/fault_*.py run the same experiments standalone.
 """
 
 from __future__ import annotations
@@ -22,16 +22,11 @@ import httpx
 import pytest
 import yaml
 
-from tests.faultkit import (
-    kill_group,
-    large_png,
-    sigterm_experiment,
-    wait_until_workers_warm,
-    worker_kill_experiment,
-    worker_pids,
-    xray_payloads,
-)
-from tests.support import VENV_BIN, ServerProcess, bentoml_serve, free_port, server_env
+from harness.faults import sigterm_experiment, worker_kill_experiment
+from harness.paths import VENV_BIN
+from harness.payloads import large_png, xray_payloads
+from harness.processes import wait_until_workers_warm, worker_pids
+from harness.servers import ServerProcess, bentoml_serve, free_port, kill_group, server_env
 
 SERVICE = "service:PneumoniaClassifier"
 TRANSPORT_ERRORS = {"ConnectError", "RemoteProtocolError", "ReadError"}  # refused or reset: never a timeout
@@ -212,8 +207,8 @@ def test_not_ready_until_warm_early_callers_get_503_and_unavailable(spawn: Spawn
     grpc = pytest.importorskip("grpc")
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from client._proto.pneumonia.v1 import classifier_pb2 as pb
-    from client._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
+    from api._proto.pneumonia.v1 import classifier_pb2 as pb
+    from api._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
 
     grpc_port = free_port()
     delay, wait = 12.0, 2.0

@@ -17,10 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
-from client._proto.pneumonia.v1 import classifier_pb2 as pb
-from client._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
+from api._proto.pneumonia.v1 import classifier_pb2 as pb
+from api._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
 from tests.images import encode, gradient, png_bomb
-from tests.support import ROOT, VENV_BIN, ServerProcess, bentoml_serve, free_port, sample_xrays, server_env
+from harness.paths import ROOT, VENV_BIN
+from harness.payloads import sample_xrays
+from harness.servers import ServerProcess, bentoml_serve, free_port, server_env
 
 SERVICE = "pneumonia.v1.Classifier"
 COMPARED = ("label", "probability", "threshold", "confidence", "model", "warnings")

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from tests.hostile_matrix import ROWS, Request, Row, encode, exif_rotated_jpeg, raw_http, render, xray, xray_jpeg
-from tests.support import ROOT, ServerProcess
+from harness.paths import ROOT
+from harness.servers import ServerProcess
 
 
 def send(url: str, request: Request) -> tuple[int, dict[str, str], bytes]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from loadtests import run_locust
-from tests.support import ROOT, server_env
+from harness.paths import ROOT
+from harness.servers import server_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ def test_locust_command_writes_reports_with_no_failures(server, tmp_path: Path) 
 
 
 def test_locust_command_reports_failures_against_a_dead_url(tmp_path: Path) -> None:
-    from tests.support import free_port
+    from harness.servers import free_port
 
     out = tmp_path / "dead"
     code = run_locust.main(["--url", f"http://127.0.0.1:{free_port()}", "-u", "1", "-d", "2", "--out", str(out)])

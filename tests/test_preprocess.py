@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from tests.images import encode, gradient, png_bomb
-from tests.support import sample_xrays
+from harness.payloads import sample_xrays
 from training.data import Sample, load_samples
-from training.preprocess import ImageRejected, InputLimits, PreprocessConfig, load_file, prepare, to_tensor
+from core.preprocess import ImageRejected, InputLimits, PreprocessConfig, load_file, prepare, to_tensor
 
 CONFIG = PreprocessConfig()
 

@@ -12,9 +12,11 @@ import torch
 
 import models_registry as reg
 from models_registry.store import show
-from tests.support import ROOT, sample_xrays, server_env
-from training.models import ModelSpec, build_model
-from training.preprocess import PreprocessConfig, load_file
+from harness.paths import ROOT
+from harness.payloads import sample_xrays
+from harness.servers import server_env
+from core.model import ModelSpec, build_model
+from core.preprocess import PreprocessConfig, load_file
 
 NAME = "registry-test-model"  # kept apart from the production model the servers use
 
@@ -51,7 +53,7 @@ def test_save_list_promote_load_gives_the_same_outputs_bit_for_bit(two_models) -
     loaded = reg.load_model("production", NAME)
     assert loaded.tag == first and loaded.card.threshold == 0.4 and loaded.card.temperature == 1.5
     grids = _grids()
-    from training.preprocess import to_tensor
+    from core.preprocess import to_tensor
 
     with torch.inference_mode():
         expected = module(to_tensor(grids, loaded.card.preprocess))

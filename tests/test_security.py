@@ -26,7 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.hostile_matrix import xray, xray_jpeg
-from tests.support import ServerProcess, bentoml_serve, free_port
+from harness.servers import ServerProcess, bentoml_serve, free_port
 
 KEY_ENV = "env-key-" + "a" * 24
 KEY_FILE = "file-key-" + "b" * 24
@@ -382,8 +382,8 @@ def test_client_identifiers_are_logged_only_when_enabled(secured: HttpsServer) -
 
 
 def test_grpc_classify_needs_a_key_and_is_rate_limited(secured: HttpsServer) -> None:
-    pb = pytest.importorskip("client._proto.pneumonia.v1.classifier_pb2")
-    pb_grpc = pytest.importorskip("client._proto.pneumonia.v1.classifier_pb2_grpc")
+    pb = pytest.importorskip("api._proto.pneumonia.v1.classifier_pb2")
+    pb_grpc = pytest.importorskip("api._proto.pneumonia.v1.classifier_pb2_grpc")
     request = pb.ClassifyRequest(images=[pb.Image(data=xray_jpeg())])
     with grpc.insecure_channel(secured.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)

@@ -14,7 +14,9 @@ import httpx
 import pytest
 
 from tests.images import encode, gradient, png_bomb
-from tests.support import ROOT, ServerProcess, sample_xrays, server_env
+from harness.paths import ROOT
+from harness.payloads import sample_xrays
+from harness.servers import ServerProcess, server_env
 
 
 def classify(server: ServerProcess, files: list[tuple[str, bytes]], field: str = "images") -> httpx.Response:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, VENV_BIN, server_env
+from harness.paths import ROOT, VENV_BIN
+from harness.servers import server_env
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.preprocess import ImageRejected, InputLimits, PreprocessConfig, load_file
+from core.preprocess import ImageRejected, InputLimits, PreprocessConfig, load_file
 
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})

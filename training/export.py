@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     from models_registry import RegistryError, export_model, load_model
-    from models_registry.card import MODEL_NAME
+    from core.card import MODEL_NAME
 
     try:
         tag = (args.run / "model_tag.txt").read_text().strip()

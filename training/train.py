@@ -35,8 +35,8 @@ from training.augment import AugmentConfig, augment_batch
 from training.calibration import choose_threshold, fit_temperature
 from training.data import CLASS_NAMES, DataFolderError, LoadedSplit, fingerprint, load_samples, scan_split, split_by_patient
 from training.metrics import classification_report
-from training.models import ModelSpec, build_model
-from training.preprocess import PreprocessConfig, to_tensor
+from core.model import ModelSpec, build_model
+from core.preprocess import PreprocessConfig, to_tensor
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""The sample X-rays and the request mix shared by the Locust suite and the benchmark.
+"""Real X-ray payloads: single files for tests and drills, and the sample set and request mix of the load tests.
 
 Nothing here is committed: the samples are taken from the shared training folder
 at run time and cached under `results/samples/`. The shared images are 224 px;
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import uuid
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("PNEUMONIA_DATA_DIR", ROOT.parent / "shared" / "datasets" / "chest_xray"))
-CACHE_DIR = ROOT / "results" / "samples"
+from harness.paths import DATA_DIR, RESULTS
+
+CACHE_DIR = RESULTS / "samples"
 CLASSES = ("NORMAL", "PNEUMONIA")
 
 # (width, height) of the full-size uploads: the range of digital chest radiographs.
@@ -165,3 +164,27 @@ def request_plan(samples: SampleSet, count: int, seed: int = 0, kinds: tuple[str
         body, content_type = encode_multipart(list(images))
         plan.append(PlannedRequest(kind, images, body, content_type))
     return plan
+
+
+def sample_xrays(per_class: int, offset: int = 0) -> list[Path]:
+    """Real X-rays from the shared training folder, deterministic selection, both classes."""
+    files: list[Path] = []
+    for name in CLASSES:
+        all_files = sorted((DATA_DIR / "train" / name).iterdir())
+        files.extend(all_files[offset : offset + per_class])
+    return files
+
+
+def xray_payloads(count: int = 16, offset: int = 300) -> list[bytes]:
+    """Real chest X-rays (224 px JPEGs from the shared training folder), both classes."""
+    return [p.read_bytes() for p in sample_xrays(max(1, count // 2), offset=offset)]
+
+
+def large_png(side: int = 1536, seed: int = 0) -> bytes:
+    """A real X-ray upscaled to `side` px with detector-like grain, as PNG (no reduced-scale decode: costly)."""
+    source = Image.open(sample_xrays(1, offset=400 + seed)[0]).convert("L").resize((side, side), Image.BICUBIC)
+    grain = np.random.default_rng(seed).normal(0, 4, (side, side))
+    pixels = np.clip(np.asarray(source, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from training.models import ModelSpec
-from training.preprocess import PreprocessConfig
+from core.model import ModelSpec
+from core.preprocess import PreprocessConfig
 
 MODEL_NAME = "pneumonia-classifier"
 WEIGHTS_FILE = "weights.pt"

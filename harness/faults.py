@@ -1,138 +1,30 @@
-"""Fault experiments against a real `bentoml serve`: its process tree, steady load, a killed worker, SIGTERM.
+"""Fault drills against a real `bentoml serve`: steady load, a killed worker, SIGTERM under load.
 
 tests/test_faults.py runs them and asserts bounds; scripts/fault_*.py run the same
 functions and print the measured figures. Every request goes to the server's
-127.0.0.1 port, and every experiment is bounded in requests and time.
+127.0.0.1 port, and every experiment is bounded in requests and time. The drill's
+load is a few httpx clients (not harness.loadgen): a failed request is named by
+httpx's error class (ConnectError, RemoteProtocolError, ReadError), which is what
+the fault tests' bounds are stated in.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
-import shutil
 import signal
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
-import psutil
-from PIL import Image
 
-from tests.support import ServerProcess, bentoml_serve, free_port, sample_xrays
-
-# `bentoml serve` is a circus arbiter; each worker runs this module (see _bentoml_impl/server/serving.py).
-WORKER_MODULE = "_bentoml_impl.worker.service"
-
-
-# --------------------------------------------------------------------------- process tree
-
-
-def worker_pids(serve_pid: int) -> list[int]:
-    """Pids of the live HTTP workers under a `bentoml serve` process."""
-    try:
-        children = psutil.Process(serve_pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    pids = []
-    for child in children:
-        try:
-            if WORKER_MODULE in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
-                pids.append(child.pid)
-        except psutil.Error:
-            continue
-    return sorted(pids)
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (the whole server)."""
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for process in processes:
-        try:
-            total += process.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
-
-
-def wait_for_workers(serve_pid: int, count: int, timeout: float = 60.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = worker_pids(serve_pid)
-        if len(pids) >= count:
-            return pids
-        time.sleep(0.2)
-    raise TimeoutError(f"{count} workers did not appear under pid {serve_pid} within {timeout}s")
-
-
-def wait_for_log(server: ServerProcess, pattern: str, timeout: float, since: int = 0) -> float | None:
-    """Monotonic time at which `pattern` (a regex) appeared in the server log after offset `since`, else None."""
-    deadline = time.monotonic() + timeout
-    regex = re.compile(pattern)
-    while time.monotonic() < deadline:
-        if regex.search(server.logs()[since:]):
-            return time.monotonic()
-        time.sleep(0.1)
-    return None
-
-
-def established_connections(pids: list[int], port: int) -> int:
-    """TCP connections on `port` that the given processes have accepted (kernel-queued ones are not counted)."""
-    count = 0
-    for pid in pids:
-        try:
-            connections = psutil.Process(pid).net_connections(kind="tcp")
-        except psutil.Error:
-            continue
-        count += sum(1 for c in connections if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED)
-    return count
-
-
-def kill_group(server: ServerProcess) -> None:
-    """SIGKILL the server's whole process group (also orphans left by a crashed arbiter); never raises."""
-    if server.process is None:
-        return
-    try:
-        os.killpg(server.process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        server.process.wait(timeout=10)
-    except Exception:  # noqa: BLE001 - cleanup must not mask the test's own failure
-        pass
-
-
-# --------------------------------------------------------------------------- payloads
-
-
-def xray_payloads(count: int = 16, offset: int = 300) -> list[bytes]:
-    """Real chest X-rays (224 px JPEGs from the shared training folder), both classes."""
-    return [p.read_bytes() for p in sample_xrays(max(1, count // 2), offset=offset)]
-
-
-def large_png(side: int = 1536, seed: int = 0) -> bytes:
-    """A real X-ray upscaled to `side` px with detector-like grain, as PNG (no reduced-scale decode: costly)."""
-    source = Image.open(sample_xrays(1, offset=400 + seed)[0]).convert("L").resize((side, side), Image.BICUBIC)
-    grain = np.random.default_rng(seed).normal(0, 4, (side, side))
-    pixels = np.clip(np.asarray(source, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
+from harness.payloads import xray_payloads
+from harness.processes import established_connections, wait_for_workers, worker_pids
+from harness.servers import ServerProcess
 
 # --------------------------------------------------------------------------- outcomes and load
 
@@ -377,53 +269,6 @@ def sigterm_experiment(server: ServerProcess, heavy_images: list[bytes], in_flig
         late=[{"sent_after_term_s": round(o.start - term_at, 2), "took_s": round(o.end - o.start, 2), "kind": o.kind}
               for o in sorted(late, key=lambda o: o.start)],
     )
-
-
-# --------------------------------------------------------------------------- for the scripts
-
-
-@contextlib.contextmanager
-def model_store() -> Iterator[Path]:
-    """BENTOML_HOME for a script: the caller's if set, else a temporary one holding the shipped model.
-
-    Must run before anything imports bentoml (BentoML reads BENTOML_HOME once).
-    """
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    temporary = None
-    if "BENTOML_HOME" not in os.environ:
-        temporary = tempfile.mkdtemp(prefix="pneumonia-faults-bentoml-")
-        os.environ["BENTOML_HOME"] = temporary
-    try:
-        from models_registry.default import ensure_default
-
-        print(ensure_default(), file=sys.stderr)
-        yield Path(os.environ["BENTOML_HOME"])
-    finally:
-        if temporary is not None:
-            shutil.rmtree(temporary, ignore_errors=True)
-
-
-def start_server(log_path: Path, ready_timeout: float = 180.0, **env: str) -> ServerProcess:
-    """`bentoml serve` of the service on free loopback ports (HTTP and gRPC), started and ready."""
-    env.setdefault("PNEUMONIA_GRPC__HOST", "127.0.0.1")
-    env.setdefault("PNEUMONIA_GRPC__PORT", str(free_port()))
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    server = bentoml_serve("service:PneumoniaClassifier", free_port(), log_path, **env)
-    try:
-        return server.start(ready_timeout=ready_timeout)
-    except BaseException:
-        kill_group(server)
-        raise
-
-
-def wait_until_workers_warm(server: ServerProcess, workers: int, timeout: float = 120.0) -> list[int]:
-    """The worker pids, once each has logged that its model is warm."""
-    assert server.process is not None
-    pids = wait_for_workers(server.process.pid, workers, timeout)
-    for pid in pids:
-        if wait_for_log(server, rf"worker {pid} ready", timeout) is None:
-            raise TimeoutError(f"worker {pid} did not become ready in {timeout}s:\n{server.logs()[-3000:]}")
-    return pids
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -1,7 +1,8 @@
-"""Helpers for tests that run real servers: free loopback ports, start, wait, always stop."""
+"""Real servers as subprocesses: free loopback ports, start, wait until warm, always stop; model stores."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -11,14 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("PNEUMONIA_DATA_DIR", ROOT.parent / "shared" / "datasets" / "chest_xray"))
-VENV_BIN = Path(sys.executable).parent
+from harness.paths import ROOT, VENV_BIN
 
 
 def free_port() -> int:
@@ -102,8 +102,9 @@ class ServerProcess:
 
 
 def server_env(**extra: str) -> dict[str, str]:
+    """This environment for a child process: its tools first on PATH, no telemetry, plus `extra`."""
     env = dict(os.environ)
-    env.update(BENTOML_DO_NOT_TRACK="true", PYTHONPATH=str(ROOT), PATH=f"{VENV_BIN}:{env.get('PATH', '')}")
+    env.update(BENTOML_DO_NOT_TRACK="true", PATH=f"{VENV_BIN}:{env.get('PATH', '')}")
     env.update(extra)
     return env
 
@@ -147,10 +148,49 @@ def bentoml_serve(target: str, port: int, log_path: Path, **env: str) -> ServerP
                          scratch_dirs=scratch, warm_workers=_expected_workers(env))
 
 
-def sample_xrays(per_class: int, offset: int = 0) -> list[Path]:
-    """Real X-rays from the shared training folder, deterministic selection, both classes."""
-    files: list[Path] = []
-    for name in ("NORMAL", "PNEUMONIA"):
-        all_files = sorted((DATA_DIR / "train" / name).iterdir())
-        files.extend(all_files[offset : offset + per_class])
-    return files
+def kill_group(server: ServerProcess) -> None:
+    """SIGKILL the server's whole process group (also orphans left by a crashed arbiter); never raises."""
+    if server.process is None:
+        return
+    try:
+        os.killpg(server.process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        server.process.wait(timeout=10)
+    except Exception:  # noqa: BLE001 - cleanup must not mask the caller's own failure
+        pass
+
+
+def start_server(log_path: Path, ready_timeout: float = 180.0, **env: str) -> ServerProcess:
+    """`bentoml serve` of the service on free loopback ports (HTTP and gRPC), started and ready."""
+    env.setdefault("PNEUMONIA_GRPC__HOST", "127.0.0.1")
+    env.setdefault("PNEUMONIA_GRPC__PORT", str(free_port()))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    server = bentoml_serve("service:PneumoniaClassifier", free_port(), log_path, **env)
+    try:
+        return server.start(ready_timeout=ready_timeout)
+    except BaseException:
+        kill_group(server)
+        raise
+
+
+@contextlib.contextmanager
+def model_store() -> Iterator[Path]:
+    """BENTOML_HOME for a script: the caller's if set, else a temporary one holding the shipped model.
+
+    Must run before anything imports bentoml (BentoML reads BENTOML_HOME once).
+    """
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    temporary = None
+    if "BENTOML_HOME" not in os.environ:
+        temporary = tempfile.mkdtemp(prefix="pneumonia-faults-bentoml-")
+        os.environ["BENTOML_HOME"] = temporary
+    try:
+        from models_registry.default import ensure_default
+
+        print(ensure_default(), file=sys.stderr)
+        yield Path(os.environ["BENTOML_HOME"])
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)

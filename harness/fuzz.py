@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the decode-and-validate path, `training.preprocess.prepare`.
+"""Property-based fuzzing of the decode-and-validate path, `core.preprocess.prepare`.
 
 The property: for ANY bytes, `prepare` either returns a PreparedImage inside
 the limits (model-sized uint8 grid, a source within max_pixels and min_side)
@@ -21,7 +21,7 @@ import numpy as np
 from hypothesis import strategies as st
 from PIL import Image
 
-from training.preprocess import ImageRejected, InputLimits, PreparedImage, PreprocessConfig, RejectReason, prepare
+from core.preprocess import ImageRejected, InputLimits, PreparedImage, PreprocessConfig, RejectReason, prepare
 
 CONFIG = PreprocessConfig()
 # Small limits keep each example fast while still exercising every limit check.

@@ -1,0 +1,104 @@
+"""The generated protobuf stubs and their conversion to and from `api.models`.
+
+The stubs (`api/_proto`) are built from `api/proto/pneumonia/v1/classifier.proto`
+by scripts/gen_proto.py, which `./dev.sh setup` runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import struct_pb2
+from google.protobuf.json_format import MessageToDict
+
+from api.models import ModelInfo, Prediction
+
+try:
+    from api._proto.pneumonia.v1 import classifier_pb2 as pb
+    from api._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
+except ImportError as exc:  # pragma: no cover - a checkout that skipped ./dev.sh setup
+    raise ImportError(
+        f"the generated gRPC stubs are missing ({exc}); run `./dev.sh setup` or `python scripts/gen_proto.py`"
+    ) from exc
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "pneumonia.v1.Classifier"
+
+__all__ = ["SERVICE_NAME", "model_info_fields", "model_info_message", "pb", "pb_grpc", "prediction_fields",
+           "prediction_message"]
+
+
+def prediction_message(prediction: Prediction, image: Any) -> Any:
+    """`pb.Prediction` for one result; `filename` and `client_id` are echoed from the request's `pb.Image`."""
+    info = prediction.image
+    message = pb.Prediction(
+        label=prediction.label,
+        probability=prediction.probability,
+        threshold=prediction.threshold,
+        confidence=prediction.confidence,
+        model=prediction.model,
+        image=pb.ImageInfo(width=info.width, height=info.height, mode=info.mode, format=info.format),
+        warnings=prediction.warnings,
+        processing_ms=prediction.processing_ms,
+        batch_size=prediction.batch_size,
+    )
+    if image.HasField("filename"):
+        message.filename = image.filename
+    if image.HasField("client_id"):
+        message.client_id = image.client_id
+    return message
+
+
+def prediction_fields(message: Any) -> dict[str, Any]:
+    """A `pb.Prediction` as the fields of `api.models.Prediction`, plus `filename` and `client_id` (or None)."""
+    image = message.image
+    return {
+        "label": message.label,
+        "probability": message.probability,
+        "threshold": message.threshold,
+        "confidence": message.confidence,
+        "model": message.model,
+        "image": {"width": image.width, "height": image.height, "mode": image.mode, "format": image.format},
+        "warnings": list(message.warnings),
+        "processing_ms": message.processing_ms,
+        "batch_size": message.batch_size,
+        "filename": message.filename if message.HasField("filename") else None,
+        "client_id": message.client_id if message.HasField("client_id") else None,
+    }
+
+
+def model_info_message(info: ModelInfo, max_message_bytes: int) -> Any:
+    """`pb.ModelInfo` from the HTTP `/health` answer; `max_message_bytes` is the gRPC request limit."""
+    metrics = struct_pb2.Struct()
+    metrics.update(info.validation_metrics)
+    limits = info.limits
+    return pb.ModelInfo(
+        ready=info.ready,
+        model=info.model,
+        arch=info.arch,
+        threshold=info.threshold,
+        temperature=info.temperature,
+        target_sensitivity=info.target_sensitivity,
+        validation_metrics=metrics,
+        preprocess=pb.Preprocess(**{k: info.preprocess[k] for k in ("image_size", "normalization", "mean", "std")}),
+        uptime_s=info.uptime_s,
+        workers=info.workers,
+        torch_threads=info.torch_threads,
+        batching=pb.Batching(**{k: info.batching[k] for k in ("enabled", "max_batch_size", "max_latency_ms")}),
+        limits=pb.Limits(
+            max_bytes=limits["max_bytes"],
+            max_pixels=limits["max_pixels"],
+            min_side=limits["min_side"],
+            max_images_per_request=limits["max_images_per_request"],
+            max_message_bytes=max_message_bytes,
+        ),
+    )
+
+
+def model_info_fields(message: Any) -> dict[str, Any]:
+    """A `pb.ModelInfo` as the fields of `api.models.ModelInfo` (int64 values back to ints)."""
+    data = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    limits = data.get("limits", {})
+    for key in ("max_bytes", "max_pixels", "max_message_bytes"):  # int64 travels as a JSON string
+        if key in limits:
+            limits[key] = int(limits[key])
+    return data

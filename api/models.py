@@ -1,0 +1,89 @@
+"""The JSON bodies of the HTTP API; the gRPC messages carry the same fields (api/proto)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+    mode: str = Field(description="PIL mode of the upload, e.g. L, RGB, I;16")
+    format: str
+
+
+class Prediction(BaseModel):
+    """One classified image, as `POST /classify` returns it (one per image, in request order)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: Literal["NORMAL", "PNEUMONIA"]
+    probability: float = Field(ge=0, le=1, description="calibrated probability of pneumonia")
+    threshold: float = Field(description="operating point: probability >= threshold means PNEUMONIA")
+    confidence: float = Field(ge=0, le=1, description="calibrated probability of the returned label")
+    model: str = Field(description="model tag that produced this prediction")
+    image: ImageInfo
+    warnings: list[str] = Field(default_factory=list, description="reasons to double-check this result")
+    processing_ms: float = Field(description="server time from upload parsed to result, queueing included")
+    batch_size: int = Field(description="images in the forward pass that produced this prediction")
+
+
+class ModelInfo(BaseModel):
+    """The served model and the serving configuration (HTTP `POST /health`, gRPC `GetModelInfo`)."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    ready: bool
+    model: str
+    arch: str
+    threshold: float
+    temperature: float
+    target_sensitivity: float
+    validation_metrics: dict[str, Any] = Field(default_factory=dict)
+    preprocess: dict[str, Any] = Field(default_factory=dict)
+    uptime_s: float
+    workers: int
+    torch_threads: int
+    batching: dict[str, Any] = Field(default_factory=dict)
+    limits: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorDetail(BaseModel):
+    """One reason a request was refused: `type` is a code of api.reasons, `loc` where (e.g. ["images", 1])."""
+
+    type: str
+    loc: list[str | int] = Field(default_factory=list)
+    msg: str
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx body the service writes; the shape of BentoML's own validation errors."""
+
+    error: str
+    detail: list[ErrorDetail] = Field(default_factory=list)
+
+
+def error_body(message: str, details: list[dict[str, Any]]) -> bytes:
+    """The JSON bytes of an `ErrorBody` (json.dumps spacing, as the service always wrote them)."""
+    return json.dumps({"error": message, "detail": details}).encode()
+
+
+class Refused(Exception):
+    """A request refused as a whole: its HTTP status and the `ErrorBody` fields that say why.
+
+    Raised by the server's own checks for callers that are not HTTP (the gRPC
+    servicer), which map it with api.status.
+    """
+
+    def __init__(self, status: int, message: str, details: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details
+
+    @property
+    def reasons(self) -> list[str]:
+        return [str(d.get("type")) for d in self.details]

@@ -1,0 +1,196 @@
+"""The interceptors of the gRPC server, outermost first (`build_interceptors`): metrics, then access.
+
+Metrics: every call counted by method and final status code, and its latency,
+for /metrics. Access: API keys and rate limits, the same `AccessPolicy` as HTTP
+(serving/security.py). The key comes from metadata `x-api-key: KEY` or
+`authorization: Bearer KEY`; the client is the peer address when no valid key
+names it. A refused call ends with UNAUTHENTICATED (one message whatever was
+wrong) or RESOURCE_EXHAUSTED with a `retry-after` trailer in seconds. Health
+checks and reflection stay open and unthrottled, like /livez, /readyz and the docs page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import bentoml
+import grpc
+
+from api.status import API_KEY_HEADER, RETRY_AFTER_HEADER
+from serving.security import UNAUTHENTICATED_MESSAGE, AccessPolicy, presented_key, shared_policy
+from settings import SecuritySettings, ServingSettings
+
+HANDLED = bentoml.metrics.Counter(
+    name="pneumonia_grpc_server_handled_total",
+    documentation="gRPC calls completed, by service, method and status code",
+    labelnames=["grpc_service", "grpc_method", "grpc_code"],
+)
+HANDLING_SECONDS = bentoml.metrics.Histogram(
+    name="pneumonia_grpc_server_handling_seconds",
+    documentation="gRPC call latency in the server, by service and method",
+    labelnames=["grpc_service", "grpc_method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+# How the access interceptor admitted the call in progress ("key" or "none"), for the servicer's request log.
+AUTH: contextvars.ContextVar[str] = contextvars.ContextVar("pneumonia_grpc_auth", default="none")
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    """'/pneumonia.v1.Classifier/Classify' -> ('pneumonia.v1.Classifier', 'Classify')."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service or "unknown", method or full_method
+
+
+def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    code = context.code()
+    if code is not None:
+        return code
+    return grpc.StatusCode.UNKNOWN if exc is not None else grpc.StatusCode.OK
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call by method and final status code and records its latency, for /metrics."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split_method(handler_call_details.method)
+
+        def record(started: float, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+            HANDLED.labels(grpc_service=service, grpc_method=method, grpc_code=_final_code(context, exc).name).inc()
+            HANDLING_SECONDS.labels(grpc_service=service, grpc_method=method).observe(time.perf_counter() - started)
+
+        def wrap_unary_response(behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started, error = time.perf_counter(), None
+                try:
+                    result = behaviour(request, context)
+                    return await result if inspect.isawaitable(result) else result
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    record(started, context, error)
+
+            return wrapped
+
+        def wrap_stream_response(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behaviour):
+
+                async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                    started, error = time.perf_counter(), None
+                    try:
+                        async for item in behaviour(request, context):
+                            yield item
+                    except BaseException as exc:
+                        error = exc
+                        raise
+                    finally:
+                        record(started, context, error)
+
+                return generator
+            return wrap_unary_response(behaviour)  # a coroutine that streams with context.write()
+
+        kinds = {
+            "unary_unary": (grpc.unary_unary_rpc_method_handler, wrap_unary_response),
+            "stream_unary": (grpc.stream_unary_rpc_method_handler, wrap_unary_response),
+            "unary_stream": (grpc.unary_stream_rpc_method_handler, wrap_stream_response),
+            "stream_stream": (grpc.stream_stream_rpc_method_handler, wrap_stream_response),
+        }
+        for kind, (make_handler, wrap) in kinds.items():
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                return make_handler(
+                    wrap(behaviour),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
+        return handler
+
+
+
+
+
+def peer_address(peer: str | None) -> str:
+    """'ipv4:10.0.0.5:51234' -> '10.0.0.5'; 'ipv6:[::1]:5' -> '::1'; anything else as is."""
+    if not peer:
+        return "unknown"
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]") or rest
+    return peer
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    """Checks `protected` methods for a key and rate-limits `limited` ones (full names, '/pkg.Service/Method')."""
+
+    def __init__(self, policy: AccessPolicy, protected: Iterable[str], limited: Iterable[str]) -> None:
+        self.policy = policy
+        self.protected = frozenset(protected)
+        self.limited = frozenset(limited)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        protected, limited = method in self.protected, method in self.limited
+        if handler is None or handler.unary_unary is None or not (protected or limited):
+            return handler
+        metadata = {key.lower(): value for key, value in (handler_call_details.invocation_metadata or ())}
+        key = presented_key(_text(metadata.get(API_KEY_HEADER)), _text(metadata.get("authorization")))
+        behaviour = handler.unary_unary
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            decision = self.policy.check(key, peer_address(context.peer()), protected=protected, limited=limited)
+            AUTH.set("key" if decision.authenticated else "none")
+            if decision.outcome == "rate_limited":
+                wait = decision.retry_after_s
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"too many requests from this client; retry after {wait} s",
+                    trailing_metadata=((RETRY_AFTER_HEADER, str(wait)),),
+                )
+            if decision.outcome == "unauthenticated":
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+            result = behaviour(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+def _text(value: str | bytes | None) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def classifier_access(security: SecuritySettings, service_name: str) -> AccessInterceptor:
+    """The interceptor for `service_name` (e.g. pneumonia.v1.Classifier): the HTTP rules, method by method."""
+    classify, info = f"/{service_name}/Classify", f"/{service_name}/GetModelInfo"
+    protected = {classify} | ({info} if security.protect_health else set())
+    return AccessInterceptor(shared_policy(security), protected=protected, limited={classify, info})
+
+
+def build_interceptors(settings: ServingSettings, service_name: str) -> list[grpc.aio.ServerInterceptor]:
+    """Every interceptor of the gRPC server, outermost first."""
+    return [MetricsInterceptor(), classifier_access(settings.security, service_name)]

@@ -1,0 +1,91 @@
+"""The `grpc.aio` server of one worker: started from the service's `@bentoml.on_startup` hook (service.py).
+
+BentoML 1.4's service API cannot serve gRPC itself, so each worker starts a
+`grpc.aio` server on its own event loop and binds `PNEUMONIA_GRPC__PORT` with
+SO_REUSEPORT, which lets all workers share the port the way they share the
+HTTP socket. Besides `pneumonia.v1.Classifier` (servicer.py) it serves the
+standard health service (NOT_SERVING until the model is warm) and reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from api.grpc import SERVICE_NAME, pb_grpc
+from serving.grpc.interceptors import build_interceptors
+from serving.grpc.servicer import Classifier, ClassifierServicer
+from settings import ServingSettings
+
+logger = logging.getLogger("pneumonia.grpc")
+
+
+@dataclass
+class GrpcEndpoint:
+    """A started gRPC server of one worker and the task that keeps its health status current."""
+
+    server: grpc.aio.Server
+    servicer: ClassifierServicer
+    health: health.aio.HealthServicer
+    address: str
+    settings: ServingSettings
+    _watcher: asyncio.Task | None = field(default=None, repr=False)
+
+    async def watch_readiness(self, service: Classifier) -> None:
+        """NOT_SERVING until the model is warm and the batched API reachable, then SERVING (re-checked every second)."""
+        current = None
+        while True:
+            status = health_pb2.HealthCheckResponse.SERVING if service.is_serving() else health_pb2.HealthCheckResponse.NOT_SERVING
+            if status != current:
+                for name in ("", SERVICE_NAME):
+                    await self.health.set(name, status)
+                logger.info("gRPC %s on %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status), self.address)
+                current = status
+            await asyncio.sleep(1.0 if status == health_pb2.HealthCheckResponse.SERVING else 0.02)
+
+    async def stop(self) -> None:
+        """NOT_SERVING first (load balancers drain), then let in-flight calls finish within the grace period."""
+        await self.health.enter_graceful_shutdown()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await self.server.stop(self.settings.grpc.shutdown_grace_s)
+        logger.info("gRPC server on %s stopped", self.address)
+
+
+async def start(service: Classifier, settings: ServingSettings) -> GrpcEndpoint:
+    """Bind and start the gRPC server on the running event loop of this worker."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.so_reuseport", 1),  # all workers of this server share the port
+    ]
+    server = grpc.aio.server(
+        interceptors=build_interceptors(settings, SERVICE_NAME),
+        options=options,
+        maximum_concurrent_rpcs=settings.max_concurrency,
+    )
+    servicer = ClassifierServicer(service, settings)
+    pb_grpc.add_ClassifierServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):  # the servicer starts out SERVING for ""; not before the model is
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    host = settings.grpc.host
+    address = f"[{host}]:{settings.grpc.port}" if ":" in host and not host.startswith("[") else f"{host}:{settings.grpc.port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"cannot bind the gRPC port {address} ({exc}); set PNEUMONIA_GRPC__PORT to a free port "
+            "or PNEUMONIA_GRPC__ENABLED=false"
+        ) from None
+    await server.start()
+    endpoint = GrpcEndpoint(server=server, servicer=servicer, health=health_servicer, address=address, settings=settings)
+    endpoint._watcher = asyncio.create_task(endpoint.watch_readiness(service), name="grpc-readiness")
+    logger.info("gRPC server listening on %s", address)
+    return endpoint

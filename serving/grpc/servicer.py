@@ -1,0 +1,146 @@
+"""`pneumonia.v1.Classifier`, answered by the service instance of this worker (service.py).
+
+A `Classify` call is not a second inference path. Its image bytes go through
+the checks and preprocessing of `POST /classify` (`prepare_images`, the same
+code, under the same limits) and join the same adaptive batches as HTTP calls
+(`classify_prepared`): a gRPC call and an HTTP call that arrive together share
+one forward pass. Refusals map to gRPC status codes with api.status; every call
+that reaches the checks writes one request-log line (transport `grpc`), and its
+request id comes back as trailing metadata.
+
+The client's deadline bounds the call: when it expires gRPC cancels the
+handler, which abandons its place in the batch (a batch already running finishes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import grpc
+from bentoml.exceptions import BentoMLException
+
+from api.grpc import model_info_message, pb, pb_grpc, prediction_message
+from api.models import ModelInfo, Prediction, Refused
+from api.status import REASONS_METADATA_KEY, REQUEST_ID_HEADER, grpc_code_name
+from core.preprocess import PreparedImage
+from serving import request_log
+from serving.grpc.interceptors import AUTH, peer_address
+from settings import ServingSettings
+
+logger = logging.getLogger("pneumonia.grpc")
+
+NOT_READY_MESSAGE = "the model is still loading; retry shortly"
+
+
+class Classifier(Protocol):
+    """What the servicer needs from the service instance (service.PneumoniaClassifier)."""
+
+    def is_serving(self) -> bool: ...
+    def prepare_images(self, images: Sequence[bytes]) -> list[PreparedImage]: ...
+    async def classify_prepared(self, images: list[PreparedImage]) -> list[Prediction]: ...
+    def model_info(self) -> ModelInfo: ...
+
+
+def describe_refusal(refused: Refused, images: Sequence[Any]) -> str:
+    """One message naming each refused image, e.g. 'image 1 (thumb.png): the image is 8x8 pixels; ...'."""
+    parts = []
+    for detail in refused.details:
+        index = next((p for p in detail.get("loc") or [] if isinstance(p, int)), None)
+        message = str(detail.get("msg", detail.get("type", "invalid")))
+        if index is not None and 0 <= index < len(images):
+            name = images[index].filename if images[index].HasField("filename") else ""
+            parts.append(f"image {index}" + (f" ({name})" if name else "") + f": {message}")
+        else:
+            parts.append(message)
+    return "; ".join(parts) or refused.message
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    """`pneumonia.v1.Classifier` of one worker."""
+
+    def __init__(self, service: Classifier, settings: ServingSettings) -> None:
+        self.service = service
+        self.settings = settings
+        self.logger = request_log.configure(settings.request_log)
+
+    async def _require_ready(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.service.is_serving():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, NOT_READY_MESSAGE)
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        await self._require_ready(context)
+        images = list(request.images)
+        if not images:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send at least one image in 'images'")
+        started = time.perf_counter()
+        metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
+        supplied = metadata.get(REQUEST_ID_HEADER)
+        request_id = request_log.request_id(str(supplied) if supplied is not None else None, self.settings.request_log)
+        trailing = ((REQUEST_ID_HEADER, request_id),)
+        line: dict[str, Any] = {"status": 499, "reject_reasons": []}  # 499: the caller went away first
+        try:
+            try:
+                prepared = self.service.prepare_images([image.data for image in images])
+                predictions = await asyncio.wait_for(self.service.classify_prepared(prepared), self.settings.timeout_s)
+            except Refused as refused:
+                line.update(status=refused.status, reject_reasons=refused.reasons)
+                code = grpc.StatusCode[grpc_code_name(refused.status, refused.reasons)]
+                reasons = ((REASONS_METADATA_KEY, ",".join(refused.reasons)),)
+                await context.abort(code, describe_refusal(refused, images), trailing_metadata=trailing + reasons)
+            except TimeoutError:
+                line["status"] = 504
+                message = f"not able to classify the images in {self.settings.timeout_s} seconds"
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message, trailing_metadata=trailing)
+            except BentoMLException as exc:  # e.g. ServiceUnavailable: the batcher is overloaded
+                status = int(exc.error_code.value)
+                line["status"] = status
+                await context.abort(grpc.StatusCode[grpc_code_name(status)], f"{exc} (HTTP {status})",
+                                    trailing_metadata=trailing)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:  # finished, but the caller has given up: say so, send nothing
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while the images were classified")
+            line["status"] = 200
+            context.set_trailing_metadata(trailing)
+            return pb.ClassifyResponse(predictions=[prediction_message(p, image) for p, image in zip(predictions, images)])
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception:
+            line["status"] = 500
+            logger.exception("Classify failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "an unexpected error has occurred, please check the server log",
+                                trailing_metadata=trailing)
+            raise AssertionError("unreachable") from None  # abort() raises
+        finally:
+            self._log(request_id, started, images, line, context, metadata)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        await self._require_ready(context)
+        return model_info_message(self.service.model_info(), self.settings.max_request_bytes)
+
+    def _log(self, request_id: str, started: float, images: Sequence[Any], line: dict[str, Any],
+             context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
+        """The request-log line of one Classify call, with the fields of an HTTP request's line."""
+        fields: dict[str, Any] = {
+            "request_id": request_id,
+            "transport": "grpc",
+            "method": "POST",
+            "route": "/classify",
+            "status": line["status"],
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            "images": len(images),
+            "reject_reasons": line["reject_reasons"],
+            "request_bytes": sum(len(image.data) for image in images),
+            "auth": AUTH.get(),
+        }
+        if self.settings.request_log.client_identifiers:
+            fields.update(
+                client=peer_address(context.peer()),
+                user_agent=metadata.get("user-agent"),
+                client_request_id=metadata.get(REQUEST_ID_HEADER),
+                file_names=[image.filename for image in images if image.HasField("filename")],
+            )
+        request_log.log_request(self.logger, fields)

@@ -1,0 +1,137 @@
+"""`HttpGuard`: the pure ASGI middleware around the BentoML app, outermost of the service's own.
+
+What it does to each request, in order:
+
+1. gives it a request id (returned as `X-Request-ID`), and on the way out adds
+   security headers to every response and writes one JSON line to the request
+   log (serving/request_log.py) (responses.py);
+2. answers CORS preflights for the configured origins (off by default);
+3. checks the API key and the client's rate limit (admission.py);
+4. bounds the body (body.py) and, on upload routes, rewrites the multipart
+   body into a canonical one (multipart.py);
+5. holds a model route for a worker that is still warming up, then 503 (admission.py).
+
+Error bodies have the shape of `api.models.ErrorBody`, which is also the shape
+of BentoML's validation errors: `{"error": "...", "detail": [{"type", "loc", "msg"}]}`.
+Registered in service.py with `PneumoniaClassifier.add_asgi_middleware(HttpGuard, ...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+
+from serving import request_log
+from serving.http.admission import DOC_PATHS, PROBE_PATHS, Admission
+from serving.http.body import ClientGone, read_body
+from serving.http.responses import ASGIApp, Call, GuardError, Receive, Responder, Scope, Send, reject
+from serving.security import API_KEY_HEADER, shared_policy
+from settings import ServingSettings
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_CALL = "pneumonia.call"
+
+
+class HttpGuard:
+    """ASGI middleware: request id, security headers, CORS, auth, rate limit, body checks, readiness, request log.
+
+    `upload_routes` maps a POST route to its multipart file field, e.g. {"/classify": "images"};
+    those routes also wait for the model (readiness).
+    """
+
+    def __init__(self, app: ASGIApp, settings: ServingSettings, upload_routes: dict[str, str]) -> None:
+        self.app = app
+        self.settings = settings
+        self.upload_routes = dict(upload_routes)
+        security = settings.security
+        self.admission = Admission(
+            shared_policy(security),
+            protect_health=security.protect_health,
+            protect_metrics=security.protect_metrics,
+            model_paths=frozenset(self.upload_routes),
+            ready_wait_s=settings.ready_wait_s,
+        )
+        self.logger = request_log.configure(settings.request_log)
+        logging.getLogger("python_multipart").setLevel(logging.ERROR)  # our 400s say it; no warning per bad body
+        self.known_routes = set(PROBE_PATHS | DOC_PATHS | {"/health", "/metrics"} | set(self.upload_routes))
+        self.entry: ASGIApp = self._checked
+        if security.cors.allow_origins:
+            self.entry = CORSMiddleware(
+                self._checked,
+                allow_origins=security.cors.allow_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["authorization", API_KEY_HEADER, "content-type", "x-request-id"],
+                expose_headers=["x-request-id", "retry-after"],
+                max_age=security.cors.max_age_s,
+            )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        call = Call(
+            request_id=request_log.request_id(headers.get("x-request-id"), self.settings.request_log),
+            started=time.perf_counter(),
+        )
+        scope = dict(scope)
+        scope[_CALL] = call
+        responder = Responder(send, call, scope["path"], https=scope.get("scheme") == "https")
+        try:
+            await self.entry(scope, receive, responder.send)
+        finally:
+            if scope["path"] not in PROBE_PATHS:
+                self._log(scope, headers, call, responder)
+
+    async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
+        call: Call = scope[_CALL]
+        headers = Headers(scope=scope)
+        field_name = self.upload_routes.get(scope["path"]) if scope["method"] == "POST" else None
+        try:
+            self.admission.admit(scope, headers, call)
+            body_scope, body_receive, spool = await read_body(
+                scope, receive, headers, call, self.settings.max_request_bytes, field_name,
+                self.settings.max_images_per_request,
+            )
+        except GuardError as exc:
+            call.reasons = exc.reasons
+            await reject(send, exc)
+            return
+        except ClientGone:
+            call.status = 499
+            return
+        try:
+            if await self.admission.wait_until_ready(body_scope, send):
+                await self.app(body_scope, body_receive, send)
+        finally:
+            call.route = getattr(body_scope.get("route"), "path", None)  # set by the router
+            if spool is not None:
+                spool.close()
+
+    def _log(self, scope: Scope, headers: Headers, call: Call, responder: Responder) -> None:
+        route = call.route or (scope["path"] if scope["path"] in self.known_routes else None)
+        fields: dict[str, Any] = {
+            "request_id": call.request_id,
+            "transport": "http",
+            "method": scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER",
+            "route": route or "unmatched",
+            "status": call.status or 500,
+            "duration_ms": round((time.perf_counter() - call.started) * 1000, 2),
+            "images": call.images,
+            "reject_reasons": call.reasons or responder.reasons(),
+            "request_bytes": call.request_bytes,
+            "auth": call.auth,
+        }
+        if self.settings.request_log.client_identifiers:
+            client = scope.get("client")
+            fields.update(
+                client=client[0] if client else None,
+                user_agent=headers.get("user-agent"),
+                client_request_id=headers.get("x-request-id"),
+                file_names=call.file_names,
+            )
+        request_log.log_request(self.logger, fields)

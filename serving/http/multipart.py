@@ -1,0 +1,158 @@
+"""Upload routes: parse the multipart body while it arrives, and hand BentoML a canonical copy.
+
+The copy holds only file parts of the upload field, renamed `image-0, image-1, ...`
+under a boundary of our own. BentoML never sees a text value in a file field
+(which it would download as a URL: SSRF), a client's file name (which would end
+up in temporary paths and logs), a wrong content type, a truncated or malformed
+multipart body, or more images than allowed; each of those is refused here with
+a precise 400.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import BinaryIO
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from serving.http.responses import GuardError
+
+
+def _printable(raw: bytes, limit: int = 64) -> str:
+    text = raw.decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text)[:limit]
+
+
+class MultipartCanon:
+    """Streams a multipart body through python-multipart and writes a canonical copy.
+
+    The copy holds only the file parts of `field`, with a boundary and file
+    names of our own; anything else is either refused at once (a text value in
+    the file field, too many files, unparseable data) or collected as an
+    unexpected field and refused when the body ends.
+    """
+
+    def __init__(self, boundary: bytes, field_name: str, max_files: int, out: BinaryIO) -> None:
+        self.field = field_name.encode()
+        self.field_name = field_name
+        self.max_files = max_files
+        self.out = out
+        self.boundary = b"pneumonia-" + secrets.token_hex(16).encode()
+        self.count = 0
+        self.file_names: list[str] = []
+        self.unexpected: list[str] = []
+        self.ended = False
+        self._in_file = False
+        self._name = bytearray()
+        self._value = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        try:
+            self.parser = MultipartParser(
+                boundary,
+                callbacks={
+                    "on_part_begin": self._part_begin,
+                    "on_header_field": lambda d, s, e: self._name.extend(d[s:e]),
+                    "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+                    "on_header_end": self._header_end,
+                    "on_headers_finished": self._headers_finished,
+                    "on_part_data": self._part_data,
+                    "on_part_end": self._part_end,
+                    "on_end": self._end,
+                },
+            )
+        except Exception:
+            raise GuardError(400, "malformed_multipart", "the multipart boundary is not valid") from None
+
+    @property
+    def content_type(self) -> bytes:
+        return b"multipart/form-data; boundary=" + self.boundary
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self.parser.write(chunk)
+        except GuardError:
+            raise
+        except Exception:
+            raise GuardError(
+                400,
+                "malformed_multipart",
+                "the multipart body could not be parsed (check its boundary and part headers)",
+            ) from None
+
+    def finish(self, received: int) -> None:
+        """Refuse what only the end of the body reveals."""
+        missing = {
+            "type": "missing",
+            "loc": [self.field_name],
+            "msg": f"no images: send the X-rays as files in the multipart field '{self.field_name}'",
+        }
+        if received == 0:
+            raise GuardError(400, "missing", missing["msg"], (self.field_name,))
+        if not self.ended:
+            raise GuardError(400, "malformed_multipart", "the multipart body ended before its closing boundary")
+        extra = [
+            {"type": "unexpected_field", "loc": ["form", name], "msg": f"unexpected form field {name!r}"}
+            for name in dict.fromkeys(self.unexpected)
+        ][:8]
+        if self.count == 0:
+            raise GuardError(400, "missing", missing["msg"], (self.field_name,), more=extra)
+        if extra:
+            first = extra[0]
+            message = f"{first['msg']}; send only files in the field '{self.field_name}'"
+            raise GuardError(400, "unexpected_field", message, tuple(first["loc"]), more=extra[1:])
+
+    # python-multipart callbacks
+    def _part_begin(self) -> None:
+        self._headers = {}
+        self._in_file = False
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._name).strip().lower()] = bytes(self._value).strip()
+        self._name.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        disposition = self._headers.get(b"content-disposition")
+        kind, params = parse_options_header(disposition) if disposition else (b"", {})
+        if kind.lower() != b"form-data" or b"name" not in params:
+            raise GuardError(400, "malformed_multipart", "a multipart part is not a named form-data field")
+        name = params[b"name"]
+        if name != self.field:
+            self.unexpected.append(_printable(name))
+            return
+        if b"filename" not in params and b"filename*" not in params:
+            raise GuardError(
+                400,
+                "not_a_file",
+                f"'{self.field_name}' values must be uploaded files (multipart parts with a filename), not text",
+                (self.field_name, self.count),
+            )
+        if self.count >= self.max_files:
+            raise GuardError(
+                400,
+                "too_many_images",
+                f"more than {self.max_files} images in one request; the limit is {self.max_files}",
+                (self.field_name,),
+            )
+        self.file_names.append(_printable(params.get(b"filename", params.get(b"filename*", b""))))
+        self.out.write(
+            b'--%s\r\nContent-Disposition: form-data; name="%s"; filename="image-%d"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n" % (self.boundary, self.field, self.count)
+        )
+        self.count += 1
+        self._in_file = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_file:
+            self.out.write(data[start:end])
+
+    def _part_end(self) -> None:
+        if self._in_file:
+            self.out.write(b"\r\n")
+            self._in_file = False
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            if self.count:
+                self.out.write(b"--%s--\r\n" % self.boundary)

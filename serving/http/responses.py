@@ -1,0 +1,158 @@
+"""What the guard writes: refusals as JSON error bodies, and the headers every response carries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import bentoml
+from starlette.datastructures import MutableHeaders
+
+from api.models import error_body
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+STATIC_PREFIXES = ("/assets/", "/static_content/")
+
+REFUSED = bentoml.metrics.Counter(
+    name="pneumonia_http_refused_total",
+    documentation="Requests refused by the HTTP guard (auth, rate limit, body and multipart checks), by status and reason",
+    labelnames=["status", "reason"],
+)
+
+
+class GuardError(Exception):
+    """A request refused by the guard, with its HTTP status and reason code (api.reasons)."""
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        loc: tuple[Any, ...] = ("body",),
+        *,
+        more: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.details = [{"type": reason, "loc": list(loc), "msg": message}, *(more or [])]
+        self.message = message
+        self.headers = headers or {}
+
+    @property
+    def reasons(self) -> list[str]:
+        return [d["type"] for d in self.details]
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.details)
+
+
+@dataclass
+class Call:
+    """What the request log needs to know about one request."""
+
+    request_id: str
+    started: float
+    status: int = 0
+    auth: str = "none"  # none | key | failed
+    images: int | None = None
+    request_bytes: int = 0
+    reasons: list[str] = field(default_factory=list)
+    file_names: list[str] = field(default_factory=list)
+    route: str | None = None  # the route the app matched (its pattern, never the raw path)
+
+
+async def send_json(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    """A complete JSON response."""
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def reject(send: Send, error: GuardError) -> None:
+    """Answer a refusal and count it (pneumonia_http_refused_total)."""
+    REFUSED.labels(status=str(error.status), reason=error.reasons[0]).inc()
+    await send_json(send, error.status, error.body(), error.headers)
+
+
+class Responder:
+    """Wraps `send`: security headers and the request id on every response, JSON for bare 4xx text."""
+
+    def __init__(self, send: Send, call: Call, path: str, https: bool) -> None:
+        self._send = send
+        self.call = call
+        self.static = path.startswith(STATIC_PREFIXES)
+        self.https = https
+        self._start: Message | None = None
+        self._text: bytearray | None = None  # a plain-text 4xx being rewritten as JSON
+        self.error_body = bytearray()  # the first bytes of a JSON error, for the log's reasons
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+            self.call.status = status
+            headers = MutableHeaders(raw=list(message.get("headers", [])))
+            self._secure(headers)
+            message = {**message, "headers": headers.raw}
+            content_type = headers.get("content-type", "")
+            if status in (400, 404, 405) and not content_type.startswith("application/json"):
+                self._start, self._text = message, bytearray()
+                return
+            if status >= 400:
+                self.error_body = bytearray()
+        elif message["type"] == "http.response.body":
+            if self._text is not None and self._start is not None:
+                self._text.extend(message.get("body", b"")[:4096])
+                if message.get("more_body", False):
+                    return
+                await self._send_json_instead()
+                return
+            if self.call.status >= 400 and len(self.error_body) < 65536:
+                self.error_body.extend(message.get("body", b""))
+        await self._send(message)
+
+    async def _send_json_instead(self) -> None:
+        assert self._start is not None and self._text is not None
+        status = self.call.status
+        reason = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}[status]
+        text = self._text.decode("utf-8", "replace").strip() or reason.replace("_", " ")
+        body = GuardError(status, reason, text[:200], ()).body()
+        self.error_body = bytearray(body)
+        headers = MutableHeaders(raw=list(self._start["headers"]))
+        headers["content-type"] = "application/json"
+        headers["content-length"] = str(len(body))
+        await self._send({**self._start, "headers": headers.raw})
+        await self._send({"type": "http.response.body", "body": body})
+
+    def _secure(self, headers: MutableHeaders) -> None:
+        html = headers.get("content-type", "").startswith("text/html")
+        headers["x-request-id"] = self.call.request_id
+        headers["x-content-type-options"] = "nosniff"
+        headers["x-frame-options"] = "DENY"
+        headers["referrer-policy"] = "no-referrer"
+        # The docs page (HTML) loads its own scripts; API answers need nothing at all.
+        headers["content-security-policy"] = (
+            "frame-ancestors 'none'" if html else "default-src 'none'; frame-ancestors 'none'"
+        )
+        if not self.static:
+            headers["cache-control"] = "no-store"
+        if self.https:
+            headers["strict-transport-security"] = "max-age=31536000"
+
+    def reasons(self) -> list[str]:
+        try:
+            body = json.loads(bytes(self.error_body)) if self.error_body else None
+        except ValueError:
+            return []
+        details = body.get("detail") if isinstance(body, dict) else None
+        if not isinstance(details, list):
+            return []
+        return [str(d.get("type")) for d in details if isinstance(d, dict) and d.get("type")][:32]
