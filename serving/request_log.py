@@ -1,4 +1,4 @@
-"""The service's own request log: one JSON line per HTTP request, and nothing a client sent.
+"""The service's own request log: one JSON line per HTTP request or gRPC Classify call, and nothing a client sent.
 
 A line carries the server's request id (also returned as `X-Request-ID`), the
 matched route, status, duration, how many images were sent and why any were
@@ -12,6 +12,7 @@ in the client's file name.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -19,6 +20,8 @@ import sys
 import uuid
 from datetime import UTC, datetime
 from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
 
 from settings import RequestLogSettings
 
@@ -29,21 +32,20 @@ BENTOML_API_LOGGER = "bentoml._internal.server.http_app"
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-class JsonLineFormatter(logging.Formatter):
-    """`{"ts": ..., "level": ..., "logger": ..., **fields}` on one line."""
+class JsonLineFormatter(JsonFormatter):
+    """`{"ts": ..., "level": ..., "logger": ..., **fields}` on one compact line (python-json-logger)."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            line.update(fields)
-        else:
-            line["message"] = record.getMessage()
-        return json.dumps(line, separators=(",", ":"), ensure_ascii=True, default=str)
+    def __init__(self) -> None:
+        super().__init__(
+            ["asctime", "levelname", "name"],
+            rename_fields={"asctime": "ts", "levelname": "level", "name": "logger"},
+            json_serializer=functools.partial(json.dumps, separators=(",", ":")),
+            json_default=str,
+            json_ensure_ascii=True,
+        )
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
+        return datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds")
 
 
 class DropClientInputTracebacks(logging.Filter):
@@ -79,7 +81,8 @@ def configure(settings: RequestLogSettings) -> logging.Logger:
 
 
 def log_request(logger: logging.Logger, fields: dict[str, Any]) -> None:
-    logger.info("request", extra={"fields": {"event": "request", **fields}})
+    """One request line: `event` first, then `fields` in their order."""
+    logger.info({"event": "request", **fields})
 
 
 def request_id(supplied: str | None, settings: RequestLogSettings) -> str:
