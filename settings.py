@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from core.preprocess import InputLimits
 
@@ -188,25 +194,35 @@ class ServingSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _JsonFileSource(settings_cls))
+        return (init_settings, env_settings, SettingsFile(settings_cls))
 
 
-class _JsonFileSource(PydanticBaseSettingsSource):
-    """Values from the JSON file named by PNEUMONIA_SETTINGS_FILE (lowest priority)."""
+class SettingsFile(JsonConfigSettingsSource):
+    """pydantic-settings' JSON source for the file named by PNEUMONIA_SETTINGS_FILE (lowest priority).
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
-        return None, field_name, False
+    Unlike the library's default, a named file that is missing, unreadable,
+    empty or not a JSON object is an error, with one line that says which.
+    """
 
-    def __call__(self) -> dict[str, Any]:
-        path = os.environ.get("PNEUMONIA_SETTINGS_FILE")
-        if not path:
-            return {}
+    ENV = "PNEUMONIA_SETTINGS_FILE"
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        path = os.environ.get(self.ENV)
+        super().__init__(settings_cls, json_file=Path(path) if path else None)
+
+    @staticmethod
+    def _existing_files(files: Any) -> list[Any]:
+        """The named file, existing or not: reading a missing one says so instead of skipping it."""
+        return [] if files is None else [files]
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        path = os.environ.get(self.ENV, str(file_path))
         try:
-            values = json.loads(Path(path).read_text())
+            values = json.loads(Path(file_path).read_text())
         except OSError as exc:
-            raise ValueError(f"PNEUMONIA_SETTINGS_FILE {path}: {exc.strerror or exc}") from None
+            raise ValueError(f"{self.ENV} {path}: {exc.strerror or exc}") from None
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-            raise ValueError(f"PNEUMONIA_SETTINGS_FILE {path} is not valid JSON: {exc}") from None
+            raise ValueError(f"{self.ENV} {path} is not valid JSON: {exc}") from None
         if not isinstance(values, dict):
-            raise ValueError(f"PNEUMONIA_SETTINGS_FILE {path} must hold a JSON object of settings")
+            raise ValueError(f"{self.ENV} {path} must hold a JSON object of settings")
         return values
