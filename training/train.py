@@ -39,6 +39,24 @@ from core.model import ModelSpec, build_model
 from core.preprocess import PreprocessConfig, to_tensor
 
 
+_AUGMENT_HELP = {
+    "rotate_deg": "largest rotation, either way, in degrees",
+    "scale": "zoom range (log-uniform)",
+    "shear_deg": "largest shear, either way, in degrees",
+    "hflip": "probability of a mirror image",
+    "gamma": "exposure curve range (log-uniform gamma)",
+    "blur_p": "share of images blurred",
+    "noise_p": "share of images given sensor noise",
+    "noise_std": "standard deviation of that noise (grey range 0..1)",
+    "erase_p": "share of images with a random occluder",
+}
+
+
+def augment_config(args: argparse.Namespace) -> AugmentConfig:
+    """The augmentation of a run from its `--aug-*` options (their defaults are AugmentConfig's)."""
+    return AugmentConfig(**{name: getattr(args, f"aug_{name}") for name in AugmentConfig.model_fields})
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -55,6 +73,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.2)
     g.add_argument("--no-tta", dest="tta", action="store_false", help="disable mirror test-time augmentation")
     g.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (needs network access)")
+    g = p.add_argument_group("augmentation", "applied to each training batch (training/augment.py)")
+    for name, spec in AugmentConfig.model_fields.items():
+        flag, default = "--aug-" + name.replace("_", "-"), spec.default
+        pair = isinstance(default, tuple)
+        g.add_argument(flag, dest=f"aug_{name}", type=float, default=list(default) if pair else default,
+                       nargs=2 if pair else None, metavar=("LOW", "HIGH") if pair else "VALUE",
+                       help=spec.description or _AUGMENT_HELP[name])
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
@@ -179,7 +204,7 @@ def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     preprocess = PreprocessConfig(image_size=args.image_size, normalization=args.normalization)
     spec = ModelSpec(arch=args.arch, dropout=args.dropout, tta_hflip=args.tta)
-    augment = AugmentConfig()
+    augment = augment_config(args)
 
     samples = scan_split(args.data_dir, args.split)
     if args.max_per_class:
