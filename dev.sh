@@ -4,8 +4,9 @@
 #   ./dev.sh serve        set up, import the shipped model if the store has none, serve on 127.0.0.1:3000
 #   ./dev.sh test [ARGS]  set up and run the whole test suite (ARGS go to pytest)
 #   ./dev.sh setup        only create/refresh .venv (fast no-op when up to date)
-#   ./dev.sh run CMD...   run a command inside the environment, e.g. ./dev.sh run python -m models_registry list
+#   ./dev.sh run CMD...   run a command inside the environment, in the current folder, e.g. ./dev.sh run python -m models_registry list
 set -euo pipefail
+caller=$PWD  # relative paths given to `run` (and settings files given to `serve`) are relative to it
 cd "$(dirname "$0")"
 export BENTOML_DO_NOT_TRACK=true
 
@@ -47,6 +48,9 @@ case "$cmd" in
   setup) setup ;;
   serve)
     setup
+    for name in PNEUMONIA_SETTINGS_FILE PNEUMONIA_SECURITY__API_KEYS_FILE; do  # files named relative to the caller
+      if [ -n "${!name:-}" ] && [ "${!name#/}" = "${!name}" ]; then export "$name=$caller/${!name}"; fi
+    done
     .venv/bin/python -m models_registry ensure-default
     export PNEUMONIA_GRPC__HOST="${PNEUMONIA_GRPC__HOST:-${HOST:-127.0.0.1}}"  # gRPC (port 3001) on the same interface as HTTP
     exec .venv/bin/bentoml serve service:PneumoniaClassifier --host "${HOST:-127.0.0.1}" --port "${PORT:-3000}" "$@"
@@ -58,7 +62,8 @@ case "$cmd" in
   run)
     setup
     export PATH="$PWD/.venv/bin:$PATH"
+    cd "$caller"  # the project is installed editable: its modules import from any folder
     exec "$@"
     ;;
-  *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
+  *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
 esac

@@ -110,7 +110,7 @@ def run_locust(url: str, users: int, duration_s: int, out: Path, spawn_rate: flo
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    out = args.out or RESULTS / "locust" / time.strftime("%Y%m%d-%H%M%S")
+    out = (args.out or RESULTS / "locust" / time.strftime("%Y%m%d-%H%M%S")).resolve()  # Locust runs in ROOT
     out.mkdir(parents=True, exist_ok=True)
     server: ServerProcess | None = None
     grpc_url = None  # with --url, the gRPC user finds the endpoint itself (PNEUMONIA_GRPC_URL or port 3001)

@@ -17,9 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line (pydantic's multi-line messages and doc links folded away)."""
+    return " ".join(re.sub(r"For further information visit \S+", "", str(exc)).split()) or type(exc).__name__
 
 
 def _table(rows: list[dict]) -> str:
@@ -97,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             model = reg.load_model(args.ref)
             print(f"{model.tag}: weights match sha256 {model.card.weights_sha256}")
     except reg.RegistryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a command line answers with one line, never a stack trace
+        print(f"error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
         return 1
     return 0
 

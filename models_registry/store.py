@@ -210,7 +210,7 @@ def delete_model(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
 def export_model(ref: str, path: str | Path, name: str = MODEL_NAME) -> Path:
     """Write a `.bentomodel` archive (the format of `bentoml models export`)."""
     tag = resolve_tag(ref, name)
-    out = Path(path).resolve()  # BentoML resolves relative paths against "/"
+    out = Path(path).expanduser().resolve()  # BentoML resolves relative paths against "/"
     if out.is_dir():
         out = out / f"{tag.replace(':', '-')}.bentomodel"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -219,17 +219,19 @@ def export_model(ref: str, path: str | Path, name: str = MODEL_NAME) -> Path:
 
 def import_model(path: str | Path, promote_if_none: bool = False, name: str = MODEL_NAME) -> str:
     """Import a `.bentomodel` archive; optionally promote it when no production model exists."""
-    archive = Path(path)
+    archive = Path(path).expanduser().resolve()  # BentoML resolves relative paths against "/"
     if not archive.is_file():
-        raise RegistryError(f"{archive} does not exist")
+        raise RegistryError(f"{path} does not exist" if not archive.exists() else f"{path} is not a file")
     from bentoml.exceptions import BentoMLException
 
     try:
         tag = str(bentoml.models.import_model(str(archive)).tag)
     except BentoMLException as exc:
         if "already exists" not in str(exc):
-            raise RegistryError(f"could not import {archive}: {exc}") from None
+            raise RegistryError(f"could not import {path}: {exc}") from None
         tag = _tag_in_archive(archive)
+    except Exception as exc:  # noqa: BLE001 - not an archive: tarfile, yaml and OS errors of all kinds
+        raise RegistryError(f"could not import {path}: it is not a .bentomodel archive ({type(exc).__name__}: {exc})") from None
     if promote_if_none and _read_record(name).get("production") is None:
         promote(tag, name)
     return tag

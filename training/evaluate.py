@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training import one_line
 from training.data import CLASS_NAMES, DataFolderError, load_samples, scan_split
 from training.metrics import classification_report
 
@@ -54,19 +55,27 @@ def format_table(report: dict, tag: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m training.evaluate`: exit 2 with one line on any failure (the data folder's problems listed)."""
     args = get_args_parser().parse_args(argv)
+    try:
+        return _evaluate(args)
+    except DataFolderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a command line answers with one line, never a stack trace
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from models_registry import RegistryError, load_model
+    from models_registry import load_model
 
-    try:
-        model = load_model(args.model)
-        samples = scan_split(args.data_dir, args.split)
-        split = load_samples(samples, model.card.preprocess, skip_bad=args.skip_bad_images, progress=sys.stderr.isatty())
-    except (RegistryError, DataFolderError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    model = load_model(args.model)
+    samples = scan_split(args.data_dir, args.split)
+    split = load_samples(samples, model.card.preprocess, skip_bad=args.skip_bad_images, progress=sys.stderr.isatty())
     probs = np.concatenate([model.probabilities(split.pixels[i:i + args.batch_size])
                             for i in range(0, len(split.labels), args.batch_size)])
     report = classification_report(split.labels.numpy(), probs, model.card.threshold)

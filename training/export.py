@@ -19,25 +19,32 @@ from pathlib import Path
 
 import torch
 
+from training import one_line
+
 MAX_BYTES = 10 * 1024 * 1024
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m training.export`: exit 2 with one line on any failure, never a stack trace."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="run folder written by training.train")
     parser.add_argument("--out", type=Path, default=Path("default_model"))
     parser.add_argument("--command", default=None, help="training command, if the run's config.json lacks it")
     args = parser.parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    from models_registry import RegistryError, export_model, load_model
-    from core.card import MODEL_NAME
-
     try:
-        tag = (args.run / "model_tag.txt").read_text().strip()
-        model = load_model(tag)
-    except (OSError, RegistryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        return _export(args)
+    except Exception as exc:  # noqa: BLE001 - a command line answers with one line
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from core.card import MODEL_NAME
+    from models_registry import export_model, load_model
+
+    tag = (args.run / "model_tag.txt").read_text().strip()
+    model = load_model(tag)
     args.out.mkdir(parents=True, exist_ok=True)
     archive = args.out / f"{MODEL_NAME}.bentomodel"
     export_model(tag, archive)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from training import plots
+from training import one_line, plots
 from training.augment import AugmentConfig, augment_batch
 from training.calibration import choose_threshold, fit_temperature
 from training.data import CLASS_NAMES, DataFolderError, LoadedSplit, fingerprint, load_samples, scan_split, split_by_patient
@@ -327,11 +327,17 @@ def finish(args, spec, preprocess, module, best_state, best_epoch, history, val:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    """`python -m training.train`: exit 2 with the reason (every data-folder problem listed), never a stack trace."""
     args = get_args_parser().parse_args(argv)
+    from models_registry import RegistryError
+
     try:
         return main(args)
     except DataFolderError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RegistryError, OSError, ValueError) as exc:  # pydantic's ValidationError (a bad --aug-* value) included
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 
