@@ -14,6 +14,7 @@ joins the same adaptive batches (`classify_prepared`); the HTTP guard
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -29,14 +30,51 @@ from starlette.datastructures import UploadFile
 
 import models_registry
 from api.models import ImageInfo, ModelInfo, Prediction, Refused
+from core.card import ModelCard
+from core.engines import Engine
 from core.inference import LoadedModel
 from core.preprocess import ImageRejected, PreparedImage, prepare
+from models_registry import RegistryError
 from serving.grpc import server as grpc_server
 from serving.http import HttpGuard
-from serving.lifecycle import READINESS, load_settings, preflight, resolve_model, warm_up_in_background
+from serving.lifecycle import READINESS, StartupError, load_settings, warm_up_in_background
+
+logger = logging.getLogger("bentoml.pneumonia.lifecycle")
+
+
+# ---------------------------------------------------------------- start-up: the model to serve, checked once
+
+
+def resolve_model(ref: str, service_dir: Path) -> tuple[str, ModelCard]:
+    """The tag to serve and its card, or a `StartupError` that says what to do (runs at import)."""
+    try:
+        tag = models_registry.resolve_service_tag(ref, service_dir)
+        return tag, models_registry.read_card(tag)
+    except RegistryError as exc:
+        raise StartupError(f"cannot serve: {exc}") from None
+
+
+def preflight(tag: str, engine: Engine = "eager") -> None:
+    """Verify (sha256), load and run the model once, in the `bentoml serve` process before workers start.
+
+    Why here: a failure in a worker is retried by circus forever; here it ends the
+    server with one line and a non-zero exit code within seconds.
+    """
+    started = time.monotonic()
+    try:
+        model = models_registry.load_model(tag, engine=engine)
+        size = model.card.preprocess.image_size
+        probability = model.probabilities(np.zeros((1, size, size), dtype=np.uint8))
+    except RegistryError as exc:  # ModelIntegrityError included: sha mismatch, unreadable or ill-fitting weights
+        raise StartupError(f"cannot serve: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure to run the model is equally fatal
+        raise StartupError(f"cannot serve: model {tag} fails to run ({type(exc).__name__}: {exc})") from None
+    if not np.all(np.isfinite(probability)):
+        raise StartupError(f"cannot serve: model {tag} returns {probability.tolist()} for a blank image")
+    logger.info("model %s verified and runs (%.1f s)", tag, time.monotonic() - started)
 
 SETTINGS = load_settings()  # bad configuration stops `bentoml serve` here with one line
-# A missing or unusable model stops `bentoml serve` here with one line (serving/lifecycle.py).
+# A missing or unusable model stops `bentoml serve` here with one line (resolve_model above).
 MODEL_TAG, CARD = resolve_model(SETTINGS.model, Path(__file__).resolve().parent)
 
 PREDICTIONS = bentoml.metrics.Counter(

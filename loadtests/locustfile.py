@@ -11,7 +11,7 @@ prediction per image, a label from the model's classes), so a wrong answer
 counts as a failure, not as a fast success.
 
 Set PNEUMONIA_LOADTEST_GRPC=1 to add the gRPC user class (`loadtests.grpc_user`)
-to the same run when that module is present; pick classes with Locust's
+to the same run; pick classes with Locust's
 positional user-class arguments as usual. PNEUMONIA_LOADTEST_WAIT_S sets a think
 time per user (default 0: a closed loop that measures capacity).
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 from locust import between, constant, events, task
@@ -97,10 +96,7 @@ class ClassifyUser(FastHttpUser):
 
 
 if os.environ.get("PNEUMONIA_LOADTEST_GRPC", "").lower() in ("1", "true", "yes"):
-    try:
-        from loadtests.grpc_user import GrpcClassifyUser  # noqa: F401  (Locust collects it from this module)
-    except ImportError as exc:  # the gRPC endpoint is optional
-        print(f"PNEUMONIA_LOADTEST_GRPC is set but the gRPC user is unavailable: {exc}", file=sys.stderr)
+    from loadtests.grpc_user import GrpcClassifyUser  # noqa: F401  (Locust collects it from this module)
 
 
 @events.init.add_listener

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -253,9 +252,7 @@ def store_path_of(tag: str) -> Path:
     return Path(bentoml.models.get(tag).path)
 
 
-
-
-def read_card(tag: str) -> "ModelCard":
+def read_card(tag: str) -> ModelCard:
     """The stored card of `tag`, without loading weights (cheap; used at service import)."""
     try:
         return ModelCard.model_validate(bentoml.models.get(tag).info.metadata)

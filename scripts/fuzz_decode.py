@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import sys
 import time
 import traceback
 from pathlib import Path

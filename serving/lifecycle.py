@@ -2,13 +2,13 @@
 
 Three faults this module turns into clear, bounded behaviour (docs/hardening.md, "Faults"):
 
-* A missing, unknown, corrupt or sha-mismatched model stops `bentoml serve` before
-  any worker starts, with one line on stderr and exit code 1. `resolve_model` runs
-  when service.py is imported, `preflight` in BentoML's `on_deployment` hook (the
-  `bentoml serve` process, once). Both raise `StartupError`, a BentoMLException,
-  which the BentoML CLI prints as one line instead of a stack trace. Left to a
-  worker, the same failure would crash it, and BentoML's process supervisor
-  (circus) would restart it every 10 s forever.
+* A missing, unknown, corrupt or sha-mismatched model, or bad configuration, stops
+  `bentoml serve` before any worker starts, with one line on stderr and exit code 1.
+  `load_settings` and service.py's `resolve_model` run when service.py is imported,
+  its `preflight` in BentoML's `on_deployment` hook (the `bentoml serve` process,
+  once). All raise `StartupError`, a BentoMLException, which the BentoML CLI prints
+  as one line instead of a stack trace. Left to a worker, the same failure would
+  crash it, and BentoML's process supervisor (circus) would restart it every 10 s forever.
 * BentoML builds the service instance inside uvicorn's start-up, before the worker
   listens, so a model loaded in `__init__` leaves no window in which a client could
   be told "not ready": its connection just waits. `warm_up_in_background` loads and
@@ -33,16 +33,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
-import models_registry
-from core.card import ModelCard
-from core.engines import Engine
-from models_registry import RegistryError
 from settings import ServingSettings
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
@@ -67,35 +61,6 @@ def load_settings() -> ServingSettings:
         raise StartupError(f"invalid configuration (PNEUMONIA_* variables or settings file): {exc}") from None
     except ValueError as exc:  # e.g. an unreadable PNEUMONIA_SETTINGS_FILE
         raise StartupError(f"invalid configuration: {exc}") from None
-
-
-def resolve_model(ref: str, service_dir: Path) -> tuple[str, ModelCard]:
-    """The tag to serve and its card, or a `StartupError` that says what to do (runs at import)."""
-    try:
-        tag = models_registry.resolve_service_tag(ref, service_dir)
-        return tag, models_registry.read_card(tag)
-    except RegistryError as exc:
-        raise StartupError(f"cannot serve: {exc}") from None
-
-
-def preflight(tag: str, engine: Engine = "eager") -> None:
-    """Verify (sha256), load and run the model once, in the `bentoml serve` process before workers start.
-
-    Why here: a failure in a worker is retried by circus forever; here it ends the
-    server with one line and a non-zero exit code within seconds.
-    """
-    started = time.monotonic()
-    try:
-        model = models_registry.load_model(tag, engine=engine)
-        size = model.card.preprocess.image_size
-        probability = model.probabilities(np.zeros((1, size, size), dtype=np.uint8))
-    except RegistryError as exc:  # ModelIntegrityError included: sha mismatch, unreadable or ill-fitting weights
-        raise StartupError(f"cannot serve: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any other failure to run the model is equally fatal
-        raise StartupError(f"cannot serve: model {tag} fails to run ({type(exc).__name__}: {exc})") from None
-    if not np.all(np.isfinite(probability)):
-        raise StartupError(f"cannot serve: model {tag} returns {probability.tolist()} for a blank image")
-    logger.info("model %s verified and runs (%.1f s)", tag, time.monotonic() - started)
 
 
 class Readiness:

@@ -31,14 +31,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def predict_files(model, paths: list[Path], batch_size: int = 64) -> np.ndarray:
-    """Calibrated pneumonia probabilities for image files, through the shared preprocessing."""
-    from training.data import Sample
-
-    split = load_samples([Sample(p, 0, p.stem) for p in paths], model.card.preprocess, progress=False)
-    return np.concatenate([model.probabilities(split.pixels[i:i + batch_size]) for i in range(0, len(paths), batch_size)])
-
-
 def format_table(report: dict, tag: str) -> str:
     lines = [f"model {tag} on {report['n']} images, threshold {report['threshold']:.4f}", ""]
     lines.append(f"{'class':<10} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}")

@@ -15,7 +15,6 @@ import argparse
 import copy
 import csv
 import json
-import math
 import os
 import random
 import subprocess

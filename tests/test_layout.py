@@ -1,0 +1,79 @@
+"""The rooms of the repository and who may import whom (README "Architecture"), checked on the source."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import get_args
+
+import pytest
+
+from harness.paths import ROOT
+
+PROJECT = {"core", "api", "training", "models_registry", "serving", "client", "harness", "loadtests", "tests",
+           "service", "settings", "scripts"}
+# room -> the project packages its code may import (besides its own). Libraries are always allowed.
+MAY_IMPORT: dict[str, set[str]] = {
+    "core": set(),
+    "api": set(),
+    "settings": {"core"},
+    "models_registry": {"core"},
+    "training": {"core", "models_registry"},
+    "serving": {"core", "api", "settings"},
+    "service": {"core", "api", "models_registry", "serving", "settings"},
+    "client": {"api"},
+    "harness": PROJECT - {"tests", "harness"},
+    "loadtests": PROJECT - {"tests", "loadtests", "scripts"},
+    "scripts": PROJECT - {"tests", "scripts"},
+}
+SKIPPED = {".venv", ".git", "_proto", "results", "runs", "build", "__pycache__"}
+
+
+def sources() -> list[Path]:
+    return sorted(p for p in ROOT.rglob("*.py") if not SKIPPED & set(p.relative_to(ROOT).parts))
+
+
+def room(path: Path) -> str:
+    first = path.relative_to(ROOT).parts[0]
+    return first.removesuffix(".py")
+
+
+def imported(path: Path) -> set[str]:
+    """The top-level project packages a file imports (absolute imports; relative ones stay in their package)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & PROJECT
+
+
+@pytest.mark.parametrize("owner", sorted(MAY_IMPORT))
+def test_each_room_imports_only_what_it_may(owner: str) -> None:
+    wrong = {
+        str(path.relative_to(ROOT)): sorted(imported(path) - MAY_IMPORT[owner] - {owner})
+        for path in sources() if room(path) == owner
+    }
+    assert not {k: v for k, v in wrong.items() if v}
+
+
+def test_nothing_outside_tests_imports_tests_and_no_file_edits_sys_path() -> None:
+    outside = [str(p.relative_to(ROOT)) for p in sources() if room(p) != "tests" and "tests" in imported(p)]
+    assert not outside
+    edits = [str(p.relative_to(ROOT)) for p in sources()
+             if any(f"sys.path.{verb}" in p.read_text() for verb in ("insert", "append", "extend"))]
+    assert not edits
+
+
+def test_the_bento_ships_no_trainer_client_or_harness() -> None:
+    bentofile = (ROOT / "bentofile.yaml").read_text()
+    include = bentofile.split("include:")[1].split("exclude:")[0]
+    assert not any(room in include for room in ("training/", "client/", "harness/", "tests/", "loadtests/"))
+
+
+def test_image_reason_codes_of_the_contract_are_the_preprocessing_s() -> None:
+    from api.reasons import IMAGE_REASONS
+    from core.preprocess import RejectReason
+
+    assert set(IMAGE_REASONS) == set(get_args(RejectReason))
