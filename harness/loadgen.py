@@ -216,7 +216,7 @@ async def _client(host: str, port: int, requests: list[tuple[bytes, PlannedReque
 
 
 async def _run(url: str, requests: list[tuple[bytes, PlannedRequest]], clients: int, warmup_s: float, window_s: float,
-               timeout_s: float, cpu_probe) -> LoadResult:
+               timeout_s: float, cpu_probe: Callable[[], float | None]) -> LoadResult:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     outcomes: list[Outcome] = []
@@ -241,7 +241,7 @@ async def _run(url: str, requests: list[tuple[bytes, PlannedRequest]], clients: 
 
 
 def run_load(url: str, requests: list[tuple[bytes, PlannedRequest]], clients: int, warmup_s: float, window_s: float,
-             timeout_s: float = 60.0, cpu_probe=lambda: None) -> LoadResult:
+             timeout_s: float = 60.0, cpu_probe: Callable[[], float | None] = lambda: None) -> LoadResult:
     """Closed loop: `clients` connections, each sending its next request as soon as it has an answer.
 
     `cpu_probe()` returns the server's cumulative CPU seconds (or None); it is

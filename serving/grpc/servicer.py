@@ -80,48 +80,43 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
         supplied = metadata.get(REQUEST_ID_HEADER)
         request_id = request_log.request_id(str(supplied) if supplied is not None else None, self.settings.request_log)
-        trailing = ((REQUEST_ID_HEADER, request_id),)
-        line: dict[str, Any] = {"status": 499, "reject_reasons": []}  # 499: the caller went away first
+        trailing: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id),)
+        status, reasons = 499, []  # 499 until known: the caller went away first (deadline, cancellation)
+        failure: tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]] | None = None
         try:
-            try:
-                prepared = self.service.prepare_images([image.data for image in images])
-                predictions = await asyncio.wait_for(self.service.classify_prepared(prepared), self.settings.timeout_s)
-            except Refused as refused:
-                line.update(status=refused.status, reject_reasons=refused.reasons)
-                code = grpc.StatusCode[grpc_code_name(refused.status, refused.reasons)]
-                reasons = ((REASONS_METADATA_KEY, ",".join(refused.reasons)),)
-                await context.abort(code, describe_refusal(refused, images), trailing_metadata=trailing + reasons)
-            except TimeoutError:
-                line["status"] = 504
-                message = f"not able to classify the images in {self.settings.timeout_s} seconds"
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message, trailing_metadata=trailing)
-            except BentoMLException as exc:  # e.g. ServiceUnavailable: the batcher is overloaded
-                status = int(exc.error_code.value)
-                line["status"] = status
-                await context.abort(grpc.StatusCode[grpc_code_name(status)], f"{exc} (HTTP {status})",
-                                    trailing_metadata=trailing)
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:  # finished, but the caller has given up: say so, send nothing
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while the images were classified")
-            line["status"] = 200
-            context.set_trailing_metadata(trailing)
-            return pb.ClassifyResponse(predictions=[prediction_message(p, image) for p, image in zip(predictions, images)])
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception:
-            line["status"] = 500
+            prepared = self.service.prepare_images([image.data for image in images])
+            predictions = await asyncio.wait_for(self.service.classify_prepared(prepared), self.settings.timeout_s)
+            status = 200
+        except Refused as refused:
+            status, reasons = refused.status, refused.reasons
+            code = grpc.StatusCode[grpc_code_name(refused.status, refused.reasons)]
+            failure = code, describe_refusal(refused, images), (*trailing, (REASONS_METADATA_KEY, ",".join(reasons)))
+        except TimeoutError:
+            status = 504
+            message = f"not able to classify the images in {self.settings.timeout_s} seconds"
+            failure = grpc.StatusCode.DEADLINE_EXCEEDED, message, trailing
+        except BentoMLException as exc:  # e.g. ServiceUnavailable: the batcher sheds load it cannot serve in time
+            status = int(exc.error_code.value)
+            failure = grpc.StatusCode[grpc_code_name(status)], f"{exc} (HTTP {status})", trailing
+        except Exception:  # noqa: BLE001 - answered INTERNAL, with the trace in the server log
+            status = 500
             logger.exception("Classify failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "an unexpected error has occurred, please check the server log",
-                                trailing_metadata=trailing)
-            raise AssertionError("unreachable") from None  # abort() raises
+            failure = grpc.StatusCode.INTERNAL, "an unexpected error has occurred, please check the server log", trailing
         finally:
-            self._log(request_id, started, images, line, context, metadata)
+            self._log(request_id, started, images, status, reasons, context, metadata)
+        if failure is not None:
+            await context.abort(*failure[:2], trailing_metadata=failure[2])
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:  # finished, but the caller has given up: say so, send nothing
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while the images were classified")
+        context.set_trailing_metadata(trailing)
+        return pb.ClassifyResponse(predictions=[prediction_message(p, image) for p, image in zip(predictions, images)])
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         await self._require_ready(context)
         return model_info_message(self.service.model_info(), self.settings.max_request_bytes)
 
-    def _log(self, request_id: str, started: float, images: Sequence[Any], line: dict[str, Any],
+    def _log(self, request_id: str, started: float, images: Sequence[Any], status: int, reasons: list[str],
              context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
         """The request-log line of one Classify call, with the fields of an HTTP request's line."""
         fields: dict[str, Any] = {
@@ -129,10 +124,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             "transport": "grpc",
             "method": "POST",
             "route": "/classify",
-            "status": line["status"],
+            "status": status,
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
             "images": len(images),
-            "reject_reasons": line["reject_reasons"],
+            "reject_reasons": reasons,
             "request_bytes": sum(len(image.data) for image in images),
             "auth": AUTH.get(),
         }
