@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.model import ModelSpec
 from core.preprocess import PreprocessConfig
+from core.validity import ValidityConfig
 
 MODEL_NAME = "pneumonia-classifier"
 WEIGHTS_FILE = "weights.pt"
@@ -30,3 +31,6 @@ class ModelCard(BaseModel):
     code_version: str = ""
     weights_sha256: str = ""
     training_seconds: float | None = None
+    validity: ValidityConfig | None = Field(
+        None, description="the input-validity gate (core/validity.py); its arrays are in validity.npz beside the weights"
+    )

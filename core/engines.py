@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from core.model import PneumoniaNet, WithFeatures
+
 Engine = Literal["eager", "folded", "torchscript"]
 ENGINES: tuple[str, ...] = ("eager", "folded", "torchscript")
 
@@ -47,18 +49,22 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     return module.to(memory_format=torch.channels_last)
 
 
-def build_runner(module: nn.Module, engine: Engine, image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The callable that maps a normalised (N, 1, H, W) batch (what `to_tensor` makes) to logits."""
-    if engine == "eager":
-        return module
-    if engine == "folded":
-        return fold_batchnorm(module)
-    if engine == "torchscript":
-        example = torch.zeros(2, 1, image_size, image_size)  # grayscale grids; the module expands channels itself
-        with warnings.catch_warnings(), torch.inference_mode():
-            # torch.jit is deprecated upstream in favour of torch.compile/export, which measured
-            # slower here (and need a compiler at start-up); PNEUMONIA_ENGINE=folded avoids it.
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(module.eval(), example, check_trace=False)
-            return torch.jit.freeze(traced.eval())
-    raise ValueError(f"unknown inference engine {engine!r}; choose one of {', '.join(ENGINES)}")
+Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_runner(module: PneumoniaNet, engine: Engine, image_size: int) -> Runner:
+    """The callable that maps a normalised (N, 1, H, W) batch (what `to_tensor` makes) to
+    (logits, pooled features): the classifier's answer and what the validity gate reads."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown inference engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    # A copy of its own: the feature hooks stay off the module that training or explanations call.
+    tapped = WithFeatures(fold_batchnorm(module) if engine == "folded" else copy.deepcopy(module)).eval()
+    if engine != "torchscript":
+        return tapped
+    example = torch.zeros(2, 1, image_size, image_size)  # grayscale grids; the module expands channels itself
+    with warnings.catch_warnings(), torch.inference_mode():
+        # torch.jit is deprecated upstream in favour of torch.compile/export, which measured
+        # slower here (and need a compiler at start-up); PNEUMONIA_ENGINE=folded avoids it.
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(tapped, example, check_trace=False)
+        return torch.jit.freeze(traced.eval())

@@ -1,16 +1,26 @@
-"""A model ready to run: module, card and forward-pass engine, fed uint8 grids through `preprocess.to_tensor`."""
+"""A model ready to run: module, card, forward-pass engine and validity gate, fed uint8 grids."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from core.card import ModelCard
+from core.engines import Runner
 from core.model import PneumoniaNet
 from core.preprocess import to_tensor
+from core.validity import NOT_A_CHEST_XRAY, ValidityGate, ValidityOutcome, ValidityReason, undo
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """One image's answer: the calibrated probability and what the validity gate found."""
+
+    probability: float
+    validity: ValidityOutcome | None  # None: the model carries no gate
 
 
 @dataclass
@@ -20,19 +30,66 @@ class LoadedModel:
     tag: str
     module: PneumoniaNet
     card: ModelCard
+    runner: Runner = field(repr=False)  # (N, 1, H, W) -> (logits, gate features); core/engines.py
     engine: str = "eager"
-    # What runs the forward pass (core/engines.py); the module itself for "eager".
-    runner: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    gate: ValidityGate | None = field(default=None, repr=False)
+
+    def forward(self, pixels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 grids (N, H, W) -> (raw logits (N,), pooled features (N, D)), one pass."""
+        with torch.inference_mode():
+            logits, features = self.runner(to_tensor(pixels, self.card.preprocess))
+            return logits.float(), features.float()
 
     def logits(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 grids (N, H, W) -> raw logits (N,)."""
-        with torch.inference_mode():
-            return (self.runner or self.module)(to_tensor(pixels, self.card.preprocess)).float()
+        return self.forward(pixels)[0]
 
     def probabilities(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 grids (N, H, W) -> calibrated pneumonia probabilities (N,)."""
-        with torch.inference_mode():
-            return torch.sigmoid(self.logits(pixels) / self.card.temperature).numpy().astype(np.float64)
+        return self.calibrated(self.logits(pixels))
+
+    def calibrated(self, logits: torch.Tensor) -> np.ndarray:
+        return torch.sigmoid(logits / self.card.temperature).numpy().astype(np.float64)
+
+    def assess(self, pixels: np.ndarray | torch.Tensor) -> list[Assessment]:
+        """Probabilities and validity outcomes of a batch of uint8 grids, from one forward pass."""
+        logits, features = self.forward(pixels)
+        probabilities = self.calibrated(logits)
+        if self.gate is None:
+            return [Assessment(float(p), None) for p in probabilities]
+        grids = np.asarray(pixels)
+        outcomes = self.gate.assess(features, _spread(grids))
+        return [Assessment(float(p), v) for p, v in zip(probabilities, self._name_transformations(grids, outcomes))]
+
+    def _name_transformations(self, grids: np.ndarray, outcomes: list[ValidityOutcome]) -> list[ValidityOutcome]:
+        """Refusals that look inverted or rotated: undo that and check again (one extra pass, refused images only).
+
+        A chest X-ray that becomes valid once turned back is named for its transformation
+        ("rotated", "inverted"), so the client knows what to fix; anything else is not a chest X-ray.
+        """
+        assert self.gate is not None
+        retry = [i for i, o in enumerate(outcomes)
+                 if o.reason in ("not_a_chest_xray", "inverted", "rotated") and undo(grids[i], o.suspected) is not None]
+        if not retry:
+            return outcomes
+        undone = np.stack([undo(grids[i], outcomes[i].suspected) for i in retry])
+        again = self.gate.assess(self.forward(undone)[1], _spread(undone))
+        outcomes = list(outcomes)
+        for i, second in zip(retry, again):
+            first = outcomes[i]
+            if second.valid:
+                reason: ValidityReason = "inverted" if first.suspected == "inverted" else "rotated"
+                message = self.gate.orientation_message(first.suspected, first.upright_probability)
+            else:
+                reason = "not_a_chest_xray"
+                message = NOT_A_CHEST_XRAY.format(first.outlier_score, self.gate.config.outlier_limit)
+            outcomes[i] = dataclasses.replace(first, reason=reason, message=message)
+        return outcomes
 
     def labels(self, probabilities: np.ndarray) -> list[str]:
         return [self.card.class_names[int(p >= self.card.threshold)] for p in probabilities]
+
+
+def _spread(grids: np.ndarray) -> np.ndarray:
+    """Standard deviation of each grid's grey levels (0-255): what the blank check reads."""
+    return grids.reshape(len(grids), -1).std(axis=1)

@@ -94,6 +94,51 @@ class PneumoniaNet(nn.Module):
         return logits
 
 
+# Stage outputs the validity gate reads, per architecture: where resolution or width changes, plus the last.
+FEATURE_LAYERS: dict[str, tuple[str, ...]] = {
+    "mobilenet_v3_small": ("features.3", "features.6", "features.8", "features.11", "features.12"),
+    "mobilenet_v3_large": ("features.3", "features.6", "features.10", "features.12", "features.16"),
+    "efficientnet_b0": ("features.2", "features.3", "features.4", "features.6", "features.8"),
+    "resnet18": ("layer1", "layer2", "layer3", "layer4"),
+    "regnet_x_400mf": ("trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "trunk_output.block4"),
+}
+
+
+class WithFeatures(nn.Module):
+    """(N, C, H, W) -> (logits (N,), pooled features (N, D)) in one forward pass.
+
+    The features are the global averages of the backbone's stage outputs
+    (FEATURE_LAYERS), taken from the first backbone pass (the un-mirrored one
+    when the model also averages a mirror image); the validity gate reads them.
+    Forward hooks record them, which TorchScript's tracing follows like any op.
+    """
+
+    def __init__(self, model: PneumoniaNet) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = FEATURE_LAYERS[model.spec.arch]
+        self._pooled: list[torch.Tensor] = []
+        for name in self.layers:
+            model.backbone.get_submodule(name).register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        self._pooled.append(output.mean(dim=(2, 3)))
+
+    def layer_dims(self) -> tuple[int, ...]:
+        """Width of each layer's pooled output, from one small forward pass."""
+        size = 64
+        with torch.inference_mode():
+            self.forward(torch.zeros(1, self.model.spec.in_channels, size, size))
+            return tuple(p.shape[1] for p in self._last)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._pooled = []
+        logits = self.model(x)
+        self._last = self._pooled[: len(self.layers)]
+        self._pooled = []
+        return logits, torch.cat(self._last, dim=1)
+
+
 def build_model(spec: ModelSpec, pretrained: bool = False) -> PneumoniaNet:
     """A fresh module for `spec`; `pretrained` needs network access to torchvision's weights."""
     return PneumoniaNet(spec, pretrained=pretrained)

@@ -8,6 +8,7 @@ import io
 import torch
 
 from core.card import MODEL_NAME, WEIGHTS_FILE, ModelCard
+from core.validity import VALIDITY_FILE, ValidityGate
 from core.engines import Engine, build_runner
 from core.inference import LoadedModel
 from core.model import build_model
@@ -51,4 +52,15 @@ def load_model(ref: str = PRODUCTION, name: str = MODEL_NAME, engine: Engine = "
         raise ModelIntegrityError(f"model {tag}: weights do not fit architecture {card.spec.arch}: {exc}") from None
     module = module.to(memory_format=torch.channels_last).eval()  # oneDNN's fast layout on CPU
     runner = build_runner(module, engine, card.preprocess.image_size)
-    return LoadedModel(tag=tag, module=module, card=card, engine=engine, runner=runner)
+    return LoadedModel(tag=tag, module=module, card=card, engine=engine, runner=runner, gate=_load_gate(tag, card))
+
+
+def _load_gate(tag: str, card: ModelCard) -> ValidityGate | None:
+    """The model's validity gate, verified against the sha256 in its card; None when it has none."""
+    if card.validity is None:
+        return None
+    path = store_path_of(tag) / VALIDITY_FILE
+    try:
+        return ValidityGate.from_bytes(card.validity, path.read_bytes())
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelIntegrityError(f"model {tag}: validity gate {path} is unusable ({exc}); re-import or re-fit it") from None

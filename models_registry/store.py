@@ -23,6 +23,7 @@ from bentoml.exceptions import NotFound
 from torch import nn
 
 from core.card import MODEL_NAME, WEIGHTS_FILE, ModelCard
+from core.validity import VALIDITY_FILE
 
 PRODUCTION = "production"
 
@@ -76,10 +77,14 @@ def _without_none(value: Any) -> Any:
     return value
 
 
-def save_model(module: nn.Module, card: ModelCard, name: str = MODEL_NAME) -> str:
-    """Store weights and card as a new version of `name`; returns the tag."""
+def save_model(module: nn.Module, card: ModelCard, name: str = MODEL_NAME, validity: bytes | None = None) -> str:
+    """Store weights, card and (when the card has a gate) the validity arrays as a new version of `name`."""
     payload = weights_to_bytes(module)
     card = card.model_copy(update={"weights_sha256": hashlib.sha256(payload).hexdigest()})
+    if (card.validity is None) != (validity is None):
+        raise RegistryError("a validity gate needs both its configuration in the card and its arrays")
+    if validity is not None and hashlib.sha256(validity).hexdigest() != card.validity.arrays_sha256:
+        raise RegistryError("the validity arrays do not match the sha256 in the card")
     labels = {
         "arch": card.spec.arch,
         "image_size": str(card.preprocess.image_size),
@@ -87,6 +92,8 @@ def save_model(module: nn.Module, card: ModelCard, name: str = MODEL_NAME) -> st
     }
     with bentoml.models.create(name, labels=labels, metadata=_without_none(card.model_dump(mode="json"))) as ref:
         Path(ref.path_of(WEIGHTS_FILE)).write_bytes(payload)
+        if validity is not None:
+            Path(ref.path_of(VALIDITY_FILE)).write_bytes(validity)
         Path(ref.path_of("model_card.json")).write_text(card.model_dump_json(indent=2))
     return str(ref.tag)
 
