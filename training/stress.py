@@ -1,0 +1,151 @@
+"""Shift-stress suite: validation X-rays under acquisition-like changes, through the serving decode path.
+
+Each stress re-encodes the image as a client would send it (PNG, or JPEG where
+compression is the point) and runs it through `preprocess.prepare`, so what is
+measured is what the service would answer.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from core.preprocess import InputLimits, PreprocessConfig, prepare
+
+Stress = Callable[[Image.Image, np.random.Generator], bytes]
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _tone(curve: Callable[[np.ndarray], np.ndarray]) -> Stress:
+    def apply(image: Image.Image, rng: np.random.Generator) -> bytes:
+        x = np.asarray(image, dtype=np.float32) / 255.0
+        return _png(Image.fromarray((np.clip(curve(x), 0, 1) * 255 + 0.5).astype(np.uint8), mode="L"))
+
+    return apply
+
+
+def _zoom(factor: float) -> Stress:
+    """factor > 1: crop the centre (zoom in); < 1: shrink onto a black border (zoom out / padding)."""
+
+    def apply(image: Image.Image, rng: np.random.Generator) -> bytes:
+        w, h = image.size
+        if factor >= 1:
+            cw, ch = round(w / factor), round(h / factor)
+            left, top = (w - cw) // 2, (h - ch) // 2
+            return _png(image.crop((left, top, left + cw, top + ch)).resize((w, h), Image.Resampling.BILINEAR))
+        canvas = Image.new("L", (w, h), 0)
+        small = image.resize((round(w * factor), round(h * factor)), Image.Resampling.BILINEAR)
+        canvas.paste(small, ((w - small.width) // 2, (h - small.height) // 2))
+        return _png(canvas)
+
+    return apply
+
+
+def _rotate(degrees: float) -> Stress:
+    return lambda image, rng: _png(image.rotate(degrees, resample=Image.Resampling.BILINEAR, fillcolor=0))
+
+
+def _blur(radius: float) -> Stress:
+    return lambda image, rng: _png(image.filter(ImageFilter.GaussianBlur(radius)))
+
+
+def _noise(sigma: float) -> Stress:
+    def apply(image: Image.Image, rng: np.random.Generator) -> bytes:
+        x = np.asarray(image, dtype=np.float32) + rng.normal(0, sigma, (image.height, image.width))
+        return _png(Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8), mode="L"))
+
+    return apply
+
+
+def _rescale(side: int) -> Stress:
+    """Down- then up-scale through `side` pixels: detail lost in a low-resolution acquisition or export."""
+
+    def apply(image: Image.Image, rng: np.random.Generator) -> bytes:
+        w, h = image.size
+        return _png(image.resize((side, round(side * h / w)), Image.Resampling.BILINEAR).resize((w, h), Image.Resampling.BICUBIC))
+
+    return apply
+
+
+def _full_size(width: int, height: int, quality: int = 92) -> Stress:
+    """The image as a full-size scanner JPEG: the service downsamples it (draft decode + resize)."""
+    return lambda image, rng: _jpeg(image.resize((width, height), Image.Resampling.BICUBIC), quality)
+
+
+def _acquisition(image: Image.Image, rng: np.random.Generator) -> bytes:
+    """A random mix of the changes below at once, as a new site's scanner and export might apply them."""
+    w, h = image.size
+    zoom = float(rng.uniform(0.8, 1.2))
+    aspect = float(np.exp(rng.uniform(np.log(0.85), np.log(1.15))))
+    image = image.rotate(float(rng.uniform(-8, 8)), resample=Image.Resampling.BILINEAR, fillcolor=0)
+    cw, ch = min(w, round(w / zoom * aspect)), min(h, round(h / zoom / aspect))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    image = image.crop((left, top, left + cw, top + ch))
+    if zoom < 1:  # zoomed out: the chest shrinks onto a dark border
+        canvas = Image.new("L", (round(w / zoom), round(h / zoom)), 0)
+        canvas.paste(image, ((canvas.width - image.width) // 2, (canvas.height - image.height) // 2))
+        image = canvas
+    image = image.resize((w, h), Image.Resampling.BILINEAR)
+    x = np.asarray(image, dtype=np.float32) / 255.0
+    low, high = rng.uniform(0, 0.12), 1 - rng.uniform(0, 0.12)
+    if rng.random() < 0.5:  # washed out instead of windowed
+        x = low + (high - low) * x
+    else:
+        x = (x - low) / (high - low)
+    x = np.clip(x, 0, 1) ** float(np.exp(rng.uniform(np.log(0.65), np.log(1.5))))
+    image = Image.fromarray((x * 255 + 0.5).astype(np.uint8), mode="L")
+    if rng.random() < 0.4:
+        image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.2))))
+    if rng.random() < 0.4:
+        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, float(rng.uniform(2, 8)), (h, w))
+        image = Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return _jpeg(image, int(rng.integers(40, 95)))
+
+
+STRESSES: dict[str, Stress] = {
+    "clean": lambda image, rng: _png(image),
+    "darker (x0.75)": _tone(lambda x: x * 0.75),
+    "brighter (x1.25, clipped)": _tone(lambda x: x * 1.25),
+    "gamma 0.7": _tone(lambda x: x ** 0.7),
+    "gamma 1.4": _tone(lambda x: x ** 1.4),
+    "low contrast (0.15 + 0.7x)": _tone(lambda x: 0.15 + 0.7 * x),
+    "high contrast (window 10-90 %)": _tone(lambda x: (x - 0.1) / 0.8),
+    "zoom in 15 %": _zoom(1.15),
+    "border padding 10 %": _zoom(0.82),
+    "rotate +7 deg": _rotate(7.0),
+    "rotate -7 deg": _rotate(-7.0),
+    "blur (sigma 1.2)": _blur(1.2),
+    "noise (sigma 8)": _noise(8.0),
+    "JPEG quality 30": lambda image, rng: _jpeg(image, 30),
+    "downscale to 112 and back": _rescale(112),
+    "full-size 1800x1500 JPEG": _full_size(1800, 1500),
+    "random acquisition mix": _acquisition,
+}
+
+
+
+
+def stressed_grids(paths: list[Path], stress: Stress, config: PreprocessConfig, seed: int = 0) -> np.ndarray:
+    """The model's uint8 input grids (N, H, W) of these files under one stress, through `prepare`."""
+    rng = np.random.default_rng(seed)
+    limits = InputLimits(max_bytes=2**40, max_pixels=2**40, min_side=1)
+    grids = []
+    for path in paths:
+        with Image.open(path) as image:
+            grids.append(prepare(stress(image.convert("L"), rng), config, limits).pixels)
+    return np.stack(grids)
