@@ -29,12 +29,13 @@ from pydantic_core import PydanticCustomError
 from starlette.datastructures import UploadFile
 
 import models_registry
-from api.models import ImageInfo, ModelInfo, Prediction, Refused
+from api.models import ModelInfo, Prediction, Refused
 from core.card import ModelCard
 from core.engines import Engine
 from core.inference import LoadedModel
 from core.preprocess import ImageRejected, PreparedImage, prepare
 from models_registry import RegistryError
+from serving.answers import MODEL_INFO, REJECTED, answer
 from serving.grpc import server as grpc_server
 from serving.http import HttpGuard
 from serving.lifecycle import READINESS, StartupError, load_settings, warm_up_in_background
@@ -76,23 +77,6 @@ def preflight(tag: str, engine: Engine = "eager") -> None:
 SETTINGS = load_settings()  # bad configuration stops `bentoml serve` here with one line
 # A missing or unusable model stops `bentoml serve` here with one line (resolve_model above).
 MODEL_TAG, CARD = resolve_model(SETTINGS.model, Path(__file__).resolve().parent)
-
-PREDICTIONS = bentoml.metrics.Counter(
-    name="pneumonia_predictions_total", documentation="Classified images by predicted label", labelnames=["label", "model"]
-)
-PROBABILITY = bentoml.metrics.Histogram(
-    name="pneumonia_probability",
-    documentation="Calibrated pneumonia probabilities served (watch for drift)",
-    labelnames=["model"],
-    buckets=tuple(round(0.05 * i, 2) for i in range(1, 21)),
-)
-REJECTED = bentoml.metrics.Counter(
-    name="pneumonia_rejected_inputs_total", documentation="Uploads refused before inference, by reason", labelnames=["reason"]
-)
-MODEL_INFO = bentoml.metrics.Gauge(
-    name="pneumonia_model_info", documentation="The served model (value 1)", labelnames=["model", "arch", "threshold"]
-)
-
 
 def _reject(reason: str, message: str) -> PydanticCustomError:
     REJECTED.labels(reason=reason).inc()
@@ -244,28 +228,10 @@ class PneumoniaClassifier:
         prepared: list[PreparedImage] = images  # type: ignore[assignment]  # validators turned paths into images
         if self.model is None:  # the guard's readiness wait normally answers before a request gets here
             raise ServiceUnavailable("the model is still loading on this server; retry shortly")
-        probabilities = self.model.probabilities(np.stack([p.pixels for p in prepared]))
-        card = self.model.card
+        assessments = self.model.assess(np.stack([p.pixels for p in prepared]))
         done = time.perf_counter()
-        results = []
-        for item, probability in zip(prepared, probabilities):
-            label = card.class_names[int(probability >= card.threshold)]
-            PREDICTIONS.labels(label=label, model=MODEL_TAG).inc()
-            PROBABILITY.labels(model=MODEL_TAG).observe(float(probability))
-            results.append(
-                Prediction(
-                    label=label,
-                    probability=round(float(probability), 6),
-                    threshold=card.threshold,
-                    confidence=round(float(probability if label == "PNEUMONIA" else 1 - probability), 6),
-                    model=MODEL_TAG,
-                    image=ImageInfo(width=item.width, height=item.height, mode=item.mode, format=item.format),
-                    warnings=list(item.warnings),
-                    processing_ms=round((done - getattr(item, "received", done)) * 1000, 2),
-                    batch_size=len(prepared),
-                )
-            )
-        return results
+        return [answer(item, assessment, self.model.card, MODEL_TAG, SETTINGS.validity.mode, len(prepared), done)
+                for item, assessment in zip(prepared, assessments)]
 
     @bentoml.api(route="/health")
     def health(self) -> ModelInfo:

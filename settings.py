@@ -134,6 +134,18 @@ class BatchingSettings(BaseModel):
     )
 
 
+class ValiditySettings(BaseModel):
+    """What the served model's input-validity gate (core/validity.py) does with an image it flags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["refuse", "warn", "off"] = Field(
+        "refuse",
+        description="refuse: no verdict, status 'refused' with the reason; warn: answer anyway and put the reason in "
+        "warnings (for sites that want to see everything); off: do not report the gate's findings",
+    )
+
+
 class GrpcSettings(BaseModel):
     """The gRPC endpoint (serving/grpc/), started inside every worker by `bentoml serve`."""
 
@@ -178,6 +190,7 @@ class ServingSettings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     request_log: RequestLogSettings = RequestLogSettings()
     grpc: GrpcSettings = GrpcSettings()
+    validity: ValiditySettings = ValiditySettings()
 
     def worker_count(self) -> int:
         return self.workers or min(MAX_AUTO_WORKERS, usable_cores())

@@ -31,16 +31,23 @@ def prediction_message(prediction: Prediction, image: Any) -> Any:
     """`pb.Prediction` for one result; `filename` and `client_id` are echoed from the request's `pb.Image`."""
     info = prediction.image
     message = pb.Prediction(
-        label=prediction.label,
-        probability=prediction.probability,
+        status=prediction.status,
+        label=prediction.label or "",
         threshold=prediction.threshold,
-        confidence=prediction.confidence,
         model=prediction.model,
         image=pb.ImageInfo(width=info.width, height=info.height, mode=info.mode, format=info.format),
         warnings=prediction.warnings,
         processing_ms=prediction.processing_ms,
         batch_size=prediction.batch_size,
     )
+    if prediction.probability is not None:
+        message.probability = prediction.probability
+    if prediction.confidence is not None:
+        message.confidence = prediction.confidence
+    if prediction.refusal is not None:
+        message.refusal.CopyFrom(pb.Refusal(**prediction.refusal.model_dump()))
+    if prediction.validity is not None:
+        message.validity.CopyFrom(pb.Validity(**prediction.validity.model_dump()))
     if image.HasField("filename"):
         message.filename = image.filename
     if image.HasField("client_id"):
@@ -51,18 +58,26 @@ def prediction_message(prediction: Prediction, image: Any) -> Any:
 def prediction_fields(message: Any) -> dict[str, Any]:
     """A `pb.Prediction` as the fields of `api.models.Prediction`, plus `filename` and `client_id` (or None)."""
     image = message.image
+
+    def optional(name: str) -> Any:
+        return getattr(message, name) if message.HasField(name) else None
+
     return {
-        "label": message.label,
-        "probability": message.probability,
+        "status": message.status or "ok",
+        "label": message.label or None,
+        "probability": optional("probability"),
         "threshold": message.threshold,
-        "confidence": message.confidence,
+        "confidence": optional("confidence"),
         "model": message.model,
         "image": {"width": image.width, "height": image.height, "mode": image.mode, "format": image.format},
+        "refusal": MessageToDict(message.refusal, preserving_proto_field_name=True) if message.HasField("refusal") else None,
+        "validity": MessageToDict(message.validity, preserving_proto_field_name=True,
+                                  always_print_fields_with_no_presence=True) if message.HasField("validity") else None,
         "warnings": list(message.warnings),
         "processing_ms": message.processing_ms,
         "batch_size": message.batch_size,
-        "filename": message.filename if message.HasField("filename") else None,
-        "client_id": message.client_id if message.HasField("client_id") else None,
+        "filename": optional("filename"),
+        "client_id": optional("client_id"),
     }
 
 

@@ -15,17 +15,47 @@ class ImageInfo(BaseModel):
     format: str
 
 
-class Prediction(BaseModel):
-    """One classified image, as `POST /classify` returns it (one per image, in request order)."""
+class Refusal(BaseModel):
+    """Why an image got no verdict: `reason` is a code of api.reasons.REFUSAL_REASONS."""
 
     model_config = ConfigDict(frozen=True)
 
-    label: Literal["NORMAL", "PNEUMONIA"]
-    probability: float = Field(ge=0, le=1, description="calibrated probability of pneumonia")
+    reason: str
+    message: str
+
+
+class Validity(BaseModel):
+    """The input-validity gate's measurements of one image against the served model's limits."""
+
+    model_config = ConfigDict(frozen=True)
+
+    outlier_score: float = Field(description="distance from chest X-ray features; above outlier_limit: not a chest X-ray")
+    outlier_limit: float
+    upright_probability: float = Field(description="probability of an upright, whole, correctly polarised chest X-ray")
+    upright_limit: float = Field(description="below it: inverted, rotated or cropped")
+    grey_level_spread: float = Field(description="standard deviation of the grey levels (0-255) the model saw")
+    blank_limit: float = Field(description="below it: blank")
+
+
+class Prediction(BaseModel):
+    """One image's answer, as `POST /classify` returns it (one per image, in request order).
+
+    `status` "ok": `label`, `probability` and `confidence` are set. "refused": the image is
+    not one the model may answer (not a frontal chest X-ray, blank, inverted, rotated, a crop,
+    a DICOM object of another kind); `refusal` says why and the verdict fields are null.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    status: Literal["ok", "refused"] = "ok"
+    label: Literal["NORMAL", "PNEUMONIA"] | None
+    probability: float | None = Field(ge=0, le=1, description="calibrated probability of pneumonia")
     threshold: float = Field(description="operating point: probability >= threshold means PNEUMONIA")
-    confidence: float = Field(ge=0, le=1, description="calibrated probability of the returned label")
+    confidence: float | None = Field(ge=0, le=1, description="calibrated probability of the returned label")
     model: str = Field(description="model tag that produced this prediction")
     image: ImageInfo
+    refusal: Refusal | None = Field(None, description="why the image got no verdict (status refused)")
+    validity: Validity | None = Field(None, description="the input-validity gate's measurements (null: no gate)")
     warnings: list[str] = Field(default_factory=list, description="reasons to double-check this result")
     processing_ms: float = Field(description="server time from upload parsed to result, queueing included")
     batch_size: int = Field(description="images in the forward pass that produced this prediction")

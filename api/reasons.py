@@ -15,6 +15,8 @@ IMAGE_REASONS: tuple[str, ...] = (
     "too_small",
     "corrupt",
 )
+# An image decoded fine but refused per image, in a 200 answer (status "refused"): the model's validity gate.
+REFUSAL_REASONS: tuple[str, ...] = ("blank", "not_a_chest_xray", "inverted", "rotated", "cropped")
 # A request refused as a whole before any image is decoded (HTTP guard, service, gRPC servicer).
 REQUEST_REASONS: tuple[str, ...] = (
     "no_images",

@@ -39,9 +39,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _format_prediction(p: Prediction) -> str:
     name = p.filename or "image"
+    if p.refusal is not None:
+        verdict = f"{name}: REFUSED ({p.refusal.reason}) {p.refusal.message}"
+    else:
+        verdict = (f"{name}: {p.label}  probability of pneumonia {p.probability:.4f} (threshold {p.threshold:.4f}), "
+                   f"confidence {p.confidence:.1%}")
     lines = [
-        f"{name}: {p.label}  probability of pneumonia {p.probability:.4f} (threshold {p.threshold:.4f}), "
-        f"confidence {p.confidence:.1%}",
+        verdict,
         f"    {p.image.width}x{p.image.height} {p.image.format} {p.image.mode}; "
         f"batch of {p.batch_size}, {p.processing_ms:.1f} ms on the server"
         + (f"; client id {p.client_id}" if p.client_id else ""),

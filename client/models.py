@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.models import ImageInfo, ModelInfo
+from api.models import ImageInfo, ModelInfo, Refusal, Validity
 from api.models import Prediction as _WirePrediction
 
-__all__ = ["ImageInfo", "ImageUpload", "ModelInfo", "Prediction"]
+__all__ = ["ImageInfo", "ImageUpload", "ModelInfo", "Prediction", "Refusal", "Validity"]
 
 
 class Prediction(_WirePrediction):
@@ -19,6 +19,11 @@ class Prediction(_WirePrediction):
     @property
     def is_pneumonia(self) -> bool:
         return self.label == "PNEUMONIA"
+
+    @property
+    def refused(self) -> bool:
+        """True when the image got no verdict (not a frontal chest X-ray, blank, ...): see `refusal`."""
+        return self.status == "refused"
 
 
 class ImageUpload(BaseModel):

@@ -1,0 +1,83 @@
+"""What one image gets back: its prediction, or its refusal, and the Prometheus metrics that count them.
+
+A refusal comes from the file itself (`PreparedImage.refusal`, e.g. a DICOM object
+that is not a frontal chest radiograph) or from the model's validity gate
+(core/validity.py); the `validity` setting decides whether the gate's findings
+refuse the image, only warn, or are ignored. A refused image gets no label and no
+probability, so nothing downstream can read it as a diagnosis.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import bentoml
+
+from api.models import ImageInfo, Prediction, Refusal, Validity
+from core.card import ModelCard
+from core.inference import Assessment
+from core.preprocess import PreparedImage
+
+PREDICTIONS = bentoml.metrics.Counter(
+    name="pneumonia_predictions_total", documentation="Classified images by predicted label", labelnames=["label", "model"]
+)
+PROBABILITY = bentoml.metrics.Histogram(
+    name="pneumonia_probability",
+    documentation="Calibrated pneumonia probabilities served (watch for drift)",
+    labelnames=["model"],
+    buckets=tuple(round(0.05 * i, 2) for i in range(1, 21)),
+)
+REJECTED = bentoml.metrics.Counter(
+    name="pneumonia_rejected_inputs_total",
+    documentation="Images refused, by reason: bad uploads (before inference) and images the validity gate refused",
+    labelnames=["reason"],
+)
+OUTLIER_SCORE = bentoml.metrics.Histogram(
+    name="pneumonia_validity_outlier_score",
+    documentation="The validity gate's outlier score of every image that reached the model (watch for input drift)",
+    labelnames=["model"],
+    buckets=(-1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0),
+)
+MODEL_INFO = bentoml.metrics.Gauge(
+    name="pneumonia_model_info", documentation="The served model (value 1)", labelnames=["model", "arch", "threshold"]
+)
+
+
+
+def _validity(assessment: Assessment, card: ModelCard) -> Validity | None:
+    outcome, limits = assessment.validity, card.validity
+    if outcome is None or limits is None:
+        return None
+    return Validity(outlier_score=round(outcome.outlier_score, 4), outlier_limit=round(limits.outlier_limit, 4),
+                    upright_probability=round(outcome.upright_probability, 6),
+                    upright_limit=round(limits.orientation_limit, 6),
+                    grey_level_spread=round(outcome.pixel_std, 2), blank_limit=round(limits.blank_std_limit, 2))
+
+
+def answer(item: PreparedImage, assessment: Assessment, card: ModelCard, tag: str,
+           mode: Literal["refuse", "warn", "off"], batch_size: int, done: float | None = None) -> Prediction:
+    """The prediction for one image, or its refusal; counts it in the metrics."""
+    done = time.perf_counter() if done is None else done
+    outcome = assessment.validity
+    if outcome is not None:
+        OUTLIER_SCORE.labels(model=tag).observe(outcome.outlier_score)
+    refusal, refused_by_file = item.refusal, item.refusal is not None
+    if refusal is None and outcome is not None and outcome.reason is not None and mode != "off":
+        refusal = (outcome.reason, outcome.message)
+    warnings = list(item.warnings)
+    common = dict(threshold=card.threshold, model=tag, validity=_validity(assessment, card),
+                  image=ImageInfo(width=item.width, height=item.height, mode=item.mode, format=item.format),
+                  processing_ms=round((done - getattr(item, "received", done)) * 1000, 2), batch_size=batch_size)
+    if refusal is not None and (refused_by_file or mode == "refuse"):
+        REJECTED.labels(reason=refusal[0]).inc()
+        return Prediction(status="refused", label=None, probability=None, confidence=None,
+                          refusal=Refusal(reason=refusal[0], message=refusal[1]), warnings=warnings, **common)
+    if refusal is not None:  # warn-only mode: answered, with the gate's finding first among the warnings
+        warnings.insert(0, f"{refusal[0]}: {refusal[1]} (answered anyway: validity mode is 'warn')")
+    probability = assessment.probability
+    label = card.class_names[int(probability >= card.threshold)]
+    PREDICTIONS.labels(label=label, model=tag).inc()
+    PROBABILITY.labels(model=tag).observe(probability)
+    return Prediction(label=label, probability=round(probability, 6), warnings=warnings,
+                      confidence=round(probability if label == "PNEUMONIA" else 1 - probability, 6), **common)
