@@ -1,0 +1,180 @@
+"""The input-validity gate: what is not a frontal chest X-ray gets no verdict, real X-rays still do.
+
+Real X-rays come from the shared training folder; everything else is made here
+(synthetic images, transformed X-rays) or comes with a library (scikit-image's
+pictures, pydicom's example CT).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from api._proto.pneumonia.v1 import classifier_pb2 as pb
+from api._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
+from api.reasons import REFUSAL_REASONS
+from core.validity import VALIDITY_FILE
+from harness.payloads import sample_xrays
+from harness.servers import ServerProcess, start_server
+from models_registry import LoadedModel, ModelIntegrityError, load_model
+from tests.images import encode
+
+
+def png(image: Image.Image) -> bytes:
+    return encode(image, "PNG")
+
+
+def xray(index: int = 0) -> Image.Image:
+    with Image.open(sample_xrays(per_class=4, offset=60)[index]) as opened:
+        return opened.convert("L")
+
+
+def photograph() -> Image.Image:
+    import skimage
+
+    with Image.open(Path(skimage.__file__).parent / "data" / "astronaut.png") as opened:
+        return opened.convert("L")
+
+
+def ct_slice() -> Image.Image:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    pixels = pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array.astype(np.float32)
+    return Image.fromarray(((pixels - pixels.min()) / np.ptp(pixels) * 255).astype(np.uint8)).resize((512, 512))
+
+
+# upload -> the reason it must be refused with (None: any refusal reason)
+NOT_CHEST_XRAYS: dict[str, tuple] = {
+    "black": (lambda: Image.new("L", (512, 512), 0), "blank"),
+    "white": (lambda: Image.new("L", (512, 512), 255), "blank"),
+    "uniform noise": (lambda: Image.fromarray(np.random.default_rng(3).integers(0, 256, (400, 400), dtype=np.uint8)), None),
+    "grey gradient": (lambda: Image.fromarray(np.tile(np.linspace(0, 255, 512, dtype=np.uint8), (512, 1))), None),
+    "inverted X-ray": (lambda: Image.fromarray(255 - np.asarray(xray())), "inverted"),
+    "X-ray rotated 90": (lambda: xray().rotate(90, expand=True), "rotated"),
+    "X-ray rotated 180": (lambda: xray(1).rotate(180), "rotated"),
+    "centre crop of an X-ray": (lambda: xray(2).crop((70, 70, 160, 160)).resize((224, 224)), "cropped"),
+    "photograph": (photograph, None),
+    "CT slice": (ct_slice, None),
+}
+
+
+@pytest.fixture(scope="module")
+def model(production_tag: str) -> LoadedModel:
+    return load_model(production_tag)
+
+
+def grid(model: LoadedModel, data: bytes) -> np.ndarray:
+    from core.preprocess import prepare
+
+    return prepare(data, model.card.preprocess).pixels
+
+
+def test_shipped_model_carries_a_fitted_gate(model: LoadedModel) -> None:
+    gate = model.card.validity
+    assert model.gate is not None and gate is not None
+    figures = gate.figures
+    # Calibrated as the issue asks: at most 1 % of held-out validation X-rays refused, stressed ones included.
+    assert figures["validation_clean"]["rate"] <= 0.01 and figures["validation_stressed"]["rate"] <= 0.011
+    assert figures["negatives"]["catch_rate"] >= 0.9
+
+
+def test_real_xrays_are_answered(model: LoadedModel) -> None:
+    paths = sample_xrays(per_class=40, offset=500)  # both classes, files the tests use nowhere else
+    outcomes = model.assess(np.stack([grid(model, p.read_bytes()) for p in paths]))
+    refused = [(p.name, o.validity.reason) for p, o in zip(paths, outcomes) if o.validity.reason]
+    assert len(refused) <= 1, refused
+
+
+@pytest.mark.parametrize("name", list(NOT_CHEST_XRAYS))
+def test_not_a_chest_xray_is_refused_with_its_reason(model: LoadedModel, name: str) -> None:
+    build, reason = NOT_CHEST_XRAYS[name]
+    [outcome] = model.assess(grid(model, png(build()))[None])
+    assert outcome.validity.reason in REFUSAL_REASONS
+    if reason is not None:
+        assert outcome.validity.reason == reason, outcome.validity
+    assert outcome.validity.message
+
+
+def test_a_damaged_gate_stops_the_model_loading(model: LoadedModel, tmp_path: Path, production_tag: str) -> None:
+    from models_registry.store import store_path_of
+
+    path = store_path_of(production_tag) / VALIDITY_FILE
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:-10] + b"0123456789")
+        with pytest.raises(ModelIntegrityError, match="validity gate"):
+            load_model(production_tag)
+    finally:
+        path.write_bytes(original)
+
+
+def test_refused_images_get_no_verdict_and_the_rest_are_answered(server: ServerProcess) -> None:
+    uploads = [png(xray()), png(Image.new("L", (512, 512), 0)), png(xray().rotate(90, expand=True))]
+    before = httpx.get(server.url + "/metrics", timeout=10).text
+    response = httpx.post(server.url + "/classify", files=[("images", (f"{i}.png", d)) for i, d in enumerate(uploads)],
+                          timeout=60)
+    assert response.status_code == 200, response.text
+    ok, blank, rotated = response.json()
+    assert ok["status"] == "ok" and ok["label"] in ("NORMAL", "PNEUMONIA") and ok["refusal"] is None
+    assert ok["validity"]["outlier_score"] <= ok["validity"]["outlier_limit"]
+    for item, reason in ((blank, "blank"), (rotated, "rotated")):
+        assert item["status"] == "refused" and item["refusal"]["reason"] == reason
+        assert item["label"] is None and item["probability"] is None and item["confidence"] is None
+    after = httpx.get(server.url + "/metrics", timeout=10).text
+
+    def count(text: str, reason: str) -> float:
+        line = [x for x in text.splitlines() if x.startswith(f'pneumonia_rejected_inputs_total{{reason="{reason}"}}')]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    assert count(after, "blank") == count(before, "blank") + 1
+    assert count(after, "rotated") == count(before, "rotated") + 1
+
+
+def test_grpc_refuses_the_same_images_the_same_way(server: ServerProcess) -> None:
+    uploads = [png(xray()), png(Image.new("L", (512, 512), 255)), png(Image.fromarray(255 - np.asarray(xray())))]
+    http = httpx.post(server.url + "/classify", files=[("images", (f"{i}.png", d)) for i, d in enumerate(uploads)],
+                      timeout=60).json()
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        reply = pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(images=[pb.Image(data=d) for d in uploads]),
+                                                         timeout=60)
+    for wire, message in zip(http, reply.predictions):
+        assert message.status == wire["status"]
+        assert (message.refusal.reason or None) == (wire["refusal"] or {}).get("reason")
+        assert message.HasField("probability") == (wire["probability"] is not None)
+        assert (message.label or None) == wire["label"]
+    assert [m.status for m in reply.predictions] == ["ok", "refused", "refused"]
+
+
+def test_warn_mode_answers_everything_and_says_why(tmp_path: Path, production_tag: str) -> None:
+    server = start_server(tmp_path / "warn.log", PNEUMONIA_WORKERS="1", PNEUMONIA_VALIDITY__MODE="warn")
+    try:
+        response = httpx.post(server.url + "/classify", files=[("images", ("black.png", png(Image.new("L", (512, 512), 0))))],
+                              timeout=60)
+        [item] = response.json()
+        assert item["status"] == "ok" and item["label"] in ("NORMAL", "PNEUMONIA")
+        assert item["warnings"][0].startswith("blank:") and "answered anyway" in item["warnings"][0]
+    finally:
+        server.stop()
+
+
+def test_client_and_cli_show_refusals(server: ServerProcess, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from client import connect
+
+    black = tmp_path / "black.png"
+    black.write_bytes(png(Image.new("L", (300, 300), 0)))
+    with connect(server.url) as api:
+        [prediction] = api.classify([black])
+    assert prediction.refused and prediction.refusal.reason == "blank" and prediction.label is None
+    cli = subprocess.run([sys.executable, "-m", "client", "classify", str(black), "--url", server.url],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and "REFUSED (blank)" in cli.stdout, cli.stdout + cli.stderr
