@@ -85,6 +85,9 @@ class PreparedImage:
     mode: str
     format: str
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    # (reason, message) when the file itself says it is not a frontal chest X-ray (e.g. DICOM tags): the
+    # image gets a per-image refusal without a verdict, whatever the model's validity gate finds.
+    refusal: tuple[str, str] | None = None
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
