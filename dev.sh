@@ -22,6 +22,21 @@ python_311() {
   return 1
 }
 
+# promtool (Debian's prometheus package) checks deploy/prometheus/ in tests/test_deploy.py. Best effort, once per
+# set-up: without root or apt-get, or when the install fails, print one line; that test check then skips.
+install_promtool() {
+  command -v promtool >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 &&
+     apt-get update -qq >/dev/null 2>&1 &&
+     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+       -o DPkg::Lock::Timeout=120 prometheus >/dev/null 2>&1 &&
+     command -v promtool >/dev/null 2>&1; then
+    echo "installed promtool (Debian package prometheus) for the alert-rule checks" >&2
+  else
+    echo "note: promtool not installed (needs root and apt-get); tests/test_deploy.py will skip the alert-rule check" >&2
+  fi
+}
+
 setup() {
   local py stamp
   py=$(python_311)
@@ -36,6 +51,7 @@ setup() {
     .venv/bin/python scripts/gen_proto.py
     # The project itself, editable: its packages import from this folder, no PYTHONPATH or sys.path edits.
     .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
+    install_promtool
     echo "$stamp" > .venv/.setup-stamp
   fi
   # generated stubs are git-ignored: a fresh checkout or a clean may lack them while the stamp is current

@@ -66,6 +66,14 @@ def test_nothing_outside_tests_imports_tests_and_no_file_edits_sys_path() -> Non
     assert not edits
 
 
+def test_deploy_holds_no_code() -> None:
+    """deploy/ (manifests, rules, dashboards) imports nothing: tests/test_deploy.py validates it from outside."""
+    deploy = ROOT / "deploy"
+    assert deploy.is_dir()
+    assert not [str(p.relative_to(ROOT)) for p in deploy.rglob("*") if p.suffix in (".py", ".sh") or
+                (p.is_file() and p.stat().st_mode & 0o111)]
+
+
 def test_the_bento_ships_no_trainer_client_or_harness() -> None:
     bentofile = (ROOT / "bentofile.yaml").read_text()
     include = bentofile.split("include:")[1].split("exclude:")[0]
