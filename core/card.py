@@ -11,6 +11,7 @@ from core.preprocess import PreprocessConfig
 from core.validity import ValidityConfig
 
 MODEL_NAME = "pneumonia-classifier"
+CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")  # label index 0 and 1 everywhere
 WEIGHTS_FILE = "weights.pt"
 
 
@@ -21,7 +22,7 @@ class ModelCard(BaseModel):
 
     spec: ModelSpec
     preprocess: PreprocessConfig
-    class_names: tuple[str, str] = ("NORMAL", "PNEUMONIA")
+    class_names: tuple[str, str] = CLASS_NAMES
     temperature: float = Field(1.0, gt=0)
     threshold: float = Field(0.5, ge=0, le=1, description="pneumonia probability at or above which the label is PNEUMONIA")
     target_sensitivity: float = Field(0.98, gt=0, le=1)
@@ -31,6 +32,9 @@ class ModelCard(BaseModel):
     code_version: str = ""
     weights_sha256: str = ""
     training_seconds: float | None = None
+    site_calibration: dict[str, Any] | None = Field(
+        None, description="when set: temperature and threshold were re-fitted on a site's own data (models_registry.calibrate)"
+    )
     validity: ValidityConfig | None = Field(
         None, description="the input-validity gate (core/validity.py); its arrays are in validity.npz beside the weights"
     )

@@ -21,6 +21,7 @@ class Assessment:
 
     probability: float
     validity: ValidityOutcome | None  # None: the model carries no gate
+    logit: float = 0.0  # raw, before the card's temperature
 
 
 @dataclass
@@ -55,11 +56,13 @@ class LoadedModel:
         """Probabilities and validity outcomes of a batch of uint8 grids, from one forward pass."""
         logits, features = self.forward(pixels)
         probabilities = self.calibrated(logits)
+        raw = logits.numpy().astype(np.float64)
         if self.gate is None:
-            return [Assessment(float(p), None) for p in probabilities]
+            return [Assessment(float(p), None, float(z)) for p, z in zip(probabilities, raw)]
         grids = np.asarray(pixels)
         outcomes = self.gate.assess(features, _spread(grids))
-        return [Assessment(float(p), v) for p, v in zip(probabilities, self._name_transformations(grids, outcomes))]
+        named = self._name_transformations(grids, outcomes)
+        return [Assessment(float(p), v, float(z)) for p, v, z in zip(probabilities, named, raw)]
 
     def _name_transformations(self, grids: np.ndarray, outcomes: list[ValidityOutcome]) -> list[ValidityOutcome]:
         """Refusals that look inverted or rotated: undo that and check again (one extra pass, refused images only).

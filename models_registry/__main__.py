@@ -10,6 +10,7 @@
     python -m models_registry import-default
     python -m models_registry ensure-default
     python -m models_registry verify production
+    python -m models_registry calibrate production --data site_xrays/ --out reports/site [--promote]
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ensure-default", help="import and promote the shipped default model only if no production model exists")
     p = sub.add_parser("verify", help="load a model and check its weights against the stored sha256")
     p.add_argument("ref", nargs="?", default="production")
+    p = sub.add_parser("calibrate", help="fit temperature and threshold on a site's labeled X-rays; save a new version")
+    p.add_argument("ref", nargs="?", default="production", help="the model to calibrate (stays untouched)")
+    p.add_argument("--data", required=True, help="folder with NORMAL/ and PNEUMONIA/ X-rays from the site (any supported format)")
+    p.add_argument("--out", default=None, help="report folder: report.md, calibration.json, calibration.png")
+    p.add_argument("--target-sensitivity", type=float, default=None, help="pneumonia recall the threshold must reach "
+                   "on the site data (default: the model's own target)")
+    p.add_argument("--min-per-class", type=int, default=30, help="refuse with fewer usable images of either class")
+    p.add_argument("--promote", action="store_true", help="promote the calibrated version to production")
     return parser
 
 
@@ -99,6 +108,22 @@ def main(argv: list[str] | None = None) -> int:
             print(import_default())
         elif args.command == "ensure-default":
             print(ensure_default())
+        elif args.command == "calibrate":
+            from pathlib import Path
+
+            from models_registry.calibrate import calibrate
+
+            result = calibrate(args.ref, Path(args.data), Path(args.out) if args.out else None,
+                               target_sensitivity=args.target_sensitivity, min_per_class=args.min_per_class)
+            before, after = result.report["before"], result.report["after_cross_validated"]
+            print(f"calibrated {result.source} on {result.report['images']} -> {result.tag}")
+            for name, s in (("before", before), ("after (5-fold cross-validated)", after)):
+                print(f"  {name:32s} threshold {s['threshold']:.4f}  sensitivity {s['sensitivity']:.3f}  "
+                      f"specificity {s['specificity']:.3f}  ECE {s['ece']:.3f}")
+            if args.out:
+                print(f"report: {Path(args.out) / 'report.md'}")
+            if args.promote:
+                print(f"production is now {reg.promote(result.tag)}")
         elif args.command == "verify":
             model = reg.load_model(args.ref)
             print(f"{model.tag}: weights match sha256 {model.card.weights_sha256}")

@@ -79,17 +79,34 @@ def _without_none(value: Any) -> Any:
 
 def save_model(module: nn.Module, card: ModelCard, name: str = MODEL_NAME, validity: bytes | None = None) -> str:
     """Store weights, card and (when the card has a gate) the validity arrays as a new version of `name`."""
-    payload = weights_to_bytes(module)
-    card = card.model_copy(update={"weights_sha256": hashlib.sha256(payload).hexdigest()})
     if (card.validity is None) != (validity is None):
         raise RegistryError("a validity gate needs both its configuration in the card and its arrays")
     if validity is not None and hashlib.sha256(validity).hexdigest() != card.validity.arrays_sha256:
         raise RegistryError("the validity arrays do not match the sha256 in the card")
-    labels = {
-        "arch": card.spec.arch,
-        "image_size": str(card.preprocess.image_size),
-        "data": card.data_fingerprint[:12],
-    }
+    return _create(name, card, weights_to_bytes(module), validity)
+
+
+def derive_model(source: str, updates: dict[str, Any], name: str = MODEL_NAME) -> str:
+    """A new version with the weights (and validity gate) of `source` and its card changed by `updates`.
+
+    For re-fits that leave the weights alone (site calibration); the source stays untouched.
+    """
+    tag = resolve_tag(source, name)
+    card = ModelCard.model_validate({**read_card(tag).model_dump(), **updates})  # the updates must make a valid card
+    folder = store_path_of(tag)
+    payload = (folder / WEIGHTS_FILE).read_bytes()
+    if hashlib.sha256(payload).hexdigest() != card.weights_sha256:
+        raise RegistryError(f"model {tag}: weights do not match their sha256; re-import it before deriving from it")
+    validity = (folder / VALIDITY_FILE).read_bytes() if card.validity is not None else None
+    return _create(name, card, payload, validity, derived_from=tag)
+
+
+def _create(name: str, card: ModelCard, payload: bytes, validity: bytes | None, derived_from: str | None = None) -> str:
+    """One new version in the BentoML store: weights, optional validity arrays, and the card as metadata."""
+    card = card.model_copy(update={"weights_sha256": hashlib.sha256(payload).hexdigest()})
+    labels = {"arch": card.spec.arch, "image_size": str(card.preprocess.image_size), "data": card.data_fingerprint[:12]}
+    if derived_from:
+        labels["derived_from"] = derived_from.split(":")[-1]
     with bentoml.models.create(name, labels=labels, metadata=_without_none(card.model_dump(mode="json"))) as ref:
         Path(ref.path_of(WEIGHTS_FILE)).write_bytes(payload)
         if validity is not None:

@@ -18,20 +18,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.card import CLASS_NAMES
+from core.folder import DataFolderError, labeled_images  # noqa: F401 - DataFolderError re-exported for training
 from core.preprocess import ImageRejected, InputLimits, PreprocessConfig, load_file
 
-CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE),
     re.compile(r"^(NORMAL2-IM-\d+)-", re.IGNORECASE),
     re.compile(r"^(IM-\d+)-", re.IGNORECASE),
 )
-
-
-class DataFolderError(Exception):
-    """The data folder cannot be used; the message lists every problem found."""
 
 
 @dataclass(frozen=True)
@@ -57,27 +53,8 @@ def patient_id(path: Path, label: int) -> str:
 
 
 def scan_split(data_dir: Path, split: str) -> list[Sample]:
-    """List the images of one split, failing with every layout problem at once."""
-    root = Path(data_dir) / split
-    problems: list[str] = []
-    if not root.is_dir():
-        raise DataFolderError(f"{root} does not exist: expected {root}/NORMAL and {root}/PNEUMONIA")
-    samples: list[Sample] = []
-    for label, name in enumerate(CLASS_NAMES):
-        class_dir = root / name
-        if not class_dir.is_dir():
-            problems.append(f"missing class folder {class_dir}")
-            continue
-        files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            problems.append(f"no images (*.jpeg, *.png, ...) in {class_dir}")
-        samples.extend(Sample(path=p, label=label, patient=patient_id(p, label)) for p in files)
-    extra = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in CLASS_NAMES)
-    if extra:
-        problems.append(f"unknown class folder(s) {', '.join(extra)} in {root}; expected {', '.join(CLASS_NAMES)}")
-    if problems:
-        raise DataFolderError(f"data folder {root} cannot be used:\n  - " + "\n  - ".join(problems))
-    return samples
+    """List the images of one split (core.folder's layout), each with its patient."""
+    return [Sample(path=p, label=label, patient=patient_id(p, label)) for p, label in labeled_images(Path(data_dir) / split)]
 
 
 def split_by_patient(

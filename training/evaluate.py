@@ -16,7 +16,7 @@ import torch
 
 from training import one_line
 from training.data import CLASS_NAMES, DataFolderError, load_samples, scan_split
-from training.metrics import classification_report
+from core.metrics import classification_report
 
 
 def get_args_parser() -> argparse.ArgumentParser:

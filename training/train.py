@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from training import one_line, plots
 from training.augment import AugmentConfig, augment_batch
-from training.calibration import choose_threshold, fit_temperature
+from core.calibration import choose_threshold, fit_temperature
 from training.data import CLASS_NAMES, DataFolderError, LoadedSplit, fingerprint, load_samples, scan_split, split_by_patient
-from training.metrics import classification_report
+from core.metrics import classification_report
 from core.model import ModelSpec, build_model
 from core.preprocess import PreprocessConfig, to_tensor
 

@@ -12,10 +12,10 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from training.data import CLASS_NAMES
+from core.card import CLASS_NAMES
 
 
-def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
     """Weighted mean |accuracy - confidence| over equal-width confidence bins of the predicted class."""
     predicted = (probs >= 0.5).astype(int)
     confidence = np.where(predicted == 1, probs, 1.0 - probs)
@@ -57,3 +57,29 @@ def classification_report(labels: np.ndarray, probs: np.ndarray, threshold: floa
         },
         "confusion_matrix": confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
     }
+
+
+def bootstrap_intervals(labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray, rounds: int = 1000,
+                        level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of the headline metrics, resampling images within each class.
+
+    `predicted` holds each image's decision (1 = pneumonia), so decisions made with per-image
+    thresholds (cross-validation) are scored as they were made. Small site sets make single
+    figures misleading; the interval says how far to trust them.
+    """
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    predicted = np.asarray(predicted).astype(bool)
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == c) for c in (0, 1)]
+    draws: dict[str, list[float]] = {k: [] for k in ("roc_auc", "sensitivity", "specificity", "accuracy", "ece")}
+    for _ in range(rounds):
+        index = np.concatenate([rng.choice(members, len(members)) for members in by_class])
+        y, p, d = labels[index], probs[index], predicted[index]
+        draws["roc_auc"].append(roc_auc_score(y, p))
+        draws["sensitivity"].append(d[y == 1].mean())
+        draws["specificity"].append((~d[y == 0]).mean())
+        draws["accuracy"].append((d == y).mean())
+        draws["ece"].append(expected_calibration_error(y, p))
+    tail = (1 - level) / 2 * 100
+    return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in draws.items()}

@@ -1,0 +1,41 @@
+"""Labeled image folders (`<root>/NORMAL/*`, `<root>/PNEUMONIA/*`): training data, evaluation sets, site data.
+
+Training (with its patient splits), evaluation and site calibration all read the
+same layout through this one function, so a folder that works for one works for all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.card import CLASS_NAMES
+
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+
+
+class DataFolderError(Exception):
+    """The data folder cannot be used; the message lists every problem found."""
+
+
+def labeled_images(root: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> list[tuple[Path, int]]:
+    """(file, label index) for every image under `root/<class name>/`, failing with every layout problem at once."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataFolderError(f"{root} does not exist: expected {' and '.join(str(root / n) for n in class_names)}")
+    problems: list[str] = []
+    found: list[tuple[Path, int]] = []
+    for label, name in enumerate(class_names):
+        class_dir = root / name
+        if not class_dir.is_dir():
+            problems.append(f"missing class folder {class_dir}")
+            continue
+        files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            problems.append(f"no images (*.jpeg, *.png, ...) in {class_dir}")
+        found.extend((path, label) for path in files)
+    extra = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in class_names)
+    if extra:
+        problems.append(f"unknown class folder(s) {', '.join(extra)} in {root}; expected {', '.join(class_names)}")
+    if problems:
+        raise DataFolderError(f"data folder {root} cannot be used:\n  - " + "\n  - ".join(problems))
+    return found

@@ -1,0 +1,93 @@
+"""Site calibration end to end on real X-rays: a new version, the original untouched, refusals that say why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from harness.payloads import sample_xrays
+from harness.servers import start_server
+from models_registry import production_tag as current_production
+from models_registry import promote, read_card, rollback
+
+
+def site_folder(root: Path, per_class: int, offset: int = 900) -> Path:
+    """A labeled site folder of real X-rays (copies from the shared training folder)."""
+    for path in sample_xrays(per_class=per_class, offset=offset):
+        target = root / path.parent.name
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / path.name)
+    return root
+
+
+def calibrate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "models_registry", "calibrate", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_calibration_saves_a_new_version_and_leaves_the_original(production_tag: str, tmp_path: Path) -> None:
+    site = site_folder(tmp_path / "site", per_class=40)
+    original = read_card(production_tag)
+    result = calibrate(production_tag, "--data", str(site), "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report" / "calibration.json").read_text())
+    new_tag = report["model"]
+    assert new_tag != production_tag and new_tag in result.stdout
+    card = read_card(new_tag)
+    record = card.site_calibration
+    assert record["source_model"] == production_tag and record["images"] == {"NORMAL": 40, "PNEUMONIA": 40}
+    assert len(record["data_fingerprint"]) == 64
+    for side in ("before", "after_cross_validated"):
+        figures = record[side]
+        for metric in ("sensitivity", "specificity", "roc_auc", "ece"):
+            low, high = figures["intervals_95"][metric]
+            assert low <= figures[metric] <= high
+    assert record["before"]["threshold"] == original.threshold
+    assert (card.temperature, card.threshold) == (record["after_cross_validated"]["temperature"],
+                                                  record["after_cross_validated"]["threshold"])
+    assert card.weights_sha256 == original.weights_sha256 and card.validity == original.validity
+    assert read_card(production_tag) == original  # untouched
+    assert (tmp_path / "report" / "calibration.png").stat().st_size > 10_000
+    assert "after (5-fold cross-validated" in (tmp_path / "report" / "report.md").read_text()
+
+    # Promoted, a restarted service serves the site's threshold; rollback brings the original back.
+    promote(new_tag)
+    try:
+        server = start_server(tmp_path / "server.log", PNEUMONIA_WORKERS="1")
+        try:
+            health = httpx.post(server.url + "/health", json={}, timeout=30).json()
+            assert health["model"] == new_tag and health["threshold"] == pytest.approx(card.threshold)
+            [answer] = httpx.post(server.url + "/classify", timeout=60,
+                                  files=[("images", ("x.jpeg", sample_xrays(1, offset=10)[0].read_bytes()))]).json()
+            assert answer["threshold"] == pytest.approx(card.threshold)
+        finally:
+            server.stop()
+    finally:
+        assert rollback() == production_tag
+    assert current_production() == production_tag
+
+
+@pytest.mark.parametrize("problem", ["too few", "one class missing", "unreadable file"])
+def test_calibration_refuses_data_it_cannot_trust(production_tag: str, tmp_path: Path, problem: str) -> None:
+    if problem == "too few":
+        site, expected = site_folder(tmp_path / "site", per_class=12), "too few usable images"
+    elif problem == "one class missing":
+        site = site_folder(tmp_path / "site", per_class=35)
+        shutil.rmtree(site / "PNEUMONIA")
+        expected = "missing class folder"
+    else:
+        site = site_folder(tmp_path / "site", per_class=35)
+        (site / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        expected = "unreadable image(s)"
+    result = calibrate(production_tag, "--data", str(site))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    if problem == "unreadable file":
+        assert "broken.jpeg" in result.stderr
