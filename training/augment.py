@@ -19,8 +19,9 @@ class AugmentConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     rotate_deg: float = Field(10.0, ge=0)
-    scale: tuple[float, float] = (0.85, 1.15)
-    translate: float = Field(0.08, ge=0, description="fraction of the side")
+    scale: tuple[float, float] = (0.7, 1.35)
+    aspect: tuple[float, float] = (0.8, 1.25)
+    translate: float = Field(0.1, ge=0, description="fraction of the side")
     shear_deg: float = Field(5.0, ge=0)
     hflip: float = Field(0.5, ge=0, le=1)
     gamma: tuple[float, float] = (0.6, 1.6)
@@ -40,15 +41,18 @@ def _affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.
     angle = uniform(-cfg.rotate_deg, cfg.rotate_deg) * math.pi / 180
     shear = uniform(-cfg.shear_deg, cfg.shear_deg) * math.pi / 180
     scale = torch.exp(uniform(math.log(cfg.scale[0]), math.log(cfg.scale[1])))
+    # Width / height ratio change: the collection's images were squashed to squares from many aspect ratios.
+    aspect = torch.exp(uniform(math.log(cfg.aspect[0]), math.log(cfg.aspect[1]))).sqrt()
     flip = torch.where(torch.rand(n, generator=gen) < cfg.hflip, -1.0, 1.0)
     tx, ty = uniform(-cfg.translate, cfg.translate) * 2, uniform(-cfg.translate, cfg.translate) * 2
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.zeros(n, 2, 3)
     # grid_sample maps output to input coordinates, so dividing by scale zooms in.
-    theta[:, 0, 0] = cos / scale * flip
-    theta[:, 0, 1] = (-sin + torch.tan(shear)) / scale
-    theta[:, 1, 0] = sin / scale * flip
-    theta[:, 1, 1] = cos / scale
+    sx, sy = scale * aspect, scale / aspect
+    theta[:, 0, 0] = cos / sx * flip
+    theta[:, 0, 1] = (-sin + torch.tan(shear)) / sx
+    theta[:, 1, 0] = sin / sy * flip
+    theta[:, 1, 1] = cos / sy
     theta[:, 0, 2] = tx
     theta[:, 1, 2] = ty
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)

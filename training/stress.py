@@ -149,3 +149,37 @@ def stressed_grids(paths: list[Path], stress: Stress, config: PreprocessConfig, 
         with Image.open(path) as image:
             grids.append(prepare(stress(image.convert("L"), rng), config, limits).pixels)
     return np.stack(grids)
+
+
+def stressed_logits(logits_of: Callable[[np.ndarray], np.ndarray], paths: list[Path], config: PreprocessConfig,
+                    names: list[str] | None = None, batch_size: int = 128) -> dict[str, np.ndarray]:
+    """Raw logits of the files under each stress (all of them unless `names` picks some)."""
+    out = {}
+    for name in names or list(STRESSES):
+        grids = stressed_grids(paths, STRESSES[name], config)
+        out[name] = np.concatenate([logits_of(grids[i:i + batch_size]) for i in range(0, len(grids), batch_size)])
+    return out
+
+
+def stress_rows(logits: dict[str, np.ndarray], labels: np.ndarray, temperature: float, threshold: float) -> list[dict]:
+    """Per stress: ROC-AUC, and sensitivity / specificity at the threshold."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = []
+    for name, z in logits.items():
+        p = 1 / (1 + np.exp(-z / temperature))
+        predicted = p >= threshold
+        rows.append({"stress": name, "roc_auc": float(roc_auc_score(labels, p)),
+                     "sensitivity": float(predicted[labels == 1].mean()), "specificity": float((~predicted[labels == 0]).mean())})
+    return rows
+
+
+def format_stress_rows(rows: list[dict], spread: list[dict] | None = None) -> str:
+    """Markdown table; with `spread` (per-row standard deviations, e.g. over folds) as mean +- sd."""
+    lines = ["| validation images | ROC-AUC | sensitivity | specificity |", "| --- | ---: | ---: | ---: |"]
+    for i, row in enumerate(rows):
+        cells = []
+        for key in ("roc_auc", "sensitivity", "specificity"):
+            cells.append(f"{row[key]:.4f}" + (f" +- {spread[i][key]:.4f}" if spread else ""))
+        lines.append(f"| {row['stress']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -31,16 +31,19 @@ from tqdm import tqdm
 
 from training import one_line, plots
 from training.augment import AugmentConfig, augment_batch
+from training.gate import fit_gate, format_report
+from training.stress import format_stress_rows, stress_rows, stressed_logits
 from core.calibration import choose_threshold, fit_temperature
 from training.data import CLASS_NAMES, DataFolderError, LoadedSplit, fingerprint, load_samples, scan_split, split_by_patient
 from core.metrics import classification_report
-from core.model import ModelSpec, build_model
+from core.model import ModelSpec, PneumoniaNet, build_model
 from core.preprocess import PreprocessConfig, to_tensor
 
 
 _AUGMENT_HELP = {
     "rotate_deg": "largest rotation, either way, in degrees",
     "scale": "zoom range (log-uniform)",
+    "aspect": "width/height stretch range (log-uniform)",
     "shear_deg": "largest shear, either way, in degrees",
     "hflip": "probability of a mirror image",
     "gamma": "exposure curve range (log-uniform gamma)",
@@ -80,19 +83,25 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        nargs=2 if pair else None, metavar=("LOW", "HIGH") if pair else "VALUE",
                        help=spec.description or _AUGMENT_HELP[name])
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--epochs", type=int, default=24)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--warmup-fraction", type=float, default=0.1)
-    g.add_argument("--label-smoothing", type=float, default=0.05)
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="0 keeps the head unsqueezed, so temperature scaling can calibrate it")
     g.add_argument("--ema-decay", type=float, default=0.998, help="decay of the weight average evaluated and saved")
     g.add_argument("--bn-images", type=int, default=1024, help="clean training images used to re-estimate BatchNorm statistics before each evaluation")
     g.add_argument("--patience", type=int, default=8, help="early stop after this many epochs without a better validation ROC-AUC")
+    g.add_argument("--select", choices=["best", "last"], default="best",
+                   help="keep the epoch with the best validation ROC-AUC, or the last one (validation then chooses nothing)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
     g = p.add_argument_group("calibration")
-    g.add_argument("--target-sensitivity", type=float, default=0.98, help="pneumonia recall the threshold must reach on validation")
+    g.add_argument("--target-sensitivity", type=float, default=0.97, help="pneumonia recall the threshold must reach on validation")
+    g.add_argument("--threshold-policy", choices=["clean", "stressed"], default="stressed",
+                   help="reach the target on clean validation images, or on them under every stress of training/stress.py")
+    g.add_argument("--no-gate", action="store_true", help="save the model without an input-validity gate (not recommended)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, required=True, help="run folder for config, metrics, plots")
     g.add_argument("--no-register", dest="register", action="store_false", help="do not save into the BentoML store")
@@ -196,34 +205,37 @@ def train_one_epoch(model, optimizer, scheduler, ema, train: LoadedSplit, args, 
     return total / max(seen, 1)
 
 
-def main(args: argparse.Namespace) -> int:
-    rank, world, device = setup_distributed()
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    gen = seed_everything(args.seed + rank)
-    started = time.monotonic()
-    preprocess = PreprocessConfig(image_size=args.image_size, normalization=args.normalization)
-    spec = ModelSpec(arch=args.arch, dropout=args.dropout, tta_hflip=args.tta)
-    augment = augment_config(args)
-
+def load_data(args: argparse.Namespace, show: bool) -> tuple[LoadedSplit, LoadedSplit]:
+    """The training folder split by patient into train and validation, decoded into memory."""
+    preprocess = preprocess_config(args)
     samples = scan_split(args.data_dir, args.split)
     if args.max_per_class:
         samples = [s for label in range(len(CLASS_NAMES)) for s in [x for x in samples if x.label == label][:args.max_per_class]]
     train_samples, val_samples = split_by_patient(samples, args.val_fraction, args.seed)
-    show = args.progress and rank == 0
     train = load_samples(train_samples, preprocess, skip_bad=args.skip_bad_images, progress=show, description="decoding train")
     val = load_samples(val_samples, preprocess, skip_bad=args.skip_bad_images, progress=show, description="decoding validation")
-    data_fp = fingerprint(train.samples + val.samples)
-    if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        config.update(command="python -m training.train " + " ".join(sys.argv[1:]), world_size=world, augment=augment.model_dump(), preprocess=preprocess.model_dump(), spec=spec.model_dump())
-        (args.out / "config.json").write_text(json.dumps(config, indent=2))
-        print(f"train {len(train.labels)} images / val {len(val.labels)} images "
-              f"({len({s.patient for s in train.samples})} / {len({s.patient for s in val.samples})} patients), "
-              f"data fingerprint {data_fp[:12]}, {world} process(es), {torch.get_num_threads()} threads each", flush=True)
+    return train, val
 
+
+def preprocess_config(args: argparse.Namespace) -> PreprocessConfig:
+    return PreprocessConfig(image_size=args.image_size, normalization=args.normalization)
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    return ModelSpec(arch=args.arch, dropout=args.dropout, tta_hflip=args.tta)
+
+
+def train_model(args: argparse.Namespace, train: LoadedSplit, val: LoadedSplit, *, rank: int = 0, world: int = 1,
+                device: torch.device = torch.device("cpu")) -> tuple[PneumoniaNet, int, list[dict]]:
+    """Train from scratch; returns the weight average of the chosen epoch (`--select`), that epoch and the history.
+
+    `val` only reports progress (and, with `--select best`, picks the epoch); cross-validation
+    uses `--select last`, so its held-out fold never chooses anything.
+    """
+    gen = seed_everything(args.seed + rank)
+    preprocess, augment = preprocess_config(args), augment_config(args)
     # channels_last doubles CPU training throughput of MobileNetV3 (oneDNN's preferred layout).
-    model = build_model(spec, pretrained=args.pretrained).to(device, memory_format=torch.channels_last)
+    model = build_model(model_spec(args), pretrained=args.pretrained).to(device, memory_format=torch.channels_last)
     decay = args.ema_decay
 
     def ema_update(average: torch.Tensor, current: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -250,13 +262,12 @@ def main(args: argparse.Namespace) -> int:
         if rank == 0:
             recompute_batchnorm(ema.module, train, preprocess, device, args.bn_images, seed=args.seed)
             logits = predict_logits(ema.module, val, preprocess, device)
-            probs = 1 / (1 + np.exp(-logits))
-            report = classification_report(val.labels.numpy(), probs, 0.5)
+            report = classification_report(val.labels.numpy(), 1 / (1 + np.exp(-logits)), 0.5)
             val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits), val.labels.float()))
             row = {"epoch": epoch, "train_loss": loss, "val_loss": val_loss, "val_roc_auc": report["roc_auc"],
                    "val_accuracy": report["accuracy"], "lr": scheduler.get_last_lr()[0], "seconds": time.monotonic() - t0}
             history.append(row)
-            improved = report["roc_auc"] > best_auc
+            improved = report["roc_auc"] > best_auc if args.select == "best" else True
             if improved:
                 best_auc, best_epoch, stale = report["roc_auc"], epoch, 0
                 best_state = copy.deepcopy(ema.module.state_dict())
@@ -264,7 +275,7 @@ def main(args: argparse.Namespace) -> int:
                 stale += 1
             print(f"epoch {epoch:3d}/{args.epochs}  train_loss {loss:.4f}  val_loss {val_loss:.4f}  "
                   f"val_auc {report['roc_auc']:.4f}  val_acc@0.5 {report['accuracy']:.4f}  "
-                  f"{row['seconds']:.0f}s{'  *best' if improved else ''}", flush=True)
+                  f"{row['seconds']:.0f}s{'  *kept' if improved else ''}", flush=True)
             if stale >= args.patience:
                 print(f"early stop: no better validation ROC-AUC for {args.patience} epochs", flush=True)
                 stop[0] = 1
@@ -272,32 +283,78 @@ def main(args: argparse.Namespace) -> int:
             dist.broadcast(stop, src=0)
         if stop.item():
             break
+    module = ema.module
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    return module.cpu().eval(), best_epoch, history
 
+
+def main(args: argparse.Namespace) -> int:
+    rank, world, device = setup_distributed()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    started = time.monotonic()
+    train, val = load_data(args, show=args.progress and rank == 0)
+    data_fp = fingerprint(train.samples + val.samples)
     if rank == 0:
-        finish(args, spec, preprocess, ema.module, best_state, best_epoch, history, val, device, data_fp,
-               time.monotonic() - started)
+        args.out.mkdir(parents=True, exist_ok=True)
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        config.update(command="python -m training.train " + " ".join(sys.argv[1:]), world_size=world,
+                      augment=augment_config(args).model_dump(), preprocess=preprocess_config(args).model_dump(),
+                      spec=model_spec(args).model_dump())
+        (args.out / "config.json").write_text(json.dumps(config, indent=2))
+        print(f"train {len(train.labels)} images / val {len(val.labels)} images "
+              f"({len({s.patient for s in train.samples})} / {len({s.patient for s in val.samples})} patients), "
+              f"data fingerprint {data_fp[:12]}, {world} process(es), {torch.get_num_threads()} threads each", flush=True)
+    module, best_epoch, history = train_model(args, train, val, rank=rank, world=world, device=device)
+    if rank == 0:
+        finish(args, module, best_epoch, history, train, val, data_fp, started)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return 0
 
 
-def finish(args, spec, preprocess, module, best_state, best_epoch, history, val: LoadedSplit, device, data_fp,
-           seconds: float) -> None:
-    """Calibrate on validation, pick the operating point, write the run folder, register the model."""
-    module.load_state_dict(best_state)
-    module = module.cpu().eval()
+def choose_operating_point(args: argparse.Namespace, clean: np.ndarray, stressed: dict[str, np.ndarray],
+                           labels: np.ndarray, temperature: float) -> float:
+    """The threshold policy (`--threshold-policy`).
+
+    clean: the highest threshold reaching the target sensitivity on clean validation images.
+    stressed: the same on every validation image under every stress of the suite at once, so the
+    operating point already accounts for a new site's acquisition changes.
+    """
+    if args.threshold_policy == "clean":
+        return choose_threshold(labels, 1 / (1 + np.exp(-clean / temperature)), args.target_sensitivity)
+    pooled = np.concatenate(list(stressed.values()))
+    return choose_threshold(np.tile(labels, len(stressed)), 1 / (1 + np.exp(-pooled / temperature)), args.target_sensitivity)
+
+
+def finish(args, module: PneumoniaNet, best_epoch: int, history: list[dict], train: LoadedSplit, val: LoadedSplit,
+           data_fp: str, started: float) -> None:
+    """Calibrate on validation, pick the operating point, stress-test, fit the validity gate, save and register."""
+    preprocess = preprocess_config(args)
     logits = predict_logits(module, val, preprocess, torch.device("cpu"))
     labels = val.labels.numpy()
     temperature = fit_temperature(logits, labels)
+    paths = [s.path for s in val.samples]
+
+    def logits_of(grids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(to_tensor(grids, preprocess)).float().numpy()
+
+    stressed = stressed_logits(logits_of, paths, preprocess)
+    threshold = choose_operating_point(args, logits, stressed, labels, temperature)
     probs = 1 / (1 + np.exp(-logits / temperature))
-    threshold = choose_threshold(labels, probs, args.target_sensitivity)
     report = classification_report(labels, probs, threshold)
     report["best_epoch"] = best_epoch
+    stress = stress_rows(stressed, labels, temperature, threshold)
+    report["stress"] = {row["stress"]: {k: v for k, v in row.items() if k != "stress"} for row in stress}
+    report["threshold_policy"] = args.threshold_policy
+    training_seconds = time.monotonic() - started
 
     out: Path = args.out
     (out / "metrics.json").write_text(json.dumps({"history": history, "validation": report, "temperature": temperature,
-                                                  "threshold": threshold, "training_seconds": seconds}, indent=2))
+                                                  "threshold": threshold, "training_seconds": training_seconds}, indent=2))
+    (out / "stress.md").write_text(format_stress_rows(stress) + "\n")
     with open(out / "metrics.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(history[0]))
         writer.writeheader()
@@ -305,20 +362,29 @@ def finish(args, spec, preprocess, module, best_state, best_epoch, history, val:
     plots.training_curves(history, out / "curves.png")
     plots.roc(labels, probs, threshold, out / "roc.png", f"validation ROC (AUC {report['roc_auc']:.4f})")
     plots.confusion(report["confusion_matrix"], out / "confusion.png", f"validation @ threshold {threshold:.3f}")
-    print(f"best epoch {best_epoch}: val ROC-AUC {report['roc_auc']:.4f}, temperature {temperature:.3f}, "
-          f"threshold {threshold:.4f} -> sensitivity {report['per_class']['PNEUMONIA']['recall']:.4f}, "
+    worst = min(stress, key=lambda r: r["specificity"])
+    print(f"kept epoch {best_epoch}: val ROC-AUC {report['roc_auc']:.4f}, temperature {temperature:.3f}, "
+          f"threshold {threshold:.4f} ({args.threshold_policy}) -> sensitivity {report['per_class']['PNEUMONIA']['recall']:.4f}, "
           f"specificity {report['per_class']['NORMAL']['recall']:.4f}, accuracy {report['accuracy']:.4f}, "
-          f"ECE {report['ece']:.4f}; {seconds / 60:.1f} min", flush=True)
+          f"ECE {report['ece']:.4f}; worst stress '{worst['stress']}': specificity {worst['specificity']:.3f}, "
+          f"ROC-AUC {worst['roc_auc']:.4f}; trained in {training_seconds / 60:.1f} min", flush=True)
     torch.save(module.state_dict(), out / "weights.pt")  # kept even if registering fails below
     if not args.register:
         return
     from models_registry import ModelCard, promote, save_model
 
-    card = ModelCard(spec=spec, preprocess=preprocess, class_names=CLASS_NAMES, temperature=temperature,
+    gate = None if args.no_gate else fit_gate(module, preprocess, train, val, seed=args.seed)
+    if gate is not None:
+        (out / "validity.md").write_text(format_report(gate.report, gate.config) + "\n")
+        print(f"validity gate: {gate.report['validation_clean']['rate']:.2%} of validation X-rays refused "
+              f"({gate.report['validation_stressed']['rate']:.2%} stressed); offline negatives caught "
+              f"{gate.report['negatives']['catch_rate']:.1%}", flush=True)
+    card = ModelCard(spec=model_spec(args), preprocess=preprocess, class_names=CLASS_NAMES, temperature=temperature,
                      threshold=threshold, target_sensitivity=args.target_sensitivity, val_metrics=report,
                      training_config=json.loads((out / "config.json").read_text()), data_fingerprint=data_fp,
-                     code_version=code_version(), training_seconds=round(seconds, 1))
-    tag = save_model(module, card)
+                     code_version=code_version(), training_seconds=round(training_seconds, 1),
+                     validity=gate.config if gate else None)
+    tag = save_model(module, card, validity=gate.arrays if gate else None)
     if args.promote:
         promote(tag)
     (out / "model_tag.txt").write_text(tag + "\n")
