@@ -3,6 +3,13 @@
 The folder layout is the one of the original Kermany et al. download. File names
 carry the patient, and one patient can have several (even identical) images, so
 validation splits are made by patient: splitting by image leaks.
+
+A site's folder of DICOM files works the same way: `.dcm`/`.dicom` files, and
+files without an extension that are DICOM Part 10 (what PACS exports write), are
+read through the same `core.preprocess.load_file`. Their patient is the file's
+Patient ID (a one-way hash of it, which never leaves the process), not its name.
+A DICOM object refused by its tags (a lateral view, a CT, ...) is an unusable
+image here, listed like an unreadable one.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.dicom import PART10_MAGIC, patient_key
 from core.preprocess import ImageRejected, InputLimits, PreprocessConfig, load_file
 
 CLASS_NAMES: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}) | DICOM_SUFFIXES
 
 _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+", re.IGNORECASE),
@@ -41,14 +50,37 @@ class Sample:
     patient: str
 
 
+def _is_part10(path: Path) -> bool:
+    """An extension-less file that is DICOM Part 10 (`DICM` after the preamble); DICOMDIR indexes are not images."""
+    if path.suffix or path.name.upper() == "DICOMDIR":
+        return False
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == PART10_MAGIC
+    except OSError:
+        return False
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES or _is_part10(path)
+
+
 def patient_id(path: Path, label: int) -> str:
-    """The patient a file belongs to, from the naming scheme of the collection.
+    """The patient a file belongs to: a DICOM file's Patient ID, else the naming scheme of the collection.
 
     Unknown names fall back to the file stem, i.e. each such file is its own
     patient, which is the conservative choice (it never merges two patients).
     The class is part of the key because the NORMAL and PNEUMONIA folders use
-    independent numbering schemes.
+    independent numbering schemes. A DICOM file's key is a hash of its Patient ID
+    (the ID itself is never kept).
     """
+    if path.suffix.lower() in DICOM_SUFFIXES or not path.suffix:
+        try:
+            key = patient_key(path.read_bytes())
+        except OSError:
+            key = None
+        if key is not None:
+            return f"{CLASS_NAMES[label]}/dicom-{key}"
     for pattern in _PATIENT_PATTERNS:
         match = pattern.match(path.name)
         if match:
@@ -68,9 +100,9 @@ def scan_split(data_dir: Path, split: str) -> list[Sample]:
         if not class_dir.is_dir():
             problems.append(f"missing class folder {class_dir}")
             continue
-        files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in class_dir.iterdir() if p.is_file() and is_image_file(p))
         if not files:
-            problems.append(f"no images (*.jpeg, *.png, ...) in {class_dir}")
+            problems.append(f"no images (*.jpeg, *.png, *.dcm, ...) in {class_dir}")
         samples.extend(Sample(path=p, label=label, patient=patient_id(p, label)) for p in files)
     extra = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in CLASS_NAMES)
     if extra:
@@ -142,10 +174,15 @@ def load_samples(
     bad: list[str] = []
     for sample in tqdm(samples, desc=description, disable=not progress, unit="img", leave=False):
         try:
-            grids.append(load_file(sample.path, config, limits).pixels)
-            kept.append(sample)
+            prepared = load_file(sample.path, config, limits)
         except (ImageRejected, OSError) as exc:
             bad.append(f"{sample.path}: {exc}")
+            continue
+        if prepared.refusal is not None:  # a DICOM object that is not a frontal chest radiograph: never decoded
+            bad.append(f"{sample.path}: refused ({prepared.refusal[0]}): {prepared.refusal[1]}")
+            continue
+        grids.append(prepared.pixels)
+        kept.append(sample)
     if bad and not skip_bad:
         listing = "\n  - ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
         raise DataFolderError(
