@@ -19,8 +19,9 @@ What is read, in order (each step refuses before the next one costs anything):
 3. The tag gate (a per-image refusal, nothing decoded): Modality CR, DX or DR;
    Body Part Examined a chest term when present; View Position PA or AP when
    present; a single frame.
-4. The transfer syntax has a decoder here (pydicom's own, or the pylibjpeg
-   plugins: JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE), and a
+4. The transfer syntax has a decoder here (pydicom's own for uncompressed data
+   and RLE, the pylibjpeg plugins for JPEG baseline/extended/lossless, JPEG-LS
+   and JPEG 2000), and a
    compressed frame's own header agrees with Rows x Columns (a codestream cannot
    make the decoder allocate more than the limits allow).
 5. Pixels, as a radiology viewer shows them: Modality LUT (Rescale Slope and
@@ -57,7 +58,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.encaps import generate_frames
 from pydicom.filereader import _read_file_meta_info, dcmread, read_preamble
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RLELossless
 
 # pydicom validates values while reading and reports invalid ones (a patient name that is too long, a
 # malformed date) in warnings and log records that quote the value: patient data in a server log. Values
@@ -75,6 +76,7 @@ COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
 _CODE_STRING = re.compile(r"[A-Z0-9 _]{1,16}")
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _PIXEL_DATA = 0x7FE00010
+_INTERRUPTS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
@@ -510,9 +512,16 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
 def _pixels(ds: Any, info: DicomInfo, shape: tuple[int, int], window_index: int,
             notes: list[str]) -> tuple[Image.Image, DicomInfo]:
     """Decode the (single) frame and turn it into the 8-bit image the resize step takes."""
+    # RLE through pydicom's own decoder: pylibjpeg-rle is 7x faster but panics (Rust) on damaged segments, and its
+    # panic hook writes a stack trace to stderr for every such upload; pydicom's raises ordinary exceptions and
+    # takes about 0.3 s for a 5-megapixel 12-bit radiograph.
+    plugin = "pydicom" if ds.file_meta.TransferSyntaxUID == RLELossless else ""
     try:
-        arr = pixel_array(ds, index=0)
-    except Exception as exc:  # noqa: BLE001 - the decoders raise many types on damaged data
+        arr = pixel_array(ds, index=0, decoding_plugin=plugin)
+    except _INTERRUPTS:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the decoders raise many types on damaged data; pylibjpeg-rle's
+        # Rust panics arrive as pyo3's PanicException, a BaseException
         raise DicomError("corrupt", f"the DICOM pixel data ({info.transfer_syntax}) could not be decoded "
                          f"({type(exc).__name__})") from None
     if arr.shape[:2] != shape:

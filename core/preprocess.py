@@ -243,7 +243,10 @@ def _prepare_dicom(data: bytes, config: PreprocessConfig, limits: InputLimits) -
                           window_index=config.dicom_window)
     except dicom.DicomError as exc:
         raise ImageRejected(exc.reason, exc.message) from None  # type: ignore[arg-type]
-    except Exception as exc:  # noqa: BLE001 - anything pydicom or a decoder plugin raises is a bad file
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - anything pydicom or a decoder plugin raises (Rust panics are
+        # BaseExceptions) is a bad file
         raise ImageRejected("corrupt", f"the DICOM file could not be read ({type(exc).__name__})") from None
     common = dict(width=read.width, height=read.height, mode=read.mode, format="DICOM", dicom=read.info)
     if read.image is None:  # refused by its tags: never decoded, never classified
