@@ -214,3 +214,33 @@ def to_bytes(ds: Dataset, *, preamble: bool = True) -> bytes:
 def part10(values: np.ndarray, **kwargs: object) -> bytes:
     """`dataset(...)` as file bytes."""
     return to_bytes(dataset(values, **kwargs))  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m harness.dicom_files xray.jpeg study.dcm`: a DICOM test file from any image (dev only)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a DICOM Part 10 file (DX, PA, chest) of an image's "
+                                     "grey levels, with the window that shows them as they are.")
+    parser.add_argument("image", help="any image Pillow reads")
+    parser.add_argument("out", help="the .dcm file to write")
+    parser.add_argument("--bits", type=int, choices=(8, 12, 16), default=12)
+    parser.add_argument("--syntax", choices=sorted(SYNTAXES), default="native")
+    parser.add_argument("--monochrome1", action="store_true", help="store inverted (MONOCHROME1)")
+    parser.add_argument("--modality", default="DX")
+    parser.add_argument("--view", default="PA")
+    args = parser.parse_args(argv)
+    with Image.open(args.image) as image:
+        gray = np.asarray(image.convert("L"))
+    stored = stored_values(gray, args.bits, monochrome1=args.monochrome1)
+    data = part10(stored.values, bits_stored=args.bits, photometric="MONOCHROME1" if args.monochrome1 else "MONOCHROME2",
+                  window=(stored.center, stored.width), syntax=SYNTAXES[args.syntax], modality=args.modality,
+                  view=args.view, patient="TEST")
+    with open(args.out, "wb") as handle:
+        handle.write(data)
+    print(f"wrote {args.out}: {gray.shape[1]}x{gray.shape[0]}, {args.bits}-bit, {SYNTAXES[args.syntax].name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
