@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate
-from pydicom.uid import DeflatedExplicitVRLittleEndian, MPEG2MPML
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian, MPEG2MPML
 
 from client import InvalidInput, connect
 from core.preprocess import ImageRejected, InputLimits, PreprocessConfig, prepare
@@ -227,6 +227,21 @@ def test_window_choice_travels_with_the_model_config() -> None:
     assert second.dicom.window_center == s.center + 800 and not np.array_equal(first.pixels, second.pixels)
     beyond = prepare(data, PreprocessConfig(dicom_window=5))
     assert np.array_equal(beyond.pixels, first.pixels) and any("window 6" in w for w in beyond.warnings)
+
+
+def test_implicit_vr_and_big_endian_files() -> None:
+    """The other uncompressed syntaxes, with a VOI LUT (whose data follow the file's byte order)."""
+    a, _ = xrays()
+    s = D.stored_values(a, 12)
+    want = prepare(png(a), CONFIG).pixels
+    for uid in (ImplicitVRLittleEndian, ExplicitVRBigEndian):
+        ds = D.dataset(s.values, bits_stored=12, voi_lut=(0, 16, (np.arange(4096) // 16) * 257))
+        ds.file_meta.TransferSyntaxUID = uid
+        if uid == ExplicitVRBigEndian:
+            ds.PixelData = s.values.astype(">u2").tobytes()
+        got = prepare(D.to_bytes(ds), CONFIG)
+        assert got.dicom.voi == "voi_lut" and got.dicom.transfer_syntax == uid.name
+        assert np.array_equal(got.pixels, want), uid.name
 
 
 def test_sigmoid_window_and_preamble_left_out() -> None:
