@@ -178,7 +178,8 @@ def _parse(data: bytes) -> tuple[Any, UID]:
         meta = _read_file_meta_info(fp)
         syntax = meta.get("TransferSyntaxUID")
     except Exception:  # noqa: BLE001 - pydicom raises many types on damaged headers
-        raise DicomError("corrupt", "the DICOM File Meta Information (group 0002) after the preamble is unreadable") from None
+        raise DicomError("corrupt",
+                         "the DICOM File Meta Information (group 0002) after the preamble is unreadable") from None
     if not syntax or not isinstance(syntax, str):
         raise DicomError(
             "corrupt",
@@ -205,7 +206,8 @@ def _check_not_truncated(ds: Any) -> None:
         element = ds.get_item(tag)
         if isinstance(element, RawDataElement) and element.length != _UNDEFINED_LENGTH and element.value is not None:
             if len(element.value) < element.length:
-                where = "in its pixel data" if tag == _PIXEL_DATA else f"in element ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+                where = ("in its pixel data" if tag == _PIXEL_DATA
+                         else f"in element ({tag >> 16:04X},{tag & 0xFFFF:04X})")
                 raise DicomError("corrupt", f"the DICOM file is truncated {where}")
 
 
