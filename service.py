@@ -224,7 +224,7 @@ class PneumoniaClassifier:
         max_latency_ms=SETTINGS.batching.max_latency_ms,
     )
     def classify(self, images: Annotated[list[Upload], BeforeValidator(_check_count)]) -> list[Prediction]:
-        """Classify one or more chest X-rays (multipart field `images`, JPEG/PNG/TIFF/..., any size)."""
+        """Classify one or more chest X-rays (multipart field `images`: DICOM, JPEG, PNG, TIFF, ..., any size)."""
         prepared: list[PreparedImage] = images  # type: ignore[assignment]  # validators turned paths into images
         if self.model is None:  # the guard's readiness wait normally answers before a request gets here
             raise ServiceUnavailable("the model is still loading on this server; retry shortly")

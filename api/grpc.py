@@ -11,7 +11,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 
-from api.models import ModelInfo, Prediction
+from api.models import ImageInfo, ModelInfo, Prediction
 
 try:
     from api._proto.pneumonia.v1 import classifier_pb2 as pb
@@ -23,8 +23,8 @@ except ImportError as exc:  # pragma: no cover - a checkout that skipped ./dev.s
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "pneumonia.v1.Classifier"
 
-__all__ = ["SERVICE_NAME", "model_info_fields", "model_info_message", "pb", "pb_grpc", "prediction_fields",
-           "prediction_message"]
+__all__ = ["SERVICE_NAME", "image_info_fields", "image_info_message", "model_info_fields", "model_info_message", "pb",
+           "pb_grpc", "prediction_fields", "prediction_message"]
 
 
 def prediction_message(prediction: Prediction, image: Any) -> Any:
@@ -35,7 +35,7 @@ def prediction_message(prediction: Prediction, image: Any) -> Any:
         label=prediction.label or "",
         threshold=prediction.threshold,
         model=prediction.model,
-        image=pb.ImageInfo(width=info.width, height=info.height, mode=info.mode, format=info.format),
+        image=image_info_message(info),
         warnings=prediction.warnings,
         processing_ms=prediction.processing_ms,
         batch_size=prediction.batch_size,
@@ -55,9 +55,40 @@ def prediction_message(prediction: Prediction, image: Any) -> Any:
     return message
 
 
+_DICOM_OPTIONAL = ("modality", "view_position", "body_part", "pixel_spacing_source", "sop_instance_uid",
+                   "study_instance_uid", "voi", "window_center", "window_width")
+
+
+def image_info_message(info: ImageInfo) -> Any:
+    """`pb.ImageInfo` of an `api.models.ImageInfo` (the DICOM part only for DICOM uploads)."""
+    message = pb.ImageInfo(width=info.width, height=info.height, mode=info.mode, format=info.format)
+    if info.dicom is not None:
+        fields = info.dicom.model_dump(exclude_none=True)
+        fields["pixel_spacing_mm"] = list(fields.get("pixel_spacing_mm") or ())
+        message.dicom.CopyFrom(pb.DicomInfo(**fields))
+    return message
+
+
+def image_info_fields(message: Any) -> dict[str, Any]:
+    """A `pb.ImageInfo` as the fields of `api.models.ImageInfo`."""
+    fields: dict[str, Any] = {"width": message.width, "height": message.height, "mode": message.mode,
+                              "format": message.format, "dicom": None}
+    if message.HasField("dicom"):
+        dicom = message.dicom
+        fields["dicom"] = {
+            "photometric_interpretation": dicom.photometric_interpretation,
+            "bits_allocated": dicom.bits_allocated,
+            "bits_stored": dicom.bits_stored,
+            "transfer_syntax": dicom.transfer_syntax,
+            "transfer_syntax_uid": dicom.transfer_syntax_uid,
+            "pixel_spacing_mm": tuple(dicom.pixel_spacing_mm) if len(dicom.pixel_spacing_mm) == 2 else None,
+            **{name: getattr(dicom, name) if dicom.HasField(name) else None for name in _DICOM_OPTIONAL},
+        }
+    return fields
+
+
 def prediction_fields(message: Any) -> dict[str, Any]:
     """A `pb.Prediction` as the fields of `api.models.Prediction`, plus `filename` and `client_id` (or None)."""
-    image = message.image
 
     def optional(name: str) -> Any:
         return getattr(message, name) if message.HasField(name) else None
@@ -69,7 +100,7 @@ def prediction_fields(message: Any) -> dict[str, Any]:
         "threshold": message.threshold,
         "confidence": optional("confidence"),
         "model": message.model,
-        "image": {"width": image.width, "height": image.height, "mode": image.mode, "format": image.format},
+        "image": image_info_fields(message.image),
         "refusal": MessageToDict(message.refusal, preserving_proto_field_name=True) if message.HasField("refusal") else None,
         "validity": MessageToDict(message.validity, preserving_proto_field_name=True,
                                   always_print_fields_with_no_presence=True) if message.HasField("validity") else None,

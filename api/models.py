@@ -8,11 +8,38 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class DicomInfo(BaseModel):
+    """What a DICOM upload says about its acquisition and encoding; never anything about the patient.
+
+    `sop_instance_uid` and `study_instance_uid` are echoed so a client can match results to its objects.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    photometric_interpretation: str = Field(description="MONOCHROME1 (shown inverted) or MONOCHROME2, ...")
+    bits_allocated: int
+    bits_stored: int
+    transfer_syntax: str = Field(description="name of the transfer syntax, e.g. JPEG-LS Lossless Image Compression")
+    transfer_syntax_uid: str
+    modality: str | None = None
+    view_position: str | None = None
+    body_part: str | None = Field(None, description="Body Part Examined")
+    pixel_spacing_mm: tuple[float, float] | None = Field(None, description="(row, column) spacing in mm")
+    pixel_spacing_source: str | None = Field(None, description="PixelSpacing, or ImagerPixelSpacing (at the detector)")
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    voi: str | None = Field(None, description="how stored values became grey levels: voi_lut, window, min_max "
+                            "(full range) or identity (8-bit data shown as stored); null when not decoded (refused)")
+    window_center: float | None = Field(None, description="the window applied (voi 'window')")
+    window_width: float | None = None
+
+
 class ImageInfo(BaseModel):
     width: int
     height: int
-    mode: str = Field(description="PIL mode of the upload, e.g. L, RGB, I;16")
-    format: str
+    mode: str = Field(description="PIL mode of the upload, e.g. L, RGB, I;16 (DICOM: of its stored values)")
+    format: str = Field(description="detected file format, e.g. JPEG, PNG, DICOM")
+    dicom: DicomInfo | None = Field(None, description="DICOM uploads only: acquisition and encoding tags")
 
 
 class Refusal(BaseModel):

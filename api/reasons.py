@@ -14,9 +14,25 @@ IMAGE_REASONS: tuple[str, ...] = (
     "too_many_pixels",
     "too_small",
     "corrupt",
+    # DICOM files: no Pixel Data (7FE0,0010); a transfer syntax without a decoder here (or deflated, refused as
+    # unbounded). Truncated or damaged DICOM files are `corrupt`, like any other damaged image.
+    "dicom_no_pixel_data",
+    "dicom_unsupported_syntax",
 )
-# An image decoded fine but refused per image, in a 200 answer (status "refused"): the model's validity gate.
-REFUSAL_REASONS: tuple[str, ...] = ("blank", "not_a_chest_xray", "inverted", "rotated", "cropped")
+# An image refused per image, in a 200 answer (status "refused"): by the model's validity gate (blank ... cropped),
+# or by its own DICOM tags before anything is decoded (dicom_*: Modality not CR/DX, Body Part Examined not the chest,
+# View Position not PA/AP, more than one frame).
+REFUSAL_REASONS: tuple[str, ...] = (
+    "blank",
+    "not_a_chest_xray",
+    "inverted",
+    "rotated",
+    "cropped",
+    "dicom_modality",
+    "dicom_body_part",
+    "dicom_view",
+    "dicom_multiframe",
+)
 # A request refused as a whole before any image is decoded (HTTP guard, service, gRPC servicer).
 REQUEST_REASONS: tuple[str, ...] = (
     "no_images",

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     )
     from .grpc_transport import AsyncGrpcClient, GrpcClient
     from .http_transport import AsyncHttpClient, HttpClient
-    from .models import ImageInfo, ImageUpload, ModelInfo, Prediction
+    from .models import DicomInfo, ImageInfo, ImageUpload, ModelInfo, Prediction
 
 Transport = Literal["http", "grpc"]
 
@@ -44,6 +44,7 @@ _EXPORTS = {
     "AsyncGrpcClient": "grpc_transport",
     "Prediction": "models",
     "ImageInfo": "models",
+    "DicomInfo": "models",
     "ModelInfo": "models",
     "ImageUpload": "models",
     "ImageInput": "_common",

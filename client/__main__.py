@@ -1,6 +1,6 @@
 """Command line: classify X-rays or check the service, over HTTP (default) or gRPC.
 
-    python -m client classify xray.jpeg [more.png ...] [--grpc] [--url URL] [--json] [--timeout S]
+    python -m client classify xray.jpeg [more.png study.dcm ...] [--grpc] [--url URL] [--json] [--timeout S]
     python -m client health [--grpc] [--url URL] [--json]
 
 --url defaults to http://127.0.0.1:3000 (HTTP) or 127.0.0.1:3001 (gRPC), or to $PNEUMONIA_URL /
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import ClassifierClient, connect
 from .errors import ClientError
-from .models import ImageUpload, ModelInfo, Prediction
+from .models import DicomInfo, ImageUpload, ModelInfo, Prediction
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,8 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer (default 60)")
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    classify = commands.add_parser("classify", parents=[common], help="classify one or more chest X-ray images")
-    classify.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, TIFF, BMP, GIF, WebP)")
+    classify = commands.add_parser("classify", parents=[common],
+                                   help="classify one or more chest X-ray images (DICOM, JPEG, PNG, ...)")
+    classify.add_argument("images", nargs="+", type=Path,
+                          help="image files: DICOM Part 10 (.dcm, uncompressed, JPEG, JPEG-LS, JPEG 2000 or RLE), "
+                          "JPEG, PNG, TIFF, BMP, GIF, WebP")
     classify.add_argument("--client-id", action="append", help="an identifier per image, echoed in the result")
     commands.add_parser("health", parents=[common], help="is the service ready, and which model does it serve")
     return parser
@@ -50,8 +53,26 @@ def _format_prediction(p: Prediction) -> str:
         f"batch of {p.batch_size}, {p.processing_ms:.1f} ms on the server"
         + (f"; client id {p.client_id}" if p.client_id else ""),
     ]
+    if p.image.dicom is not None:
+        lines.append(_format_dicom(p.image.dicom))
     lines += [f"    warning: {w}" for w in p.warnings]
     return "\n".join(lines)
+
+
+def _format_dicom(d: DicomInfo) -> str:
+    """One line of what the DICOM file said, e.g. 'DICOM DX PA CHEST, MONOCHROME1 12/16 bits, ...'."""
+    what = " ".join(v for v in (d.modality, d.view_position, d.body_part) if v)
+    parts = [f"DICOM {what or '(no modality)'}", f"{d.photometric_interpretation} {d.bits_stored}/{d.bits_allocated} bits",
+             d.transfer_syntax]
+    if d.pixel_spacing_mm:
+        parts.append(f"spacing {d.pixel_spacing_mm[0]:g} x {d.pixel_spacing_mm[1]:g} mm")
+    if d.voi == "window":
+        parts.append(f"window {d.window_center:g}/{d.window_width:g}")
+    elif d.voi:
+        parts.append({"voi_lut": "VOI LUT", "min_max": "full range", "identity": "as stored"}.get(d.voi, d.voi))
+    if d.sop_instance_uid:
+        parts.append(f"SOP instance {d.sop_instance_uid}")
+    return "    " + "; ".join(parts)
 
 
 def _format_info(info: ModelInfo, api: ClassifierClient) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.models import ImageInfo, ModelInfo, Refusal, Validity
+from api.models import DicomInfo, ImageInfo, ModelInfo, Refusal, Validity
 from api.models import Prediction as _WirePrediction
 
-__all__ = ["ImageInfo", "ImageUpload", "ModelInfo", "Prediction", "Refusal", "Validity"]
+__all__ = ["DicomInfo", "ImageInfo", "ImageUpload", "ModelInfo", "Prediction", "Refusal", "Validity"]
 
 
 class Prediction(_WirePrediction):

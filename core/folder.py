@@ -9,12 +9,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.card import CLASS_NAMES
+from core.dicom import PART10_MAGIC
 
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}) | DICOM_SUFFIXES
 
 
 class DataFolderError(Exception):
     """The data folder cannot be used; the message lists every problem found."""
+
+
+def _is_part10(path: Path) -> bool:
+    """An extension-less file that is DICOM Part 10 (`DICM` after the preamble); DICOMDIR indexes are not images."""
+    if path.suffix or path.name.upper() == "DICOMDIR":
+        return False
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == PART10_MAGIC
+    except OSError:
+        return False
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by its suffix, or an extension-less DICOM file as PACS exports write them."""
+    return path.suffix.lower() in IMAGE_SUFFIXES or _is_part10(path)
 
 
 def labeled_images(root: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> list[tuple[Path, int]]:
@@ -29,9 +47,9 @@ def labeled_images(root: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> li
         if not class_dir.is_dir():
             problems.append(f"missing class folder {class_dir}")
             continue
-        files = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in class_dir.iterdir() if p.is_file() and is_image_file(p))
         if not files:
-            problems.append(f"no images (*.jpeg, *.png, ...) in {class_dir}")
+            problems.append(f"no images (*.jpeg, *.png, *.dcm, ...) in {class_dir}")
         found.extend((path, label) for path in files)
     extra = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in class_names)
     if extra:

@@ -3,7 +3,9 @@
 Training, evaluation, the HTTP service, the gRPC endpoint and the benchmarks all
 call these functions, parameterised by the `PreprocessConfig` stored with each
 model, so served predictions cannot drift from what the model was trained on.
-Nothing else in the project decodes or resizes an image.
+Nothing else in the project decodes or resizes an image. DICOM Part 10 files are
+read by core/dicom.py (tags, tag gate, windowing to 8 bits) and then take the
+same grayscale/resize/normalise steps as every other format.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from core import dicom
+from core.dicom import DicomInfo
+
 # Truncated files must fail loudly, never be silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # We enforce our own (configurable) pixel limit before decoding; PIL's global
@@ -34,6 +39,8 @@ RejectReason = Literal[
     "too_many_pixels",
     "too_small",
     "corrupt",
+    "dicom_no_pixel_data",
+    "dicom_unsupported_syntax",
 ]
 
 # Formats a radiology client can reasonably send; anything else PIL happens to
@@ -54,6 +61,13 @@ class PreprocessConfig(BaseModel):
     )
     mean: float = 0.5
     std: float = 0.25
+    dicom_window: int = Field(
+        0,
+        ge=0,
+        le=15,
+        description="which of a DICOM file's VOI LUTs or Window Center/Width pairs to apply (0: the first); "
+        "stored with the model, so its training data and its served inputs are windowed alike",
+    )
 
 
 class InputLimits(BaseModel):
@@ -88,6 +102,8 @@ class PreparedImage:
     # (reason, message) when the file itself says it is not a frontal chest X-ray (e.g. DICOM tags): the
     # image gets a per-image refusal without a verdict, whatever the model's validity gate finds.
     refusal: tuple[str, str] | None = None
+    # DICOM inputs: what the file says about its acquisition and encoding (never the patient); else None.
+    dicom: DicomInfo | None = None
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -109,7 +125,7 @@ def _check_png_crcs(data: bytes) -> None:
         pos = end + 4
 
 
-def _open(data: bytes, limits: InputLimits) -> Image.Image:
+def _check_bytes(data: bytes, limits: InputLimits) -> None:
     if not data:
         raise ImageRejected("empty", "the upload is empty (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -117,6 +133,9 @@ def _open(data: bytes, limits: InputLimits) -> Image.Image:
             "too_many_bytes",
             f"the upload is {len(data):,} bytes, over the limit of {limits.max_bytes:,} bytes",
         )
+
+
+def _open(data: bytes, limits: InputLimits) -> Image.Image:
     if data.startswith(_PNG_SIGNATURE):
         _check_png_crcs(data)
     try:
@@ -130,7 +149,7 @@ def _open(data: bytes, limits: InputLimits) -> Image.Image:
     if image.format not in SUPPORTED_FORMATS:
         raise ImageRejected(
             "unsupported_format",
-            f"image format {image.format} is not supported; send JPEG, PNG, TIFF, BMP, GIF or WebP",
+            f"image format {image.format} is not supported; send DICOM, JPEG, PNG, TIFF, BMP, GIF or WebP",
         )
     width, height = image.size
     if width * height > limits.max_pixels:
@@ -164,14 +183,33 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
+def _grid(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """A decoded image -> the model's uint8 grid: grayscale, then resize (every format, DICOM included)."""
+    gray = _to_grayscale(image)
+    gray = gray.resize((config.image_size, config.image_size), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.array(gray, dtype=np.uint8)
+
+
+def _low_resolution(width: int, height: int, config: PreprocessConfig) -> list[str]:
+    if min(width, height) < 2 * config.image_size // 3:
+        return [f"low resolution ({width}x{height}); the model expects at least {config.image_size} px"]
+    return []
+
+
 def prepare(data: bytes, config: PreprocessConfig, limits: InputLimits | None = None) -> PreparedImage:
     """Validate and decode one upload into the model's uint8 input grid.
 
     Raises `ImageRejected` (never anything else) for input that cannot be used.
     Large JPEGs are decoded at a reduced scale (draft mode), which is both the
     fast path and the only path, so training and serving see identical pixels.
+    DICOM Part 10 files are read by core.dicom (tags, windowing) and then take
+    the same grayscale and resize steps; a DICOM object that is not a frontal
+    chest radiograph comes back with `refusal` set and a blank grid.
     """
     limits = limits or InputLimits()
+    _check_bytes(data, limits)
+    if dicom.is_dicom(data):
+        return _prepare_dicom(data, config, limits)
     image = _open(data, limits)
     width, height, mode, fmt = image.width, image.height, image.mode, image.format or "?"
     notes: list[str] = []
@@ -188,18 +226,42 @@ def prepare(data: bytes, config: PreprocessConfig, limits: InputLimits | None = 
         if orientation in (2, 3, 4, 5, 6, 7, 8):
             image = ImageOps.exif_transpose(image)
         coloured = image.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "P") and _looks_coloured(image)
-        gray = _to_grayscale(image)
-        gray = gray.resize((config.image_size, config.image_size), Image.Resampling.BILINEAR, reducing_gap=None)
-        pixels = np.array(gray, dtype=np.uint8)
+        pixels = _grid(image, config)
     except ImageRejected:
         raise
     except Exception as exc:  # truncated data, bad CRC, decoder errors
         raise ImageRejected("corrupt", f"the image could not be decoded: {exc}") from None
-    if min(width, height) < 2 * config.image_size // 3:
-        notes.append(f"low resolution ({width}x{height}); the model expects at least {config.image_size} px")
+    notes += _low_resolution(width, height, config)
     if coloured:
         notes.append("colour image: it may not be a radiograph")
     return PreparedImage(pixels=pixels, width=width, height=height, mode=mode, format=fmt, warnings=tuple(notes))
+
+
+def _prepare_dicom(data: bytes, config: PreprocessConfig, limits: InputLimits) -> PreparedImage:
+    try:
+        read = dicom.read(data, max_pixels=limits.max_pixels, min_side=limits.min_side,
+                          window_index=config.dicom_window)
+    except dicom.DicomError as exc:
+        raise ImageRejected(exc.reason, exc.message) from None  # type: ignore[arg-type]
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - anything pydicom or a decoder plugin raises (Rust panics are
+        # BaseExceptions) is a bad file
+        raise ImageRejected("corrupt", f"the DICOM file could not be read ({type(exc).__name__})") from None
+    common = dict(width=read.width, height=read.height, mode=read.mode, format="DICOM", dicom=read.info)
+    if read.image is None:  # refused by its tags: never decoded, never classified
+        blank = np.zeros((config.image_size, config.image_size), dtype=np.uint8)
+        return PreparedImage(pixels=blank, refusal=read.refusal, **common)
+    notes = list(read.warnings)
+    try:
+        coloured = read.image.mode == "RGB" and _looks_coloured(read.image)
+        pixels = _grid(read.image, config)
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory on a pathological image
+        raise ImageRejected("corrupt", f"the DICOM image could not be resized ({type(exc).__name__})") from None
+    notes += _low_resolution(read.width, read.height, config)
+    if coloured:
+        notes.append("colour image: it may not be a radiograph")
+    return PreparedImage(pixels=pixels, warnings=tuple(notes), **common)
 
 
 def _looks_coloured(image: Image.Image) -> bool:

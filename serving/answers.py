@@ -10,11 +10,12 @@ probability, so nothing downstream can read it as a diagnosis.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Literal
 
 import bentoml
 
-from api.models import ImageInfo, Prediction, Refusal, Validity
+from api.models import DicomInfo, ImageInfo, Prediction, Refusal, Validity
 from core.card import ModelCard
 from core.inference import Assessment
 from core.preprocess import PreparedImage
@@ -45,6 +46,11 @@ MODEL_INFO = bentoml.metrics.Gauge(
 
 
 
+def _image_info(item: PreparedImage) -> ImageInfo:
+    dicom = DicomInfo(**asdict(item.dicom)) if item.dicom is not None else None
+    return ImageInfo(width=item.width, height=item.height, mode=item.mode, format=item.format, dicom=dicom)
+
+
 def _validity(assessment: Assessment, card: ModelCard) -> Validity | None:
     outcome, limits = assessment.validity, card.validity
     if outcome is None or limits is None:
@@ -59,15 +65,16 @@ def answer(item: PreparedImage, assessment: Assessment, card: ModelCard, tag: st
            mode: Literal["refuse", "warn", "off"], batch_size: int, done: float | None = None) -> Prediction:
     """The prediction for one image, or its refusal; counts it in the metrics."""
     done = time.perf_counter() if done is None else done
-    outcome = assessment.validity
+    refusal, refused_by_file = item.refusal, item.refusal is not None
+    # An image its own file refuses (DICOM tags) was never decoded: the gate's figures of its blank grid mean nothing.
+    outcome = None if refused_by_file else assessment.validity
     if outcome is not None:
         OUTLIER_SCORE.labels(model=tag).observe(outcome.outlier_score)
-    refusal, refused_by_file = item.refusal, item.refusal is not None
     if refusal is None and outcome is not None and outcome.reason is not None and mode != "off":
         refusal = (outcome.reason, outcome.message)
     warnings = list(item.warnings)
-    common = dict(threshold=card.threshold, model=tag, validity=_validity(assessment, card),
-                  image=ImageInfo(width=item.width, height=item.height, mode=item.mode, format=item.format),
+    common = dict(threshold=card.threshold, model=tag, validity=None if refused_by_file else _validity(assessment, card),
+                  image=_image_info(item),
                   processing_ms=round((done - getattr(item, "received", done)) * 1000, 2), batch_size=batch_size)
     if refusal is not None and (refused_by_file or mode == "refuse"):
         REJECTED.labels(reason=refusal[0]).inc()

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from harness import dicom_files
 from settings import ServingSettings
 from tests.images import encode, png_bomb
 
@@ -88,6 +89,41 @@ def _over_byte_limit() -> bytes:
     return b"\xff\xd8\xff\xe0" + bytes(MAX_BYTES + 1024)  # a JPEG signature, then zeros past the limit
 
 
+@cache
+def xray_dicom() -> bytes:
+    """The X-ray as a 12-bit DX DICOM file, MONOCHROME1, JPEG-LS, with the window that shows its pixels."""
+    stored = dicom_files.stored_values(np.asarray(xray()), 12, monochrome1=True)
+    return dicom_files.part10(stored.values, bits_stored=12, photometric="MONOCHROME1",
+                              window=(stored.center, stored.width), syntax=dicom_files.SYNTAXES["jpeg-ls"])
+
+
+def _dicom(**kwargs: object) -> bytes:
+    return dicom_files.part10(np.asarray(xray()).copy(), bits_stored=8, **kwargs)  # type: ignore[arg-type]
+
+
+def _dicom_without_pixels() -> bytes:
+    ds = dicom_files.dataset(np.asarray(xray()).copy(), bits_stored=8)
+    del ds.PixelData
+    return dicom_files.to_bytes(ds)
+
+
+def _dicom_syntax(uid: str) -> bytes:
+    from pydicom.encaps import encapsulate
+
+    ds = dicom_files.dataset(np.asarray(xray()).copy(), bits_stored=8)
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(200)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = uid
+    return dicom_files.to_bytes(ds)
+
+
+def _dicom_bomb() -> bytes:
+    ds = dicom_files.dataset(np.asarray(xray()).copy(), bits_stored=8)
+    ds.Rows = ds.Columns = 30000
+    return dicom_files.to_bytes(ds)
+
+
 def _multipart(parts: list[bytes], boundary: bytes = b"hostileBoundary", close: bool = True) -> bytes:
     body = b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in parts)
     return body + (b"--" + boundary + b"--\r\n" if close else b"")
@@ -123,6 +159,7 @@ class Row:
     reason: str  # the first detail's `type` for errors; for 200 the expected PIL mode/format
     note: str = ""
     warning: str | None = None  # a 200 row: a substring expected in the prediction's warnings
+    refusal: str | None = None  # a 200 row: the image is refused with this reason (no verdict)
 
 
 def _one(name: str, build: Callable[[], bytes], content_type: str = "application/octet-stream") -> Callable[[], list]:
@@ -409,6 +446,105 @@ ROWS: list[Row] = [
         "file names are replaced before BentoML stores the upload",
     ),
     Row("get-classify", "GET /classify", "no body", Request(method="GET"), 405, "method_not_allowed"),
+    Row(
+        "dicom-jpeg-ls",
+        "DICOM DX, 12-bit MONOCHROME1, JPEG-LS, windowed",
+        MULTIPART,
+        Request(_one("study.dcm", xray_dicom, "application/dicom")),
+        200,
+        "I;16/DICOM",
+        "windowed to 8 bits, inverted; `image.dicom` reports the tags (tests/test_dicom.py: every syntax)",
+    ),
+    Row(
+        "dicom-no-preamble",
+        "DICOM file starting at `DICM` (preamble left out)",
+        MULTIPART,
+        Request(_one("nopreamble.dcm", lambda: _dicom()[128:])),
+        200,
+        "L/DICOM",
+        "read as if the 128-byte preamble were there",
+    ),
+    Row(
+        "dicom-ct",
+        "DICOM CT image",
+        MULTIPART,
+        Request(_one("ct.dcm", lambda: _dicom(modality="CT"))),
+        200,
+        "L/DICOM",
+        "refused per image by its tags, never decoded",
+        refusal="dicom_modality",
+    ),
+    Row(
+        "dicom-lateral",
+        "DICOM DX, ViewPosition LL",
+        MULTIPART,
+        Request(_one("lateral.dcm", lambda: _dicom(view="LL"))),
+        200,
+        "L/DICOM",
+        "refused per image: only PA and AP views",
+        refusal="dicom_view",
+    ),
+    Row(
+        "dicom-multiframe",
+        "DICOM DX with 2 frames",
+        MULTIPART,
+        Request(_one("cine.dcm", lambda: _dicom(frames=2))),
+        200,
+        "L/DICOM",
+        "refused per image",
+        refusal="dicom_multiframe",
+    ),
+    Row(
+        "dicom-truncated",
+        "DICOM cut at half its length",
+        MULTIPART,
+        Request(_one("cut.dcm", lambda: _dicom()[: len(_dicom()) // 2])),
+        400,
+        "corrupt",
+        "the pixel data element is shorter than it says",
+    ),
+    Row(
+        "dicom-no-pixel-data",
+        "DICOM without Pixel Data",
+        MULTIPART,
+        Request(_one("nopixels.dcm", _dicom_without_pixels)),
+        400,
+        "dicom_no_pixel_data",
+    ),
+    Row(
+        "dicom-unsupported-syntax",
+        "DICOM in MPEG-2 transfer syntax",
+        MULTIPART,
+        Request(_one("video.dcm", lambda: _dicom_syntax("1.2.840.10008.1.2.4.100"))),
+        400,
+        "dicom_unsupported_syntax",
+    ),
+    Row(
+        "dicom-deflated",
+        "DICOM in Deflated Explicit VR Little Endian",
+        MULTIPART,
+        Request(_one("deflated.dcm", lambda: _dicom_syntax("1.2.840.10008.1.2.1.99"))),
+        400,
+        "dicom_unsupported_syntax",
+        "refused before inflating (unbounded)",
+    ),
+    Row(
+        "dicom-garbage",
+        "128-byte preamble, `DICM`, then 4 KiB of random bytes",
+        MULTIPART,
+        Request(_one("garbage.dcm", lambda: bytes(128) + b"DICM" + _rng_bytes(4096, seed=12))),
+        400,
+        "corrupt",
+    ),
+    Row(
+        "dicom-pixel-bomb",
+        "DICOM of ~50 KB whose Rows and Columns say 30000x30000",
+        MULTIPART,
+        Request(_one("bomb.dcm", _dicom_bomb)),
+        400,
+        "too_many_pixels",
+        "refused from the header, before decoding",
+    ),
 ]
 
 
@@ -439,6 +575,8 @@ def table() -> str:
     ]
     for i, row in enumerate(ROWS, 1):
         result = f"`{row.reason}`" if row.status != 200 else f"classified ({row.reason})"
+        if row.refusal:
+            result = f"refused `{row.refusal}` ({row.reason})"
         lines.append(f"| {i} | {row.input} | {row.sent} | {row.status} | {result} | {row.note} |")
     return "\n".join(lines)
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 from pathlib import Path
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
+from harness import dicom_files
 from harness.paths import ROOT, VENV_BIN
 from harness.payloads import sample_xrays
 from harness.servers import bentoml_serve, free_port, server_env
@@ -44,6 +48,10 @@ def test_bento_packs_code_model_and_pinned_dependencies(bento_tag: str, bentoml_
         assert not (root / "src" / room).exists(), room
     requirements = (root / "env/python/requirements.txt").read_text()
     assert "torch==2.14.0" in requirements and "bentoml==1.4.39" in requirements
+    # DICOM input: pydicom and the pylibjpeg decoders of the compressed transfer syntaxes (not the test encoders)
+    for package in ("pydicom==", "pylibjpeg==", "pylibjpeg-libjpeg==", "pylibjpeg-openjpeg==", "pylibjpeg-rle=="):
+        assert package in requirements, package
+    assert "imagecodecs" not in requirements
     pinned = [line.split("==")[0] for line in requirements.splitlines() if "==" in line and not line.lstrip().startswith("#")]
     assert not [p for p in pinned if p.startswith(("nvidia-cu", "triton"))]  # CPU-only image
     assert "python_version: '3.11'" in (root / "src/bentofile.yaml").read_text().replace('"', "'")
@@ -87,5 +95,24 @@ def test_built_bento_serves_by_tag(bento_tag: str, tmp_path: Path, production_ta
             )
         assert reply.predictions[0].label == item["label"]
         assert abs(reply.predictions[0].probability - item["probability"]) < 1e-6
+        # DICOM through the Bento (its packed core/dicom.py): 12-bit MONOCHROME1 in JPEG-LS and
+        # 16-bit in JPEG 2000 give the answer of a PNG of the same pixels.
+        gray = np.asarray(Image.open(path).convert("L"))
+        m1, s16 = dicom_files.stored_values(gray, 12, monochrome1=True), dicom_files.stored_values(gray, 16)
+        studies = [
+            dicom_files.part10(m1.values, bits_stored=12, photometric="MONOCHROME1", window=(m1.center, m1.width),
+                               syntax=dicom_files.SYNTAXES["jpeg-ls"]),
+            dicom_files.part10(s16.values, bits_stored=16, window=(s16.center, s16.width),
+                               syntax=dicom_files.SYNTAXES["jpeg2000"]),
+        ]
+        buffer = io.BytesIO()
+        Image.fromarray(gray).save(buffer, format="PNG")
+        files = [("images", ("xray.png", buffer.getvalue()))] + [("images", (f"{i}.dcm", d)) for i, d in enumerate(studies)]
+        response = httpx.post(proc.url + "/classify", files=files, timeout=60)
+        assert response.status_code == 200, response.text
+        reference, *answers = response.json()
+        for answer in answers:
+            assert answer["image"]["format"] == "DICOM" and answer["image"]["dicom"]["voi"] == "window", answer
+            assert abs(answer["probability"] - reference["probability"]) < 1e-3, (answer, reference)
     finally:
         proc.stop()

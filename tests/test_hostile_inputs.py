@@ -46,7 +46,11 @@ def test_hostile_input(server: ServerProcess, row: Row) -> None:
     answer = json.loads(body)
     if row.status == 200:
         [prediction] = answer
-        assert prediction["label"] in ("NORMAL", "PNEUMONIA") and 0 <= prediction["probability"] <= 1
+        if row.refusal:
+            assert prediction["status"] == "refused" and prediction["refusal"]["reason"] == row.refusal, prediction
+            assert prediction["label"] is None and prediction["probability"] is None
+        else:
+            assert prediction["label"] in ("NORMAL", "PNEUMONIA") and 0 <= prediction["probability"] <= 1
         assert f"{prediction['image']['mode']}/{prediction['image']['format']}" == row.reason
         if row.warning:
             assert any(row.warning in w for w in prediction["warnings"]), prediction["warnings"]

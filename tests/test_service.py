@@ -75,7 +75,7 @@ def test_response_contract_and_request_order(server: ServerProcess, production_t
         assert item["label"] == ("PNEUMONIA" if item["probability"] >= item["threshold"] else "NORMAL")
         assert item["model"] == production_tag
         assert item["confidence"] == pytest.approx(max(item["probability"], 1 - item["probability"]), abs=1e-6)
-        assert item["image"] == {"width": 224, "height": 224, "mode": "RGB", "format": "JPEG"}
+        assert item["image"] == {"width": 224, "height": 224, "mode": "RGB", "format": "JPEG", "dicom": None}
         assert item["processing_ms"] >= 0 and item["batch_size"] >= 3
 
 

@@ -3,6 +3,13 @@
 The folder layout is the one of the original Kermany et al. download. File names
 carry the patient, and one patient can have several (even identical) images, so
 validation splits are made by patient: splitting by image leaks.
+
+A site's folder of DICOM files works the same way: `.dcm`/`.dicom` files, and
+files without an extension that are DICOM Part 10 (what PACS exports write), are
+read through the same `core.preprocess.load_file`. Their patient is the file's
+Patient ID (a one-way hash of it, which never leaves the process), not its name.
+A DICOM object refused by its tags (a lateral view, a CT, ...) is an unusable
+image here, listed like an unreadable one.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from core.card import CLASS_NAMES
-from core.folder import DataFolderError, labeled_images  # noqa: F401 - DataFolderError re-exported for training
+from core.dicom import patient_key
+from core.folder import DICOM_SUFFIXES, DataFolderError, labeled_images  # noqa: F401 - DataFolderError re-exported for training
 from core.preprocess import ImageRejected, InputLimits, PreprocessConfig, load_file
 
 
@@ -38,13 +46,21 @@ class Sample:
 
 
 def patient_id(path: Path, label: int) -> str:
-    """The patient a file belongs to, from the naming scheme of the collection.
+    """The patient a file belongs to: a DICOM file's Patient ID, else the naming scheme of the collection.
 
     Unknown names fall back to the file stem, i.e. each such file is its own
     patient, which is the conservative choice (it never merges two patients).
     The class is part of the key because the NORMAL and PNEUMONIA folders use
-    independent numbering schemes.
+    independent numbering schemes. A DICOM file's key is a hash of its Patient ID
+    (the ID itself is never kept).
     """
+    if path.suffix.lower() in DICOM_SUFFIXES or not path.suffix:
+        try:
+            key = patient_key(path.read_bytes())
+        except OSError:
+            key = None
+        if key is not None:
+            return f"{CLASS_NAMES[label]}/dicom-{key}"
     for pattern in _PATIENT_PATTERNS:
         match = pattern.match(path.name)
         if match:
@@ -119,10 +135,15 @@ def load_samples(
     bad: list[str] = []
     for sample in tqdm(samples, desc=description, disable=not progress, unit="img", leave=False):
         try:
-            grids.append(load_file(sample.path, config, limits).pixels)
-            kept.append(sample)
+            prepared = load_file(sample.path, config, limits)
         except (ImageRejected, OSError) as exc:
             bad.append(f"{sample.path}: {exc}")
+            continue
+        if prepared.refusal is not None:  # a DICOM object that is not a frontal chest radiograph: never decoded
+            bad.append(f"{sample.path}: refused ({prepared.refusal[0]}): {prepared.refusal[1]}")
+            continue
+        grids.append(prepared.pixels)
+        kept.append(sample)
     if bad and not skip_bad:
         listing = "\n  - ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
         raise DataFolderError(

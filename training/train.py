@@ -72,6 +72,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--arch", default="mobilenet_v3_small", choices=list(ModelSpec.model_fields["arch"].annotation.__args__))
     g.add_argument("--image-size", type=int, default=224)
     g.add_argument("--normalization", default="per_image", choices=["per_image", "fixed"])
+    g.add_argument("--dicom-window", type=int, default=0,
+                   help="which VOI LUT or Window Center/Width of DICOM inputs to apply (0: the first); stored with "
+                   "the model, so serving windows as training did")
     g.add_argument("--dropout", type=float, default=0.2)
     g.add_argument("--no-tta", dest="tta", action="store_false", help="disable mirror test-time augmentation")
     g.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (needs network access)")
@@ -218,7 +221,8 @@ def load_data(args: argparse.Namespace, show: bool) -> tuple[LoadedSplit, Loaded
 
 
 def preprocess_config(args: argparse.Namespace) -> PreprocessConfig:
-    return PreprocessConfig(image_size=args.image_size, normalization=args.normalization)
+    return PreprocessConfig(image_size=args.image_size, normalization=args.normalization,
+                            dicom_window=args.dicom_window)
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
