@@ -88,6 +88,9 @@ class PreparedImage:
     # (reason, message) when the file itself says it is not a frontal chest X-ray (e.g. DICOM tags): the
     # image gets a per-image refusal without a verdict, whatever the model's validity gate finds.
     refusal: tuple[str, str] | None = None
+    # The decoded grey image at display size (aspect kept), only when `prepare` was asked for one: the picture an
+    # explanation's heatmap is drawn on (core/explain.py). None otherwise.
+    preview: np.ndarray | None = field(default=None, repr=False)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -164,12 +167,17 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def prepare(data: bytes, config: PreprocessConfig, limits: InputLimits | None = None) -> PreparedImage:
+def prepare(
+    data: bytes, config: PreprocessConfig, limits: InputLimits | None = None, preview_side: int | None = None
+) -> PreparedImage:
     """Validate and decode one upload into the model's uint8 input grid.
 
     Raises `ImageRejected` (never anything else) for input that cannot be used.
     Large JPEGs are decoded at a reduced scale (draft mode), which is both the
     fast path and the only path, so training and serving see identical pixels.
+    `preview_side`: also keep the grey image, aspect kept, its longer side that
+    many pixels or the original's if smaller (`preview_size`); the model's grid
+    is the same with or without it.
     """
     limits = limits or InputLimits()
     image = _open(data, limits)
@@ -189,6 +197,11 @@ def prepare(data: bytes, config: PreprocessConfig, limits: InputLimits | None = 
             image = ImageOps.exif_transpose(image)
         coloured = image.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "P") and _looks_coloured(image)
         gray = _to_grayscale(image)
+        preview = None
+        if preview_side is not None:
+            shown = gray.resize(preview_size(gray.width, gray.height, max(width, height), preview_side),
+                                Image.Resampling.BILINEAR, reducing_gap=None)
+            preview = np.array(shown, dtype=np.uint8)
         gray = gray.resize((config.image_size, config.image_size), Image.Resampling.BILINEAR, reducing_gap=None)
         pixels = np.array(gray, dtype=np.uint8)
     except ImageRejected:
@@ -199,7 +212,16 @@ def prepare(data: bytes, config: PreprocessConfig, limits: InputLimits | None = 
         notes.append(f"low resolution ({width}x{height}); the model expects at least {config.image_size} px")
     if coloured:
         notes.append("colour image: it may not be a radiograph")
-    return PreparedImage(pixels=pixels, width=width, height=height, mode=mode, format=fmt, warnings=tuple(notes))
+    return PreparedImage(pixels=pixels, width=width, height=height, mode=mode, format=fmt, warnings=tuple(notes),
+                         preview=preview)
+
+
+def preview_size(width: int, height: int, original_side: int, side: int) -> tuple[int, int]:
+    """(width, height) of a preview of a `width` x `height` decoded image: aspect kept, the longer side
+    `side` pixels, or `original_side` (the file's own longer side) when that is smaller."""
+    longest = min(side, original_side)
+    scale = longest / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _looks_coloured(image: Image.Image) -> bool:
