@@ -223,14 +223,15 @@ def format_explain_table(explain: dict) -> str:
         f"Explain: its cost, and classify at {explain['classify_clients']} clients with and without "
         f"{explain['burst_clients']} clients explaining back to back beside it",
         "",
-        "| row | clients | answered/s | images/s | p50 ms | p95 ms | p99 ms | turned away (503) | failures | server CPU (cores) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| row | clients | answered/s | images/s | p50 ms | p95 ms | p99 ms | turned away (503) | failures "
+        "| server CPU (cores) | other load (cores) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, label in EXPLAIN_ROWS.items():
         r = explain["rows"][name]
         cpu = "-" if r["server_cpu_cores"] is None else f"{r['server_cpu_cores']:.2f}"
         lines.append(f"| {label} | {r['clients']} | {r['requests_per_s']:.1f} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} "
-                     f"| {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['busy']} | {r['failures']} | {cpu} |")
+                     f"| {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['busy']} | {r['failures']} | {cpu} | {r['other_cpu_cores']:.2f} |")
     lines += ["", f"classify beside the burst / alone: images/s x{explain['classify_images_per_s_ratio']}, "
               f"p95 x{explain['classify_p95_ratio']}"]
     return "\n".join(lines)
