@@ -233,7 +233,7 @@
       none.textContent = body.note || "No heatmap: the image was refused.";
       none.hidden = false;
       setState(card, "refused", "Refused: no verdict.");
-      progress.textContent = `${name}: refused. ${refusal.message}`;
+      progress.textContent = `${name}: refused (${refusal.reason}): ${refusal.message}`;
       return;
     }
 
