@@ -162,6 +162,11 @@ class ExplainSettings(BaseModel):
     )
     max_waiting: int = Field(2, ge=0, le=256, description="explanations waiting per worker before 503")
     retry_after_s: int = Field(2, ge=1, le=600, description="Retry-After of that 503, in seconds")
+    nice: int = Field(
+        10, ge=0, le=19,
+        description="how much lower the explain threads' CPU priority is than classify's (Linux nice steps; "
+        "0 = equal): when both want the cores, classify gets most of them (docs/performance.md)",
+    )
 
 
 class GrpcSettings(BaseModel):

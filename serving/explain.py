@@ -11,7 +11,9 @@ join the adaptive batches: each worker process has
   Retry-After), so a burst is shed instead of queued;
 - a thread pool of `max_concurrency` threads, not the one thread that runs the
   classify batches, so the event loop keeps decoding uploads and classify's batches
-  keep running while an explanation computes;
+  keep running while an explanation computes. The threads run at a lower CPU
+  priority (`nice`, Linux): when explanations and classify want the same cores,
+  the scheduler gives classify most of them;
 - `ExplainerPool`: one private model copy (`core.explain.Explainer`) per thread, so
   Captum's hooks and gradients never touch a module another thread is running.
 """
@@ -19,6 +21,7 @@ join the adaptive batches: each worker process has
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -77,7 +80,8 @@ class ExplainSlots:
         self.capacity = settings.max_concurrency + settings.max_waiting
         self.in_use = 0
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="explain")
+        self._executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="explain",
+                                            initializer=_lower_priority, initargs=(settings.nice,))
 
     def acquire(self) -> None:
         """Take a slot, or raise `ExplainBusy` (counted) when none is free."""
@@ -94,6 +98,17 @@ class ExplainSlots:
     async def run(self, work: Callable[[], T]) -> T:
         """Run `work` on one of the explain threads (never the classify batch thread, never the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+
+def _lower_priority(steps: int) -> None:
+    """Raise this thread's nice value by `steps` (Linux schedules threads one by one; lowering needs no privilege)."""
+    if not steps or not hasattr(os, "setpriority"):
+        return
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + steps))
+    except OSError:  # not permitted in this sandbox: run at the same priority
+        pass
 
 
 _SLOTS: dict[int, ExplainSlots] = {}
