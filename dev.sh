@@ -22,19 +22,28 @@ python_311() {
   return 1
 }
 
-# promtool (Debian's prometheus package) checks deploy/prometheus/ in tests/test_deploy.py. Best effort, once per
-# set-up: without root or apt-get, or when the install fails, print one line; that test check then skips.
-install_promtool() {
-  command -v promtool >/dev/null 2>&1 && return 0
+# Debian packages some checks need, installed once per set-up when missing. Best effort: without root or apt-get,
+# or when the install fails, print one line; the checks that need them then skip with a message saying why.
+#   promtool (package prometheus): deploy/prometheus/ in tests/test_deploy.py
+#   chromium + chromedriver (chromium, chromium-driver): the web page's browser tests, tests/test_ui.py
+apt_updated=
+apt_install() {  # apt_install WHAT COMMAND PACKAGE...: install PACKAGEs unless COMMAND exists; one line either way
+  local what=$1 command=$2; shift 2
+  command -v "$command" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 &&
-     apt-get update -qq >/dev/null 2>&1 &&
+     { [ -n "$apt_updated" ] || apt-get update -qq >/dev/null 2>&1; } && apt_updated=1 &&
      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-       -o DPkg::Lock::Timeout=120 prometheus >/dev/null 2>&1 &&
-     command -v promtool >/dev/null 2>&1; then
-    echo "installed promtool (Debian package prometheus) for the alert-rule checks" >&2
+       -o DPkg::Lock::Timeout=120 "$@" >/dev/null 2>&1 &&
+     command -v "$command" >/dev/null 2>&1; then
+    echo "installed $what (Debian package $*)" >&2
   else
-    echo "note: promtool not installed (needs root and apt-get); tests/test_deploy.py will skip the alert-rule check" >&2
+    echo "note: $what not installed (needs root and apt-get); the checks that need it will skip" >&2
   fi
+}
+
+install_debian_tools() {
+  apt_install "promtool for the alert-rule checks" promtool prometheus || true
+  apt_install "chromium and chromedriver for the browser tests" chromedriver chromium chromium-driver || true
 }
 
 setup() {
@@ -51,7 +60,7 @@ setup() {
     .venv/bin/python scripts/gen_proto.py
     # The project itself, editable: its packages import from this folder, no PYTHONPATH or sys.path edits.
     .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
-    install_promtool
+    install_debian_tools
     echo "$stamp" > .venv/.setup-stamp
   fi
   # generated stubs are git-ignored: a fresh checkout or a clean may lack them while the stamp is current

@@ -8,11 +8,14 @@ so only good images reach the adaptive batcher, and a bad file is answered with
 a 400 that names it instead of failing the whole batch it would have joined.
 The gRPC endpoint (serving/grpc/) runs the same checks (`prepare_images`) and
 joins the same adaptive batches (`classify_prepared`); the HTTP guard
-(serving/http/) wraps the BentoML app.
+(serving/http/) wraps the BentoML app. `explain` (one image, its prediction plus
+a Grad-CAM heatmap) runs the same checks and answers, off the batches, on threads
+of its own (serving/explain.py); the web page (serving/ui/) is mounted at /ui.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -29,13 +32,15 @@ from pydantic_core import PydanticCustomError
 from starlette.datastructures import UploadFile
 
 import models_registry
-from api.models import ModelInfo, Prediction, Refused
+from api.models import Explanation, ModelInfo, Prediction, Refused
 from core.card import ModelCard
 from core.engines import Engine
 from core.inference import LoadedModel
 from core.preprocess import ImageRejected, PreparedImage, prepare
 from models_registry import RegistryError
+from serving import ui
 from serving.answers import MODEL_INFO, REJECTED, answer
+from serving.explain import PREVIEW_SIDE, ExplainerPool, shared_slots
 from serving.grpc import server as grpc_server
 from serving.http import HttpGuard
 from serving.lifecycle import READINESS, StartupError, load_settings, warm_up_in_background
@@ -83,16 +88,16 @@ def _reject(reason: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(reason, message)
 
 
-def _prepared(read: Callable[[], bytes], size: int, received: float) -> PreparedImage:
+def _prepared(read: Callable[[], bytes], size: int, received: float, preview_side: int | None = None) -> PreparedImage:
     """One upload of `size` bytes -> the model's input grid, stamped with when it arrived; raises ImageRejected."""
     if size > SETTINGS.limits.max_bytes:
         raise ImageRejected("too_many_bytes", f"the upload is {size:,} bytes, over the limit of {SETTINGS.limits.max_bytes:,} bytes")
-    prepared = prepare(read(), CARD.preprocess, SETTINGS.limits)
+    prepared = prepare(read(), CARD.preprocess, SETTINGS.limits, preview_side=preview_side)
     object.__setattr__(prepared, "received", received)
     return prepared
 
 
-def _prepare_upload(value: object, to_path: ValidatorFunctionWrapHandler) -> PreparedImage:
+def _prepare_upload(value: object, to_path: ValidatorFunctionWrapHandler, preview_side: int | None = None) -> PreparedImage:
     """Runs while the request is parsed: decode, validate and preprocess one upload.
 
     Multipart uploads arrive as Starlette UploadFiles and are read from memory;
@@ -104,9 +109,9 @@ def _prepare_upload(value: object, to_path: ValidatorFunctionWrapHandler) -> Pre
         if isinstance(value, UploadFile):
             size = value.size if value.size is not None else value.file.seek(0, 2)
             value.file.seek(0)
-            return _prepared(value.file.read, size, received)
+            return _prepared(value.file.read, size, received, preview_side)
         path: Path = to_path(value)
-        return _prepared(path.read_bytes, path.stat().st_size, received)
+        return _prepared(path.read_bytes, path.stat().st_size, received, preview_side)
     except ImageRejected as exc:
         raise _reject(exc.reason, exc.message) from None
 
@@ -150,7 +155,22 @@ def prepare_images(images: Sequence[bytes]) -> list[PreparedImage]:
     return prepared
 
 
+def prepare_explain_image(data: bytes) -> PreparedImage:
+    """The checks `POST /explain` runs while parsing, for an image that arrived another way (gRPC).
+
+    Raises `Refused` (400) located as pydantic locates it (`["image"]`).
+    """
+    try:
+        return _prepared(lambda: data, len(data), time.perf_counter(), PREVIEW_SIDE)
+    except ImageRejected as exc:
+        REJECTED.labels(reason=exc.reason).inc()
+        raise Refused(400, "1 validation error for Input", [{"type": exc.reason, "loc": ["image"], "msg": exc.message}]) from None
+
+
 Upload = Annotated[Path, WrapValidator(_prepare_upload)]
+# An image to explain: also keeps the grey picture its heatmap is drawn on.
+ExplainUpload = Annotated[Path, WrapValidator(lambda value, to_path: _prepare_upload(value, to_path, PREVIEW_SIDE))]
+EXPLAIN_SLOTS = shared_slots(SETTINGS.explain)  # the HTTP guard takes them per /explain call, the gRPC servicer per Explain
 
 
 def _batched(instance: object, api: str) -> Callable[[list[PreparedImage]], Awaitable[list[Prediction]]] | None:
@@ -187,9 +207,12 @@ class PneumoniaClassifier:
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.model: LoadedModel | None = None
+        self.explainers: ExplainerPool | None = None
+        self.explain_problem: str | None = None
         torch.set_num_threads(SETTINGS.threads_per_worker())
-        # In a thread, so the worker listens (and says 503) while the model loads and warms up.
-        warm_up_in_background(self._load_and_warm, delay_s=SETTINGS.warmup_delay_s)
+        # In a thread, so the worker listens (and says 503) while the model loads and warms up; the explainers
+        # (a few seconds: Captum's import, a traced copy per explain thread) follow once classify is ready.
+        warm_up_in_background(self._load_and_warm, delay_s=SETTINGS.warmup_delay_s, then=self._load_explainers)
 
     def _load_and_warm(self) -> None:
         model = models_registry.load_model(MODEL_TAG, engine=SETTINGS.engine)
@@ -199,6 +222,17 @@ class PneumoniaClassifier:
         self.model = model
         MODEL_INFO.labels(model=MODEL_TAG, arch=CARD.spec.arch, threshold=f"{CARD.threshold:.6f}").set(1)
         # warm_up_in_background marks this worker ready (serving.lifecycle.READINESS) once this returns.
+
+    def _load_explainers(self) -> None:
+        """Private model copies for /explain, one per explain thread (serving/explain.py); after readiness."""
+        assert self.model is not None
+        started = time.monotonic()
+        try:
+            self.explainers = ExplainerPool(self.model, SETTINGS.explain.max_concurrency)
+        except Exception as exc:
+            self.explain_problem = f"explanations are unavailable on this server ({type(exc).__name__}: {exc})"
+            raise
+        logger.info("explainers ready (%d) after %.2f s", SETTINGS.explain.max_concurrency, time.monotonic() - started)
 
     @bentoml.on_deployment
     def check_model() -> None:
@@ -233,6 +267,13 @@ class PneumoniaClassifier:
         return [answer(item, assessment, self.model.card, MODEL_TAG, SETTINGS.validity.mode, len(prepared), done)
                 for item, assessment in zip(prepared, assessments)]
 
+    @bentoml.api(route="/explain")
+    async def explain(self, image: ExplainUpload) -> Explanation:
+        """Explain one chest X-ray (multipart field `image`): the prediction `classify` gives it, plus a Grad-CAM
+        heatmap of the evidence for the predicted label (none when the image is refused). For review only: a
+        saliency map is not a localisation. At most a few at a time per server (503 with Retry-After beyond)."""
+        return await self.explain_prepared(image)  # type: ignore[arg-type]  # the validator made it a PreparedImage
+
     @bentoml.api(route="/health")
     def health(self) -> ModelInfo:
         """Readiness, the served model with its validation metrics, and the serving configuration."""
@@ -254,6 +295,20 @@ class PneumoniaClassifier:
         if run is None:
             raise ServiceUnavailable("the model is still loading on this server; retry shortly")
         return await run(images)
+
+    def prepare_explain_image(self, data: bytes) -> PreparedImage:
+        """`prepare_explain_image` of this module: the checks and preprocessing of `POST /explain`."""
+        return prepare_explain_image(data)
+
+    async def explain_prepared(self, image: PreparedImage) -> Explanation:
+        """The explanation of one validated image, on an explain thread (the caller holds an explain slot)."""
+        deadline = time.monotonic() + SETTINGS.ready_wait_s
+        while self.explainers is None and self.explain_problem is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # a worker that just became ready builds its explainers for a few seconds
+        pool = self.explainers
+        if pool is None:
+            raise ServiceUnavailable(self.explain_problem or "explanations are still loading on this server; retry shortly")
+        return await EXPLAIN_SLOTS.run(lambda: pool.explain(image, SETTINGS.validity.mode))
 
     def model_info(self) -> ModelInfo:
         """The `/health` answer, computed in this worker."""
@@ -282,4 +337,7 @@ for _api in PneumoniaClassifier.apis.values():
 
 # Request id, security headers, CORS, API keys, rate limit, body and multipart checks, and the readiness wait of
 # model routes (a warming worker holds them briefly, then answers 503).
-PneumoniaClassifier.add_asgi_middleware(HttpGuard, settings=SETTINGS, upload_routes={"/classify": "images"})
+PneumoniaClassifier.add_asgi_middleware(HttpGuard, settings=SETTINGS, upload_routes={"/classify": "images", "/explain": "image"},
+                                        explain_slots={"/explain": EXPLAIN_SLOTS})
+# The web page (serving/ui/): static files, no build step, nothing fetched from elsewhere.
+PneumoniaClassifier.mount_asgi_app(ui.app, path=ui.PATH, name="ui")

@@ -146,6 +146,29 @@ class ValiditySettings(BaseModel):
     )
 
 
+class ExplainSettings(BaseModel):
+    """`POST /explain` and the Explain RPC: Grad-CAM heatmaps, computed with gradients off the classify batches.
+
+    Per worker process: `max_concurrency` explanations compute at once, each on a thread
+    and a private model copy of its own; `max_waiting` more wait for one; any call beyond
+    those is refused at once with 503 (gRPC UNAVAILABLE) and Retry-After, so a burst of
+    explanations cannot queue up work that would crowd out `classify`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_concurrency: int = Field(
+        1, ge=1, le=16, description="explanations computed at once per worker (each holds a model copy, a few MB)"
+    )
+    max_waiting: int = Field(2, ge=0, le=256, description="explanations waiting per worker before 503")
+    retry_after_s: int = Field(2, ge=1, le=600, description="Retry-After of that 503, in seconds")
+    nice: int = Field(
+        10, ge=0, le=19,
+        description="how much lower the explain threads' CPU priority is than classify's (Linux nice steps; "
+        "0 = equal): when both want the cores, classify gets most of them (docs/performance.md)",
+    )
+
+
 class GrpcSettings(BaseModel):
     """The gRPC endpoint (serving/grpc/), started inside every worker by `bentoml serve`."""
 
@@ -191,6 +214,7 @@ class ServingSettings(BaseSettings):
     request_log: RequestLogSettings = RequestLogSettings()
     grpc: GrpcSettings = GrpcSettings()
     validity: ValiditySettings = ValiditySettings()
+    explain: ExplainSettings = ExplainSettings()
 
     def worker_count(self) -> int:
         return self.workers or min(MAX_AUTO_WORKERS, usable_cores())

@@ -11,7 +11,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 
-from api.models import ImageInfo, ModelInfo, Prediction
+from api.models import Explanation, ImageInfo, ModelInfo, Prediction
 
 try:
     from api._proto.pneumonia.v1 import classifier_pb2 as pb
@@ -23,7 +23,8 @@ except ImportError as exc:  # pragma: no cover - a checkout that skipped ./dev.s
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "pneumonia.v1.Classifier"
 
-__all__ = ["SERVICE_NAME", "image_info_fields", "image_info_message", "model_info_fields", "model_info_message", "pb",
+__all__ = ["SERVICE_NAME", "explanation_fields", "explanation_message", "image_info_fields", "image_info_message",
+           "model_info_fields", "model_info_message", "pb",
            "pb_grpc", "prediction_fields", "prediction_message"]
 
 
@@ -110,6 +111,33 @@ def prediction_fields(message: Any) -> dict[str, Any]:
         "filename": optional("filename"),
         "client_id": optional("client_id"),
     }
+
+
+def explanation_message(explanation: Explanation, image: Any) -> Any:
+    """`pb.ExplainResponse` for one explanation; `image` is the request's `pb.Image` (names are echoed)."""
+    message = pb.ExplainResponse(prediction=prediction_message(explanation.prediction, image), note=explanation.note)
+    heatmap = explanation.heatmap
+    if heatmap is not None:
+        rows = len(heatmap.grid)
+        message.heatmap.CopyFrom(pb.Heatmap(
+            method=heatmap.method, target=heatmap.target, layer=heatmap.layer,
+            grid=[value for row in heatmap.grid for value in row], grid_rows=rows,
+            grid_cols=len(heatmap.grid[0]) if rows else 0, overlay_png=heatmap.overlay_png,
+            image_png=heatmap.image_png, width=heatmap.width, height=heatmap.height,
+        ))
+    return message
+
+
+def explanation_fields(message: Any) -> dict[str, Any]:
+    """A `pb.ExplainResponse` as the fields of `api.models.Explanation` (prediction as `prediction_fields`)."""
+    heatmap = None
+    if message.HasField("heatmap"):
+        h = message.heatmap
+        values = list(h.grid)
+        grid = [values[r * h.grid_cols:(r + 1) * h.grid_cols] for r in range(h.grid_rows)]
+        heatmap = {"method": h.method, "target": h.target, "layer": h.layer, "grid": grid,
+                   "overlay_png": h.overlay_png, "image_png": h.image_png, "width": h.width, "height": h.height}
+    return {"prediction": prediction_fields(message.prediction), "heatmap": heatmap, "note": message.note}
 
 
 def model_info_message(info: ModelInfo, max_message_bytes: int) -> Any:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 
 class DicomInfo(BaseModel):
@@ -86,6 +88,63 @@ class Prediction(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="reasons to double-check this result")
     processing_ms: float = Field(description="server time from upload parsed to result, queueing included")
     batch_size: int = Field(description="images in the forward pass that produced this prediction")
+
+
+def _from_base64(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("not valid base64") from None
+    return value
+
+
+# PNG bytes: base64 (standard alphabet, no line breaks) in JSON, raw bytes in Python and in gRPC messages.
+PngBytes = Annotated[
+    bytes,
+    BeforeValidator(_from_base64),
+    PlainSerializer(lambda data: base64.b64encode(data).decode("ascii"), return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"}),
+]
+
+SALIENCY_CAVEAT = (
+    "A saliency map shows which parts of the image drove the model's output; it is not a localisation of disease "
+    "(in published comparisons such maps localise findings worse than radiologists do). For review only."
+)
+
+
+class Heatmap(BaseModel):
+    """Where the evidence for `target` lay, by Grad-CAM over the model's last convolutional stage.
+
+    `grid` covers the whole image (top row first), values in [0, 1], 1 at the strongest
+    evidence; `overlay_png` draws it over the image, `image_png` is the same image
+    without it (for a client's own opacity control), both `width` x `height`, the
+    aspect ratio of the upload. Not a localisation: see `Explanation.note`.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    method: str = Field(description="how the map was computed, e.g. Grad-CAM")
+    target: Literal["NORMAL", "PNEUMONIA"] = Field(description="the class explained: the predicted label")
+    layer: str = Field(description="the model layer whose activations and gradients were used")
+    grid: list[list[float]] = Field(description="rows x columns, values in [0, 1], the whole image, top row first")
+    overlay_png: PngBytes = Field(description="PNG (base64 in JSON): the map in colour over the grey image")
+    image_png: PngBytes = Field(description="PNG (base64 in JSON): the grey image alone, the same size")
+    width: int = Field(description="width of both PNGs in pixels")
+    height: int = Field(description="height of both PNGs in pixels")
+
+
+class Explanation(BaseModel):
+    """`POST /explain`: the image's prediction, exactly as `POST /classify` gives it, plus a heatmap.
+
+    A refused image (status "refused") gets no heatmap: `heatmap` is null and `note` says why.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    prediction: Prediction
+    heatmap: Heatmap | None = Field(None, description="null when the image was refused")
+    note: str = Field(description="what the heatmap is and is not, or why there is none")
 
 
 class ModelInfo(BaseModel):

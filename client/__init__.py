@@ -8,8 +8,8 @@
     async with connect_async("127.0.0.1:3001", transport="grpc") as api:
         predictions = await api.classify([b"...jpeg bytes..."])
 
-Every client has `classify(images, timeout=None) -> list[Prediction]`, `model_info() -> ModelInfo` and
-`ready() -> bool`, and raises the exceptions of `client.errors`. The package imports only the wire contract
+Every client has `classify(images, timeout=None) -> list[Prediction]`, `explain(image, timeout=None) ->
+Explanation` (the prediction plus a Grad-CAM heatmap), `model_info() -> ModelInfo` and `ready() -> bool`, and raises the exceptions of `client.errors`. The package imports only the wire contract
 (`api`: models, reason codes, the generated stubs), never server code; names are loaded lazily, so a
 caller of one transport does not load the other.
 """
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     )
     from .grpc_transport import AsyncGrpcClient, GrpcClient
     from .http_transport import AsyncHttpClient, HttpClient
-    from .models import DicomInfo, ImageInfo, ImageUpload, ModelInfo, Prediction
+    from .models import DicomInfo, Explanation, Heatmap, ImageInfo, ImageUpload, ModelInfo, Prediction
 
 Transport = Literal["http", "grpc"]
 
@@ -43,6 +43,8 @@ _EXPORTS = {
     "GrpcClient": "grpc_transport",
     "AsyncGrpcClient": "grpc_transport",
     "Prediction": "models",
+    "Explanation": "models",
+    "Heatmap": "models",
     "ImageInfo": "models",
     "DicomInfo": "models",
     "ModelInfo": "models",
@@ -73,6 +75,7 @@ class ClassifierClient(Protocol):
     url: str
 
     def classify(self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None) -> list[Prediction]: ...
+    def explain(self, image: ImageInput, *, timeout: float | None = None) -> Explanation: ...
     def model_info(self) -> ModelInfo: ...
     def ready(self) -> bool: ...
     def close(self) -> None: ...
@@ -90,6 +93,7 @@ class AsyncClassifierClient(Protocol):
     async def classify(
         self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None
     ) -> list[Prediction]: ...
+    async def explain(self, image: ImageInput, *, timeout: float | None = None) -> Explanation: ...
     async def model_info(self) -> ModelInfo: ...
     async def ready(self) -> bool: ...
     async def close(self) -> None: ...

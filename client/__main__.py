@@ -1,6 +1,7 @@
-"""Command line: classify X-rays or check the service, over HTTP (default) or gRPC.
+"""Command line: classify or explain X-rays, or check the service, over HTTP (default) or gRPC.
 
     python -m client classify xray.jpeg [more.png study.dcm ...] [--grpc] [--url URL] [--json] [--timeout S]
+    python -m client explain xray.jpeg --out heatmap.png [--grid grid.json] [--grpc] [--url URL] [--json]
     python -m client health [--grpc] [--url URL] [--json]
 
 --url defaults to http://127.0.0.1:3000 (HTTP) or 127.0.0.1:3001 (gRPC), or to $PNEUMONIA_URL /
@@ -36,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                           help="image files: DICOM Part 10 (.dcm, uncompressed, JPEG, JPEG-LS, JPEG 2000 or RLE), "
                           "JPEG, PNG, TIFF, BMP, GIF, WebP")
     classify.add_argument("--client-id", action="append", help="an identifier per image, echoed in the result")
+    explain = commands.add_parser("explain", parents=[common],
+                                  help="one X-ray's prediction and Grad-CAM heatmap (for review: not a localisation)")
+    explain.add_argument("image", type=Path, help="one image file")
+    explain.add_argument("--out", type=Path, help="write the heatmap drawn over the image here (PNG)")
+    explain.add_argument("--grid", type=Path, help="write the heatmap grid here (JSON: rows of values in [0, 1])")
     commands.add_parser("health", parents=[common], help="is the service ready, and which model does it serve")
     return parser
 
@@ -102,11 +108,40 @@ def _uploads(paths: list[Path], client_ids: list[str] | None) -> list[ImageUploa
     return uploads
 
 
+def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
+    explanation = api.explain(_uploads([args.image], None)[0])
+    heatmap = explanation.heatmap
+    try:
+        if heatmap is not None and args.out is not None:
+            args.out.write_bytes(heatmap.overlay_png)
+        if heatmap is not None and args.grid is not None:
+            args.grid.write_text(json.dumps(heatmap.grid))
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(explanation.model_dump(mode="json", exclude={"heatmap": {"overlay_png", "image_png"}}), indent=2))
+        return 0
+    print(_format_prediction(explanation.prediction))
+    if heatmap is None:
+        print(f"    {explanation.note}")
+    else:
+        written = [f"overlay {args.out} ({heatmap.width}x{heatmap.height} PNG)" if args.out else "",
+                   f"grid {args.grid}" if args.grid else ""]
+        where = "; ".join(w for w in written if w) or "not written (use --out heatmap.png)"
+        print(f"    heatmap: {heatmap.method} of {heatmap.target}, {len(heatmap.grid)}x{len(heatmap.grid[0])} grid; {where}")
+        print(f"    {explanation.note}")
+    print(f"model {explanation.prediction.model} via {api.transport} {api.url}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     url = args.url or os.environ.get("PNEUMONIA_GRPC_URL" if args.grpc else "PNEUMONIA_URL")
     try:
         with connect(url, transport="grpc" if args.grpc else "http", timeout=args.timeout) as api:
+            if args.command == "explain":
+                return _explain(api, args)
             if args.command == "classify":
                 predictions = api.classify(_uploads(args.images, args.client_id))
                 if args.json:

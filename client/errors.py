@@ -34,9 +34,17 @@ class LimitExceeded(InvalidInput):
 
 
 class Unavailable(ClientError):
-    """The server cannot be reached, is still loading or is overloaded (connection error, 503 / UNAVAILABLE)."""
+    """The server cannot be reached, is still loading or is overloaded (connection error, 503 / UNAVAILABLE).
+
+    `retry_after_s`: when the server said how long to wait (its Retry-After), else None.
+    """
 
     exit_code = 4
+
+    def __init__(self, message: str, *, status: str | int | None = None, reasons: tuple[str, ...] = (),
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message, status=status, reasons=reasons)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(ClientError):

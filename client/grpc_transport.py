@@ -1,4 +1,4 @@
-"""The gRPC transport: `pneumonia.v1.Classifier` and `grpc.health.v1.Health`, sync and asyncio."""
+"""The gRPC transport: `pneumonia.v1.Classifier` (Classify, Explain, GetModelInfo) and `grpc.health.v1.Health`, sync and asyncio."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from api.grpc import SERVICE_NAME, model_info_fields, pb, pb_grpc, prediction_fields
-from api.status import REASONS_METADATA_KEY
+from api.grpc import SERVICE_NAME, explanation_fields, model_info_fields, pb, pb_grpc, prediction_fields
+from api.status import REASONS_METADATA_KEY, RETRY_AFTER_HEADER
 from ._common import DEFAULT_TIMEOUT_S, ImageInput, as_uploads, grpc_target
 from .errors import (
     LIMIT_REASONS,
@@ -21,7 +21,7 @@ from .errors import (
     ServerError,
     Unavailable,
 )
-from .models import ImageUpload, ModelInfo, Prediction
+from .models import Explanation, ImageUpload, ModelInfo, Prediction
 
 # Room for the largest request the server accepts by default (64 MiB), both ways.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 * 1024 * 1024), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -46,6 +46,18 @@ def _prediction(message: pb.Prediction) -> Prediction:
     return Prediction.model_validate(prediction_fields(message))
 
 
+def _explain_request(image: ImageInput) -> tuple[pb.ExplainRequest, ImageUpload]:
+    uploads = as_uploads(image)
+    if len(uploads) != 1:
+        raise ValueError(f"explain takes one image, not {len(uploads)}")
+    u = uploads[0]
+    return pb.ExplainRequest(image=pb.Image(data=u.data, filename=u.filename, client_id=u.client_id)), u
+
+
+def _explanation(message: pb.ExplainResponse) -> Explanation:
+    return Explanation.model_validate(explanation_fields(message))
+
+
 def _model_info(message: pb.ModelInfo) -> ModelInfo:
     return ModelInfo.model_validate(model_info_fields(message))
 
@@ -60,6 +72,9 @@ def _error(exc: grpc.RpcError, target: str) -> ClientError:
     cls = _ERRORS.get(code, ServerError)
     if cls is InvalidInput and reasons and reasons[0] in LIMIT_REASONS:
         cls = LimitExceeded
+    if cls is Unavailable:
+        wait = str(trailing.get(RETRY_AFTER_HEADER, ""))
+        return Unavailable(details, status=code.name, reasons=reasons, retry_after_s=float(wait) if wait.isdigit() else None)
     return cls(details, status=code.name, reasons=reasons)
 
 
@@ -102,6 +117,15 @@ class GrpcClient:
         except grpc.RpcError as exc:
             raise _error(exc, self.url) from None
         return [_prediction(p) for p in response.predictions]
+
+    def explain(self, image: ImageInput, *, timeout: float | None = None) -> Explanation:
+        """One image's prediction (as `classify` gives it) and Grad-CAM heatmap (none when the image is refused)."""
+        request, _ = _explain_request(image)
+        try:
+            response = self._stub.Explain(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.url) from None
+        return _explanation(response)
 
     def model_info(self) -> ModelInfo:
         try:
@@ -164,6 +188,15 @@ class AsyncGrpcClient:
         except grpc.RpcError as exc:
             raise _error(exc, self.url) from None
         return [_prediction(p) for p in response.predictions]
+
+    async def explain(self, image: ImageInput, *, timeout: float | None = None) -> Explanation:
+        request, _ = _explain_request(image)
+        stub = pb_grpc.ClassifierStub(self._open())
+        try:
+            response = await stub.Explain(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.url) from None
+        return _explanation(response)
 
     async def model_info(self) -> ModelInfo:
         stub = pb_grpc.ClassifierStub(self._open())

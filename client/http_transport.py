@@ -1,4 +1,4 @@
-"""The HTTP transport (httpx): multipart uploads to `POST /classify`, `POST /health`, `GET /readyz`."""
+"""The HTTP transport (httpx): multipart uploads to `POST /classify` and `POST /explain`, `POST /health`, `GET /readyz`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import TypeAdapter
 
 from ._common import DEFAULT_HTTP_URL, DEFAULT_TIMEOUT_S, ImageInput, as_uploads, rejection
 from .errors import AuthenticationError, ClientError, DeadlineExceeded, LimitExceeded, ServerError, Unavailable
-from .models import ImageUpload, ModelInfo, Prediction
+from .models import Explanation, ImageUpload, ModelInfo, Prediction
 
 _PREDICTIONS = TypeAdapter(list[Prediction])
 
@@ -24,6 +24,20 @@ def _predictions(response: httpx.Response, uploads: list[ImageUpload]) -> list[P
     predictions = _PREDICTIONS.validate_python(response.json())
     # The HTTP API does not echo names and ids; attach them here so both transports answer alike.
     return [p.model_copy(update={"filename": u.filename, "client_id": u.client_id}) for p, u in zip(predictions, uploads)]
+
+
+def _single(image: ImageInput) -> ImageUpload:
+    uploads = as_uploads(image)
+    if len(uploads) != 1:
+        raise ValueError(f"explain takes one image, not {len(uploads)}")
+    return uploads[0]
+
+
+def _explanation(response: httpx.Response, upload: ImageUpload) -> Explanation:
+    _raise_for_status(response, [upload])
+    explanation = Explanation.model_validate(response.json())
+    prediction = explanation.prediction.model_copy(update={"filename": upload.filename, "client_id": upload.client_id})
+    return explanation.model_copy(update={"prediction": prediction})
 
 
 def _raise_for_status(response: httpx.Response, uploads: Sequence[ImageUpload] = ()) -> None:
@@ -40,15 +54,22 @@ def _raise_for_status(response: httpx.Response, uploads: Sequence[ImageUpload] =
         raise rejection(body["detail"], uploads, status)
     if status in (413, 429):
         raise LimitExceeded(error, status=status)
+    details = body.get("detail") if isinstance(body, dict) else None
+    reasons = tuple(str(d.get("type")) for d in details if isinstance(d, dict)) if isinstance(details, list) else ()
     if status in (401, 403):
         raise AuthenticationError(error, status=status)
     if status == 503:
-        raise Unavailable(error, status=status)
+        raise Unavailable(error, status=status, reasons=reasons, retry_after_s=_retry_after(response))
     if status == 504:
         raise DeadlineExceeded(error, status=status)
     if status < 500:
         raise ClientError(error, status=status)
     raise ServerError(error, status=status)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    return float(value) if value.isdigit() else None
 
 
 def _transport_error(exc: httpx.HTTPError, url: str) -> ClientError:
@@ -77,6 +98,20 @@ class HttpClient:
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self.url) from None
         return _predictions(response, uploads)
+
+    def explain(self, image: ImageInput, *, timeout: float | None = None) -> Explanation:
+        """One image's prediction (as `classify` gives it) and Grad-CAM heatmap (none when the image is refused).
+
+        Raises `Unavailable` (with `retry_after_s`) when the server is computing as many explanations as it allows.
+        """
+        upload = _single(image)
+        extra = {} if timeout is None else {"timeout": timeout}
+        files = [("image", (upload.filename or "image", upload.data, "application/octet-stream"))]
+        try:
+            response = self._http.post("/explain", files=files, **extra)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.url) from None
+        return _explanation(response, upload)
 
     def model_info(self) -> ModelInfo:
         try:
@@ -124,6 +159,16 @@ class AsyncHttpClient:
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self.url) from None
         return _predictions(response, uploads)
+
+    async def explain(self, image: ImageInput, *, timeout: float | None = None) -> Explanation:
+        upload = _single(image)
+        extra = {} if timeout is None else {"timeout": timeout}
+        files = [("image", (upload.filename or "image", upload.data, "application/octet-stream"))]
+        try:
+            response = await self._http.post("/explain", files=files, **extra)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.url) from None
+        return _explanation(response, upload)
 
     async def model_info(self) -> ModelInfo:
         try:

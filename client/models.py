@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.models import DicomInfo, ImageInfo, ModelInfo, Refusal, Validity
+from api.models import DicomInfo, Heatmap, ImageInfo, ModelInfo, Refusal, Validity
+from api.models import Explanation as _WireExplanation
 from api.models import Prediction as _WirePrediction
 
-__all__ = ["DicomInfo", "ImageInfo", "ImageUpload", "ModelInfo", "Prediction", "Refusal", "Validity"]
+__all__ = ["DicomInfo", "Explanation", "Heatmap", "ImageInfo", "ImageUpload", "ModelInfo", "Prediction", "Refusal",
+           "Validity"]
 
 
 class Prediction(_WirePrediction):
@@ -24,6 +26,15 @@ class Prediction(_WirePrediction):
     def refused(self) -> bool:
         """True when the image got no verdict (not a frontal chest X-ray, blank, ...): see `refusal`."""
         return self.status == "refused"
+
+
+class Explanation(_WireExplanation):
+    """One explained image: its prediction (as `classify` gives it) and, unless it was refused, its heatmap.
+
+    `heatmap.overlay_png` / `heatmap.image_png` are PNG bytes; `heatmap.grid` the map as rows of floats in [0, 1].
+    """
+
+    prediction: Prediction
 
 
 class ImageUpload(BaseModel):

@@ -104,6 +104,9 @@ class PreparedImage:
     refusal: tuple[str, str] | None = None
     # DICOM inputs: what the file says about its acquisition and encoding (never the patient); else None.
     dicom: DicomInfo | None = None
+    # The decoded grey image at display size (aspect kept), only when `prepare` was asked for one: the picture an
+    # explanation's heatmap is drawn on (core/explain.py). None otherwise.
+    preview: np.ndarray | None = field(default=None, repr=False)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -183,11 +186,18 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def _grid(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
-    """A decoded image -> the model's uint8 grid: grayscale, then resize (every format, DICOM included)."""
+def _grid(image: Image.Image, config: PreprocessConfig, original_side: int,
+          preview_side: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A decoded image -> the model's uint8 grid (grayscale, then resize; every format, DICOM included), and the
+    grey preview when one was asked for."""
     gray = _to_grayscale(image)
+    preview = None
+    if preview_side is not None:
+        shown = gray.resize(preview_size(gray.width, gray.height, original_side, preview_side),
+                            Image.Resampling.BILINEAR, reducing_gap=None)
+        preview = np.array(shown, dtype=np.uint8)
     gray = gray.resize((config.image_size, config.image_size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.array(gray, dtype=np.uint8)
+    return np.array(gray, dtype=np.uint8), preview
 
 
 def _low_resolution(width: int, height: int, config: PreprocessConfig) -> list[str]:
@@ -196,7 +206,9 @@ def _low_resolution(width: int, height: int, config: PreprocessConfig) -> list[s
     return []
 
 
-def prepare(data: bytes, config: PreprocessConfig, limits: InputLimits | None = None) -> PreparedImage:
+def prepare(
+    data: bytes, config: PreprocessConfig, limits: InputLimits | None = None, preview_side: int | None = None
+) -> PreparedImage:
     """Validate and decode one upload into the model's uint8 input grid.
 
     Raises `ImageRejected` (never anything else) for input that cannot be used.
@@ -205,11 +217,14 @@ def prepare(data: bytes, config: PreprocessConfig, limits: InputLimits | None = 
     DICOM Part 10 files are read by core.dicom (tags, windowing) and then take
     the same grayscale and resize steps; a DICOM object that is not a frontal
     chest radiograph comes back with `refusal` set and a blank grid.
+    `preview_side`: also keep the grey image, aspect kept, its longer side that
+    many pixels or the original's if smaller (`preview_size`); the model's grid
+    is the same with or without it.
     """
     limits = limits or InputLimits()
     _check_bytes(data, limits)
     if dicom.is_dicom(data):
-        return _prepare_dicom(data, config, limits)
+        return _prepare_dicom(data, config, limits, preview_side)
     image = _open(data, limits)
     width, height, mode, fmt = image.width, image.height, image.mode, image.format or "?"
     notes: list[str] = []
@@ -226,7 +241,7 @@ def prepare(data: bytes, config: PreprocessConfig, limits: InputLimits | None = 
         if orientation in (2, 3, 4, 5, 6, 7, 8):
             image = ImageOps.exif_transpose(image)
         coloured = image.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "P") and _looks_coloured(image)
-        pixels = _grid(image, config)
+        pixels, preview = _grid(image, config, max(width, height), preview_side)
     except ImageRejected:
         raise
     except Exception as exc:  # truncated data, bad CRC, decoder errors
@@ -234,10 +249,19 @@ def prepare(data: bytes, config: PreprocessConfig, limits: InputLimits | None = 
     notes += _low_resolution(width, height, config)
     if coloured:
         notes.append("colour image: it may not be a radiograph")
-    return PreparedImage(pixels=pixels, width=width, height=height, mode=mode, format=fmt, warnings=tuple(notes))
+    return PreparedImage(pixels=pixels, width=width, height=height, mode=mode, format=fmt, warnings=tuple(notes),
+                         preview=preview)
 
 
-def _prepare_dicom(data: bytes, config: PreprocessConfig, limits: InputLimits) -> PreparedImage:
+def preview_size(width: int, height: int, original_side: int, side: int) -> tuple[int, int]:
+    """(width, height) of a preview of a `width` x `height` decoded image: aspect kept, the longer side
+    `side` pixels, or `original_side` (the file's own longer side) when that is smaller."""
+    longest = min(side, original_side)
+    scale = longest / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _prepare_dicom(data: bytes, config: PreprocessConfig, limits: InputLimits, preview_side: int | None) -> PreparedImage:
     try:
         read = dicom.read(data, max_pixels=limits.max_pixels, min_side=limits.min_side,
                           window_index=config.dicom_window)
@@ -255,13 +279,13 @@ def _prepare_dicom(data: bytes, config: PreprocessConfig, limits: InputLimits) -
     notes = list(read.warnings)
     try:
         coloured = read.image.mode == "RGB" and _looks_coloured(read.image)
-        pixels = _grid(read.image, config)
+        pixels, preview = _grid(read.image, config, max(read.width, read.height), preview_side)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory on a pathological image
         raise ImageRejected("corrupt", f"the DICOM image could not be resized ({type(exc).__name__})") from None
     notes += _low_resolution(read.width, read.height, config)
     if coloured:
         notes.append("colour image: it may not be a radiograph")
-    return PreparedImage(pixels=pixels, warnings=tuple(notes), **common)
+    return PreparedImage(pixels=pixels, warnings=tuple(notes), preview=preview, **common)
 
 
 def _looks_coloured(image: Image.Image) -> bool:

@@ -10,7 +10,10 @@ keeps one keep-alive `Connection` (reopened after an error or `Connection: close
 - open loop (`open_loop`): requests released on a fixed schedule whatever the
   answers do, latency counted from the scheduled release (no coordinated omission).
 
-Every answer is checked (status 200, one well-formed prediction per image).
+Every answer is checked (status 200, one well-formed prediction per image; for `POST /explain`
+requests, kind "explain", a prediction with its heatmap or its refusal). An explain call the
+server turns away (503, its slots taken) counts as `busy`, not as answered, and that client
+waits `BUSY_BACKOFF_S` before its next request, as a client that honours Retry-After would.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from harness.processes import system_busy_s
 TRANSPORT_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError)
 
 LABELS = frozenset({"NORMAL", "PNEUMONIA"})
+BUSY = "busy (503, explain slots taken)"
+BUSY_BACKOFF_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,8 @@ class LoadResult:
             "window_s": round(self.window_s, 2),
             "requests": len(done),
             "images": sum(o.images for o in ok),
-            "failures": len(done) - len(ok),
+            "failures": len([o for o in done if not o.ok and o.error != BUSY]),
+            "busy": len([o for o in done if o.error == BUSY]),
             "requests_per_s": round(len(ok) / self.window_s, 2),
             "images_per_s": round(sum(o.images for o in ok) / self.window_s, 2),
             "p50_ms": round(float(np.percentile(latencies, 50)), 1),
@@ -195,6 +201,25 @@ def check_answer(status: int, body: bytes, images: int) -> str | None:
     return None
 
 
+def check_explanation(status: int, body: bytes) -> str | None:
+    """None when a `POST /explain` answer holds a prediction with a heatmap (or a refusal without), else what is wrong."""
+    if status == 503 and b"explain_busy" in body:
+        return BUSY
+    if status != 200:
+        return f"HTTP {status}"
+    try:
+        answer = json.loads(body)
+        prediction = answer["prediction"]
+    except (ValueError, KeyError, TypeError):
+        return "malformed explanation"
+    if prediction.get("status") == "refused":
+        return None if answer.get("heatmap") is None else "heatmap for a refused image"
+    heatmap = answer.get("heatmap") or {}
+    if prediction.get("label") not in LABELS or not heatmap.get("overlay_png") or not heatmap.get("grid"):
+        return "malformed explanation"
+    return None
+
+
 async def _client(host: str, port: int, requests: list[tuple[bytes, PlannedRequest]], offset: int, stop_at: float,
                   outcomes: list[Outcome], timeout_s: float) -> None:
     connection = Connection(host, port, timeout_s)
@@ -206,24 +231,31 @@ async def _client(host: str, port: int, requests: list[tuple[bytes, PlannedReque
         error: str | None
         try:
             status, body = await connection.send(raw)
-            error = check_answer(status, body, len(planned.images))
+            if planned.kind == "explain":
+                error = check_explanation(status, body)
+            else:
+                error = check_answer(status, body, len(planned.images))
         except TRANSPORT_ERRORS as exc:
             error = f"{type(exc).__name__}: {exc}"[:120]
         outcomes.append(Outcome(start, time.perf_counter(), error is None, len(planned.images), planned.kind, error))
-        if error and connection.writer is None:
+        if error == BUSY:
+            await asyncio.sleep(BUSY_BACKOFF_S)
+        elif error and connection.writer is None:
             await asyncio.sleep(0.05)  # do not spin on a refused connection
     connection.close()
 
 
-async def _run(url: str, requests: list[tuple[bytes, PlannedRequest]], clients: int, warmup_s: float, window_s: float,
-               timeout_s: float, cpu_probe: Callable[[], float | None]) -> LoadResult:
+async def _run(url: str, groups: list[tuple[list[tuple[bytes, PlannedRequest]], int]], warmup_s: float,
+               window_s: float, timeout_s: float, cpu_probe: Callable[[], float | None]) -> list[LoadResult]:
+    """Every group's clients at once, over one measurement window; one result per group (CPU figures are shared)."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    outcomes: list[Outcome] = []
+    outcomes: list[list[Outcome]] = [[] for _ in groups]
     begin = time.perf_counter()
     stop_at = begin + warmup_s + window_s
     tasks = [
-        asyncio.create_task(_client(host, port, requests, k * len(requests) // clients, stop_at, outcomes, timeout_s))
+        asyncio.create_task(_client(host, port, requests, k * len(requests) // clients, stop_at, outcomes[g], timeout_s))
+        for g, (requests, clients) in enumerate(groups)
         for k in range(clients)
     ]
     await asyncio.sleep(warmup_s)
@@ -231,13 +263,16 @@ async def _run(url: str, requests: list[tuple[bytes, PlannedRequest]], clients: 
     await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
     window_end, cpu_client1, cpu_server1, busy1 = time.perf_counter(), time.process_time(), cpu_probe(), system_busy_s()
     await asyncio.gather(*tasks)  # let requests in flight finish (those ending later are not counted)
-    result = LoadResult(clients=clients, window_s=window_end - window_start)
-    result.outcomes = [o for o in outcomes if window_start <= o.end <= window_end]
-    result.client_cpu_s = cpu_client1 - cpu_client0
-    result.system_busy_s = busy1 - busy0
-    if cpu_server0 is not None and cpu_server1 is not None:
-        result.server_cpu_s = cpu_server1 - cpu_server0
-    return result
+    results = []
+    for (_, clients), done in zip(groups, outcomes):
+        result = LoadResult(clients=clients, window_s=window_end - window_start)
+        result.outcomes = [o for o in done if window_start <= o.end <= window_end]
+        result.client_cpu_s = cpu_client1 - cpu_client0
+        result.system_busy_s = busy1 - busy0
+        if cpu_server0 is not None and cpu_server1 is not None:
+            result.server_cpu_s = cpu_server1 - cpu_server0
+        results.append(result)
+    return results
 
 
 def run_load(url: str, requests: list[tuple[bytes, PlannedRequest]], clients: int, warmup_s: float, window_s: float,
@@ -247,7 +282,13 @@ def run_load(url: str, requests: list[tuple[bytes, PlannedRequest]], clients: in
     `cpu_probe()` returns the server's cumulative CPU seconds (or None); it is
     read at the edges of the measurement window.
     """
-    return asyncio.run(_run(url, requests, clients, warmup_s, window_s, timeout_s, cpu_probe))
+    return asyncio.run(_run(url, [(requests, clients)], warmup_s, window_s, timeout_s, cpu_probe))[0]
+
+
+def run_mixed(url: str, groups: list[tuple[list[tuple[bytes, PlannedRequest]], int]], warmup_s: float, window_s: float,
+              timeout_s: float = 60.0, cpu_probe: Callable[[], float | None] = lambda: None) -> list[LoadResult]:
+    """`run_load` of several groups (requests, clients) side by side, e.g. classify clients beside explain clients."""
+    return asyncio.run(_run(url, groups, warmup_s, window_s, timeout_s, cpu_probe))
 
 
 # ---------------------------------------------------------------- single-image requests (soak, capacity)

@@ -166,6 +166,18 @@ def request_plan(samples: SampleSet, count: int, seed: int = 0, kinds: tuple[str
     return plan
 
 
+def explain_plan(samples: SampleSet, count: int, seed: int = 1) -> list[PlannedRequest]:
+    """`count` one-image `POST /explain` requests (multipart field `image`, kind "explain"), full-size radiographs
+    and small originals in the mix's proportions (3 full : 4 single)."""
+    rng = random.Random(seed)
+    plan = []
+    for kind in rng.choices(("full", "single"), weights=[MIX_WEIGHTS["full"], MIX_WEIGHTS["single"]], k=count):
+        image = rng.choice(samples.full if kind == "full" else samples.small)
+        body, content_type = encode_multipart([image], field="image")
+        plan.append(PlannedRequest("explain", (image,), body, content_type))
+    return plan
+
+
 def sample_xrays(per_class: int, offset: int = 0) -> list[Path]:
     """Real X-rays from the shared training folder, deterministic selection, both classes."""
     files: list[Path] = []

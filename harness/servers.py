@@ -77,6 +77,17 @@ class ServerProcess:
     def _workers_warm(self) -> bool:
         return len(set(re.findall(r"worker (\d+) ready: model warm", self.logs()))) >= self.warm_workers
 
+    def wait_for_explainers(self, timeout: float = 120.0) -> "ServerProcess":
+        """Wait until every worker has logged its explainers ready (they load after readiness, for /explain)."""
+        deadline = time.monotonic() + timeout
+        while len(re.findall(r"explainers ready", self.logs())) < max(1, self.warm_workers):
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"explainers not ready after {timeout}s:\n{self.logs()[-4000:]}")
+            time.sleep(0.2)
+        return self
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -17,7 +17,18 @@ images, four-image requests), it measures
 
 each at 1, 8 and 32 concurrent clients: requests/s, images/s, p50/p95/p99,
 failures, server CPU (the server's whole process tree, in cores) and the load
-generator's CPU, plus the ratios the targets are stated in. Writes
+generator's CPU, plus the ratios the targets are stated in; and, on the shipped
+service (system `explain`), what an explanation costs and whether a burst of
+them slows `classify` down:
+
+- explain alone: one client calling `POST /explain` back to back (full-size and
+  small images), p50/p95 ms;
+- classify alone at `--explain-classify-clients` clients (the request mix), and the
+  same beside `--explain-burst` clients explaining back to back: classify
+  images/s and p50/p95 with and without the burst, and how many explanations
+  were answered or turned away (503, the worker's explain slots taken).
+
+Writes
 benchmark.json, benchmark.md and benchmark.png to --out (default
 results/benchmark/<time>/); servers bind free 127.0.0.1 ports and are always stopped.
 """
@@ -35,9 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.loadgen import encode_requests, run_load
+from harness.loadgen import encode_requests, run_load, run_mixed
 from harness.paths import RESULTS, VENV_BIN
-from harness.payloads import IMAGE_KINDS, MIX_WEIGHTS, MULTI_COUNT, build_samples, request_plan
+from harness.payloads import IMAGE_KINDS, MIX_WEIGHTS, MULTI_COUNT, build_samples, explain_plan, request_plan
 from harness.processes import system_busy_s, tree_cpu_probe, wait_for_quiet
 from harness.servers import ServerProcess, bentoml_serve, free_port, server_env
 
@@ -61,7 +72,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
     p.add_argument("--window-s", type=float, default=None, help="measured seconds per point (default 20, quick 2)")
     p.add_argument("--warmup-s", type=float, default=None, help="unmeasured seconds before each window (default 3, quick 0.5)")
-    p.add_argument("--systems", default="bare,service,service_nobatch,baseline", help="which rows to measure")
+    p.add_argument("--systems", default="bare,service,service_nobatch,baseline,explain", help="which rows to measure")
+    p.add_argument("--explain-classify-clients", type=int, default=8,
+                   help="classify clients measured with and without the explain burst")
+    p.add_argument("--explain-burst", type=int, default=8, help="clients explaining back to back beside them")
     p.add_argument("--batch-sizes", default=None, help="bare-model batch sizes (default 1,4,8,16,32,64; quick 1,8,32)")
     p.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for both service rows, e.g. PNEUMONIA_WORKERS=2 (for ablations)")
@@ -168,6 +182,59 @@ def start_all(systems: list[str], tag: str, out: Path, service_env: dict[str, st
             server.stop()
         raise errors[0]
     return servers
+
+
+# ---------------------------------------------------------------- explain: its cost, and classify beside a burst
+
+
+EXPLAIN_ROWS = {
+    "explain_alone": "explain alone, 1 client",
+    "classify_alone": "classify alone",
+    "classify_beside_burst": "classify beside the explain burst",
+    "explain_burst": "explain burst beside classify",
+}
+
+
+def measure_explain(server: ServerProcess, classify: list, explain: list, classify_clients: int, burst: int,
+                    warmup: float, window: float, probe) -> dict:
+    """The explain rows on a running service (see the module docstring); every answer checked."""
+    server.wait_for_explainers()
+    run_load(server.url, explain, clients=1, warmup_s=0.0, window_s=max(1.0, warmup))  # first-call costs
+    rows = {}
+    rows["explain_alone"] = run_load(server.url, explain, 1, warmup, window, cpu_probe=probe).summary()
+    rows["classify_alone"] = run_load(server.url, classify, classify_clients, warmup, window, cpu_probe=probe).summary()
+    beside, burst_result = run_mixed(server.url, [(classify, classify_clients), (explain, burst)], warmup, window,
+                                     cpu_probe=probe)
+    rows["classify_beside_burst"], rows["explain_burst"] = beside.summary(), burst_result.summary()
+    for name, row in rows.items():
+        print(f"  {EXPLAIN_ROWS[name]:<36} {row['clients']:>3} clients: {row['requests_per_s']:6.1f} answered/s, "
+              f"p50 {row['p50_ms']:6.0f} ms, p95 {row['p95_ms']:6.0f} ms, {row['busy']} busy, {row['failures']} failures",
+              file=sys.stderr)
+    alone, beside_row = rows["classify_alone"], rows["classify_beside_burst"]
+    return {
+        "classify_clients": classify_clients, "burst_clients": burst, "rows": rows,
+        "classify_images_per_s_ratio": round(beside_row["images_per_s"] / max(alone["images_per_s"], 1e-9), 2),
+        "classify_p95_ratio": round(beside_row["p95_ms"] / max(alone["p95_ms"], 1e-9), 2),
+    }
+
+
+def format_explain_table(explain: dict) -> str:
+    lines = [
+        f"Explain: its cost, and classify at {explain['classify_clients']} clients with and without "
+        f"{explain['burst_clients']} clients explaining back to back beside it",
+        "",
+        "| row | clients | answered/s | images/s | p50 ms | p95 ms | p99 ms | turned away (503) | failures "
+        "| server CPU (cores) | other load (cores) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, label in EXPLAIN_ROWS.items():
+        r = explain["rows"][name]
+        cpu = "-" if r["server_cpu_cores"] is None else f"{r['server_cpu_cores']:.2f}"
+        lines.append(f"| {label} | {r['clients']} | {r['requests_per_s']:.1f} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} "
+                     f"| {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['busy']} | {r['failures']} | {cpu} | {r['other_cpu_cores']:.2f} |")
+    lines += ["", f"classify beside the burst / alone: images/s x{explain['classify_images_per_s_ratio']}, "
+              f"p95 x{explain['classify_p95_ratio']}"]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- report
@@ -288,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,8,32" if args.quick else "1,4,8,16,32,64")).split(",")]
     concurrency = [int(c) for c in args.concurrency.split(",")]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - {"bare", *SYSTEMS}
+    unknown = set(systems) - {"bare", "explain", *SYSTEMS}
     if unknown:
-        print(f"unknown systems {sorted(unknown)}; choose from bare,{','.join(SYSTEMS)}", file=sys.stderr)
+        print(f"unknown systems {sorted(unknown)}; choose from bare,{','.join(SYSTEMS)},explain", file=sys.stderr)
         return 2
     service_env = dict(item.split("=", 1) for item in args.service_env)
     if args.quick:  # a smoke run checks behaviour: one worker per service starts faster on a small CI machine
@@ -319,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "generator": "harness.loadgen: closed-loop asyncio HTTP/1.1 client, one keep-alive connection per client, "
                      "pre-encoded multipart bodies, every answer checked",
         "concurrency": concurrency, "window_s": window, "warmup_s": warmup, "service_env": service_env,
-        "bare_model": None, "runs": [],
+        "bare_model": None, "runs": [], "explain": None,
     }
     quiet_timeout = args.quiet_timeout_s if args.quiet_timeout_s is not None else (5.0 if args.quick else 600.0)
     if "bare" in systems:
@@ -333,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         result["bare_model"] = bare_model(tag, stream, batch_sizes, 1.0 if args.quick else 4.0, args.threads, engine)
 
     order = [s for s in SYSTEMS if s in systems]
+    if "explain" in systems and "service" not in order:  # explain is measured on the shipped service
+        order.insert(0, "service")
+    service_rows = "service" in systems
+    explain_requests = explain_plan(samples, 60 if args.quick else 200)
     started: dict[str, ServerProcess] = {}
     try:
         if args.quick and order:  # CI smoke: start-ups dominate a short run, so start every server at once
@@ -347,13 +418,19 @@ def main(argv: list[str] | None = None) -> int:
                 requests = encode_requests(plan, server.url)
                 probe = tree_cpu_probe(server.process.pid)
                 run_load(server.url, requests, clients=2, warmup_s=0.0, window_s=max(1.0, warmup))  # first-request costs
-                for clients in concurrency:
+                for clients in concurrency if system != "service" or service_rows else ():
                     other_before = wait_for_quiet(args.max_other_load, quiet_timeout)
                     load = run_load(server.url, requests, clients, warmup, window, cpu_probe=probe)
                     row = {"system": system, **load.summary(), "other_cpu_cores_before": other_before}
                     result["runs"].append(row)
                     print(f"  {SYSTEMS[system]:<28} {clients:>3} clients: {row['images_per_s']:7.1f} images/s, "
                           f"p99 {row['p99_ms']:7.0f} ms, {row['failures']} failures", file=sys.stderr)
+                if system == "service" and "explain" in systems:
+                    print("measuring explain on the service ...", file=sys.stderr)
+                    wait_for_quiet(args.max_other_load, quiet_timeout)
+                    result["explain"] = measure_explain(
+                        server, requests, encode_requests(explain_requests, server.url, path="/explain"),
+                        args.explain_classify_clients, args.explain_burst, warmup, window, probe)
             finally:
                 server.stop()  # before the next system is measured: an idle server still holds memory
     finally:
@@ -362,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result["ratios"], result["targets"] = ratios_and_targets(result["bare_model"], result["runs"], concurrency[-1])
     table = format_table(result)
+    if result["explain"]:
+        table += "\n\n" + format_explain_table(result["explain"])
     (out / "benchmark.json").write_text(json.dumps(result, indent=2))
     (out / "benchmark.md").write_text(f"`{result['command']}`\n\n{table}\n")
     if result["runs"]:

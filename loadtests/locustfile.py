@@ -10,6 +10,14 @@ four-image requests and health probes. Every answer is checked (status, one
 prediction per image, a label from the model's classes), so a wrong answer
 counts as a failure, not as a fast success.
 
+`ExplainUser` (POST /explain, one image at a time, back to back) joins the run
+when PNEUMONIA_LOADTEST_EXPLAIN_USERS=N is set (`run_locust --explain-users N`):
+exactly N of the users explain, the rest classify, which shows whether a burst
+of explanations slows classification down. An explanation the server turns away
+(503 `explain_busy`, every explain slot taken) is its designed answer to such a
+burst: it is recorded as "/explain [busy 503]", not as a failure, and that user
+waits the Retry-After the server sent before trying again.
+
 Set PNEUMONIA_LOADTEST_GRPC=1 to add the gRPC user class (`loadtests.grpc_user`)
 to the same run; pick classes with Locust's
 positional user-class arguments as usual. PNEUMONIA_LOADTEST_WAIT_S sets a think
@@ -22,6 +30,7 @@ import json
 import os
 from pathlib import Path
 
+import gevent
 from locust import between, constant, events, task
 from locust.contrib.fasthttp import FastHttpUser
 
@@ -32,6 +41,8 @@ STATS_JSON_ENV = "PNEUMONIA_LOADTEST_STATS_JSON"
 PERCENTILES = {"p50_ms": 0.50, "p95_ms": 0.95, "p99_ms": 0.99}
 LABELS = frozenset({"NORMAL", "PNEUMONIA"})
 _WAIT_S = float(os.environ.get("PNEUMONIA_LOADTEST_WAIT_S", "0"))
+EXPLAIN_USERS_ENV = "PNEUMONIA_LOADTEST_EXPLAIN_USERS"
+_EXPLAIN_USERS = int(os.environ.get(EXPLAIN_USERS_ENV, "0") or 0)
 
 
 def _check_predictions(response, expected: int) -> None:
@@ -94,6 +105,47 @@ class ClassifyUser(FastHttpUser):
         self._counter = getattr(self, "_counter", id(self) % 97) + 1
         return self._counter
 
+
+class ExplainUser(FastHttpUser):
+    """A reviewer's client: POST /explain with one image (full-size and small, alternately), back to back."""
+
+    fixed_count = _EXPLAIN_USERS  # exactly this many of the run's users; the others are ClassifyUsers
+    wait_time = constant(0)
+    network_timeout = 60.0
+    connection_timeout = 10.0
+
+    @task
+    def explain(self) -> None:
+        self._counter = getattr(self, "_counter", id(self) % 97) + 1
+        pool = SAMPLES.full if self._counter % 2 else SAMPLES.small
+        body, content_type = encode_multipart([pool[self._counter % len(pool)]], field="image")
+        wait = 0.0
+        with self.client.post("/explain", data=body, headers={"Content-Type": content_type},
+                              name="/explain [explained]", catch_response=True) as response:
+            text = response.text or ""
+            if response.status_code == 503 and "explain_busy" in text:
+                response.request_meta["name"] = "/explain [busy 503]"
+                wait = float(response.headers.get("retry-after", "1") or 1)
+                response.success()
+            elif response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {text[:200]}")
+            else:
+                try:
+                    answer = response.json()
+                    ok = answer["prediction"]["status"] == "refused" or (
+                        answer["prediction"]["label"] in LABELS and answer["heatmap"]["overlay_png"])
+                except (ValueError, KeyError, TypeError):
+                    ok = False
+                if ok:
+                    response.success()
+                else:
+                    response.failure(f"malformed explanation {text[:200]!r}")
+        if wait:
+            gevent.sleep(wait)  # honour Retry-After
+
+
+if not _EXPLAIN_USERS:  # without the variable, the suite is the classify mix alone
+    del ExplainUser
 
 if os.environ.get("PNEUMONIA_LOADTEST_GRPC", "").lower() in ("1", "true", "yes"):
     from loadtests.grpc_user import GrpcClassifyUser  # noqa: F401  (Locust collects it from this module)

@@ -2,6 +2,7 @@
 
     python -m loadtests.run_locust --users 32 --duration 60        # starts `bentoml serve`, stops it afterwards
     python -m loadtests.run_locust --url http://10.0.0.5:3000 -u 8 -d 30
+    python -m loadtests.run_locust --users 16 --explain-users 4 -d 60  # classify beside a burst of explanations
 
 Without --url the production model of the current BentoML store is served
 (the shipped default model is imported first when the store has none, like
@@ -27,7 +28,7 @@ from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import MULTI_COUNT
 from harness.servers import ServerProcess, bentoml_serve, free_port, server_env
 
-IMAGES_PER_REQUEST = {"full-size": 1, "single": 1, f"{MULTI_COUNT} images": MULTI_COUNT}
+IMAGES_PER_REQUEST = {"full-size": 1, "single": 1, f"{MULTI_COUNT} images": MULTI_COUNT, "explained": 1, "busy 503": 0}
 
 
 def parse_duration(text: str) -> int:
@@ -49,6 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="results folder (default results/locust/<time>)")
     p.add_argument("--grpc", action="store_true", help="add the gRPC user class (PNEUMONIA_LOADTEST_GRPC=1)")
     p.add_argument("--wait-s", type=float, default=0.0, help="mean think time per user between requests")
+    p.add_argument("--explain-users", type=int, default=0,
+                   help="this many of the users call POST /explain back to back (an explain burst beside classify)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the started service, e.g. PNEUMONIA_BATCHING__MAX_BATCH_SIZE=16")
     return p
@@ -84,9 +87,10 @@ def format_summary(summary: dict, meta: dict) -> str:
 
 
 def run_locust(url: str, users: int, duration_s: int, out: Path, spawn_rate: float | None = None,
-               grpc_url: str | None = None, grpc: bool = False, wait_s: float = 0.0) -> int:
+               grpc_url: str | None = None, grpc: bool = False, wait_s: float = 0.0, explain_users: int = 0) -> int:
     """Locust headless against `url`; returns its exit code (1 when requests failed)."""
-    env = server_env(PNEUMONIA_LOADTEST_WAIT_S=str(wait_s), PNEUMONIA_LOADTEST_STATS_JSON=str(out / "final_stats.json"))
+    env = server_env(PNEUMONIA_LOADTEST_WAIT_S=str(wait_s), PNEUMONIA_LOADTEST_STATS_JSON=str(out / "final_stats.json"),
+                     PNEUMONIA_LOADTEST_EXPLAIN_USERS=str(explain_users))
     if grpc:
         env["PNEUMONIA_LOADTEST_GRPC"] = "1"
         if grpc_url:
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             server.start()
             url = server.url
         code = run_locust(url.rstrip("/"), args.users, args.duration, out, args.spawn_rate, grpc_url, args.grpc,
-                          args.wait_s)
+                          args.wait_s, args.explain_users)
     finally:
         if server is not None:
             server.stop()

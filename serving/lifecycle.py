@@ -87,11 +87,14 @@ class Readiness:
 READINESS = Readiness()
 
 
-def warm_up_in_background(work: Callable[[], None], delay_s: float = 0.0) -> threading.Thread:
+def warm_up_in_background(work: Callable[[], None], delay_s: float = 0.0,
+                          then: Callable[[], None] | None = None) -> threading.Thread:
     """Run `work` (load and warm the model) in a daemon thread, then mark this worker ready.
 
     `delay_s` is the PNEUMONIA_WARMUP_DELAY_S test/ops knob: it widens the
     not-ready window so tests can observe it; production leaves it at 0.
+    `then` runs after the worker is marked ready (what only some calls need, e.g.
+    the explainers of /explain); its failure is logged and the worker lives on.
     """
 
     def run() -> None:
@@ -107,6 +110,11 @@ def warm_up_in_background(work: Callable[[], None], delay_s: float = 0.0) -> thr
             os._exit(WARMUP_FAILED_EXIT_CODE)
         READINESS.mark_ready()
         logger.info("worker %d ready: model warm after %.2f s", os.getpid(), time.monotonic() - started)
+        if then is not None:
+            try:
+                then()
+            except Exception:  # noqa: BLE001 - logged; the calls that need it answer 503 saying so
+                logger.exception("worker %d: warm-up after readiness failed", os.getpid())
 
     thread = threading.Thread(target=run, name="model-warm-up", daemon=True)
     thread.start()

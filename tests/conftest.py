@@ -58,3 +58,22 @@ def server(production_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Ser
     proc.start()
     yield proc
     proc.stop()
+
+
+API_KEY = "ui-and-explain-test-key-0123456789"  # test-only; at least 16 characters
+
+
+@pytest.fixture(scope="session")
+def keyed_server(production_tag: str, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    """A second `bentoml serve` with API keys on (one worker), for the explain and web page tests; always stopped."""
+    log = tmp_path_factory.mktemp("keyed-server") / "server.log"
+    proc = bentoml_serve("service:PneumoniaClassifier", free_port(), log, PNEUMONIA_WORKERS="1",
+                         PNEUMONIA_SECURITY__API_KEYS=API_KEY)
+    proc.start()
+    try:
+        proc.wait_for_explainers()
+    except BaseException:
+        proc.stop()
+        raise
+    yield proc
+    proc.stop()

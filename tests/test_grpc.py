@@ -97,7 +97,7 @@ def test_reflection_lists_the_service_and_drives_a_classify_call(channel: grpc.C
     assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
     pool = descriptor_pool.DescriptorPool(database)
     service = pool.FindServiceByName(SERVICE)
-    assert {m.name for m in service.methods} == {"Classify", "GetModelInfo"}
+    assert {m.name for m in service.methods} == {"Classify", "Explain", "GetModelInfo"}
     method = service.methods_by_name["Classify"]
     request_cls = message_factory.GetMessageClass(method.input_type)
     response_cls = message_factory.GetMessageClass(method.output_type)

@@ -186,9 +186,10 @@ def _text(value: str | bytes | None) -> str | None:
 
 def classifier_access(security: SecuritySettings, service_name: str) -> AccessInterceptor:
     """The interceptor for `service_name` (e.g. pneumonia.v1.Classifier): the HTTP rules, method by method."""
-    classify, info = f"/{service_name}/Classify", f"/{service_name}/GetModelInfo"
-    protected = {classify} | ({info} if security.protect_health else set())
-    return AccessInterceptor(shared_policy(security), protected=protected, limited={classify, info})
+    classify, explain = f"/{service_name}/Classify", f"/{service_name}/Explain"
+    info = f"/{service_name}/GetModelInfo"
+    protected = {classify, explain} | ({info} if security.protect_health else set())
+    return AccessInterceptor(shared_policy(security), protected=protected, limited={classify, explain, info})
 
 
 def build_interceptors(settings: ServingSettings, service_name: str) -> list[grpc.aio.ServerInterceptor]:

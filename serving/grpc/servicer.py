@@ -10,6 +10,11 @@ request id comes back as trailing metadata.
 
 The client's deadline bounds the call: when it expires gRPC cancels the
 handler, which abandons its place in the batch (a batch already running finishes).
+
+`Explain` runs the checks of `POST /explain` (`prepare_explain_image`) and the
+same explanation (`explain_prepared`), under the same explain slots as HTTP calls
+(serving/explain.py): a call that finds none free ends UNAVAILABLE at once, with
+a `retry-after` trailer.
 """
 
 from __future__ import annotations
@@ -17,23 +22,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from bentoml.exceptions import BentoMLException
 
-from api.grpc import model_info_message, pb, pb_grpc, prediction_message
-from api.models import ModelInfo, Prediction, Refused
-from api.status import REASONS_METADATA_KEY, REQUEST_ID_HEADER, grpc_code_name
+from api.grpc import explanation_message, model_info_message, pb, pb_grpc, prediction_message
+from api.models import Explanation, ModelInfo, Prediction, Refused
+from api.status import REASONS_METADATA_KEY, REQUEST_ID_HEADER, RETRY_AFTER_HEADER, grpc_code_name
 from core.preprocess import PreparedImage
 from serving import request_log
+from serving.explain import ExplainBusy, shared_slots
 from serving.grpc.interceptors import AUTH, peer_address
 from settings import ServingSettings
 
 logger = logging.getLogger("pneumonia.grpc")
 
 NOT_READY_MESSAGE = "the model is still loading; retry shortly"
+T = TypeVar("T")
 
 
 class Classifier(Protocol):
@@ -42,6 +49,8 @@ class Classifier(Protocol):
     def is_serving(self) -> bool: ...
     def prepare_images(self, images: Sequence[bytes]) -> list[PreparedImage]: ...
     async def classify_prepared(self, images: list[PreparedImage]) -> list[Prediction]: ...
+    def prepare_explain_image(self, data: bytes) -> PreparedImage: ...
+    async def explain_prepared(self, image: PreparedImage) -> Explanation: ...
     def model_info(self) -> ModelInfo: ...
 
 
@@ -76,6 +85,35 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         images = list(request.images)
         if not images:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send at least one image in 'images'")
+
+        async def work() -> list[Prediction]:
+            prepared = self.service.prepare_images([image.data for image in images])
+            return await asyncio.wait_for(self.service.classify_prepared(prepared), self.settings.timeout_s)
+
+        predictions = await self._answer(context, "/classify", images, work, "classify the images")
+        return pb.ClassifyResponse(predictions=[prediction_message(p, image) for p, image in zip(predictions, images)])
+
+    async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
+        await self._require_ready(context)
+        if not request.HasField("image"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send the image to explain in 'image'")
+        image = request.image
+        slots = shared_slots(self.settings.explain)
+
+        async def work() -> Explanation:
+            slots.acquire()  # ExplainBusy when every slot of this worker is taken: before the image is decoded
+            try:
+                prepared = self.service.prepare_explain_image(image.data)
+                return await asyncio.wait_for(self.service.explain_prepared(prepared), self.settings.timeout_s)
+            finally:
+                slots.release()
+
+        explanation = await self._answer(context, "/explain", [image], work, "explain the image")
+        return explanation_message(explanation, image)
+
+    async def _answer(self, context: grpc.aio.ServicerContext, route: str, images: Sequence[Any],
+                      work: Callable[[], Awaitable[T]], doing: str) -> T:
+        """Run `work`, map its failure to a gRPC status, write the request-log line, set the trailing metadata."""
         started = time.perf_counter()
         metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
         supplied = metadata.get(REQUEST_ID_HEADER)
@@ -83,47 +121,51 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         trailing: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id),)
         status, reasons = 499, []  # 499 until known: the caller went away first (deadline, cancellation)
         failure: tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]] | None = None
+        result: Any = None
         try:
-            prepared = self.service.prepare_images([image.data for image in images])
-            predictions = await asyncio.wait_for(self.service.classify_prepared(prepared), self.settings.timeout_s)
+            result = await work()
             status = 200
         except Refused as refused:
             status, reasons = refused.status, refused.reasons
             code = grpc.StatusCode[grpc_code_name(refused.status, refused.reasons)]
             failure = code, describe_refusal(refused, images), (*trailing, (REASONS_METADATA_KEY, ",".join(reasons)))
+        except ExplainBusy as busy:
+            status, reasons = 503, ["explain_busy"]
+            failure = (grpc.StatusCode.UNAVAILABLE, busy.message,
+                       (*trailing, (REASONS_METADATA_KEY, "explain_busy"), (RETRY_AFTER_HEADER, str(busy.retry_after_s))))
         except TimeoutError:
             status = 504
-            message = f"not able to classify the images in {self.settings.timeout_s} seconds"
+            message = f"not able to {doing} in {self.settings.timeout_s} seconds"
             failure = grpc.StatusCode.DEADLINE_EXCEEDED, message, trailing
         except BentoMLException as exc:  # e.g. ServiceUnavailable: the batcher sheds load it cannot serve in time
             status = int(exc.error_code.value)
             failure = grpc.StatusCode[grpc_code_name(status)], f"{exc} (HTTP {status})", trailing
         except Exception:  # noqa: BLE001 - answered INTERNAL, with the trace in the server log
             status = 500
-            logger.exception("Classify failed")
+            logger.exception("%s failed", route)
             failure = grpc.StatusCode.INTERNAL, "an unexpected error has occurred, please check the server log", trailing
         finally:
-            self._log(request_id, started, images, status, reasons, context, metadata)
+            self._log(request_id, started, route, images, status, reasons, context, metadata)
         if failure is not None:
             await context.abort(*failure[:2], trailing_metadata=failure[2])
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:  # finished, but the caller has given up: say so, send nothing
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while the images were classified")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the deadline passed while the server was working to {doing}")
         context.set_trailing_metadata(trailing)
-        return pb.ClassifyResponse(predictions=[prediction_message(p, image) for p, image in zip(predictions, images)])
+        return result
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         await self._require_ready(context)
         return model_info_message(self.service.model_info(), self.settings.max_request_bytes)
 
-    def _log(self, request_id: str, started: float, images: Sequence[Any], status: int, reasons: list[str],
-             context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
-        """The request-log line of one Classify call, with the fields of an HTTP request's line."""
+    def _log(self, request_id: str, started: float, route: str, images: Sequence[Any], status: int,
+             reasons: list[str], context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
+        """The request-log line of one call, with the fields of an HTTP request's line."""
         fields: dict[str, Any] = {
             "request_id": request_id,
             "transport": "grpc",
             "method": "POST",
-            "route": "/classify",
+            "route": route,
             "status": status,
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
             "images": len(images),

@@ -1,8 +1,9 @@
 """May this request go on, and when: API keys and rate limits (serving/security.py), then readiness.
 
 Keys and limits: 401 without saying what was wrong (one answer for a missing,
-malformed or wrong key), 429 with `Retry-After`. Probes, docs and static assets
-are open and never throttled; /health and /metrics are open unless protected.
+malformed or wrong key), 429 with `Retry-After`. Probes, docs, static assets and
+the web page's files (/ui, which asks for the key itself) are open and never
+throttled; /health and /metrics are open unless protected.
 
 Readiness: a model route called before this worker is warm waits up to
 `ready_wait_s` (the second or two a freshly (re)started worker needs), then gets
@@ -17,7 +18,7 @@ import math
 from starlette.datastructures import Headers
 
 from api.models import error_body
-from serving.http.responses import STATIC_PREFIXES, Call, GuardError, Scope, Send, send_json
+from serving.http.responses import STATIC_PREFIXES, Call, GuardError, Scope, Send, is_ui, send_json
 from serving.lifecycle import NOT_READY_MESSAGE, READINESS
 from serving.security import API_KEY_HEADER, UNAUTHENTICATED_MESSAGE, AccessPolicy, presented_key
 
@@ -51,8 +52,9 @@ class Admission:
     def admit(self, scope: Scope, headers: Headers, call: Call) -> None:
         """Raise `GuardError` (401 or 429) unless the client may go on; records how it authenticated."""
         path = scope["path"]
-        protected = path not in self.open_paths and not path.startswith(STATIC_PREFIXES)
-        limited = path not in self.unlimited_paths and not path.startswith(STATIC_PREFIXES)
+        static = path.startswith(STATIC_PREFIXES) or is_ui(path)
+        protected = path not in self.open_paths and not static
+        limited = path not in self.unlimited_paths and not static
         key = presented_key(headers.get(API_KEY_HEADER), headers.get("authorization"))
         client = scope.get("client")
         decision = self.policy.check(key, client[0] if client else "unknown", protected=protected, limited=limited)

@@ -9,7 +9,9 @@ What it does to each request, in order:
 3. checks the API key and the client's rate limit (admission.py);
 4. bounds the body (body.py) and, on upload routes, rewrites the multipart
    body into a canonical one (multipart.py);
-5. holds a model route for a worker that is still warming up, then 503 (admission.py).
+5. holds a model route for a worker that is still warming up, then 503 (admission.py);
+6. on /explain, takes one of the worker's explain slots for the call, or answers
+   503 with Retry-After at once when none is free (serving/explain.py).
 
 Error bodies have the shape of `api.models.ErrorBody`, which is also the shape
 of BentoML's validation errors: `{"error": "...", "detail": [{"type", "loc", "msg"}]}`.
@@ -26,9 +28,23 @@ from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 
 from serving import request_log
+from serving.explain import ExplainBusy, ExplainSlots
 from serving.http.admission import DOC_PATHS, PROBE_PATHS, Admission
 from serving.http.body import ClientGone, read_body
-from serving.http.responses import ASGIApp, Call, GuardError, Receive, Responder, Scope, Send, reject
+from serving.http.responses import (
+    REFUSED,
+    UI_PATH,
+    ASGIApp,
+    Call,
+    GuardError,
+    Receive,
+    Responder,
+    Scope,
+    Send,
+    is_ui,
+    reject,
+    send_json,
+)
 from serving.security import API_KEY_HEADER, shared_policy
 from settings import ServingSettings
 
@@ -40,13 +56,17 @@ class HttpGuard:
     """ASGI middleware: request id, security headers, CORS, auth, rate limit, body checks, readiness, request log.
 
     `upload_routes` maps a POST route to its multipart file field, e.g. {"/classify": "images"};
-    those routes also wait for the model (readiness).
+    those routes also wait for the model (readiness). A field named in the singular
+    ("image") takes one file, a plural one up to `max_images_per_request`.
+    `explain_slots` maps a route to the slots that bound its calls in this worker.
     """
 
-    def __init__(self, app: ASGIApp, settings: ServingSettings, upload_routes: dict[str, str]) -> None:
+    def __init__(self, app: ASGIApp, settings: ServingSettings, upload_routes: dict[str, str],
+                 explain_slots: dict[str, ExplainSlots] | None = None) -> None:
         self.app = app
         self.settings = settings
         self.upload_routes = dict(upload_routes)
+        self.explain_slots = dict(explain_slots or {})
         security = settings.security
         self.admission = Admission(
             shared_policy(security),
@@ -91,11 +111,11 @@ class HttpGuard:
         call: Call = scope[_CALL]
         headers = Headers(scope=scope)
         field_name = self.upload_routes.get(scope["path"]) if scope["method"] == "POST" else None
+        max_files = self.settings.max_images_per_request if field_name is None or field_name.endswith("s") else 1
         try:
             self.admission.admit(scope, headers, call)
             body_scope, body_receive, spool = await read_body(
-                scope, receive, headers, call, self.settings.max_request_bytes, field_name,
-                self.settings.max_images_per_request,
+                scope, receive, headers, call, self.settings.max_request_bytes, field_name, max_files,
             )
         except GuardError as exc:
             call.reasons = exc.reasons
@@ -104,16 +124,30 @@ class HttpGuard:
         except ClientGone:
             call.status = 499
             return
+        slots = self.explain_slots.get(scope["path"]) if field_name is not None else None
+        held = False
         try:
             if await self.admission.wait_until_ready(body_scope, send):
+                if slots is not None:
+                    try:
+                        slots.acquire()
+                        held = True
+                    except ExplainBusy as busy:  # refused before the image is decoded
+                        call.reasons = ["explain_busy"]
+                        REFUSED.labels(status="503", reason="explain_busy").inc()
+                        await send_json(send, 503, busy.body(), {"retry-after": str(busy.retry_after_s)})
+                        return
                 await self.app(body_scope, body_receive, send)
         finally:
+            if held and slots is not None:
+                slots.release()
             call.route = getattr(body_scope.get("route"), "path", None)  # set by the router
             if spool is not None:
                 spool.close()
 
     def _log(self, scope: Scope, headers: Headers, call: Call, responder: Responder) -> None:
         route = call.route or (scope["path"] if scope["path"] in self.known_routes else None)
+        route = route or (UI_PATH if is_ui(scope["path"]) else None)
         fields: dict[str, Any] = {
             "request_id": call.request_id,
             "transport": "http",

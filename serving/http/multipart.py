@@ -128,12 +128,9 @@ class MultipartCanon:
                 (self.field_name, self.count),
             )
         if self.count >= self.max_files:
-            raise GuardError(
-                400,
-                "too_many_images",
-                f"more than {self.max_files} images in one request; the limit is {self.max_files}",
-                (self.field_name,),
-            )
+            message = (f"send one image per request, in the field '{self.field_name}'" if self.max_files == 1 else
+                       f"more than {self.max_files} images in one request; the limit is {self.max_files}")
+            raise GuardError(400, "too_many_images", message, (self.field_name,))
         self.file_names.append(_printable(params.get(b"filename", params.get(b"filename*", b""))))
         self.out.write(
             b'--%s\r\nContent-Disposition: form-data; name="%s"; filename="image-%d"\r\n'

@@ -19,6 +19,15 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATIC_PREFIXES = ("/assets/", "/static_content/")
+UI_PATH = "/ui"  # the web page (serving/ui/), mounted by service.py
+# The page's own files only: no inline script or style, no other origin; heatmaps arrive as data: URLs.
+UI_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+          "form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
+def is_ui(path: str) -> bool:
+    """True for the web page and its files (open, not rate limited, with the strict `UI_CSP`)."""
+    return path == UI_PATH or path.startswith(UI_PATH + "/")
 
 REFUSED = bentoml.metrics.Counter(
     name="pneumonia_http_refused_total",
@@ -90,6 +99,7 @@ class Responder:
         self._send = send
         self.call = call
         self.static = path.startswith(STATIC_PREFIXES)
+        self.ui = is_ui(path)
         self.https = https
         self._start: Message | None = None
         self._text: bytearray | None = None  # a plain-text 4xx being rewritten as JSON
@@ -138,11 +148,13 @@ class Responder:
         headers["x-content-type-options"] = "nosniff"
         headers["x-frame-options"] = "DENY"
         headers["referrer-policy"] = "no-referrer"
-        # The docs page (HTML) loads its own scripts; API answers need nothing at all.
+        # The docs page (HTML) loads its own scripts; API answers need nothing at all; the web page its own files.
         headers["content-security-policy"] = (
-            "frame-ancestors 'none'" if html else "default-src 'none'; frame-ancestors 'none'"
+            UI_CSP if self.ui else "frame-ancestors 'none'" if html else "default-src 'none'; frame-ancestors 'none'"
         )
-        if not self.static:
+        if self.ui:
+            headers["cache-control"] = "no-cache"  # revalidated (ETag): a new version of the page shows at once
+        elif not self.static:
             headers["cache-control"] = "no-store"
         if self.https:
             headers["strict-transport-security"] = "max-age=31536000"

@@ -1,0 +1,288 @@
+// The web page of the pneumonia classifier: each chosen or dropped file goes to POST /explain of this server,
+// one at a time, and its answer is shown: verdict, probability against the threshold, refusal, warnings,
+// heatmap with an opacity slider, model tag. Hand-written, no dependencies, nothing from another origin.
+"use strict";
+
+(() => {
+  const KEY_STORAGE = "pneumonia-api-key"; // sessionStorage: this tab only
+  const EXPLAIN_URL = new URL("../explain", document.baseURI); // the page is /ui/: the API is beside /ui
+  const MAX_BUSY_RETRIES = 3;
+
+  const $ = (selector, root = document) => root.querySelector(selector);
+  const keyInput = $("#api-key");
+  const keyStatus = $("#key-status");
+  const progress = $("#progress");
+  const results = $("#results");
+  const template = $("#result-template");
+
+  let queue = Promise.resolve();
+  let pending = 0;
+
+  // ------------------------------------------------------------------ API key, kept in this tab only
+
+  function apiKey() {
+    try {
+      return sessionStorage.getItem(KEY_STORAGE) || "";
+    } catch (_) {
+      return "";
+    }
+  }
+
+  function showKeyStatus() {
+    keyStatus.textContent = apiKey()
+      ? "A key is set for this tab."
+      : "No key set: the server is called without one.";
+  }
+
+  $("#key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = keyInput.value.trim();
+    if (key) sessionStorage.setItem(KEY_STORAGE, key);
+    else sessionStorage.removeItem(KEY_STORAGE);
+    keyInput.value = "";
+    showKeyStatus();
+  });
+
+  $("#forget-key").addEventListener("click", () => {
+    sessionStorage.removeItem(KEY_STORAGE);
+    keyInput.value = "";
+    showKeyStatus();
+  });
+
+  // ------------------------------------------------------------------ choosing and dropping files
+
+  const input = $("#files");
+  input.addEventListener("change", () => {
+    enqueue(Array.from(input.files || []));
+    input.value = ""; // choosing the same file again explains it again
+  });
+
+  const zone = $("#drop-zone");
+  ["dragenter", "dragover"].forEach((name) =>
+    zone.addEventListener(name, (event) => {
+      event.preventDefault();
+      zone.classList.add("dragging");
+    }),
+  );
+  ["dragleave", "dragend"].forEach((name) => zone.addEventListener(name, () => zone.classList.remove("dragging")));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    enqueue(Array.from((event.dataTransfer && event.dataTransfer.files) || []));
+  });
+  // A file dropped beside the zone must not replace the page with the file.
+  ["dragover", "drop"].forEach((name) => window.addEventListener(name, (event) => event.preventDefault()));
+
+  $("#clear").addEventListener("click", () => {
+    results.replaceChildren();
+    if (!pending) progress.textContent = "No X-rays yet.";
+  });
+
+  function enqueue(files) {
+    for (const file of files) {
+      const card = newCard(file);
+      pending += 1;
+      queue = queue.then(() => explain(file, card)).finally(() => {
+        pending -= 1;
+      });
+    }
+  }
+
+  // ------------------------------------------------------------------ calling the server
+
+  function newCard(file) {
+    const item = template.content.firstElementChild.cloneNode(true);
+    $(".file-name", item).textContent = file.name || "unnamed file";
+    setState(item, "waiting", "Waiting for the previous X-rays to finish.");
+    const slider = $(".opacity", item);
+    slider.addEventListener("input", () => applyOpacity(item));
+    results.append(item);
+    return item;
+  }
+
+  function setState(card, state, text) {
+    card.dataset.state = state;
+    $(".state", card).textContent = text;
+  }
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  async function explain(file, card) {
+    const name = file.name || "unnamed file";
+    for (let attempt = 0; ; attempt += 1) {
+      setState(card, "working", "Sending the image and computing its heatmap…");
+      progress.textContent = `Explaining ${name}…`;
+      const form = new FormData();
+      form.append("image", file, name);
+      const headers = { Accept: "application/json" };
+      const key = apiKey();
+      if (key) headers["X-API-Key"] = key;
+      let response;
+      try {
+        response = await fetch(EXPLAIN_URL, { method: "POST", body: form, headers });
+      } catch (_) {
+        return fail(card, name, "Cannot reach the server. Check that it is running and that this page still "
+          + "has a network connection, then choose the file again.");
+      }
+      let body = null;
+      try {
+        body = await response.json();
+      } catch (_) {
+        body = null;
+      }
+      const retryAfter = Number.parseInt(response.headers.get("Retry-After") || "", 10);
+      if (response.status === 503 && Number.isFinite(retryAfter) && attempt < MAX_BUSY_RETRIES) {
+        const seconds = Math.min(Math.max(retryAfter, 1), 30);
+        setState(card, "working", `The server is busy; trying again in ${seconds} s.`);
+        await sleep(seconds * 1000);
+        continue;
+      }
+      if (!response.ok || !body || !body.prediction) {
+        return fail(card, name, humanError(response.status, body, retryAfter));
+      }
+      return show(card, name, body);
+    }
+  }
+
+  function detail(body) {
+    if (body && Array.isArray(body.detail) && body.detail.length) return body.detail[0];
+    return null;
+  }
+
+  function serverMessage(body) {
+    const first = detail(body);
+    if (first && first.msg) return first.msg;
+    if (body && typeof body.error === "string") return body.error;
+    return "";
+  }
+
+  // What a person can do about a failed call, in words.
+  function humanError(status, body, retryAfter) {
+    const first = detail(body);
+    const reason = first ? first.type : "";
+    const said = serverMessage(body);
+    const wait = Number.isFinite(retryAfter) ? `${retryAfter} s` : "a few seconds";
+    if (status === 401 || status === 403) {
+      return apiKey()
+        ? "The server did not accept the API key. Check the key, enter it again above, and choose the file again."
+        : "This server needs an API key. Enter it above, then choose the file again.";
+    }
+    if (status === 413 || ["too_many_bytes", "too_many_pixels", "request_too_large"].includes(reason)) {
+      return `This file is too large for the server: ${said}. Send a smaller export of the image.`;
+    }
+    if (status === 429) return `Too many requests from this browser. Wait ${wait} and choose the file again.`;
+    if (status === 503) {
+      return reason === "not_ready" || /loading/.test(said)
+        ? `The server is still starting. Wait ${wait} and choose the file again.`
+        : `The server is busy computing other explanations. Wait ${wait} and choose the file again.`;
+    }
+    if (status === 504) return "The server took too long to answer. Choose the file again in a moment.";
+    if (status === 400 || status === 415 || status === 422) {
+      const hints = {
+        empty: "The file is empty.",
+        not_an_image: "This file is not an image the server can read. Send a JPEG, PNG, TIFF, BMP or WebP file "
+          + "(DICOM where the server supports it).",
+        unsupported_format: "The server does not accept this image format. Send a JPEG, PNG, TIFF, BMP or WebP file.",
+        corrupt: "The file looks damaged: the server could not decode it.",
+        too_small: "The image is too small to classify.",
+      };
+      const hint = hints[reason] || "The server refused this file.";
+      return said && !hint.includes(said) ? `${hint} (${said})` : hint;
+    }
+    if (status >= 500) {
+      return `The server failed (HTTP ${status}). Try again; if it keeps failing, tell the service's operators.`;
+    }
+    return `The server answered HTTP ${status}${said ? `: ${said}` : ""}.`;
+  }
+
+  function fail(card, name, message) {
+    setState(card, "error", "Not classified.");
+    const error = $(".error", card);
+    error.textContent = message;
+    error.hidden = false;
+    progress.textContent = `${name}: not classified. ${message}`;
+  }
+
+  // ------------------------------------------------------------------ showing an answer
+
+  const format = (value) => Number(value).toFixed(4);
+
+  function show(card, name, body) {
+    const prediction = body.prediction;
+    card.dataset.status = prediction.status;
+    $(".model", card).textContent = prediction.model;
+    $(".model-line", card).hidden = false;
+
+    const warnings = prediction.warnings || [];
+    if (warnings.length) {
+      const list = $(".warning-list", card);
+      list.replaceChildren(...warnings.map((text) => {
+        const item = document.createElement("li");
+        item.textContent = text;
+        return item;
+      }));
+      $(".warnings", card).hidden = false;
+    }
+
+    if (prediction.status === "refused") {
+      const refusal = prediction.refusal || { reason: "refused", message: "the image was refused" };
+      $(".refusal-message", card).textContent = refusal.message;
+      $(".refusal-reason", card).textContent = refusal.reason;
+      $(".refusal", card).hidden = false;
+      const none = $(".no-heatmap", card);
+      none.textContent = body.note || "No heatmap: the image was refused.";
+      none.hidden = false;
+      setState(card, "refused", "Refused: no verdict.");
+      progress.textContent = `${name}: refused (${refusal.reason}): ${refusal.message}`;
+      return;
+    }
+
+    const probability = Number(prediction.probability);
+    const threshold = Number(prediction.threshold);
+    card.dataset.label = prediction.label;
+    card.dataset.probability = String(prediction.probability);
+    card.dataset.threshold = String(prediction.threshold);
+    const label = $(".label", card);
+    label.textContent = prediction.label;
+    label.classList.add(prediction.label === "PNEUMONIA" ? "pneumonia" : "normal");
+    $(".probability", card).textContent = format(probability);
+    $(".threshold", card).textContent = format(threshold);
+    $(".side", card).textContent = probability >= threshold
+      ? "at or above it: PNEUMONIA"
+      : "below it: NORMAL";
+    const bar = $(".bar", card);
+    bar.setAttribute("aria-label",
+      `Probability ${format(probability)} on a scale from 0 to 1; threshold at ${format(threshold)}`);
+    $(".bar-fill", card).style.width = `${(probability * 100).toFixed(2)}%`;
+    $(".bar-threshold", card).style.left = `${(threshold * 100).toFixed(2)}%`;
+    $(".verdict", card).hidden = false;
+
+    const heatmap = body.heatmap;
+    if (heatmap) {
+      const base = $(".base", card);
+      const overlay = $(".overlay", card);
+      base.src = `data:image/png;base64,${heatmap.image_png}`;
+      base.alt = `The X-ray ${name} as the model saw it`;
+      overlay.src = `data:image/png;base64,${heatmap.overlay_png}`;
+      overlay.alt = `Heatmap of the evidence for ${heatmap.target} over ${name}: red where it was strongest, `
+        + "blue or uncoloured where it was weak";
+      base.width = overlay.width = heatmap.width;
+      base.height = overlay.height = heatmap.height;
+      $(".note", card).textContent = body.note;
+      $(".heatmap", card).hidden = false;
+      applyOpacity(card);
+    }
+    setState(card, "done", "Done.");
+    progress.textContent = `${name}: ${prediction.label}, probability of pneumonia ${format(probability)} `
+      + `against the threshold ${format(threshold)}.`;
+  }
+
+  function applyOpacity(card) {
+    const slider = $(".opacity", card);
+    const value = Number(slider.value);
+    $(".overlay", card).style.opacity = String(value / 100);
+    $(".opacity-value", card).textContent = `${value}%`;
+  }
+
+  showKeyStatus();
+})();

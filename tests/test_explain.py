@@ -1,0 +1,288 @@
+"""`POST /explain` and the Explain RPC against live `bentoml serve` processes, with real X-rays.
+
+What an explanation must be: exactly the prediction `classify` gives for the image, plus a
+Grad-CAM heatmap (a grid in [0, 1] and PNGs at the upload's aspect ratio), the same bytes for
+the same input, none for a refused image, the same 4xx as classify for a bad upload, and a
+burst beyond the worker's explain slots refused at once while classify keeps answering.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import get_args
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from api._proto.pneumonia.v1 import classifier_pb2 as pb
+from api._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
+from client import AuthenticationError, connect
+from core.explain import CAM_LAYERS, GRID_SIZE, OVERLAY_MAX_SIDE, cam_layer
+from core.model import Architecture, ModelSpec, build_model
+from harness.paths import ROOT, VENV_BIN
+from harness.payloads import build_samples, sample_xrays
+from harness.servers import ServerProcess, server_env
+from tests.conftest import API_KEY
+from tests.images import encode, gradient
+
+COMPARED = ("status", "label", "threshold", "model", "warnings", "refusal", "image")
+
+
+@pytest.fixture(scope="module")
+def live(server: ServerProcess) -> ServerProcess:
+    """The shared server, once its explainers are loaded (a few seconds after readiness)."""
+    return server.wait_for_explainers()
+
+
+def explain_http(url: str, data: bytes, name: str = "x.jpeg", **kwargs: object) -> httpx.Response:
+    return httpx.post(url + "/explain", files={"image": (name, data, "application/octet-stream")}, timeout=120,
+                      **kwargs)
+
+
+def classify_http(url: str, data: bytes, **kwargs: object) -> httpx.Response:
+    return httpx.post(url + "/classify", files=[("images", ("x.jpeg", data, "application/octet-stream"))],
+                      timeout=120, **kwargs)
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG"
+        image.load()  # decodes completely
+        return image.size
+
+
+def expected_preview(width: int, height: int) -> tuple[int, int]:
+    longest = min(OVERLAY_MAX_SIDE, max(width, height))
+    scale = longest / max(width, height)
+    return round(width * scale), round(height * scale)
+
+
+def test_every_architecture_has_a_grad_cam_layer_that_is_its_last_convolutional_stage() -> None:
+    """The layer follows the model: an entry per architecture, naming a 4-D (feature map) output."""
+    import torch
+
+    assert set(CAM_LAYERS) == set(get_args(Architecture))
+    for arch in get_args(Architecture):
+        model = build_model(ModelSpec(arch=arch)).eval()
+        layer = model.backbone.get_submodule(cam_layer(model.spec))
+        shapes: list[tuple[int, ...]] = []
+        handle = layer.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+        with torch.inference_mode():
+            model.backbone(torch.zeros(1, 1, 224, 224))
+        handle.remove()
+        assert len(shapes) == 1 and len(shapes[0]) == 4 and shapes[0][2] == shapes[0][3] == 7, (arch, shapes)
+
+
+def test_http_and_grpc_explain_give_classify_s_prediction_and_a_heatmap(live: ServerProcess) -> None:
+    files = sample_xrays(2, offset=40)  # both classes
+    with grpc.insecure_channel(live.grpc_target) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        for path in files:
+            data = path.read_bytes()
+            classified = classify_http(live.url, data).json()[0]
+            answer = explain_http(live.url, data)
+            assert answer.status_code == 200, answer.text
+            explained = answer.json()
+            prediction = explained["prediction"]
+            assert prediction["status"] == "ok", prediction
+            for key in COMPARED:
+                assert prediction[key] == classified[key], (path.name, key)
+            assert abs(prediction["probability"] - classified["probability"]) <= 1e-6 + 1e-12
+            assert prediction["batch_size"] == 1
+
+            heatmap = explained["heatmap"]
+            assert heatmap["target"] == prediction["label"] and heatmap["method"] == "Grad-CAM"
+            grid = np.array(heatmap["grid"])
+            assert grid.shape == (GRID_SIZE, GRID_SIZE)
+            assert grid.min() >= 0.0 and grid.max() == pytest.approx(1.0)  # peak scaled to 1
+            overlay, picture = base64.b64decode(heatmap["overlay_png"]), base64.b64decode(heatmap["image_png"])
+            size = expected_preview(classified["image"]["width"], classified["image"]["height"])
+            assert png_size(overlay) == png_size(picture) == size == (heatmap["width"], heatmap["height"])
+            assert "not a localisation" in explained["note"]
+
+            reply = stub.Explain(pb.ExplainRequest(image=pb.Image(data=data, filename=path.name)), timeout=120)
+            assert reply.prediction.label == prediction["label"] and reply.prediction.filename == path.name
+            assert abs(reply.prediction.probability - prediction["probability"]) <= 1e-6 + 1e-12
+            assert reply.heatmap.grid_rows == reply.heatmap.grid_cols == GRID_SIZE
+            assert np.allclose(np.array(reply.heatmap.grid).reshape(GRID_SIZE, GRID_SIZE), grid, atol=1e-6)
+            assert reply.heatmap.overlay_png == overlay and reply.heatmap.image_png == picture
+            assert reply.note == explained["note"]
+
+
+def test_a_full_size_radiograph_s_heatmap_keeps_its_aspect_ratio(live: ServerProcess) -> None:
+    sample = build_samples().full[1]  # a real X-ray at radiograph size (e.g. 1760x2140 JPEG)
+    answer = explain_http(live.url, sample.data)
+    assert answer.status_code == 200, answer.text
+    heatmap = answer.json()["heatmap"]
+    width, height = png_size(base64.b64decode(heatmap["overlay_png"]))
+    assert max(width, height) == OVERLAY_MAX_SIDE
+    assert abs(width / height - sample.width / sample.height) < 0.01, ((width, height), (sample.width, sample.height))
+
+
+def test_the_same_input_gives_the_same_bytes(live: ServerProcess) -> None:
+    data = sample_xrays(1, offset=60)[1].read_bytes()
+    first, second = (explain_http(live.url, data).json() for _ in range(2))
+    assert first["heatmap"] == second["heatmap"]  # grid, both PNGs (base64), size, layer
+    with connect(live.grpc_target, transport="grpc") as api:
+        over_grpc = api.explain(data)
+    assert over_grpc.heatmap is not None
+    assert over_grpc.heatmap.overlay_png == base64.b64decode(first["heatmap"]["overlay_png"])
+
+
+def test_a_refused_image_gets_its_refusal_and_no_heatmap(live: ServerProcess) -> None:
+    blank = encode(Image.new("L", (320, 300), 128), "PNG")
+    classified = classify_http(live.url, blank).json()[0]
+    explained = explain_http(live.url, blank, name="blank.png").json()
+    assert explained["prediction"]["status"] == classified["status"] == "refused"
+    assert explained["prediction"]["refusal"] == classified["refusal"]
+    assert explained["prediction"]["refusal"]["reason"] == "blank"
+    assert explained["prediction"]["label"] is None and explained["heatmap"] is None
+    assert explained["note"].startswith("No heatmap: the image was refused (blank)")
+    with grpc.insecure_channel(live.grpc_target) as channel:
+        reply = pb_grpc.ClassifierStub(channel).Explain(pb.ExplainRequest(image=pb.Image(data=blank)), timeout=60)
+    assert reply.prediction.status == "refused" and not reply.HasField("heatmap")
+    assert reply.note == explained["note"]
+
+
+BAD_UPLOADS = {
+    "not_an_image": b"this is not an image",
+    "empty": b"",
+    "too_small": encode(gradient((20, 20)), "PNG"),
+    "corrupt": encode(gradient(), "JPEG")[:300],
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_UPLOADS))
+def test_a_bad_upload_gets_the_same_4xx_as_classify(live: ServerProcess, reason: str) -> None:
+    data = BAD_UPLOADS[reason]
+    classified, explained = classify_http(live.url, data), explain_http(live.url, data)
+    assert explained.status_code == classified.status_code == 400
+    assert explained.json()["detail"][0]["type"] == classified.json()["detail"][0]["type"] == reason
+    assert explained.json()["detail"][0]["loc"] == ["image"]
+    with grpc.insecure_channel(live.grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as failure:
+            pb_grpc.ClassifierStub(channel).Explain(pb.ExplainRequest(image=pb.Image(data=data)), timeout=60)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(failure.value.trailing_metadata())["pneumonia-reject-reasons"] == reason
+
+
+def test_explain_takes_exactly_one_file_in_the_field_image(live: ServerProcess) -> None:
+    data = sample_xrays(1, offset=70)[0].read_bytes()
+    two = httpx.post(live.url + "/explain", files=[("image", ("a.jpeg", data)), ("image", ("b.jpeg", data))], timeout=60)
+    assert two.status_code == 400 and two.json()["detail"][0]["type"] == "too_many_images"
+    wrong_field = httpx.post(live.url + "/explain", files=[("images", ("a.jpeg", data))], timeout=60)
+    assert wrong_field.status_code == 400 and wrong_field.json()["detail"][0]["type"] == "missing"
+    with grpc.insecure_channel(live.grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as failure:
+            pb_grpc.ClassifierStub(channel).Explain(pb.ExplainRequest(), timeout=60)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def burst(count: int, call, also) -> tuple[list[tuple[str, float, object]], object]:
+    """`count` calls of `call()` and one `also()` released together; each call's (outcome, end time, detail)."""
+    start = threading.Barrier(count + 1)
+    outcomes: list[tuple[str, float, object]] = []
+    other: list[object] = []
+
+    def run() -> None:
+        start.wait()
+        outcome, detail = call()
+        outcomes.append((outcome, time.monotonic(), detail))
+
+    def run_other() -> None:
+        start.wait()
+        time.sleep(0.05)  # while the burst is in the server
+        other.append(also())
+
+    threads = [threading.Thread(target=run) for _ in range(count)] + [threading.Thread(target=run_other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    return outcomes, other[0] if other else None
+
+
+def test_a_burst_beyond_the_explain_slots_is_refused_at_once_while_classify_answers(live: ServerProcess) -> None:
+    """1 worker, 1 explanation at a time, 2 waiting (the defaults): of 12 calls released together, the ones
+    that find no slot get 503 + Retry-After before the admitted ones finish, and a classify call sent meanwhile
+    is answered."""
+    image = build_samples().full[0].data  # a full-size radiograph: each admitted call holds its slot for a while
+    xray = sample_xrays(1, offset=80)[0].read_bytes()
+
+    def call() -> tuple[str, object]:
+        response = explain_http(live.url, image)
+        return str(response.status_code), response
+
+    outcomes, classified = burst(12, call, lambda: classify_http(live.url, xray))
+    statuses = sorted(o for o, _, _ in outcomes)
+    assert set(statuses) == {"200", "503"} and statuses.count("200") >= 3, statuses
+    for outcome, _, response in outcomes:
+        if outcome == "503":
+            assert response.headers["retry-after"] == "2"
+            detail = response.json()["detail"][0]
+            assert detail["type"] == "explain_busy" and "retry after 2 s" in detail["msg"]
+    last_refusal = max(end for o, end, _ in outcomes if o == "503")
+    last_answer = max(end for o, end, _ in outcomes if o == "200")
+    assert last_refusal < last_answer  # refused without waiting for the admitted explanations
+    assert classified.status_code == 200 and classified.json()[0]["label"] in ("NORMAL", "PNEUMONIA")
+
+
+def test_a_grpc_burst_gets_unavailable_with_retry_after(live: ServerProcess) -> None:
+    image = build_samples().full[0].data
+    xray = sample_xrays(1, offset=80)[0].read_bytes()
+    channel = grpc.insecure_channel(live.grpc_target)
+    stub = pb_grpc.ClassifierStub(channel)
+
+    def call() -> tuple[str, object]:
+        try:
+            stub.Explain(pb.ExplainRequest(image=pb.Image(data=image)), timeout=120)
+            return "OK", None
+        except grpc.RpcError as exc:
+            return exc.code().name, dict(exc.trailing_metadata() or ())
+
+    def classify() -> object:
+        return stub.Classify(pb.ClassifyRequest(images=[pb.Image(data=xray)]), timeout=120)
+
+    try:
+        outcomes, classified = burst(12, call, classify)
+    finally:
+        channel.close()
+    codes = sorted(o for o, _, _ in outcomes)
+    assert set(codes) == {"OK", "UNAVAILABLE"}, codes
+    for code, _, trailing in outcomes:
+        if code == "UNAVAILABLE":
+            assert trailing["retry-after"] == "2" and trailing["pneumonia-reject-reasons"] == "explain_busy"
+    assert classified.predictions[0].label in ("NORMAL", "PNEUMONIA")
+
+
+def test_explain_needs_the_api_key_when_keys_are_on(keyed_server: ServerProcess) -> None:
+    data = sample_xrays(1, offset=90)[0].read_bytes()
+    assert explain_http(keyed_server.url, data).status_code == 401
+    assert explain_http(keyed_server.url, data, headers={"x-api-key": API_KEY}).status_code == 200
+    with connect(keyed_server.grpc_target, transport="grpc") as api:
+        with pytest.raises(AuthenticationError):
+            api.explain(data)
+    with connect(keyed_server.grpc_target, transport="grpc", headers={"x-api-key": API_KEY}) as api:
+        assert api.explain(data).heatmap is not None
+
+
+def test_the_cli_writes_the_overlay_and_the_grid(live: ServerProcess, tmp_path: Path) -> None:
+    xray = sample_xrays(1, offset=100)[1]
+    out, grid = tmp_path / "heatmap.png", tmp_path / "grid.json"
+    for transport, url in (("http", live.url), ("grpc", live.grpc_target)):
+        args = [str(VENV_BIN / "python"), "-m", "client", "explain", str(xray), "--out", str(out), "--grid", str(grid),
+                "--url", url] + (["--grpc"] if transport == "grpc" else [])
+        done = subprocess.run(args, cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "heatmap: Grad-CAM of" in done.stdout and "not a localisation" in done.stdout
+        assert png_size(out.read_bytes()) == (224, 224)
+        assert np.array(json.loads(grid.read_text())).shape == (GRID_SIZE, GRID_SIZE)

@@ -1,0 +1,245 @@
+"""The web page (/ui) in a real headless browser: Debian's chromium driven by Selenium, against `bentoml serve`.
+
+The server has API keys on (the `keyed_server` fixture): the page must work with them. The browser
+tests skip, saying why, only when no chromium or chromedriver can be found (`./dev.sh setup` installs
+Debian's `chromium` and `chromium-driver` as root); the checks of the page's files and headers run
+without a browser.
+
+    PNEUMONIA_UI_SCREENSHOT=docs/img/ui.png ./dev.sh test tests/test_ui.py   # also refreshes the screenshot
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from harness.paths import ROOT
+from harness.payloads import sample_xrays
+from harness.servers import ServerProcess
+from serving.http.responses import UI_CSP
+from tests.conftest import API_KEY
+from tests.images import encode
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+SCREENSHOT_ENV = "PNEUMONIA_UI_SCREENSHOT"
+WAIT_S = 90  # generous: an explanation takes well under a second, but the machine may be shared
+
+
+# ---------------------------------------------------------------- without a browser
+
+
+def test_the_page_is_served_open_with_a_strict_csp_and_only_its_own_files(keyed_server: ServerProcess) -> None:
+    page = httpx.get(keyed_server.url + "/ui/", timeout=30)  # no API key: the page asks for it itself
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"] == UI_CSP
+    assert "'unsafe-inline'" not in UI_CSP and "http" not in UI_CSP
+    assert httpx.get(keyed_server.url + "/ui", timeout=30).headers.get("location", "").endswith("/ui/")
+    references = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert set(references) >= {"style.css", "app.js"}
+    for reference in references:  # nothing from another origin (no CDN): the page works offline
+        assert not re.match(r"^(https?:)?//", reference), reference
+        if not reference.startswith(("#", "data:")):
+            asset = httpx.get(f"{keyed_server.url}/ui/{reference}", timeout=30)
+            assert asset.status_code == 200 and asset.headers["content-security-policy"] == UI_CSP, reference
+    script = (ROOT / "serving" / "ui" / "static" / "app.js").read_text()
+    assert not re.search(r"https?://", script) and "sessionStorage" in script and "localStorage" not in script
+    assert "not a localisation of disease" in page.text and "Medical disclaimer" in page.text
+
+
+# ---------------------------------------------------------------- in chromium
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    if not CHROMIUM or not CHROMEDRIVER:
+        pytest.skip("no Chromium for the browser tests: chromium and chromedriver are not on PATH "
+                    "(./dev.sh setup installs Debian's chromium and chromium-driver when run as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1000,1700",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    log = tmp_path_factory.mktemp("chromedriver") / "chromedriver.log"
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER, log_output=str(log)))
+    try:
+        driver.set_page_load_timeout(60)
+        yield driver
+    finally:
+        driver.quit()  # ends chromium and chromedriver
+
+
+def wait_for(driver: object, condition, timeout: float = WAIT_S):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+
+
+def open_page(driver, server: ServerProcess, key: str | None) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(server.url + "/ui/")
+    wait_for(driver, lambda d: d.find_element(By.ID, "key-status").text)
+    if key is not None:
+        field = driver.find_element(By.ID, "api-key")
+        field.clear()
+        field.send_keys(key)
+        driver.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+        wait_for(driver, lambda d: "A key is set" in d.find_element(By.ID, "key-status").text)
+
+
+def upload(driver, path: Path):
+    """Choose `path` in the file picker; the new result card once the page has finished with it."""
+    from selenium.webdriver.common.by import By
+
+    before = len(driver.find_elements(By.CSS_SELECTOR, "#results > li"))
+    driver.find_element(By.ID, "files").send_keys(str(path))
+    card = wait_for(driver, lambda d: (d.find_elements(By.CSS_SELECTOR, "#results > li")[before:] or [None])[0])
+    wait_for(driver, lambda d: card.get_attribute("data-state") in ("done", "refused", "error"))
+    return card
+
+
+def visible_text(card, selector: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    element = card.find_element(By.CSS_SELECTOR, selector)
+    return element.text if element.is_displayed() else ""
+
+
+def test_an_xray_shows_the_api_s_verdict_and_a_heatmap_with_an_opacity_slider(
+    browser, keyed_server: ServerProcess
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    xray = sample_xrays(1, offset=120)[1]  # a real X-ray (PNEUMONIA folder)
+    expected = httpx.post(keyed_server.url + "/explain", files={"image": (xray.name, xray.read_bytes())},
+                          headers={"x-api-key": API_KEY}, timeout=120).json()["prediction"]
+    open_page(browser, keyed_server, API_KEY)
+    card = upload(browser, xray)
+    assert card.get_attribute("data-state") == "done", visible_text(card, ".error")
+
+    assert visible_text(card, ".label") == expected["label"]
+    assert visible_text(card, ".probability") == f"{expected['probability']:.4f}"
+    assert visible_text(card, ".threshold") == f"{expected['threshold']:.4f}"
+    assert float(card.get_attribute("data-probability")) == expected["probability"]
+    assert visible_text(card, ".model") == expected["model"]
+    assert visible_text(card, ".file-name") == xray.name
+
+    overlay = card.find_element(By.CSS_SELECTOR, "img.overlay")
+    base = card.find_element(By.CSS_SELECTOR, "img.base")
+    for image in (overlay, base):  # decoded and rendered, not a broken image
+        assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 0
+        assert image.is_displayed()
+    assert "not a localisation" in visible_text(card, ".note")
+
+    slider = card.find_element(By.CSS_SELECTOR, "input.opacity")
+    opacity = lambda: float(browser.execute_script("return getComputedStyle(arguments[0]).opacity", overlay))  # noqa: E731
+    assert opacity() == pytest.approx(0.70)
+    slider.send_keys(Keys.LEFT, Keys.LEFT)  # the keyboard moves it: 5 % a step
+    assert opacity() == pytest.approx(0.60)
+    assert visible_text(card, ".opacity-value") == "60%"
+    slider.send_keys(Keys.HOME)
+    assert opacity() == pytest.approx(0.0)
+    slider.send_keys(Keys.END)
+    assert opacity() == pytest.approx(1.0)
+    assert expected["label"] in browser.find_element(By.ID, "progress").text  # announced (aria-live)
+
+
+def test_a_refused_upload_shows_its_reason(browser, keyed_server: ServerProcess, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(encode(Image.new("L", (320, 300), 128), "PNG"))
+    expected = httpx.post(keyed_server.url + "/explain", files={"image": ("blank.png", blank.read_bytes())},
+                          headers={"x-api-key": API_KEY}, timeout=120).json()
+    card = upload(browser, blank)  # the page of the test above, key still set in the tab
+    assert card.get_attribute("data-state") == "refused"
+    assert visible_text(card, ".refusal-message") == expected["prediction"]["refusal"]["message"]
+    assert visible_text(card, ".refusal-reason") == "blank"
+    assert visible_text(card, ".no-heatmap") == expected["note"]
+    assert not card.find_element(By.CSS_SELECTOR, ".heatmap").is_displayed()
+    assert not card.find_element(By.CSS_SELECTOR, ".verdict").is_displayed()
+    if os.environ.get(SCREENSHOT_ENV):
+        save_screenshot(browser, ROOT / os.environ[SCREENSHOT_ENV])
+
+
+def test_a_missing_or_wrong_api_key_gets_a_message_a_person_can_act_on(browser, keyed_server: ServerProcess) -> None:
+    xray = sample_xrays(1, offset=121)[0]
+    open_page(browser, keyed_server, None)
+    browser.find_element("id", "forget-key").click()
+    card = upload(browser, xray)
+    assert card.get_attribute("data-state") == "error"
+    assert visible_text(card, ".error") == "This server needs an API key. Enter it above, then choose the file again."
+    open_page(browser, keyed_server, "not-the-right-key-0000")
+    card = upload(browser, xray)
+    assert visible_text(card, ".error").startswith("The server did not accept the API key.")
+    browser.find_element("id", "forget-key").click()
+
+
+def test_controls_are_labelled_focus_is_visible_and_text_has_contrast(browser, keyed_server: ServerProcess) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(browser, keyed_server, None)
+    unlabelled = browser.execute_script(
+        "return Array.from(document.querySelectorAll('input')).filter(i => !i.labels || !i.labels.length)"
+        ".map(i => i.id || i.name || i.type)")
+    assert unlabelled == []
+    # Keyboard: Tab from the key field reaches the buttons, which show a visible focus outline.
+    browser.find_element(By.ID, "api-key").click()
+    browser.switch_to.active_element.send_keys(Keys.TAB)
+    focused = browser.switch_to.active_element
+    assert focused.text == "Use this key"
+    outline = browser.execute_script("const s = getComputedStyle(arguments[0]); return [s.outlineStyle, s.outlineWidth]",
+                                     focused)
+    assert outline[0] != "none" and float(outline[1].removesuffix("px")) >= 2
+    ratios = browser.execute_script(CONTRAST_JS, ["h1", "h2", ".disclaimer", ".hint", "button", "label", "p"])
+    low = {selector: ratio for selector, ratio in ratios.items() if ratio < 4.5}
+    assert not low, low  # WCAG AA for normal text
+
+
+# WCAG contrast of each selector's first visible element: its text colour against the first opaque background up
+# its ancestors.
+CONTRAST_JS = """
+const lum = (rgb) => { const c = rgb.map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+  return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]; };
+const parse = (s) => (s.match(/[\\d.]+/g) || []).map(Number);
+const out = {};
+for (const selector of arguments[0]) {
+  const el = Array.from(document.querySelectorAll(selector)).find(e => e.offsetParent !== null);
+  if (!el) continue;
+  const fg = parse(getComputedStyle(el).color);
+  let node = el, bg = [255, 255, 255];
+  while (node && node.nodeType === 1) {
+    const c = parse(getComputedStyle(node).backgroundColor);
+    if (c.length === 3 || (c.length === 4 && c[3] > 0.99)) { bg = c.slice(0, 3); break; }
+    node = node.parentElement;
+  }
+  const [a, b] = [lum(fg.slice(0, 3)), lum(bg)].sort((x, y) => y - x);
+  out[selector] = (a + 0.05) / (b + 0.05);
+}
+return out;
+"""
+
+
+def save_screenshot(driver, path: Path) -> None:
+    """The page as a person sees it, reduced to a small palette PNG for the docs."""
+    picture = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    picture = picture.resize((picture.width * 3 // 4, picture.height * 3 // 4), Image.Resampling.LANCZOS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.quantize(colors=96, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
