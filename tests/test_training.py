@@ -56,6 +56,37 @@ def test_short_training_run_learns_and_saves_a_gated_calibrated_model(tmp_path: 
     )
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     assert json.loads(report.read_text())["metrics"]["roc_auc"] >= 0.75
+    exports_only_committed_code(tmp_path, out, tag, env)
+
+
+def exports_only_committed_code(tmp_path: Path, run: Path, tag: str, env: dict[str, str]) -> None:
+    """training.export ships a model only when a commit reproduces it, with the run's stress and gate tables."""
+
+    def export_as(code_version: str, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+        derived = subprocess.run(
+            [sys.executable, "-c", "import sys; from models_registry.store import derive_model; "
+             "print(derive_model(sys.argv[1], {'code_version': sys.argv[2]}))", tag, code_version],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+        copy = tmp_path / f"run-{code_version}"
+        copy.mkdir()
+        for name in ("config.json", "metrics.json", "stress.md", "validity.md"):
+            (copy / name).write_bytes((run / name).read_bytes())
+        (copy / "model_tag.txt").write_text(derived + "\n")
+        target = tmp_path / f"export-{code_version}"
+        done = subprocess.run([sys.executable, "-m", "training.export", "--run", str(copy), "--out", str(target), *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        return done, target
+
+    refused, target = export_as("0123abc-dirty")
+    assert refused.returncode == 2 and "uncommitted" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (target / "PROVENANCE.md").exists()
+    shipped, target = export_as("0123abd")
+    assert shipped.returncode == 0, shipped.stderr
+    provenance = (target / "PROVENANCE.md").read_text()
+    assert "`0123abd`" in provenance and "uncommitted" not in provenance
+    assert "random acquisition mix" in provenance and "offline negatives" in provenance.lower()
+    forced, target = export_as("0123abe-dirty", "--allow-dirty")
+    assert forced.returncode == 0 and "no commit reproduces this model" in (target / "PROVENANCE.md").read_text()
 
 
 def test_two_process_ddp_run(tmp_path: Path, data_dir: Path) -> None:

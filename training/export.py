@@ -1,10 +1,15 @@
 """Export a trained model as the repository's shipped default, with its provenance beside it.
 
-    python -m training.export --run runs/default --out default_model
+    python -m training.export --run runs/default --out default_model [--crossval runs/cv]
 
 Writes `<out>/pneumonia-classifier.bentomodel` (a `bentoml models export`
 archive) plus `provenance.json` and `PROVENANCE.md`: the exact training
-command, data fingerprint, measured training time and validation metrics.
+command, data fingerprint, code version, measured training time, validation
+metrics, the stress table and the validity gate's figures (both written by the
+training run), and the recipe's cross-validation summary when given.
+
+A model trained from a tree with uncommitted changes cannot say which code made
+it, so it is refused unless `--allow-dirty` is given (and then says so in bold).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, required=True, help="run folder written by training.train")
     parser.add_argument("--out", type=Path, default=Path("default_model"))
     parser.add_argument("--command", default=None, help="training command, if the run's config.json lacks it")
+    parser.add_argument("--crossval", type=Path, default=None,
+                        help="run folder of `training.crossval` for the same recipe: its summary goes in PROVENANCE.md")
+    parser.add_argument("--allow-dirty", action="store_true",
+                        help="export a model trained from uncommitted code (PROVENANCE.md then says so)")
     args = parser.parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     try:
@@ -45,6 +54,16 @@ def _export(args: argparse.Namespace) -> int:
 
     tag = (args.run / "model_tag.txt").read_text().strip()
     model = load_model(tag)
+    card = model.card
+    dirty = card.code_version.endswith("-dirty") or card.code_version in ("", "unknown")
+    if dirty and not args.allow_dirty:
+        print(f"error: {tag} was trained from code version {card.code_version or 'unknown'!r} (uncommitted or unknown "
+              "changes), so no commit reproduces it; commit, retrain and export again, or pass --allow-dirty",
+              file=sys.stderr)
+        return 2
+    crossval = None
+    if args.crossval is not None:
+        crossval = (args.crossval / "summary.md").read_text()
     args.out.mkdir(parents=True, exist_ok=True)
     archive = args.out / f"{MODEL_NAME}.bentomodel"
     export_model(tag, archive)
@@ -54,7 +73,6 @@ def _export(args: argparse.Namespace) -> int:
         return 1
     config = json.loads((args.run / "config.json").read_text())
     metrics = json.loads((args.run / "metrics.json").read_text())
-    card = model.card
     provenance = {
         "model_tag": tag,
         "archive": archive.name,
@@ -73,6 +91,12 @@ def _export(args: argparse.Namespace) -> int:
         "threshold": card.threshold,
         "target_sensitivity": card.target_sensitivity,
         "validation": card.val_metrics,
+        "run": str(args.run),
+        "code_dirty": dirty,
+        "stress_table": (args.run / "stress.md").read_text().strip(),
+        "validity_report": (args.run / "validity.md").read_text().strip() if (args.run / "validity.md").exists() else None,
+        "crossval_summary": crossval.strip() if crossval else None,
+        "crossval_run": str(args.crossval) if args.crossval else None,
     }
     (args.out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     (args.out / "PROVENANCE.md").write_text(_markdown(provenance))
@@ -93,15 +117,15 @@ def _markdown(p: dict) -> str:
 | architecture | {p['architecture']['arch']}, {p['architecture']['in_channels']} channel, mirror TTA {p['architecture']['tta_hflip']}, trained from scratch |
 | input | {p['preprocess']['image_size']} px grayscale, {p['preprocess']['normalization']} normalisation |
 | training data | `{p['data_dir']}` (train split, by-patient validation hold-out), fingerprint `{p['data_fingerprint'][:16]}...` |
-| code version | `{p['code_version']}` |
+| code version | `{p['code_version']}`{' **(uncommitted changes: no commit reproduces this model)**' if p.get('code_dirty') else ''} |
 | training time | {p['training_seconds'] / 60:.1f} min wall clock, measured by the training command itself on {p['machine']} |
-| calibration | temperature {p['temperature']:.4f}, threshold {p['threshold']:.4f} (pneumonia sensitivity target {p['target_sensitivity']} on validation) |
+| calibration | temperature {p['temperature']:.4f}, threshold {p['threshold']:.4f} (pneumonia sensitivity target {p['target_sensitivity']}, policy `{v.get('threshold_policy', 'clean')}`: {_POLICY.get(v.get('threshold_policy', 'clean'))}) |
 
 Command (run from the repository root):
 
 ```
 {p['command']}
-python -m training.export --run runs/default --out default_model
+python -m training.export --run {p.get('run', 'runs/default')} --out default_model{' --crossval ' + p['crossval_run'] if p.get('crossval_run') else ''}
 ```
 
 ## Validation metrics (patient-level hold-out of the training folder, n = {v['n']}, at the stored threshold)
@@ -122,7 +146,25 @@ test images were acquired differently. The held-out test split was not used.
 | best epoch | {v.get('best_epoch')} |
 
 Confusion matrix (rows true, columns predicted): NORMAL {m[0]}, PNEUMONIA {m[1]}.
-"""
+{_sections(p)}"""
+
+
+_POLICY = {
+    "clean": "reached on the clean validation images",
+    "stressed": "reached on the validation images under every acquisition stress at once",
+}
+
+
+def _sections(p: dict) -> str:
+    """The stress table, the gate's figures and the cross-validation summary, as the commands wrote them."""
+    parts = ["", "## Validation under acquisition stress (written by the training run, `stress.md`)", "",
+             "Same validation patients, each image changed as a different hospital's acquisition might change it; "
+             "specificity and sensitivity at the stored threshold.", "", p["stress_table"]]
+    if p.get("validity_report"):
+        parts += ["", "## Input-validity gate (written by the training run, `validity.md`)", "", p["validity_report"]]
+    if p.get("crossval_summary"):
+        parts += ["", f"## Cross-validation of the recipe (`{p['crossval_run']}/summary.md`)", "", p["crossval_summary"]]
+    return "\n".join(parts) + "\n"
 
 
 if __name__ == "__main__":
