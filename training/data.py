@@ -73,6 +73,16 @@ def scan_split(data_dir: Path, split: str) -> list[Sample]:
     return [Sample(path=p, label=label, patient=patient_id(p, label)) for p, label in labeled_images(Path(data_dir) / split)]
 
 
+def training_split(data_dir: Path, split: str, val_fraction: float, seed: int,
+                   max_per_class: int | None = None) -> tuple[list[Sample], list[Sample]]:
+    """The (train, validation) samples of a training run: the same arguments give the same patients, so a stored
+    model can be scored again on exactly the validation patients its run held out (`training.stress`)."""
+    samples = scan_split(data_dir, split)
+    if max_per_class:
+        samples = [s for label in range(len(CLASS_NAMES)) for s in [x for x in samples if x.label == label][:max_per_class]]
+    return split_by_patient(samples, val_fraction, seed)
+
+
 def split_by_patient(
     samples: list[Sample], val_fraction: float, seed: int
 ) -> tuple[list[Sample], list[Sample]]:

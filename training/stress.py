@@ -1,5 +1,7 @@
 """Shift-stress suite: validation X-rays under acquisition-like changes, through the serving decode path.
 
+    python -m training.stress --model production --data-dir ../shared/datasets/chest_xray
+
 Each stress re-encodes the image as a client would send it (PNG, or JPEG where
 compression is the point) and runs it through `preprocess.prepare`, so what is
 measured is what the service would answer.
@@ -7,7 +9,11 @@ measured is what the service would answer.
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -183,3 +189,63 @@ def format_stress_rows(rows: list[dict], spread: list[dict] | None = None) -> st
             cells.append(f"{row[key]:.4f}" + (f" +- {spread[i][key]:.4f}" if spread else ""))
         lines.append(f"| {row['stress']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Score a stored model on the validation patients its training run held "
+                                "out, clean and under every stress of the suite, at its stored threshold.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="production", help="'production', a version or a full tag from the model store")
+    p.add_argument("--data-dir", type=Path, required=True, help="the folder the model was trained on")
+    p.add_argument("--stress", action="append", choices=list(STRESSES), default=None, help="only this stress (repeatable)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.stress`: the stress table of a stored model; exit 2 with one line on any failure."""
+    args = get_args_parser().parse_args(argv)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    from training import one_line
+
+    try:
+        return _stress(args)
+    except Exception as exc:  # noqa: BLE001 - a command line answers with one line, never a stack trace
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _stress(args: argparse.Namespace) -> int:
+    import torch
+
+    from models_registry import load_model
+    from training.data import training_split
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    config = model.card.training_config
+    if not {"split", "val_fraction", "seed"} <= set(config):
+        raise ValueError(f"model {model.tag} does not record its training split (no training config in its card)")
+    _, val = training_split(args.data_dir, config["split"], config["val_fraction"], config["seed"],
+                            config.get("max_per_class"))
+    labels = np.array([s.label for s in val])
+
+    def logits_of(grids: np.ndarray) -> np.ndarray:
+        return model.logits(grids).float().numpy()
+
+    logits = stressed_logits(logits_of, [s.path for s in val], model.card.preprocess, args.stress)
+    rows = stress_rows(logits, labels, model.card.temperature, model.card.threshold)
+    print(f"model {model.tag}: {len(val)} validation images of its run's held-out patients, "
+          f"threshold {model.card.threshold:.4f}\n")
+    print(format_stress_rows(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": model.tag, "n": len(val), "threshold": model.card.threshold,
+                                         "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

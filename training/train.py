@@ -34,7 +34,7 @@ from training.augment import AugmentConfig, augment_batch
 from training.gate import fit_gate, format_report
 from training.stress import format_stress_rows, stress_rows, stressed_logits
 from core.calibration import choose_threshold, fit_temperature
-from training.data import CLASS_NAMES, DataFolderError, LoadedSplit, fingerprint, load_samples, scan_split, split_by_patient
+from training.data import CLASS_NAMES, DataFolderError, LoadedSplit, fingerprint, load_samples, training_split
 from core.metrics import classification_report
 from core.model import ModelSpec, PneumoniaNet, build_model
 from core.preprocess import PreprocessConfig, to_tensor
@@ -211,10 +211,7 @@ def train_one_epoch(model, optimizer, scheduler, ema, train: LoadedSplit, args, 
 def load_data(args: argparse.Namespace, show: bool) -> tuple[LoadedSplit, LoadedSplit]:
     """The training folder split by patient into train and validation, decoded into memory."""
     preprocess = preprocess_config(args)
-    samples = scan_split(args.data_dir, args.split)
-    if args.max_per_class:
-        samples = [s for label in range(len(CLASS_NAMES)) for s in [x for x in samples if x.label == label][:args.max_per_class]]
-    train_samples, val_samples = split_by_patient(samples, args.val_fraction, args.seed)
+    train_samples, val_samples = training_split(args.data_dir, args.split, args.val_fraction, args.seed, args.max_per_class)
     train = load_samples(train_samples, preprocess, skip_bad=args.skip_bad_images, progress=show, description="decoding train")
     val = load_samples(val_samples, preprocess, skip_bad=args.skip_bad_images, progress=show, description="decoding validation")
     return train, val
