@@ -19,9 +19,9 @@ class AugmentConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     rotate_deg: float = Field(10.0, ge=0)
-    scale: tuple[float, float] = (0.7, 1.35)
-    aspect: tuple[float, float] = (0.8, 1.25)
-    translate: float = Field(0.1, ge=0, description="fraction of the side")
+    scale: tuple[float, float] = (0.85, 1.15)
+    aspect: tuple[float, float] = (1.0, 1.0)
+    translate: float = Field(0.08, ge=0, description="fraction of the side")
     shear_deg: float = Field(5.0, ge=0)
     hflip: float = Field(0.5, ge=0, le=1)
     gamma: tuple[float, float] = (0.6, 1.6)
@@ -42,7 +42,9 @@ def _affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.
     shear = uniform(-cfg.shear_deg, cfg.shear_deg) * math.pi / 180
     scale = torch.exp(uniform(math.log(cfg.scale[0]), math.log(cfg.scale[1])))
     # Width / height ratio change: the collection's images were squashed to squares from many aspect ratios.
-    aspect = torch.exp(uniform(math.log(cfg.aspect[0]), math.log(cfg.aspect[1]))).sqrt()
+    # No draw when it is off, so runs without it keep the random stream (and weights) they had before it existed.
+    aspect = (torch.exp(uniform(math.log(cfg.aspect[0]), math.log(cfg.aspect[1]))).sqrt()
+              if cfg.aspect != (1.0, 1.0) else torch.ones(n))
     flip = torch.where(torch.rand(n, generator=gen) < cfg.hflip, -1.0, 1.0)
     tx, ty = uniform(-cfg.translate, cfg.translate) * 2, uniform(-cfg.translate, cfg.translate) * 2
     cos, sin = torch.cos(angle), torch.sin(angle)

@@ -86,13 +86,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        nargs=2 if pair else None, metavar=("LOW", "HIGH") if pair else "VALUE",
                        help=spec.description or _AUGMENT_HELP[name])
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=24)
+    g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--warmup-fraction", type=float, default=0.1)
-    g.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="0 keeps the head unsqueezed, so temperature scaling can calibrate it")
+    g.add_argument("--label-smoothing", type=float, default=0.05)
     g.add_argument("--ema-decay", type=float, default=0.998, help="decay of the weight average evaluated and saved")
     g.add_argument("--bn-images", type=int, default=1024, help="clean training images used to re-estimate BatchNorm statistics before each evaluation")
     g.add_argument("--patience", type=int, default=8, help="early stop after this many epochs without a better validation ROC-AUC")
