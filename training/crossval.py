@@ -113,7 +113,9 @@ def summarise(folds: list[dict]) -> dict:
 def format_summary(summary: dict) -> str:
     c = summary["clean"]
     cell = lambda s: f"{s['mean']:.4f} +- {s['sd']:.4f} ({s['min']:.4f}-{s['max']:.4f})"  # noqa: E731
-    lines = [f"{summary['folds']} patient-level folds, mean +- sd (min-max); thresholds cross-fitted within each fold", "",
+    of = summary.get("of_folds", summary["folds"])
+    done = f"{summary['folds']} patient-level folds" if of == summary["folds"] else f"{summary['folds']} of {of} patient-level folds (the others not run)"
+    lines = [f"{done}, mean +- sd (min-max); thresholds cross-fitted within each fold", "",
              "| metric (held-out patients, clean) | value |", "| --- | ---: |"]
     names = {"roc_auc": "ROC-AUC", "sensitivity": "sensitivity at the policy's threshold",
              "specificity": "specificity at the policy's threshold", "accuracy": "accuracy at the policy's threshold",
@@ -131,7 +133,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.description = __doc__.split("\n\n")[0]
     g = parser.add_argument_group("cross-validation")
     g.add_argument("--folds", type=int, default=5, help="number of patient-level folds")
-    g.add_argument("--fold", type=int, action="append", default=None, help="run only this fold (repeatable)")
+    g.add_argument("--fold", type=int, action="append", default=None, help="run only this fold, counted from 0 (repeatable); the table covers the folds done so far")
     parser.set_defaults(select="last", register=False)
     return parser
 
@@ -162,10 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         held_split = load_samples([samples[i] for i in held], preprocess, progress=args.progress, description="decoding held out")
         result.write_text(json.dumps(run_fold(args, k, train, held_split), indent=2))
     done = sorted(args.out.glob("fold*.json"))
+    if not done:
+        print("no fold done yet")
+        return 0
     if len(done) < args.folds:
         print(f"{len(done)} of {args.folds} folds done; run the others (--fold) to complete the table")
-        return 0
     summary = summarise([json.loads(p.read_text()) for p in done])
+    summary["of_folds"] = args.folds
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     table = format_summary(summary)
     (args.out / "summary.md").write_text(table + "\n")

@@ -1,0 +1,119 @@
+"""Compare stored models (and their averaged-logit ensemble) on the same held-out patients under stress.
+
+    python -m training.compare --models TAG_A TAG_B --data-dir ../shared/datasets/chest_xray --ensemble
+
+The recipe table of docs/model.md comes from this command. Every model is scored
+on the validation patients of the FIRST model's training run (so compare models
+trained with the same split and seed), clean and under every stress of
+training/stress.py, by threshold-free figures (ROC-AUC, specificity at 98 %
+sensitivity) and at an operating point chosen the way training chooses it
+(temperature on the clean images, `--target-sensitivity` on every stress at once),
+so models stored with different policies are compared on one footing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from core.calibration import choose_threshold, fit_temperature
+from training import one_line
+from training.stress import STRESSES, stressed_grids
+
+SHOWN = ("clean", "zoom in 15 %", "border padding 10 %", "random acquisition mix")
+
+
+def specificity_at(labels: np.ndarray, scores: np.ndarray, sensitivity: float = 0.98) -> float:
+    """Best specificity among thresholds keeping at least this sensitivity (ranking quality, no threshold)."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(1 - fpr[np.nonzero(tpr >= sensitivity)[0][0]])
+
+
+def summarise(name: str, logits: dict[str, np.ndarray], labels: np.ndarray, target: float) -> dict:
+    """Figures of one scorer (a model or an ensemble) from its raw logits per stress."""
+    temperature = fit_temperature(logits["clean"], labels)
+    pooled = np.concatenate(list(logits.values()))
+    threshold = choose_threshold(np.tile(labels, len(logits)), 1 / (1 + np.exp(-pooled / temperature)), target)
+    rows = {}
+    for stress, z in logits.items():
+        predicted = 1 / (1 + np.exp(-z / temperature)) >= threshold
+        rows[stress] = {"roc_auc": float(roc_auc_score(labels, z)), "spec_at_98": specificity_at(labels, z),
+                        "sensitivity": float(predicted[labels == 1].mean()),
+                        "specificity": float((~predicted[labels == 0]).mean())}
+    aucs = [r["roc_auc"] for r in rows.values()]
+    return {"name": name, "temperature": temperature, "threshold": threshold, "rows": rows,
+            "mean_auc": float(np.mean(aucs)), "min_auc": float(np.min(aucs))}
+
+
+def format_table(results: list[dict]) -> str:
+    head = ["scorer", "mean / min ROC-AUC over stresses"]
+    for stress in SHOWN:
+        head.append(f"{stress}: AUC, spec@98 % sens, sens / spec at threshold")
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " --- |" * len(SHOWN)]
+    for r in results:
+        cells = [r["name"], f"{r['mean_auc']:.4f} / {r['min_auc']:.4f}"]
+        for stress in SHOWN:
+            row = r["rows"][stress]
+            cells.append(f"{row['roc_auc']:.4f}, {row['spec_at_98']:.3f}, {row['sensitivity']:.3f} / {row['specificity']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, help="stored model tags (the first one's split is used)")
+    p.add_argument("--data-dir", type=Path, required=True, help="the folder the models were trained on")
+    p.add_argument("--ensemble", action="store_true", help="also score the average of all the models' logits")
+    p.add_argument("--target-sensitivity", type=float, default=0.97)
+    p.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.compare`: exit 2 with one line on any failure."""
+    args = get_args_parser().parse_args(argv)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    try:
+        return _compare(args)
+    except Exception as exc:  # noqa: BLE001 - a command line answers with one line, never a stack trace
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from models_registry import load_model
+    from training.data import training_split
+
+    models = [load_model(tag) for tag in args.models]
+    if len({m.card.preprocess.model_dump_json() for m in models}) != 1:
+        raise ValueError("the models preprocess differently; compare models of one input pipeline")
+    config = models[0].card.training_config
+    _, val = training_split(args.data_dir, config["split"], config["val_fraction"], config["seed"], config.get("max_per_class"))
+    labels = np.array([s.label for s in val])
+    logits: list[dict[str, np.ndarray]] = [{} for _ in models]
+    for stress, apply in STRESSES.items():
+        grids = stressed_grids([s.path for s in val], apply, models[0].card.preprocess)
+        for model, out in zip(models, logits):
+            out[stress] = np.concatenate([model.logits(grids[i:i + 128]).float().numpy() for i in range(0, len(grids), 128)])
+    results = [summarise(m.tag, z, labels, args.target_sensitivity) for m, z in zip(models, logits)]
+    if args.ensemble and len(models) > 1:
+        mean = {stress: np.mean([z[stress] for z in logits], axis=0) for stress in STRESSES}
+        results.append(summarise("ensemble (mean logit) of " + " + ".join(m.tag.split(":")[1] for m in models), mean,
+                                 labels, args.target_sensitivity))
+    print(f"{len(val)} validation images of the held-out patients of {models[0].tag}'s run; operating point: "
+          f"temperature on clean images, {args.target_sensitivity:.0%} sensitivity on every stress at once\n")
+    print(format_table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"n": len(val), "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
