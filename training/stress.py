@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 def _stress(args: argparse.Namespace) -> int:
     import torch
 
+    from core.metrics import bootstrap_intervals
     from models_registry import load_model
     from training.data import training_split
 
@@ -240,10 +241,18 @@ def _stress(args: argparse.Namespace) -> int:
     print(f"model {model.tag}: {len(val)} validation images of its run's held-out patients, "
           f"threshold {model.card.threshold:.4f}\n")
     print(format_stress_rows(rows))
+    intervals = {}
+    for name in ("clean", "random acquisition mix"):
+        if name not in logits:
+            continue
+        probs = 1 / (1 + np.exp(-logits[name] / model.card.temperature))
+        intervals[name] = bootstrap_intervals(labels, probs, probs >= model.card.threshold)
+        cells = ", ".join(f"{k} {lo:.4f}-{hi:.4f}" for k, (lo, hi) in intervals[name].items())
+        print(f"\n95 % bootstrap intervals, {name}: {cells}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": model.tag, "n": len(val), "threshold": model.card.threshold,
-                                         "rows": rows}, indent=2) + "\n")
+                                         "rows": rows, "bootstrap_95": intervals}, indent=2) + "\n")
     return 0
 
 
