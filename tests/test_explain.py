@@ -4,6 +4,8 @@ What an explanation must be: exactly the prediction `classify` gives for the ima
 Grad-CAM heatmap (a grid in [0, 1] and PNGs at the upload's aspect ratio), the same bytes for
 the same input, none for a refused image, the same 4xx as classify for a bad upload, and a
 burst beyond the worker's explain slots refused at once while classify keeps answering.
+A DICOM upload is explained on its windowed display pixels (MONOCHROME1 inverted), exactly
+as a PNG of those pixels is; a DICOM object refused by its tags gets no heatmap.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from api._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
 from client import AuthenticationError, connect
 from core.explain import CAM_LAYERS, GRID_SIZE, OVERLAY_MAX_SIDE, cam_layer
 from core.model import Architecture, ModelSpec, build_model
+from harness import dicom_files as D
 from harness.paths import ROOT, VENV_BIN
 from harness.payloads import build_samples, sample_xrays
 from harness.servers import ServerProcess, server_env
@@ -151,6 +154,87 @@ def test_a_refused_image_gets_its_refusal_and_no_heatmap(live: ServerProcess) ->
         reply = pb_grpc.ClassifierStub(channel).Explain(pb.ExplainRequest(image=pb.Image(data=blank)), timeout=60)
     assert reply.prediction.status == "refused" and not reply.HasField("heatmap")
     assert reply.note == explained["note"]
+
+
+def gray_png(gray: np.ndarray) -> bytes:
+    return encode(Image.fromarray(gray.astype(np.uint8), mode="L"), "PNG")
+
+
+def dicom_cases() -> dict[str, tuple[bytes, bytes]]:
+    """name -> (DICOM file, PNG of the 8-bit picture a viewer shows for it), both from real training X-rays.
+
+    - the README's example: a 224 px X-ray stored as a 12-bit MONOCHROME1 CR in JPEG-LS (shown inverted back);
+    - a full-size radiograph (1760 x 2140) at 16 bits whose window matters: the X-ray's values sit in a narrow
+      band (16 x + 20000) with a burned-in marker at 65535 and one at 0, so the window shows the X-ray as it
+      was (markers clipped to white and black) where the full range of the values would be a flat grey.
+    """
+    small = np.asarray(Image.open(sample_xrays(1, offset=130)[1]).convert("L"))
+    m1 = D.stored_values(small, 12, monochrome1=True)
+    readme = D.part10(m1.values, bits_stored=12, photometric="MONOCHROME1", modality="CR",
+                      window=(m1.center, m1.width), syntax=D.SYNTAXES["jpeg-ls"])
+    with Image.open(io.BytesIO(build_samples().full[1].data)) as image:
+        large = np.array(image.convert("L"))
+    values = large.astype(np.uint16) * 16 + 20000
+    shown = large.copy()
+    values[:24, :24], shown[:24, :24] = 65535, 255
+    values[:24, 24:48], shown[:24, 24:48] = 0, 0
+    windowed = D.part10(values, bits_stored=16, window=(20000 + 0.5 + 127.5 * 16, 255 * 16 + 1))
+    return {"12bit-mono1-jpeg-ls-cr": (readme, gray_png(small)),
+            "16bit-narrow-window-full-size": (windowed, gray_png(shown))}
+
+
+def test_a_dicom_upload_is_explained_on_its_windowed_pixels(live: ServerProcess) -> None:
+    """Explain of a DICOM file = explain of a PNG of the pixels a viewer shows (window applied, MONOCHROME1 inverted):
+    the same prediction within 1e-3, the same grid, the same pictures; over gRPC the same bytes; classify agrees."""
+    for name, (dicom, reference) in dicom_cases().items():
+        answer = explain_http(live.url, dicom, name=f"{name}.dcm")
+        assert answer.status_code == 200, (name, answer.text[:800])
+        explained, want = answer.json(), explain_http(live.url, reference, name=f"{name}.png").json()
+        prediction = explained["prediction"]
+        assert prediction["status"] == want["prediction"]["status"] == "ok", (name, prediction, want["prediction"])
+        assert D.PHI_MARKER not in answer.text, name
+        info = prediction["image"]
+        assert info["format"] == "DICOM" and info["dicom"]["voi"] == "window", (name, info)
+        assert prediction["label"] == want["prediction"]["label"], name
+        assert abs(prediction["probability"] - want["prediction"]["probability"]) < 1e-3, name
+        classified = classify_http(live.url, dicom).json()[0]
+        for key in COMPARED:
+            assert prediction[key] == classified[key], (name, key)
+
+        heatmap, expected = explained["heatmap"], want["heatmap"]
+        assert heatmap["target"] == prediction["label"], name
+        assert np.allclose(heatmap["grid"], expected["grid"], atol=1e-4), name
+        # the picture the map is drawn on is the windowed display, not the stored values
+        assert heatmap["image_png"] == expected["image_png"] and heatmap["overlay_png"] == expected["overlay_png"], name
+        size = expected_preview(info["width"], info["height"])
+        assert png_size(base64.b64decode(heatmap["overlay_png"])) == size == (heatmap["width"], heatmap["height"])
+
+        with connect(live.grpc_target, transport="grpc", timeout=120) as api:
+            over_grpc = api.explain(dicom)
+        assert over_grpc.prediction.image.dicom is not None and over_grpc.prediction.image.dicom.voi == "window"
+        assert abs(over_grpc.prediction.probability - prediction["probability"]) <= 1e-6, name
+        assert over_grpc.heatmap is not None and over_grpc.heatmap.image_png == base64.b64decode(heatmap["image_png"])
+
+
+def test_a_dicom_refused_by_its_tags_gets_its_refusal_and_no_heatmap(live: ServerProcess) -> None:
+    """A lateral view and a CT slice: refused per their tags (never decoded), no heatmap, over HTTP and gRPC."""
+    gray = np.asarray(Image.open(sample_xrays(1, offset=131)[0]).convert("L"))
+    stored = D.stored_values(gray, 12)
+    common = dict(bits_stored=12, window=(stored.center, stored.width))
+    files = {"dicom_view": D.part10(stored.values, view="LL", **common),
+             "dicom_modality": D.part10(stored.values, modality="CT", **common)}
+    for reason, data in files.items():
+        explained = explain_http(live.url, data, name=f"{reason}.dcm").json()
+        prediction = explained["prediction"]
+        assert prediction["status"] == "refused" and prediction["refusal"]["reason"] == reason, (reason, prediction)
+        assert prediction["label"] is None and prediction["probability"] is None and explained["heatmap"] is None
+        assert prediction["validity"] is None  # never decoded: the gate's figures of a blank grid mean nothing
+        assert prediction["image"]["dicom"]["voi"] is None
+        assert explained["note"].startswith(f"No heatmap: the image was refused ({reason})")
+        with grpc.insecure_channel(live.grpc_target) as channel:
+            reply = pb_grpc.ClassifierStub(channel).Explain(pb.ExplainRequest(image=pb.Image(data=data)), timeout=60)
+        assert reply.prediction.status == "refused" and reply.prediction.refusal.reason == reason
+        assert not reply.HasField("heatmap") and reply.note == explained["note"]
 
 
 BAD_UPLOADS = {

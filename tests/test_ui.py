@@ -18,9 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
+from harness import dicom_files as D
 from harness.paths import ROOT
 from harness.payloads import sample_xrays
 from harness.servers import ServerProcess
@@ -176,6 +178,39 @@ def test_a_refused_upload_shows_its_reason(browser, keyed_server: ServerProcess,
     assert not card.find_element(By.CSS_SELECTOR, ".verdict").is_displayed()
     if os.environ.get(SCREENSHOT_ENV):
         save_screenshot(browser, ROOT / os.environ[SCREENSHOT_ENV])
+
+
+def test_a_dicom_file_shows_its_verdict_and_heatmap_and_a_lateral_one_its_refusal(
+    browser, keyed_server: ServerProcess, tmp_path: Path
+) -> None:
+    """DICOM through the page's file picker: a real X-ray stored as a 12-bit MONOCHROME1 CR (.dcm) gets the API's
+    verdict and a rendered heatmap; the same pixels tagged as a lateral view (.dicom) get their refusal."""
+    from selenium.webdriver.common.by import By
+
+    gray = np.asarray(Image.open(sample_xrays(1, offset=122)[1]).convert("L"))
+    stored = D.stored_values(gray, 12, monochrome1=True)
+    common = dict(bits_stored=12, photometric="MONOCHROME1", modality="CR", window=(stored.center, stored.width))
+    study, lateral = tmp_path / "study.dcm", tmp_path / "lateral.dicom"
+    study.write_bytes(D.part10(stored.values, syntax=D.SYNTAXES["jpeg-ls"], **common))
+    lateral.write_bytes(D.part10(stored.values, view="LL", **common))
+    open_page(browser, keyed_server, API_KEY)
+    accept = browser.find_element(By.ID, "files").get_attribute("accept").split(",")
+    assert {".dcm", ".dicom", "application/dicom"} <= set(accept)
+
+    expected = httpx.post(keyed_server.url + "/explain", files={"image": (study.name, study.read_bytes())},
+                          headers={"x-api-key": API_KEY}, timeout=120).json()["prediction"]
+    assert expected["status"] == "ok" and expected["image"]["format"] == "DICOM", expected
+    card = upload(browser, study)
+    assert card.get_attribute("data-state") == "done", visible_text(card, ".error")
+    assert visible_text(card, ".label") == expected["label"]
+    assert visible_text(card, ".probability") == f"{expected['probability']:.4f}"
+    overlay = card.find_element(By.CSS_SELECTOR, "img.overlay")
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay) > 0
+
+    card = upload(browser, lateral)
+    assert card.get_attribute("data-state") == "refused"
+    assert visible_text(card, ".refusal-reason") == "dicom_view"
+    assert not card.find_element(By.CSS_SELECTOR, ".heatmap").is_displayed()
 
 
 def test_a_missing_or_wrong_api_key_gets_a_message_a_person_can_act_on(browser, keyed_server: ServerProcess) -> None:

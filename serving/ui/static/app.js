@@ -180,11 +180,15 @@
     if (status === 400 || status === 415 || status === 422) {
       const hints = {
         empty: "The file is empty.",
-        not_an_image: "This file is not an image the server can read. Send a JPEG, PNG, TIFF, BMP or WebP file "
-          + "(DICOM where the server supports it).",
-        unsupported_format: "The server does not accept this image format. Send a JPEG, PNG, TIFF, BMP or WebP file.",
+        not_an_image: "This file is not an image the server can read. Send a DICOM, JPEG, PNG, TIFF, BMP or WebP "
+          + "file.",
+        unsupported_format: "The server does not accept this image format. Send a DICOM, JPEG, PNG, TIFF, BMP or "
+          + "WebP file.",
         corrupt: "The file looks damaged: the server could not decode it.",
         too_small: "The image is too small to classify.",
+        dicom_no_pixel_data: "This DICOM file holds no image (no Pixel Data): send the image object of the study.",
+        dicom_unsupported_syntax: "The server cannot decode this DICOM file's compression. Export it uncompressed "
+          + "(or as JPEG, JPEG-LS, JPEG 2000 or RLE) and send it again.",
       };
       const hint = hints[reason] || "The server refused this file.";
       return said && !hint.includes(said) ? `${hint} (${said})` : hint;
