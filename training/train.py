@@ -290,6 +290,8 @@ def train_model(args: argparse.Namespace, train: LoadedSplit, val: LoadedSplit, 
 
 
 def main(args: argparse.Namespace) -> int:
+    # Validate the configuration before anything slow, so a bad option fails at once with its name.
+    augment_config(args), preprocess_config(args), model_spec(args)
     rank, world, device = setup_distributed()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     started = time.monotonic()
