@@ -7,6 +7,7 @@ present), never speed: figures come from the benchmark itself (docs/performance.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,23 @@ def test_locust_command_writes_reports_with_no_failures(server, tmp_path: Path) 
     assert "<html" in (out / "report.html").read_text()[:2000].lower()
 
 
+def test_locust_explain_users_run_beside_classify_users(server, tmp_path: Path) -> None:
+    """The Locust mix of docs/performance.md (explain users beside classify users), short: both answered, no failures;
+    a call turned away by the explain slots is its own row, not a failure."""
+    server.wait_for_explainers()
+    out = tmp_path / "locust-explain"
+    code = run_locust.main(["--url", server.url, "--users", "4", "--explain-users", "2", "--duration", "8",
+                            "--out", str(out)])
+    logs = (out / "locust.log").read_text() if (out / "locust.log").exists() else ""
+    assert code == 0, logs[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["aggregated"]["failures"] == 0
+    rows = {row["name"]: row for row in summary["by_request"]}
+    assert rows["/explain [explained]"]["requests"] > 0, rows
+    assert set(rows) >= {"/classify [full-size]", "/classify [single]", "/explain [explained]"}, rows
+    assert sum(row["requests"] for name, row in rows.items() if name.startswith("/classify")) > 0
+
+
 def test_locust_command_reports_failures_against_a_dead_url(tmp_path: Path) -> None:
     from harness.servers import free_port
 
@@ -47,12 +65,28 @@ def test_locust_command_reports_failures_against_a_dead_url(tmp_path: Path) -> N
     assert summary["aggregated"]["failures"] == summary["aggregated"]["requests"] > 0
 
 
+def run_stopping_servers(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command that starts servers of its own; past `timeout`, interrupt it so that its `finally` blocks stop
+    them (SIGINT), and kill it only if it does not end within a minute after that. `subprocess.run(timeout=...)` kills
+    at once, which left the benchmark's servers (each in a session of its own) running after a slow run."""
+    proc = subprocess.Popen(args, cwd=ROOT, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(args[1:4])} did not finish in {timeout:.0f} s:\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
 def test_benchmark_quick_has_every_row_and_no_failures(production_tag: str, tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    proc = subprocess.run(
-        [sys.executable, "-m", "loadtests.benchmark", "--quick", "--window-s", "1.5", "--out", str(out)],
-        cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=300,
-    )
+    proc = run_stopping_servers(
+        [sys.executable, "-m", "loadtests.benchmark", "--quick", "--window-s", "1.5", "--out", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((out / "benchmark.json").read_text())
     assert result["model"] == production_tag
@@ -71,3 +105,14 @@ def test_benchmark_quick_has_every_row_and_no_failures(production_tag: str, tmp_
     for label in ("bare model limit", "service, adaptive batching", "service, batching off", "FastAPI baseline"):
         assert label in table and label in proc.stdout
     assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # explain's cost (p50/p95) and classify with and without an explain burst beside it (issue 13)
+    explain = result["explain"]
+    assert set(explain["rows"]) == {"explain_alone", "classify_alone", "classify_beside_burst", "explain_burst"}
+    for name, row in explain["rows"].items():
+        assert row["failures"] == 0, (name, row)
+    for name in ("explain_alone", "classify_alone", "classify_beside_burst"):
+        row = explain["rows"][name]
+        assert row["requests_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0, (name, row)
+    assert explain["classify_images_per_s_ratio"] > 0 and explain["classify_p95_ratio"] > 0
+    for label in ("explain alone, 1 client", "classify beside the explain burst", "explain burst beside classify"):
+        assert label in table

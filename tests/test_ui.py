@@ -273,8 +273,16 @@ return out;
 
 
 def save_screenshot(driver, path: Path) -> None:
-    """The page as a person sees it, reduced to a small palette PNG for the docs."""
-    picture = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    """The whole page as a person sees it (the window stretched to its height, so the refused card below the
+    heatmap is in it too), reduced to a small palette PNG for the docs."""
+    size = driver.get_window_size()
+    frame = size["height"] - driver.execute_script("return window.innerHeight")  # the window's own bars, if any
+    page = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(size["width"], max(size["height"], page + frame))
+    try:
+        picture = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    finally:
+        driver.set_window_size(size["width"], size["height"])
     picture = picture.resize((picture.width * 3 // 4, picture.height * 3 // 4), Image.Resampling.LANCZOS)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.quantize(colors=96, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
