@@ -23,6 +23,12 @@ from client import TLS
 from harness.paths import ROOT, VENV_BIN
 
 
+# How long the tests wait for a subprocess or a server before calling it hung. Not a speed bound: beside a
+# CPU-heavy job at normal priority (the tests at nice 19), a start or a CLI call that needs seconds on an idle
+# machine has taken over 10 minutes on the 2-core VM.
+HANG_S = 1200.0
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -64,9 +70,8 @@ class ServerProcess:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, ready_timeout: float = 600.0, ready_path: str = "/readyz") -> "ServerProcess":
-        """Start and wait until ready. `ready_timeout` is a hang detector, not a speed bound: beside other
-        CPU-heavy jobs on 2 cores a start (imports, model check, warm-up) has taken over 3 minutes."""
+    def start(self, ready_timeout: float = HANG_S, ready_path: str = "/readyz") -> "ServerProcess":
+        """Start and wait until ready; `ready_timeout` is a hang detector (HANG_S), not a speed bound."""
         self.started_at = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -195,7 +200,7 @@ def kill_group(server: ServerProcess) -> None:
         pass
 
 
-def start_server(log_path: Path, ready_timeout: float = 600.0, **env: str) -> ServerProcess:
+def start_server(log_path: Path, ready_timeout: float = HANG_S, **env: str) -> ServerProcess:
     """`bentoml serve` of the service on free loopback ports (HTTP and gRPC), started and ready."""
     env.setdefault("PNEUMONIA_GRPC__HOST", "127.0.0.1")
     env.setdefault("PNEUMONIA_GRPC__PORT", str(free_port()))
