@@ -212,7 +212,8 @@ class PneumoniaClassifier:
         torch.set_num_threads(SETTINGS.threads_per_worker())
         # In a thread, so the worker listens (and says 503) while the model loads and warms up; the explainers
         # (a few seconds: Captum's import, a traced copy per explain thread) follow once classify is ready.
-        warm_up_in_background(self._load_and_warm, delay_s=SETTINGS.warmup_delay_s, then=self._load_explainers)
+        warm_up_in_background(self._load_and_warm, delay_s=SETTINGS.warmup_delay_s, then=self._load_explainers,
+                              release_file=SETTINGS.warmup_release_file)
 
     def _load_and_warm(self) -> None:
         model = models_registry.load_model(MODEL_TAG, engine=SETTINGS.engine)

@@ -169,6 +169,51 @@ class ExplainSettings(BaseModel):
     )
 
 
+class GrpcTlsSettings(BaseModel):
+    """TLS of the gRPC port (the HTTP port's TLS is `bentoml serve --ssl-certfile/--ssl-keyfile`).
+
+    Unset: plaintext. `certfile` and `keyfile` (PEM): TLS. Also `client_ca_file`:
+    mutual TLS, every client must present a certificate signed by that CA. The
+    files are read once at start-up; a missing or unreadable one stops the server.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    certfile: Path | None = Field(None, description="server certificate chain (PEM); with keyfile: TLS on the gRPC port")
+    keyfile: Path | None = Field(None, description="private key of certfile (PEM, unencrypted)")
+    client_ca_file: Path | None = Field(
+        None, description="CA certificates (PEM) clients' certificates must chain to: mutual TLS; needs certfile"
+    )
+    _pem: dict[str, bytes] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _read_files(self) -> "GrpcTlsSettings":
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("grpc.tls needs both certfile and keyfile (or neither)")
+        if self.client_ca_file is not None and self.certfile is None:
+            raise ValueError("grpc.tls.client_ca_file (mutual TLS) needs certfile and keyfile too")
+        for name in ("certfile", "keyfile", "client_ca_file"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"grpc.tls.{name} {path} cannot be read: {exc.strerror}") from None
+            if b"-----BEGIN " not in data:
+                raise ValueError(f"grpc.tls.{name} {path} is not a PEM file")
+            self._pem[name] = data
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None
+
+    def pem(self, name: str) -> bytes | None:
+        """The bytes of `certfile`, `keyfile` or `client_ca_file` as read at start-up (None when unset)."""
+        return self._pem.get(name)
+
+
 class GrpcSettings(BaseModel):
     """The gRPC endpoint (serving/grpc/), started inside every worker by `bentoml serve`."""
 
@@ -178,6 +223,7 @@ class GrpcSettings(BaseModel):
     host: str = Field("0.0.0.0", description="interface to bind; the HTTP --host does not apply to gRPC")
     port: int = Field(3001, ge=1, le=65535, description="shared by all workers (SO_REUSEPORT)")
     shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get to finish on shutdown")
+    tls: GrpcTlsSettings = GrpcTlsSettings()
 
 
 class ServingSettings(BaseSettings):
@@ -201,12 +247,20 @@ class ServingSettings(BaseSettings):
     max_images_per_request: int = Field(16, ge=1, le=256)
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest accepted request body")
     timeout_s: int = Field(60, ge=1, description="request timeout")
-    max_concurrency: int = Field(256, ge=1, description="requests in flight before 503")
+    max_concurrency: int = Field(
+        256, ge=1,
+        description="HTTP calls in flight per server, shared out over the workers, beyond which BentoML answers 429 "
+        "(probes and /health are not counted); also the gRPC calls in flight per worker before RESOURCE_EXHAUSTED",
+    )
     ready_wait_s: float = Field(
         5.0, ge=0, le=60, description="how long a classify call waits for a worker still warming up before its 503"
     )
     warmup_delay_s: float = Field(
         0.0, ge=0, le=600, description="TEST/OPS KNOB, keep 0: extra seconds before each worker loads its model"
+    )
+    warmup_release_file: Path | None = Field(
+        None, description="TEST KNOB, keep unset: the warm-up delay ends early once this file exists (tests hold a "
+        "server in its not-ready state for exactly as long as their checks take, however slow the machine)",
     )
     limits: InputLimits = InputLimits()
     batching: BatchingSettings = BatchingSettings()

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from ._common import ImageInput
+    from ._common import TLS, ImageInput
     from .errors import (
         AuthenticationError,
         ClientError,
@@ -50,6 +50,7 @@ _EXPORTS = {
     "ModelInfo": "models",
     "ImageUpload": "models",
     "ImageInput": "_common",
+    "TLS": "_common",
     "ClientError": "errors",
     "InvalidInput": "errors",
     "LimitExceeded": "errors",
@@ -107,16 +108,21 @@ def connect(
     transport: Transport = "http",
     timeout: float = 60.0,
     headers: Mapping[str, str] | None = None,
+    tls: TLS | None = None,
 ) -> ClassifierClient:
-    """A synchronous client; `url` is http://host:port for HTTP, host:port (or grpc://host:port) for gRPC."""
+    """A synchronous client; `url` is http(s)://host:port for HTTP, host:port (or grpc://host:port) for gRPC.
+
+    `headers` go with every call (e.g. `{"x-api-key": KEY}`); `tls` says which CA to trust and which client
+    certificate to present (HTTPS, gRPC over TLS, mutual TLS).
+    """
     if transport == "grpc":
         from .grpc_transport import GrpcClient
 
-        return GrpcClient(url, timeout=timeout, headers=headers)
+        return GrpcClient(url, timeout=timeout, headers=headers, tls=tls)
     if transport == "http":
         from .http_transport import HttpClient
 
-        return HttpClient(url, timeout=timeout, headers=headers)
+        return HttpClient(url, timeout=timeout, headers=headers, tls=tls)
     raise ValueError(f"unknown transport {transport!r}; use 'http' or 'grpc'")
 
 
@@ -126,14 +132,15 @@ def connect_async(
     transport: Transport = "http",
     timeout: float = 60.0,
     headers: Mapping[str, str] | None = None,
+    tls: TLS | None = None,
 ) -> AsyncClassifierClient:
     """The asyncio version of `connect`."""
     if transport == "grpc":
         from .grpc_transport import AsyncGrpcClient
 
-        return AsyncGrpcClient(url, timeout=timeout, headers=headers)
+        return AsyncGrpcClient(url, timeout=timeout, headers=headers, tls=tls)
     if transport == "http":
         from .http_transport import AsyncHttpClient
 
-        return AsyncHttpClient(url, timeout=timeout, headers=headers)
+        return AsyncHttpClient(url, timeout=timeout, headers=headers, tls=tls)
     raise ValueError(f"unknown transport {transport!r}; use 'http' or 'grpc'")

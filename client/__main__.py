@@ -3,6 +3,7 @@
     python -m client classify xray.jpeg [more.png study.dcm ...] [--grpc] [--url URL] [--json] [--timeout S]
     python -m client explain xray.jpeg --out heatmap.png [--grid grid.json] [--grpc] [--url URL] [--json]
     python -m client health [--grpc] [--url URL] [--json]
+    ... [--api-key KEY] [--ca-file ca.pem] [--cert client.pem --key client-key.pem]   # a secured service
 
 --url defaults to http://127.0.0.1:3000 (HTTP) or 127.0.0.1:3001 (gRPC), or to $PNEUMONIA_URL /
 $PNEUMONIA_GRPC_URL when set. Exit status: 0 success, 1 not ready, 2 usage error or unreadable file,
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from . import ClassifierClient, connect
+from ._common import TLS
 from .errors import ClientError
 from .models import DicomInfo, ImageUpload, ModelInfo, Prediction
 
@@ -29,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--url", help="http://host:port (HTTP) or host:port (gRPC)")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
     common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer (default 60)")
+    common.add_argument("--api-key", default=os.environ.get("PNEUMONIA_API_KEY"),
+                        help="API key of a secured service (default: $PNEUMONIA_API_KEY)")
+    common.add_argument("--ca-file", type=Path, help="CA (PEM) the server's certificate must chain to (HTTPS, gRPC TLS)")
+    common.add_argument("--cert", type=Path, help="client certificate (PEM), for a server that requires one")
+    common.add_argument("--key", type=Path, help="private key of --cert (PEM)")
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     classify = commands.add_parser("classify", parents=[common],
@@ -139,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     url = args.url or os.environ.get("PNEUMONIA_GRPC_URL" if args.grpc else "PNEUMONIA_URL")
     try:
-        with connect(url, transport="grpc" if args.grpc else "http", timeout=args.timeout) as api:
+        headers = {"x-api-key": args.api_key} if args.api_key else None
+        tls = TLS(args.ca_file, args.cert, args.key) if (args.ca_file or args.cert or args.key) else None
+        with connect(url, transport="grpc" if args.grpc else "http", timeout=args.timeout, headers=headers,
+                     tls=tls) as api:
             if args.command == "explain":
                 return _explain(api, args)
             if args.command == "classify":
@@ -160,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except ValueError as exc:  # a malformed --url
+    except ValueError as exc:  # a malformed --url, --cert without --key
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unreadable --ca-file, --cert or --key (ssl.SSLError included)
+        print(f"error: cannot use the TLS files: {exc}", file=sys.stderr)
         return 2
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -62,3 +64,38 @@ def grpc_target(url: str | None) -> str:
     if "://" in url:
         raise ValueError(f"{url!r} is not a gRPC address; use host:port or grpc://host:port")
     return url
+
+
+@dataclass(frozen=True)
+class TLS:
+    """How a client trusts the server, and (mutual TLS) proves who it is; PEM files.
+
+    `ca_file`: the CA (or self-signed certificate) the server's certificate must chain to; None = the system's
+    trust store. `cert_file` and `key_file`: this client's certificate and key, for a server that requires one.
+    HTTP uses it for https:// URLs; gRPC opens a TLS channel instead of a plaintext one.
+    """
+
+    ca_file: str | os.PathLike | None = None
+    cert_file: str | os.PathLike | None = None
+    key_file: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs both cert_file and key_file")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For httpx: verify the server against `ca_file` (or the system store), present the client certificate."""
+        context = ssl.create_default_context(cafile=None if self.ca_file is None else str(self.ca_file))
+        if self.cert_file is not None:
+            context.load_cert_chain(str(self.cert_file), None if self.key_file is None else str(self.key_file))
+        return context
+
+    def grpc_credentials(self) -> Any:
+        """`grpc.ChannelCredentials` of the same files."""
+        import grpc
+
+        def read(path: str | os.PathLike | None) -> bytes | None:
+            return None if path is None else Path(path).read_bytes()
+
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca_file), private_key=read(self.key_file),
+                                            certificate_chain=read(self.cert_file))

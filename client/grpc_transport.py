@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from api.grpc import SERVICE_NAME, explanation_fields, model_info_fields, pb, pb_grpc, prediction_fields
 from api.status import REASONS_METADATA_KEY, RETRY_AFTER_HEADER
-from ._common import DEFAULT_TIMEOUT_S, ImageInput, as_uploads, grpc_target
+from ._common import DEFAULT_TIMEOUT_S, TLS, ImageInput, as_uploads, grpc_target
 from .errors import (
     LIMIT_REASONS,
     AuthenticationError,
@@ -85,12 +85,19 @@ def _open_channel(api: Any, target: str, credentials: grpc.ChannelCredentials | 
     return api.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
 
 
+def _credentials(credentials: grpc.ChannelCredentials | None, tls: TLS | None) -> grpc.ChannelCredentials | None:
+    if credentials is not None and tls is not None:
+        raise ValueError("pass credentials or tls, not both")
+    return credentials if tls is None else tls.grpc_credentials()
+
+
 def _metadata(headers: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
     return tuple((k.lower(), v) for k, v in (headers or {}).items())
 
 
 class GrpcClient:
-    """Synchronous gRPC client. `headers` travel as call metadata (e.g. credentials)."""
+    """Synchronous gRPC client. `headers` travel as call metadata (e.g. credentials); `tls` (or grpc `credentials`)
+    opens a TLS channel, with a client certificate for a server that requires one (mutual TLS)."""
 
     transport = "grpc"
 
@@ -101,11 +108,12 @@ class GrpcClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         headers: Mapping[str, str] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: TLS | None = None,
     ) -> None:
         self.url = grpc_target(target)
         self.timeout = timeout
         self._metadata = _metadata(headers)
-        self._channel = _open_channel(grpc, self.url, credentials)
+        self._channel = _open_channel(grpc, self.url, _credentials(credentials, tls))
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -166,11 +174,12 @@ class AsyncGrpcClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         headers: Mapping[str, str] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: TLS | None = None,
     ) -> None:
         self.url = grpc_target(target)
         self.timeout = timeout
         self._metadata = _metadata(headers)
-        self._credentials = credentials
+        self._credentials = _credentials(credentials, tls)
         self._channel: grpc.aio.Channel | None = None
 
     def _open(self) -> grpc.aio.Channel:

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 from pydantic import TypeAdapter
 
-from ._common import DEFAULT_HTTP_URL, DEFAULT_TIMEOUT_S, ImageInput, as_uploads, rejection
+from ._common import DEFAULT_HTTP_URL, DEFAULT_TIMEOUT_S, TLS, ImageInput, as_uploads, rejection
 from .errors import AuthenticationError, ClientError, DeadlineExceeded, LimitExceeded, ServerError, Unavailable
 from .models import Explanation, ImageUpload, ModelInfo, Prediction
 
@@ -79,15 +79,18 @@ def _transport_error(exc: httpx.HTTPError, url: str) -> ClientError:
 
 
 class HttpClient:
-    """Synchronous HTTP client. `headers` go with every request (e.g. credentials)."""
+    """Synchronous HTTP client. `headers` go with every request (e.g. credentials); `tls` for https:// servers
+    signed by a private CA or requiring a client certificate."""
 
     transport = "http"
 
     def __init__(
-        self, url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S, headers: Mapping[str, str] | None = None
+        self, url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S, headers: Mapping[str, str] | None = None,
+        tls: TLS | None = None,
     ) -> None:
         self.url = (url or DEFAULT_HTTP_URL).rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=dict(headers or {}))
+        verify = tls.ssl_context() if tls is not None else True
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=dict(headers or {}), verify=verify)
 
     def classify(self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None) -> list[Prediction]:
         """One prediction per image, in order."""
@@ -144,10 +147,12 @@ class AsyncHttpClient:
     transport = "http"
 
     def __init__(
-        self, url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S, headers: Mapping[str, str] | None = None
+        self, url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S, headers: Mapping[str, str] | None = None,
+        tls: TLS | None = None,
     ) -> None:
         self.url = (url or DEFAULT_HTTP_URL).rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=dict(headers or {}))
+        verify = tls.ssl_context() if tls is not None else True
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=dict(headers or {}), verify=verify)
 
     async def classify(
         self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None

@@ -89,6 +89,10 @@ class SteadyLoad:
                     if len(self.outcomes) >= self.max_requests:
                         self._stop.set()
 
+    def successes(self) -> int:
+        with self._lock:
+            return sum(o.ok for o in self.outcomes)
+
     def start(self) -> "SteadyLoad":
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.clients)]
         for thread in self._threads:
@@ -128,15 +132,48 @@ class WorkerKillResult:
     first_success_after_kill_s: float | None
     longest_gap_s: float  # longest time without a successful answer, from the kill to the end
     window_s: float
+    served_while_replacing: int  # successes that ended after the kill and before the replacement was warm
+    # With every original worker stopped (SIGSTOP) once the replacement is warm: how fresh connections ended.
+    # Only the replacement can accept them, so "http_200" here is the replacement answering.
+    replacement_probe_kinds: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+def probe_with_stopped(pids: list[int], url: str, payload: bytes, probes: int = 4,
+                       timeout_s: float = 60.0) -> dict[str, int]:
+    """SIGSTOP `pids`, send `probes` requests on fresh connections, SIGCONT them; how each request ended.
+
+    The workers share one listening socket: a stopped worker accepts nothing, so every probe is
+    answered (or not) by the workers left running.
+    """
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        outcomes = []
+        for _ in range(probes):
+            with httpx.Client(timeout=timeout_s) as client:
+                outcomes.append(post_images(client, url, [payload]))
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    return dict(Counter(o.kind for o in outcomes))
+
+
 def worker_kill_experiment(server: ServerProcess, payloads: list[bytes], workers: int, clients: int = 4,
                            warm_s: float = 3.0, settle_s: float = 3.0, recover_timeout_s: float = 120.0,
-                           timeout_s: float = 60.0) -> WorkerKillResult:
-    """Under closed-loop load, SIGKILL one worker; measure failures and how long until it is replaced and warm."""
+                           timeout_s: float = 60.0, min_successes_before_kill: int = 0,
+                           probe_replacement: bool = False) -> WorkerKillResult:
+    """Under closed-loop load, SIGKILL one worker; measure failures and how long until it is replaced and warm.
+
+    The kill comes after `warm_s` seconds of load and at least `min_successes_before_kill` answers (so a slow
+    machine still has a load in full swing when it happens). `probe_replacement`: once the replacement is warm
+    and the load has stopped, stop the other workers and check that the replacement answers by itself.
+    """
     assert server.process is not None
     serve_pid = server.process.pid
     before = wait_for_workers(serve_pid, workers)
@@ -144,6 +181,11 @@ def worker_kill_experiment(server: ServerProcess, payloads: list[bytes], workers
     load = SteadyLoad(server.url, payloads, clients=clients, timeout_s=timeout_s).start()
     try:
         time.sleep(warm_s)
+        deadline = time.monotonic() + recover_timeout_s
+        while load.successes() < min_successes_before_kill:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {min_successes_before_kill} answers in {recover_timeout_s} s of load")
+            time.sleep(0.05)
         victim = before[0]
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -162,6 +204,9 @@ def worker_kill_experiment(server: ServerProcess, payloads: list[bytes], workers
         ended_at = time.monotonic()
     finally:
         outcomes = load.stop()
+    probe_kinds: dict[str, int] = {}
+    if probe_replacement and ready_at is not None:
+        probe_kinds = probe_with_stopped([p for p in before if p != victim], server.url, payloads[0])
     before_kill = [o for o in outcomes if o.end < killed_at]
     after_kill = [o for o in outcomes if o.end >= killed_at]
     successes = [o.end for o in after_kill if o.ok]
@@ -180,6 +225,8 @@ def worker_kill_experiment(server: ServerProcess, payloads: list[bytes], workers
         first_success_after_kill_s=round(min(successes) - killed_at, 2) if successes else None,
         longest_gap_s=round(longest_success_gap(after_kill, killed_at, ended_at), 2),
         window_s=round(ended_at - killed_at, 2),
+        served_while_replacing=sum(o.ok and o.end < (ready_at if ready_at is not None else ended_at) for o in after_kill),
+        replacement_probe_kinds=probe_kinds,
     )
 
 
@@ -197,6 +244,7 @@ class DrainResult:
     exit_code: int | None
     exit_after_term_s: float | None
     images_per_request: int
+    late_sent: int = 0  # requests sent after SIGTERM (the one after the exit included); `late` holds those that ended
     late: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -266,6 +314,7 @@ def sigterm_experiment(server: ServerProcess, heavy_images: list[bytes], in_flig
         exit_code=exit_code,
         exit_after_term_s=None if exited_at is None else round(exited_at - term_at, 2),
         images_per_request=len(heavy_images),
+        late_sent=len(late_threads) + 1,
         late=[{"sent_after_term_s": round(o.start - term_at, 2), "took_s": round(o.end - o.start, 2), "kind": o.kind}
               for o in sorted(late, key=lambda o: o.start)],
     )

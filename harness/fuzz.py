@@ -5,8 +5,9 @@ the limits (model-sized uint8 grid, a source within max_pixels and min_side;
 a DICOM object refused by its tags with a known refusal reason) or raises
 ImageRejected with a known reason and a message; never another exception.
 Inputs are arbitrary bytes and mutations (bit flips, overwritten header
-fields, insertions, deletions, truncation, splices) of small valid images in
-every accepted format, DICOM in each transfer syntax included.
+fields, insertions, deletions, truncation, splices, padding past the byte
+limit) of small valid images in every accepted format, DICOM in each transfer
+syntax included.
 
 Used by tests/test_fuzz_decode.py (a short run in CI) and
 scripts/fuzz_decode.py (a long run for a given number of minutes).
@@ -27,8 +28,9 @@ from core.preprocess import ImageRejected, InputLimits, PreparedImage, Preproces
 from harness import dicom_files
 
 CONFIG = PreprocessConfig()
-# Small limits keep each example fast while still exercising every limit check.
-LIMITS = InputLimits(max_bytes=256 * 1024, max_pixels=2_000_000, min_side=32)
+# Small limits keep each example fast while still exercising every limit check: the byte limit sits just above
+# the largest seed (13 KB), so a seed grown by the "pad" mutation crosses it (too_many_bytes).
+LIMITS = InputLimits(max_bytes=16 * 1024, max_pixels=2_000_000, min_side=32)
 REASONS = frozenset(get_args(RejectReason))
 
 
@@ -96,7 +98,7 @@ def mutated_images(draw: st.DrawFn) -> bytes:
             break
         head = min(len(data), 1024 if data[128:132] == b"DICM" else 256)  # a DICOM header is longer
         at = draw(st.one_of(st.integers(0, head - 1), st.integers(0, len(data) - 1)))
-        kind = draw(st.sampled_from(["flip", "byte", "int", "insert", "delete", "truncate", "splice"]))
+        kind = draw(st.sampled_from(["flip", "byte", "int", "insert", "delete", "truncate", "splice", "pad"]))
         if kind == "flip":
             data[at] ^= 1 << draw(st.integers(0, 7))
         elif kind == "byte":
@@ -110,6 +112,10 @@ def mutated_images(draw: st.DrawFn) -> bytes:
             del data[at : at + draw(st.integers(1, 64))]
         elif kind == "truncate":
             del data[at:]
+        elif kind == "pad":  # filler up to the byte limit, one byte over it, or far over it: too_many_bytes
+            to_limit = max(1, LIMITS.max_bytes - len(data))
+            size = draw(st.sampled_from([to_limit, to_limit + 1, 2 * LIMITS.max_bytes, draw(st.integers(1, 4096))]))
+            data[at:at] = bytes([draw(st.integers(0, 255))]) * size
         else:  # splice in a piece of another seed
             other = draw(st.sampled_from(seeds()))
             start = draw(st.integers(0, len(other) - 1))

@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,14 @@ from pathlib import Path
 
 import httpx
 
+from client import TLS
 from harness.paths import ROOT, VENV_BIN
+
+
+# How long the tests wait for a subprocess or a server before calling it hung. Not a speed bound: beside a
+# CPU-heavy job at normal priority (the tests at nice 19), a start or a CLI call that needs seconds on an idle
+# machine has taken over 10 minutes on the 2-core VM.
+HANG_S = 1200.0
 
 
 def free_port() -> int:
@@ -41,34 +49,48 @@ class ServerProcess:
     # Readiness is per worker (BentoML's /readyz answers for the worker that took the call), so a
     # multi-worker service is ready for measurements only once every worker has logged a warm model.
     warm_workers: int = 0
+    # HTTPS (`bentoml serve --ssl-*`): how this harness trusts the server (and, for mutual TLS, proves who it is).
+    tls: TLS | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
+    started_at: float | None = field(default=None, init=False)  # time.monotonic() when the process was started
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://127.0.0.1:{self.port}"
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """What httpx's `verify` needs to reach this server (True: plain HTTP or the system's trust store)."""
+        return self.tls.ssl_context() if self.tls is not None else True
+
+    def http_client(self, timeout: float = 120.0, **headers: str) -> httpx.Client:
+        """An httpx client of this server (its base URL and TLS trust), sending `headers` with every request."""
+        return httpx.Client(base_url=self.url, verify=self.verify(), timeout=timeout, headers=headers)
 
     @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, ready_timeout: float = 180.0, ready_path: str = "/readyz") -> "ServerProcess":
+    def start(self, ready_timeout: float = HANG_S, ready_path: str = "/readyz") -> "ServerProcess":
+        """Start and wait until ready; `ready_timeout` is a hang detector (HANG_S), not a speed bound."""
+        self.started_at = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.args, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         try:
             deadline = time.monotonic() + ready_timeout
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
-                try:
-                    if httpx.get(self.url + ready_path, timeout=2).status_code == 200 and (
-                        ready_path != "/readyz" or self._workers_warm()
-                    ):
-                        return self
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+            with httpx.Client(verify=self.verify(), timeout=2) as probe:
+                while time.monotonic() < deadline:
+                    if self.process.poll() is not None:
+                        raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
+                    try:
+                        if probe.get(self.url + ready_path).status_code == 200 and (
+                            ready_path != "/readyz" or self._workers_warm()
+                        ):
+                            return self
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(0.5)
             raise TimeoutError(f"server not ready after {ready_timeout}s:\n{self.logs()[-4000:]}")
         except BaseException:  # not ready, or interrupted while waiting: never leave it running
             self.stop()
@@ -144,19 +166,24 @@ def _expected_workers(env: dict[str, str]) -> int:
         return 0
 
 
-def bentoml_serve(target: str, port: int, log_path: Path, **env: str) -> ServerProcess:
-    """`bentoml serve TARGET` on 127.0.0.1:PORT, its gRPC endpoint on a free loopback port (not yet started)."""
-    args = [str(VENV_BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+def bentoml_serve(target: str, port: int, log_path: Path, *, serve_args: list[str] | None = None,
+                  tls: TLS | None = None, stores: Path | None = None, **env: str) -> ServerProcess:
+    """`bentoml serve TARGET` on 127.0.0.1:PORT, its gRPC endpoint on a free loopback port (not yet started).
+
+    `serve_args`: more `bentoml serve` options (e.g. `--ssl-certfile`); `tls`: how to reach it over HTTPS;
+    `stores`: the BENTOML_HOME whose model and Bento stores it uses (default: this process's).
+    """
+    args = [str(VENV_BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port), *(serve_args or [])]
     # Never the default 3001: with SO_REUSEPORT two servers on one port would silently share it.
     env.setdefault("PNEUMONIA_GRPC__HOST", "127.0.0.1")
     grpc_port = int(env.setdefault("PNEUMONIA_GRPC__PORT", str(free_port())))
     scratch: list[Path] = []
     if "BENTOML_HOME" not in env:
-        shared = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")  # BentoML's own default
+        shared = stores or Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")  # BentoML's own default
         scratch.append(private_home(shared))
         env["BENTOML_HOME"] = str(scratch[0])
     return ServerProcess(args=args, port=port, env=server_env(**env), log_path=log_path, grpc_port=grpc_port,
-                         scratch_dirs=scratch, warm_workers=_expected_workers(env))
+                         scratch_dirs=scratch, warm_workers=_expected_workers(env), tls=tls)
 
 
 def kill_group(server: ServerProcess) -> None:
@@ -173,7 +200,7 @@ def kill_group(server: ServerProcess) -> None:
         pass
 
 
-def start_server(log_path: Path, ready_timeout: float = 180.0, **env: str) -> ServerProcess:
+def start_server(log_path: Path, ready_timeout: float = HANG_S, **env: str) -> ServerProcess:
     """`bentoml serve` of the service on free loopback ports (HTTP and gRPC), started and ready."""
     env.setdefault("PNEUMONIA_GRPC__HOST", "127.0.0.1")
     env.setdefault("PNEUMONIA_GRPC__PORT", str(free_port()))

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness import record
 from harness.paths import DATA_DIR, RESULTS
 from harness.payloads import build_samples
 
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-images", type=int, default=100, help="training images per class added to the accuracy check")
     p.add_argument("--out", type=Path, default=RESULTS / "ablations.json")
     args = p.parse_args(argv)
+    provenance = record.provenance(argv)
     which = args.only.split(",")
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     from models_registry import load_model
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         ms = "-" if r.get("ms_per_image") is None else f"{r['ms_per_image']:.3f}"
         print(f"{r['what']:<24} {r['variant']:<44} {ms:>9} ms/image  {r.get('note', '')}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": model.tag, "cores": os.cpu_count(), "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({**record.finished(provenance), "model": model.tag, "cores": os.cpu_count(),
+                                    "rows": rows}, indent=1) + "\n")
     return 0
 
 

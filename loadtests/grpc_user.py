@@ -47,6 +47,7 @@ def grpc_target(host: str | None) -> str:
 class GrpcClassifyUser(User):
     """A gRPC client of Classify (full-size, single and multi-image requests) and of the health check."""
 
+    REQUEST_NAMES = ("Classify [full-size]", "Classify [single]", f"Classify [{MULTI_COUNT} images]", "Health/Check")
     wait_time = between(_WAIT_S / 2, _WAIT_S * 1.5) if _WAIT_S > 0 else constant(0)
     timeout_s = 60.0
     _samples = None

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from client import GrpcClient, HttpClient, ImageUpload
+from harness import record
 from harness.paths import DATA_DIR, RESULTS
 from harness.servers import bentoml_serve, free_port
 
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-url", help="host:port of its gRPC endpoint (required with --url)")
     parser.add_argument("--calls", type=int, default=200, help="measured calls per transport (default 200)")
     parser.add_argument("--image", type=Path, help="image to send (default: a real X-ray from the data set)")
+    parser.add_argument("--json", type=Path, help="also write the figures here (with the command and machine)")
     args = parser.parse_args(argv)
+    provenance = record.provenance(argv)
     image = args.image or sorted((DATA_DIR / "train" / "PNEUMONIA").iterdir())[0]
     server = None
     try:
@@ -108,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<10}{row['median_ms']:>11.2f}{row['p95_ms']:>9.2f}{row['mean_ms']:>9.2f}"
             f"{row['min_ms']:>8.2f}{row['server_median_ms']:>18.2f}"
         )
+    if args.json:
+        record.write(args.json, {**record.finished(provenance), "calls": args.calls, "image": image.name,
+                                 "image_bytes": image.stat().st_size,
+                                 "results": {name: {k: round(v, 2) for k, v in row.items()} for name, row in results.items()}})
     return 0
 
 

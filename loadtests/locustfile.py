@@ -22,6 +22,8 @@ Set PNEUMONIA_LOADTEST_GRPC=1 to add the gRPC user class (`loadtests.grpc_user`)
 to the same run; pick classes with Locust's
 positional user-class arguments as usual. PNEUMONIA_LOADTEST_WAIT_S sets a think
 time per user (default 0: a closed loop that measures capacity).
+PNEUMONIA_LOADTEST_STOP_AFTER=N ends the run once every request type was sent N
+times (smoke runs; `run_locust --stop-after N`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def _check_predictions(response, expected: int) -> None:
 class ClassifyUser(FastHttpUser):
     """An HTTP client of POST /classify and POST /health with a realistic request mix."""
 
+    REQUEST_NAMES = ("/classify [full-size]", "/classify [single]", f"/classify [{MULTI_COUNT} images]", "/health")
     wait_time = between(_WAIT_S / 2, _WAIT_S * 1.5) if _WAIT_S > 0 else constant(0)
     network_timeout = 60.0
     connection_timeout = 10.0
@@ -109,6 +112,7 @@ class ClassifyUser(FastHttpUser):
 class ExplainUser(FastHttpUser):
     """A reviewer's client: POST /explain with one image (full-size and small, alternately), back to back."""
 
+    REQUEST_NAMES = ("/explain [explained]",)  # "/explain [busy 503]" appears only when the slots are taken
     fixed_count = _EXPLAIN_USERS  # exactly this many of the run's users; the others are ClassifyUsers
     wait_time = constant(0)
     network_timeout = 60.0
@@ -149,6 +153,30 @@ if not _EXPLAIN_USERS:  # without the variable, the suite is the classify mix al
 
 if os.environ.get("PNEUMONIA_LOADTEST_GRPC", "").lower() in ("1", "true", "yes"):
     from loadtests.grpc_user import GrpcClassifyUser  # noqa: F401  (Locust collects it from this module)
+
+
+STOP_AFTER_ENV = "PNEUMONIA_LOADTEST_STOP_AFTER"
+
+
+@events.test_start.add_listener
+def _stop_after_enough_requests(environment, **_kwargs) -> None:
+    """With PNEUMONIA_LOADTEST_STOP_AFTER=N, end the run once every request type of the running user classes
+    (their REQUEST_NAMES) has been sent N times: a smoke run then ends by what it did, not by the clock
+    (`--run-time` stays as the upper bound), so a slow machine makes it longer, never emptier."""
+    wanted = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
+    names = {name for cls in environment.user_classes for name in getattr(cls, "REQUEST_NAMES", ())}
+    if wanted <= 0 or not names:
+        return
+
+    def watch() -> None:
+        while True:
+            gevent.sleep(0.2)
+            done = {entry.name: entry.num_requests for entry in environment.stats.entries.values()}
+            if all(done.get(name, 0) >= wanted for name in names):
+                environment.runner.quit()
+                return
+
+    gevent.spawn(watch)
 
 
 @events.init.add_listener

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from harness import record
 from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import MULTI_COUNT
 from harness.servers import ServerProcess, bentoml_serve, free_port, server_env
@@ -52,6 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-s", type=float, default=0.0, help="mean think time per user between requests")
     p.add_argument("--explain-users", type=int, default=0,
                    help="this many of the users call POST /explain back to back (an explain burst beside classify)")
+    p.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="end the run once every request type was sent N times (the duration is then an upper bound)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the started service, e.g. PNEUMONIA_BATCHING__MAX_BATCH_SIZE=16")
     return p
@@ -87,10 +90,11 @@ def format_summary(summary: dict, meta: dict) -> str:
 
 
 def run_locust(url: str, users: int, duration_s: int, out: Path, spawn_rate: float | None = None,
-               grpc_url: str | None = None, grpc: bool = False, wait_s: float = 0.0, explain_users: int = 0) -> int:
+               grpc_url: str | None = None, grpc: bool = False, wait_s: float = 0.0, explain_users: int = 0,
+               stop_after: int = 0) -> int:
     """Locust headless against `url`; returns its exit code (1 when requests failed)."""
     env = server_env(PNEUMONIA_LOADTEST_WAIT_S=str(wait_s), PNEUMONIA_LOADTEST_STATS_JSON=str(out / "final_stats.json"),
-                     PNEUMONIA_LOADTEST_EXPLAIN_USERS=str(explain_users))
+                     PNEUMONIA_LOADTEST_EXPLAIN_USERS=str(explain_users), PNEUMONIA_LOADTEST_STOP_AFTER=str(stop_after))
     if grpc:
         env["PNEUMONIA_LOADTEST_GRPC"] = "1"
         if grpc_url:
@@ -113,6 +117,7 @@ def run_locust(url: str, users: int, duration_s: int, out: Path, spawn_rate: flo
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    provenance = record.provenance(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     out = (args.out or RESULTS / "locust" / time.strftime("%Y%m%d-%H%M%S")).resolve()  # Locust runs in ROOT
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             server.start()
             url = server.url
         code = run_locust(url.rstrip("/"), args.users, args.duration, out, args.spawn_rate, grpc_url, args.grpc,
-                          args.wait_s, args.explain_users)
+                          args.wait_s, args.explain_users, args.stop_after)
     finally:
         if server is not None:
             server.stop()
@@ -141,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if not stats.exists():
         print(f"Locust wrote no statistics (exit {code}); see {out / 'locust.log'}", file=sys.stderr)
         return 2
-    meta = {"url": url, "users": args.users, "duration_s": args.duration, "locust_exit_code": code}
+    meta = {**record.finished(provenance), "url": url, "users": args.users, "duration_s": args.duration,
+            "locust_exit_code": code}
     summary = summarise(stats)
     (out / "summary.json").write_text(json.dumps({**meta, **summary}, indent=2))
     text = format_summary(summary, meta)

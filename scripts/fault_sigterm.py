@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from harness import record
 from harness.faults import sigterm_experiment, write_json
 from harness.paths import RESULTS
 from harness.payloads import large_png
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    provenance = record.provenance(argv)
     heavy = [large_png(args.side, seed=i % 2) for i in range(args.images)]
     with model_store():
         server = start_server(args.out / f"sigterm-{stamp}.log")
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  new requests after SIGTERM  {result['late_kinds']}, longest wait {result['late_max_s']} s")
     for item in result["late"]:
         print(f"    sent +{item['sent_after_term_s']:5.2f} s  ->  {item['kind']:<20} after {item['took_s']:.2f} s")
-    path = write_json(args.out / f"sigterm-{stamp}.json", {"command": " ".join(sys.argv), **result})
+    path = write_json(args.out / f"sigterm-{stamp}.json", {**record.finished(provenance), **result})
     print(f"\nJSON: {path}")
     hung = result["exit_after_term_s"] is not None and result["late_max_s"] > result["exit_after_term_s"] + 5
     ok = result["in_flight_ok"] == result["in_flight"] and result["exit_code"] == 0 and not hung

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from harness import record
 from harness.faults import worker_kill_experiment, write_json
 from harness.paths import RESULTS
 from harness.payloads import xray_payloads
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    provenance = record.provenance(argv)
     results = []
     with model_store():
         server = start_server(args.out / f"worker-kill-{stamp}.log", PNEUMONIA_WORKERS=str(args.workers))
@@ -46,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
                 wait_until_workers_warm(server, args.workers)
                 result = worker_kill_experiment(
                     server, xray_payloads(16), workers=args.workers, clients=args.clients,
-                    warm_s=args.warm_s, recover_timeout_s=args.recover_timeout_s,
+                    warm_s=args.warm_s, recover_timeout_s=args.recover_timeout_s, probe_replacement=True,
                 )
                 results.append(result.as_dict())
                 print(format_result(result.as_dict()))
         finally:
             server.stop()
             kill_group(server)
-    path = write_json(args.out / f"worker-kill-{stamp}.json", {"command": " ".join(sys.argv), "runs": results})
+    path = write_json(args.out / f"worker-kill-{stamp}.json", {**record.finished(provenance), "runs": results})
     print(f"\nJSON: {path}")
     broken = [r for r in results if r["failures_after_kill"] > r["clients"] or r["replacement_ready_s"] is None]
     return 1 if broken else 0
@@ -70,6 +72,8 @@ def format_result(r: dict) -> str:
             f"  replacement model warm        {r['replacement_ready_s']} s after the kill",
             f"  first success after the kill  {r['first_success_after_kill_s']} s",
             f"  longest time without success  {r['longest_gap_s']} s (of {r['window_s']} s observed)",
+            f"  served while replacing        {r['served_while_replacing']} requests (by the surviving workers)",
+            f"  replacement alone (others stopped): {r['replacement_probe_kinds']}",
         ]
     )
 

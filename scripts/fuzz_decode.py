@@ -2,6 +2,7 @@
 
     python scripts/fuzz_decode.py --minutes 10            # prints examples run, outcomes, failures
     python scripts/fuzz_decode.py --minutes 1 --out runs/fuzz
+    python scripts/fuzz_decode.py --minutes 3 --json docs/results/fuzz-decode.json   # the figure in docs/hardening.md
 
 Runs the property of harness/fuzz.py in rounds of fresh random examples
 until the time is up. A failing input is shrunk by hypothesis, written to
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, settings
 
+from harness import record
 from harness.fuzz import ANY_INPUT, check
 
 
@@ -28,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="how long to fuzz (default 10)")
     parser.add_argument("--round", type=int, default=2000, help="examples per hypothesis round")
     parser.add_argument("--out", type=Path, default=Path("runs/fuzz"), help="where failing inputs are written")
+    parser.add_argument("--json", type=Path, help="also write the summary here (with the command and machine)")
     args = parser.parse_args(argv)
+    provenance = record.provenance(argv)
 
     outcomes: collections.Counter[str] = collections.Counter()
     failures: dict[str, str] = {}
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"failures: {len(failures)}" + (f" (inputs in {args.out})" if failures else ""))
     for name, error in failures.items():
         print(f"  {name}: {error}")
+    if args.json:
+        record.write(args.json, {**record.finished(provenance), "minutes": round(elapsed / 60, 2), "examples": total,
+                                 "outcomes": dict(outcomes.most_common()), "failures": failures})
     return 1 if failures else 0
 
 

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from harness import record
 from harness.faults import write_json
 from harness.loadgen import encode_request, measure_capacity, open_loop
 from harness.paths import RESULTS
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--url must point at this machine (127.0.0.1 or localhost)")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    report: dict = {"command": " ".join(["python", *sys.argv]), "started": stamp, "minutes": args.minutes}
+    report: dict = {**record.provenance(argv), "started": stamp, "minutes": args.minutes}
     with model_store() if not args.url else contextlib.nullcontext():
         server = None
         if not args.url:
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 kill_group(server)
     report.update(workers=None if args.url else args.workers, fraction=args.fraction, **result)
     report["memory"] = memory_summary(result["samples"])
-    path = write_json(args.out / f"soak-{stamp}.json", report)
+    path = write_json(args.out / f"soak-{stamp}.json", record.finished(report))
     print(json.dumps({k: v for k, v in report.items() if k not in ("samples", "capacity_ramp")}, indent=2))
     print(f"JSON: {path}")
     grew = report["memory"].get("growth_pct", 0.0)

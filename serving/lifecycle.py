@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
@@ -87,12 +88,23 @@ class Readiness:
 READINESS = Readiness()
 
 
+def hold(delay_s: float, release_file: Path | None = None, poll_s: float = 0.05) -> None:
+    """Sleep `delay_s`, or less once `release_file` exists (the warm-up knobs; both unset in production)."""
+    deadline = time.monotonic() + delay_s
+    while time.monotonic() < deadline:
+        if release_file is not None and release_file.exists():
+            return
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
 def warm_up_in_background(work: Callable[[], None], delay_s: float = 0.0,
-                          then: Callable[[], None] | None = None) -> threading.Thread:
+                          then: Callable[[], None] | None = None, release_file: Path | None = None) -> threading.Thread:
     """Run `work` (load and warm the model) in a daemon thread, then mark this worker ready.
 
     `delay_s` is the PNEUMONIA_WARMUP_DELAY_S test/ops knob: it widens the
-    not-ready window so tests can observe it; production leaves it at 0.
+    not-ready window so tests can observe it; production leaves it at 0. With
+    `release_file` (PNEUMONIA_WARMUP_RELEASE_FILE) the window ends as soon as that
+    file exists, so a test holds the server not-ready exactly while it checks.
     `then` runs after the worker is marked ready (what only some calls need, e.g.
     the explainers of /explain); its failure is logged and the worker lives on.
     """
@@ -101,7 +113,7 @@ def warm_up_in_background(work: Callable[[], None], delay_s: float = 0.0,
         started = time.monotonic()
         try:
             if delay_s:
-                time.sleep(delay_s)
+                hold(delay_s, release_file)
             work()
         except BaseException as exc:  # noqa: BLE001 - a worker without a model must not live on
             message = f"model warm-up failed, worker {os.getpid()} exits: {type(exc).__name__}: {exc}"

@@ -77,3 +77,29 @@ def keyed_server(production_tag: str, tmp_path_factory: pytest.TempPathFactory) 
         raise
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def secured_server(production_tag: str, tmp_path_factory: pytest.TempPathFactory):
+    """The hospital-style server (tests/secured.py): HTTPS, gRPC over mutual TLS, API keys, rate limits; stopped after."""
+    from tests.secured import start_secured
+
+    server, pki = start_secured(tmp_path_factory.mktemp("secured"))
+    yield server, pki
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def bento_tag(production_tag: str) -> str:
+    """`bentoml build` of this working tree into the test store (packs the production model); once per session."""
+    import subprocess
+
+    from harness.paths import ROOT, VENV_BIN
+    from harness.servers import HANG_S, server_env
+
+    result = subprocess.run([str(VENV_BIN / "bentoml"), "build", "--output", "tag"], cwd=ROOT, env=server_env(),
+                            capture_output=True, text=True, timeout=HANG_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    tag = result.stdout.strip().splitlines()[-1].replace("__tag__:", "").strip()
+    assert tag.startswith("pneumonia-classifier-service:")
+    return tag

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from client import (
+    TLS,
     AsyncClassifierClient,
+    AuthenticationError,
     ClassifierClient,
+    DeadlineExceeded,
     ImageUpload,
     InvalidInput,
     LimitExceeded,
@@ -24,7 +27,10 @@ from client import (
 )
 from harness.paths import ROOT
 from harness.payloads import sample_xrays
-from harness.servers import ServerProcess, free_port, server_env
+from harness.servers import HANG_S, ServerProcess, free_port, server_env
+from harness.tls import Pki
+from tests.images import encode, gradient
+from tests.secured import BURST, KEY_CLIENT, KEY_FILE
 
 SAME = ("label", "probability", "threshold", "confidence", "model", "image", "warnings", "filename", "client_id")
 
@@ -102,7 +108,7 @@ def test_unreachable_server_is_unavailable(transport: str) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=HANG_S)
 
 
 @pytest.mark.parametrize("transport", ["http", "grpc"])
@@ -136,3 +142,61 @@ def test_cli_errors_exit_non_zero_with_a_message(live: ServerProcess, transport:
     assert down.returncode == 4 and "cannot reach" in down.stderr and "Traceback" not in down.stderr
     missing = _cli("classify", str(tmp_path / "absent.png"), *flags, "--url", _target(live, transport))
     assert missing.returncode == 2 and "absent.png" in missing.stderr
+
+
+# --------------------------------------------------------------------------- against the secured server
+
+
+def _secured_target(server: ServerProcess, transport: str) -> str:
+    return server.grpc_target if transport == "grpc" else server.url  # https://
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_client_against_a_secured_server(secured_server: tuple[ServerProcess, Pki], transport: str) -> None:
+    """HTTPS and gRPC over mutual TLS with an API key; the typed errors for a missing or wrong key, a
+    deadline, and the server's rate limit."""
+    server, pki = secured_server
+    target, key = _secured_target(server, transport), {"x-api-key": KEY_CLIENT[transport]}
+    path = sample_xrays(1, offset=21)[0]
+    with connect(target, transport=transport, headers=key, tls=pki.client()) as api:
+        assert api.ready()
+        (prediction,) = api.classify(path)
+        assert prediction.label in ("NORMAL", "PNEUMONIA") and prediction.filename == path.name
+        assert api.model_info().model == prediction.model  # protect_health: needs the key, which it has
+    for headers in (None, {"x-api-key": "wrong-key-" + "x" * 20}):
+        with connect(target, transport=transport, headers=headers, tls=pki.client()) as api:
+            with pytest.raises(AuthenticationError) as refused:
+                api.classify(path)
+            assert refused.value.status == (401 if transport == "http" else "UNAUTHENTICATED")
+            assert api.ready()  # probes need no key
+    with connect(target, transport=transport, tls=TLS()) as api, pytest.raises(Unavailable):
+        api.classify(path)  # the private CA is not in the system's trust store: no connection
+    heavy = [ImageUpload(data=encode(gradient((3000, 3000)), "PNG"), filename=f"big-{i}.png") for i in range(16)]
+    with connect(target, transport=transport, headers=key, tls=pki.client()) as api:
+        with pytest.raises(DeadlineExceeded):
+            api.classify(heavy, timeout=0.05)  # 16 decodes of 9 megapixels each cannot finish in 50 ms
+        (again,) = api.classify(path)  # the client is usable after a deadline
+        assert again.probability == prediction.probability
+        for calls in range(1, 500):  # spend the key's bucket: the rate limit's 429 / RESOURCE_EXHAUSTED
+            try:
+                api.model_info()
+            except LimitExceeded as limited:
+                assert limited.status == (429 if transport == "http" else "RESOURCE_EXHAUSTED")
+                break
+        else:
+            pytest.fail("never rate limited")
+        assert calls > BURST // 2
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_cli_against_a_secured_server(secured_server: tuple[ServerProcess, Pki], transport: str) -> None:
+    server, pki = secured_server
+    flags = ["--url", _secured_target(server, transport), "--ca-file", str(pki.ca),
+             "--cert", str(pki.client_cert), "--key", str(pki.client_key)] + (["--grpc"] if transport == "grpc" else [])
+    path = str(sample_xrays(1, offset=23)[0])
+    keyless = _cli("classify", path, *flags)
+    assert keyless.returncode == 5 and "Traceback" not in keyless.stderr, keyless.stderr  # AuthenticationError
+    keyed = _cli("classify", path, *flags, "--api-key", KEY_FILE)
+    assert keyed.returncode == 0 and "probability of pneumonia" in keyed.stdout, keyed.stderr
+    untrusted = _cli("classify", path, *flags[:2], "--api-key", KEY_FILE, *(["--grpc"] if transport == "grpc" else []))
+    assert untrusted.returncode == 4 and "cannot reach" in untrusted.stderr, untrusted.stderr

@@ -2,8 +2,12 @@
 
 Each test starts its own server on free loopback ports (the shared session
 server must not be killed) and always kills its whole process group at the end.
-The measured figures are printed (`pytest -s`) and documented in
-docs/hardening.md ("Faults"); scripts/fault_*.py run the same experiments standalone.
+The tests assert order and outcome (who answered, what failed and how, what the
+server did next), never how fast: the only time limits are generous hang
+detectors, named as such. The figures (how long a replacement takes, how long
+the drain lasts) are measured by scripts/fault_worker_kill.py and
+scripts/fault_sigterm.py and kept with their output in docs/results/
+(docs/hardening.md, "Faults").
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +32,7 @@ from harness.faults import sigterm_experiment, worker_kill_experiment
 from harness.paths import VENV_BIN
 from harness.payloads import large_png, xray_payloads
 from harness.processes import wait_until_workers_warm, worker_pids
-from harness.servers import ServerProcess, bentoml_serve, free_port, kill_group, server_env
+from harness.servers import HANG_S, ServerProcess, bentoml_serve, free_port, kill_group, server_env
 
 SERVICE = "service:PneumoniaClassifier"
 TRANSPORT_ERRORS = {"ConnectError", "RemoteProtocolError", "ReadError"}  # refused or reset: never a timeout
@@ -44,7 +50,7 @@ def spawn(production_tag: str, tmp_path: Path) -> Iterator[Spawn]:
         env.setdefault("PNEUMONIA_GRPC__PORT", str(free_port()))
         server = bentoml_serve(SERVICE, free_port(), tmp_path / f"server-{len(started)}.log", **env)
         started.append(server)
-        return server.start(ready_timeout=180, ready_path=ready_path)
+        return server.start(ready_timeout=HANG_S, ready_path=ready_path)
 
     yield start
     for server in started:
@@ -58,18 +64,19 @@ def spawn(production_tag: str, tmp_path: Path) -> Iterator[Spawn]:
 def test_sigkilled_worker_is_replaced_and_clients_see_few_failures(spawn: Spawn) -> None:
     server = spawn(PNEUMONIA_WORKERS="2")
     assert server.process is not None
-    assert len(wait_until_workers_warm(server, 2)) == 2  # both models warm before the load starts
-    result = worker_kill_experiment(server, xray_payloads(16), workers=2, clients=4, warm_s=2.0, settle_s=1.0,
-                                    recover_timeout_s=100)
+    assert len(wait_until_workers_warm(server, 2, timeout=HANG_S)) == 2  # both models warm before the load starts
+    result = worker_kill_experiment(server, xray_payloads(16), workers=2, clients=4, warm_s=1.0, settle_s=1.0,
+                                    min_successes_before_kill=12, recover_timeout_s=HANG_S, probe_replacement=True)
     print("\nworker kill:", result.as_dict())
-    assert result.requests_before_kill > 10 and result.failures_before_kill == 0
-    # Only requests the killed worker held can fail: at most one per client.
+    assert result.requests_before_kill >= 12 and result.failures_before_kill == 0
+    # Only requests the killed worker held can fail: at most one per client, by a reset or refused connection.
     assert result.failures_after_kill <= result.clients, result.failure_kinds
     assert set(result.failure_kinds) <= TRANSPORT_ERRORS, result.failure_kinds
-    # The other worker kept answering, and circus replaced the dead one with a warm worker.
-    assert result.longest_gap_s < 10
+    # The other worker kept answering while circus replaced the dead one ...
     assert result.replacement_pid is not None and result.replacement_ready_s is not None, server.logs()[-3000:]
-    assert result.replacement_ready_s < 90
+    assert result.served_while_replacing > 0, result.as_dict()
+    # ... and the replacement answers by itself: with the original survivor stopped, every probe got its 200.
+    assert result.replacement_probe_kinds == {"http_200": 4}, result.replacement_probe_kinds
     assert len(worker_pids(server.process.pid)) == 2
     response = httpx.get(server.url + "/readyz", timeout=10)
     assert response.status_code == 200
@@ -81,15 +88,15 @@ def test_sigkilled_worker_is_replaced_and_clients_see_few_failures(spawn: Spawn)
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(spawn: Spawn) -> None:
     server = spawn()
     heavy = [large_png(seed=i % 2) for i in range(16)]
-    result = sigterm_experiment(server, heavy, in_flight=4)
+    result = sigterm_experiment(server, heavy, in_flight=4, exit_timeout_s=HANG_S, accept_timeout_s=HANG_S)
     print("\nSIGTERM:", {k: v for k, v in result.as_dict().items() if k != "late"})
     print("late requests:", result.late)
-    assert result.in_flight_ok == result.in_flight, result.in_flight_kinds  # graceful drain
-    assert result.exit_code == 0 and result.exit_after_term_s is not None and result.exit_after_term_s < 60
-    # New callers are answered, told 503, or refused/reset, each within the drain: never left hanging.
+    assert result.in_flight_ok == result.in_flight, result.in_flight_kinds  # graceful drain: every one answered
+    assert result.exit_code == 0, result.as_dict()  # and the server ended by itself (None: still running)
+    # New callers are answered, told 503, or refused/reset: never left hanging (a timeout is not in the set).
     assert set(result.late_kinds) <= TRANSPORT_ERRORS | {"http_200", "http_503"}, result.late_kinds
-    assert result.late_max_s <= result.exit_after_term_s + 5
-    assert result.late[-1]["kind"] == "ConnectError" and result.late[-1]["took_s"] < 1  # after exit: refused
+    assert len(result.late) == result.late_sent  # each late request ended, none still waiting
+    assert result.late[-1]["kind"] == "ConnectError"  # the one sent after the exit: refused
 
 
 # --------------------------------------------------------------------------- bad model at start-up
@@ -133,10 +140,25 @@ class ServeRun:
     seconds: float
     output: str
     port: int
+    accepted_while_running: int  # TCP connections its HTTP port accepted while the command ran
+    open_after_exit: bool  # the port still accepted a connection after the command had exited
 
 
-def _serve_until_exit(case: str, home: Path, env: dict[str, str], timeout: float = 90.0) -> ServeRun:
-    """`bentoml serve` that is expected to exit by itself; killed (whole group) if it does not."""
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _serve_until_exit(case: str, home: Path, env: dict[str, str], timeout: float = HANG_S) -> ServeRun:
+    """`bentoml serve` that is expected to exit by itself; killed (whole group) if it does not.
+
+    Its HTTP port is probed every 50 ms from the start until the command exits, and once more after the
+    exit (before anything is killed): a refusal must come before the port is bound, and leave no process
+    behind that holds it.
+    """
     port = free_port()
     args = [str(VENV_BIN / "bentoml"), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)]
     started = time.monotonic()
@@ -144,18 +166,35 @@ def _serve_until_exit(case: str, home: Path, env: dict[str, str], timeout: float
         args, env=server_env(BENTOML_HOME=str(home), PNEUMONIA_GRPC__PORT=str(free_port()), **env),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
+    accepted: list[float] = []
+    probing = threading.Event()
+    probing.set()
+
+    def probe() -> None:
+        while probing.is_set():
+            if _accepts(port):
+                accepted.append(time.monotonic())
+            time.sleep(0.05)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    open_after_exit = False
     try:
         output, _ = process.communicate(timeout=timeout)
         code = process.returncode
+        probing.clear()
+        prober.join(5)
+        open_after_exit = _accepts(port)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, code = process.communicate()[0] + f"\n[still running after {timeout}s: killed]", None
     finally:
+        probing.clear()
         try:
             os.killpg(process.pid, signal.SIGKILL)  # nothing may be left behind
         except ProcessLookupError:
             pass
-    return ServeRun(case, code, time.monotonic() - started, output, port)
+    return ServeRun(case, code, time.monotonic() - started, output, port, len(accepted), open_after_exit)
 
 
 def _check_bad_model_runs(cases: dict, production_tag: str, bentoml_home: Path, tmp_path: Path) -> None:
@@ -173,7 +212,7 @@ def _check_bad_model_runs(cases: dict, production_tag: str, bentoml_home: Path, 
 
 def _stop_problems(run: ServeRun, marker: str, expected: str) -> list[str]:
     """What is wrong with a `bentoml serve` that had to refuse to start: it must exit 1 with exactly one
-    `marker` line containing `expected`, print no stack trace and leave nothing listening."""
+    `marker` line containing `expected`, print no stack trace, and never open its port (no half-ready server)."""
     last = run.output.strip().splitlines()[-1] if run.output.strip() else ""
     print(f"\n{run.case}: exit {run.code} after {run.seconds:.1f}s: {last}")
     problems = []
@@ -184,75 +223,80 @@ def _stop_problems(run: ServeRun, marker: str, expected: str) -> list[str]:
         problems.append(f"{run.case}: stack trace in the output")
     if len(error_lines) != 1 or expected not in error_lines[0]:
         problems.append(f"{run.case}: no single line saying {expected!r}")
-    try:  # nothing listens: no half-ready server
-        httpx.get(f"http://127.0.0.1:{run.port}/livez", timeout=5)
-        problems.append(f"{run.case}: something answers on its port")
-    except httpx.ConnectError:
-        pass
+    if run.accepted_while_running:
+        problems.append(f"{run.case}: its port accepted {run.accepted_while_running} connection(s) before it gave up")
+    if run.open_after_exit:
+        problems.append(f"{run.case}: its port still accepts connections after the command exited")
     return problems
 
 
 def test_bad_model_stops_the_server_with_one_clear_line(production_tag: str, bentoml_home: Path,
                                                         tmp_path: Path) -> None:
-    """Empty store, unknown pinned tag, sha mismatch, unusable metadata: exit 1, one line, within seconds."""
+    """Empty store, unknown pinned tag, sha mismatch, unusable metadata: exit 1, one line, port never opened."""
     _check_bad_model_runs(BAD_MODELS, production_tag, bentoml_home, tmp_path)
 
 
 # --------------------------------------------------------------------------- not ready until warm
 
 
-def test_not_ready_until_warm_early_callers_get_503_and_unavailable(spawn: Spawn) -> None:
-    """Early callers: /readyz 503, classify 503 after the wait, gRPC UNAVAILABLE; then (container mode) a
-    killed worker ends the server with an error exit."""
-    grpc = pytest.importorskip("grpc")
+def test_not_ready_until_warm_early_callers_get_503_and_unavailable(spawn: Spawn, tmp_path: Path) -> None:
+    """Early callers: /readyz 503, classify 503 after the wait, gRPC UNAVAILABLE; ready only after the model is
+    warm; then (container mode) a killed worker ends the server with an error exit.
+
+    The warm-up is held until this test releases it (PNEUMONIA_WARMUP_RELEASE_FILE), so the early checks run
+    while the server is not ready however long they take."""
+    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from api._proto.pneumonia.v1 import classifier_pb2 as pb
     from api._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
 
     grpc_port = free_port()
-    delay, wait = 12.0, 2.0
-    # Listening (/livez answers) while the warm-up is held back by the test knob. BENTOML_CONTAINERIZED is
-    # what BentoML's Docker image sets; it matters only for the worker kill at the end.
-    server = spawn(ready_path="/livez", PNEUMONIA_WARMUP_DELAY_S=str(delay), PNEUMONIA_READY_WAIT_S=str(wait),
-                   PNEUMONIA_GRPC__PORT=str(grpc_port), BENTOML_CONTAINERIZED="true", PNEUMONIA_WORKERS="1")
-    listening = time.monotonic()
+    wait = 2.0
+    release = tmp_path / "release-warm-up"
+    # Listening (/livez answers) while the warm-up is held back. BENTOML_CONTAINERIZED is what BentoML's Docker
+    # image sets; it matters only for the worker kill at the end.
+    server = spawn(ready_path="/livez", PNEUMONIA_WARMUP_DELAY_S="600", PNEUMONIA_WARMUP_RELEASE_FILE=str(release),
+                   PNEUMONIA_READY_WAIT_S=str(wait), PNEUMONIA_GRPC__PORT=str(grpc_port), BENTOML_CONTAINERIZED="true",
+                   PNEUMONIA_WORKERS="1")
     image = xray_payloads(2)[0]
 
-    started = time.monotonic()
-    ready = httpx.get(server.url + "/readyz", timeout=10)
-    assert ready.status_code == 503 and time.monotonic() - started < 2
-    health = httpx.post(server.url + "/health", json={}, timeout=10)
+    assert httpx.get(server.url + "/readyz", timeout=30).status_code == 503
+    health = httpx.post(server.url + "/health", json={}, timeout=30)
     assert health.status_code == 200 and health.json()["ready"] is False
 
     started = time.monotonic()
-    early = httpx.post(server.url + "/classify", files=[("images", ("x.jpeg", image))], timeout=30)
+    early = httpx.post(server.url + "/classify", files=[("images", ("x.jpeg", image))], timeout=HANG_S)
     took = time.monotonic() - started
     assert early.status_code == 503, early.text
     assert early.json()["detail"][0]["type"] == "not_ready" and early.headers["retry-after"].isdigit()
-    assert wait - 0.5 <= took < wait + 3  # held for the configured wait, then told, never a timeout
+    assert took >= wait - 0.1  # held for the configured wait first (a busy machine only makes it longer)
 
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        grpc.channel_ready_future(channel).result(timeout=10)
-        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        started = time.monotonic()
+        grpc.channel_ready_future(channel).result(timeout=HANG_S)
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING  # the port is bound and answering
         with pytest.raises(grpc.RpcError) as error:
-            pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(images=[pb.Image(data=image)]), timeout=10)
+            pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(images=[pb.Image(data=image)]), timeout=30)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert time.monotonic() - started < 2
-    assert time.monotonic() - listening < delay, "the checks above ran after the window; raise the delay"
+        assert "still loading" in error.value.details()  # the servicer's answer, not a failed connection
+    assert "ready: model warm" not in server.logs()  # all of the above happened before the model was warm
+    assert httpx.get(server.url + "/readyz", timeout=30).status_code == 503
 
-    deadline = time.monotonic() + delay + 120
-    while httpx.get(server.url + "/readyz", timeout=10).status_code != 200:
+    release.touch()
+    deadline = time.monotonic() + HANG_S
+    while httpx.get(server.url + "/readyz", timeout=30).status_code != 200:
         assert time.monotonic() < deadline, server.logs()[-3000:]
         time.sleep(0.5)
-    assert time.monotonic() - listening >= delay - 1  # not ready before the model was warm
-    late = httpx.post(server.url + "/classify", files=[("images", ("x.jpeg", image))], timeout=30)
+    assert "ready: model warm" in server.logs()  # ready because the model is warm
+    late = httpx.post(server.url + "/classify", files=[("images", ("x.jpeg", image))], timeout=HANG_S)
     assert late.status_code == 200 and late.json()[0]["label"] in ("NORMAL", "PNEUMONIA")
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        deadline = time.monotonic() + HANG_S  # SERVING follows HTTP readiness (the worker's health task)
+        while (health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status
+               != health_pb2.HealthCheckResponse.SERVING):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
 
     # In a container BentoML does not restart a dead worker: with one worker the server must end, non-zero,
     # so that the orchestrator replaces the container (and not linger without a worker).
@@ -260,7 +304,7 @@ def test_not_ready_until_warm_early_callers_get_503_and_unavailable(spawn: Spawn
     (worker,) = worker_pids(server.process.pid)
     os.kill(worker, signal.SIGKILL)
     killed = time.monotonic()
-    code = server.process.wait(timeout=60)
+    code = server.process.wait(timeout=HANG_S)
     print(f"\ncontainer mode: server exited with {code} {time.monotonic() - killed:.1f}s after its worker was killed")
     assert code != 0
     with pytest.raises(httpx.ConnectError):

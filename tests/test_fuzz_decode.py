@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from hypothesis import HealthCheck, given, settings
 
-from harness.fuzz import ANY_INPUT, check, seeds
+from harness.fuzz import ANY_INPUT, LIMITS, check, seeds
 
 FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -18,9 +20,24 @@ def test_seeds_are_accepted() -> None:
     refused = sorted(o for o in outcomes if o != "ok")
     assert refused == ["refused:dicom_modality", "refused:dicom_view"], outcomes
     assert sum(seed[128:132] == b"DICM" or seed[:4] == b"DICM" for seed in seeds()) == 14
+    assert max(len(seed) for seed in seeds()) < LIMITS.max_bytes  # padding, not the seeds, crosses the byte limit
 
 
 @FUZZ
 @given(ANY_INPUT)
 def test_any_bytes_prepare_or_reject(data: bytes) -> None:
     check(data)
+
+
+def test_fuzz_inputs_reach_the_byte_limit() -> None:
+    """The inputs really cross the byte limit (and decode, and fail to): a fixed (derandomized) sample of 300
+    of them, each also checked against the property, includes every one of these outcomes."""
+    outcomes: Counter[str] = Counter()
+
+    @settings(max_examples=300, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(ANY_INPUT)
+    def sample(data: bytes) -> None:
+        outcomes[check(data)] += 1
+
+    sample()
+    assert {"too_many_bytes", "ok", "corrupt", "not_an_image", "empty"} <= set(outcomes), outcomes

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -14,7 +17,7 @@ import models_registry as reg
 from models_registry.store import show
 from harness.paths import ROOT
 from harness.payloads import sample_xrays
-from harness.servers import server_env
+from harness.servers import HANG_S, ServerProcess, bentoml_serve, free_port, server_env
 from core.model import ModelSpec, build_model
 from core.preprocess import PreprocessConfig, load_file
 
@@ -110,7 +113,7 @@ def test_unknown_refs_give_a_clear_error() -> None:
 
 def test_cli_lists_and_fails_cleanly(production_tag: str) -> None:
     run = lambda *a: subprocess.run([sys.executable, "-m", "models_registry", *a], cwd=ROOT, env=server_env(),  # noqa: E731
-                                     capture_output=True, text=True, timeout=120)
+                                     capture_output=True, text=True, timeout=HANG_S)
     listed = run("list")
     assert listed.returncode == 0 and production_tag in listed.stdout and "roc_auc" in listed.stdout
     shown = run("show", "production")
@@ -122,11 +125,80 @@ def test_cli_lists_and_fails_cleanly(production_tag: str) -> None:
     assert helped.returncode == 0 and "promote" in helped.stdout and "rollback" in helped.stdout
 
 
-def test_a_bento_serves_the_model_it_was_built_with(two_models, tmp_path: Path) -> None:
-    (first, _), (second, _) = two_models
-    reg.promote(second, NAME)
-    (tmp_path / "src").mkdir()
-    (tmp_path / "bento.yaml").write_text(f"models: []\nservices:\n- name: svc\n  models:\n  - tag: {first}\n")
-    assert reg.resolve_service_tag("production", tmp_path / "src", NAME) == first
-    assert reg.resolve_service_tag("production", tmp_path, NAME) == second  # not a Bento: the promoted model
-    reg.promote(first, NAME)
+# --------------------------------------------------------------------------- what the served service does
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m models_registry ARGS` on the model store of `home`."""
+    return subprocess.run([sys.executable, "-m", "models_registry", *args], cwd=ROOT,
+                          env=server_env(BENTOML_HOME=str(home)), capture_output=True, text=True, timeout=HANG_S)
+
+
+def _served(target: str, home: Path, log: Path, **env: str) -> ServerProcess:
+    return bentoml_serve(target, free_port(), log, stores=home, PNEUMONIA_WORKERS="1", **env)
+
+
+def _answers(servers: dict[str, ServerProcess]) -> dict[str, tuple[str, float]]:
+    """Start the servers side by side, ask each to classify a real X-ray, stop them: which model, which threshold."""
+    xray = sample_xrays(1, offset=31)[0]
+    try:
+        with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+            list(pool.map(lambda server: server.start(ready_timeout=HANG_S), servers.values()))
+        answers = {}
+        for name, server in servers.items():
+            response = httpx.post(server.url + "/classify", files=[("images", (xray.name, xray.read_bytes()))],
+                                  timeout=HANG_S)
+            assert response.status_code == 200, response.text
+            answers[name] = (response.json()[0]["model"], response.json()[0]["threshold"])
+        return answers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.mark.slow
+def test_served_model_follows_promotion_rollback_and_pinning(production_tag: str, bentoml_home: Path,
+                                                               bento_tag: str, tmp_path: Path) -> None:
+    """On a fresh store: rollback without history fails cleanly; a restarted service serves the newly promoted
+    model; a Bento serves the model it was built with whatever is promoted; `rollback` brings the previous
+    model back at the next start; PNEUMONIA_MODEL pins a model whatever is promoted."""
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "bentos").symlink_to(bentoml_home / "bentos", target_is_directory=True)  # the session's built Bento
+    imported = _cli(home, "ensure-default")  # the shipped model, promoted once: no history
+    assert imported.returncode == 0 and production_tag in imported.stdout, imported.stderr
+    first = production_tag
+    threshold_a = reg.read_card(first).threshold
+    threshold_b = 0.9 if threshold_a < 0.5 else 0.1
+    derived = subprocess.run(
+        [sys.executable, "-c", "import sys, models_registry.store as s; "
+         f"print(s.derive_model('production', {{'threshold': {threshold_b}}}))"],
+        cwd=ROOT, env=server_env(BENTOML_HOME=str(home)), capture_output=True, text=True, timeout=HANG_S)
+    assert derived.returncode == 0, derived.stderr
+    second = derived.stdout.strip().splitlines()[-1]
+    assert second.startswith("pneumonia-classifier:") and second != first
+
+    nothing = _cli(home, "rollback")
+    assert nothing.returncode == 1 and "nothing to roll back to" in nothing.stderr, nothing.stderr
+    assert "Traceback" not in nothing.stderr
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    assert _answers({"before": _served("service:PneumoniaClassifier", home, logs / "before.log")}) == {
+        "before": (first, threshold_a)}
+
+    promoted = _cli(home, "promote", second)
+    assert promoted.returncode == 0 and f"production is now {second}" in promoted.stdout, promoted.stderr
+    after = _answers({"restarted": _served("service:PneumoniaClassifier", home, logs / "restarted.log"),
+                      "bento": _served(bento_tag, home, logs / "bento.log")})
+    assert after == {"restarted": (second, threshold_b), "bento": (first, threshold_a)}, after
+
+    rolled = _cli(home, "rollback")
+    assert rolled.returncode == 0 and f"production is now {first}" in rolled.stdout, rolled.stderr
+    shown = _cli(home, "show", "production")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["tag"] == first
+    pinned = _answers({"rolled back": _served("service:PneumoniaClassifier", home, logs / "rolled.log"),
+                       "pinned": _served("service:PneumoniaClassifier", home, logs / "pinned.log",
+                                         PNEUMONIA_MODEL=second)})
+    assert pinned == {"rolled back": (first, threshold_a), "pinned": (second, threshold_b)}, pinned
+    again = _cli(home, "rollback")  # the history is used up
+    assert again.returncode == 1 and "nothing to roll back to" in again.stderr and "Traceback" not in again.stderr

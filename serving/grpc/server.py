@@ -77,8 +77,16 @@ async def start(service: Classifier, settings: ServingSettings) -> GrpcEndpoint:
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     host = settings.grpc.host
     address = f"[{host}]:{settings.grpc.port}" if ":" in host and not host.startswith("[") else f"{host}:{settings.grpc.port}"
+    tls = settings.grpc.tls
     try:
-        server.add_insecure_port(address)
+        if tls.enabled:  # TLS; with a client CA, mutual TLS (a client without a certificate it signed is refused)
+            ca = tls.pem("client_ca_file")
+            credentials = grpc.ssl_server_credentials(
+                [(tls.pem("keyfile"), tls.pem("certfile"))], root_certificates=ca, require_client_auth=ca is not None
+            )
+            server.add_secure_port(address, credentials)
+        else:
+            server.add_insecure_port(address)
     except RuntimeError as exc:
         raise RuntimeError(
             f"cannot bind the gRPC port {address} ({exc}); set PNEUMONIA_GRPC__PORT to a free port "
@@ -87,5 +95,6 @@ async def start(service: Classifier, settings: ServingSettings) -> GrpcEndpoint:
     await server.start()
     endpoint = GrpcEndpoint(server=server, servicer=servicer, health=health_servicer, address=address, settings=settings)
     endpoint._watcher = asyncio.create_task(endpoint.watch_readiness(service), name="grpc-readiness")
-    logger.info("gRPC server listening on %s", address)
+    logger.info("gRPC server listening on %s (%s)", address,
+                "mutual TLS" if tls.pem("client_ca_file") else "TLS" if tls.enabled else "plaintext")
     return endpoint
