@@ -89,7 +89,17 @@ class LoadResult:
                 max(0.0, self.system_busy_s - self.client_cpu_s - (self.server_cpu_s or 0.0)) / self.window_s, 2
             ),
             "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5]),
+            "by_kind": self.by_kind(),
         }
+
+    def by_kind(self) -> dict[str, dict]:
+        """Answered requests and their p50/p95 latency per request kind (e.g. "full": one full-size radiograph)."""
+        kinds: dict[str, list[float]] = {}
+        for o in self.outcomes:
+            if o.ok:
+                kinds.setdefault(o.kind, []).append((o.end - o.start) * 1000)
+        return {kind: {"requests": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+                       "p95_ms": round(float(np.percentile(ms, 95)), 1)} for kind, ms in sorted(kinds.items())}
 
 
 def encode_requests(plan: list[PlannedRequest], url: str, path: str = "/classify") -> list[tuple[bytes, PlannedRequest]]:

@@ -41,6 +41,9 @@ class ServerProcess:
     # Readiness is per worker (BentoML's /readyz answers for the worker that took the call), so a
     # multi-worker service is ready for measurements only once every worker has logged a warm model.
     warm_workers: int = 0
+    # Other servers (the benchmark's peers) name the log line each of their workers writes once warm, with its pid
+    # as the first group; it is then waited for whatever `ready_path` is.
+    warm_pattern: str | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
 
     @property
@@ -63,7 +66,7 @@ class ServerProcess:
                     raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
                 try:
                     if httpx.get(self.url + ready_path, timeout=2).status_code == 200 and (
-                        ready_path != "/readyz" or self._workers_warm()
+                        (ready_path != "/readyz" and self.warm_pattern is None) or self._workers_warm()
                     ):
                         return self
                 except httpx.HTTPError:
@@ -75,7 +78,8 @@ class ServerProcess:
             raise
 
     def _workers_warm(self) -> bool:
-        return len(set(re.findall(r"worker (\d+) ready: model warm", self.logs()))) >= self.warm_workers
+        pattern = self.warm_pattern or r"worker (\d+) ready: model warm"
+        return len(set(re.findall(pattern, self.logs()))) >= self.warm_workers
 
     def wait_for_explainers(self, timeout: float = 120.0) -> "ServerProcess":
         """Wait until every worker has logged its explainers ready (they load after readiness, for /explain)."""
