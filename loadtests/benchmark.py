@@ -15,10 +15,10 @@ single small images, four-image requests), it measures
 - the service (`bentoml serve`) with adaptive batching, as shipped;
 - the same service with batching off (PNEUMONIA_BATCHING__ENABLED=false);
 - the competent peer (`loadtests.peer_fastapi`): FastAPI without batching as a
-  careful engineer writes it: one uvicorn worker per core (as many as the
-  service has), a sync handler in the threadpool, one torch thread per worker,
-  the project's preprocessing and the model as the registry loads it (eager);
-  and the same peer with the service's TorchScript engine;
+  careful engineer writes it: one uvicorn worker per usable core, a sync
+  handler in the threadpool, one torch thread per worker, the project's
+  preprocessing and the model as the registry loads it (eager); and the same
+  peer with the service's TorchScript engine;
 - the naive peer in the seeds' style (`loadtests.baseline_fastapi`: inference in
   an `async def`, one worker, so one request at a time);
 - optional service variants (`--variant NAME=KEY=VALUE,...`): the service with other
@@ -99,7 +99,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also measure the service with these settings, as row 'service (NAME)', e.g. "
                         "one-worker=PNEUMONIA_WORKERS=1 (A/B in the same run)")
     p.add_argument("--peer-workers", type=int, default=0,
-                   help="uvicorn workers of the competent peers (0: as many as the service has)")
+                   help="uvicorn workers of the competent peers (0: one per usable core; --quick: 1)")
+    p.add_argument("--sequential", action="store_true",
+                   help="measure one system after the other, each server stopped before the next starts (default: "
+                        "all servers up, the systems interleaved at each client count)")
+    p.add_argument("--rotate", type=int, default=0, help="interleaved order's starting offset (--repeat adds the run index)")
     p.add_argument("--repeat", type=int, default=1, help="run the whole benchmark this many times and report the spread")
     p.add_argument("--results", type=Path, default=None,
                    help="with --repeat: also copy each run's JSON and the spread here (e.g. docs/results)")
@@ -492,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = []
     for k in range(1, args.repeat + 1):
         print(f"=== run {k} of {args.repeat} ===", file=sys.stderr)
+        args.rotate = k - 1
         run_once(args, systems, variants, out / f"run-{k}", command)
         paths.append(out / f"run-{k}" / "benchmark.json")
     summary = spread.summarise(paths)
@@ -515,7 +520,7 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
     if args.quick:  # a smoke run checks behaviour: one worker per service starts faster on a small CI machine
         service_env.setdefault("PNEUMONIA_WORKERS", "1")
     service_workers = _expected_workers(service_env)
-    peer_workers = args.peer_workers or service_workers
+    peer_workers = args.peer_workers or (1 if args.quick else usable_cores())
     out.mkdir(parents=True, exist_ok=True)
 
     from models_registry import resolve_tag
@@ -563,40 +568,74 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
     order[after:after] = [f"variant:{name}" for name in variants]
     service_rows = "service" in systems
     explain_requests = explain_plan(samples, 60 if args.quick else 200)
+    result["order"] = "sequential" if args.sequential else "interleaved"
     started: dict[str, ServerProcess] = {}
-    try:
-        if args.quick and order:  # CI smoke: start-ups dominate a short run, so start every server at once
-            print(f"starting {', '.join(label(s) for s in order)} ...", file=sys.stderr)
-            started.update(start_all(order, tag, out, service_env, peer_workers, variants))
-        for system in order:
-            if system not in started:
-                print(f"starting {label(system)} ...", file=sys.stderr)
-                started[system] = start_system(system, tag, out, service_env, peer_workers, variants)
+    requests: dict[str, list] = {}
+    probes: dict = {}
+
+    def ready(system: str) -> ServerProcess:
+        """The system's server, started (and its first-request costs paid) if it is not yet."""
+        if system not in started:
+            print(f"starting {label(system)} ...", file=sys.stderr)
+            started[system] = start_system(system, tag, out, service_env, peer_workers, variants)
+        server = started[system]
+        if system not in requests:
+            requests[system] = encode_requests(plan, server.url)
+            probes[system] = tree_cpu_probe(server.process.pid)
+            run_load(server.url, requests[system], clients=2, warmup_s=0.0, window_s=max(1.0, warmup))
+        return server
+
+    def measure(system: str, clients: int) -> None:
+        server = started[system]
+        other_before = wait_for_quiet(args.max_other_load, quiet_timeout)
+        load = run_load(server.url, requests[system], clients, warmup, window, cpu_probe=probes[system])
+        row = {"system": system, **load.summary(), "other_cpu_cores_before": other_before}
+        result["runs"].append(row)
+        full = row["by_kind"].get("full", {}).get("p50_ms", float("nan"))
+        print(f"  {label(system):<44} {clients:>3} clients: {row['images_per_s']:7.1f} images/s, "
+              f"p99 {row['p99_ms']:7.0f} ms, full-size p50 {full:5.0f} ms, CPU {row['server_cpu_cores']} "
+              f"cores, {row['failures']} failures", file=sys.stderr)
+
+    def explain(system: str) -> None:
+        if system == "service" and "explain" in systems:
+            print("measuring explain on the service ...", file=sys.stderr)
+            wait_for_quiet(args.max_other_load, quiet_timeout)
             server = started[system]
-            try:
-                requests = encode_requests(plan, server.url)
-                probe = tree_cpu_probe(server.process.pid)
-                run_load(server.url, requests, clients=2, warmup_s=0.0, window_s=max(1.0, warmup))  # first-request costs
-                for clients in concurrency if system != "service" or service_rows else ():
-                    other_before = wait_for_quiet(args.max_other_load, quiet_timeout)
-                    load = run_load(server.url, requests, clients, warmup, window, cpu_probe=probe)
-                    row = {"system": system, **load.summary(), "other_cpu_cores_before": other_before}
-                    result["runs"].append(row)
-                    full = row["by_kind"].get("full", {}).get("p50_ms", float("nan"))
-                    print(f"  {label(system):<44} {clients:>3} clients: {row['images_per_s']:7.1f} images/s, "
-                          f"p99 {row['p99_ms']:7.0f} ms, full-size p50 {full:5.0f} ms, CPU {row['server_cpu_cores']} "
-                          f"cores, {row['failures']} failures", file=sys.stderr)
-                if system == "service" and "explain" in systems:
-                    print("measuring explain on the service ...", file=sys.stderr)
-                    wait_for_quiet(args.max_other_load, quiet_timeout)
-                    result["explain"] = measure_explain(
-                        server, requests, encode_requests(explain_requests, server.url, path="/explain"),
-                        args.explain_classify_clients, args.explain_burst, warmup, window, probe)
-            finally:
-                server.stop()  # before the next system is measured: an idle server still holds memory
+            result["explain"] = measure_explain(
+                server, requests[system], encode_requests(explain_requests, server.url, path="/explain"),
+                args.explain_classify_clients, args.explain_burst, warmup, window, probes[system])
+
+    measured = [s for s in order if s != "service" or service_rows]
+    try:
+        if (args.quick or not args.sequential) and order:  # every server up at once
+            print(f"starting {', '.join(label(s) for s in order)} ...", file=sys.stderr)
+            if args.quick:  # CI smoke: start-ups dominate a short run, so start them concurrently
+                started.update(start_all(order, tag, out, service_env, peer_workers, variants))
+        if args.sequential:  # one system after the other, each stopped before the next starts
+            for system in order:
+                try:
+                    ready(system)
+                    for clients in concurrency if system in measured else ():
+                        measure(system, clients)
+                    explain(system)
+                finally:
+                    started.pop(system).stop()  # before the next system is measured: an idle server holds memory
+        else:
+            # Interleaved: every point of every system at one client count before the next, in an order that
+            # rotates between client counts (and runs), so a slower or faster spell of a shared machine falls on
+            # all systems alike instead of on whichever was measured then.
+            for system in order:
+                ready(system)
+            for level, clients in enumerate(concurrency):
+                shift = (level + args.rotate) % max(1, len(measured))
+                for system in measured[shift:] + measured[:shift]:
+                    measure(system, clients)
+            for system in order:
+                explain(system)
     finally:
         for server in started.values():
             server.stop()
+    result["runs"].sort(key=lambda r: (order.index(r["system"]), r["clients"]))
 
     result["ratios"], result["targets"] = ratios_and_targets(result["bare_model"], result["runs"], concurrency,
                                                              result["machine"]["usable_cores"])
