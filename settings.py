@@ -132,6 +132,13 @@ class BatchingSettings(BaseModel):
     max_latency_ms: int = Field(
         10_000, ge=10, description="latency bound of the dispatcher; requests that cannot meet it get 503"
     )
+    dispatcher: Literal["eager", "bentoml"] = Field(
+        "eager",
+        description="eager: a batch starts as soon as the model is free, with everything queued, and a request gets "
+        "503 only after waiting max_latency_ms (serving/batching.py); bentoml: BentoML's own CorkDispatcher, which "
+        "holds batches back by a learned wait and sheds by a learned latency model (for comparisons)",
+    )
+    slots: int = Field(1, ge=1, le=8, description="batches that may run at once per worker (eager dispatcher)")
 
 
 class ValiditySettings(BaseModel):
@@ -193,6 +200,11 @@ class ServingSettings(BaseSettings):
         "images/s of 1 x 2 threads on 2 cores, docs/performance.md)",
     )
     torch_threads: int = Field(0, ge=0, description="intra-op threads per worker; 0 = cores / workers")
+    decode_threads: int = Field(
+        2, ge=0, le=32,
+        description="threads per worker that decode /classify uploads (PIL releases the GIL), so a worker can use more "
+        "than its core while the other idles; 0 = decode on the worker's event loop while the request is parsed",
+    )
     engine: Literal["eager", "folded", "torchscript"] = Field(
         "torchscript",
         description="how the forward pass runs (core/engines.py): torchscript = traced and frozen, "

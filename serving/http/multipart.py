@@ -40,6 +40,8 @@ class MultipartCanon:
         self.boundary = b"pneumonia-" + secrets.token_hex(16).encode()
         self.count = 0
         self.file_names: list[str] = []
+        self.parts: list[tuple[int, int]] = []  # (start, end) offsets of each file's bytes in `out`
+        self._start = 0
         self.unexpected: list[str] = []
         self.ended = False
         self._in_file = False
@@ -138,6 +140,7 @@ class MultipartCanon:
         )
         self.count += 1
         self._in_file = True
+        self._start = self.out.tell()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._in_file:
@@ -145,6 +148,7 @@ class MultipartCanon:
 
     def _part_end(self) -> None:
         if self._in_file:
+            self.parts.append((self._start, self.out.tell()))
             self.out.write(b"\r\n")
             self._in_file = False
 
