@@ -225,6 +225,7 @@ def _batched(instance: object, api: str) -> Callable[[list[PreparedImage]], Awai
     threads=SETTINGS.batching.slots,  # forward passes at a time per worker (1); torch uses the cores inside each
     traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
     logging={"access": {"enabled": False}},  # replaced by the JSON request log (serving/request_log.py)
+    **({} if SETTINGS.tracing else {"tracing": {"excluded_urls": [".*"]}}),  # spans only when asked for (settings.py)
 )
 class PneumoniaClassifier:
     """Loads the model once per worker, warms it up, then serves batched predictions."""

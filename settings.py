@@ -199,7 +199,9 @@ class ServingSettings(BaseSettings):
         f"{MAX_AUTO_WORKERS} (each worker decodes uploads on its own event loop: 2 x 1 thread served 1.3x the "
         "images/s of 1 x 2 threads on 2 cores, docs/performance.md)",
     )
-    torch_threads: int = Field(0, ge=0, description="intra-op threads per worker; 0 = cores / workers")
+    torch_threads: int = Field(
+        0, ge=0, description="intra-op threads of each forward pass; 0 = cores / (workers x batching.slots), at least 1"
+    )
     decode_threads: int = Field(
         2, ge=0, le=32,
         description="threads per worker that decode /classify uploads (PIL releases the GIL), so a worker can use more "
@@ -220,6 +222,12 @@ class ServingSettings(BaseSettings):
     warmup_delay_s: float = Field(
         0.0, ge=0, le=600, description="TEST/OPS KNOB, keep 0: extra seconds before each worker loads its model"
     )
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry spans for HTTP requests (BentoML's tracing configuration, exporter and sample rate, "
+        "then applies); off: BentoML's tracing middleware skips every route. Its default sample rate is 0, so without "
+        "an exporter the spans went nowhere and cost 19% of a worker's event loop at 32 clients (py-spy)",
+    )
     limits: InputLimits = InputLimits()
     batching: BatchingSettings = BatchingSettings()
     security: SecuritySettings = SecuritySettings()
@@ -232,7 +240,7 @@ class ServingSettings(BaseSettings):
         return self.workers or min(MAX_AUTO_WORKERS, usable_cores())
 
     def threads_per_worker(self) -> int:
-        return self.torch_threads or max(1, usable_cores() // self.worker_count())
+        return self.torch_threads or max(1, usable_cores() // (self.worker_count() * self.batching.slots))
 
     @classmethod
     def settings_customise_sources(
