@@ -38,6 +38,7 @@ TRANSPORT_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, 
 LABELS = frozenset({"NORMAL", "PNEUMONIA"})
 BUSY = "busy (503, explain slots taken)"
 BUSY_BACKOFF_S = 1.0
+STAGGER_S = 0.025  # at most this long between two clients' first connections (within the warm-up)
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,8 @@ def check_explanation(status: int, body: bytes) -> str | None:
 
 
 async def _client(host: str, port: int, requests: list[tuple[bytes, PlannedRequest]], offset: int, stop_at: float,
-                  outcomes: list[Outcome], timeout_s: float) -> None:
+                  outcomes: list[Outcome], timeout_s: float, delay_s: float = 0.0) -> None:
+    await asyncio.sleep(delay_s)
     connection = Connection(host, port, timeout_s)
     i = offset
     while time.perf_counter() < stop_at:
@@ -263,8 +265,14 @@ async def _run(url: str, groups: list[tuple[list[tuple[bytes, PlannedRequest]], 
     outcomes: list[list[Outcome]] = [[] for _ in groups]
     begin = time.perf_counter()
     stop_at = begin + warmup_s + window_s
+    # Clients connect one after another during the warm-up, as independent clients would, not all in the same
+    # millisecond: a server whose workers share one listening socket (BentoML, uvicorn --workers) otherwise hands
+    # every connection of the burst to whichever worker accepts first, and the measurement is of that imbalance.
+    total = sum(clients for _, clients in groups)
+    stagger = min(STAGGER_S, 0.5 * warmup_s / max(1, total))
     tasks = [
-        asyncio.create_task(_client(host, port, requests, k * len(requests) // clients, stop_at, outcomes[g], timeout_s))
+        asyncio.create_task(_client(host, port, requests, k * len(requests) // clients, stop_at, outcomes[g], timeout_s,
+                                    delay_s=stagger * (sum(c for _, c in groups[:g]) + k)))
         for g, (requests, clients) in enumerate(groups)
         for k in range(clients)
     ]
