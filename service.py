@@ -20,12 +20,14 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
 import numpy as np
 import torch
+from _bentoml_sdk.method import APIMethod
 from bentoml.exceptions import ServiceUnavailable
 from pydantic import BeforeValidator, ValidatorFunctionWrapHandler, WrapValidator
 from pydantic_core import PydanticCustomError
@@ -38,11 +40,12 @@ from core.engines import Engine
 from core.inference import LoadedModel
 from core.preprocess import ImageRejected, PreparedImage, prepare
 from models_registry import RegistryError
-from serving import ui
+from serving import batching, ui
 from serving.answers import MODEL_INFO, REJECTED, answer
 from serving.explain import PREVIEW_SIDE, ExplainerPool, shared_slots
 from serving.grpc import server as grpc_server
 from serving.http import HttpGuard
+from serving.http.decoding import PREDECODED
 from serving.lifecycle import READINESS, StartupError, load_settings, warm_up_in_background
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
@@ -82,6 +85,10 @@ def preflight(tag: str, engine: Engine = "eager") -> None:
 SETTINGS = load_settings()  # bad configuration stops `bentoml serve` here with one line
 # A missing or unusable model stops `bentoml serve` here with one line (resolve_model above).
 MODEL_TAG, CARD = resolve_model(SETTINGS.model, Path(__file__).resolve().parent)
+if SETTINGS.batching.dispatcher == "eager":  # before BentoML builds the workers' apps (serving/batching.py)
+    batching.install(SETTINGS.batching.slots)
+# Uploads to classify are decoded on these threads, off the event loop (serving/http/decoding.py); None: on the loop.
+DECODE_POOL = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode") if SETTINGS.decode_threads else None
 
 def _reject(reason: str, message: str) -> PydanticCustomError:
     REJECTED.labels(reason=reason).inc()
@@ -97,16 +104,29 @@ def _prepared(read: Callable[[], bytes], size: int, received: float, preview_sid
     return prepared
 
 
+def _decoded(data: bytes, received: float) -> PreparedImage:
+    """What the HTTP guard runs on its decode threads for each /classify upload (serving/http/decoding.py)."""
+    return _prepared(lambda: data, len(data), received)
+
+
 def _prepare_upload(value: object, to_path: ValidatorFunctionWrapHandler, preview_side: int | None = None) -> PreparedImage:
     """Runs while the request is parsed: decode, validate and preprocess one upload.
 
     Multipart uploads arrive as Starlette UploadFiles and are read from memory;
     only other inputs (e.g. a path from a Python caller) go through BentoML's
     own file handling, which writes every upload to a temporary file first.
+    A /classify upload the HTTP guard has already decoded on its threads is
+    taken from there (its result, or its refusal).
     """
     received = time.perf_counter()
     try:
         if isinstance(value, UploadFile):
+            done = PREDECODED.get() if preview_side is None else None
+            if done is not None and value.filename in done:
+                outcome = done[value.filename]
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                return outcome
             size = value.size if value.size is not None else value.file.seek(0, 2)
             value.file.seek(0)
             return _prepared(value.file.read, size, received, preview_side)
@@ -155,6 +175,13 @@ def prepare_images(images: Sequence[bytes]) -> list[PreparedImage]:
     return prepared
 
 
+async def prepare_images_off_loop(images: Sequence[bytes]) -> list[PreparedImage]:
+    """`prepare_images` on a decode thread (the event loop keeps serving meanwhile), or here without decode threads."""
+    if DECODE_POOL is None:
+        return prepare_images(images)
+    return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, prepare_images, images)
+
+
 def prepare_explain_image(data: bytes) -> PreparedImage:
     """The checks `POST /explain` runs while parsing, for an image that arrived another way (gRPC).
 
@@ -195,9 +222,10 @@ def _batched(instance: object, api: str) -> Callable[[list[PreparedImage]], Awai
 @bentoml.service(
     name="pneumonia_classifier",
     workers=SETTINGS.worker_count(),
-    threads=1,  # one forward pass at a time per worker; torch uses the cores inside it
+    threads=SETTINGS.batching.slots,  # forward passes at a time per worker (1); torch uses the cores inside each
     traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
     logging={"access": {"enabled": False}},  # replaced by the JSON request log (serving/request_log.py)
+    **({} if SETTINGS.tracing else {"tracing": {"excluded_urls": [".*"]}}),  # spans only when asked for (settings.py)
 )
 class PneumoniaClassifier:
     """Loads the model once per worker, warms it up, then serves batched predictions."""
@@ -286,9 +314,9 @@ class PneumoniaClassifier:
         """Model warm, and the adaptive batcher of `classify` in place (BentoML builds it after start-up hooks)."""
         return READINESS.ready and _batched(self, "classify") is not None
 
-    def prepare_images(self, images: Sequence[bytes]) -> list[PreparedImage]:
-        """`prepare_images` of this module: the checks and preprocessing of `POST /classify`."""
-        return prepare_images(images)
+    async def prepare_images(self, images: Sequence[bytes]) -> list[PreparedImage]:
+        """`prepare_images` of this module: the checks and preprocessing of `POST /classify`, on a decode thread."""
+        return await prepare_images_off_loop(images)
 
     async def classify_prepared(self, images: list[PreparedImage]) -> list[Prediction]:
         """Classify validated images in the adaptive batches that HTTP requests join."""
@@ -336,9 +364,26 @@ class PneumoniaClassifier:
 for _api in PneumoniaClassifier.apis.values():
     _api.output_spec.media_type = "application/json"
 
+
+def _cached_local_call(method: APIMethod, instance: object) -> Callable[..., Any]:
+    """BentoML's `APIMethod._local_call`, built once per API and service instance instead of on every access.
+
+    BentoML rebuilds an API's caller, with `inspect.signature` of its function, each time the API is read from
+    the service instance: at least twice per request, 17% of a worker's event loop at 32 clients (py-spy).
+    """
+    calls = instance.__dict__.setdefault("_pneumonia_local_calls", {})
+    if method.name not in calls:
+        calls[method.name] = _bentoml_local_call(method, instance)
+    return calls[method.name]
+
+
+_bentoml_local_call = APIMethod._local_call
+APIMethod._local_call = _cached_local_call  # type: ignore[method-assign]
+
 # Request id, security headers, CORS, API keys, rate limit, body and multipart checks, and the readiness wait of
 # model routes (a warming worker holds them briefly, then answers 503).
 PneumoniaClassifier.add_asgi_middleware(HttpGuard, settings=SETTINGS, upload_routes={"/classify": "images", "/explain": "image"},
-                                        explain_slots={"/explain": EXPLAIN_SLOTS})
+                                        explain_slots={"/explain": EXPLAIN_SLOTS}, decoders={"/classify": _decoded},
+                                        decode_pool=DECODE_POOL)
 # The web page (serving/ui/): static files, no build step, nothing fetched from elsewhere.
 PneumoniaClassifier.mount_asgi_app(ui.app, path=ui.PATH, name="ui")

@@ -132,6 +132,13 @@ class BatchingSettings(BaseModel):
     max_latency_ms: int = Field(
         10_000, ge=10, description="latency bound of the dispatcher; requests that cannot meet it get 503"
     )
+    dispatcher: Literal["eager", "bentoml"] = Field(
+        "eager",
+        description="eager: a batch starts as soon as the model is free, with everything queued, and a request gets "
+        "503 only after waiting max_latency_ms (serving/batching.py); bentoml: BentoML's own CorkDispatcher, which "
+        "holds batches back by a learned wait and sheds by a learned latency model (for comparisons)",
+    )
+    slots: int = Field(1, ge=1, le=8, description="batches that may run at once per worker (eager dispatcher)")
 
 
 class ValiditySettings(BaseModel):
@@ -238,7 +245,14 @@ class ServingSettings(BaseSettings):
         f"{MAX_AUTO_WORKERS} (each worker decodes uploads on its own event loop: 2 x 1 thread served 1.3x the "
         "images/s of 1 x 2 threads on 2 cores, docs/performance.md)",
     )
-    torch_threads: int = Field(0, ge=0, description="intra-op threads per worker; 0 = cores / workers")
+    torch_threads: int = Field(
+        0, ge=0, description="intra-op threads of each forward pass; 0 = cores / (workers x batching.slots), at least 1"
+    )
+    decode_threads: int = Field(
+        2, ge=0, le=32,
+        description="threads per worker that decode /classify uploads (PIL releases the GIL), so a worker can use more "
+        "than its core while the other idles; 0 = decode on the worker's event loop while the request is parsed",
+    )
     engine: Literal["eager", "folded", "torchscript"] = Field(
         "torchscript",
         description="how the forward pass runs (core/engines.py): torchscript = traced and frozen, "
@@ -262,6 +276,12 @@ class ServingSettings(BaseSettings):
         None, description="TEST KNOB, keep unset: the warm-up delay ends early once this file exists (tests hold a "
         "server in its not-ready state for exactly as long as their checks take, however slow the machine)",
     )
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry spans for HTTP requests (BentoML's tracing configuration, exporter and sample rate, "
+        "then applies); off: BentoML's tracing middleware skips every route. Its default sample rate is 0, so without "
+        "an exporter the spans went nowhere and cost 19% of a worker's event loop at 32 clients (py-spy)",
+    )
     limits: InputLimits = InputLimits()
     batching: BatchingSettings = BatchingSettings()
     security: SecuritySettings = SecuritySettings()
@@ -274,7 +294,7 @@ class ServingSettings(BaseSettings):
         return self.workers or min(MAX_AUTO_WORKERS, usable_cores())
 
     def threads_per_worker(self) -> int:
-        return self.torch_threads or max(1, usable_cores() // self.worker_count())
+        return self.torch_threads or max(1, usable_cores() // (self.worker_count() * self.batching.slots))
 
     @classmethod
     def settings_customise_sources(

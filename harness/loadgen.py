@@ -38,6 +38,7 @@ TRANSPORT_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, 
 LABELS = frozenset({"NORMAL", "PNEUMONIA"})
 BUSY = "busy (503, explain slots taken)"
 BUSY_BACKOFF_S = 1.0
+STAGGER_S = 0.025  # at most this long between two clients' first connections (within the warm-up)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,17 @@ class LoadResult:
                 max(0.0, self.system_busy_s - self.client_cpu_s - (self.server_cpu_s or 0.0)) / self.window_s, 2
             ),
             "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5]),
+            "by_kind": self.by_kind(),
         }
+
+    def by_kind(self) -> dict[str, dict]:
+        """Answered requests and their p50/p95 latency per request kind (e.g. "full": one full-size radiograph)."""
+        kinds: dict[str, list[float]] = {}
+        for o in self.outcomes:
+            if o.ok:
+                kinds.setdefault(o.kind, []).append((o.end - o.start) * 1000)
+        return {kind: {"requests": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+                       "p95_ms": round(float(np.percentile(ms, 95)), 1)} for kind, ms in sorted(kinds.items())}
 
 
 def encode_requests(plan: list[PlannedRequest], url: str, path: str = "/classify") -> list[tuple[bytes, PlannedRequest]]:
@@ -221,7 +232,8 @@ def check_explanation(status: int, body: bytes) -> str | None:
 
 
 async def _client(host: str, port: int, requests: list[tuple[bytes, PlannedRequest]], offset: int, stop_at: float,
-                  outcomes: list[Outcome], timeout_s: float) -> None:
+                  outcomes: list[Outcome], timeout_s: float, delay_s: float = 0.0) -> None:
+    await asyncio.sleep(delay_s)
     connection = Connection(host, port, timeout_s)
     i = offset
     while time.perf_counter() < stop_at:
@@ -253,8 +265,14 @@ async def _run(url: str, groups: list[tuple[list[tuple[bytes, PlannedRequest]], 
     outcomes: list[list[Outcome]] = [[] for _ in groups]
     begin = time.perf_counter()
     stop_at = begin + warmup_s + window_s
+    # Clients connect one after another during the warm-up, as independent clients would, not all in the same
+    # millisecond: a server whose workers share one listening socket (BentoML, uvicorn --workers) otherwise hands
+    # every connection of the burst to whichever worker accepts first, and the measurement is of that imbalance.
+    total = sum(clients for _, clients in groups)
+    stagger = min(STAGGER_S, 0.5 * warmup_s / max(1, total))
     tasks = [
-        asyncio.create_task(_client(host, port, requests, k * len(requests) // clients, stop_at, outcomes[g], timeout_s))
+        asyncio.create_task(_client(host, port, requests, k * len(requests) // clients, stop_at, outcomes[g], timeout_s,
+                                    delay_s=stagger * (sum(c for _, c in groups[:g]) + k)))
         for g, (requests, clients) in enumerate(groups)
         for k in range(clients)
     ]

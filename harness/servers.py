@@ -51,6 +51,9 @@ class ServerProcess:
     warm_workers: int = 0
     # HTTPS (`bentoml serve --ssl-*`): how this harness trusts the server (and, for mutual TLS, proves who it is).
     tls: TLS | None = None
+    # Other servers (the benchmark's peers) name the log line each of their workers writes once warm, with its pid
+    # as the first group; it is then waited for whatever `ready_path` is.
+    warm_pattern: str | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
     started_at: float | None = field(default=None, init=False)  # time.monotonic() when the process was started
 
@@ -85,7 +88,7 @@ class ServerProcess:
                         raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
                     try:
                         if probe.get(self.url + ready_path).status_code == 200 and (
-                            ready_path != "/readyz" or self._workers_warm()
+                            (ready_path != "/readyz" and self.warm_pattern is None) or self._workers_warm()
                         ):
                             return self
                     except httpx.HTTPError:
@@ -97,7 +100,8 @@ class ServerProcess:
             raise
 
     def _workers_warm(self) -> bool:
-        return len(set(re.findall(r"worker (\d+) ready: model warm", self.logs()))) >= self.warm_workers
+        pattern = self.warm_pattern or r"worker (\d+) ready: model warm"
+        return len(set(re.findall(pattern, self.logs()))) >= self.warm_workers
 
     def wait_for_explainers(self, timeout: float = 120.0) -> "ServerProcess":
         """Wait until every worker has logged its explainers ready (they load after readiness, for /explain)."""

@@ -1,11 +1,14 @@
-"""BASELINE FOR COMPARISON ONLY, NOT THE SERVICE: a plain FastAPI pneumonia API.
+"""NAIVE PEER FOR COMPARISON ONLY, NOT THE SERVICE: a plain FastAPI pneumonia API in the seeds' style.
 
-Written the way most open-source pneumonia X-ray APIs are: one `POST` endpoint,
+The benchmark's "naive peer, seeds' style" rows. Written the way most open-source
+pneumonia X-ray APIs (the seeds this project started from) are: one `POST` endpoint,
 each upload decoded fully with PIL, torchvision transforms, one image per
 forward pass, inference inline in an `async def` handler, a single uvicorn
 worker. It serves the same weights with the same label semantics (the stored
-temperature and threshold) so the benchmark compares serving, not models. It
-lives under loadtests/, which the Bento excludes.
+temperature and threshold) so the benchmark compares serving, not models. Inference inside
+`async def` blocks the event loop, so it serves one request at a time: the
+benchmark's honest comparison is the competent peer (`loadtests/peer_fastapi.py`).
+It lives under loadtests/, which the Bento excludes.
 
     PNEUMONIA_BASELINE_MODEL=production uvicorn loadtests.baseline_fastapi:app --port 8000
     curl -F images=@xray.jpeg http://127.0.0.1:8000/classify

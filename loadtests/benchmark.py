@@ -1,25 +1,35 @@
-"""One-run serving benchmark: bare model, service with and without batching, naive FastAPI baseline.
+"""One-run serving benchmark: bare model, service with and without batching, a competent and a naive peer.
 
-    python -m loadtests.benchmark             # full run, a few minutes on 2 cores
+    python -m loadtests.benchmark             # full run, about 10 minutes on 2 cores
+    python -m loadtests.benchmark --repeat 3 --results docs/results --name final   # three runs and their spread
     python -m loadtests.benchmark --quick     # CI smoke: same rows, short windows, 1 worker, servers started together
 
 In one process on one machine, with one load generator (`harness.loadgen`,
 a closed-loop asyncio HTTP/1.1 client whose CPU use is measured and printed)
-and one image mix (`harness.payloads`: full-size radiographs, single small
-images, four-image requests), it measures
+and one image mix (`harness.payloads`: full-size radiographs one per request,
+single small images, four-image requests), it measures
 
 - the bare-model limit: preprocessing (`core.preprocess.prepare` from the
   uploaded bytes) plus the forward pass in this process, no HTTP, at each batch
   size, serial and with decoding overlapped with the forward pass; the best is the limit;
 - the service (`bentoml serve`) with adaptive batching, as shipped;
 - the same service with batching off (PNEUMONIA_BATCHING__ENABLED=false);
-- the FastAPI baseline (`loadtests.baseline_fastapi`);
+- the competent peer (`loadtests.peer_fastapi`): FastAPI without batching as a
+  careful engineer writes it: one uvicorn worker per usable core, a sync
+  handler in the threadpool, one torch thread per worker, the project's
+  preprocessing and the model as the registry loads it (eager); and the same
+  peer with the service's TorchScript engine;
+- the naive peer in the seeds' style (`loadtests.baseline_fastapi`: inference in
+  an `async def`, one worker, so one request at a time);
+- optional service variants (`--variant NAME=KEY=VALUE,...`): the service with other
+  settings, measured in the same run for A/B comparisons;
 
-each at 1, 8 and 32 concurrent clients: requests/s, images/s, p50/p95/p99,
-failures, server CPU (the server's whole process tree, in cores) and the load
-generator's CPU, plus the ratios the targets are stated in; and, on the shipped
-service (system `explain`), what an explanation costs and whether a burst of
-them slows `classify` down:
+each at 1, 8 and 32 concurrent clients: requests/s, images/s, p50/p95/p99 (and
+p50 of the full-size requests alone), failures, server CPU (the server's whole
+process tree, in cores) and the load generator's CPU, plus the ratios the targets
+are stated in (service / peer and batching on / off at each client count); and,
+on the shipped service (system `explain`), what an explanation costs and whether
+a burst of them slows `classify` down:
 
 - explain alone: one client calling `POST /explain` back to back (full-size and
   small images), p50/p95 ms;
@@ -28,39 +38,51 @@ them slows `classify` down:
   images/s and p50/p95 with and without the burst, and how many explanations
   were answered or turned away (503, the worker's explain slots taken).
 
-Writes
-benchmark.json, benchmark.md and benchmark.png to --out (default
-results/benchmark/<time>/); servers bind free 127.0.0.1 ports and are always stopped.
+Writes benchmark.json, benchmark.md and benchmark.png to --out (default
+results/benchmark/<time>/); with --repeat N, one such folder per run (run-1 ...)
+and the spread over the runs (median, min-max; loadtests/spread.py), copied into
+--results as <name>-<k>.json and <name>-spread.{json,md}. Servers bind free
+127.0.0.1 ports and are always stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 
 from harness.loadgen import encode_requests, run_load, run_mixed
-from harness.paths import RESULTS, VENV_BIN
+from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import IMAGE_KINDS, MIX_WEIGHTS, MULTI_COUNT, build_samples, explain_plan, request_plan
 from harness.processes import system_busy_s, tree_cpu_probe, wait_for_quiet
-from harness.servers import ServerProcess, bentoml_serve, free_port, server_env
+from harness.servers import ServerProcess, _expected_workers, bentoml_serve, free_port, server_env
+from settings import usable_cores
 
 SYSTEMS = {
     "service": "service, adaptive batching",
     "service_nobatch": "service, batching off",
-    "baseline": "FastAPI baseline",
+    "peer": "competent peer (FastAPI, no batching)",
+    "peer_torchscript": "competent peer, TorchScript engine",
+    "baseline": "naive peer, seeds' style (FastAPI baseline)",
 }
+PEERS = {"peer": "eager", "peer_torchscript": "torchscript"}  # the engine each competent peer runs
+DEFAULT_SYSTEMS = "bare,service,service_nobatch,peer,peer_torchscript,baseline,explain"
+# At the highest client count unless the name says otherwise.
 TARGETS = {
-    "service_vs_baseline": 2.0,
-    "service_vs_bare_model": 0.70,
+    "service_vs_peer": 2.0,
     "batching_vs_nobatch": 1.5,
+    "service_cores_busy_at_8": 0.85,
+    "service_vs_bare_model": 0.70,
+    "service_vs_baseline": 2.0,
     "service_p99_ms_at_8": 250.0,
 }
 
@@ -72,7 +94,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
     p.add_argument("--window-s", type=float, default=None, help="measured seconds per point (default 20, quick 2)")
     p.add_argument("--warmup-s", type=float, default=None, help="unmeasured seconds before each window (default 3, quick 0.5)")
-    p.add_argument("--systems", default="bare,service,service_nobatch,baseline,explain", help="which rows to measure")
+    p.add_argument("--systems", default=DEFAULT_SYSTEMS, help="which rows to measure")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                   help="also measure the service with these settings, as row 'service (NAME)', e.g. "
+                        "one-worker=PNEUMONIA_WORKERS=1 (A/B in the same run)")
+    p.add_argument("--peer-workers", type=int, default=0,
+                   help="uvicorn workers of the competent peers (0: one per usable core; --quick: 1)")
+    p.add_argument("--sequential", action="store_true",
+                   help="measure one system after the other, each server stopped before the next starts (default: "
+                        "all servers up, the systems interleaved at each client count)")
+    p.add_argument("--rotate", type=int, default=0, help="interleaved order's starting offset (--repeat adds the run index)")
+    p.add_argument("--repeat", type=int, default=1, help="run the whole benchmark this many times and report the spread")
+    p.add_argument("--results", type=Path, default=None,
+                   help="with --repeat: also copy each run's JSON and the spread here (e.g. docs/results)")
+    p.add_argument("--name", default="benchmark", help="file name stem of the copies in --results")
     p.add_argument("--explain-classify-clients", type=int, default=8,
                    help="classify clients measured with and without the explain burst")
     p.add_argument("--explain-burst", type=int, default=8, help="clients explaining back to back beside them")
@@ -152,25 +187,49 @@ def bare_model(tag: str, images: list[bytes], batch_sizes: list[int], seconds: f
 # ---------------------------------------------------------------- servers
 
 
-def start_system(system: str, tag: str, out: Path, service_env: dict[str, str]) -> ServerProcess:
+def label(system: str) -> str:
+    """The row label of a system; service variants are `variant:NAME`."""
+    return f"service ({system.split(':', 1)[1]})" if system.startswith("variant:") else SYSTEMS[system]
+
+
+def start_system(system: str, tag: str, out: Path, service_env: dict[str, str], peer_workers: int = 1,
+                 variants: dict[str, dict[str, str]] | None = None) -> ServerProcess:
     port = free_port()
-    log = out / f"{system}.log"
+    log = out / f"{system.replace(':', '-')}.log"
     if system == "baseline":
         args = [str(VENV_BIN / "uvicorn"), "loadtests.baseline_fastapi:app", "--host", "127.0.0.1", "--port", str(port)]
         server = ServerProcess(args=args, port=port, env=server_env(PNEUMONIA_BASELINE_MODEL=tag), log_path=log)
+        return server.start(ready_path="/openapi.json")
+    if system in PEERS:
+        args = [str(VENV_BIN / "uvicorn"), "loadtests.peer_fastapi:app", "--host", "127.0.0.1", "--port", str(port),
+                "--workers", str(peer_workers)]
+        env = server_env(PNEUMONIA_PEER_MODEL=tag, PNEUMONIA_PEER_ENGINE=PEERS[system])
+        server = ServerProcess(args=args, port=port, env=env, log_path=log, warm_workers=peer_workers,
+                               warm_pattern=r"peer worker (\d+) ready")
         return server.start(ready_path="/openapi.json")
     # The gRPC endpoint (not measured here) gets a free loopback port, never the fixed default.
     env = {"PNEUMONIA_MODEL": tag, "PNEUMONIA_GRPC__HOST": "127.0.0.1", "PNEUMONIA_GRPC__PORT": str(free_port()),
            **service_env}
     if system == "service_nobatch":
         env["PNEUMONIA_BATCHING__ENABLED"] = "false"
+    if system.startswith("variant:"):
+        env.update((variants or {})[system.split(":", 1)[1]])
     return bentoml_serve("service:PneumoniaClassifier", port, log, **env).start()
 
 
-def start_all(systems: list[str], tag: str, out: Path, service_env: dict[str, str]) -> dict[str, ServerProcess]:
+def start_all(systems: list[str], tag: str, out: Path, service_env: dict[str, str], peer_workers: int = 1,
+              variants: dict[str, dict[str, str]] | None = None) -> dict[str, ServerProcess]:
     """Start the systems concurrently; if any fails, the others are stopped and the error raised."""
     with ThreadPoolExecutor(len(systems)) as pool:
-        futures = {system: pool.submit(start_system, system, tag, out, service_env) for system in systems}
+        futures = {system: pool.submit(start_system, system, tag, out, service_env, peer_workers, variants)
+                   for system in systems}
+        try:
+            wait(futures.values())
+        except BaseException:  # interrupted (SIGTERM, Ctrl-C): stop each server once its start has returned
+            for future in futures.values():
+                with contextlib.suppress(Exception):
+                    future.result().stop()
+            raise
     servers, errors = {}, []
     for system, future in futures.items():
         try:
@@ -240,21 +299,39 @@ def format_explain_table(explain: dict) -> str:
 # ---------------------------------------------------------------- report
 
 
-def ratios_and_targets(bare: dict | None, runs: list[dict], top: int) -> tuple[dict, dict]:
-    def at(system: str, clients: int) -> dict | None:
-        return next((r for r in runs if r["system"] == system and r["clients"] == clients), None)
+def _at(runs: list[dict], system: str, clients: int) -> dict | None:
+    return next((r for r in runs if r["system"] == system and r["clients"] == clients), None)
 
-    service, nobatch, baseline = at("service", top), at("service_nobatch", top), at("baseline", top)
+
+def _ratio(a: dict | None, b: dict | None) -> float | None:
+    return round(a["images_per_s"] / max(b["images_per_s"], 1e-9), 2) if a and b else None
+
+
+def ratios_and_targets(bare: dict | None, runs: list[dict], concurrency: list[int], cores: int) -> tuple[dict, dict]:
+    """The ratios the targets are stated in (at the highest client count unless named), per-client-count ratios
+    (service / each peer, batching on / off, service CPU) and the targets with whether each is met."""
+    top = concurrency[-1]
+    service = _at(runs, "service", top)
+    at8 = _at(runs, "service", 8)
     ratios: dict[str, float | None] = {
-        "service_vs_baseline": service and baseline and round(service["images_per_s"] / max(baseline["images_per_s"], 1e-9), 2),
+        "service_vs_peer": _ratio(service, _at(runs, "peer", top)),
+        "batching_vs_nobatch": _ratio(service, _at(runs, "service_nobatch", top)),
+        "service_cores_busy_at_8": at8 and at8["server_cpu_cores"] is not None and round(at8["server_cpu_cores"] / cores, 2),
         "service_vs_bare_model": service and bare and round(service["images_per_s"] / bare["limit_images_per_s"], 2),
-        "batching_vs_nobatch": service and nobatch and round(service["images_per_s"] / max(nobatch["images_per_s"], 1e-9), 2),
-        "service_p99_ms_at_8": (at("service", 8) or {}).get("p99_ms"),
+        "service_vs_baseline": _ratio(service, _at(runs, "baseline", top)),
+        "service_p99_ms_at_8": (at8 or {}).get("p99_ms"),
     }
+    for clients in concurrency:
+        service_c = _at(runs, "service", clients)
+        ratios[f"service_vs_peer_at_{clients}"] = _ratio(service_c, _at(runs, "peer", clients))
+        ratios[f"service_vs_peer_torchscript_at_{clients}"] = _ratio(service_c, _at(runs, "peer_torchscript", clients))
+        ratios[f"service_vs_baseline_at_{clients}"] = _ratio(service_c, _at(runs, "baseline", clients))
+        ratios[f"batching_vs_nobatch_at_{clients}"] = _ratio(service_c, _at(runs, "service_nobatch", clients))
+        ratios[f"service_cpu_cores_at_{clients}"] = service_c and service_c["server_cpu_cores"]
     targets = {}
     for name, goal in TARGETS.items():
         value = ratios.get(name)
-        if value is None:
+        if value is None or value is False:
             continue
         met = value <= goal if name.endswith("_ms_at_8") else value >= goal
         targets[name] = {"value": value, "target": goal, "met": bool(met)}
@@ -263,40 +340,72 @@ def ratios_and_targets(bare: dict | None, runs: list[dict], top: int) -> tuple[d
     return ratios, targets
 
 
+def target_names(top: int) -> dict[str, str]:
+    return {
+        "service_vs_peer": f"service / competent peer, images/s at {top} clients",
+        "batching_vs_nobatch": f"batching / batching off, images/s at {top} clients",
+        "service_cores_busy_at_8": "service CPU at 8 clients / cores",
+        "service_vs_bare_model": f"service / bare-model limit, images/s at {top} clients",
+        "service_vs_baseline": f"service / naive peer, images/s at {top} clients",
+        "service_p99_ms_at_8": "service p99 at 8 clients (ms)",
+        "zero_failures_at_top": f"failures at {top} clients",
+    }
+
+
+RATIO_ROWS = {  # the summary's per-client-count ratios: key prefix -> label
+    "service_vs_peer_at_": "service / competent peer (images/s)",
+    "service_vs_peer_torchscript_at_": "service / competent peer with TorchScript (images/s)",
+    "service_vs_baseline_at_": "service / naive peer (images/s)",
+    "batching_vs_nobatch_at_": "batching on / off (images/s)",
+    "service_cpu_cores_at_": "service CPU (cores)",
+}
+
+
 def format_table(result: dict) -> str:
     lines = [
         "| system | clients | req/s | images/s | p50 ms | p95 ms | p99 ms | failures | server CPU (cores) "
-        "| generator CPU (cores) | other load (cores) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| generator CPU (cores) | other load (cores) | full-size p50 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     bare = result.get("bare_model")
     if bare:
         best = bare["best"]
         lines.append(
             f"| bare model limit (batch {best['batch']}, {best['mode']}, {bare.get('engine', 'eager')}, no HTTP) | - | - | {best['images_per_s']:.1f} "
-            f"| - | - | - | - | {best['cpu_cores']:.2f} | - | {best.get('other_cpu_cores', 0):.2f} |"
+            f"| - | - | - | - | {best['cpu_cores']:.2f} | - | {best.get('other_cpu_cores', 0):.2f} | - |"
         )
     for r in result["runs"]:
         cpu = "-" if r["server_cpu_cores"] is None else f"{r['server_cpu_cores']:.2f}"
+        full = (r.get("by_kind") or {}).get("full")
+        full_p50 = "-" if full is None else f"{full['p50_ms']:.0f}"
         lines.append(
-            f"| {SYSTEMS[r['system']]} | {r['clients']} | {r['requests_per_s']:.1f} | {r['images_per_s']:.1f} | "
+            f"| {label(r['system'])} | {r['clients']} | {r['requests_per_s']:.1f} | {r['images_per_s']:.1f} | "
             f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['failures']} | {cpu} | {r['client_cpu_cores']:.2f} "
-            f"| {r['other_cpu_cores']:.2f} |"
+            f"| {r['other_cpu_cores']:.2f} | {full_p50} |"
         )
-    lines.append("")
+    lines += ["", format_ratios(result)]
     top = result["concurrency"][-1]
-    names = {
-        "service_vs_baseline": f"service / baseline, images/s at {top} clients",
-        "service_vs_bare_model": f"service / bare-model limit, images/s at {top} clients",
-        "batching_vs_nobatch": f"batching / batching off, images/s at {top} clients",
-        "service_p99_ms_at_8": "service p99 at 8 clients (ms)",
-        "zero_failures_at_top": f"failures at {top} clients",
-    }
-    lines += ["| measure | value | target | met |", "| --- | ---: | ---: | --- |"]
+    names = target_names(top)
+    lines += ["", "| measure | value | target | met |", "| --- | ---: | ---: | --- |"]
     for name, t in result["targets"].items():
         sign = "<=" if name in ("service_p99_ms_at_8", "zero_failures_at_top") else ">="
         lines.append(f"| {names[name]} | {t['value']} | {sign} {t['target']} | {'yes' if t['met'] else 'NO'} |")
     return "\n".join(lines)
+
+
+def format_ratios(result: dict) -> str:
+    concurrency = result["concurrency"]
+    lines = ["| ratio | " + " | ".join(f"{c} clients" for c in concurrency) + " |",
+             "| --- |" + " ---: |" * len(concurrency)]
+    for prefix, name in RATIO_ROWS.items():
+        values = [result["ratios"].get(f"{prefix}{c}") for c in concurrency]
+        if any(v is not None for v in values):
+            lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v}" for v in values) + " |")
+    return "\n".join(lines)
+
+
+STYLES = {"service": ("#1f77b4", "o", "-"), "service_nobatch": ("#ff7f0e", "s", "-"), "peer": ("#d62728", "D", "-"),
+          "peer_torchscript": ("#d62728", "d", "--"), "baseline": ("#7f7f7f", "^", "-")}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -306,15 +415,13 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"service": ("#1f77b4", "o"), "service_nobatch": ("#ff7f0e", "s"), "baseline": ("#7f7f7f", "^")}
-    for system, label in SYSTEMS.items():
+    systems = list(dict.fromkeys(r["system"] for r in result["runs"]))
+    for i, system in enumerate(systems):
         rows = [r for r in result["runs"] if r["system"] == system]
-        if not rows:
-            continue
-        colour, marker = styles[system]
+        colour, marker, line = STYLES.get(system, (f"C{4 + i % 6}", "x", ":"))
         xs = [r["clients"] for r in rows]
-        left.plot(xs, [r["images_per_s"] for r in rows], marker=marker, color=colour, label=label)
-        right.plot(xs, [r["p95_ms"] for r in rows], marker=marker, color=colour, label=label)
+        left.plot(xs, [r["images_per_s"] for r in rows], marker=marker, linestyle=line, color=colour, label=label(system))
+        right.plot(xs, [r["p95_ms"] for r in rows], marker=marker, linestyle=line, color=colour, label=label(system))
     if result.get("bare_model"):
         left.axhline(result["bare_model"]["limit_images_per_s"], color="#2ca02c", linestyle="--", label="bare-model limit (no HTTP)")
     for ax, title, unit in ((left, "Throughput", "images / s"), (right, "Latency, 95th percentile", "ms (log scale)")):
@@ -326,7 +433,7 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(True, alpha=0.3)
     right.set_yscale("log")
     left.set_ylim(bottom=0)
-    left.legend(fontsize=8, loc="upper left")
+    left.legend(fontsize=7, loc="upper left")
     machine = result["machine"]
     fig.suptitle(f"Pneumonia X-ray serving on {machine['cores']} cores ({machine['cpu']}), mix: {result['mix_text']}", fontsize=9)
     fig.tight_layout()
@@ -347,22 +454,73 @@ def cpu_name() -> str:
 # ---------------------------------------------------------------- main
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, with "+changes" when the working tree differs from it (what was measured)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    window = args.window_s or (2.0 if args.quick else 20.0)
-    warmup = args.warmup_s if args.warmup_s is not None else (0.5 if args.quick else 3.0)
-    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,8,32" if args.quick else "1,4,8,16,32,64")).split(",")]
-    concurrency = [int(c) for c in args.concurrency.split(",")]
+    # A SIGTERM (a timeout, a test harness) unwinds like Ctrl-C, so the `finally` blocks stop every started server.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - {"bare", "explain", *SYSTEMS}
     if unknown:
         print(f"unknown systems {sorted(unknown)}; choose from bare,{','.join(SYSTEMS)},explain", file=sys.stderr)
         return 2
+    try:
+        variants = {name: dict(item.split("=", 1) for item in settings.split(","))
+                    for name, settings in (v.split("=", 1) for v in args.variant)}
+    except ValueError:
+        print("--variant takes NAME=KEY=VALUE[,KEY=VALUE...]", file=sys.stderr)
+        return 2
+    command = "python -m loadtests.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = args.out or RESULTS / "benchmark" / time.strftime("%Y%m%d-%H%M%S")
+    if args.repeat <= 1:
+        result = run_once(args, systems, variants, out, command)
+        print(result["table"])
+        print(f"\nwrote {out}/benchmark.json, benchmark.md, benchmark.png")
+        return 0
+    from loadtests import spread
+
+    paths = []
+    for k in range(1, args.repeat + 1):
+        print(f"=== run {k} of {args.repeat} ===", file=sys.stderr)
+        args.rotate = k - 1
+        run_once(args, systems, variants, out / f"run-{k}", command)
+        paths.append(out / f"run-{k}" / "benchmark.json")
+    summary = spread.summarise(paths)
+    spread.write(summary, out, "benchmark", paths)
+    if args.results:
+        spread.write(summary, args.results, args.name, paths)
+    print(spread.format_spread(summary))
+    print(f"\nwrote {out}/run-1 ... run-{args.repeat} and {out}/benchmark-spread.json, benchmark-spread.md"
+          + (f"; copies in {args.results}" if args.results else ""))
+    return 0
+
+
+def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, dict[str, str]], out: Path,
+             command: str) -> dict:
+    """One full measurement into `out` (benchmark.json, .md, .png); returns the result with its table."""
+    window = args.window_s or (2.0 if args.quick else 20.0)
+    warmup = args.warmup_s if args.warmup_s is not None else (0.5 if args.quick else 3.0)
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,8,32" if args.quick else "1,4,8,16,32,64")).split(",")]
+    concurrency = [int(c) for c in args.concurrency.split(",")]
     service_env = dict(item.split("=", 1) for item in args.service_env)
     if args.quick:  # a smoke run checks behaviour: one worker per service starts faster on a small CI machine
         service_env.setdefault("PNEUMONIA_WORKERS", "1")
-    out = args.out or RESULTS / "benchmark" / time.strftime("%Y%m%d-%H%M%S")
+    service_workers = _expected_workers(service_env)
+    peer_workers = args.peer_workers or (1 if args.quick else usable_cores())
     out.mkdir(parents=True, exist_ok=True)
 
     from models_registry import resolve_tag
@@ -377,8 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {tag}; samples: {samples.describe()}; request mix {mix_text}", file=sys.stderr)
 
     result: dict = {
-        "command": "python -m loadtests.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cores": os.cpu_count(), "cpu": cpu_name(), "python": platform.python_version()},
+        "command": command,
+        "commit": git_commit(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": {"cores": os.cpu_count(), "usable_cores": usable_cores(), "cpu": cpu_name(),
+                    "python": platform.python_version()},
         "model": tag,
         "samples": samples.describe(),
         "mix": {k: MIX_WEIGHTS[k] for k in IMAGE_KINDS}, "mix_text": mix_text,
@@ -386,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         "generator": "harness.loadgen: closed-loop asyncio HTTP/1.1 client, one keep-alive connection per client, "
                      "pre-encoded multipart bodies, every answer checked",
         "concurrency": concurrency, "window_s": window, "warmup_s": warmup, "service_env": service_env,
+        "service_workers": service_workers, "peer_workers": peer_workers, "variants": variants,
         "bare_model": None, "runs": [], "explain": None,
     }
     quiet_timeout = args.quiet_timeout_s if args.quiet_timeout_s is not None else (5.0 if args.quick else 600.0)
@@ -402,42 +564,81 @@ def main(argv: list[str] | None = None) -> int:
     order = [s for s in SYSTEMS if s in systems]
     if "explain" in systems and "service" not in order:  # explain is measured on the shipped service
         order.insert(0, "service")
+    after = order.index("service") + 1 if "service" in order else 0  # variants next to the shipped service
+    order[after:after] = [f"variant:{name}" for name in variants]
     service_rows = "service" in systems
     explain_requests = explain_plan(samples, 60 if args.quick else 200)
+    result["order"] = "sequential" if args.sequential else "interleaved"
     started: dict[str, ServerProcess] = {}
-    try:
-        if args.quick and order:  # CI smoke: start-ups dominate a short run, so start every server at once
-            print(f"starting {', '.join(SYSTEMS[s] for s in order)} ...", file=sys.stderr)
-            started.update(start_all(order, tag, out, service_env))
-        for system in order:
-            if system not in started:
-                print(f"starting {SYSTEMS[system]} ...", file=sys.stderr)
-                started[system] = start_system(system, tag, out, service_env)
+    requests: dict[str, list] = {}
+    probes: dict = {}
+
+    def ready(system: str) -> ServerProcess:
+        """The system's server, started (and its first-request costs paid) if it is not yet."""
+        if system not in started:
+            print(f"starting {label(system)} ...", file=sys.stderr)
+            started[system] = start_system(system, tag, out, service_env, peer_workers, variants)
+        server = started[system]
+        if system not in requests:
+            requests[system] = encode_requests(plan, server.url)
+            probes[system] = tree_cpu_probe(server.process.pid)
+            run_load(server.url, requests[system], clients=2, warmup_s=0.0, window_s=max(1.0, warmup))
+        return server
+
+    def measure(system: str, clients: int) -> None:
+        server = started[system]
+        other_before = wait_for_quiet(args.max_other_load, quiet_timeout)
+        load = run_load(server.url, requests[system], clients, warmup, window, cpu_probe=probes[system])
+        row = {"system": system, **load.summary(), "other_cpu_cores_before": other_before}
+        result["runs"].append(row)
+        full = row["by_kind"].get("full", {}).get("p50_ms", float("nan"))
+        print(f"  {label(system):<44} {clients:>3} clients: {row['images_per_s']:7.1f} images/s, "
+              f"p99 {row['p99_ms']:7.0f} ms, full-size p50 {full:5.0f} ms, CPU {row['server_cpu_cores']} "
+              f"cores, {row['failures']} failures", file=sys.stderr)
+
+    def explain(system: str) -> None:
+        if system == "service" and "explain" in systems:
+            print("measuring explain on the service ...", file=sys.stderr)
+            wait_for_quiet(args.max_other_load, quiet_timeout)
             server = started[system]
-            try:
-                requests = encode_requests(plan, server.url)
-                probe = tree_cpu_probe(server.process.pid)
-                run_load(server.url, requests, clients=2, warmup_s=0.0, window_s=max(1.0, warmup))  # first-request costs
-                for clients in concurrency if system != "service" or service_rows else ():
-                    other_before = wait_for_quiet(args.max_other_load, quiet_timeout)
-                    load = run_load(server.url, requests, clients, warmup, window, cpu_probe=probe)
-                    row = {"system": system, **load.summary(), "other_cpu_cores_before": other_before}
-                    result["runs"].append(row)
-                    print(f"  {SYSTEMS[system]:<28} {clients:>3} clients: {row['images_per_s']:7.1f} images/s, "
-                          f"p99 {row['p99_ms']:7.0f} ms, {row['failures']} failures", file=sys.stderr)
-                if system == "service" and "explain" in systems:
-                    print("measuring explain on the service ...", file=sys.stderr)
-                    wait_for_quiet(args.max_other_load, quiet_timeout)
-                    result["explain"] = measure_explain(
-                        server, requests, encode_requests(explain_requests, server.url, path="/explain"),
-                        args.explain_classify_clients, args.explain_burst, warmup, window, probe)
-            finally:
-                server.stop()  # before the next system is measured: an idle server still holds memory
+            result["explain"] = measure_explain(
+                server, requests[system], encode_requests(explain_requests, server.url, path="/explain"),
+                args.explain_classify_clients, args.explain_burst, warmup, window, probes[system])
+
+    measured = [s for s in order if s != "service" or service_rows]
+    try:
+        if (args.quick or not args.sequential) and order:  # every server up at once
+            print(f"starting {', '.join(label(s) for s in order)} ...", file=sys.stderr)
+            if args.quick:  # CI smoke: start-ups dominate a short run, so start them concurrently
+                started.update(start_all(order, tag, out, service_env, peer_workers, variants))
+        if args.sequential:  # one system after the other, each stopped before the next starts
+            for system in order:
+                try:
+                    ready(system)
+                    for clients in concurrency if system in measured else ():
+                        measure(system, clients)
+                    explain(system)
+                finally:
+                    started.pop(system).stop()  # before the next system is measured: an idle server holds memory
+        else:
+            # Interleaved: every point of every system at one client count before the next, in an order that
+            # rotates between client counts (and runs), so a slower or faster spell of a shared machine falls on
+            # all systems alike instead of on whichever was measured then.
+            for system in order:
+                ready(system)
+            for level, clients in enumerate(concurrency):
+                shift = (level + args.rotate) % max(1, len(measured))
+                for system in measured[shift:] + measured[:shift]:
+                    measure(system, clients)
+            for system in order:
+                explain(system)
     finally:
         for server in started.values():
             server.stop()
+    result["runs"].sort(key=lambda r: (order.index(r["system"]), r["clients"]))
 
-    result["ratios"], result["targets"] = ratios_and_targets(result["bare_model"], result["runs"], concurrency[-1])
+    result["ratios"], result["targets"] = ratios_and_targets(result["bare_model"], result["runs"], concurrency,
+                                                             result["machine"]["usable_cores"])
     table = format_table(result)
     if result["explain"]:
         table += "\n\n" + format_explain_table(result["explain"])
@@ -445,9 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "benchmark.md").write_text(f"`{result['command']}`\n\n{table}\n")
     if result["runs"]:
         plot(result, out / "benchmark.png")
-    print(table)
-    print(f"\nwrote {out}/benchmark.json, benchmark.md, benchmark.png")
-    return 0
+    return {**result, "table": table}
 
 
 if __name__ == "__main__":

@@ -90,24 +90,34 @@ def run_stopping_servers(args: list[str], timeout: float) -> subprocess.Complete
 def test_benchmark_quick_has_every_row_and_no_failures(production_tag: str, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     proc = run_stopping_servers(
-        [sys.executable, "-m", "loadtests.benchmark", "--quick", "--window-s", "1.5", "--out", str(out)], timeout=300)
+        [sys.executable, "-m", "loadtests.benchmark", "--quick", "--window-s", "1.5", "--out", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((out / "benchmark.json").read_text())
     assert result["model"] == production_tag
     assert result["bare_model"]["limit_images_per_s"] > 0
     assert {r["batch"] for r in result["bare_model"]["rows"]} == {1, 8, 32}
+    systems = ("service", "service_nobatch", "peer", "peer_torchscript", "baseline")
     points = {(r["system"], r["clients"]) for r in result["runs"]}
-    assert points == {(s, c) for s in ("service", "service_nobatch", "baseline") for c in (1, 8, 32)}
+    assert points == {(s, c) for s in systems for c in (1, 8, 32)}
     for row in result["runs"]:
         assert row["failures"] == 0, row
         assert row["images_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
         assert row["server_cpu_cores"] is not None and row["server_cpu_cores"] > 0
+        assert set(row["by_kind"]) <= {"full", "single", "multi"} and row["by_kind"], row  # per-kind latency
+    assert result["peer_workers"] == result["service_workers"] == 1  # --quick: one worker each
     assert set(result["targets"]) == {
-        "service_vs_baseline", "service_vs_bare_model", "batching_vs_nobatch", "service_p99_ms_at_8", "zero_failures_at_top"
+        "service_vs_peer", "batching_vs_nobatch", "service_cores_busy_at_8", "service_vs_bare_model",
+        "service_vs_baseline", "service_p99_ms_at_8", "zero_failures_at_top",
     }
+    for clients in (1, 8, 32):  # the summary's ratios at each client count
+        for name in ("service_vs_peer", "service_vs_peer_torchscript", "service_vs_baseline", "batching_vs_nobatch"):
+            assert result["ratios"][f"{name}_at_{clients}"] > 0
     table = (out / "benchmark.md").read_text()
-    for label in ("bare model limit", "service, adaptive batching", "service, batching off", "FastAPI baseline"):
-        assert label in table and label in proc.stdout
+    for label in ("bare model limit", "service, adaptive batching", "service, batching off",
+                  "competent peer (FastAPI, no batching)", "competent peer, TorchScript engine",
+                  "naive peer, seeds' style", "service / competent peer (images/s)", "batching on / off (images/s)",
+                  "full-size p50 ms"):
+        assert label in table and label in proc.stdout, label
     assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # explain's cost (p50/p95) and classify with and without an explain burst beside it (issue 13)
     explain = result["explain"]
@@ -120,3 +130,16 @@ def test_benchmark_quick_has_every_row_and_no_failures(production_tag: str, tmp_
     assert explain["classify_images_per_s_ratio"] > 0 and explain["classify_p95_ratio"] > 0
     for label in ("explain alone, 1 client", "classify beside the explain burst", "explain burst beside classify"):
         assert label in table
+
+    # The spread of several runs (here the same run twice): median and min-max, targets met per run, copies kept.
+    from loadtests import spread
+
+    kept = tmp_path / "kept"
+    assert spread.main([str(out / "benchmark.json"), str(out / "benchmark.json"), "--results", str(kept), "--name", "x"]) == 0
+    summary = json.loads((kept / "x-spread.json").read_text())
+    assert [p.name for p in sorted(kept.iterdir())] == ["x-1.json", "x-2.json", "x-spread.json", "x-spread.md"]
+    service_32 = next(r for r in summary["rows"] if r["system"] == "service" and r["clients"] == 32)
+    first = next(r for r in result["runs"] if r["system"] == "service" and r["clients"] == 32)
+    assert service_32["images_per_s"]["median"] == service_32["images_per_s"]["min"] == first["images_per_s"]
+    assert summary["targets"]["service_vs_peer"]["runs"] == 2
+    assert "Median (min-max) of 2 runs." in (kept / "x-spread.md").read_text()

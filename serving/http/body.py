@@ -31,11 +31,12 @@ class ClientGone(Exception):
 
 async def read_body(
     scope: Scope, receive: Receive, headers: Headers, call: Call, limit: int, field_name: str | None, max_files: int
-) -> tuple[Scope, Receive, BinaryIO | None]:
+) -> tuple[Scope, Receive, BinaryIO | None, list[tuple[int, int]]]:
     """Read the whole body (at most `limit` bytes) into a spool; return the scope and receive the app gets.
 
     `field_name` (upload routes only) is the multipart file field to canonicalise;
-    the spool, if any, is the caller's to close once the app is done.
+    the spool, if any, is the caller's to close once the app is done. The last item
+    lists where each uploaded file's bytes lie in the spool (upload routes; else empty).
     """
     declared = headers.get("content-length")
     chunked = "chunked" in headers.get("transfer-encoding", "").lower()
@@ -47,7 +48,7 @@ async def read_body(
             headers={"connection": "close"},
         )
     if not chunked and (declared is None or declared == "0") and field_name is None:
-        return scope, receive, None  # no body: nothing to bound or rewrite
+        return scope, receive, None, []  # no body: nothing to bound or rewrite
     canon: MultipartCanon | None = None
     spool: BinaryIO = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - closed by caller
     try:
@@ -122,4 +123,4 @@ async def read_body(
         replayed = not more
         return {"type": "http.request", "body": data, "more_body": more}
 
-    return {**scope, "headers": raw}, replay, spool
+    return {**scope, "headers": raw}, replay, spool, (canon.parts if canon is not None else [])

@@ -11,7 +11,10 @@ What it does to each request, in order:
    body into a canonical one (multipart.py);
 5. holds a model route for a worker that is still warming up, then 503 (admission.py);
 6. on /explain, takes one of the worker's explain slots for the call, or answers
-   503 with Retry-After at once when none is free (serving/explain.py).
+   503 with Retry-After at once when none is free (serving/explain.py);
+7. on routes with a decoder (/classify), decodes the uploaded files on threads
+   before the app parses the request, and hands the outcomes to the app's
+   validator (decoding.py).
 
 Error bodies have the shape of `api.models.ErrorBody`, which is also the shape
 of BentoML's validation errors: `{"error": "...", "detail": [{"type", "loc", "msg"}]}`.
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -31,6 +36,7 @@ from serving import request_log
 from serving.explain import ExplainBusy, ExplainSlots
 from serving.http.admission import DOC_PATHS, PROBE_PATHS, Admission
 from serving.http.body import ClientGone, read_body
+from serving.http.decoding import PREDECODED, Predecoder
 from serving.http.responses import (
     REFUSED,
     UI_PATH,
@@ -59,14 +65,20 @@ class HttpGuard:
     those routes also wait for the model (readiness). A field named in the singular
     ("image") takes one file, a plural one up to `max_images_per_request`.
     `explain_slots` maps a route to the slots that bound its calls in this worker.
+    `decoders` maps a route to the function that decodes one of its uploads on `decode_pool` (decoding.py).
     """
 
     def __init__(self, app: ASGIApp, settings: ServingSettings, upload_routes: dict[str, str],
-                 explain_slots: dict[str, ExplainSlots] | None = None) -> None:
+                 explain_slots: dict[str, ExplainSlots] | None = None,
+                 decoders: dict[str, Callable[[bytes, float], Any]] | None = None,
+                 decode_pool: Executor | None = None) -> None:
         self.app = app
         self.settings = settings
         self.upload_routes = dict(upload_routes)
         self.explain_slots = dict(explain_slots or {})
+        # Without a pool (PNEUMONIA_DECODE_THREADS=0) the app's validator decodes, on the event loop.
+        self.decoders = {route: Predecoder(decode, decode_pool) for route, decode in (decoders or {}).items()
+                         if decode_pool is not None}
         security = settings.security
         self.admission = Admission(
             shared_policy(security),
@@ -114,7 +126,7 @@ class HttpGuard:
         max_files = self.settings.max_images_per_request if field_name is None or field_name.endswith("s") else 1
         try:
             self.admission.admit(scope, headers, call)
-            body_scope, body_receive, spool = await read_body(
+            body_scope, body_receive, spool, parts = await read_body(
                 scope, receive, headers, call, self.settings.max_request_bytes, field_name, max_files,
             )
         except GuardError as exc:
@@ -137,7 +149,15 @@ class HttpGuard:
                         REFUSED.labels(status="503", reason="explain_busy").inc()
                         await send_json(send, 503, busy.body(), {"retry-after": str(busy.retry_after_s)})
                         return
-                await self.app(body_scope, body_receive, send)
+                decoder = self.decoders.get(scope["path"]) if field_name is not None else None
+                if decoder is not None and spool is not None and parts:
+                    token = PREDECODED.set(await decoder.run(spool, parts))
+                    try:
+                        await self.app(body_scope, body_receive, send)
+                    finally:
+                        PREDECODED.reset(token)
+                else:
+                    await self.app(body_scope, body_receive, send)
         finally:
             if held and slots is not None:
                 slots.release()
