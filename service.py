@@ -369,7 +369,8 @@ def _cached_local_call(method: APIMethod, instance: object) -> Callable[..., Any
     """BentoML's `APIMethod._local_call`, built once per API and service instance instead of on every access.
 
     BentoML rebuilds an API's caller, with `inspect.signature` of its function, each time the API is read from
-    the service instance: at least twice per request, 17% of a worker's event loop at 32 clients (py-spy).
+    the service instance: at least twice per request, a visible share of a worker's event loop under load
+    (scripts/profile_service.py).
     """
     calls = instance.__dict__.setdefault("_pneumonia_local_calls", {})
     if method.name not in calls:

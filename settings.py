@@ -280,7 +280,7 @@ class ServingSettings(BaseSettings):
         False,
         description="OpenTelemetry spans for HTTP requests (BentoML's tracing configuration, exporter and sample rate, "
         "then applies); off: BentoML's tracing middleware skips every route. Its default sample rate is 0, so without "
-        "an exporter the spans went nowhere and cost 19% of a worker's event loop at 32 clients (py-spy)",
+        "an exporter the spans went nowhere at a visible cost per request (docs/performance.md)",
     )
     limits: InputLimits = InputLimits()
     batching: BatchingSettings = BatchingSettings()

@@ -87,7 +87,7 @@ def log_request(logger: logging.Logger, fields: dict[str, Any]) -> None:
 
 
 # Fresh ids: 32 hex digits like a uuid4's, a random prefix per process and a counter. A uuid4 per request read the
-# kernel's random source each time: 8% of a worker's event loop at 32 clients (py-spy). Ids must be unique, not secret.
+# kernel's random source each time, a visible share of a worker's event loop. Ids must be unique, not secret.
 _ID_PREFIX = os.urandom(10).hex()
 _ID_COUNTER = itertools.count()
 

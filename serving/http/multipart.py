@@ -20,7 +20,7 @@ from serving.http.responses import GuardError
 
 
 # The canonical body's boundary: a random prefix per process (never sent to clients, 96 bits) and a counter. A fresh
-# secrets.token_hex per request read the kernel's random source each time: 8.6% of a worker's event loop (py-spy).
+# secrets.token_hex per request read the kernel's random source each time, a visible share of a worker's event loop.
 _BOUNDARY_PREFIX = b"pneumonia-" + secrets.token_hex(12).encode()
 _BOUNDARY_COUNTER = itertools.count()
 
