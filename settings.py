@@ -249,9 +249,11 @@ class ServingSettings(BaseSettings):
         0, ge=0, description="intra-op threads of each forward pass; 0 = cores / (workers x batching.slots), at least 1"
     )
     decode_threads: int = Field(
-        2, ge=0, le=32,
-        description="threads per worker that decode /classify uploads (PIL releases the GIL), so a worker can use more "
-        "than its core while the other idles; 0 = decode on the worker's event loop while the request is parsed",
+        0, ge=0, le=32,
+        description="EXPERIMENTAL, keep 0: threads per worker that decode /classify uploads before BentoML parses the "
+        "request. 0 = decode on the worker's event loop while the request is parsed. Not the default: no measured "
+        "throughput gain (docs/performance.md), and with threads an HTTP request held open right after a gRPC call "
+        "was never counted by max_concurrency and ended in BentoML's 60 s timeout (tests/test_security.py)",
     )
     engine: Literal["eager", "folded", "torchscript"] = Field(
         "torchscript",

@@ -178,20 +178,20 @@ def test_a_burst_right_after_start_up_is_answered_in_full(fresh_server: ServerPr
 
 
 def test_decoded_on_threads_equals_decoded_on_the_loop(fresh_server: ServerProcess, tmp_path: Path) -> None:
-    """The default (uploads decoded on the guard's threads) and PNEUMONIA_DECODE_THREADS=0 answer alike, refusals too."""
+    """The default (uploads decoded on the event loop) and PNEUMONIA_DECODE_THREADS=2 answer alike, refusals too."""
     files = [("images", (p.name, p.read_bytes())) for p in sample_xrays(2, offset=70)]
     files.append(("images", ("bad.jpeg", b"\xff\xd8\xff not really a jpeg")))
     good = files[:-1]
-    on_loop = start_server(tmp_path / "loop.log", PNEUMONIA_WORKERS="1", PNEUMONIA_DECODE_THREADS="0")
+    on_threads = start_server(tmp_path / "threads.log", PNEUMONIA_WORKERS="1", PNEUMONIA_DECODE_THREADS="2")
     try:
         answers = []
-        for server in (fresh_server, on_loop):
+        for server in (fresh_server, on_threads):
             ok = httpx.post(server.url + "/classify", files=good, timeout=60)
             bad = httpx.post(server.url + "/classify", files=files, timeout=60)
             assert ok.status_code == 200 and bad.status_code == 400, (ok.text, bad.text)
             answers.append(([(i["label"], i["probability"], i["image"], i["warnings"]) for i in ok.json()], bad.json()))
     finally:
-        on_loop.stop()
+        on_threads.stop()
     assert answers[0] == answers[1]
     assert answers[0][1]["detail"][0]["loc"] == ["images", 4] and answers[0][1]["detail"][0]["type"] == "not_an_image"
 
