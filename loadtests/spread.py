@@ -33,13 +33,14 @@ def stats(values: list[float | None]) -> dict | None:
     return {"median": round(statistics.median(present), 2), "min": min(present), "max": max(present), "values": values}
 
 
-def text(s: dict | None, digits: int = 1) -> str:
-    """`median (min-max)`, or `-`."""
+def text(s: dict | None, digits: int | None = 1) -> str:
+    """`median (min-max)`, or `-`; `digits` None: each number as short as it reads (`:g`)."""
     if s is None:
         return "-"
+    spec = "g" if digits is None else f".{digits}f"
     if s["min"] == s["max"]:
-        return f"{s['median']:.{digits}f}"
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+        return format(s["median"], spec)
+    return f"{format(s['median'], spec)} ({format(s['min'], spec)}-{format(s['max'], spec)})"
 
 
 def summarise(paths: list[Path]) -> dict:

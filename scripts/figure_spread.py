@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from collections.abc import Callable
 from pathlib import Path
+
+from loadtests.spread import stats, text
 
 Figure = tuple[str, Callable[[dict], float]]
 
@@ -59,19 +60,11 @@ GROUPS: dict[str, list[Figure]] = {
 GROUPS["latency-2048px"] = GROUPS["latency-224px"]
 
 
-def spread(values: list[float]) -> str:
-    """`median (min-max)` with at most three significant decimals."""
-    med = statistics.median(values)
-    if min(values) == max(values):
-        return f"{med:g}"
-    return f"{med:g} ({min(values):g}-{max(values):g})"
-
-
 def table(name: str, runs: list[tuple[Path, dict]]) -> str:
     lines = [f"### {name}: {len(runs)} runs", "", "| figure | median (min-max) | runs |", "| --- | ---: | --- |"]
     for label, read in GROUPS[name]:
         values = [float(read(data)) for _, data in runs]
-        lines.append(f"| {label} | {spread(values)} | {', '.join(f'{v:g}' for v in values)} |")
+        lines.append(f"| {label} | {text(stats(values), digits=None)} | {', '.join(f'{v:g}' for v in values)} |")
     loads = [data.get("load_average_1m_at_start") for _, data in runs]
     commits = sorted({str(data.get("commit", "?")) for _, data in runs})
     lines += ["", f"Files: {', '.join(p.name for p, _ in runs)}; commit {', '.join(commits)}; "
