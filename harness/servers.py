@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -29,10 +30,30 @@ from harness.paths import ROOT, VENV_BIN
 HANG_S = 1200.0
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range.
+
+    A port the kernel hands out for bind(0) comes from the same range as the source ports of outgoing
+    connections; on a busy machine one of those took such a port in the seconds before `bentoml serve`
+    bound it ("Address already in use"). Below the range only another listener can take it.
+    """
+    high = _ephemeral_low() - 1
+    low = max(1025, high - 12000)
+    for port in random.SystemRandom().sample(range(low, high + 1), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {low}-{high}")
 
 
 @dataclass
