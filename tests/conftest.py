@@ -103,3 +103,14 @@ def bento_tag(production_tag: str) -> str:
     tag = result.stdout.strip().splitlines()[-1].replace("__tag__:", "").strip()
     assert tag.startswith("pneumonia-classifier-service:")
     return tag
+
+
+# The longest files first: with two test processes taking whole files (pyproject's `-n 2 --dist loadfile`),
+# a long file collected last ran alone at the end while the other process idled.
+LONGEST_FIRST = ("test_registry.py", "test_training.py", "test_loadtests.py", "test_faults.py", "test_cli.py",
+                 "test_calibrate.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -17,6 +17,7 @@ import asyncio
 import io
 import json
 import math
+import re
 import socket
 import ssl
 import time
@@ -502,9 +503,23 @@ def multipart(image: bytes, boundary: str = "held-request-boundary") -> tuple[by
 
 def held_request(server: ServerProcess, tls: TLS, body: bytes, content_type: str) -> ssl.SSLSocket:
     """A `POST /classify` whose body is still on its way (all but its last byte sent): in flight for as long as
-    the test holds it."""
+    the test holds it.
+
+    The connection first carries one complete `GET /livez` (a probe: never counted, never limited). An incomplete
+    request sent right after the TLS handshake was, in 6 of 30 tries, not handed to the app until more bytes
+    arrived (uvicorn on asyncio TLS; complete requests on fresh connections were answered at once, 30 of 30), so
+    the held call was never in flight and the test failed for a reason that is not max_concurrency's."""
     sock = tls.ssl_context().wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=120),
                                          server_hostname="127.0.0.1")
+    sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    probe = b""
+    while b"\r\n\r\n" not in probe and (data := sock.recv(65536)):
+        probe += data
+    head, _, rest = probe.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), probe
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(rest) < length and (data := sock.recv(65536)):
+        rest += data
     sock.sendall(f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
                  f"x-api-key: {KEY_MUTUAL}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:-1])
     return sock
@@ -543,8 +558,9 @@ def test_max_concurrency_refuses_requests_beyond_the_limit(mutual: ServerProcess
 
 def test_batching_latency_bound_answers_503(mutual: ServerProcess, own_pki: Pki) -> None:
     """A call that would wait longer than max_latency_ms (10 ms) behind a running forward pass is shed with 503,
-    over HTTP and gRPC; the five-image call beside it is answered. BentoML first calibrates its batcher on a few
-    dozen calls (none shed), so the rounds go on until the bound has been seen on both transports."""
+    over HTTP and gRPC, while other calls are answered (the five-image call too). BentoML first calibrates its
+    batcher on a few dozen calls (none shed), and on a loaded machine one round can shed every call in it, so the
+    rounds go on until each outcome has been seen: a shed on both transports and an answered five-image call."""
     five = xray_payloads(6, offset=40)[:5]  # the most images one request may carry here (5)
 
     async def round_(http: httpx.AsyncClient, stub: pb_grpc.ClassifierStub) -> tuple[int, int, str]:
@@ -564,7 +580,8 @@ def test_batching_latency_bound_answers_503(mutual: ServerProcess, own_pki: Pki)
             stub = pb_grpc.ClassifierStub(channel)
             for _ in range(150):
                 seen.append(await round_(http, stub))
-                if any(503 in r[:2] for r in seen) and any(r[2] == "UNAVAILABLE" for r in seen):
+                if (any(503 in r[:2] for r in seen) and any(r[2] == "UNAVAILABLE" for r in seen)
+                        and any(r[0] == 200 for r in seen)):
                     break
         return seen
 
@@ -573,4 +590,4 @@ def test_batching_latency_bound_answers_503(mutual: ServerProcess, own_pki: Pki)
     assert statuses <= {200, 503, "OK", "UNAVAILABLE"}, rounds
     assert any(503 in r[:2] for r in rounds), f"no HTTP call was shed: {rounds}"
     assert any(r[2] == "UNAVAILABLE" for r in rounds), f"no gRPC call was shed: {rounds}"
-    assert any(r[0] == 200 for r in rounds)
+    assert any(r[0] == 200 for r in rounds), f"the five-image call was never answered: {rounds}"
