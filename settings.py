@@ -250,10 +250,9 @@ class ServingSettings(BaseSettings):
     )
     decode_threads: int = Field(
         0, ge=0, le=32,
-        description="EXPERIMENTAL, keep 0: threads per worker that decode /classify uploads before BentoML parses the "
-        "request. 0 = decode on the worker's event loop while the request is parsed. Not the default: no measured "
-        "throughput gain (docs/performance.md), and with threads an HTTP request held open right after a gRPC call "
-        "was never counted by max_concurrency and ended in BentoML's 60 s timeout (tests/test_security.py)",
+        description="threads per worker that decode /classify uploads before BentoML parses the request. 0 = decode "
+        "on the worker's event loop while the request is parsed. Not the default: no measured throughput gain in "
+        "three A/B runs (docs/performance.md)",
     )
     engine: Literal["eager", "folded", "torchscript"] = Field(
         "torchscript",
