@@ -29,7 +29,9 @@ def _bento_dir(bento_home: Path, tag: str) -> Path:
 def _included(root: Path) -> set[str]:
     """What bentofile.yaml's include patterns select in this working tree, by hand: the files a Bento must carry."""
     spec = yaml.safe_load((root / "bentofile.yaml").read_text())
-    files = {str(p.relative_to(root)) for pattern in spec["include"] for p in root.glob(pattern) if p.is_file()}
+    # A leading "/" anchors a pattern at the root (gitignore rules); Path.glob patterns are anchored anyway.
+    files = {str(p.relative_to(root)) for pattern in spec["include"] for p in root.glob(pattern.lstrip("/"))
+             if p.is_file()}
     return {f for f in files if "__pycache__" not in f} | {"bentofile.yaml"}
 
 
