@@ -524,9 +524,7 @@ def held_request(server: ServerProcess, tls: TLS, body: bytes, content_type: str
     sock = tls.ssl_context().wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=120),
                                          server_hostname="127.0.0.1")
     sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    probe = b""
-    while b"\r\n\r\n" not in probe and (data := sock.recv(65536)):
-        probe += data
+    probe = read_head(sock)
     head, _, rest = probe.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), probe
     length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
@@ -537,14 +535,19 @@ def held_request(server: ServerProcess, tls: TLS, body: bytes, content_type: str
     return sock
 
 
+def read_head(sock: ssl.SSLSocket) -> bytes:
+    """What the server sends up to the end of a response's headers (less if it closes the connection first)."""
+    answer = b""
+    while b"\r\n\r\n" not in answer and (data := sock.recv(65536)):
+        answer += data
+    return answer
+
+
 def finish(sock: ssl.SSLSocket, body: bytes) -> bytes:
     """Send the last byte and read the answer's status line and headers."""
     with sock:
         sock.sendall(body[-1:])
-        answer = b""
-        while b"\r\n\r\n" not in answer and (data := sock.recv(65536)):
-            answer += data
-    return answer
+        return read_head(sock)
 
 
 def test_max_concurrency_refuses_requests_beyond_the_limit(mutual: ServerProcess, own_pki: Pki) -> None:
