@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The CI command N times in a row on a clean clone of this repository's HEAD, each run's log and CPU time kept,
+# then one JSON summary (what docs/results/suite-3runs.json holds). Start the load you want beside it yourself.
+#   scripts/suite_runs.sh [OUT_DIR (default /tmp/suite-runs)] [RUNS (default 3)]
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+out="$(realpath -m "${1:-/tmp/suite-runs}")"; runs="${2:-3}"
+clone="$out/clone"
+rm -rf "$out" && mkdir -p "$out" && git clone -q "$repo" "$clone"
+git -C "$clone" log --oneline -1 > "$out/commit.txt"
+for k in $(seq 1 "$runs"); do
+  ( cd "$clone" && /usr/bin/time -f "%U %S %e" -o "$out/time-$k.txt" bash .ci/run > "$out/run-$k.log" 2>&1 ) \
+    && echo 0 > "$out/rc-$k.txt" || echo $? > "$out/rc-$k.txt"
+  echo "run $k: rc $(cat "$out/rc-$k.txt"), $(tail -1 "$out/run-$k.log")"
+done
+python3 - "$out" "$runs" <<'PY'
+import json, re, sys
+from pathlib import Path
+out, runs = Path(sys.argv[1]), int(sys.argv[2])
+rows = []
+for k in range(1, runs + 1):
+    user, system, wall = map(float, (out / f"time-{k}.txt").read_text().split()[-3:])
+    log = (out / f"run-{k}.log").read_text()
+    verdict = re.findall(r"=+ (.*?) in ([\d.]+)s", log)
+    rows.append({"run": k, "rc": int((out / f"rc-{k}.txt").read_text()), "wall_s": wall, "cpu_user_s": user,
+                 "cpu_sys_s": system, "cores_busy": round((user + system) / wall, 2),
+                 "pytest": verdict[-1][0] if verdict else None, "skipped": log.count(" skipped")})
+summary = {"commit": (out / "commit.txt").read_text().strip(), "runs": rows}
+(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+print(json.dumps(summary, indent=1))
+PY
