@@ -236,8 +236,24 @@ def export_model(ref: str, path: str | Path, name: str = MODEL_NAME) -> Path:
     out = Path(path).expanduser().resolve()  # BentoML resolves relative paths against "/"
     if out.is_dir():
         out = out / f"{tag.replace(':', '-')}.bentomodel"
+    if out.is_file() and _archive_matches(out, store_path_of(tag)):
+        return out  # the same files: rewriting would only change tar times and compression bytes (churn in git)
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(bentoml.models.export_model(tag, str(out)))
+
+
+def _archive_matches(archive: Path, model_dir: Path) -> bool:
+    """Whether `archive` holds exactly the files of the stored model at `model_dir`, byte for byte."""
+    import tarfile
+
+    stored = {str(p.relative_to(model_dir)): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    try:
+        with tarfile.open(archive) as tar:
+            packed = {os.path.normpath(m.name): tar.extractfile(m).read()  # type: ignore[union-attr]
+                      for m in tar.getmembers() if m.isfile()}
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+    return packed == stored
 
 
 def import_model(path: str | Path, promote_if_none: bool = False, name: str = MODEL_NAME) -> str:

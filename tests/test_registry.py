@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +89,20 @@ def test_export_delete_import_round_trip(two_models, tmp_path: Path) -> None:
         reg.resolve_tag(second, NAME)
     assert reg.import_model(archive, name=NAME) == second
     assert np.array_equal(reg.load_model(second, NAME).probabilities(_grids()), before)
+
+
+def test_export_leaves_an_identical_archive_alone_and_replaces_another(two_models, tmp_path: Path) -> None:
+    """Re-exporting the same model keeps the archive's bytes (a committed default_model/ does not churn); an archive
+    of another model at that path is replaced."""
+    (first, _), (second, _) = two_models
+    target = tmp_path / "model.bentomodel"
+    reg.export_model(first, target, NAME)
+    kept = target.read_bytes()
+    for path in reg.store.store_path_of(first).rglob("*"):  # as in a store that imported the model later: new times
+        os.utime(path, (path.stat().st_atime, path.stat().st_mtime - 3600))
+    assert reg.export_model(first, target, NAME) == target and target.read_bytes() == kept
+    reg.export_model(second, target, NAME)
+    assert target.read_bytes() != kept and reg.store._tag_in_archive(target) == second
 
 
 def test_corrupt_weights_are_detected_on_load(tmp_path: Path) -> None:
