@@ -6,6 +6,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 out="$(realpath -m "${1:-/tmp/suite-runs}")"; runs="${2:-3}"
 clone="$out/clone"
+# The suite reads ../shared next to the repository; the clone lives elsewhere, so point it at this checkout's data.
+export PNEUMONIA_DATA_DIR="${PNEUMONIA_DATA_DIR:-$(dirname "$repo")/shared/datasets/chest_xray}"
 rm -rf "$out" && mkdir -p "$out" && git clone -q "$repo" "$clone"
 git -C "$clone" log --oneline -1 > "$out/commit.txt"
 for k in $(seq 1 "$runs"); do
