@@ -461,11 +461,9 @@ def mutual(production_tag: str, own_pki: Pki, tmp_path_factory: pytest.TempPathF
                     break
             else:
                 raise AssertionError("200 calls in a row were shed")
-    except BaseException:
+        yield server
+    finally:
         server.stop()
-        raise
-    yield server
-    server.stop()
 
 
 def test_https_with_client_certificates_required(mutual: ServerProcess, own_pki: Pki) -> None:
