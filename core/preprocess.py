@@ -54,10 +54,12 @@ class PreprocessConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     image_size: int = Field(224, ge=16, le=1024, description="square input side in pixels")
-    normalization: Literal["per_image", "fixed"] = Field(
+    normalization: Literal["per_image", "equalize", "fixed"] = Field(
         "per_image",
         description="per_image: zero mean, unit variance per image (robust to exposure); "
-        "fixed: (x - mean) / std with the constants below",
+        "equalize: each pixel replaced by its grey level's mid-rank in the image's own histogram, "
+        "then scaled to zero mean, unit variance (unchanged by any monotonic grey-level change: "
+        "exposure, gamma, a window); fixed: (x - mean) / std with the constants below",
     )
     mean: float = 0.5
     std: float = 0.25
@@ -313,11 +315,32 @@ def to_tensor(pixels: np.ndarray | torch.Tensor, config: PreprocessConfig) -> to
         x = x.unsqueeze(0)
     if x.dim() == 3:
         x = x.unsqueeze(1)
+    if config.normalization == "equalize":
+        return _equalize(x)
     if config.normalization == "per_image":
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
         return (x - mean) / std
     return (x - config.mean) / config.std
+
+
+# Standard deviation of a uniform distribution on [0, 1]: equalised grids are uniform by construction.
+_UNIFORM_STD = 12 ** -0.5
+
+
+def _equalize(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) floats in [0, 1] -> histogram-equalised, zero mean, unit variance.
+
+    Acquisition differs between sites mostly by monotonic grey-level maps (exposure, gamma, the window a
+    workstation exports with); a model fed ranks instead of grey levels cannot learn those as a shortcut.
+    Ties share their mid-rank (256 levels), so the result does not depend on pixel order.
+    """
+    levels = x.clamp(0.0, 1.0).mul(255.0).round_().long().flatten(1)  # (N, H*W)
+    counts = torch.zeros(levels.shape[0], 256, dtype=torch.float32, device=x.device)
+    counts.scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float32))
+    mid_rank = (counts.cumsum(1) - counts / 2) / levels.shape[1]
+    ranks = mid_rank.gather(1, levels).view_as(x)
+    return (ranks - 0.5) / _UNIFORM_STD
 
 
 def load_file(path: str | os.PathLike[str], config: PreprocessConfig, limits: InputLimits | None = None) -> PreparedImage:

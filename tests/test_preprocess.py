@@ -33,6 +33,22 @@ def test_real_xray_becomes_a_normalised_grid() -> None:
     assert torch.allclose(fixed, (torch.from_numpy(prepared.pixels).float() / 255 - 0.5) / 0.25)
 
 
+def test_equalize_ignores_monotonic_grey_level_changes_that_per_image_scaling_does_not() -> None:
+    """Gamma and a tighter window are monotonic maps: equalised inputs barely move, per-image ones do."""
+    pixels = load_file(sample_xrays(1)[0], CONFIG).pixels
+    x = torch.from_numpy(pixels).float().div(255)
+    changed = torch.stack([x.pow(1.8), ((x - 0.2) / 0.6).clamp(0, 1)])  # darker midtones; a window
+    equalize = PreprocessConfig(normalization="equalize")
+    base = to_tensor(x, equalize)
+    assert abs(float(base.mean())) < 0.02 and abs(float(base.std()) - 1) < 0.02
+    for variant in to_tensor(changed, equalize):
+        # only pixels merged into one grey level by 8-bit rounding or the window's clipping can move
+        assert float((variant - base[0]).abs().median()) < 0.02
+    moved = (to_tensor(changed, CONFIG) - to_tensor(x, CONFIG)).abs().flatten(1).median(1).values
+    assert bool((moved > 0.1).all())
+    assert torch.equal(to_tensor(pixels, equalize), base)  # uint8 and [0, 1] floats agree
+
+
 def test_training_and_serving_paths_give_identical_tensors() -> None:
     paths = sample_xrays(3)
     training = load_samples([Sample(p, 0, p.stem) for p in paths], CONFIG, progress=False)
