@@ -25,9 +25,10 @@ from fastapi import FastAPI, File, HTTPException, UploadFile
 from PIL import Image
 
 import models_registry
+from core.preprocess import to_tensor
 
 # The registry is used only to fetch the weights and their calibration; the
-# inference path below deliberately does not use the project's preprocessing.
+# decoding and resizing below deliberately do not use the project's preprocessing.
 _loaded = models_registry.load_model(os.environ.get("PNEUMONIA_BASELINE_MODEL", "production"))
 model = _loaded.module.to(memory_format=torch.contiguous_format).eval()
 card = _loaded.card
@@ -38,10 +39,9 @@ app = FastAPI(title="Pneumonia X-ray classifier (naive FastAPI baseline, not the
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
-    """The model's normalisation (per-image zero mean / unit variance, or fixed), for a (1, H, W) tensor."""
-    if card.preprocess.normalization == "per_image":
-        return (x - x.mean()) / x.std().clamp_min(1e-3)
-    return (x - card.preprocess.mean) / card.preprocess.std
+    """The model's own normalisation for a (1, H, W) tensor in [0, 1]: part of what the weights mean, so it is
+    the one step taken from the project (decoding and resizing above stay the seeds' own)."""
+    return to_tensor(x, card.preprocess)[0]
 
 
 @app.post("/classify")
