@@ -91,8 +91,10 @@ def _compare(args: argparse.Namespace) -> int:
     from training.data import training_split
 
     models = [load_model(tag) for tag in args.models]
-    if len({m.card.preprocess.model_dump_json() for m in models}) != 1:
-        raise ValueError("the models preprocess differently; compare models of one input pipeline")
+    # Each model normalises the shared uint8 grids itself (Inference.logits), so only what shapes a grid must agree.
+    if len({(m.card.preprocess.image_size, m.card.preprocess.dicom_window) for m in models}) != 1:
+        raise ValueError("the models take different input grids (image size or DICOM window); "
+                         "compare models of one grid size")
     config = models[0].card.training_config
     _, val = training_split(args.data_dir, config["split"], config["val_fraction"], config["seed"], config.get("max_per_class"))
     labels = np.array([s.label for s in val])
