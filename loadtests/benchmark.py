@@ -118,7 +118,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads of the bare-model measurement (0: all cores)")
     p.add_argument("--max-other-load", type=float, default=0.25,
                    help="before each point, wait until other processes use fewer cores than this (shared machines)")
-    p.add_argument("--quiet-timeout-s", type=float, default=None, help="longest such wait (default 600, quick 5)")
+    p.add_argument("--quiet-timeout-s", type=float, default=None, help="longest such wait (default 600; quick 0: a smoke run only reads the other load, since "
+                        "beside a test suite the machine is never quiet and waiting measured nothing)")
     return p
 
 
@@ -550,10 +551,15 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
         "service_workers": service_workers, "peer_workers": peer_workers, "variants": variants,
         "bare_model": None, "runs": [], "explain": None,
     }
-    quiet_timeout = args.quiet_timeout_s if args.quiet_timeout_s is not None else (5.0 if args.quick else 600.0)
+    quiet_timeout = args.quiet_timeout_s if args.quiet_timeout_s is not None else (0.0 if args.quick else 600.0)
+
+    def quiet() -> float:
+        """The other processes' load, after waiting (up to the timeout) for it to drop; a short reading when not waiting."""
+        return wait_for_quiet(args.max_other_load, quiet_timeout, sample_s=1.0 if quiet_timeout else 0.2)
+
     if "bare" in systems:
         print("measuring the bare-model limit ...", file=sys.stderr)
-        wait_for_quiet(args.max_other_load, quiet_timeout)
+        quiet()
         stream = [image.data for request in plan for image in request.images]
         from settings import ServingSettings
 
@@ -587,7 +593,7 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
 
     def measure(system: str, clients: int) -> None:
         server = started[system]
-        other_before = wait_for_quiet(args.max_other_load, quiet_timeout)
+        other_before = quiet()
         load = run_load(server.url, requests[system], clients, warmup, window, cpu_probe=probes[system])
         row = {"system": system, **load.summary(), "other_cpu_cores_before": other_before}
         result["runs"].append(row)
@@ -599,7 +605,7 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
     def explain(system: str) -> None:
         if system == "service" and "explain" in systems:
             print("measuring explain on the service ...", file=sys.stderr)
-            wait_for_quiet(args.max_other_load, quiet_timeout)
+            quiet()
             server = started[system]
             result["explain"] = measure_explain(
                 server, requests[system], encode_requests(explain_requests, server.url, path="/explain"),
