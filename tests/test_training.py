@@ -46,6 +46,11 @@ def test_short_training_run_learns_and_saves_a_gated_calibrated_model(tmp_path: 
     verify = subprocess.run([sys.executable, "-m", "models_registry", "verify", "production"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0 and tag in verify.stdout
+    # The commit is the one read when the run started (config.json), not whatever HEAD is when it saves.
+    shown = subprocess.run([sys.executable, "-m", "models_registry", "show", tag], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    started_at = json.loads((out / "config.json").read_text())["code_version"]
+    assert started_at and json.loads(shown.stdout)["code_version"] == started_at
     # A real floor on patients the run never saw (nor chose its threshold on): a loop that does not learn
     # scores about 0.5 here.
     report = tmp_path / "unseen.json"

@@ -301,7 +301,10 @@ def main(args: argparse.Namespace) -> int:
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        # The commit is read now, before the long run: a commit or an edit made while it trains must not be recorded
+        # as what produced it.
         config.update(command="python -m training.train " + " ".join(sys.argv[1:]), world_size=world,
+                      code_version=code_version(),
                       augment=augment_config(args).model_dump(), preprocess=preprocess_config(args).model_dump(),
                       spec=model_spec(args).model_dump())
         (args.out / "config.json").write_text(json.dumps(config, indent=2))
@@ -382,10 +385,11 @@ def finish(args, module: PneumoniaNet, best_epoch: int, history: list[dict], tra
         print(f"validity gate: {gate.report['validation_clean']['rate']:.2%} of validation X-rays refused "
               f"({gate.report['validation_stressed']['rate']:.2%} stressed); offline negatives caught "
               f"{gate.report['negatives']['catch_rate']:.1%}", flush=True)
+    config = json.loads((out / "config.json").read_text())
     card = ModelCard(spec=model_spec(args), preprocess=preprocess, class_names=CLASS_NAMES, temperature=temperature,
                      threshold=threshold, target_sensitivity=args.target_sensitivity, val_metrics=report,
-                     training_config=json.loads((out / "config.json").read_text()), data_fingerprint=data_fp,
-                     code_version=code_version(), training_seconds=round(training_seconds, 1),
+                     training_config=config, data_fingerprint=data_fp,
+                     code_version=config["code_version"], training_seconds=round(training_seconds, 1),
                      validity=gate.config if gate else None)
     tag = save_model(module, card, validity=gate.arrays if gate else None)
     if args.promote:
