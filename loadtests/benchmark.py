@@ -118,7 +118,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads of the bare-model measurement (0: all cores)")
     p.add_argument("--max-other-load", type=float, default=0.25,
                    help="before each point, wait until other processes use fewer cores than this (shared machines)")
-    p.add_argument("--quiet-timeout-s", type=float, default=None, help="longest such wait (default 600; quick 0: a smoke run only reads the other load, since "
+    p.add_argument("--quiet-timeout-s", type=float, default=None,
+                   help="longest such wait (default 600; quick 0: a smoke run only reads the other load, since "
                         "beside a test suite the machine is never quiet and waiting measured nothing)")
     return p
 

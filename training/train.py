@@ -71,7 +71,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="mobilenet_v3_small", choices=list(ModelSpec.model_fields["arch"].annotation.__args__))
     g.add_argument("--image-size", type=int, default=224)
-    g.add_argument("--normalization", default="per_image", choices=["per_image", "equalize", "fixed"],
+    g.add_argument("--normalization", default="per_image",
+                   choices=list(PreprocessConfig.model_fields["normalization"].annotation.__args__),
                    help="how grey levels are normalised (core.preprocess.PreprocessConfig)")
     g.add_argument("--dicom-window", type=int, default=0,
                    help="which VOI LUT or Window Center/Width of DICOM inputs to apply (0: the first); stored with "
