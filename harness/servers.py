@@ -28,6 +28,8 @@ from harness.paths import ROOT, VENV_BIN
 # CPU-heavy job at normal priority (the tests at nice 19), a start or a CLI call that needs seconds on an idle
 # machine has taken over 10 minutes on the 2-core VM.
 HANG_S = 1200.0
+# Starts of one server that may fail on a port another process bound first (see ServerProcess.start).
+BIND_ATTEMPTS = 3
 
 
 def _ephemeral_low() -> int:
@@ -38,11 +40,12 @@ def _ephemeral_low() -> int:
 
 
 def free_port() -> int:
-    """A free loopback port below the kernel's ephemeral range.
+    """A free loopback port below the kernel's ephemeral range, not handed out to another harness recently.
 
     A port the kernel hands out for bind(0) comes from the same range as the source ports of outgoing
     connections; on a busy machine one of those took such a port in the seconds before `bentoml serve`
-    bound it ("Address already in use"). Below the range only another listener can take it.
+    bound it ("Address already in use"). Below the range only another listener can take it, and the
+    reservation below keeps parallel test processes from picking the same one before either has bound it.
     """
     high = _ephemeral_low() - 1
     low = max(1025, high - 12000)
@@ -52,8 +55,30 @@ def free_port() -> int:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
+        if _reserve(port):
             return port
     raise RuntimeError(f"no free loopback port in {low}-{high}")
+
+
+_RESERVATIONS = Path(tempfile.gettempdir()) / "pneumonia-harness-ports"
+_RESERVATION_S = 3600.0  # a reservation older than this is free again (its server is long gone or bound)
+
+
+def _reserve(port: int) -> bool:
+    """Claim `port` for this process across processes (a file created exclusively); False if claimed already."""
+    _RESERVATIONS.mkdir(exist_ok=True)
+    path = _RESERVATIONS / str(port)
+    try:
+        if time.time() - path.stat().st_mtime < _RESERVATION_S:
+            return False
+        path.unlink(missing_ok=True)  # stale
+    except FileNotFoundError:
+        pass
+    try:
+        path.touch(exist_ok=False)
+    except FileExistsError:  # another process claimed it just now
+        return False
+    return True
 
 
 @dataclass
@@ -95,7 +120,29 @@ class ServerProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, ready_timeout: float = HANG_S, ready_path: str = "/readyz") -> "ServerProcess":
-        """Start and wait until ready; `ready_timeout` is a hang detector (HANG_S), not a speed bound."""
+        """Start and wait until ready; `ready_timeout` is a hang detector (HANG_S), not a speed bound.
+
+        A port picked by free_port() stays unbound until the server binds it, and the gRPC port until a worker
+        has started (tens of seconds): another server started meanwhile (a parallel test) may pick and bind it
+        first. Such a start fails with "Address already in use"; it is retried on fresh ports, not reported.
+        """
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            try:
+                return self._start_once(ready_timeout, ready_path)
+            except RuntimeError as error:
+                if attempt == BIND_ATTEMPTS or "address already in use" not in str(error).lower():
+                    raise
+                self._move_to_fresh_ports()
+        raise AssertionError("unreachable")
+
+    def _move_to_fresh_ports(self) -> None:
+        self.port = free_port()
+        self.args[self.args.index("--port") + 1] = str(self.port)
+        if self.grpc_port is not None:
+            self.grpc_port = free_port()
+            self.env["PNEUMONIA_GRPC__PORT"] = str(self.grpc_port)
+
+    def _start_once(self, ready_timeout: float, ready_path: str) -> "ServerProcess":
         self.started_at = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(

@@ -251,13 +251,12 @@ def test_not_ready_until_warm_early_callers_get_503_and_unavailable(spawn: Spawn
     from api._proto.pneumonia.v1 import classifier_pb2 as pb
     from api._proto.pneumonia.v1 import classifier_pb2_grpc as pb_grpc
 
-    grpc_port = free_port()
     wait = 2.0
     release = tmp_path / "release-warm-up"
     # Listening (/livez answers) while the warm-up is held back. BENTOML_CONTAINERIZED is what BentoML's Docker
     # image sets; it matters only for the worker kill at the end.
     server = spawn(ready_path="/livez", PNEUMONIA_WARMUP_DELAY_S="600", PNEUMONIA_WARMUP_RELEASE_FILE=str(release),
-                   PNEUMONIA_READY_WAIT_S=str(wait), PNEUMONIA_GRPC__PORT=str(grpc_port), BENTOML_CONTAINERIZED="true",
+                   PNEUMONIA_READY_WAIT_S=str(wait), BENTOML_CONTAINERIZED="true",
                    PNEUMONIA_WORKERS="1")
     image = xray_payloads(2)[0]
 
@@ -272,7 +271,7 @@ def test_not_ready_until_warm_early_callers_get_503_and_unavailable(spawn: Spawn
     assert early.json()["detail"][0]["type"] == "not_ready" and early.headers["retry-after"].isdigit()
     assert took >= wait - 0.1  # held for the configured wait first (a busy machine only makes it longer)
 
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+    with grpc.insecure_channel(server.grpc_target) as channel:
         grpc.channel_ready_future(channel).result(timeout=HANG_S)
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
         assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING  # the port is bound and answering
@@ -291,7 +290,7 @@ def test_not_ready_until_warm_early_callers_get_503_and_unavailable(spawn: Spawn
     assert "ready: model warm" in server.logs()  # ready because the model is warm
     late = httpx.post(server.url + "/classify", files=[("images", ("x.jpeg", image))], timeout=HANG_S)
     assert late.status_code == 200 and late.json()[0]["label"] in ("NORMAL", "PNEUMONIA")
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+    with grpc.insecure_channel(server.grpc_target) as channel:
         deadline = time.monotonic() + HANG_S  # SERVING follows HTTP readiness (the worker's health task)
         while (health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status
                != health_pb2.HealthCheckResponse.SERVING):
