@@ -99,12 +99,15 @@ def test_two_process_ddp_run(tmp_path: Path, data_dir: Path) -> None:
     result = subprocess.run(
         [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "training.train",
          "--data-dir", str(data_dir), "--out", str(out), "--max-per-class", "32", "--epochs", "1",
-         "--batch-size", "8", "--bn-images", "32", "--no-progress", "--no-register"],
+         "--batch-size", "8", "--bn-images", "32", "--no-progress", "--no-register",
+         # batch mixing on every batch, so that its path through the loop runs here too
+         "--aug-mixup-alpha", "0.2", "--aug-cutmix-alpha", "1.0", "--aug-mix-p", "1.0"],
         cwd=ROOT, env=server_env(BENTOML_HOME=str(tmp_path / "bentoml"), OMP_NUM_THREADS="1"),
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2
+    assert config["augment"]["mixup_alpha"] == 0.2 and config["augment"]["mix_p"] == 1.0
     assert "2 process(es)" in result.stdout
     assert (out / "weights.pt").is_file() and (out / "metrics.json").is_file()

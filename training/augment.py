@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from torchvision.transforms import v2
 
 
 class AugmentConfig(BaseModel):
@@ -30,6 +31,11 @@ class AugmentConfig(BaseModel):
     noise_p: float = Field(0.3, ge=0, le=1)
     noise_std: float = Field(0.03, ge=0)
     erase_p: float = Field(0.25, ge=0, le=1)
+    # Batch-level mixing (torchvision's MixUp / CutMix): soft targets instead of squeezed ones; off by default.
+    mixup_alpha: float = Field(0.0, ge=0, description="MixUp Beta(alpha, alpha) strength (0: off)")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(alpha, alpha) strength (0: off)")
+    mix_p: float = Field(0.5, ge=0, le=1, description="share of batches mixed when MixUp or CutMix is on "
+                         "(one of the two, at random, when both are)")
 
 
 def _affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
@@ -97,3 +103,19 @@ def augment_batch(pixels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
         left = int(torch.randint(0, w - ew + 1, (1,), generator=gen))
         x[i, :, top : top + eh, left : left + ew] = float(torch.rand(1, generator=gen))
     return x.clamp_(0.0, 1.0)
+
+
+def mix_batch(x: torch.Tensor, target: torch.Tensor, cfg: AugmentConfig,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp or CutMix a share of batches (torchvision's, not hand-written): images (N, 1, H, W) in [0, 1] and
+    PNEUMONIA labels (N,) -> mixed images and soft PNEUMONIA targets (N,), both unchanged when mixing is off."""
+    mixers: list[v2.Transform] = []
+    if cfg.mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=2))
+    if cfg.cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=2))
+    if not mixers or float(torch.rand(1, generator=gen)) >= cfg.mix_p:
+        return x, target.float()
+    mixer = mixers[int(torch.randint(len(mixers), (1,), generator=gen))]
+    mixed, soft = mixer(x, target.long())
+    return mixed, soft[:, 1]

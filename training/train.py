@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from training import one_line, plots
-from training.augment import AugmentConfig, augment_batch
+from training.augment import AugmentConfig, augment_batch, mix_batch
 from training.gate import fit_gate, format_report
 from training.stress import format_stress_rows, stress_rows, stressed_logits
 from core.calibration import choose_threshold, fit_temperature
@@ -194,8 +194,8 @@ def train_one_epoch(model, optimizer, scheduler, ema, train: LoadedSplit, args, 
     bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not (args.progress and rank == 0), leave=False, unit="batch")
     for step in bar:
         index = order[step * args.batch_size:(step + 1) * args.batch_size]
-        x = to_tensor(augment_batch(train.pixels[index], augment, gen), preprocess).to(device)
-        y = train.labels[index].float().to(device)
+        x, y = mix_batch(augment_batch(train.pixels[index], augment, gen), train.labels[index], augment, gen)
+        x, y = to_tensor(x, preprocess).to(device), y.to(device)
         target = y * (1 - args.label_smoothing) + 0.5 * args.label_smoothing
         loss = F.binary_cross_entropy_with_logits(model(x), target, pos_weight=pos_weight)
         optimizer.zero_grad(set_to_none=True)
