@@ -67,11 +67,16 @@ def test_short_training_run_learns_and_saves_a_gated_calibrated_model(tmp_path: 
 def exports_only_committed_code(tmp_path: Path, run: Path, tag: str, env: dict[str, str]) -> None:
     """training.export ships a model only when a commit reproduces it, with the run's stress and gate tables."""
 
+    versions = ("0123abc-dirty", "0123abd", "0123abe-dirty")
+    # One process derives the three versions (each Python start with torch costs seconds of CPU).
+    derived_tags = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom models_registry.store import derive_model\n"
+         "for version in sys.argv[2:]:\n    print(derive_model(sys.argv[1], {'code_version': version}))", tag, *versions],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    derived_as = dict(zip(versions, derived_tags, strict=True))
+
     def export_as(code_version: str, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
-        derived = subprocess.run(
-            [sys.executable, "-c", "import sys; from models_registry.store import derive_model; "
-             "print(derive_model(sys.argv[1], {'code_version': sys.argv[2]}))", tag, code_version],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+        derived = derived_as[code_version]
         copy = tmp_path / f"run-{code_version}"
         copy.mkdir()
         for name in ("config.json", "metrics.json", "stress.md", "validity.md"):
