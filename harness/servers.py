@@ -60,24 +60,26 @@ def free_port() -> int:
     raise RuntimeError(f"no free loopback port in {low}-{high}")
 
 
-_RESERVATIONS = Path(tempfile.gettempdir()) / "pneumonia-harness-ports"
+_RESERVATIONS = Path(tempfile.gettempdir()) / f"pneumonia-harness-ports-{os.getuid()}"
 _RESERVATION_S = 3600.0  # a reservation older than this is free again (its server is long gone or bound)
 
 
 def _reserve(port: int) -> bool:
-    """Claim `port` for this process across processes (a file created exclusively); False if claimed already."""
-    _RESERVATIONS.mkdir(exist_ok=True)
+    """Claim `port` for this process across processes (a file created exclusively); False if claimed already.
+
+    Where the folder cannot be written, the port is used unclaimed (the start's retry still covers a collision).
+    """
     path = _RESERVATIONS / str(port)
     try:
-        if time.time() - path.stat().st_mtime < _RESERVATION_S:
+        _RESERVATIONS.mkdir(exist_ok=True)
+        if path.exists() and time.time() - path.stat().st_mtime < _RESERVATION_S:
             return False
-        path.unlink(missing_ok=True)  # stale
-    except FileNotFoundError:
-        pass
-    try:
+        path.unlink(missing_ok=True)  # stale, or not there
         path.touch(exist_ok=False)
     except FileExistsError:  # another process claimed it just now
         return False
+    except OSError:
+        return True
     return True
 
 
