@@ -276,8 +276,6 @@ def kill_group(server: ServerProcess) -> None:
 
 def start_server(log_path: Path, ready_timeout: float = HANG_S, **env: str) -> ServerProcess:
     """`bentoml serve` of the service on free loopback ports (HTTP and gRPC), started and ready."""
-    env.setdefault("PNEUMONIA_GRPC__HOST", "127.0.0.1")
-    env.setdefault("PNEUMONIA_GRPC__PORT", str(free_port()))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     server = bentoml_serve("service:PneumoniaClassifier", free_port(), log_path, **env)
     try:

@@ -209,9 +209,8 @@ def start_system(system: str, tag: str, out: Path, service_env: dict[str, str], 
         server = ServerProcess(args=args, port=port, env=env, log_path=log, warm_workers=peer_workers,
                                warm_pattern=r"peer worker (\d+) ready")
         return server.start(ready_path="/openapi.json")
-    # The gRPC endpoint (not measured here) gets a free loopback port, never the fixed default.
-    env = {"PNEUMONIA_MODEL": tag, "PNEUMONIA_GRPC__HOST": "127.0.0.1", "PNEUMONIA_GRPC__PORT": str(free_port()),
-           **service_env}
+    # The gRPC endpoint (not measured here) gets a free loopback port from bentoml_serve, never the fixed default.
+    env = {"PNEUMONIA_MODEL": tag, **service_env}
     if system == "service_nobatch":
         env["PNEUMONIA_BATCHING__ENABLED"] = "false"
     if system.startswith("variant:"):

@@ -129,13 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             from models_registry.default import ensure_default
 
             print(ensure_default(), file=sys.stderr)
-            grpc_port = free_port()  # never the fixed default, which another local server may hold
-            extra = {"PNEUMONIA_GRPC__HOST": "127.0.0.1", "PNEUMONIA_GRPC__PORT": str(grpc_port)}
-            extra.update(item.split("=", 1) for item in args.env)
-            grpc_url = f"127.0.0.1:{extra['PNEUMONIA_GRPC__PORT']}"
+            # bentoml_serve gives the gRPC endpoint a free loopback port, never the fixed default.
+            extra = dict(item.split("=", 1) for item in args.env)
             server = bentoml_serve("service:PneumoniaClassifier", free_port(), out / "server.log", **extra)
             print(f"starting the service on {server.url} (log: {out / 'server.log'}) ...", file=sys.stderr)
             server.start()
+            grpc_url = server.grpc_target  # read after the start, which may have moved it to a free port
             url = server.url
         code = run_locust(url.rstrip("/"), args.users, args.duration, out, args.spawn_rate, grpc_url, args.grpc,
                           args.wait_s, args.explain_users, args.stop_after)

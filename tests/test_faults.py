@@ -46,8 +46,6 @@ def spawn(production_tag: str, tmp_path: Path) -> Iterator[Spawn]:
     started: list[ServerProcess] = []
 
     def start(ready_path: str = "/readyz", **env: str) -> ServerProcess:
-        env.setdefault("PNEUMONIA_GRPC__HOST", "127.0.0.1")
-        env.setdefault("PNEUMONIA_GRPC__PORT", str(free_port()))
         server = bentoml_serve(SERVICE, free_port(), tmp_path / f"server-{len(started)}.log", **env)
         started.append(server)
         return server.start(ready_timeout=HANG_S, ready_path=ready_path)
