@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torchvision
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from core import mobilenet
 
 Architecture = Literal["mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "regnet_x_400mf", "efficientnet_b0"]
 
@@ -53,13 +54,23 @@ def _replace_first_conv(module: nn.Module, in_channels: int) -> None:
     raise ValueError("no 3-channel stem convolution found")
 
 
-def _backbone(spec: ModelSpec, pretrained: bool) -> nn.Module:
+def _torchvision_backbone(spec: ModelSpec, pretrained: bool) -> nn.Module:
+    """The architecture from torchvision, imported only here: importing torchvision imports torch._dynamo, about
+    6.5 s of CPU per process, which the default architecture (core/mobilenet.py) spares every serving process."""
+    import torchvision  # noqa: PLC0415
+
     weights = "DEFAULT" if pretrained else None
     factory = getattr(torchvision.models, spec.arch)
     if spec.arch.startswith("mobilenet") or spec.arch.startswith("efficientnet"):
-        net = factory(weights=weights, dropout=spec.dropout) if not pretrained else factory(weights=weights)
+        return factory(weights=weights, dropout=spec.dropout) if not pretrained else factory(weights=weights)
+    return factory(weights=weights)
+
+
+def _backbone(spec: ModelSpec, pretrained: bool) -> nn.Module:
+    if spec.arch == "mobilenet_v3_small" and not pretrained:
+        net: nn.Module = mobilenet.mobilenet_v3_small(dropout=spec.dropout)
     else:
-        net = factory(weights=weights)
+        net = _torchvision_backbone(spec, pretrained)
     # A single logit for PNEUMONIA: the last Linear layer becomes out_features=1.
     last_linear = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
     for name, child in net.named_modules():
