@@ -1,4 +1,4 @@
-"""Smoke runs of the load-test tools: the Locust command and the one-run benchmark, short versions.
+"""Smoke runs of the load-test tools: the Locust command, the one-run benchmark and the start-up timer, short versions.
 
 They check behaviour (reports written, every answer correct, every table row
 present), never speed: figures come from the benchmark itself (docs/performance.md).
@@ -143,3 +143,22 @@ def test_benchmark_quick_has_every_row_and_no_failures(production_tag: str, tmp_
     assert service_32["images_per_s"]["median"] == service_32["images_per_s"]["min"] == first["images_per_s"]
     assert summary["targets"]["service_vs_peer"]["runs"] == 2
     assert "Median (min-max) of 2 runs." in (kept / "x-spread.md").read_text()
+
+
+def test_startup_benchmark_times_a_real_start(production_tag: str, tmp_path: Path) -> None:
+    out = tmp_path / "startup.json"
+    proc = subprocess.run([sys.executable, "-m", "loadtests.startup", "--runs", "1", "--workers", "1", "--json", str(out)],
+                          cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    [run] = result["runs"]
+    assert result["workers"] == 1 and run["ready_s"] > 0 and run["cpu_s"] > 0
+    assert result["ready_s"]["median"] == run["ready_s"] and result["commit"]
+    assert "1 worker(s), 1 run(s), median (min-max): ready after" in proc.stdout
+
+
+def test_startup_benchmark_refuses_counts_below_one() -> None:
+    proc = subprocess.run([sys.executable, "-m", "loadtests.startup", "--runs", "0"], cwd=ROOT, env=server_env(),
+                          capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 2 and "--runs and --workers must be at least 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
