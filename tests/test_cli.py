@@ -58,6 +58,7 @@ def test_training_commands_fail_with_one_line(production_tag: str, tmp_path: Pat
     one_clear_line(bad_augment, 2, "hflip")
     one_clear_line(run("training.evaluate", "--model", "nope", "--data-dir", str(tmp_path)), 2, "not in the store")
     one_clear_line(run("training.export", "--run", "missing-run", cwd=tmp_path), 2, "missing-run")
+    one_clear_line(run("training.framing_views", "--model", "nope", "--data-dir", str(tmp_path)), 2, "not in the store")
 
 
 @pytest.mark.parametrize("argv", [[], ["--aug-rotate-deg", "4", "--aug-scale", "0.9", "1.2", "--aug-erase-p", "0"]])
