@@ -1,13 +1,14 @@
 """In-process measurements behind each "make it fast" decision (no HTTP).
 
-    python -m loadtests.ablations [--only preprocess,forward,bf16,engines,compile]
+    python -m loadtests.ablations [--only preprocess,forward,bf16,engines,mirror,compile]
 
 - preprocess: `prepare()` per image for the full-size and the small samples,
   with JPEG draft-mode decoding (as shipped) and without (draft disabled here only);
 - forward: ms per image of the forward pass by memory layout (channels-last or
   not), torch threads and batch size;
-- bf16 / engines / compile: bfloat16 autocast, the serving engines of
-  core/engines.py (BatchNorm folded, TorchScript) and torch.compile: speed, and the largest
+- bf16 / engines / mirror / compile: bfloat16 autocast, the serving engines of
+  core/engines.py (BatchNorm folded, TorchScript), the model without its test-time
+  mirror view, and torch.compile: speed, and the largest
   probability difference to eager float32 plus label changes on real X-rays.
 
 Prints a table and writes results/ablations.json. Service-level settings
@@ -138,6 +139,19 @@ def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
                 with torch.inference_mode():
                     return torch.sigmoid(runner(to_tensor(x, config)).float() / temperature).numpy().astype(np.float64)
             compare(f"engine {engine} (PNEUMONIA_ENGINE)", run_engine)
+    if "mirror" in which:  # the test-time mirror view (ModelSpec.tta_hflip): docs/model.md, framing views
+        import copy
+
+        single = copy.deepcopy(model.module)
+        single.spec = single.spec.model_copy(update={"tta_hflip": False})
+        config, temperature = model.card.preprocess, model.card.temperature
+
+        def run_single(x):
+            from core.preprocess import to_tensor
+
+            with torch.inference_mode():
+                return torch.sigmoid(single(to_tensor(x, config)).float() / temperature).numpy().astype(np.float64)
+        compare("no mirror view (tta_hflip off; threshold not refitted)", run_single)
     if "compile" in which:
         from core.preprocess import to_tensor
 
@@ -157,7 +171,7 @@ def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="preprocess,forward,bf16", help="preprocess,forward,bf16,engines,compile")
+    p.add_argument("--only", default="preprocess,forward,bf16", help="preprocess,forward,bf16,engines,mirror,compile")
     p.add_argument("--model", default="production")
     p.add_argument("--extra-images", type=int, default=100, help="training images per class added to the accuracy check")
     p.add_argument("--out", type=Path, default=RESULTS / "ablations.json")
@@ -174,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if "preprocess" in which:
         rows += preprocess_rows(samples, model.card.preprocess)
-    if {"forward", "bf16", "engines", "compile"} & set(which):
+    if {"forward", "bf16", "engines", "mirror", "compile"} & set(which):
         pixels = real_pixels(samples, model.card.preprocess, args.extra_images)
         if "forward" in which:
             rows += forward_rows(model, pixels)
