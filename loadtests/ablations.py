@@ -142,13 +142,13 @@ def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
     if "mirror" in which:  # the test-time mirror view (ModelSpec.tta_hflip): docs/model.md, framing views
         import copy
 
+        from core.preprocess import to_tensor
+
         single = copy.deepcopy(model.module)
         single.spec = single.spec.model_copy(update={"tta_hflip": False})
         config, temperature = model.card.preprocess, model.card.temperature
 
         def run_single(x):
-            from core.preprocess import to_tensor
-
             with torch.inference_mode():
                 return torch.sigmoid(single(to_tensor(x, config)).float() / temperature).numpy().astype(np.float64)
         compare("no mirror view (tta_hflip off; threshold not refitted)", run_single)
