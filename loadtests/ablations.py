@@ -105,7 +105,9 @@ def forward_rows(model, pixels: np.ndarray) -> list[dict]:
 
 
 def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
-    """bf16 autocast and torch.compile against eager float32, speed and accuracy."""
+    """bf16 autocast, the serving engines, no mirror view and torch.compile against eager float32, speed and accuracy."""
+    from core.preprocess import to_tensor
+
     rows = []
     reference = np.concatenate([model.probabilities(pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
     labels = reference >= model.card.threshold
@@ -127,40 +129,28 @@ def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return model.probabilities(x)
         compare("bfloat16 autocast", bf16)
+    def scored(logits_of):
+        """uint8 grids -> calibrated probabilities, through `logits_of` (normalised batch -> pneumonia logits)."""
+        def run(x):
+            with torch.inference_mode():
+                return model.calibrated(logits_of(to_tensor(x, model.card.preprocess)).float())
+        return run
+
     if "engines" in which:
         from core.engines import build_runner
-        from core.preprocess import to_tensor
 
-        config, temperature = model.card.preprocess, model.card.temperature
         for engine in ("folded", "torchscript"):
-            runner = build_runner(model.module, engine, config.image_size)
-
-            def run_engine(x, runner=runner):
-                with torch.inference_mode():
-                    return torch.sigmoid(runner(to_tensor(x, config)).float() / temperature).numpy().astype(np.float64)
-            compare(f"engine {engine} (PNEUMONIA_ENGINE)", run_engine)
+            runner = build_runner(model.module, engine, model.card.preprocess.image_size)
+            # A runner answers (logits, pooled features): the classifier's answer and what the validity gate reads.
+            compare(f"engine {engine} (PNEUMONIA_ENGINE)", scored(lambda t, runner=runner: runner(t)[0]))
     if "mirror" in which:  # the test-time mirror view (ModelSpec.tta_hflip): docs/model.md, framing views
         import copy
 
-        from core.preprocess import to_tensor
-
         single = copy.deepcopy(model.module)
         single.spec = single.spec.model_copy(update={"tta_hflip": False})
-        config, temperature = model.card.preprocess, model.card.temperature
-
-        def run_single(x):
-            with torch.inference_mode():
-                return torch.sigmoid(single(to_tensor(x, config)).float() / temperature).numpy().astype(np.float64)
-        compare("no mirror view (tta_hflip off; threshold not refitted)", run_single)
+        compare("no mirror view (tta_hflip off; threshold not refitted)", scored(single))
     if "compile" in which:
-        from core.preprocess import to_tensor
-
-        compiled = torch.compile(model.module, dynamic=False)
-        config, temperature = model.card.preprocess, model.card.temperature
-
-        def run_compiled(x):
-            with torch.inference_mode():
-                return torch.sigmoid(compiled(to_tensor(x, config)).float() / temperature).numpy().astype(np.float64)
+        run_compiled = scored(torch.compile(model.module, dynamic=False))
         start = time.perf_counter()
         run_compiled(x32)
         rows.append({"what": "variant", "variant": "torch.compile (first call)", "ms_per_image": None,
