@@ -24,7 +24,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from core.calibration import choose_threshold, fit_temperature
 from training import one_line
-from training.stress import STRESSES, stressed_grids
+from training.stress import STRESSES, stressed_logits
 
 SHOWN = ("clean", "zoom in 15 %", "border padding 10 %", "random acquisition mix")
 
@@ -88,21 +88,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from models_registry import load_model
-    from training.data import training_split
+    from training.data import held_out_samples
 
     models = [load_model(tag) for tag in args.models]
     # Each model normalises the shared uint8 grids itself (Inference.logits), so only what shapes a grid must agree.
     if len({(m.card.preprocess.image_size, m.card.preprocess.dicom_window) for m in models}) != 1:
         raise ValueError("the models take different input grids (image size or DICOM window); "
                          "compare models of one grid size")
-    config = models[0].card.training_config
-    _, val = training_split(args.data_dir, config["split"], config["val_fraction"], config["seed"], config.get("max_per_class"))
+    val = held_out_samples(args.data_dir, models[0].card.training_config, models[0].tag)
     labels = np.array([s.label for s in val])
-    logits: list[dict[str, np.ndarray]] = [{} for _ in models]
-    for stress, apply in STRESSES.items():
-        grids = stressed_grids([s.path for s in val], apply, models[0].card.preprocess)
-        for model, out in zip(models, logits):
-            out[stress] = np.concatenate([model.logits(grids[i:i + 128]).float().numpy() for i in range(0, len(grids), 128)])
+
+    def every_model(grids: np.ndarray) -> np.ndarray:  # (N, models): each stressed grid is made once for all
+        return np.stack([m.logits(grids).float().numpy() for m in models], axis=1)
+
+    stacked = stressed_logits(every_model, [s.path for s in val], models[0].card.preprocess)
+    logits = [{stress: z[:, k] for stress, z in stacked.items()} for k in range(len(models))]
     results = [summarise(m.tag, z, labels, args.target_sensitivity) for m, z in zip(models, logits)]
     if args.ensemble and len(models) > 1:
         mean = {stress: np.mean([z[stress] for z in logits], axis=0) for stress in STRESSES}

@@ -83,6 +83,15 @@ def training_split(data_dir: Path, split: str, val_fraction: float, seed: int,
     return split_by_patient(samples, val_fraction, seed)
 
 
+def held_out_samples(data_dir: Path, training_config: dict, tag: str) -> list[Sample]:
+    """The validation patients a stored model's run held out (its card's training config), for scoring it again."""
+    if not {"split", "val_fraction", "seed"} <= set(training_config):
+        raise ValueError(f"model {tag} does not record its training split (no training config in its card)")
+    _, val = training_split(data_dir, training_config["split"], training_config["val_fraction"],
+                            training_config["seed"], training_config.get("max_per_class"))
+    return val
+
+
 def split_by_patient(
     samples: list[Sample], val_fraction: float, seed: int
 ) -> tuple[list[Sample], list[Sample]]:

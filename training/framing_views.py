@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from core.preprocess import to_tensor
 from training import one_line
 from training.compare import SHOWN, format_table, summarise
-from training.stress import STRESSES, stressed_grids
+from training.stress import STRESSES, stressed_logits
 
 View = Callable[[torch.Tensor], torch.Tensor]
 
@@ -94,22 +94,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     from models_registry import load_model
-    from training.data import training_split
+    from training.data import held_out_samples
 
     model = load_model(args.model)
     backbone, config = model.module.backbone.eval(), model.card.preprocess
-    run = model.card.training_config
-    _, val = training_split(args.data_dir, run["split"], run["val_fraction"], run["seed"], run.get("max_per_class"))
+    val = held_out_samples(args.data_dir, model.card.training_config, model.tag)
     labels = np.array([s.label for s in val])
-    needed = {view: VIEWS[view] for view in VIEWS if any(view in COMBINATIONS[c][1] for c in args.only)}
-    logits: dict[str, dict[str, np.ndarray]] = {view: {} for view in needed}
-    with torch.inference_mode():
-        for stress, apply in STRESSES.items():
-            grids = stressed_grids([s.path for s in val], apply, config)
-            for view, reframe in needed.items():
-                logits[view][stress] = np.concatenate([
-                    backbone(reframe(to_tensor(grids[i:i + 128], config))).squeeze(1).numpy()
-                    for i in range(0, len(grids), 128)])
+    views = [view for view in VIEWS if any(view in COMBINATIONS[c][1] for c in args.only)]
+
+    def every_view(grids: np.ndarray) -> np.ndarray:  # (N, views): each stressed grid is made once for all views
+        with torch.inference_mode():
+            x = to_tensor(grids, config)
+            return np.stack([backbone(VIEWS[view](x)).squeeze(1).numpy() for view in views], axis=1)
+
+    stacked = stressed_logits(every_view, [s.path for s in val], config)
+    logits = {view: {stress: z[:, k] for stress, z in stacked.items()} for k, view in enumerate(views)}
     results = [summarise(COMBINATIONS[c][0], {s: np.mean([logits[v][s] for v in COMBINATIONS[c][1]], axis=0)
                                               for s in STRESSES}, labels, args.target_sensitivity) for c in args.only]
     print(f"{len(val)} validation images of the held-out patients of {model.tag}'s run, each combination of views "

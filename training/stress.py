@@ -221,16 +221,12 @@ def _stress(args: argparse.Namespace) -> int:
 
     from core.metrics import bootstrap_intervals
     from models_registry import load_model
-    from training.data import training_split
+    from training.data import held_out_samples
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
-    config = model.card.training_config
-    if not {"split", "val_fraction", "seed"} <= set(config):
-        raise ValueError(f"model {model.tag} does not record its training split (no training config in its card)")
-    _, val = training_split(args.data_dir, config["split"], config["val_fraction"], config["seed"],
-                            config.get("max_per_class"))
+    val = held_out_samples(args.data_dir, model.card.training_config, model.tag)
     labels = np.array([s.label for s in val])
 
     def logits_of(grids: np.ndarray) -> np.ndarray:
