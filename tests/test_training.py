@@ -61,7 +61,64 @@ def test_short_training_run_learns_and_saves_a_gated_calibrated_model(tmp_path: 
     )
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     assert json.loads(report.read_text())["metrics"]["roc_auc"] >= 0.75
+    rescoring_reproduces_the_run(tmp_path, data_dir, out, tag, env)
     exports_only_committed_code(tmp_path, out, tag, env)
+
+
+def rescoring_reproduces_the_run(tmp_path: Path, data_dir: Path, run: Path, tag: str, env: dict[str, str]) -> None:
+    """training.stress and training.compare score a stored model again from its files on the patients its run held
+    out: every stress row and the refitted operating point must equal what the run measured on its in-memory split,
+    or the documented recipe comparisons would not compare what training saw."""
+    validation = json.loads((run / "metrics.json").read_text())["validation"]
+    stress_json, compare_json = tmp_path / "stress.json", tmp_path / "compare.json"
+    for module, *args in (("training.stress", "--model", tag, "--json", str(stress_json)),
+                          ("training.compare", "--models", tag, tag, "--ensemble", "--json", str(compare_json))):
+        done = subprocess.run([sys.executable, "-m", module, *args, "--data-dir", str(data_dir)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    stressed = json.loads(stress_json.read_text())
+    assert stressed["n"] == validation["n"] and stressed["threshold"] == pytest.approx(validation["threshold"])
+    rows = {row.pop("stress"): row for row in stressed["rows"]}
+    assert rows.keys() == validation["stress"].keys()
+    for name, row in validation["stress"].items():
+        assert rows[name] == pytest.approx(row), name
+    compared = json.loads(compare_json.read_text())
+    single, again, ensemble = compared["results"]
+    assert compared["n"] == validation["n"] and ensemble["name"].startswith("ensemble")
+    assert single["threshold"] == pytest.approx(validation["threshold"])
+    for name, row in validation["stress"].items():
+        assert {k: single["rows"][name][k] for k in row} == pytest.approx(row), name
+    # An ensemble of one model with itself is that model: averaging logits must not move a figure.
+    assert again["rows"] == single["rows"] and ensemble["rows"].keys() == single["rows"].keys()
+    for name, row in single["rows"].items():
+        assert ensemble["rows"][name] == pytest.approx(row), name
+
+
+def test_crossval_trains_each_fold_once_and_tables_them(tmp_path: Path, data_dir: Path) -> None:
+    """The cross-validation command on a small subset: one fold, then the rest reusing it, then the table."""
+    out = tmp_path / "cv"
+    command = [sys.executable, "-m", "training.crossval", "--folds", "2", "--data-dir", str(data_dir), "--out", str(out),
+               "--max-per-class", "40", "--epochs", "1", "--batch-size", "16", "--bn-images", "32", "--no-progress"]
+    env = server_env(BENTOML_HOME=str(tmp_path / "bentoml"))
+    first = subprocess.run([*command, "--fold", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "fold 1/2" in first.stdout and "fold 2/2" not in first.stdout and "1 of 2 folds done" in first.stdout
+    assert "1 of 2 patient-level folds (the others not run)" in first.stdout
+    rest = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    assert "fold 1/2" not in rest.stdout and "fold 2/2" in rest.stdout  # fold 0 was kept, not trained again
+    folds = [json.loads((out / f"fold{k}.json").read_text()) for k in (0, 1)]
+    # --max-per-class holds: 40 + 40 images, each held out by exactly one fold
+    assert [f["train_images"] + f["held_out_images"] for f in folds] == [80, 80]
+    assert folds[0]["held_out_images"] + folds[1]["held_out_images"] == 80
+    summary = json.loads((out / "summary.json").read_text())
+    for metric in ("roc_auc", "specificity", "ece"):
+        values = [f[metric] for f in folds]
+        assert summary["clean"][metric]["mean"] == pytest.approx(sum(values) / 2)
+        assert summary["clean"][metric]["min"] == min(values) and summary["clean"][metric]["max"] == max(values)
+    assert set(summary["stress"]) == set(folds[0]["stress"]) >= {"clean", "random acquisition mix"}
+    table = (out / "summary.md").read_text()
+    assert table.startswith("2 patient-level folds") and "| random acquisition mix |" in table and table in rest.stdout
 
 
 def exports_only_committed_code(tmp_path: Path, run: Path, tag: str, env: dict[str, str]) -> None:

@@ -28,7 +28,7 @@ from core.calibration import fit_temperature
 from core.metrics import expected_calibration_error
 from core.preprocess import to_tensor
 from training import one_line
-from training.data import DataFolderError, LoadedSplit, load_samples, scan_split
+from training.data import DataFolderError, LoadedSplit, first_per_class, load_samples, scan_split
 from training.stress import stressed_logits
 from training.train import choose_operating_point, get_args_parser, preprocess_config, train_model
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        samples = scan_split(args.data_dir, args.split)
+        samples = first_per_class(scan_split(args.data_dir, args.split), args.max_per_class)
     except DataFolderError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

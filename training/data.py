@@ -77,10 +77,14 @@ def training_split(data_dir: Path, split: str, val_fraction: float, seed: int,
                    max_per_class: int | None = None) -> tuple[list[Sample], list[Sample]]:
     """The (train, validation) samples of a training run: the same arguments give the same patients, so a stored
     model can be scored again on exactly the validation patients its run held out (`training.stress`)."""
-    samples = scan_split(data_dir, split)
-    if max_per_class:
-        samples = [s for label in range(len(CLASS_NAMES)) for s in [x for x in samples if x.label == label][:max_per_class]]
-    return split_by_patient(samples, val_fraction, seed)
+    return split_by_patient(first_per_class(scan_split(data_dir, split), max_per_class), val_fraction, seed)
+
+
+def first_per_class(samples: list[Sample], max_per_class: int | None) -> list[Sample]:
+    """At most this many samples of each class, the first ones (by patient, as files sort): smoke runs."""
+    if not max_per_class:
+        return samples
+    return [s for label in range(len(CLASS_NAMES)) for s in [x for x in samples if x.label == label][:max_per_class]]
 
 
 def held_out_samples(data_dir: Path, training_config: dict, tag: str) -> list[Sample]:
