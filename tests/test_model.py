@@ -52,12 +52,13 @@ def test_trained_weights_give_torchvisions_answers_on_real_xrays(production_tag:
 
 
 def test_serving_imports_neither_torchvision_nor_torch_dynamo(production_tag: str) -> None:
-    """Importing torchvision costs a serving process 6.5 s of CPU (torch._dynamo, sympy) at every start."""
+    """Importing torchvision costs a serving process 6.5 s of CPU (torch._dynamo, sympy) at every start; pydicom
+    waits for the first DICOM file."""
     script = (
         "import sys, numpy as np, service, models_registry\n"
         "for engine in ('eager', 'folded', 'torchscript'):\n"
         f"    models_registry.load_model({production_tag!r}, engine=engine).probabilities(np.zeros((1, 224, 224), np.uint8))\n"
-        "print(sorted(m for m in ('torchvision', 'torch._dynamo', 'sympy') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torchvision', 'torch._dynamo', 'sympy', 'pydicom') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=server_env(), capture_output=True, text=True,
                           timeout=HANG_S)
