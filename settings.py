@@ -254,10 +254,11 @@ class ServingSettings(BaseSettings):
         "on the worker's event loop while the request is parsed. Not the default: no measured throughput gain in "
         "three A/B runs (docs/performance.md)",
     )
-    engine: Literal["eager", "folded", "torchscript"] = Field(
-        "torchscript",
-        description="how the forward pass runs (core/engines.py): torchscript = traced and frozen, "
-        "measured fastest (docs/performance.md); folded = eager with BatchNorm folded; eager = as trained",
+    engine: Literal["eager", "folded", "torchscript", "onnxruntime"] = Field(
+        "onnxruntime",
+        description="how the forward pass runs (core/engines.py): onnxruntime = exported to ONNX and run by ONNX "
+        "Runtime, measured fastest (docs/performance.md); torchscript = traced and frozen; folded = eager with "
+        "BatchNorm folded; eager = as trained",
     )
     max_images_per_request: int = Field(16, ge=1, le=256)
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest accepted request body")

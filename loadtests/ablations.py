@@ -139,7 +139,7 @@ def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
     if "engines" in which:
         from core.engines import build_runner
 
-        for engine in ("folded", "torchscript"):
+        for engine in ("folded", "torchscript", "onnxruntime"):
             runner = build_runner(model.module, engine, model.card.preprocess.image_size)
             # A runner answers (logits, pooled features): the classifier's answer and what the validity gate reads.
             compare(f"engine {engine} (PNEUMONIA_ENGINE)", scored(lambda t, runner=runner: runner(t)[0]))

@@ -18,7 +18,7 @@ single small images, four-image requests), it measures
   careful engineer writes it: one uvicorn worker per usable core, a sync
   handler in the threadpool, one torch thread per worker, the project's
   preprocessing and the model as the registry loads it (eager); and the same
-  peer with the service's TorchScript engine;
+  peer with the service's inference engine (PNEUMONIA_ENGINE, as the service rows run);
 - the naive peer in the seeds' style (`loadtests.baseline_fastapi`: inference in
   an `async def`, one worker, so one request at a time);
 - optional service variants (`--variant NAME=KEY=VALUE,...`): the service with other
@@ -71,11 +71,11 @@ SYSTEMS = {
     "service": "service, adaptive batching",
     "service_nobatch": "service, batching off",
     "peer": "competent peer (FastAPI, no batching)",
-    "peer_torchscript": "competent peer, TorchScript engine",
+    "peer_engine": "competent peer, the service's engine",
     "baseline": "naive peer, seeds' style (FastAPI baseline)",
 }
-PEERS = {"peer": "eager", "peer_torchscript": "torchscript"}  # the engine each competent peer runs
-DEFAULT_SYSTEMS = "bare,service,service_nobatch,peer,peer_torchscript,baseline,explain"
+PEERS = ("peer", "peer_engine")  # the competent peers: the model as stored (eager), and with the service's engine
+DEFAULT_SYSTEMS = "bare,service,service_nobatch,peer,peer_engine,baseline,explain"
 # At the highest client count unless the name says otherwise.
 TARGETS = {
     "service_vs_peer": 2.0,
@@ -194,6 +194,13 @@ def label(system: str) -> str:
     return f"service ({system.split(':', 1)[1]})" if system.startswith("variant:") else SYSTEMS[system]
 
 
+def service_engine(service_env: dict[str, str]) -> str:
+    """The inference engine of the service rows: they run with this process's environment plus --service-env."""
+    from settings import ServingSettings
+
+    return {**os.environ, **service_env}.get("PNEUMONIA_ENGINE") or ServingSettings.model_fields["engine"].default
+
+
 def start_system(system: str, tag: str, out: Path, service_env: dict[str, str], peer_workers: int = 1,
                  variants: dict[str, dict[str, str]] | None = None) -> ServerProcess:
     port = free_port()
@@ -205,7 +212,8 @@ def start_system(system: str, tag: str, out: Path, service_env: dict[str, str], 
     if system in PEERS:
         args = [str(VENV_BIN / "uvicorn"), "loadtests.peer_fastapi:app", "--host", "127.0.0.1", "--port", str(port),
                 "--workers", str(peer_workers)]
-        env = server_env(PNEUMONIA_PEER_MODEL=tag, PNEUMONIA_PEER_ENGINE=PEERS[system])
+        engine = "eager" if system == "peer" else service_engine(service_env)
+        env = server_env(PNEUMONIA_PEER_MODEL=tag, PNEUMONIA_PEER_ENGINE=engine)
         server = ServerProcess(args=args, port=port, env=env, log_path=log, warm_workers=peer_workers,
                                warm_pattern=r"peer worker (\d+) ready")
         return server.start(ready_path="/openapi.json")
@@ -325,7 +333,7 @@ def ratios_and_targets(bare: dict | None, runs: list[dict], concurrency: list[in
     for clients in concurrency:
         service_c = _at(runs, "service", clients)
         ratios[f"service_vs_peer_at_{clients}"] = _ratio(service_c, _at(runs, "peer", clients))
-        ratios[f"service_vs_peer_torchscript_at_{clients}"] = _ratio(service_c, _at(runs, "peer_torchscript", clients))
+        ratios[f"service_vs_peer_engine_at_{clients}"] = _ratio(service_c, _at(runs, "peer_engine", clients))
         ratios[f"service_vs_baseline_at_{clients}"] = _ratio(service_c, _at(runs, "baseline", clients))
         ratios[f"batching_vs_nobatch_at_{clients}"] = _ratio(service_c, _at(runs, "service_nobatch", clients))
         ratios[f"service_cpu_cores_at_{clients}"] = service_c and service_c["server_cpu_cores"]
@@ -355,7 +363,7 @@ def target_names(top: int) -> dict[str, str]:
 
 RATIO_ROWS = {  # the summary's per-client-count ratios: key prefix -> label
     "service_vs_peer_at_": "service / competent peer (images/s)",
-    "service_vs_peer_torchscript_at_": "service / competent peer with TorchScript (images/s)",
+    "service_vs_peer_engine_at_": "service / competent peer with the service's engine (images/s)",
     "service_vs_baseline_at_": "service / naive peer (images/s)",
     "batching_vs_nobatch_at_": "batching on / off (images/s)",
     "service_cpu_cores_at_": "service CPU (cores)",
@@ -406,7 +414,7 @@ def format_ratios(result: dict) -> str:
 
 
 STYLES = {"service": ("#1f77b4", "o", "-"), "service_nobatch": ("#ff7f0e", "s", "-"), "peer": ("#d62728", "D", "-"),
-          "peer_torchscript": ("#d62728", "d", "--"), "baseline": ("#7f7f7f", "^", "-")}
+          "peer_engine": ("#d62728", "d", "--"), "baseline": ("#7f7f7f", "^", "-")}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -548,6 +556,7 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
         "generator": "harness.loadgen: closed-loop asyncio HTTP/1.1 client, one keep-alive connection per client, "
                      "pre-encoded multipart bodies, every answer checked",
         "concurrency": concurrency, "window_s": window, "warmup_s": warmup, "service_env": service_env,
+        "service_engine": service_engine(service_env),
         "service_workers": service_workers, "peer_workers": peer_workers, "variants": variants,
         "bare_model": None, "runs": [], "explain": None,
     }
@@ -561,11 +570,8 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
         print("measuring the bare-model limit ...", file=sys.stderr)
         quiet()
         stream = [image.data for request in plan for image in request.images]
-        from settings import ServingSettings
-
-        # The service rows run with this process's environment plus --service-env: resolve the engine alike.
-        engine = {**os.environ, **service_env}.get("PNEUMONIA_ENGINE") or ServingSettings.model_fields["engine"].default
-        result["bare_model"] = bare_model(tag, stream, batch_sizes, 1.0 if args.quick else 4.0, args.threads, engine)
+        result["bare_model"] = bare_model(tag, stream, batch_sizes, 1.0 if args.quick else 4.0, args.threads,
+                                          service_engine(service_env))
 
     order = [s for s in SYSTEMS if s in systems]
     if "explain" in systems and "service" not in order:  # explain is measured on the shipped service

@@ -25,7 +25,7 @@ What a careful engineer writes without a serving framework (issue 15):
   image at 1 client instead of 20 ms (measured). A careful engineer who
   measured would fix it; this peer does (`PNEUMONIA_PEER_NODELAY=0` shows it);
 - the engine is the registry's default (`eager`, the model as stored) unless
-  `PNEUMONIA_PEER_ENGINE` names another (`torchscript` is the service's).
+  `PNEUMONIA_PEER_ENGINE` names another (the benchmark's second peer runs the service's).
 
 It lives under loadtests/, which the Bento excludes.
 

@@ -28,6 +28,9 @@ def test_engine_matches_eager_on_real_xrays(engine: str, production_tag: str, xr
         reference, probabilities = eager.probabilities(batch), other.probabilities(batch)
         assert np.abs(probabilities - reference).max() < 1e-4
         assert eager.labels(reference) == other.labels(probabilities)
+        # the validity gate reads the pooled features of the same pass
+        features, expected = other.forward(batch)[1].numpy(), eager.forward(batch)[1].numpy()
+        assert np.abs(features - expected).max() < 1e-4 * np.abs(expected).max()
     # Both classes are present, so equal labels are not a constant answer.
     assert len(set(eager.labels(eager.probabilities(xray_pixels)))) == 2
 

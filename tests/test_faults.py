@@ -313,7 +313,7 @@ def test_not_ready_until_warm_early_callers_get_503_and_unavailable(spawn: Spawn
 
 BAD_CONFIGS: dict[str, tuple[dict[str, str], str]] = {
     # case: (environment, text the one-line error must contain)
-    "unknown_engine": ({"PNEUMONIA_ENGINE": "onnx"}, "engine Input should be 'eager', 'folded' or 'torchscript'"),
+    "unknown_engine": ({"PNEUMONIA_ENGINE": "onnx"}, "engine Input should be 'eager', 'folded', 'torchscript' or 'onnxruntime'"),
     "workers_not_a_number": ({"PNEUMONIA_WORKERS": "two"}, "workers Input should be a valid integer"),
     "settings_file_not_json": ({"PNEUMONIA_SETTINGS_FILE": "{settings}"}, "is not valid JSON"),
 }

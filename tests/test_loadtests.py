@@ -96,7 +96,7 @@ def test_benchmark_quick_has_every_row_and_no_failures(production_tag: str, tmp_
     assert result["model"] == production_tag
     assert result["bare_model"]["limit_images_per_s"] > 0
     assert {r["batch"] for r in result["bare_model"]["rows"]} == {1, 8, 32}
-    systems = ("service", "service_nobatch", "peer", "peer_torchscript", "baseline")
+    systems = ("service", "service_nobatch", "peer", "peer_engine", "baseline")
     points = {(r["system"], r["clients"]) for r in result["runs"]}
     assert points == {(s, c) for s in systems for c in (1, 8, 32)}
     for row in result["runs"]:
@@ -110,11 +110,11 @@ def test_benchmark_quick_has_every_row_and_no_failures(production_tag: str, tmp_
         "service_vs_baseline", "service_p99_ms_at_8", "zero_failures_at_top",
     }
     for clients in (1, 8, 32):  # the summary's ratios at each client count
-        for name in ("service_vs_peer", "service_vs_peer_torchscript", "service_vs_baseline", "batching_vs_nobatch"):
+        for name in ("service_vs_peer", "service_vs_peer_engine", "service_vs_baseline", "batching_vs_nobatch"):
             assert result["ratios"][f"{name}_at_{clients}"] > 0
     table = (out / "benchmark.md").read_text()
     for label in ("bare model limit", "service, adaptive batching", "service, batching off",
-                  "competent peer (FastAPI, no batching)", "competent peer, TorchScript engine",
+                  "competent peer (FastAPI, no batching)", "competent peer, the service's engine",
                   "naive peer, seeds' style", "service / competent peer (images/s)", "batching on / off (images/s)",
                   "full-size p50 ms"):
         assert label in table and label in proc.stdout, label

@@ -56,7 +56,7 @@ def test_serving_imports_neither_torchvision_nor_torch_dynamo(production_tag: st
     waits for the first DICOM file."""
     script = (
         "import sys, numpy as np, service, models_registry\n"
-        "for engine in ('eager', 'folded', 'torchscript'):\n"
+        "for engine in ('eager', 'folded', 'torchscript', 'onnxruntime'):\n"
         f"    models_registry.load_model({production_tag!r}, engine=engine).probabilities(np.zeros((1, 224, 224), np.uint8))\n"
         "print(sorted(m for m in ('torchvision', 'torch._dynamo', 'sympy', 'pydicom') if m in sys.modules))\n"
     )
