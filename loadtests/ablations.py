@@ -7,7 +7,7 @@
 - forward: ms per image of the forward pass by memory layout (channels-last or
   not), torch threads and batch size;
 - bf16 / engines / mirror / compile: bfloat16 autocast, the serving engines of
-  core/engines.py (BatchNorm folded, TorchScript), the model without its test-time
+  core/engines.py (BatchNorm folded, TorchScript, ONNX Runtime), the model without its test-time
   mirror view, and torch.compile: speed, and the largest
   probability difference to eager float32 plus label changes on real X-rays.
 
@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="production")
     p.add_argument("--extra-images", type=int, default=100, help="training images per class added to the accuracy check")
     p.add_argument("--out", type=Path, default=RESULTS / "ablations.json")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch (and ONNX Runtime) threads for the variant rows; 0: all cores (a service worker has 1)")
     args = p.parse_args(argv)
     provenance = record.provenance(argv)
     which = args.only.split(",")
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         pixels = real_pixels(samples, model.card.preprocess, args.extra_images)
         if "forward" in which:
             rows += forward_rows(model, pixels)
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
         rows += variant_rows(model, pixels, which)
     for r in rows:
         ms = "-" if r.get("ms_per_image") is None else f"{r['ms_per_image']:.3f}"
