@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from core.calibration import choose_threshold, fit_temperature
-from training import one_line
+from training import run_command
 from training.stress import STRESSES, stressed_logits
 
 SHOWN = ("clean", "zoom in 15 %", "border padding 10 %", "random acquisition mix")
@@ -77,13 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m training.compare`: exit 2 with one line on any failure."""
-    args = get_args_parser().parse_args(argv)
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    try:
-        return _compare(args)
-    except Exception as exc:  # noqa: BLE001 - a command line answers with one line, never a stack trace
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    return run_command(_compare, get_args_parser().parse_args(argv))
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from training import one_line
+from training import run_command
 
 MAX_BYTES = 10 * 1024 * 1024
 
@@ -39,13 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run folder of `training.crossval` for the same recipe: its summary goes in PROVENANCE.md")
     parser.add_argument("--allow-dirty", action="store_true",
                         help="export a model trained from uncommitted code (PROVENANCE.md then says so)")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    try:
-        return _export(args)
-    except Exception as exc:  # noqa: BLE001 - a command line answers with one line
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    return run_command(_export, parser.parse_args(argv))
 
 
 def _export(args: argparse.Namespace) -> int:

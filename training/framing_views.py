@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from core.preprocess import to_tensor
-from training import one_line
+from training import run_command
 from training.compare import SHOWN, format_table, summarise
 from training.stress import STRESSES, stressed_logits
 
@@ -83,13 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    try:
-        return _score(args)
-    except Exception as exc:  # noqa: BLE001 - a command line answers with one line, never a stack trace
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    return run_command(_score, get_args_parser().parse_args(argv))
 
 
 def _score(args: argparse.Namespace) -> int:

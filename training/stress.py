@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -205,15 +204,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m training.stress`: the stress table of a stored model; exit 2 with one line on any failure."""
-    args = get_args_parser().parse_args(argv)
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    from training import one_line
+    from training import run_command
 
-    try:
-        return _stress(args)
-    except Exception as exc:  # noqa: BLE001 - a command line answers with one line, never a stack trace
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    return run_command(_stress, get_args_parser().parse_args(argv))
 
 
 def _stress(args: argparse.Namespace) -> int:
