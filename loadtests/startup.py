@@ -6,7 +6,8 @@ A replica's cold start is what a scale-out waits for (the Kubernetes start-up pr
 a replacement after a crash) and what every server in the test suite pays. Each run
 starts the service on free loopback ports, waits until every worker has a warm model
 (/readyz), reads the CPU time of the whole process tree (the serving process checks
-the model once, then each worker loads, traces and warms it), and stops it. Prints
+the model once, then each worker loads, compiles (ONNX export or TorchScript trace) and
+warms it), and stops it. Prints
 the median and spread of the runs: a 2-core VM moves by 10-20 % from one run to the next.
 """
 
