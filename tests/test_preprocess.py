@@ -49,6 +49,25 @@ def test_equalize_ignores_monotonic_grey_level_changes_that_per_image_scaling_do
     assert torch.equal(to_tensor(pixels, equalize), base)  # uint8 and [0, 1] floats agree
 
 
+def test_uint8_grids_normalise_like_float_grids() -> None:
+    """Serving feeds uint8 grids (a numpy route of their own), training feeds augmented floats: the same numbers,
+    within float32 rounding of a float64 reference, for real X-rays, a low-contrast one and a flat one."""
+    xrays = np.stack([load_file(p, CONFIG).pixels for p in sample_xrays(1)])  # one per class
+    low_contrast = (xrays[0] // 32 + 100).astype(np.uint8)
+    grids = np.concatenate([xrays, low_contrast[None], np.full((1, 224, 224), 77, np.uint8)])
+    from_uint8 = to_tensor(grids, CONFIG)
+    from_float = to_tensor(torch.from_numpy(grids).float() / 255, CONFIG)
+    flat64 = grids.reshape(len(grids), -1).astype(np.float64) / 255
+    reference = (flat64 - flat64.mean(1, keepdims=True)) / np.maximum(flat64.std(1, ddof=1, keepdims=True), 1e-3)
+    assert from_uint8.shape == from_float.shape == (4, 1, 224, 224) and from_uint8.dtype == torch.float32
+    assert np.abs(from_uint8.numpy().reshape(len(grids), -1) - reference).max() < 1e-5
+    assert float((from_uint8[:-1] - from_float[:-1]).abs().max()) < 1e-5
+    # flat: no division by a zero spread; the exact integer mean leaves 0, the float path's rounding 3e-5
+    assert float(from_uint8[-1].abs().max()) == 0.0 and float(from_float[-1].abs().max()) < 1e-4
+    assert torch.equal(to_tensor(grids[0], CONFIG), from_uint8[:1])  # one grid, batch of one
+    assert torch.equal(to_tensor(torch.from_numpy(grids), CONFIG), from_uint8)  # torch uint8 takes the same route
+
+
 def test_training_and_serving_paths_give_identical_tensors() -> None:
     paths = sample_xrays(3)
     training = load_samples([Sample(p, 0, p.stem) for p in paths], CONFIG, progress=False)
