@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from sklearn.covariance import LedoitWolf
 from sklearn.linear_model import LogisticRegression
 
