@@ -76,7 +76,7 @@ def build_runner(module: PneumoniaNet, engine: Engine, image_size: int) -> Runne
         return tapped
     example = torch.zeros(2, 1, image_size, image_size)  # grayscale grids; the module expands channels itself
     if engine == "onnxruntime":
-        return _onnxruntime_runner(tapped, example)
+        return onnxruntime_runner(onnx_export(tapped, example))
     with warnings.catch_warnings(), torch.inference_mode():
         # torch.jit is deprecated upstream in favour of torch.compile/export, which measured
         # slower here (and need a compiler at start-up); PNEUMONIA_ENGINE=folded avoids it.
@@ -85,22 +85,27 @@ def build_runner(module: PneumoniaNet, engine: Engine, image_size: int) -> Runne
         return torch.jit.freeze(traced.eval())
 
 
-def _onnxruntime_runner(tapped: nn.Module, example: torch.Tensor) -> Runner:
-    """The tapped module as an ONNX Runtime session with a dynamic batch axis, on as many threads as torch has
-    (the service sets them per worker); its thread pool sleeps between calls instead of spinning."""
-    import onnxruntime
-
+def onnx_export(tapped: nn.Module, example: torch.Tensor) -> bytes:
+    """The tapped module as an ONNX model (logits and gate features) with a dynamic batch axis."""
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
         torch.onnx.export(tapped, example, buffer, input_names=["pixels"], output_names=["logits", "features"],
                           dynamic_axes={"pixels": {0: "n"}, "logits": {0: "n"}, "features": {0: "n"}},
                           opset_version=17, dynamo=False)
+    return buffer.getvalue()
+
+
+def onnxruntime_runner(model: bytes) -> Runner:
+    """An ONNX Runtime session of `model` on as many threads as torch has (the service sets them per worker), its
+    thread pool sleeping between calls instead of spinning, fed in chunks of `ONNX_CHUNK` images."""
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     def run(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = [session.run(None, {"pixels": chunk.contiguous().numpy()}) for chunk in pixels.split(ONNX_CHUNK)]

@@ -1,13 +1,16 @@
 """In-process measurements behind each "make it fast" decision (no HTTP).
 
-    python -m loadtests.ablations [--only preprocess,forward,bf16,engines,mirror,compile]
+    python -m loadtests.ablations [--only preprocess,forward,bf16,engines,int8,mirror,compile]
 
 - preprocess: `prepare()` per image for the full-size and the small samples,
   with JPEG draft-mode decoding (as shipped) and without (draft disabled here only);
+  and `to_tensor()` on a batch of 32 grids, on one thread as in a service worker: the
+  uint8 route serving takes against the float route training's augmented batches take;
 - forward: ms per image of the forward pass by memory layout (channels-last or
   not), torch threads and batch size;
-- bf16 / engines / mirror / compile: bfloat16 autocast, the serving engines of
-  core/engines.py (BatchNorm folded, TorchScript, ONNX Runtime), the model without its test-time
+- bf16 / engines / int8 / mirror / compile: bfloat16 autocast, the serving engines of
+  core/engines.py (BatchNorm folded, TorchScript, ONNX Runtime), ONNX Runtime on an int8
+  (statically quantised) model, the model without its test-time
   mirror view, and torch.compile: speed, and the largest
   probability difference to eager float32 plus label changes on real X-rays.
 
@@ -71,9 +74,28 @@ def preprocess_rows(samples, config) -> list[dict]:
         a, b = (r for r in rows if r["what"] == f"prepare() {kind}")
         diff = np.abs(a["pixels"].astype(int) - b["pixels"].astype(int))
         a["note"] = f"{b['ms_per_image'] / a['ms_per_image']:.1f}x faster than full decode; pixel diff mean {diff.mean():.2f}, max {diff.max()}"
+    grids = np.resize(np.concatenate([r["pixels"] for r in rows if r["variant"] == "draft decode"]), (32, 224, 224))
     for r in rows:
         r.pop("pixels")
-    return rows
+    return rows + to_tensor_rows(grids, config)
+
+
+def to_tensor_rows(grids: np.ndarray, config) -> list[dict]:
+    """ms per image of normalising 32 uint8 grids (serving's route) and the same grids as floats (training's)."""
+    from core.preprocess import to_tensor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        floats = torch.from_numpy(grids).float() / 255
+        uint8_ms = per_call_ms(lambda: to_tensor(grids, config)) / len(grids)
+        float_ms = per_call_ms(lambda: to_tensor(floats, config)) / len(grids)
+        delta = float((to_tensor(grids, config) - to_tensor(floats, config)).abs().max())
+    finally:
+        torch.set_num_threads(threads)
+    return [{"what": "to_tensor() batch of 32", "variant": "uint8 grids (serving)", "ms_per_image": round(uint8_ms, 3),
+             "note": f"{float_ms / uint8_ms:.1f}x faster than the float route; largest difference {delta:.1e}"},
+            {"what": "to_tensor() batch of 32", "variant": "float grids (training)", "ms_per_image": round(float_ms, 3)}]
 
 
 def real_pixels(samples, config, extra: int) -> np.ndarray:
@@ -143,6 +165,8 @@ def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
             runner = build_runner(model.module, engine, model.card.preprocess.image_size)
             # A runner answers (logits, pooled features): the classifier's answer and what the validity gate reads.
             compare(f"engine {engine} (PNEUMONIA_ENGINE)", scored(lambda t, runner=runner: runner(t)[0]))
+    if "int8" in which:
+        compare("ONNX Runtime int8 (static, per-channel, QDQ; 100 calibration X-rays)", scored(lambda t, r=int8_runner(model): r(t)[0]))
     if "mirror" in which:  # the test-time mirror view (ModelSpec.tta_hflip): docs/model.md, framing views
         import copy
 
@@ -159,9 +183,43 @@ def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
     return rows
 
 
+def int8_runner(model):
+    """The ONNX Runtime engine on an int8 model: weights per channel, activations calibrated on 100 training X-rays
+    that the accuracy check does not use (every 20th from the 4th; `real_pixels` takes every 10th from the 2nd)."""
+    import copy
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    from core.engines import onnx_export, onnxruntime_runner
+    from core.model import WithFeatures
+    from core.preprocess import load_file, to_tensor
+
+    config = model.card.preprocess
+    calibration = np.stack([load_file(p, config).pixels for name in ("NORMAL", "PNEUMONIA")
+                            for p in sorted((DATA_DIR / "train" / name).iterdir())[3:1000:20]])
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"pixels": to_tensor(calibration[i:i + 8], config).numpy()}
+                                 for i in range(0, len(calibration), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    tapped = WithFeatures(copy.deepcopy(model.module)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, prepared, quantised = (Path(tmp) / f"{name}.onnx" for name in ("plain", "prepared", "int8"))
+        plain.write_bytes(onnx_export(tapped, torch.zeros(2, 1, config.image_size, config.image_size)))
+        quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(quantised), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return onnxruntime_runner(quantised.read_bytes())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="preprocess,forward,bf16", help="preprocess,forward,bf16,engines,mirror,compile")
+    p.add_argument("--only", default="preprocess,forward,bf16", help="preprocess,forward,bf16,engines,int8,mirror,compile")
     p.add_argument("--model", default="production")
     p.add_argument("--extra-images", type=int, default=100, help="training images per class added to the accuracy check")
     p.add_argument("--out", type=Path, default=RESULTS / "ablations.json")
@@ -180,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if "preprocess" in which:
         rows += preprocess_rows(samples, model.card.preprocess)
-    if {"forward", "bf16", "engines", "mirror", "compile"} & set(which):
+    if {"forward", "bf16", "engines", "int8", "mirror", "compile"} & set(which):
         pixels = real_pixels(samples, model.card.preprocess, args.extra_images)
         if "forward" in which:
             rows += forward_rows(model, pixels)
