@@ -60,6 +60,7 @@ def test_bento_packs_code_model_and_pinned_dependencies(bento_tag: str, bentoml_
     for package in ("pydicom==", "pylibjpeg==", "pylibjpeg-libjpeg==", "pylibjpeg-openjpeg==", "pylibjpeg-rle=="):
         assert package in requirements, package
     assert "onnxruntime==" in requirements and "onnx==" in requirements  # the default engine (PNEUMONIA_ENGINE)
+    assert "httptools==" in requirements and "uvloop==" in requirements  # uvicorn's fast parser and event loop
     assert "imagecodecs" not in requirements
     pinned = [line.split("==")[0] for line in requirements.splitlines() if "==" in line and not line.lstrip().startswith("#")]
     assert not [p for p in pinned if p.startswith(("nvidia-cu", "triton"))]  # CPU-only image
