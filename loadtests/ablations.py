@@ -74,7 +74,7 @@ def preprocess_rows(samples, config) -> list[dict]:
         a, b = (r for r in rows if r["what"] == f"prepare() {kind}")
         diff = np.abs(a["pixels"].astype(int) - b["pixels"].astype(int))
         a["note"] = f"{b['ms_per_image'] / a['ms_per_image']:.1f}x faster than full decode; pixel diff mean {diff.mean():.2f}, max {diff.max()}"
-    grids = np.resize(np.concatenate([r["pixels"] for r in rows if r["variant"] == "draft decode"]), (32, 224, 224))
+    grids = np.resize(np.concatenate([r["pixels"] for r in rows if r["variant"] == "draft decode"]), (32, config.image_size, config.image_size))
     for r in rows:
         r.pop("pixels")
     return rows + to_tensor_rows(grids, config)
@@ -185,7 +185,8 @@ def variant_rows(model, pixels: np.ndarray, which: list[str]) -> list[dict]:
 
 def int8_runner(model):
     """The ONNX Runtime engine on an int8 model: weights per channel, activations calibrated on 100 training X-rays
-    that the accuracy check does not use (every 20th from the 4th; `real_pixels` takes every 10th from the 2nd)."""
+    that the accuracy check does not use (every 20th from the 4th; `real_pixels` takes every 10th from the 2nd with the
+    default --extra-images)."""
     import copy
     import tempfile
 
