@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from core.preprocess import InputLimits, PreprocessConfig, prepare
+from training import run_command
 
 Stress = Callable[[Image.Image, np.random.Generator], bytes]
 
@@ -204,8 +205,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m training.stress`: the stress table of a stored model; exit 2 with one line on any failure."""
-    from training import run_command
-
     return run_command(_stress, get_args_parser().parse_args(argv))
 
 
