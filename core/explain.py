@@ -16,6 +16,10 @@ draws the result.
 - The views: a model that averages the logits of the image and its mirror image
   (`spec.tta_hflip`) gets the average of both views' maps, the mirror's flipped
   back. Both views go through the backbone as one batch of two.
+- The members: an ensemble (`spec.members` > 1) averages its networks' logits, so
+  its map is the average of each network's map of its own logit (which is the sum of
+  the Grad-CAMs of the averaged logit at each network's layer: the weights scale by
+  1/members and the positive part commutes with that).
 - The result: a `GRID_SIZE` x `GRID_SIZE` grid over the whole image (the model
   sees the whole image, squashed to a square), scaled so that its peak is 1, and
   a PNG of it drawn over the image at the image's own aspect ratio.
@@ -34,6 +38,7 @@ for review; it is not evidence of where disease is.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 from dataclasses import dataclass
 
@@ -104,15 +109,16 @@ class Explainer:
         self.model = LoadedModel(tag=model.tag, module=module, card=model.card, engine=model.engine,
                                  runner=build_runner(module, model.engine, size), gate=model.gate)
         self.layer = cam_layer(model.card.spec)
-        self._cam = LayerGradCam(self._score, module.backbone.get_submodule(self.layer))
+        self._cams = [LayerGradCam(functools.partial(self._score, net), net.get_submodule(self.layer))
+                      for net in module.networks()]
         lut = colormaps[COLOUR_MAP](np.linspace(0.0, 1.0, 256))[:, :3]
         self._colours = np.round(lut * 255).astype(np.float32)
 
-    def _score(self, x: torch.Tensor, sign: float) -> torch.Tensor:
-        """The explained class's score per view: the backbone's logit (PNEUMONIA) or its negative (NORMAL)."""
+    def _score(self, net: torch.nn.Module, x: torch.Tensor, sign: float) -> torch.Tensor:
+        """The explained class's score per view: a member network's logit (PNEUMONIA) or its negative (NORMAL)."""
         if x.shape[1] != self.module.spec.in_channels:
             x = x.expand(-1, self.module.spec.in_channels, -1, -1)
-        return self.module.backbone(x).squeeze(1) * sign
+        return net(x).squeeze(1) * sign
 
     def assess(self, pixels: np.ndarray) -> Assessment:
         """Probability and validity of one uint8 grid, as `LoadedModel.assess` gives them."""
@@ -125,8 +131,9 @@ class Explainer:
         mirrored = self.module.spec.tta_hflip
         views = torch.cat([x, torch.flip(x, dims=(3,))]) if mirrored else x
         with torch.enable_grad():
-            maps = self._cam.attribute(views, additional_forward_args=(sign,), relu_attributions=True)
-        maps = maps.detach()[:, 0].float()  # (views, h, w)
+            maps = sum(cam.attribute(views, additional_forward_args=(sign,), relu_attributions=True).detach()
+                       for cam in self._cams) / len(self._cams)
+        maps = maps[:, 0].float()  # (views, h, w)
         cam = (maps[0] + torch.flip(maps[1], dims=(1,))) / 2 if mirrored else maps[0]
         grid = F.interpolate(cam[None, None], size=(GRID_SIZE, GRID_SIZE), mode="bilinear", align_corners=False)[0, 0]
         peak = float(grid.max())

@@ -28,6 +28,10 @@ class ModelSpec(BaseModel):
     tta_hflip: bool = Field(
         True, description="average the logits of the image and its mirror image (test-time augmentation)"
     )
+    members: int = Field(
+        1, ge=1, le=8, description="networks of this architecture whose logits are averaged: an ensemble stored and "
+        "served as one model (training.ensemble)"
+    )
 
 
 def _replace_first_conv(module: nn.Module, in_channels: int) -> None:
@@ -89,20 +93,34 @@ def _backbone(spec: ModelSpec, pretrained: bool) -> nn.Module:
 
 
 class PneumoniaNet(nn.Module):
-    """Backbone + optional mirror TTA; maps (N, C, H, W) to pneumonia logits (N,)."""
+    """Backbone(s) + optional mirror TTA; maps (N, C, H, W) to pneumonia logits (N,).
+
+    An ensemble (`spec.members` > 1) averages its networks' logits, so it is stored,
+    calibrated, gated and served as one model. The first network stays `backbone`
+    (a single model's weights keep their names); the others are `others`.
+    """
 
     def __init__(self, spec: ModelSpec, pretrained: bool = False) -> None:
         super().__init__()
         self.spec = spec
         self.backbone = _backbone(spec, pretrained)
+        self.others = nn.ModuleList(_backbone(spec, pretrained) for _ in range(spec.members - 1))
+
+    def networks(self) -> tuple[nn.Module, ...]:
+        """Every member network, the first (`backbone`, the one the validity gate reads) first."""
+        return (self.backbone, *self.others)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.spec.in_channels:
             x = x.expand(-1, self.spec.in_channels, -1, -1)
-        logits = self.backbone(x).squeeze(1)
-        if self.spec.tta_hflip and not self.training:
-            logits = (logits + self.backbone(torch.flip(x, dims=(3,))).squeeze(1)) / 2
-        return logits
+        mirror = self.spec.tta_hflip and not self.training
+        flipped = torch.flip(x, dims=(3,)) if mirror else x
+        total = 0
+        for net in self.networks():  # the first pass is backbone(x): WithFeatures keeps that pass's stage outputs
+            total = total + net(x).squeeze(1)
+            if mirror:
+                total = total + net(flipped).squeeze(1)
+        return total / (len(self.others) + 1) / (2 if mirror else 1)
 
 
 # Stage outputs the validity gate reads, per architecture: where resolution or width changes, plus the last.
@@ -120,7 +138,8 @@ class WithFeatures(nn.Module):
 
     The features are the global averages of the backbone's stage outputs
     (FEATURE_LAYERS), taken from the first backbone pass (the un-mirrored one
-    when the model also averages a mirror image); the validity gate reads them.
+    when the model also averages a mirror image; the first member of an
+    ensemble); the validity gate reads them.
     Forward hooks record them, which TorchScript's tracing follows like any op.
     """
 

@@ -59,6 +59,11 @@ def test_training_commands_fail_with_one_line(production_tag: str, tmp_path: Pat
     one_clear_line(run("training.evaluate", "--model", "nope", "--data-dir", str(tmp_path)), 2, "not in the store")
     one_clear_line(run("training.export", "--run", "missing-run", cwd=tmp_path), 2, "missing-run")
     one_clear_line(run("training.framing_views", "--model", "nope", "--data-dir", str(tmp_path)), 2, "not in the store")
+    one_clear_line(run("training.ensemble", "--models", production_tag, "nope", "--data-dir", str(tmp_path),
+                       "--out", str(tmp_path / "ensemble")), 2, "not in the store")
+    # The shipped model with itself: refused before any data is read, with the reason.
+    one_clear_line(run("training.ensemble", "--models", production_tag, production_tag, "--data-dir", str(tmp_path),
+                       "--out", str(tmp_path / "ensemble")), 2, "listed twice")
 
 
 @pytest.mark.parametrize("argv", [[], ["--aug-rotate-deg", "4", "--aug-scale", "0.9", "1.2", "--aug-erase-p", "0"]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -64,3 +65,55 @@ def test_serving_imports_neither_torchvision_nor_torch_dynamo(production_tag: st
                           timeout=HANG_S)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_an_ensemble_averages_its_members_logits_and_is_gated_and_explained_as_one_model(production_tag: str) -> None:
+    """`spec.members` > 1 (training.ensemble): the logit is the mean of the members' (each with or without its
+    mirror view), the gate reads the first member's features, every engine runs it, and its heatmap is the mean of
+    the members' maps."""
+    from core.engines import build_runner
+    from core.explain import Explainer
+    from core.inference import LoadedModel
+    from core.model import PneumoniaNet, WithFeatures
+
+    model = load_model(production_tag)
+    other = copy.deepcopy(model.module.backbone)  # a second member that reads the evidence the other way round
+    with torch.no_grad():
+        other.classifier[3].weight.neg_()
+    config = model.card.preprocess
+    pixels = np.stack([load_file(p, config).pixels for p in sample_xrays(per_class=3, offset=60)])
+    batch = to_tensor(pixels, config)
+
+    def ensemble(*members: nn.Module, tta: bool) -> PneumoniaNet:
+        net = PneumoniaNet(model.card.spec.model_copy(update={"members": len(members), "tta_hflip": tta})).eval()
+        for target, member in zip(net.networks(), members):
+            target.load_state_dict(member.state_dict())
+        return net
+
+    for tta in (True, False):
+        singles = [ensemble(member, tta=tta) for member in (model.module.backbone, other)]
+        pair = ensemble(model.module.backbone, other, tta=tta)
+        with torch.inference_mode():
+            expected = (singles[0](batch) + singles[1](batch)) / 2
+            logits, features = WithFeatures(pair)(batch)
+            _, first_features = WithFeatures(singles[0])(batch)
+        assert (singles[0](batch) - singles[1](batch)).abs().min() > 1e-3  # the members disagree on every image
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(features, first_features, rtol=0, atol=1e-6)
+    assert set(pair.state_dict()) >= {f"others.0.{name}" for name in other.state_dict()}
+    with torch.inference_mode():
+        reference = pair(batch)
+    for engine in ("folded", "torchscript", "onnxruntime"):
+        engine_logits, _ = build_runner(pair, engine, config.image_size)(batch)
+        torch.testing.assert_close(engine_logits.float(), reference, rtol=0, atol=1e-4)
+
+    def explained(net: PneumoniaNet) -> np.ndarray:
+        card = model.card.model_copy(update={"spec": net.spec})
+        loaded = LoadedModel(tag="t:1", module=net, card=card, engine="eager", runner=build_runner(net, "eager", 224),
+                             gate=None)
+        return Explainer(loaded).grid(pixels[-1], "PNEUMONIA")
+
+    alone = explained(ensemble(model.module.backbone, tta=True))
+    np.testing.assert_allclose(explained(ensemble(model.module.backbone, model.module.backbone, tta=True)), alone,
+                               atol=1e-6)  # the mean of one map with itself is that map
+    assert np.abs(explained(ensemble(model.module.backbone, other, tta=True)) - alone).max() > 0.05  # both count

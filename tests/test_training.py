@@ -121,6 +121,84 @@ def test_crossval_trains_each_fold_once_and_tables_them(tmp_path: Path, data_dir
     assert table.startswith("2 patient-level folds") and "| random acquisition mix |" in table and table in rest.stdout
 
 
+def test_an_ensemble_of_stored_runs_is_saved_as_one_calibrated_gated_model(tmp_path: Path, data_dir: Path) -> None:
+    """training.ensemble: two runs on one patient split become one stored model (temperature, stressed threshold,
+    stress table and gate fitted anew, on the members' validation patients) that training.stress scores again from
+    its files; fewer than two members is refused with one line."""
+    env = server_env(BENTOML_HOME=str(tmp_path / "bentoml"))
+
+    def train(name: str, *extra: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "training.train", "--data-dir", str(data_dir), "--out", str(tmp_path / name),
+             "--max-per-class", "40", "--epochs", "1", "--batch-size", "16", "--bn-images", "32", "--no-progress",
+             "--no-gate", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return (tmp_path / name / "model_tag.txt").read_text().strip()
+
+    def ensemble(*tags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "training.ensemble", "--models", *tags, "--data-dir", str(data_dir),
+                               "--out", str(tmp_path / "ensemble"), "--no-tta", "--no-progress"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    first, second = train("a"), train("b", "--lr", "1e-3")
+    refused = ensemble(first)
+    assert refused.returncode == 2 and refused.stderr.strip() == "error: an ensemble needs two or more models"
+    done = ensemble(first, second)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "ensemble"
+    for name in ("config.json", "metrics.json", "stress.md", "validity.md", "roc.png", "model_tag.txt"):
+        assert (run / name).is_file(), name
+    tag = (run / "model_tag.txt").read_text().strip()
+    card = json.loads(subprocess.run([sys.executable, "-m", "models_registry", "show", tag], cwd=ROOT, env=env,
+                                     capture_output=True, text=True, timeout=120, check=True).stdout)
+    members = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("a", "b")]
+    assert card["spec"]["members"] == 2 and card["spec"]["tta_hflip"] is False and card["validity"] is not None
+    assert card["training_seconds"] >= sum(m["training_seconds"] for m in members)
+    assert [m["tag"] for m in card["training_config"]["members"]] == [first, second]
+    validation = json.loads((run / "metrics.json").read_text())["validation"]
+    assert validation["n"] == members[0]["validation"]["n"]  # the members' held-out patients, no others
+    stressed = subprocess.run([sys.executable, "-m", "training.stress", "--model", tag, "--data-dir", str(data_dir),
+                               "--json", str(tmp_path / "stress.json")], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert stressed.returncode == 0, stressed.stderr[-2000:]
+    again = json.loads((tmp_path / "stress.json").read_text())
+    assert again["n"] == validation["n"] and again["threshold"] == pytest.approx(validation["threshold"])
+    assert {row["stress"] for row in again["rows"]} == set(validation["stress"])
+
+
+def test_ensemble_members_must_share_the_patient_split_and_the_grid() -> None:
+    """training.ensemble's check of its members, on real model cards: what decides the held-out patients or the
+    input grid must be equal, or the ensemble's validation would hold images a member trained on."""
+    from types import SimpleNamespace
+
+    from core.card import ModelCard
+    from core.model import ModelSpec
+    from core.preprocess import PreprocessConfig
+    from training.ensemble import SHARED_OPTIONS, _members_agree
+
+    config = {key: None for key in SHARED_OPTIONS if key != "max_per_class"} | {"split": "train", "val_fraction": 0.15,
+                                                                              "seed": 0, "image_size": 224}
+
+    def member(tag: str, spec: ModelSpec = ModelSpec(), fingerprint: str = "f1", **changes) -> SimpleNamespace:
+        card = ModelCard(spec=spec, preprocess=PreprocessConfig(), training_config=config | changes,
+                         data_fingerprint=fingerprint)
+        return SimpleNamespace(tag=tag, card=card)
+
+    assert _members_agree([member("m:1"), member("m:2", epochs=28)])["seed"] == 0  # a recipe may differ
+    for members, reason in (
+        ([member("m:1"), member("m:2", seed=1)], "'seed'"),
+        ([member("m:1"), member("m:2", val_fraction=0.2)], "'val_fraction'"),
+        ([member("m:1"), member("m:2", image_size=256)], "'image_size'"),
+        ([member("m:1"), member("m:2", max_per_class=40)], "'max_per_class'"),  # absent (older cards) means None
+        ([member("m:1"), member("m:2", fingerprint="f2")], "different data"),
+        ([member("m:1"), member("m:1")], "listed twice"),
+        ([member("m:1"), member("m:2", spec=ModelSpec(members=2))], "an ensemble already"),
+        ([member("m:1")], "two or more"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            _members_agree(members)
+
+
 def exports_only_committed_code(tmp_path: Path, run: Path, tag: str, env: dict[str, str]) -> None:
     """training.export ships a model only when a commit reproduces it, with the run's stress and gate tables."""
 

@@ -335,9 +335,12 @@ def choose_operating_point(args: argparse.Namespace, clean: np.ndarray, stressed
     return choose_threshold(np.tile(labels, len(stressed)), 1 / (1 + np.exp(-pooled / temperature)), args.target_sensitivity)
 
 
-def finish(args, module: PneumoniaNet, best_epoch: int, history: list[dict], train: LoadedSplit, val: LoadedSplit,
+def finish(args, module: PneumoniaNet, best_epoch: int | None, history: list[dict], train: LoadedSplit, val: LoadedSplit,
            data_fp: str, started: float) -> None:
-    """Calibrate on validation, pick the operating point, stress-test, fit the validity gate, save and register."""
+    """Calibrate on validation, pick the operating point, stress-test, fit the validity gate, save and register.
+
+    `started` is when the work behind `module` began (monotonic clock): its training time is measured up to now.
+    """
     preprocess = preprocess_config(args)
     logits = predict_logits(module, val, preprocess, torch.device("cpu"))
     labels = val.labels.numpy()
@@ -362,15 +365,17 @@ def finish(args, module: PneumoniaNet, best_epoch: int, history: list[dict], tra
     (out / "metrics.json").write_text(json.dumps({"history": history, "validation": report, "temperature": temperature,
                                                   "threshold": threshold, "training_seconds": training_seconds}, indent=2))
     (out / "stress.md").write_text(format_stress_rows(stress) + "\n")
-    with open(out / "metrics.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    plots.training_curves(history, out / "curves.png")
+    if history:  # an ensemble of stored members (training.ensemble) has no epochs of its own
+        with open(out / "metrics.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+        plots.training_curves(history, out / "curves.png")
     plots.roc(labels, probs, threshold, out / "roc.png", f"validation ROC (AUC {report['roc_auc']:.4f})")
     plots.confusion(report["confusion_matrix"], out / "confusion.png", f"validation @ threshold {threshold:.3f}")
     worst = min(stress, key=lambda r: r["specificity"])
-    print(f"kept epoch {best_epoch}: val ROC-AUC {report['roc_auc']:.4f}, temperature {temperature:.3f}, "
+    kept = "ensemble" if best_epoch is None else f"kept epoch {best_epoch}"
+    print(f"{kept}: val ROC-AUC {report['roc_auc']:.4f}, temperature {temperature:.3f}, "
           f"threshold {threshold:.4f} ({args.threshold_policy}) -> sensitivity {report['per_class']['PNEUMONIA']['recall']:.4f}, "
           f"specificity {report['per_class']['NORMAL']['recall']:.4f}, accuracy {report['accuracy']:.4f}, "
           f"ECE {report['ece']:.4f}; worst stress '{worst['stress']}': specificity {worst['specificity']:.3f}, "
@@ -387,7 +392,7 @@ def finish(args, module: PneumoniaNet, best_epoch: int, history: list[dict], tra
               f"({gate.report['validation_stressed']['rate']:.2%} stressed); offline negatives caught "
               f"{gate.report['negatives']['catch_rate']:.1%}", flush=True)
     config = json.loads((out / "config.json").read_text())
-    card = ModelCard(spec=model_spec(args), preprocess=preprocess, class_names=CLASS_NAMES, temperature=temperature,
+    card = ModelCard(spec=module.spec, preprocess=preprocess, class_names=CLASS_NAMES, temperature=temperature,
                      threshold=threshold, target_sensitivity=args.target_sensitivity, val_metrics=report,
                      training_config=config, data_fingerprint=data_fp,
                      code_version=config["code_version"], training_seconds=round(training_seconds, 1),
