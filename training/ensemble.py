@@ -82,7 +82,7 @@ def _members_agree(members: list) -> dict:
 def _combine(args: argparse.Namespace) -> int:
     import torch
 
-    from core.model import PneumoniaNet
+    from core.model import ModelSpec, PneumoniaNet
     from models_registry import load_model
     from training.data import fingerprint
     from training.train import code_version, finish, get_args_parser as train_parser, load_data, preprocess_config
@@ -97,7 +97,7 @@ def _combine(args: argparse.Namespace) -> int:
         raise ValueError(f"{members[0].tag} was stored with preprocessing its training options do not describe")
     for key in ("tta", "target_sensitivity", "threshold_policy", "no_gate", "register", "promote", "progress"):
         setattr(run, key, getattr(args, key))
-    spec = members[0].card.spec.model_copy(update={"members": len(members), "tta_hflip": args.tta})
+    spec = ModelSpec.model_validate(members[0].card.spec.model_dump() | {"members": len(members), "tta_hflip": args.tta})
     module = PneumoniaNet(spec)
     for net, member in zip(module.networks(), members):
         net.load_state_dict(member.module.backbone.state_dict())
