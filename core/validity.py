@@ -152,6 +152,10 @@ class ValidityGate:
 
 
 NOT_A_CHEST_XRAY = "the image does not look like a frontal chest X-ray (outlier score {:.2f}, limit {:.2f})"
+# Refused by the upright/whole check, and still refused when turned back: the outlier score passed, so name the check
+# that did not.
+NOT_A_CHEST_XRAY_BY_ORIENTATION = ("the image does not look like a frontal chest X-ray: not upright and whole, nor "
+                                   "when turned back (probability of an upright whole chest X-ray {:.3f}, limit {:.3f})")
 
 
 def undo(grid: np.ndarray, suspected: str) -> np.ndarray | None:

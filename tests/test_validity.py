@@ -7,7 +7,6 @@ pictures, pydicom's example CT).
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import grpc
@@ -100,6 +99,29 @@ def test_not_a_chest_xray_is_refused_with_its_reason(model: LoadedModel, name: s
     if reason is not None:
         assert outcome.validity.reason == reason, outcome.validity
     assert outcome.validity.message
+
+
+def test_a_refusal_quotes_the_check_that_failed(model: LoadedModel) -> None:
+    """A not_a_chest_xray refusal names a figure beyond its limit: the outlier score when that is what failed,
+    else the upright/whole probability (an image refused by that check and still refused turned back)."""
+    import skimage
+    from skimage import data
+
+    pictures = [getattr(data, name)() for name in ("astronaut", "camera", "coffee", "rocket", "text", "moon")]
+    grids = np.stack([grid(model, png(Image.fromarray(p))) for p in pictures])
+    limits = model.card.validity
+    by_route = {"outlier": 0, "orientation": 0}
+    for outcome in model.assess(grids):
+        validity = outcome.validity
+        assert validity.reason == "not_a_chest_xray", validity
+        if validity.outlier_score > limits.outlier_limit:
+            by_route["outlier"] += 1
+            assert f"outlier score {validity.outlier_score:.2f}, limit {limits.outlier_limit:.2f}" in validity.message
+        else:
+            by_route["orientation"] += 1
+            assert "outlier" not in validity.message and validity.upright_probability < limits.orientation_limit
+            assert f"{validity.upright_probability:.3f}, limit {limits.orientation_limit:.3f}" in validity.message
+    assert by_route["outlier"] and by_route["orientation"], (by_route, skimage.__version__)  # both routes checked
 
 
 def test_a_damaged_gate_stops_the_model_loading(model: LoadedModel, tmp_path: Path, production_tag: str) -> None:
