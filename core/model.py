@@ -110,17 +110,17 @@ class PneumoniaNet(nn.Module):
         """Every member network, the first (`backbone`, the one the validity gate reads) first."""
         return (self.backbone, *self.others)
 
+    def members_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' mean logit for one view of the batch (no mirror view); backbone(x) is the first pass."""
+        return sum(net(x).squeeze(1) for net in self.networks()) / len(self.networks())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.spec.in_channels:
             x = x.expand(-1, self.spec.in_channels, -1, -1)
-        mirror = self.spec.tta_hflip and not self.training
-        flipped = torch.flip(x, dims=(3,)) if mirror else x
-        total = 0
-        for net in self.networks():  # the first pass is backbone(x): WithFeatures keeps that pass's stage outputs
-            total = total + net(x).squeeze(1)
-            if mirror:
-                total = total + net(flipped).squeeze(1)
-        return total / (len(self.others) + 1) / (2 if mirror else 1)
+        logits = self.members_logits(x)  # first, so WithFeatures keeps the un-mirrored backbone pass's stage outputs
+        if self.spec.tta_hflip and not self.training:
+            logits = (logits + self.members_logits(torch.flip(x, dims=(3,)))) / 2
+        return logits
 
 
 # Stage outputs the validity gate reads, per architecture: where resolution or width changes, plus the last.

@@ -90,7 +90,7 @@ def _score(args: argparse.Namespace) -> int:
     from training.data import held_out_samples
 
     model = load_model(args.model)
-    networks, config = [net.eval() for net in model.module.networks()], model.card.preprocess
+    module, config = model.module.eval(), model.card.preprocess
     val = held_out_samples(args.data_dir, model.card.training_config, model.tag)
     labels = np.array([s.label for s in val])
     views = [view for view in VIEWS if any(view in COMBINATIONS[c][1] for c in args.only)]
@@ -98,8 +98,7 @@ def _score(args: argparse.Namespace) -> int:
     def every_view(grids: np.ndarray) -> np.ndarray:  # (N, views): each stressed grid is made once for all views
         with torch.inference_mode():
             x = to_tensor(grids, config)
-            return np.stack([np.mean([net(VIEWS[view](x)).squeeze(1).numpy() for net in networks], axis=0)
-                             for view in views], axis=1)
+            return np.stack([module.members_logits(VIEWS[view](x)).numpy() for view in views], axis=1)
 
     stacked = stressed_logits(every_view, [s.path for s in val], config)
     logits = {view: {stress: z[:, k] for stress, z in stacked.items()} for k, view in enumerate(views)}
