@@ -1,4 +1,5 @@
-"""Batch augmentation: what MixUp / CutMix do to images and targets, and that they stay off unless asked for."""
+"""Batch augmentation: what MixUp / CutMix and the local-contrast change do to images and targets, and that they
+stay off unless asked for."""
 
 from __future__ import annotations
 
@@ -41,3 +42,44 @@ def test_cutmix_pastes_a_box_and_targets_follow_its_area(seed: int) -> None:
     pasted = (mixed != x).flatten(1).any(0).float().mean()  # share of pixels taken from the partner
     assert torch.allclose(mixed[(mixed != x)], partner_x[(mixed != x)])
     assert torch.allclose(target, (1 - pasted) * y.float() + pasted * partner_y, atol=0.02)
+
+
+def _high_pass_energy(x: torch.Tensor) -> float:
+    """Standard deviation of the image minus its coarse (sigma 3 px) blur: the local contrast a scanner tunes."""
+    from training.augment import _gaussian_blur
+
+    return float((x - _gaussian_blur(x, 3.0)).std())
+
+
+@pytest.mark.parametrize(("amount", "factor"), [(-0.5, 0.5), (0.7, 1.7)])
+def test_local_contrast_scales_the_detail_by_the_drawn_amount(amount: float, factor: float) -> None:
+    # Only the local-contrast change is on; a mid-grey image with soft detail, so nothing clips.
+    only = AugmentConfig(rotate_deg=0, scale=(1, 1), translate=0, shear_deg=0, hflip=0, gamma=(1, 1), window=0,
+                         blur_p=0, noise_p=0, erase_p=0, local_contrast_p=1.0,
+                         local_contrast_amount=(amount, amount), local_contrast_scale=(3 / 64, 3 / 64))
+    gen = torch.Generator().manual_seed(0)
+    pixels = (128 + 30 * torch.randn(4, 64, 64, generator=gen)).clamp(0, 255).to(torch.uint8)
+    plain = pixels.float().div(255).unsqueeze(1)
+    changed = augment_batch(pixels, only, gen)
+    assert _high_pass_energy(changed) == pytest.approx(factor * _high_pass_energy(plain), rel=0.1)
+    assert float(changed.mean()) == pytest.approx(float(plain.mean()), abs=0.01)  # detail changes, exposure does not
+
+
+def test_local_contrast_off_by_default_leaves_batches_as_they_were() -> None:
+    # Earlier recipes must train bit-identically: with the share at 0 the other local-contrast knobs draw nothing.
+    pixels = torch.randint(0, 256, (8, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    base = augment_batch(pixels, AugmentConfig(), torch.Generator().manual_seed(3))
+    other = AugmentConfig(local_contrast_amount=(0.2, 0.3), local_contrast_scale=(0.01, 0.02))
+    assert torch.equal(base, augment_batch(pixels, other, torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize(("field", "value", "said"), [("local_contrast_amount", (1.0, -0.5), "above high"),
+                                                      ("gamma", (1.6, 0.6), "above high"),
+                                                      ("local_contrast_amount", (-1.0, 0.5), "above -1"),
+                                                      ("local_contrast_scale", (0.0, 0.05), "above 0")])
+def test_reversed_or_impossible_ranges_are_refused(field: str, value: tuple[float, float], said: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=said):
+        AugmentConfig(**{field: value})
+

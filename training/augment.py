@@ -12,7 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision.transforms import v2
 
 
@@ -31,11 +31,28 @@ class AugmentConfig(BaseModel):
     noise_p: float = Field(0.3, ge=0, le=1)
     noise_std: float = Field(0.03, ge=0)
     erase_p: float = Field(0.25, ge=0, le=1)
+    # Scanner processing: vendors sharpen or flatten local contrast (unsharp masking at a coarse scale) by
+    # different amounts, and a model that reads flatter normal lungs as pneumonia fails at a new site. Off by default.
+    local_contrast_p: float = Field(0.0, ge=0, le=1, description="share of images whose local contrast is changed "
+                                    "as a scanner's processing would (0: off)")
+    local_contrast_amount: tuple[float, float] = Field((-0.6, 1.0), description="unsharp-mask amount range: below 0 "
+                                                       "flattens local contrast, above 0 enhances it")
+    local_contrast_scale: tuple[float, float] = Field((0.02, 0.25), description="scale of that contrast as a fraction "
+                                                      "of the image side (log-uniform Gaussian sigma)")
     # Batch-level mixing (torchvision's MixUp / CutMix): soft targets instead of squeezed ones; off by default.
     mixup_alpha: float = Field(0.0, ge=0, description="MixUp Beta(alpha, alpha) strength (0: off)")
     cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(alpha, alpha) strength (0: off)")
     mix_p: float = Field(0.5, ge=0, le=1, description="share of batches mixed when MixUp or CutMix is on "
                          "(one of the two, at random, when both are)")
+
+    @model_validator(mode="after")
+    def _ranges_are_ordered(self) -> AugmentConfig:
+        for name, value in self:
+            if isinstance(value, tuple) and value[0] > value[1]:
+                raise ValueError(f"{name}: low {value[0]} is above high {value[1]}")
+        if self.local_contrast_amount[0] <= -1 or self.local_contrast_scale[0] <= 0:
+            raise ValueError("local_contrast_amount must stay above -1 and local_contrast_scale above 0")
+        return self
 
 
 def _affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
@@ -67,11 +84,36 @@ def _affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def _gaussian_blur(x: torch.Tensor, sigma: float, radius: int | None = None) -> torch.Tensor:
+    """Separable Gaussian blur of (N, 1, H, W) with reflected borders; the kernel spans three sigmas each way
+    unless `radius` says otherwise."""
+    radius = min(radius or max(1, math.ceil(3 * sigma)), min(x.shape[-2:]) - 1)
+    k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+def _local_contrast(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Unsharp masking by a random amount at a random scale, on a random share of the batch."""
+    n, side = x.shape[0], min(x.shape[-2:])
+    chosen = torch.rand(n, generator=gen) < cfg.local_contrast_p
+    (a_lo, a_hi), (s_lo, s_hi) = cfg.local_contrast_amount, cfg.local_contrast_scale
+    amount = torch.rand(n, generator=gen) * (a_hi - a_lo) + a_lo
+    sigma = torch.exp(torch.rand(n, generator=gen) * (math.log(s_hi) - math.log(s_lo)) + math.log(s_lo)) * side
+    for i in torch.nonzero(chosen).flatten().tolist():
+        image = x[i : i + 1]
+        x[i : i + 1] = image + float(amount[i]) * (image - _gaussian_blur(image, float(sigma[i])))
+    return x
+
+
 def augment_batch(pixels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """uint8 (N, H, W) -> augmented float (N, 1, H, W) in [0, 1], ready for `preprocess.to_tensor`."""
     x = pixels.float().div_(255.0).unsqueeze(1)
     n = x.shape[0]
     x = _affine(x, cfg, gen)
+    if cfg.local_contrast_p > 0:  # no draws when off: runs without it keep their random stream
+        x = _local_contrast(x, cfg, gen)
     # Exposure: a random grey-level window, then a random gamma curve.
     low = torch.rand(n, 1, 1, 1, generator=gen) * cfg.window
     high = 1.0 - torch.rand(n, 1, 1, 1, generator=gen) * cfg.window
@@ -82,13 +124,7 @@ def augment_batch(pixels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
     blur = torch.rand(n, generator=gen) < cfg.blur_p
     if blur.any():
         sigma = float(torch.rand(1, generator=gen)) * 1.0 + 0.5
-        radius = 3
-        k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
-        k = k / k.sum()
-        sub = x[blur]
-        sub = F.conv2d(F.pad(sub, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-        sub = F.conv2d(F.pad(sub, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
-        x[blur] = sub
+        x[blur] = _gaussian_blur(x[blur], sigma, radius=3)  # a fixed kernel: earlier runs stay reproducible
     # Sensor noise.
     noisy = (torch.rand(n, 1, 1, 1, generator=gen) < cfg.noise_p).float()
     x = x + noisy * torch.randn(x.shape, generator=gen) * cfg.noise_std
