@@ -83,3 +83,22 @@ def test_reversed_or_impossible_ranges_are_refused(field: str, value: tuple[floa
     with pytest.raises(ValidationError, match=said):
         AugmentConfig(**{field: value})
 
+
+
+@pytest.mark.parametrize(("amount", "factor"), [(-0.5, 0.5), (0.7, 1.7)])
+def test_the_local_contrast_stress_scales_detail_at_its_scale(amount: float, factor: float) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    from training.stress import _local_contrast
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((128 + 20 * rng.standard_normal((200, 300))).clip(0, 255).astype(np.uint8), mode="L")
+    stressed = Image.open(io.BytesIO(_local_contrast(amount)(image, rng)))
+
+    def detail(im: Image.Image) -> float:  # the band the stress changes: 10 % of the shorter side
+        return float((np.asarray(im, np.float32) - np.asarray(im.filter(ImageFilter.GaussianBlur(20)), np.float32)).std())
+
+    assert detail(stressed) == pytest.approx(factor * detail(image), rel=0.1)

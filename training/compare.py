@@ -25,7 +25,7 @@ from core.calibration import choose_threshold, fit_temperature
 from training import run_command
 from training.stress import STRESSES, stressed_logits
 
-SHOWN = ("clean", "zoom in 15 %", "border padding 10 %", "random acquisition mix")
+SHOWN = ("clean", "flatter contrast at 10 % scale (-50 %)", "zoom in 15 %", "border padding 10 %", "random acquisition mix")
 
 
 def specificity_at(labels: np.ndarray, scores: np.ndarray, sensitivity: float = 0.98) -> float:

@@ -78,6 +78,18 @@ def _noise(sigma: float) -> Stress:
     return apply
 
 
+def _local_contrast(amount: float, scale: float = 0.1) -> Stress:
+    """Unsharp masking at `scale` of the shorter side: a scanner's processing, flatter (amount < 0) or stronger.
+    At 10 % (about a rib space to half a lung's width) flattening turns normal lungs into PNEUMONIA calls most."""
+
+    def apply(image: Image.Image, rng: np.random.Generator) -> bytes:
+        x = np.asarray(image, dtype=np.float32)
+        coarse = np.asarray(image.filter(ImageFilter.GaussianBlur(scale * min(image.size))), dtype=np.float32)
+        return _png(Image.fromarray(np.clip(x + amount * (x - coarse) + 0.5, 0, 255).astype(np.uint8), mode="L"))
+
+    return apply
+
+
 def _rescale(side: int) -> Stress:
     """Down- then up-scale through `side` pixels: detail lost in a low-resolution acquisition or export."""
 
@@ -131,6 +143,8 @@ STRESSES: dict[str, Stress] = {
     "gamma 1.4": _tone(lambda x: x ** 1.4),
     "low contrast (0.15 + 0.7x)": _tone(lambda x: 0.15 + 0.7 * x),
     "high contrast (window 10-90 %)": _tone(lambda x: (x - 0.1) / 0.8),
+    "flatter contrast at 10 % scale (-50 %)": _local_contrast(-0.5),
+    "stronger contrast at 10 % scale (+70 %)": _local_contrast(0.7),
     "zoom in 15 %": _zoom(1.15),
     "border padding 10 %": _zoom(0.82),
     "rotate +7 deg": _rotate(7.0),
