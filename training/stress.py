@@ -80,7 +80,7 @@ def _noise(sigma: float) -> Stress:
 
 def _local_contrast(amount: float, scale: float = 0.1) -> Stress:
     """Unsharp masking at `scale` of the shorter side: a scanner's processing, flatter (amount < 0) or stronger.
-    At 10 % (about a rib space to half a lung's width) flattening turns normal lungs into PNEUMONIA calls most."""
+    Of 5, 10, 20 and 35 % of the side, flattening at 10 % turned the most normal X-rays into PNEUMONIA calls."""
 
     def apply(image: Image.Image, rng: np.random.Generator) -> bytes:
         x = np.asarray(image, dtype=np.float32)
