@@ -12,7 +12,7 @@ from core.card import ModelCard
 from core.engines import Runner
 from core.model import PneumoniaNet
 from core.preprocess import to_tensor
-from core.validity import NOT_A_CHEST_XRAY, NOT_A_CHEST_XRAY_BY_ORIENTATION, ValidityGate, ValidityOutcome, ValidityReason, undo
+from core.validity import ValidityGate, ValidityOutcome, ValidityReason, undo
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,7 @@ class LoadedModel:
                 message = self.gate.orientation_message(first.suspected, first.upright_probability)
             else:
                 reason = "not_a_chest_xray"
-                limits = self.gate.config
-                message = (NOT_A_CHEST_XRAY.format(first.outlier_score, limits.outlier_limit)
-                           if first.outlier_score > limits.outlier_limit else
-                           NOT_A_CHEST_XRAY_BY_ORIENTATION.format(first.upright_probability, limits.orientation_limit))
+                message = self.gate.not_a_chest_xray_message(first.outlier_score, first.upright_probability)
             outcomes[i] = dataclasses.replace(first, reason=reason, message=message)
         return outcomes
 

@@ -133,8 +133,8 @@ class ValidityGate:
                 outcome = ValidityOutcome("blank", score, upright, std,
                                           f"the image is nearly uniform (grey-level spread {std:.1f}, limit {c.blank_std_limit:.1f})")
             elif score > c.outlier_limit:
-                outcome = ValidityOutcome("not_a_chest_xray", score, upright, std, NOT_A_CHEST_XRAY.format(score, c.outlier_limit),
-                                          suspected)
+                outcome = ValidityOutcome("not_a_chest_xray", score, upright, std,
+                                          self.not_a_chest_xray_message(score, upright), suspected)
             elif upright < c.orientation_limit:
                 reason: ValidityReason = "inverted" if suspected == "inverted" else "cropped" if suspected == "cropped" else "rotated"
                 outcome = ValidityOutcome(reason, score, upright, std, self.orientation_message(suspected, upright), suspected)
@@ -142,6 +142,14 @@ class ValidityGate:
                 outcome = ValidityOutcome(None, score, upright, std)
             outcomes.append(outcome)
         return outcomes
+
+    def not_a_chest_xray_message(self, outlier_score: float, upright: float) -> str:
+        """Why an image is not a chest X-ray, quoting the check that failed: the outlier score when it is over its
+        limit, else the upright/whole probability (refused by that check, and still refused when turned back)."""
+        c = self.config
+        if outlier_score > c.outlier_limit:
+            return NOT_A_CHEST_XRAY.format(outlier_score, c.outlier_limit)
+        return NOT_A_CHEST_XRAY_BY_ORIENTATION.format(upright, c.orientation_limit)
 
     def orientation_message(self, suspected: str, upright: float) -> str:
         what = {"inverted": "the grey levels look inverted (bone dark); check the photometric interpretation",
