@@ -73,6 +73,19 @@ def test_local_contrast_off_by_default_leaves_batches_as_they_were() -> None:
     assert torch.equal(base, augment_batch(pixels, other, torch.Generator().manual_seed(3)))
 
 
+def test_local_contrast_happens_before_framing_so_padded_borders_stay_black() -> None:
+    # A scanner processes the image before it is cropped or padded: flattening must not bleed grey into the
+    # zero-padded border a zoom-out leaves (it did when the change ran after the affine step).
+    zoom_out = AugmentConfig(rotate_deg=0, scale=(0.6, 0.6), translate=0, shear_deg=0, hflip=0, gamma=(1, 1),
+                             window=0, blur_p=0, noise_p=0, erase_p=0, local_contrast_p=1.0,
+                             local_contrast_amount=(-0.6, -0.6), local_contrast_scale=(0.1, 0.1))
+    pixels = torch.full((2, 64, 64), 200, dtype=torch.uint8)
+    out = augment_batch(pixels, zoom_out, torch.Generator().manual_seed(0))
+    border = torch.cat([out[..., :8, :].flatten(), out[..., -8:, :].flatten(), out[..., :, :8].flatten()])
+    assert float(border.max()) < 1e-3
+    assert float(out[..., 28:36, 28:36].mean()) == pytest.approx(200 / 255, abs=0.01)  # the picture is untouched
+
+
 @pytest.mark.parametrize(("field", "value", "said"), [("local_contrast_amount", (1.0, -0.5), "above high"),
                                                       ("gamma", (1.6, 0.6), "above high"),
                                                       ("local_contrast_amount", (-1.0, 0.5), "above -1"),

@@ -111,9 +111,11 @@ def augment_batch(pixels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
     """uint8 (N, H, W) -> augmented float (N, 1, H, W) in [0, 1], ready for `preprocess.to_tensor`."""
     x = pixels.float().div_(255.0).unsqueeze(1)
     n = x.shape[0]
-    x = _affine(x, cfg, gen)
+    # The scanner processes the whole image before anyone crops or pads it: changing local contrast after the
+    # affine step would smear its zero-padded borders into the picture, a framing cue no scanner makes.
     if cfg.local_contrast_p > 0:  # no draws when off: runs without it keep their random stream
         x = _local_contrast(x, cfg, gen)
+    x = _affine(x, cfg, gen)
     # Exposure: a random grey-level window, then a random gamma curve.
     low = torch.rand(n, 1, 1, 1, generator=gen) * cfg.window
     high = 1.0 - torch.rand(n, 1, 1, 1, generator=gen) * cfg.window
