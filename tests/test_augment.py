@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.augment import AugmentConfig, augment_batch, mix_batch
+from training.augment import AugmentConfig, _gaussian_blur, augment_batch, mix_batch
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +46,6 @@ def test_cutmix_pastes_a_box_and_targets_follow_its_area(seed: int) -> None:
 
 def _high_pass_energy(x: torch.Tensor) -> float:
     """Standard deviation of the image minus its coarse (sigma 3 px) blur: the local contrast a scanner tunes."""
-    from training.augment import _gaussian_blur
-
     return float((x - _gaussian_blur(x, 3.0)).std())
 
 
@@ -81,7 +79,8 @@ def test_local_contrast_happens_before_framing_so_padded_borders_stay_black() ->
                              local_contrast_amount=(-0.6, -0.6), local_contrast_scale=(0.1, 0.1))
     pixels = torch.full((2, 64, 64), 200, dtype=torch.uint8)
     out = augment_batch(pixels, zoom_out, torch.Generator().manual_seed(0))
-    border = torch.cat([out[..., :8, :].flatten(), out[..., -8:, :].flatten(), out[..., :, :8].flatten()])
+    border = torch.cat([out[..., :8, :].flatten(), out[..., -8:, :].flatten(), out[..., :, :8].flatten(),
+                        out[..., :, -8:].flatten()])
     assert float(border.max()) < 1e-3
     assert float(out[..., 28:36, 28:36].mean()) == pytest.approx(200 / 255, abs=0.01)  # the picture is untouched
 
@@ -95,7 +94,6 @@ def test_reversed_or_impossible_ranges_are_refused(field: str, value: tuple[floa
 
     with pytest.raises(ValidationError, match=said):
         AugmentConfig(**{field: value})
-
 
 
 @pytest.mark.parametrize(("amount", "factor"), [(-0.5, 0.5), (0.7, 1.7)])
