@@ -113,3 +113,23 @@ def test_the_local_contrast_stress_scales_detail_at_its_scale(amount: float, fac
         return float((np.asarray(im, np.float32) - np.asarray(im.filter(ImageFilter.GaussianBlur(20)), np.float32)).std())
 
     assert detail(stressed) == pytest.approx(factor * detail(image), rel=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the device tool lends one at times)")
+def test_augmenting_on_a_gpu_gives_the_cpu_batch_for_the_same_seed() -> None:
+    # Training augments where the model trains; a seed must mean the same images on either device.
+    cfg = AugmentConfig(mixup_alpha=0.2, cutmix_alpha=1.0, mix_p=1.0, local_contrast_p=0.5,
+                        blur_p=0.5, noise_p=0.5, erase_p=0.5)
+    pixels = torch.randint(0, 256, (16, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(16) % 2
+    batches = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(1)  # MixUp / CutMix draw from the global generator
+        x, y = mix_batch(augment_batch(pixels.to(device), cfg, torch.Generator().manual_seed(2)), labels, cfg,
+                         torch.Generator().manual_seed(3))
+        assert x.device.type == device
+        batches.append((x.cpu(), y.cpu()))
+    (x_cpu, y_cpu), (x_gpu, y_gpu) = batches
+    # cuDNN convolves in TF32 by default (the blurs): pixels may differ in the third decimal, no more.
+    assert (x_cpu - x_gpu).abs().max() < 0.02 and (x_cpu - x_gpu).abs().mean() < 1e-3
+    assert torch.equal(y_cpu, y_gpu)

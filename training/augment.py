@@ -80,7 +80,7 @@ def _affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.
     theta[:, 1, 1] = cos / sy
     theta[:, 0, 2] = tx
     theta[:, 1, 2] = ty
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -88,7 +88,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: float, radius: int | None = None) -> 
     """Separable Gaussian blur of (N, 1, H, W) with reflected borders; the kernel spans three sigmas each way
     unless `radius` says otherwise."""
     radius = min(radius or max(1, math.ceil(3 * sigma)), min(x.shape[-2:]) - 1)
-    k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
+    k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device) ** 2) / (2 * sigma**2))
     k = k / k.sum()
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
@@ -108,28 +108,32 @@ def _local_contrast(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -
 
 
 def augment_batch(pixels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """uint8 (N, H, W) -> augmented float (N, 1, H, W) in [0, 1], ready for `preprocess.to_tensor`."""
+    """uint8 (N, H, W) -> augmented float (N, 1, H, W) in [0, 1], ready for `preprocess.to_tensor`.
+
+    Works where `pixels` live (a GPU spares the training loop's CPU the per-pixel work); every random draw
+    comes from the CPU generator `gen` either way, so a seed gives the same augmentation on any device.
+    """
     x = pixels.float().div_(255.0).unsqueeze(1)
-    n = x.shape[0]
+    n, device = x.shape[0], x.device
     # The scanner processes the whole image before anyone crops or pads it: changing local contrast after the
     # affine step would smear its zero-padded borders into the picture, a framing cue no scanner makes.
     if cfg.local_contrast_p > 0:  # no draws when off: runs without it keep their random stream
         x = _local_contrast(x, cfg, gen)
     x = _affine(x, cfg, gen)
     # Exposure: a random grey-level window, then a random gamma curve.
-    low = torch.rand(n, 1, 1, 1, generator=gen) * cfg.window
-    high = 1.0 - torch.rand(n, 1, 1, 1, generator=gen) * cfg.window
+    low = (torch.rand(n, 1, 1, 1, generator=gen) * cfg.window).to(device)
+    high = (1.0 - torch.rand(n, 1, 1, 1, generator=gen) * cfg.window).to(device)
     x = ((x - low) / (high - low)).clamp_(0.0, 1.0)
     log_g = torch.rand(n, 1, 1, 1, generator=gen) * (math.log(cfg.gamma[1]) - math.log(cfg.gamma[0])) + math.log(cfg.gamma[0])
-    x = x.clamp_min(1e-4).pow(torch.exp(log_g))
+    x = x.clamp_min(1e-4).pow(torch.exp(log_g).to(device))
     # Sharpness: blur a random subset with one Gaussian kernel.
-    blur = torch.rand(n, generator=gen) < cfg.blur_p
+    blur = (torch.rand(n, generator=gen) < cfg.blur_p).to(device)
     if blur.any():
         sigma = float(torch.rand(1, generator=gen)) * 1.0 + 0.5
         x[blur] = _gaussian_blur(x[blur], sigma, radius=3)  # a fixed kernel: earlier runs stay reproducible
     # Sensor noise.
-    noisy = (torch.rand(n, 1, 1, 1, generator=gen) < cfg.noise_p).float()
-    x = x + noisy * torch.randn(x.shape, generator=gen) * cfg.noise_std
+    noisy = (torch.rand(n, 1, 1, 1, generator=gen) < cfg.noise_p).float().to(device)
+    x = x + noisy * torch.randn(x.shape, generator=gen).to(device) * cfg.noise_std
     # Random erasing: occluders, markers, cropped-off regions.
     h, w = x.shape[-2:]
     for i in torch.nonzero(torch.rand(n, generator=gen) < cfg.erase_p).flatten().tolist():

@@ -82,12 +82,14 @@ def score_fold(args: argparse.Namespace, stressed: dict[str, np.ndarray], labels
 
 def run_fold(args: argparse.Namespace, k: int, train: LoadedSplit, held: LoadedSplit) -> dict:
     started = time.monotonic()
-    module, _, history = train_model(args, train, held)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module, _, history = train_model(args, train, held, device=device)
+    module.to(device)
     preprocess = preprocess_config(args)
 
     def logits_of(grids: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return module(to_tensor(grids, preprocess)).float().numpy()
+            return module(to_tensor(grids, preprocess).to(device)).float().cpu().numpy()
 
     labels = held.labels.numpy()
     stressed = stressed_logits(logits_of, [s.path for s in held.samples], preprocess)

@@ -194,8 +194,9 @@ def train_one_epoch(model, optimizer, scheduler, ema, train: LoadedSplit, args, 
     bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not (args.progress and rank == 0), leave=False, unit="batch")
     for step in bar:
         index = order[step * args.batch_size:(step + 1) * args.batch_size]
-        x, y = mix_batch(augment_batch(train.pixels[index], augment, gen), train.labels[index], augment, gen)
-        x, y = to_tensor(x, preprocess).to(device), y.to(device)
+        # Augment on the training device: on a GPU the CPU would otherwise be the bottleneck.
+        x, y = mix_batch(augment_batch(train.pixels[index].to(device), augment, gen), train.labels[index], augment, gen)
+        x, y = to_tensor(x, preprocess), y.to(device)
         target = y * (1 - args.label_smoothing) + 0.5 * args.label_smoothing
         loss = F.binary_cross_entropy_with_logits(model(x), target, pos_weight=pos_weight)
         optimizer.zero_grad(set_to_none=True)
