@@ -30,7 +30,8 @@ from core.preprocess import to_tensor
 from training import one_line
 from training.data import DataFolderError, LoadedSplit, first_per_class, load_samples, scan_split
 from training.stress import stressed_logits
-from training.train import choose_operating_point, get_args_parser, preprocess_config, train_model
+from training.train import (choose_operating_point, get_args_parser, preprocess_config, single_process_device,
+                            train_model)
 
 METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy", "ece", "specificity_at_98_sensitivity")
 
@@ -82,7 +83,7 @@ def score_fold(args: argparse.Namespace, stressed: dict[str, np.ndarray], labels
 
 def run_fold(args: argparse.Namespace, k: int, train: LoadedSplit, held: LoadedSplit) -> dict:
     started = time.monotonic()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = single_process_device()
     module, _, history = train_model(args, train, held, device=device)
     module.to(device)
     preprocess = preprocess_config(args)

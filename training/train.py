@@ -114,6 +114,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def single_process_device() -> torch.device:
+    """Where a run outside torchrun trains: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -126,7 +131,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
             torch.cuda.set_device(local)
             return rank, world, torch.device("cuda", local)
         return rank, world, torch.device("cpu")
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return 0, 1, single_process_device()
 
 
 def seed_everything(seed: int) -> torch.Generator:
