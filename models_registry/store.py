@@ -1,8 +1,9 @@
 """The BentoML model store plus a small promotion record (production pointer and its history).
 
-Promotion lives in `<BENTOML_HOME>/models/.registry/<model>.json`, beside the
+Promotion lives in `<BENTOML_HOME>/model_registry/<model>.json`, beside the
 store it describes, so a freshly started service sees a promotion without any
-code change. A store that holds no promotion record but exactly one model (for
+code change. It stays outside `<BENTOML_HOME>/models/`: BentoML reads every entry
+there as a model name, and a stray folder makes `bentoml models list` fail. A store that holds no promotion record but exactly one model (for
 example the store packed inside a Bento or container image) serves that model.
 """
 
@@ -12,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,8 +41,28 @@ def _model_store_dir() -> Path:
     return Path(store._path)
 
 
+def _registry_dir() -> Path:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Path(BentoMLContainer.bentoml_home.get()) / "model_registry"
+
+
+def _move_legacy_records() -> None:
+    """Earlier versions kept records in `<store>/.registry`, which broke `bentoml models list`; move them out."""
+    legacy = _model_store_dir() / ".registry"
+    if not legacy.is_dir():
+        return
+    target = _registry_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    for record in legacy.glob("*.json"):
+        if not (target / record.name).exists():
+            shutil.move(record, target / record.name)
+    shutil.rmtree(legacy)  # what is left: half-written .tmp files only this module ever made
+
+
 def _record_path(name: str) -> Path:
-    return _model_store_dir() / ".registry" / f"{name}.json"
+    _move_legacy_records()
+    return _registry_dir() / f"{name}.json"
 
 
 def _read_record(name: str) -> dict[str, Any]:

@@ -140,6 +140,24 @@ def test_cli_lists_and_fails_cleanly(production_tag: str) -> None:
     assert helped.returncode == 0 and "promote" in helped.stdout and "rollback" in helped.stdout
 
 
+def test_bentoml_own_cli_lists_a_store_with_a_promotion(production_tag: str) -> None:
+    """The promotion record lives outside the model store: BentoML reads every folder there as a model name."""
+    listed = subprocess.run([str(Path(sys.executable).with_name("bentoml")), "models", "list"], cwd=ROOT,
+                            env=server_env(), capture_output=True, text=True, timeout=HANG_S)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert production_tag.split(":")[1] in listed.stdout
+
+
+def test_a_promotion_recorded_inside_the_store_by_earlier_versions_is_moved_out() -> None:
+    name, tag = "legacy-record-model", "legacy-record-model:v1"  # a record only; nothing else reads this name
+    legacy = reg.store._model_store_dir() / ".registry"
+    legacy.mkdir()
+    (legacy / f"{name}.json").write_text(json.dumps({"production": tag, "history": [tag]}))
+    (legacy / "left-by-a-crash.tmp").write_text("{")
+    assert reg.production_tag(name) == tag
+    assert not legacy.exists() and (reg.store._registry_dir() / f"{name}.json").is_file()
+
+
 # --------------------------------------------------------------------------- what the served service does
 
 
