@@ -217,13 +217,13 @@ def server_env(**extra: str) -> dict[str, str]:
 
 
 def private_home(shared: Path) -> Path:
-    """A BENTOML_HOME of its own that reuses `shared`'s model and Bento stores.
+    """A BENTOML_HOME of its own that reuses `shared`'s model store, promotions and Bento store.
 
     `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts,
     which silently freezes the /metrics of any other server on the same home.
     """
     home = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
-    for store in ("models", "bentos"):
+    for store in ("models", "model_registry", "bentos"):  # model_registry: the promotion records (models_registry.store)
         (shared / store).mkdir(exist_ok=True)
         (home / store).symlink_to(shared / store, target_is_directory=True)
     return home

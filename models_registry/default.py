@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models_registry.store import import_model, production_tag, promote
+from models_registry.store import import_model, is_stored, production_tag, promote, stored_tags
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parent.parent / "default_model" / "pneumonia-classifier.bentomodel"
 
@@ -23,6 +23,13 @@ def import_default(archive: Path = DEFAULT_ARCHIVE) -> str:
 def ensure_default(archive: Path = DEFAULT_ARCHIVE) -> str:
     """Import and promote the shipped model only when the store has no production model."""
     current = production_tag()
-    if current is not None:
+    if current is None:
+        return import_default(archive)
+    if is_stored(current):
         return f"production model: {current}"
-    return import_default(archive)
+    if stored_tags():  # other models are there: which one to serve is the operator's choice, not ours
+        return f"warning: the production model {current} is no longer in the store; promote one of the stored models"
+    # The promoted model was deleted outside the registry (`bentoml models delete`) and nothing else is stored.
+    tag = import_model(archive)
+    promote(tag)
+    return f"the production model {current} is no longer in the store, which is empty: imported {tag} and promoted it"

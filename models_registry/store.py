@@ -145,6 +145,11 @@ def _versions(name: str) -> list[Any]:
     return sorted(models, key=lambda m: m.info.creation_time)
 
 
+def stored_tags(name: str = MODEL_NAME) -> list[str]:
+    """Every stored version of `name`, oldest first."""
+    return [str(model.tag) for model in _versions(name)]
+
+
 def production_tag(name: str = MODEL_NAME) -> str | None:
     """The promoted tag, or the only model in the store when nothing was ever promoted."""
     record = _read_record(name)
@@ -169,6 +174,12 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
                 else f"{len(versions)} models are stored but none is promoted: run `python -m models_registry promote TAG`"
             )
             raise RegistryError(f"no production model; {hint}")
+        if not is_stored(tag):
+            raise RegistryError(
+                f"the production model {tag} is no longer in the store ({_model_store_dir()}); it was deleted "
+                "outside `models_registry`: run `python -m models_registry rollback` or `promote TAG` "
+                "(`list` shows what is stored)"
+            )
         ref = tag
     if ":" not in ref:
         ref = f"{name}:{ref}"
@@ -176,6 +187,14 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
         return str(bentoml.models.get(ref).tag)
     except NotFound:
         raise RegistryError(f"model {ref} is not in the store ({_model_store_dir()})") from None
+
+
+def is_stored(tag: str) -> bool:
+    try:
+        bentoml.models.get(tag)
+    except NotFound:
+        return False
+    return True
 
 
 def list_models(name: str = MODEL_NAME) -> list[dict[str, Any]]:

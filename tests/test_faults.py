@@ -101,7 +101,9 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(spawn: Spawn) ->
 
 
 def _copy_store(source_home: Path, target_home: Path) -> Path:
-    shutil.copytree(source_home / "models", target_home / "models")
+    for store in ("models", "model_registry"):  # the models and which one is promoted
+        if (source_home / store).is_dir():
+            shutil.copytree(source_home / store, target_home / store)
     return target_home
 
 

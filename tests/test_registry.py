@@ -167,6 +167,20 @@ def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           env=server_env(BENTOML_HOME=str(home)), capture_output=True, text=True, timeout=HANG_S)
 
 
+def test_a_production_model_deleted_with_bentomls_cli_is_explained_and_the_default_restored(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert _cli(home, "ensure-default").returncode == 0
+    tag = json.loads(_cli(home, "show", "production").stdout)["tag"]
+    deleted = subprocess.run([str(Path(sys.executable).with_name("bentoml")), "models", "delete", "-y", tag], cwd=ROOT,
+                             env=server_env(BENTOML_HOME=str(home)), capture_output=True, text=True, timeout=HANG_S)
+    assert deleted.returncode == 0, deleted.stderr
+    shown = _cli(home, "show", "production")
+    assert shown.returncode == 1 and "no longer in the store" in shown.stderr and "Traceback" not in shown.stderr
+    restored = _cli(home, "ensure-default")  # what `./dev.sh serve` runs first: the store is empty again
+    assert restored.returncode == 0 and "imported" in restored.stdout
+    assert json.loads(_cli(home, "show", "production").stdout)["tag"] == tag
+
+
 def _served(target: str, home: Path, log: Path, **env: str) -> ServerProcess:
     return bentoml_serve(target, free_port(), log, stores=home, PNEUMONIA_WORKERS="1", **env)
 
