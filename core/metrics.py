@@ -10,9 +10,16 @@ from sklearn.metrics import (
     confusion_matrix,
     precision_recall_fscore_support,
     roc_auc_score,
+    roc_curve,
 )
 
 from core.card import CLASS_NAMES
+
+
+def specificity_at(labels: np.ndarray, scores: np.ndarray, sensitivity: float = 0.98) -> float:
+    """Best specificity among thresholds that keep at least this sensitivity: ranking quality, threshold-free."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(1 - fpr[np.nonzero(tpr >= sensitivity)[0][0]])
 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:

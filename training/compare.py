@@ -19,19 +19,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 
 from core.calibration import choose_threshold, fit_temperature
+from core.metrics import specificity_at
 from training import run_command
 from training.stress import STRESSES, stressed_logits
 
 SHOWN = ("clean", "flatter contrast at 10 % scale (-50 %)", "zoom in 15 %", "border padding 10 %", "random acquisition mix")
-
-
-def specificity_at(labels: np.ndarray, scores: np.ndarray, sensitivity: float = 0.98) -> float:
-    """Best specificity among thresholds keeping at least this sensitivity (ranking quality, no threshold)."""
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return float(1 - fpr[np.nonzero(tpr >= sensitivity)[0][0]])
 
 
 def summarise(name: str, logits: dict[str, np.ndarray], labels: np.ndarray, target: float) -> dict:

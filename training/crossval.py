@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from core.calibration import fit_temperature
-from core.metrics import expected_calibration_error
+from core.metrics import expected_calibration_error, specificity_at
 from core.preprocess import to_tensor
 from training import one_line
 from training.data import DataFolderError, LoadedSplit, first_per_class, load_samples, scan_split
@@ -34,12 +34,6 @@ from training.train import (choose_operating_point, get_args_parser, preprocess_
                             train_model)
 
 METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy", "ece", "specificity_at_98_sensitivity")
-
-
-def specificity_at(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -> float:
-    """Best specificity among thresholds that keep at least this sensitivity: ranking quality, threshold-free."""
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return float(1 - fpr[np.nonzero(tpr >= sensitivity)[0][0]])
 
 
 def cross_fitted(args: argparse.Namespace, clean: np.ndarray, stressed: dict[str, np.ndarray], labels: np.ndarray,

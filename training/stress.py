@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -172,12 +174,21 @@ def stressed_grids(paths: list[Path], stress: Stress, config: PreprocessConfig, 
 
 
 def stressed_logits(logits_of: Callable[[np.ndarray], np.ndarray], paths: list[Path], config: PreprocessConfig,
-                    names: list[str] | None = None, batch_size: int = 128) -> dict[str, np.ndarray]:
-    """Raw logits of the files under each stress (all of them unless `names` picks some)."""
+                    names: list[str] | None = None, batch_size: int = 128,
+                    workers: int | None = None) -> dict[str, np.ndarray]:
+    """Raw logits of the files under each stress (all of them unless `names` picks some).
+
+    The stressed images are made by `workers` threads (default: one per core), one stress each; PIL and numpy
+    release the GIL, and each stress draws from its own generator, so the figures do not depend on the count.
+    The model runs on the calling thread only, one stress at a time, in order.
+    """
+    names = names or list(STRESSES)
+    workers = workers or min(len(names), os.cpu_count() or 1)
     out = {}
-    for name in names or list(STRESSES):
-        grids = stressed_grids(paths, STRESSES[name], config)
-        out[name] = np.concatenate([logits_of(grids[i:i + batch_size]) for i in range(0, len(grids), batch_size)])
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        made = pool.map(lambda name: stressed_grids(paths, STRESSES[name], config), names)
+        for name, grids in zip(names, made):
+            out[name] = np.concatenate([logits_of(grids[i:i + batch_size]) for i in range(0, len(grids), batch_size)])
     return out
 
 
