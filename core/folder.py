@@ -39,7 +39,8 @@ def labeled_images(root: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> li
     """(file, label index) for every image under `root/<class name>/`, failing with every layout problem at once."""
     root = Path(root)
     if not root.is_dir():
-        raise DataFolderError(f"{root} does not exist: expected {' and '.join(str(root / n) for n in class_names)}")
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataFolderError(f"{root} {what}: expected {' and '.join(str(root / n) for n in class_names)}")
     problems: list[str] = []
     found: list[tuple[Path, int]] = []
     for label, name in enumerate(class_names):

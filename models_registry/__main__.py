@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             print(f"wrote {reg.export_model(args.ref, args.path)}")
         elif args.command == "import":
-            print(f"imported {reg.import_model(args.path, promote_if_none=args.promote_if_none)}")
+            known = set(reg.store.stored_tags())
+            tag = reg.import_model(args.path, promote_if_none=args.promote_if_none)
+            print(f"{tag} is already in the store with the same files" if tag in known else f"imported {tag}")
         elif args.command == "import-default":
             print(import_default())
         elif args.command == "ensure-default":
@@ -122,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"specificity {s['specificity']:.3f}  ECE {s['ece']:.3f}")
             if args.out:
                 print(f"report: {Path(args.out) / 'report.md'}")
+            if "warning" in result.report:
+                print(f"warning: {result.report['warning']}", file=sys.stderr)
+                if args.promote:
+                    raise reg.RegistryError(f"{result.tag} was saved but not promoted: its threshold misses the target")
             if args.promote:
                 print(f"production is now {reg.promote(result.tag)}")
         elif args.command == "verify":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +35,7 @@ from models_registry.loader import load_model
 from models_registry.store import RegistryError, derive_model
 
 MIN_PER_CLASS = 30
+FLOOR_PER_CLASS = 2 * 5  # two images of each class in each of the FOLDS held-out parts, at the very least
 FOLDS = 5
 
 
@@ -90,7 +92,17 @@ def _summary(labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray, seed:
 
 def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_sensitivity: float | None = None,
               min_per_class: int = MIN_PER_CLASS, seed: int = 0) -> SiteCalibration:
-    """Fit the site's temperature and threshold, save a new version recording them, write the report."""
+    """Fit the site's temperature and threshold, save a new version recording them, write the report.
+
+    Everything that can be refused is refused before the new version is saved: a failed run leaves no version.
+    """
+    if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
+        raise CalibrationRefused(f"the target sensitivity must be in (0, 1], not {target_sensitivity}")
+    if min_per_class < FLOOR_PER_CLASS:
+        raise CalibrationRefused(f"at least {FLOOR_PER_CLASS} images of each class are needed for a {FOLDS}-fold "
+                                 f"cross-validated check (asked for {min_per_class})")
+    if report_dir is not None:
+        _writable_folder(Path(report_dir))
     model = load_model(ref)
     card = model.card
     target = card.target_sensitivity if target_sensitivity is None else target_sensitivity
@@ -141,11 +153,27 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
                                   "note": f"{FOLDS}-fold within the site set: each image scored by a fit without it"},
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if after["sensitivity"] < target:
+        record["warning"] = shortfall_warning(after["sensitivity"], target)
     tag = derive_model(model.tag, {"temperature": temperature, "threshold": threshold, "target_sensitivity": target,
                                    "site_calibration": record})
     if report_dir is not None:
         write_report(Path(report_dir), record, tag, labels, before_probs, cv_probs)
     return SiteCalibration(tag=tag, source=model.tag, report=record, report_dir=report_dir)
+
+
+def shortfall_warning(sensitivity: float, target: float) -> str:
+    return (f"cross-validated on the site data, this threshold reaches sensitivity {sensitivity:.3f}, below the "
+            f"target {target}: it may not hold at this site; add site images before serving it")
+
+
+def _writable_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise CalibrationRefused(f"cannot write the report to {folder}: {exc.strerror or exc}") from None
 
 
 def write_report(out: Path, record: dict[str, Any], tag: str, labels: np.ndarray, before_probs: np.ndarray,
@@ -193,6 +221,7 @@ def write_report(out: Path, record: dict[str, Any], tag: str, labels: np.ndarray
         row("after (5-fold cross-validated on the site data)", record["after_cross_validated"]), "",
         "Figures are point estimates with 95 % bootstrap intervals (images resampled within each class).",
         f"Threshold policy: the highest threshold reaching sensitivity {record['target_sensitivity']} on the site data.", "",
+        *([f"**Warning:** {record['warning']}", ""] if "warning" in record else []),
         "![reliability and ROC](calibration.png)", "",
         f"Serve it: `python -m models_registry promote {tag}`; undo with `python -m models_registry rollback`.",
     ]

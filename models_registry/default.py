@@ -10,14 +10,16 @@ DEFAULT_ARCHIVE = Path(__file__).resolve().parent.parent / "default_model" / "pn
 
 
 def import_default(archive: Path = DEFAULT_ARCHIVE) -> str:
-    """Import the shipped archive; promote it only when no production model exists yet."""
+    """Import the shipped archive; promote it when no production model exists or the promoted one is gone."""
     current = production_tag()
-    if current is not None:
+    if current is not None and is_stored(current):
         promote(current)  # make an implicit single-model production explicit before adding a second model
-    tag = import_model(archive, promote_if_none=current is None)
+        return f"imported {import_model(archive)}; production stays {current}"
+    tag = import_model(archive)
+    promote(tag)
     if current is None:
         return f"imported {tag} and promoted it to production"
-    return f"imported {tag}; production stays {current}"
+    return f"the production model {current} is no longer in the store: imported {tag} and promoted it"
 
 
 def ensure_default(archive: Path = DEFAULT_ARCHIVE) -> str:
@@ -30,6 +32,4 @@ def ensure_default(archive: Path = DEFAULT_ARCHIVE) -> str:
     if stored_tags():  # other models are there: which one to serve is the operator's choice, not ours
         return f"warning: the production model {current} is no longer in the store; promote one of the stored models"
     # The promoted model was deleted outside the registry (`bentoml models delete`) and nothing else is stored.
-    tag = import_model(archive)
-    promote(tag)
-    return f"the production model {current} is no longer in the store, which is empty: imported {tag} and promoted it"
+    return import_default(archive)

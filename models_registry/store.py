@@ -177,8 +177,8 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
         if not is_stored(tag):
             raise RegistryError(
                 f"the production model {tag} is no longer in the store ({_model_store_dir()}); it was deleted "
-                "outside `models_registry`: run `python -m models_registry rollback` or `promote TAG` "
-                "(`list` shows what is stored)"
+                "outside `models_registry`: promote a stored model (`python -m models_registry list`, then "
+                "`promote TAG`) or restore the shipped one (`python -m models_registry import-default`)"
             )
         ref = tag
     if ":" not in ref:
@@ -229,11 +229,16 @@ def show(ref: str = PRODUCTION, name: str = MODEL_NAME) -> dict[str, Any]:
 
 
 def promote(ref: str, name: str = MODEL_NAME) -> str:
-    """Make `ref` the production model; the previous one is kept for `rollback`."""
+    """Make `ref` the production model; the previous one is kept for `rollback`.
+
+    The model is loaded first (card, weights sha256, architecture, gate): a model the service could not load
+    is refused here, not discovered at the next start.
+    """
     tag = resolve_tag(ref, name)
     record = _read_record(name)
     if record.get("production") == tag:
         return tag
+    _check_loads(tag, name, "cannot promote")
     if record.get("production"):
         record["history"].append(record["production"])
     record["production"] = tag
@@ -297,8 +302,24 @@ def _archive_matches(archive: Path, model_dir: Path) -> bool:
     return packed == stored
 
 
+def _check_loads(tag: str, name: str, doing: str) -> None:
+    """Raise a RegistryError saying why `tag` is not a model of `name` that the service can load."""
+    from models_registry.loader import load_model
+
+    if not tag.startswith(f"{name}:"):
+        raise RegistryError(f"{doing} {tag}: it is not a {name} model")
+    try:
+        load_model(tag, name)
+    except RegistryError as exc:
+        raise RegistryError(f"{doing} {tag}: {exc}") from None
+
+
 def import_model(path: str | Path, promote_if_none: bool = False, name: str = MODEL_NAME) -> str:
-    """Import a `.bentomodel` archive; optionally promote it when no production model exists."""
+    """Import a `.bentomodel` archive of a loadable `name` model; optionally promote it when none is in production.
+
+    An archive whose tag is already stored is accepted only when its files are the stored ones, and a model
+    that does not load (foreign card, corrupt weights) is removed again: the store never keeps what it cannot serve.
+    """
     archive = Path(path).expanduser().resolve()  # BentoML resolves relative paths against "/"
     if not archive.is_file():
         raise RegistryError(f"{path} does not exist" if not archive.exists() else f"{path} is not a file")
@@ -310,8 +331,19 @@ def import_model(path: str | Path, promote_if_none: bool = False, name: str = MO
         if "already exists" not in str(exc):
             raise RegistryError(f"could not import {path}: {exc}") from None
         tag = _tag_in_archive(archive)
+        if not tag.startswith(f"{name}:"):
+            raise RegistryError(f"could not import {tag}: it is not a {name} model") from None
+        if not _archive_matches(archive, store_path_of(tag)):
+            raise RegistryError(f"could not import {path}: {tag} is already in the store with other files; "
+                                "the stored model was kept (delete it first to replace it)")
     except Exception as exc:  # noqa: BLE001 - not an archive: tarfile, yaml and OS errors of all kinds
         raise RegistryError(f"could not import {path}: it is not a .bentomodel archive ({type(exc).__name__}: {exc})") from None
+    else:
+        try:
+            _check_loads(tag, name, "could not import")
+        except RegistryError:
+            bentoml.models.delete(tag)
+            raise
     if promote_if_none and _read_record(name).get("production") is None:
         promote(tag, name)
     return tag

@@ -15,6 +15,7 @@ from harness.payloads import sample_xrays
 from harness.servers import start_server
 from models_registry import production_tag as current_production
 from models_registry import promote, read_card, rollback
+from models_registry.store import stored_tags
 
 
 def site_folder(root: Path, per_class: int, offset: int = 900) -> Path:
@@ -73,9 +74,24 @@ def test_calibration_saves_a_new_version_and_leaves_the_original(production_tag:
     assert current_production() == production_tag
 
 
-@pytest.mark.parametrize("problem", ["too few", "one class missing", "unreadable file"])
+@pytest.mark.parametrize("problem", ["too few", "one class missing", "unreadable file", "target above 1", "target nan",
+                                     "floor lowered", "report folder unwritable", "data is a file"])
 def test_calibration_refuses_data_it_cannot_trust(production_tag: str, tmp_path: Path, problem: str) -> None:
-    if problem == "too few":
+    """Each refusal is one line, exit 1, and leaves no new version behind."""
+    options: list[str] = []
+    if problem in ("target above 1", "target nan", "floor lowered", "report folder unwritable", "data is a file"):
+        site = site_folder(tmp_path / "site", per_class=35)  # good data: only the argument is wrong
+        an_image = sorted((site / "NORMAL").iterdir())[0]
+        options, expected = {
+            "target above 1": (["--target-sensitivity", "1.5"], "target sensitivity must be in (0, 1]"),
+            "target nan": (["--target-sensitivity", "nan"], "target sensitivity must be in (0, 1]"),
+            "floor lowered": (["--min-per-class", "-5"], "at least 10 images of each class"),
+            "report folder unwritable": (["--out", str(an_image / "report")], "cannot write the report"),
+            "data is a file": ([], "is not a folder"),
+        }[problem]
+        if problem == "data is a file":
+            site = an_image
+    elif problem == "too few":
         site, expected = site_folder(tmp_path / "site", per_class=12), "too few usable images"
     elif problem == "one class missing":
         site = site_folder(tmp_path / "site", per_class=35)
@@ -85,9 +101,24 @@ def test_calibration_refuses_data_it_cannot_trust(production_tag: str, tmp_path:
         site = site_folder(tmp_path / "site", per_class=35)
         (site / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
         expected = "unreadable image(s)"
-    result = calibrate(production_tag, "--data", str(site))
+    versions = stored_tags()
+    result = calibrate(production_tag, "--data", str(site), *options)
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     if problem == "unreadable file":
         assert "broken.jpeg" in result.stderr
+    assert stored_tags() == versions
+
+
+def test_a_threshold_that_misses_its_target_is_flagged_and_not_promoted(production_tag: str, tmp_path: Path) -> None:
+    """Ten images a class and a target of 1.0: cross-validated on the site data the threshold reaches 0.9."""
+    site = site_folder(tmp_path / "site", per_class=10, offset=0)
+    result = calibrate(production_tag, "--data", str(site), "--target-sensitivity", "1.0", "--min-per-class", "10",
+                       "--out", str(tmp_path / "report"), "--promote")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    warning, error = result.stderr.strip().splitlines()
+    assert warning.startswith("warning: ") and "below the target 1.0" in warning
+    assert error.startswith("error: ") and "not promoted" in error
+    assert "**Warning:**" in (tmp_path / "report" / "report.md").read_text()
+    assert current_production() == production_tag

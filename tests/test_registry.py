@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import models_registry as reg
+from models_registry.default import DEFAULT_ARCHIVE
 from models_registry.store import show
 from harness.paths import ROOT
 from harness.payloads import sample_xrays
@@ -105,6 +106,62 @@ def test_export_leaves_an_identical_archive_alone_and_replaces_another(two_model
     assert target.read_bytes() != kept and reg.store._tag_in_archive(target) == second
 
 
+def _repacked(archive: Path, out: Path, version: str | None = None, flip_weights: bool = False,
+              model_name: str | None = None) -> Path:
+    """A copy of a .bentomodel archive with another version or model name, or one flipped byte in its weights."""
+    import tarfile
+
+    import yaml
+
+    unpacked = out.with_suffix(".d")
+    with tarfile.open(archive) as tar:
+        tar.extractall(unpacked, filter="data")
+    info = yaml.safe_load((unpacked / "model.yaml").read_text())
+    info.update({"version": version or info["version"], "name": model_name or info["name"]})
+    (unpacked / "model.yaml").write_text(yaml.safe_dump(info))
+    if flip_weights:
+        data = bytearray((unpacked / "weights.pt").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (unpacked / "weights.pt").write_bytes(bytes(data))
+    with tarfile.open(out, "w:xz") as tar:  # the compression BentoML writes and expects
+        for path in sorted(unpacked.iterdir()):
+            tar.add(path, arcname=path.name)
+    return out
+
+
+def test_import_keeps_only_models_the_service_can_load(two_models, tmp_path: Path) -> None:
+    (first, _), (_, _) = two_models
+    archive = reg.export_model(first, tmp_path / "first.bentomodel", NAME)
+    before = reg.store.stored_tags(NAME)
+    assert reg.import_model(archive, name=NAME) == first  # the same files again: accepted, nothing changes
+
+    other_files = _repacked(archive, tmp_path / "same-tag.bentomodel", flip_weights=True)
+    with pytest.raises(reg.RegistryError, match="already in the store with other files"):
+        reg.import_model(other_files, name=NAME)
+    corrupt = _repacked(archive, tmp_path / "corrupt.bentomodel", version="tampered1", flip_weights=True)
+    with pytest.raises(reg.RegistryError, match="could not import .*tampered1: .*corrupt"):
+        reg.import_model(corrupt, name=NAME)
+    foreign = _repacked(archive, tmp_path / "foreign.bentomodel", model_name="another-model")
+    with pytest.raises(reg.RegistryError, match=f"another-model:.*: it is not a {NAME} model"):
+        reg.import_model(foreign, name=NAME)
+    assert reg.store.stored_tags("another-model") == []
+    assert reg.store.stored_tags(NAME) == before and reg.load_model(first, NAME).tag == first
+
+
+def test_promote_refuses_a_model_that_does_not_load(two_models) -> None:
+    (first, _), (second, _) = two_models
+    reg.promote(first, NAME)
+    weights = Path(reg.store.store_path_of(second)) / "weights.pt"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    try:
+        with pytest.raises(reg.RegistryError, match=f"cannot promote {second}: .*weights"):
+            reg.promote(second, NAME)
+        assert reg.production_tag(NAME) == first
+    finally:
+        weights.write_bytes(intact)
+
+
 def test_corrupt_weights_are_detected_on_load(tmp_path: Path) -> None:
     torch.manual_seed(3)
     tag = reg.save_model(build_model(ModelSpec()), _card(0.5), name=NAME)
@@ -179,6 +236,13 @@ def test_a_production_model_deleted_with_bentomls_cli_is_explained_and_the_defau
     restored = _cli(home, "ensure-default")  # what `./dev.sh serve` runs first: the store is empty again
     assert restored.returncode == 0 and "imported" in restored.stdout
     assert json.loads(_cli(home, "show", "production").stdout)["tag"] == tag
+    again = _cli(home, "import", str(DEFAULT_ARCHIVE))
+    assert again.returncode == 0 and again.stdout.strip() == f"{tag} is already in the store with the same files"
+
+    subprocess.run(deleted.args, cwd=ROOT, env=server_env(BENTOML_HOME=str(home)), check=True, capture_output=True)
+    reimported = _cli(home, "import-default")  # what the error above suggests
+    assert reimported.returncode == 0 and "no longer in the store" in reimported.stdout, reimported.stderr
+    assert _cli(home, "verify").returncode == 0
 
 
 def _served(target: str, home: Path, log: Path, **env: str) -> ServerProcess:
