@@ -25,12 +25,22 @@ from .errors import ClientError
 from .models import DicomInfo, ImageUpload, ModelInfo, Prediction
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--grpc", action="store_true", help="use the gRPC endpoint instead of HTTP")
     common.add_argument("--url", help="http://host:port (HTTP) or host:port (gRPC)")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
-    common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer (default 60)")
+    common.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for an answer (default 60)")
     common.add_argument("--api-key", default=os.environ.get("PNEUMONIA_API_KEY"),
                         help="API key of a secured service (default: $PNEUMONIA_API_KEY)")
     common.add_argument("--ca-file", type=Path, help="CA (PEM) the server's certificate must chain to (HTTPS, gRPC TLS)")

@@ -78,6 +78,12 @@ def _transport_error(exc: httpx.HTTPError, url: str) -> ClientError:
     return Unavailable(f"cannot reach the service at {url}: {exc}")
 
 
+
+def _base_url(url: str | None, tls: TLS | None) -> str:
+    """`host:port` as people type it gets the scheme the TLS settings imply (http, or https with `tls`)."""
+    url = (url or DEFAULT_HTTP_URL).rstrip("/")
+    return url if "://" in url else f"{'https' if tls is not None else 'http'}://{url}"
+
 class HttpClient:
     """Synchronous HTTP client. `headers` go with every request (e.g. credentials); `tls` for https:// servers
     signed by a private CA or requiring a client certificate."""
@@ -88,7 +94,7 @@ class HttpClient:
         self, url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S, headers: Mapping[str, str] | None = None,
         tls: TLS | None = None,
     ) -> None:
-        self.url = (url or DEFAULT_HTTP_URL).rstrip("/")
+        self.url = _base_url(url, tls)
         verify = tls.ssl_context() if tls is not None else True
         self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=dict(headers or {}), verify=verify)
 
@@ -150,7 +156,7 @@ class AsyncHttpClient:
         self, url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S, headers: Mapping[str, str] | None = None,
         tls: TLS | None = None,
     ) -> None:
-        self.url = (url or DEFAULT_HTTP_URL).rstrip("/")
+        self.url = _base_url(url, tls)
         verify = tls.ssl_context() if tls is not None else True
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=dict(headers or {}), verify=verify)
 

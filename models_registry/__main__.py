@@ -32,7 +32,8 @@ def one_line(exc: BaseException) -> str:
 def _table(rows: list[dict]) -> str:
     if not rows:
         return "no models in the store (try: python -m models_registry import-default)"
-    cols = ["tag", "production", "created", "arch", "image_size", "roc_auc", "sensitivity", "specificity", "threshold", "size_mb"]
+    cols = ["tag", "production", "created", "arch", "image_size", "roc_auc", "sensitivity", "specificity", "threshold",
+            "measured_on", "size_mb"]
 
     def cell(v: object) -> str:
         if isinstance(v, bool):

@@ -198,12 +198,23 @@ def is_stored(tag: str) -> bool:
 
 
 def list_models(name: str = MODEL_NAME) -> list[dict[str, Any]]:
-    """Every stored version, oldest first, with its key validation metrics."""
+    """Every stored version, oldest first, with the key metrics measured at its own threshold.
+
+    Those are the validation figures of a trained model, and the site's cross-validated figures of a
+    site-calibrated one (its source's validation figures belong to another threshold).
+    """
     production = production_tag(name)
     rows = []
     for model in _versions(name):
         meta = model.info.metadata
         val = meta.get("val_metrics", {})
+        figures = {"roc_auc": val.get("roc_auc"), "accuracy": val.get("accuracy"),
+                   "sensitivity": val.get("per_class", {}).get("PNEUMONIA", {}).get("recall"),
+                   "specificity": val.get("per_class", {}).get("NORMAL", {}).get("recall"), "measured_on": "validation"}
+        if site := meta.get("site_calibration"):
+            after = site.get("after_cross_validated", {})
+            figures = {**{k: after.get(k) for k in ("roc_auc", "accuracy", "sensitivity", "specificity")},
+                       "measured_on": f"site {str(site.get('data_fingerprint', ''))[:8]}"}
         rows.append(
             {
                 "tag": str(model.tag),
@@ -211,10 +222,7 @@ def list_models(name: str = MODEL_NAME) -> list[dict[str, Any]]:
                 "created": model.info.creation_time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M"),
                 "arch": meta.get("spec", {}).get("arch"),
                 "image_size": meta.get("preprocess", {}).get("image_size"),
-                "roc_auc": val.get("roc_auc"),
-                "accuracy": val.get("accuracy"),
-                "sensitivity": val.get("per_class", {}).get("PNEUMONIA", {}).get("recall"),
-                "specificity": val.get("per_class", {}).get("NORMAL", {}).get("recall"),
+                **figures,
                 "threshold": meta.get("threshold"),
                 "size_mb": round(sum(f.stat().st_size for f in Path(model.path).rglob("*") if f.is_file()) / 1e6, 2),
             }

@@ -14,7 +14,7 @@ import pytest
 from harness.payloads import sample_xrays
 from harness.servers import start_server
 from models_registry import production_tag as current_production
-from models_registry import promote, read_card, rollback
+from models_registry import list_models, promote, read_card, rollback
 from models_registry.store import stored_tags
 
 
@@ -54,6 +54,9 @@ def test_calibration_saves_a_new_version_and_leaves_the_original(production_tag:
                                                   record["after_cross_validated"]["threshold"])
     assert card.weights_sha256 == original.weights_sha256 and card.validity == original.validity
     assert read_card(production_tag) == original  # untouched
+    [listed] = [row for row in list_models() if row["tag"] == new_tag]  # figures measured at the new threshold
+    assert listed["measured_on"] == f"site {record['data_fingerprint'][:8]}"
+    assert listed["sensitivity"] == record["after_cross_validated"]["sensitivity"]
     assert (tmp_path / "report" / "calibration.png").stat().st_size > 10_000
     assert "after (5-fold cross-validated" in (tmp_path / "report" / "report.md").read_text()
 

@@ -142,6 +142,15 @@ def test_cli_errors_exit_non_zero_with_a_message(live: ServerProcess, transport:
     assert down.returncode == 4 and "cannot reach" in down.stderr and "Traceback" not in down.stderr
     missing = _cli("classify", str(tmp_path / "absent.png"), *flags, "--url", _target(live, transport))
     assert missing.returncode == 2 and "absent.png" in missing.stderr
+    no_wait = _cli("health", *flags, "--url", _target(live, transport), "--timeout", "-1")
+    assert no_wait.returncode == 2 and "--timeout" in no_wait.stderr and "positive number of seconds" in no_wait.stderr
+
+
+def test_cli_takes_a_url_without_its_scheme(live: ServerProcess) -> None:
+    """`--url 127.0.0.1:3000`, as people type it for gRPC too, means http://."""
+    bare = live.url.removeprefix("http://")
+    health = _cli("health", "--url", bare)
+    assert health.returncode == 0 and health.stdout.startswith("ready at"), health.stdout + health.stderr
 
 
 # --------------------------------------------------------------------------- against the secured server
