@@ -163,6 +163,8 @@ def production_tag(name: str = MODEL_NAME) -> str | None:
 
 def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
     """'production', 'latest', a version or a full tag -> an existing full tag."""
+    if not ref.strip() or ref.strip().endswith(":"):
+        raise RegistryError(f"{ref!r} names no model: give 'production', 'latest', a version or {name}:VERSION")
     if ref == PRODUCTION:
         tag = production_tag(name)
         if tag is None:

@@ -181,6 +181,9 @@ def test_unknown_refs_give_a_clear_error() -> None:
         reg.resolve_tag("doesnotexist", NAME)
     with pytest.raises(reg.RegistryError, match="no production model"):
         reg.resolve_tag("production", "never-saved-model")
+    for empty in ("", " ", f"{NAME}:"):
+        with pytest.raises(reg.RegistryError, match="names no model"):
+            reg.resolve_tag(empty, NAME)
 
 
 def test_cli_lists_and_fails_cleanly(production_tag: str) -> None:
