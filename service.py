@@ -46,7 +46,8 @@ from serving.explain import PREVIEW_SIDE, ExplainerPool, shared_slots
 from serving.grpc import server as grpc_server
 from serving.http import HttpGuard
 from serving.http.decoding import PREDECODED
-from serving.lifecycle import READINESS, StartupError, load_settings, warm_up_in_background
+from serving.lifecycle import (READINESS, StartupError, check_grpc_port, http_address, load_settings,
+                               warm_up_in_background)
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
 
@@ -264,9 +265,15 @@ class PneumoniaClassifier:
         logger.info("explainers ready (%d) after %.2f s", SETTINGS.explain.max_concurrency, time.monotonic() - started)
 
     @bentoml.on_deployment
-    def check_model() -> None:
-        """Once, in the `bentoml serve` process before any worker: a bad model exits 1 with one line."""
+    def check_before_workers() -> None:
+        """Once, in the `bentoml serve` process before any worker: a bad model, or a gRPC port that cannot be
+        bound, exits 1 with one line. The port last: it is let go again, and the workers bind it seconds later."""
         preflight(MODEL_TAG, SETTINGS.engine)
+        if SETTINGS.grpc.enabled:
+            check_grpc_port(SETTINGS.grpc, *http_address())
+        if not SETTINGS.security.keys():
+            logger.warning("no API keys configured (PNEUMONIA_SECURITY__API_KEYS or "
+                           "PNEUMONIA_SECURITY__API_KEYS_FILE): the service is open to anyone who can reach it")
 
     def __is_ready__(self) -> bool:
         return READINESS.ready
@@ -274,7 +281,9 @@ class PneumoniaClassifier:
     @bentoml.on_startup
     async def start_grpc(self) -> None:
         """The gRPC endpoint of this worker, on its own port and this event loop (serving/grpc/server.py)."""
-        self.grpc = await grpc_server.start(self, SETTINGS) if SETTINGS.grpc.enabled else None
+        self.grpc = grpc_server.WorkerGrpc(self, SETTINGS) if SETTINGS.grpc.enabled else None
+        if self.grpc is not None:
+            await self.grpc.start()
 
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:

@@ -3,14 +3,20 @@
 Nested fields use a double underscore, e.g. `PNEUMONIA_BATCHING__MAX_BATCH_SIZE=16`
 or `PNEUMONIA_LIMITS__MAX_PIXELS=40000000`. A JSON file named by
 `PNEUMONIA_SETTINGS_FILE` is read first; environment variables override it.
-Invalid values stop the server at start-up with a message naming the field.
+Invalid values stop the server at start-up with a message naming the field, and
+so does a `PNEUMONIA_*` variable that is neither a setting nor one of
+`OTHER_VARIABLES` (a mistyped name would otherwise be ignored without a word:
+`PNEUMONIA_SECURITY_API_KEYS`, with one underscore, left the service open).
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -232,6 +238,12 @@ class GrpcSettings(BaseModel):
     shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get to finish on shutdown")
     tls: GrpcTlsSettings = GrpcTlsSettings()
 
+    @property
+    def address(self) -> str:
+        """host:port as gRPC names it ([host]:port for an IPv6 address)."""
+        host = self.host
+        return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.port}"
+
 
 class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -292,6 +304,10 @@ class ServingSettings(BaseSettings):
     validity: ValiditySettings = ValiditySettings()
     explain: ExplainSettings = ExplainSettings()
 
+    def __init__(self, **values: Any) -> None:
+        refuse_unknown_variables(os.environ)  # pydantic-settings skips unknown top-level names without a word
+        super().__init__(**values)
+
     def worker_count(self) -> int:
         return self.workers or min(MAX_AUTO_WORKERS, usable_cores())
 
@@ -339,3 +355,96 @@ class SettingsFile(JsonConfigSettingsSource):
         if not isinstance(values, dict):
             raise ValueError(f"{self.ENV} {path} must hold a JSON object of settings")
         return values
+
+
+# --------------------------------------------------------------------------- PNEUMONIA_* names that are not settings
+
+PREFIX = "PNEUMONIA_"
+# Every other PNEUMONIA_* variable the project reads (not the server): a server started with one of them in its
+# environment (a shell that also runs the client, the tests or a load test) must not refuse it. Keep in step with
+# their readers: a name missing here stops `bentoml serve` with "unknown environment variable".
+OTHER_VARIABLES: dict[str, str] = {
+    SettingsFile.ENV: "the JSON settings file (read by this module)",
+    "PNEUMONIA_URL": "client/: default --url of the HTTP client",
+    "PNEUMONIA_GRPC_URL": "client/, loadtests/: default gRPC address of the client and the Locust gRPC user",
+    "PNEUMONIA_API_KEY": "client/: default --api-key of the client",
+    "PNEUMONIA_DATA_DIR": "harness/, tests/, scripts/: the chest X-ray data set",
+    "PNEUMONIA_UI_SCREENSHOT": "tests/test_ui.py: where to save the web page's screenshot",
+    "PNEUMONIA_LOADTEST_GRPC": "loadtests/: add the gRPC user class",
+    "PNEUMONIA_LOADTEST_WAIT_S": "loadtests/: think time between a user's requests",
+    "PNEUMONIA_LOADTEST_STATS_JSON": "loadtests/: where Locust's final statistics go",
+    "PNEUMONIA_LOADTEST_STOP_AFTER": "loadtests/: end the run after N requests of each type",
+    "PNEUMONIA_LOADTEST_EXPLAIN_USERS": "loadtests/: users that call /explain",
+    "PNEUMONIA_BASELINE_MODEL": "loadtests/baseline_fastapi.py: the model of the FastAPI baseline",
+    "PNEUMONIA_PEER_MODEL": "loadtests/peer_fastapi.py: the model of the benchmark's peer",
+    "PNEUMONIA_PEER_ENGINE": "loadtests/peer_fastapi.py: the engine of the benchmark's peer",
+    "PNEUMONIA_PEER_NODELAY": "loadtests/peer_fastapi.py: TCP_NODELAY on the peer's sockets",
+}
+
+
+# What Kubernetes sets in every container for each Service of its namespace ("service links", on unless a pod says
+# enableServiceLinks: false): NAME_SERVICE_HOST=10.0.0.11, NAME_SERVICE_PORT[_PORTNAME]=3000, NAME_PORT=tcp://...,
+# NAME_PORT_3000_TCP[_PROTO|_PORT|_ADDR]. deploy/kubernetes' Service pneumonia-classifier gives PNEUMONIA_CLASSIFIER_*.
+_SERVICE_LINK = re.compile(r"SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?")
+
+
+def _is_ip_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def service_links(environ: Mapping[str, str]) -> set[str]:
+    """The names in `environ` that Kubernetes set for a Service: those of a NAME whose NAME_SERVICE_HOST is an IP
+    address (a mistyped setting has no such companion, e.g. PNEUMONIA_GRPC_PORT=3001 stays unknown)."""
+    services = {name.removesuffix("_SERVICE_HOST") for name, value in environ.items()
+                if name.endswith("_SERVICE_HOST") and _is_ip_address(value)}
+    return {name for name in environ for service in services
+            if name == f"{service}_SERVICE_HOST"
+            or (name.startswith(service + "_") and _SERVICE_LINK.fullmatch(name[len(service) + 1:]))}
+
+
+def setting_variables(model: type[BaseModel] = ServingSettings, prefix: str = PREFIX) -> set[str]:
+    """Every environment variable that sets a field of `model`: its leaves and, as JSON, its nested sections."""
+    names = set()
+    for field_name, field in model.model_fields.items():
+        name = prefix + field_name.upper()
+        names.add(name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names |= setting_variables(field.annotation, name + "__")
+    return names
+
+
+def suggestion(name: str, settings: set[str], others: frozenset[str] = frozenset(OTHER_VARIABLES)) -> str | None:
+    """The known name `name` was most likely meant to be, if one is close enough (`name` in upper case)."""
+    squeezed = {known.replace("_", ""): known for known in settings}
+    if name.replace("_", "") in squeezed:  # PNEUMONIA_SECURITY_API_KEYS: one underscore where two belong
+        return squeezed[name.replace("_", "")]
+    nested = [known for known in settings if known.endswith("__" + name.removeprefix(PREFIX))]
+    if nested:  # PNEUMONIA_API_KEYS: a nested setting without its section (PNEUMONIA_ENABLED: which one? no guess)
+        return nested[0] if len(nested) == 1 else None
+    close = difflib.get_close_matches(name, sorted(settings | others), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def refuse_unknown_variables(environ: Mapping[str, str]) -> None:
+    """A `ValueError` naming every PNEUMONIA_* variable that is neither a setting nor in OTHER_VARIABLES (nor one
+    Kubernetes set for a Service named pneumonia-...).
+
+    Names only, never values (they may be secrets). Upper case: pydantic-settings reads names case-insensitively.
+    """
+    settings, links = setting_variables(), service_links(environ)
+    unknown = sorted(name for name in environ if name.upper().startswith(PREFIX) and name not in links
+                     and name.upper() not in settings and name.upper() not in OTHER_VARIABLES)
+    if not unknown:
+        return
+    described = []
+    for name in unknown:
+        meant = suggestion(name.upper(), settings)
+        described.append(f"{name} (did you mean {meant}?)" if meant else name)
+    raise ValueError(
+        f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(described)}: neither a setting "
+        "(settings.py; nested ones are spelled with __) nor a variable the project reads elsewhere; rename or unset it"
+    )

@@ -2,13 +2,15 @@
 
 Three faults this module turns into clear, bounded behaviour (docs/hardening.md, "Faults"):
 
-* A missing, unknown, corrupt or sha-mismatched model, or bad configuration, stops
+* A missing, unknown, corrupt or sha-mismatched model, bad configuration (an unknown
+  `PNEUMONIA_*` variable included) or a gRPC port that cannot be bound stops
   `bentoml serve` before any worker starts, with one line on stderr and exit code 1.
   `load_settings` and service.py's `resolve_model` run when service.py is imported,
-  its `preflight` in BentoML's `on_deployment` hook (the `bentoml serve` process,
-  once). All raise `StartupError`, a BentoMLException, which the BentoML CLI prints
-  as one line instead of a stack trace. Left to a worker, the same failure would
-  crash it, and BentoML's process supervisor (circus) would restart it every 10 s forever.
+  its `preflight` and `check_grpc_port` in BentoML's `on_deployment` hook (the
+  `bentoml serve` process, once). All raise `StartupError`, a BentoMLException, which
+  the BentoML CLI prints as one line instead of a stack trace. Left to a worker, the
+  same failure would crash it, and BentoML's process supervisor (circus) would
+  restart it every 10 s forever.
 * BentoML builds the service instance inside uvicorn's start-up, before the worker
   listens, so a model loaded in `__init__` leaves no window in which a client could
   be told "not ready": its connection just waits. `warm_up_in_background` loads and
@@ -26,9 +28,11 @@ Three faults this module turns into clear, bounded behaviour (docs/hardening.md,
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -38,7 +42,7 @@ from pathlib import Path
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
-from settings import ServingSettings
+from settings import GrpcSettings, ServingSettings
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
 
@@ -62,6 +66,60 @@ def load_settings() -> ServingSettings:
         raise StartupError(f"invalid configuration (PNEUMONIA_* variables or settings file): {exc}") from None
     except ValueError as exc:  # e.g. an unreadable PNEUMONIA_SETTINGS_FILE
         raise StartupError(f"invalid configuration: {exc}") from None
+
+
+GRPC_WAYS_OUT = "set PNEUMONIA_GRPC__PORT to a free port or PNEUMONIA_GRPC__ENABLED=false"
+GRPC_HOST_WAYS_OUT = "set PNEUMONIA_GRPC__HOST to an address of this machine or PNEUMONIA_GRPC__ENABLED=false"
+_ANY_HOST = {"", "0.0.0.0", "::"}
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
+def http_address() -> tuple[str, int]:
+    """The host and port `bentoml serve` binds for HTTP: its --host/--port (or BENTOML_HOST/BENTOML_PORT), else
+    BentoML's configured defaults. Read from the running CLI command, as the `on_deployment` hook runs inside it."""
+    import click
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    context = click.get_current_context(silent=True)
+    params = context.params if context is not None else {}
+    return (str(params.get("host") or BentoMLContainer.http.host.get()),
+            int(params.get("port") or BentoMLContainer.http.port.get()))
+
+
+def check_grpc_port(grpc: GrpcSettings, http_host: str, http_port: int) -> None:
+    """Bind the gRPC host:port once, and let it go, in the `bentoml serve` process before any worker starts.
+
+    The workers bind it later with SO_REUSEPORT (serving/grpc/server.py); a port they cannot have would crash
+    every one of them in its start-up hook, and circus would restart them forever. This probe sets SO_REUSEADDR
+    (as gRPC does: a port with connections in TIME_WAIT is free) but not SO_REUSEPORT, so a port another process
+    listens on is refused even when that process shares it with SO_REUSEPORT (a second server on the default
+    gRPC port). It is closed again before the workers start; one that loses the port in between serves HTTP and
+    retries it (serving/grpc/server.py, `WorkerGrpc`). The HTTP port is bound only after this hook, so the
+    probe cannot see it taken: the gRPC port equal to the HTTP port is checked by number.
+    """
+    host = grpc.host.strip("[]")
+    hosts = {host, http_host.strip("[]")}
+    if grpc.port == http_port and (len(hosts) == 1 or hosts & _ANY_HOST or hosts <= _LOOPBACK):
+        raise StartupError(f"cannot serve: the gRPC port {grpc.address} is also the HTTP port "
+                           f"({http_host}:{http_port}); {GRPC_WAYS_OUT}")
+    try:
+        addresses = socket.getaddrinfo(host or None, grpc.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot serve: the gRPC host {grpc.host!r} does not resolve ({exc.strerror}); "
+                           f"{GRPC_HOST_WAYS_OUT}") from None
+    failures: list[OSError] = []
+    for family, kind, proto, _, sockaddr in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                failures.append(exc)
+    taken = [exc for exc in failures if exc.errno in (errno.EADDRINUSE, errno.EACCES)]
+    if taken or (failures and len(failures) == len(addresses)):  # taken, or no address of the host can be bound
+        exc = (taken or failures)[0]
+        ways_out = GRPC_HOST_WAYS_OUT if exc.errno == errno.EADDRNOTAVAIL else GRPC_WAYS_OUT
+        raise StartupError(f"cannot serve: the gRPC port {grpc.address} cannot be bound ({exc.strerror}); {ways_out}")
 
 
 class Readiness:

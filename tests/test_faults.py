@@ -13,6 +13,7 @@ scripts/fault_sigterm.py and kept with their output in docs/results/
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -152,18 +153,19 @@ def _accepts(port: int) -> bool:
         return False
 
 
-def _serve_until_exit(case: str, home: Path, env: dict[str, str], timeout: float = HANG_S) -> ServeRun:
+def _serve_until_exit(case: str, home: Path, env: dict[str, str], timeout: float = HANG_S,
+                      port: int | None = None) -> ServeRun:
     """`bentoml serve` that is expected to exit by itself; killed (whole group) if it does not.
 
-    Its HTTP port is probed every 50 ms from the start until the command exits, and once more after the
-    exit (before anything is killed): a refusal must come before the port is bound, and leave no process
-    behind that holds it.
+    Its HTTP port (`port`, else a free one) is probed every 50 ms from the start until the command exits, and
+    once more after the exit (before anything is killed): a refusal must come before the port is bound, and
+    leave no process behind that holds it. `env` may name the gRPC port; by default it is a free one.
     """
-    port = free_port()
+    port = port or free_port()
     args = [str(VENV_BIN / "bentoml"), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)]
     started = time.monotonic()
     process = subprocess.Popen(
-        args, env=server_env(BENTOML_HOME=str(home), PNEUMONIA_GRPC__PORT=str(free_port()), **env),
+        args, env=server_env(**{"BENTOML_HOME": str(home), "PNEUMONIA_GRPC__PORT": str(free_port()), **env}),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     accepted: list[float] = []
@@ -318,6 +320,11 @@ BAD_CONFIGS: dict[str, tuple[dict[str, str], str]] = {
     "unknown_engine": ({"PNEUMONIA_ENGINE": "onnx"}, "engine Input should be 'eager', 'folded', 'torchscript' or 'onnxruntime'"),
     "workers_not_a_number": ({"PNEUMONIA_WORKERS": "two"}, "workers Input should be a valid integer"),
     "settings_file_not_json": ({"PNEUMONIA_SETTINGS_FILE": "{settings}"}, "is not valid JSON"),
+    # One underscore where the nested setting has two: ignored before, which left the service open to anyone.
+    "mistyped_variable": ({"PNEUMONIA_SECURITY_API_KEYS": "mistyped-secret-key-0123456789"},
+                          "unknown environment variable PNEUMONIA_SECURITY_API_KEYS "
+                          "(did you mean PNEUMONIA_SECURITY__API_KEYS?)"),
+    "unknown_variable": ({"PNEUMONIA_FOO": "1"}, "unknown environment variable PNEUMONIA_FOO:"),
 }
 
 
@@ -331,4 +338,102 @@ def test_bad_configuration_stops_the_server_with_one_clear_line(production_tag: 
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = list(pool.map(lambda case: _serve_until_exit(case, bentoml_home, cases[case][0]), cases))
     problems = [problem for run in runs for problem in _stop_problems(run, "invalid configuration", cases[run.case][1])]
+    problems += [f"{run.case}: a value is echoed" for run in runs if "mistyped-secret-key" in run.output]
     assert not problems, "\n".join(problems) + "\n" + "\n---\n".join(r.output[-2000:] for r in runs)
+
+
+# --------------------------------------------------------------------------- the gRPC port
+
+
+GRPC_WAYS_OUT = "set PNEUMONIA_GRPC__PORT to a free port or PNEUMONIA_GRPC__ENABLED=false"
+
+
+def _listener(reuse_port: bool = False) -> socket.socket:
+    """A socket listening on a free loopback port, as another program (or, with SO_REUSEPORT, another server's
+    gRPC workers) would hold it."""
+    held = socket.socket()
+    if reuse_port:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind(("127.0.0.1", free_port()))
+    held.listen()
+    return held
+
+
+def test_taken_grpc_port_stops_the_server_with_one_clear_line(production_tag: str, bentoml_home: Path) -> None:
+    """A gRPC port another process listens on (with SO_REUSEPORT too: a second server on the same gRPC port would
+    otherwise share it silently), or the HTTP port itself: exit 1 with one line naming the port and both ways
+    out, before any worker starts. Before, every worker failed to bind in its start-up hook and circus restarted
+    it every ~10 s forever, HTTP never ready."""
+    http_port = free_port()
+    with _listener() as plain, _listener(reuse_port=True) as shared:
+        cases = {  # case: (gRPC port, HTTP port or None for a free one, text the one line must contain)
+            "held_by_another_program": (plain.getsockname()[1], None, "cannot be bound (Address already in use)"),
+            "held_by_another_server": (shared.getsockname()[1], None, "cannot be bound (Address already in use)"),
+            "the_http_port": (http_port, http_port, f"is also the HTTP port (127.0.0.1:{http_port})"),
+        }
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            runs = list(pool.map(lambda case: _serve_until_exit(
+                case, bentoml_home, {"PNEUMONIA_GRPC__HOST": "127.0.0.1", "PNEUMONIA_GRPC__PORT": str(cases[case][0])},
+                port=cases[case][1]), cases))
+    problems = [problem for run in runs
+                for problem in _stop_problems(run, "cannot serve:", f"the gRPC port 127.0.0.1:{cases[run.case][0]} "
+                                                                    f"{cases[run.case][2]}; {GRPC_WAYS_OUT}")]
+    problems += [f"{run.case}: a worker started" for run in runs if "startup hook" in run.output]
+    assert not problems, "\n".join(problems) + "\n" + "\n---\n".join(r.output[-2000:] for r in runs)
+
+
+def test_worker_that_loses_the_grpc_port_serves_http_and_binds_it_once_free(production_tag: str,
+                                                                           tmp_path: Path) -> None:
+    """The port is free when `bentoml serve` checks it and taken before the worker binds it (a race the check
+    cannot close): the worker logs one line, is ready over HTTP, is not restarted, and binds the port as soon as
+    it is let go. Cue: the start-up line that follows the check (no API keys), logged once, by `bentoml serve`."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    grpc_port, log = free_port(), tmp_path / "server.log"
+    cue = "no API keys configured"
+    held: list[socket.socket] = []
+    taking = threading.Event()
+    taking.set()
+
+    def take_port_after_check() -> None:
+        while taking.is_set():
+            if log.exists() and cue in log.read_text(errors="replace"):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", grpc_port))
+                sock.listen()
+                held.append(sock)
+                return
+            time.sleep(0.01)
+
+    taker = threading.Thread(target=take_port_after_check, daemon=True)
+    server = bentoml_serve(SERVICE, free_port(), log, PNEUMONIA_WORKERS="1", PNEUMONIA_GRPC__PORT=str(grpc_port))
+    taker.start()
+    try:
+        server.start(ready_timeout=HANG_S)  # ready over HTTP with its gRPC port taken
+        assert held, "the port was not taken after the check"
+        text = server.logs()
+        assert text.count(cue) == 1, text[-3000:]
+        assert f"cannot bind the gRPC port 127.0.0.1:{grpc_port}" in text and "serves HTTP only" in text, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+        assert httpx.post(server.url + "/health", json={}, timeout=30).json()["ready"] is True
+        held.pop().close()
+        deadline = time.monotonic() + HANG_S  # a hang detector: the worker retries every few seconds
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            while True:
+                try:
+                    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, server.logs()[-3000:]
+                time.sleep(0.2)
+        assert f"gRPC server listening on 127.0.0.1:{grpc_port}" in server.logs()
+        assert len(set(re.findall(r"worker (\d+) ready: model warm", server.logs()))) == 1  # never restarted
+    finally:
+        taking.clear()
+        for sock in held:
+            sock.close()
+        server.stop()
+        kill_group(server)

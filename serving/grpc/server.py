@@ -5,12 +5,21 @@ BentoML 1.4's service API cannot serve gRPC itself, so each worker starts a
 SO_REUSEPORT, which lets all workers share the port the way they share the
 HTTP socket. Besides `pneumonia.v1.Classifier` (servicer.py) it serves the
 standard health service (NOT_SERVING until the model is warm) and reflection.
+
+`bentoml serve` checks that the port can be bound before any worker starts
+(serving.lifecycle.check_grpc_port: exit 1 with one line). A worker that still
+cannot bind it (another process took it in the seconds in between) does not
+fail: `WorkerGrpc` logs one line, serves HTTP and tries the port again (after
+5 s, then twice as long each time, at most every minute), where an exception from
+the start-up hook would crash the worker and circus would restart it every ~10 s
+forever, HTTP never ready.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,7 +31,13 @@ from serving.grpc.interceptors import build_interceptors
 from serving.grpc.servicer import Classifier, ClassifierServicer
 from settings import ServingSettings
 
-logger = logging.getLogger("pneumonia.grpc")
+logger = logging.getLogger("bentoml.pneumonia.grpc")  # "bentoml.": BentoML's log configuration shows it
+
+BIND_RETRY_S = (5.0, 60.0)  # a worker that could not bind the gRPC port tries again after 5 s, then less often
+
+
+class BindError(RuntimeError):
+    """The gRPC port of this worker cannot be bound (taken by another process, or not an address of this host)."""
 
 
 @dataclass
@@ -75,8 +90,7 @@ async def start(service: Classifier, settings: ServingSettings) -> GrpcEndpoint:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    host = settings.grpc.host
-    address = f"[{host}]:{settings.grpc.port}" if ":" in host and not host.startswith("[") else f"{host}:{settings.grpc.port}"
+    address = settings.grpc.address
     tls = settings.grpc.tls
     try:
         if tls.enabled:  # TLS; with a client CA, mutual TLS (a client without a certificate it signed is refused)
@@ -88,7 +102,8 @@ async def start(service: Classifier, settings: ServingSettings) -> GrpcEndpoint:
         else:
             server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise RuntimeError(
+        await server.stop(None)  # never started; lets go of what the server holds
+        raise BindError(
             f"cannot bind the gRPC port {address} ({exc}); set PNEUMONIA_GRPC__PORT to a free port "
             "or PNEUMONIA_GRPC__ENABLED=false"
         ) from None
@@ -98,3 +113,41 @@ async def start(service: Classifier, settings: ServingSettings) -> GrpcEndpoint:
     logger.info("gRPC server listening on %s (%s)", address,
                 "mutual TLS" if tls.pem("client_ca_file") else "TLS" if tls.enabled else "plaintext")
     return endpoint
+
+
+class WorkerGrpc:
+    """The gRPC endpoint of one worker, started and stopped by the service's start-up and shutdown hooks.
+
+    A port this worker cannot bind is logged once, without a stack trace; the worker serves HTTP meanwhile and
+    tries the port again, after `retry_s[0]` seconds and then twice as long each time up to `retry_s[1]`, until
+    it binds (the usual "gRPC server listening" line then follows). gRPC's own library logs each failed try.
+    """
+
+    def __init__(self, service: Classifier, settings: ServingSettings,
+                 retry_s: tuple[float, float] = BIND_RETRY_S) -> None:
+        self.service, self.settings, self.retry_s = service, settings, retry_s
+        self.endpoint: GrpcEndpoint | None = None
+        self._retry: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        try:
+            self.endpoint = await start(self.service, self.settings)
+        except BindError as exc:
+            logger.error("%s; worker %d serves HTTP only and tries the gRPC port again in %g s, then less often",
+                         exc, os.getpid(), self.retry_s[0])
+            self._retry = asyncio.create_task(self._bind_later(), name="grpc-bind-retry")
+
+    async def _bind_later(self) -> None:
+        wait_s, most_s = self.retry_s
+        while self.endpoint is None:
+            await asyncio.sleep(wait_s)
+            try:
+                self.endpoint = await start(self.service, self.settings)
+            except BindError:
+                wait_s = min(2 * wait_s, most_s)
+
+    async def stop(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        if self.endpoint is not None:
+            await self.endpoint.stop()

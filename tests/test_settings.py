@@ -1,0 +1,94 @@
+"""Environment variables named PNEUMONIA_* that are not settings: refused at settings load, with a suggestion."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from harness.paths import ROOT
+from settings import OTHER_VARIABLES, ServingSettings, refuse_unknown_variables, setting_variables, suggestion
+
+SECRET = "not-to-be-echoed-0123456789"
+# Wrong on purpose: the names this file and the docs use as examples of mistakes.
+MISTAKES = {"PNEUMONIA_SECURITY_API_KEYS", "PNEUMONIA_API_KEYS", "PNEUMONIA_FOO", "PNEUMONIA_WORKER",
+            "PNEUMONIA_SETTING_FILE", "PNEUMONIA_GRPC_PORT", "PNEUMONIA_ENABLED", "PNEUMONIA_SECURITY__APIKEYS"}
+
+
+@pytest.mark.parametrize("typed,meant", [
+    ("PNEUMONIA_SECURITY_API_KEYS", "PNEUMONIA_SECURITY__API_KEYS"),  # one underscore where two belong
+    ("PNEUMONIA_API_KEYS", "PNEUMONIA_SECURITY__API_KEYS"),  # the section left out
+    ("PNEUMONIA_GRPC_PORT", "PNEUMONIA_GRPC__PORT"),
+    ("PNEUMONIA_SECURITY__APIKEYS", "PNEUMONIA_SECURITY__API_KEYS"),
+    ("PNEUMONIA_WORKER", "PNEUMONIA_WORKERS"),  # close spelling (difflib)
+    ("PNEUMONIA_SETTING_FILE", "PNEUMONIA_SETTINGS_FILE"),  # not a setting, but a name the project reads
+    ("PNEUMONIA_ENABLED", None),  # a section left out, but which one? no guess
+    ("PNEUMONIA_FOO", None),
+])
+def test_suggestion(typed: str, meant: str | None) -> None:
+    assert suggestion(typed, setting_variables()) == meant
+
+
+def test_unknown_variables_are_refused_by_name_never_by_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError) as error:
+        refuse_unknown_variables({"PNEUMONIA_SECURITY_API_KEYS": SECRET, "PNEUMONIA_FOO": "1", "HOME": "/root"})
+    message = str(error.value)
+    assert message.startswith("unknown environment variables PNEUMONIA_FOO, PNEUMONIA_SECURITY_API_KEYS "
+                              "(did you mean PNEUMONIA_SECURITY__API_KEYS?): "), message
+    assert SECRET not in message and "\n" not in message
+    monkeypatch.setenv("pneumonia_security_api_keys", SECRET)  # pydantic-settings reads names in any case
+    with pytest.raises(ValueError, match=r"pneumonia_security_api_keys \(did you mean PNEUMONIA_SECURITY__API_KEYS"):
+        ServingSettings()
+
+
+def test_settings_and_the_projects_other_variables_are_accepted() -> None:
+    known = setting_variables() | set(OTHER_VARIABLES)
+    assert {"PNEUMONIA_SECURITY__API_KEYS", "PNEUMONIA_SECURITY", "PNEUMONIA_GRPC__TLS__CERTFILE"} <= known
+    refuse_unknown_variables({name: "" for name in known} | {name.lower(): "" for name in known})
+
+
+def test_every_pneumonia_variable_the_repository_names_is_known() -> None:
+    """A PNEUMONIA_* name read by the client, the tests, a script or a doc, but missing from settings.py's
+    OTHER_VARIABLES, would stop `bentoml serve` started from a shell that has it set."""
+    try:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: the repository's files cannot be listed")
+    named: dict[str, str] = {}
+    for name in filter(None, files):
+        path = ROOT / name
+        if not path.is_file() or path.stat().st_size > 2_000_000:
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        for variable in re.findall(r"\bPNEUMONIA_[A-Z0-9_]*[A-Z0-9]\b", text):
+            named.setdefault(variable, name)
+    unknown = {variable: where for variable, where in named.items()
+               if variable not in setting_variables() | set(OTHER_VARIABLES) | MISTAKES
+               and not variable.startswith("PNEUMONIA_CLASSIFIER_")}  # Kubernetes' service links, see below
+    assert not unknown, f"add these to OTHER_VARIABLES (settings.py) or fix them: {unknown}"
+
+
+def test_kubernetes_service_links_are_not_settings_and_are_accepted() -> None:
+    """Kubernetes sets these in every pod for deploy/kubernetes' Service pneumonia-classifier (enableServiceLinks is
+    on by default); refusing them would stop every pod. A mistyped setting has no NAME_SERVICE_HOST beside it."""
+    links = {
+        "PNEUMONIA_CLASSIFIER_SERVICE_HOST": "10.96.0.17",
+        "PNEUMONIA_CLASSIFIER_SERVICE_PORT": "3000",
+        "PNEUMONIA_CLASSIFIER_SERVICE_PORT_HTTP": "3000",
+        "PNEUMONIA_CLASSIFIER_SERVICE_PORT_GRPC": "3001",
+        "PNEUMONIA_CLASSIFIER_PORT": "tcp://10.96.0.17:3000",
+        "PNEUMONIA_CLASSIFIER_PORT_3001_TCP": "tcp://10.96.0.17:3001",
+        "PNEUMONIA_CLASSIFIER_PORT_3001_TCP_PROTO": "tcp",
+        "PNEUMONIA_CLASSIFIER_PORT_3001_TCP_PORT": "3001",
+        "PNEUMONIA_CLASSIFIER_PORT_3001_TCP_ADDR": "10.96.0.17",
+    }
+    refuse_unknown_variables(links)
+    with pytest.raises(ValueError, match=r"PNEUMONIA_GRPC_PORT \(did you mean PNEUMONIA_GRPC__PORT\?\)"):
+        refuse_unknown_variables({**links, "PNEUMONIA_GRPC_PORT": "3001"})
+    with pytest.raises(ValueError, match="PNEUMONIA_CLASSIFIER_SERVICE_HOST"):  # not an address: not Kubernetes'
+        refuse_unknown_variables({"PNEUMONIA_CLASSIFIER_SERVICE_HOST": "classifier.example"})
