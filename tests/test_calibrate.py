@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from harness.payloads import sample_xrays
 from harness.servers import start_server
 from models_registry import production_tag as current_production
 from models_registry import list_models, promote, read_card, rollback
+from models_registry.calibrate import CalibrationRefused
+from models_registry.calibrate import calibrate as run_calibration
 from models_registry.store import stored_tags
 
 
@@ -77,24 +80,26 @@ def test_calibration_saves_a_new_version_and_leaves_the_original(production_tag:
     assert current_production() == production_tag
 
 
-@pytest.mark.parametrize("problem", ["too few", "one class missing", "unreadable file", "target above 1", "target nan",
-                                     "floor lowered", "report folder unwritable", "data is a file"])
+def test_calibration_refuses_bad_arguments_and_leaves_no_version(production_tag: str, tmp_path: Path) -> None:
+    """In process (the CLI's one-line answer to a RegistryError is checked below): each refusal, no new version."""
+    site = site_folder(tmp_path / "site", per_class=35)  # good data: only the argument is wrong
+    an_image = sorted((site / "NORMAL").iterdir())[0]
+    versions = stored_tags()
+    for options, expected in (({"target_sensitivity": 1.5}, "target sensitivity must be in (0, 1]"),
+                              ({"target_sensitivity": float("nan")}, "target sensitivity must be in (0, 1]"),
+                              ({"min_per_class": -5}, "at least 10 images of each class"),
+                              ({"report_dir": an_image / "report"}, "cannot write the report")):
+        with pytest.raises(CalibrationRefused, match=re.escape(expected)):
+            run_calibration(production_tag, site, **options)
+    with pytest.raises(CalibrationRefused, match="is not a folder"):
+        run_calibration(production_tag, an_image)
+    assert stored_tags() == versions
+
+
+@pytest.mark.parametrize("problem", ["too few", "one class missing", "unreadable file"])
 def test_calibration_refuses_data_it_cannot_trust(production_tag: str, tmp_path: Path, problem: str) -> None:
     """Each refusal is one line, exit 1, and leaves no new version behind."""
-    options: list[str] = []
-    if problem in ("target above 1", "target nan", "floor lowered", "report folder unwritable", "data is a file"):
-        site = site_folder(tmp_path / "site", per_class=35)  # good data: only the argument is wrong
-        an_image = sorted((site / "NORMAL").iterdir())[0]
-        options, expected = {
-            "target above 1": (["--target-sensitivity", "1.5"], "target sensitivity must be in (0, 1]"),
-            "target nan": (["--target-sensitivity", "nan"], "target sensitivity must be in (0, 1]"),
-            "floor lowered": (["--min-per-class", "-5"], "at least 10 images of each class"),
-            "report folder unwritable": (["--out", str(an_image / "report")], "cannot write the report"),
-            "data is a file": ([], "is not a folder"),
-        }[problem]
-        if problem == "data is a file":
-            site = an_image
-    elif problem == "too few":
+    if problem == "too few":
         site, expected = site_folder(tmp_path / "site", per_class=12), "too few usable images"
     elif problem == "one class missing":
         site = site_folder(tmp_path / "site", per_class=35)
@@ -105,7 +110,7 @@ def test_calibration_refuses_data_it_cannot_trust(production_tag: str, tmp_path:
         (site / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
         expected = "unreadable image(s)"
     versions = stored_tags()
-    result = calibrate(production_tag, "--data", str(site), *options)
+    result = calibrate(production_tag, "--data", str(site))
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
