@@ -2,8 +2,9 @@
 
 Promotion lives in `<BENTOML_HOME>/model_registry/<model>.json`, beside the
 store it describes, so a freshly started service sees a promotion without any
-code change. It stays outside `<BENTOML_HOME>/models/`: BentoML reads every entry
-there as a model name, and a stray folder makes `bentoml models list` fail. A store that holds no promotion record but exactly one model (for
+code change. It stays outside `<BENTOML_HOME>/models/`: BentoML reads every
+entry there as a model name, and a stray folder makes `bentoml models list`
+fail. A store that holds no promotion record but exactly one model (for
 example the store packed inside a Bento or container image) serves that model.
 """
 
@@ -192,6 +193,7 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
 
 
 def is_stored(tag: str) -> bool:
+    """Whether `tag` is in the store (a promotion record can outlive its model: `bentoml models delete`)."""
     try:
         bentoml.models.get(tag)
     except NotFound:
