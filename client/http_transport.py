@@ -78,11 +78,11 @@ def _transport_error(exc: httpx.HTTPError, url: str) -> ClientError:
     return Unavailable(f"cannot reach the service at {url}: {exc}")
 
 
-
 def _base_url(url: str | None, tls: TLS | None) -> str:
     """`host:port` as people type it gets the scheme the TLS settings imply (http, or https with `tls`)."""
     url = (url or DEFAULT_HTTP_URL).rstrip("/")
     return url if "://" in url else f"{'https' if tls is not None else 'http'}://{url}"
+
 
 class HttpClient:
     """Synchronous HTTP client. `headers` go with every request (e.g. credentials); `tls` for https:// servers

@@ -35,8 +35,8 @@ from models_registry.loader import load_model
 from models_registry.store import RegistryError, derive_model
 
 MIN_PER_CLASS = 30
-FLOOR_PER_CLASS = 2 * 5  # two images of each class in each of the FOLDS held-out parts, at the very least
 FOLDS = 5
+FLOOR_PER_CLASS = 2 * FOLDS  # two images of each class in each of the held-out parts, at the very least
 
 
 class CalibrationRefused(RegistryError):

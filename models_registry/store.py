@@ -264,9 +264,7 @@ def rollback(name: str = MODEL_NAME) -> str:
     record = _read_record(name)
     while record["history"]:
         previous = record["history"].pop()
-        try:
-            bentoml.models.get(previous)
-        except NotFound:
+        if not is_stored(previous):
             continue  # deleted since; skip to the one before
         record["production"] = previous
         record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(), "rolled_back_to": previous})
