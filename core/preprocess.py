@@ -202,10 +202,20 @@ def _grid(image: Image.Image, config: PreprocessConfig, original_side: int,
     return np.array(gray, dtype=np.uint8), preview
 
 
-def _low_resolution(width: int, height: int, config: PreprocessConfig) -> list[str]:
+# Chest radiographs are taken on 14x17 or 17x14 inch plates and cropped from them; a side more than this many
+# times the other is a strip, a panorama or a collage, which the square resize below would squeeze out of shape.
+MAX_ASPECT = 2.5
+
+
+def _shape_notes(width: int, height: int, config: PreprocessConfig) -> list[str]:
+    """Warnings about the decoded size: too few pixels, or a shape no chest radiograph has."""
+    notes = []
     if min(width, height) < 2 * config.image_size // 3:
-        return [f"low resolution ({width}x{height}); the model expects at least {config.image_size} px"]
-    return []
+        notes.append(f"low resolution ({width}x{height}); the model expects at least {config.image_size} px")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        notes.append(f"unusual shape ({width}x{height}, {max(width, height) / min(width, height):.1f}:1); it is "
+                     f"squeezed to a square for the model, and chest X-rays are within {MAX_ASPECT}:1")
+    return notes
 
 
 def prepare(
@@ -248,7 +258,7 @@ def prepare(
         raise
     except Exception as exc:  # truncated data, bad CRC, decoder errors
         raise ImageRejected("corrupt", f"the image could not be decoded: {exc}") from None
-    notes += _low_resolution(width, height, config)
+    notes += _shape_notes(width, height, config)
     if coloured:
         notes.append("colour image: it may not be a radiograph")
     return PreparedImage(pixels=pixels, width=width, height=height, mode=mode, format=fmt, warnings=tuple(notes),
@@ -284,7 +294,7 @@ def _prepare_dicom(data: bytes, config: PreprocessConfig, limits: InputLimits, p
         pixels, preview = _grid(read.image, config, max(read.width, read.height), preview_side)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory on a pathological image
         raise ImageRejected("corrupt", f"the DICOM image could not be resized ({type(exc).__name__})") from None
-    notes += _low_resolution(read.width, read.height, config)
+    notes += _shape_notes(read.width, read.height, config)
     if coloured:
         notes.append("colour image: it may not be a radiograph")
     return PreparedImage(pixels=pixels, warnings=tuple(notes), preview=preview, **common)

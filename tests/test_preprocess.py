@@ -189,6 +189,14 @@ def test_warnings_for_colour_and_low_resolution() -> None:
     assert any("low resolution" in w for w in prepare(encode(gradient((100, 100)), "PNG"), CONFIG).warnings)
 
 
+@pytest.mark.parametrize(("size", "warned"), [((5000, 200), True), ((200, 5000), True), ((2000, 801), False),
+                                              ((1000, 1250), False)])
+def test_a_shape_no_chest_xray_has_is_warned_about(size: tuple[int, int], warned: bool) -> None:
+    """A strip or panorama is squeezed to the model's square grid: answered, but with a warning that says so."""
+    notes = prepare(encode(gradient(size), "PNG"), CONFIG).warnings
+    assert any(w.startswith(f"unusual shape ({size[0]}x{size[1]}") for w in notes) is warned, notes
+
+
 def test_multi_frame_images_use_the_first_frame_and_say_so() -> None:
     frames = [gradient((120, 120)), gradient((120, 120)).rotate(180)]
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
