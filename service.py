@@ -46,6 +46,7 @@ from serving.explain import PREVIEW_SIDE, ExplainerPool, shared_slots
 from serving.grpc import server as grpc_server
 from serving.http import HttpGuard
 from serving.http.decoding import PREDECODED
+from serving.http.traffic_metrics import label_by_route
 from serving.lifecycle import (READINESS, StartupError, check_grpc_port, http_address, load_settings,
                                warm_up_in_background)
 
@@ -397,3 +398,5 @@ PneumoniaClassifier.add_asgi_middleware(HttpGuard, settings=SETTINGS, upload_rou
                                         decode_pool=DECODE_POOL)
 # The web page (serving/ui/): static files, no build step, nothing fetched from elsewhere.
 PneumoniaClassifier.mount_asgi_app(ui.app, path=ui.PATH, name="ui")
+# BentoML's request metrics carry the route, not the raw path: a scanner's URLs cannot grow /metrics without bound.
+label_by_route([method.route for method in PneumoniaClassifier.apis.values()])

@@ -125,6 +125,25 @@ def test_metrics_move_with_traffic(server: ServerProcess, production_tag: str) -
     assert "bentoml_service_request_total" in after
 
 
+def test_request_metrics_are_labelled_by_route_not_by_raw_path(server: ServerProcess) -> None:
+    """BentoML labels its request metrics with the path as sent: every URL a scanner tries would add its own series
+    to /metrics. Unknown paths count as `unmatched`, the web page's files as `/ui`; routing still sees the real path."""
+    requests = lambda text, endpoint: metric_total(text, "bentoml_service_request_total", endpoint=endpoint)  # noqa: E731
+    before = metrics(server)
+    probes = [f"/no-such-route-{k}" for k in range(5)] + ["/ui/../service.py"]
+    assert all(httpx.get(server.url + path, timeout=30).status_code == 404 for path in probes)
+    page = httpx.get(server.url + "/ui/", timeout=30)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert httpx.get(server.url + "/ui/no-such-file.js", timeout=30).status_code == 404
+    ok = classify(server, [(p.name, p.read_bytes()) for p in sample_xrays(1, offset=41)])
+    assert ok.status_code == 200
+    after = metrics(server)
+    assert "no-such" not in after and "service.py" not in after
+    assert requests(after, "unmatched") - requests(before, "unmatched") == len(probes)
+    assert requests(after, "/ui") - requests(before, "/ui") == 2
+    assert requests(after, "/classify") - requests(before, "/classify") == 1
+
+
 TRUNCATED = sample_xrays(1)[0].read_bytes()[:3000]
 
 

@@ -39,7 +39,6 @@ from serving.http.body import ClientGone, read_body
 from serving.http.decoding import PREDECODED, Predecoder
 from serving.http.responses import (
     REFUSED,
-    UI_PATH,
     ASGIApp,
     Call,
     GuardError,
@@ -47,8 +46,8 @@ from serving.http.responses import (
     Responder,
     Scope,
     Send,
-    is_ui,
     reject,
+    route_label,
     send_json,
 )
 from serving.security import API_KEY_HEADER, shared_policy
@@ -166,13 +165,12 @@ class HttpGuard:
                 spool.close()
 
     def _log(self, scope: Scope, headers: Headers, call: Call, responder: Responder) -> None:
-        route = call.route or (scope["path"] if scope["path"] in self.known_routes else None)
-        route = route or (UI_PATH if is_ui(scope["path"]) else None)
+        route = call.route or route_label(scope["path"], self.known_routes)
         fields: dict[str, Any] = {
             "request_id": call.request_id,
             "transport": "http",
             "method": scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER",
-            "route": route or "unmatched",
+            "route": route,
             "status": call.status or 500,
             "duration_ms": round((time.perf_counter() - call.started) * 1000, 2),
             "images": call.images,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,14 @@ UI_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'sel
 def is_ui(path: str) -> bool:
     """True for the web page and its files (open, not rate limited, with the strict `UI_CSP`)."""
     return path == UI_PATH or path.startswith(UI_PATH + "/")
+
+
+def route_label(path: str, known_routes: Collection[str]) -> str:
+    """A bounded name for `path` in logs and metrics: a known route as itself, the web page's files as `UI_PATH`,
+    anything else `unmatched` (a raw path would give every URL a scanner tries its own label)."""
+    if path in known_routes:
+        return path
+    return UI_PATH if is_ui(path) else "unmatched"
 
 REFUSED = bentoml.metrics.Counter(
     name="pneumonia_http_refused_total",
