@@ -242,6 +242,22 @@ def test_grpc_calls_are_counted_in_metrics(server: ServerProcess, stub: pb_grpc.
     assert metric(server, "pneumonia_grpc_server_handling_seconds_count", grpc_method="Classify") - before_latency == 3
 
 
+def test_a_body_that_is_not_a_protobuf_message_is_invalid_argument(server: ServerProcess, channel: grpc.Channel,
+                                                                   stub: pb_grpc.ClassifierStub) -> None:
+    """grpcio itself answered a body that does not parse with UNKNOWN, naming Python's DecodeError, uncounted."""
+    raw = channel.unary_unary(f"/{SERVICE}/Classify")  # no serialisers: the bytes go out as they are
+    bad = {"grpc_service": SERVICE, "grpc_method": "Classify", "grpc_code": "INVALID_ARGUMENT"}
+    before = metric(server, "pneumonia_grpc_server_handled_total", **bad)
+    for body in (b"\xff\xff\xff\xff\xff", bytes([0x0A, 6, 0x12, 4, 0xFF, 0xFE, 0, 1])):  # bad wire format; bad UTF-8
+        with pytest.raises(grpc.RpcError) as info:
+            raw(body, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "not a valid protobuf message" in info.value.details() and "Error" not in info.value.details()
+    assert metric(server, "pneumonia_grpc_server_handled_total", **bad) - before == 2
+    path = sample_xrays(1, offset=6)[0]
+    assert len(stub.Classify(pb.ClassifyRequest(images=[image(path)]), timeout=60).predictions) == 1
+
+
 @pytest.mark.slow
 def test_two_workers_share_the_grpc_port(tmp_path: Path, production_tag: str) -> None:
     """On the bound port of a server whose models are not warm yet, a call gets UNAVAILABLE from the servicer;

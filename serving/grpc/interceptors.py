@@ -1,4 +1,4 @@
-"""The interceptors of the gRPC server, outermost first (`build_interceptors`): metrics, then access.
+"""The interceptors of the gRPC server, outermost first (`build_interceptors`): metrics, access, then parsing.
 
 Metrics: every call counted by method and final status code, and its latency,
 for /metrics. Access: API keys and rate limits, the same `AccessPolicy` as HTTP
@@ -6,7 +6,9 @@ for /metrics. Access: API keys and rate limits, the same `AccessPolicy` as HTTP
 `authorization: Bearer KEY`; the client is the peer address when no valid key
 names it. A refused call ends with UNAUTHENTICATED (one message whatever was
 wrong) or RESOURCE_EXHAUSTED with a `retry-after` trailer in seconds. Health
-checks and reflection stay open and unthrottled, like /livez, /readyz and the docs page.
+checks and reflection stay open and unthrottled, like /livez, /readyz and the docs page. Parsing: a request
+body that is not a valid protobuf message ends the call with INVALID_ARGUMENT, counted and after the access
+checks, instead of grpcio's UNKNOWN (which names the decoder's exception class) and a traceback in the log.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextvars
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import bentoml
@@ -178,6 +181,49 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+@dataclass(frozen=True)
+class Unparsed:
+    """What a request body that does not parse becomes, so that the call reaches the interceptors' behaviours."""
+
+    error: str
+
+
+class ParseInterceptor(grpc.aio.ServerInterceptor):
+    """Turns a request body that is not a valid message of the method's type into INVALID_ARGUMENT.
+
+    grpcio parses the body before any interceptor's behaviour runs and answers a parse error itself, with status
+    UNKNOWN, a message naming the Python exception class, an ERROR traceback in the log and no count in /metrics.
+    Here the parser returns `Unparsed` instead, and the innermost behaviour aborts with a fixed message."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        parse, behaviour = handler.request_deserializer, handler.unary_unary
+        message = (f"the request is not a valid protobuf message for {handler_call_details.method}; "
+                   "build it from the published api/proto/pneumonia/v1/classifier.proto")
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:  # noqa: BLE001 - DecodeError, bad UTF-8 in a string field, ...
+                return Unparsed(type(exc).__name__)
+
+        async def parsed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Unparsed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            result = behaviour(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        return grpc.unary_unary_rpc_method_handler(
+            parsed, request_deserializer=tolerant, response_serializer=handler.response_serializer
+        )
+
+
 def _text(value: str | bytes | None) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
@@ -194,4 +240,4 @@ def classifier_access(security: SecuritySettings, service_name: str) -> AccessIn
 
 def build_interceptors(settings: ServingSettings, service_name: str) -> list[grpc.aio.ServerInterceptor]:
     """Every interceptor of the gRPC server, outermost first."""
-    return [MetricsInterceptor(), classifier_access(settings.security, service_name)]
+    return [MetricsInterceptor(), classifier_access(settings.security, service_name), ParseInterceptor()]
