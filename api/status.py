@@ -35,7 +35,10 @@ REASONS_METADATA_KEY = "pneumonia-reject-reasons"  # gRPC trailing metadata: com
 
 
 def grpc_code_name(http_status: int, reasons: Sequence[str] = ()) -> str:
-    """The gRPC status (by name) that answers what HTTP answers with `http_status` and these reasons."""
-    if http_status == 400 and reasons and reasons[0] in LIMIT_REASONS:
+    """The gRPC status (by name) that answers what HTTP answers with `http_status` and these reasons.
+
+    RESOURCE_EXHAUSTED only when every reason is a limit: a request that is also malformed is INVALID_ARGUMENT
+    whatever the order of its images."""
+    if http_status == 400 and reasons and all(reason in LIMIT_REASONS for reason in reasons):
         return "RESOURCE_EXHAUSTED"
     return HTTP_TO_GRPC.get(http_status, "INTERNAL")

@@ -258,6 +258,16 @@ def test_a_body_that_is_not_a_protobuf_message_is_invalid_argument(server: Serve
     assert len(stub.Classify(pb.ClassifyRequest(images=[image(path)]), timeout=60).predictions) == 1
 
 
+def test_a_malformed_image_beside_an_oversized_one_is_invalid_argument_in_either_order(
+        stub: pb_grpc.ClassifierStub) -> None:
+    """The status followed the first image's reason: the same two images gave two codes, by order."""
+    bomb, garbage = pb.Image(data=png_bomb(), filename="bomb.png"), pb.Image(data=b"notanimage", filename="x.bin")
+    for images in ([bomb, garbage], [garbage, bomb]):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(pb.ClassifyRequest(images=images), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+
+
 @pytest.mark.slow
 def test_two_workers_share_the_grpc_port(tmp_path: Path, production_tag: str) -> None:
     """On the bound port of a server whose models are not warm yet, a call gets UNAVAILABLE from the servicer;
