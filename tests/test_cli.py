@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import shutil
 import subprocess
 import sys
@@ -67,6 +69,93 @@ def test_training_commands_fail_with_one_line(production_tag: str, tmp_path: Pat
     # The shipped model with itself: refused before any data is read, with the reason.
     one_clear_line(run("training.ensemble", "--models", production_tag, production_tag, "--data-dir", str(tmp_path),
                        "--out", str(tmp_path / "ensemble")), 2, "listed twice")
+
+
+def test_a_failed_export_leaves_the_previous_one_whole(production_tag: str, tmp_path: Path) -> None:
+    """training.export wrote the new archive before reading the run's files: a run without metrics.json left a new
+    archive beside the old provenance. Now --out is replaced only when the whole export is ready."""
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    run_dir.mkdir()
+    (run_dir / "model_tag.txt").write_text(production_tag + "\n")
+    (run_dir / "config.json").write_text(json.dumps({"data_dir": "somewhere"}))
+    (run_dir / "stress.md").write_text("| stress |\n")
+    out.mkdir()
+    before = {name: f"the previous {name}" for name in ("pneumonia-classifier.bentomodel", "provenance.json",
+                                                         "PROVENANCE.md")}
+    for name, text in before.items():
+        (out / name).write_text(text)
+    one_clear_line(run("training.export", "--run", str(run_dir), "--out", str(out), "--allow-dirty"), 2, "metrics.json")
+    assert {path.name: path.read_text() for path in out.iterdir()} == before  # and no scratch folder left behind
+
+
+@pytest.mark.parametrize(("module", "argv", "words"), [
+    ("training.train", ["--epochs", "0"], "argument --epochs: must be >= 1, not 0"),
+    ("training.train", ["--batch-size", "0"], "argument --batch-size: must be >= 1, not 0"),
+    ("training.train", ["--target-sensitivity", "2"], "argument --target-sensitivity: must be in (0, 1], not 2"),
+    ("training.train", ["--lr", "nan"], "argument --lr: must be > 0, not nan"),
+    ("training.train", ["--ema-decay", "1.5"], "argument --ema-decay: must be in [0, 1), not 1.5"),
+    ("training.train", ["--max-per-class", "0"], "argument --max-per-class: must be >= 1, not 0"),
+    ("training.train", ["--epochs", "x"], "argument --epochs: 'x' is not an integer"),
+    ("training.crossval", ["--folds", "1"], "argument --folds: must be >= 2, not 1"),
+    ("training.crossval", ["--folds", "3", "--fold", "5"], "argument --fold: 5 is not a fold of --folds 3"),
+    ("training.compare", ["--models", "a", "--target-sensitivity", "1.5"], "must be in (0, 1], not 1.5"),
+    ("training.evaluate", ["--batch-size", "-3"], "argument --batch-size: must be >= 1, not -3"),
+    ("training.gate", ["--max-refusals", "2"], "argument --max-refusals: must be in (0, 1), not 2"),
+])
+def test_out_of_range_options_are_refused_before_any_work(module: str, argv: list[str], words: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked by argparse: exit 2 naming the option, before an image is read (a bad --target-sensitivity used to
+    fail with an IndexError after the whole training, its weights lost)."""
+    command = importlib.import_module(module)
+    required = ["--data-dir", "d"] + (["--out", "o"] if module in ("training.train", "training.crossval") else [])
+    with pytest.raises(SystemExit) as exit_:
+        if module == "training.crossval":  # --fold against --folds is checked by its main, before the data is read
+            command.main([*required, *argv])
+        else:
+            command.get_args_parser().parse_args([*required, *argv])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def few_patients(data_dir: Path, root: Path, per_class: int) -> Path:
+    """A training folder of the first `per_class` X-rays of each class, as symlinks (files sort by patient)."""
+    for name in ("NORMAL", "PNEUMONIA"):
+        (root / "train" / name).mkdir(parents=True)
+        for path in sorted((data_dir / "train" / name).iterdir())[:per_class]:
+            (root / "train" / name / path.name).symlink_to(path)
+    return root
+
+
+def test_training_refuses_a_run_folder_it_would_overwrite_or_cannot_make(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A second run into the same --out replaced config.json at once and the weights at the end (an interrupted re-run
+    left a mix); now it is refused before any image is read, unless --overwrite."""
+    from training.train import cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert cli(["--data-dir", str(tmp_path / "no-data"), "--out", str(out)]) == 2
+    assert "already holds a run (config.json)" in capsys.readouterr().err and (out / "config.json").read_text() == "{}"
+    (tmp_path / "a-file").write_text("")
+    assert cli(["--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "a-file" / "run")]) == 2
+    assert "cannot make the run folder" in capsys.readouterr().err
+    # --overwrite gets past the check, to the next problem: the missing data folder
+    assert cli(["--data-dir", str(tmp_path / "no-data"), "--out", str(out), "--overwrite"]) == 2
+    assert "no-data" in capsys.readouterr().err
+
+
+def test_scoring_a_model_on_other_data_or_with_too_many_folds_is_refused(production_tag: str, data_dir: Path,
+                                                                         tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """training.stress (and gate, compare, framing_views) scored a model on any folder as if it were its run's
+    held-out patients, and gate saved a model from it; crossval with more folds than patients raised sklearn's error."""
+    folder = few_patients(data_dir, tmp_path / "few", per_class=2)
+    one_clear_line(run("training.stress", "--model", production_tag, "--data-dir", str(folder)), 2,
+                   "is not the data", production_tag)
+    from training.crossval import main as crossval
+
+    assert crossval(["--data-dir", str(folder), "--out", str(tmp_path / "cv"), "--folds", "3"]) == 2
+    assert "--folds 3 needs at least 3 patients of each class; the data has 1 in its smaller class" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [[], ["--aug-rotate-deg", "4", "--aug-scale", "0.9", "1.2", "--aug-erase-p", "0"]])

@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from core.calibration import choose_threshold, fit_temperature
 from core.metrics import specificity_at
-from training import run_command
+from training import bounded, run_command
 from training.stress import STRESSES, stressed_logits
 
 SHOWN = ("clean", "flatter contrast at 10 % scale (-50 %)", "zoom in 15 %", "border padding 10 %", "random acquisition mix")
@@ -64,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", required=True, help="stored model tags (the first one's split is used)")
     p.add_argument("--data-dir", type=Path, required=True, help="the folder the models were trained on")
     p.add_argument("--ensemble", action="store_true", help="also score the average of all the models' logits")
-    p.add_argument("--target-sensitivity", type=float, default=0.97)
+    p.add_argument("--target-sensitivity", type=bounded(float, 0, 1, low_open=True), default=0.97)
     p.add_argument("--json", type=Path, default=None, help="also write every figure here")
     return p
 
@@ -83,7 +83,8 @@ def _compare(args: argparse.Namespace) -> int:
     if len({(m.card.preprocess.image_size, m.card.preprocess.dicom_window) for m in models}) != 1:
         raise ValueError("the models take different input grids (image size or DICOM window); "
                          "compare models of one grid size")
-    val = held_out_samples(args.data_dir, models[0].card.training_config, models[0].tag)
+    val = held_out_samples(args.data_dir, models[0].card.training_config, models[0].tag,
+                           models[0].card.data_fingerprint)
     labels = np.array([s.label for s in val])
 
     def every_model(grids: np.ndarray) -> np.ndarray:  # (N, models): each stressed grid is made once for all

@@ -27,7 +27,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from core.calibration import fit_temperature
 from core.metrics import expected_calibration_error, specificity_at
 from core.preprocess import to_tensor
-from training import one_line
+from training import bounded, one_line
 from training.data import DataFolderError, LoadedSplit, first_per_class, load_samples, scan_split
 from training.stress import stressed_logits
 from training.train import (choose_operating_point, get_args_parser, preprocess_config, single_process_device,
@@ -129,14 +129,17 @@ def get_parser() -> argparse.ArgumentParser:
     parser = get_args_parser()
     parser.description = __doc__.split("\n\n")[0]
     g = parser.add_argument_group("cross-validation")
-    g.add_argument("--folds", type=int, default=5, help="number of patient-level folds")
-    g.add_argument("--fold", type=int, action="append", default=None, help="run only this fold, counted from 0 (repeatable); the table covers the folds done so far")
+    g.add_argument("--folds", type=bounded(int, 2), default=5, help="number of patient-level folds")
+    g.add_argument("--fold", type=bounded(int, 0), action="append", default=None, help="run only this fold, counted from 0 (repeatable); the table covers the folds done so far")
     parser.set_defaults(select="last", register=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.fold and max(args.fold) >= args.folds:
+        parser.error(f"argument --fold: {max(args.fold)} is not a fold of --folds {args.folds} (0 to {args.folds - 1})")
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
     try:
@@ -146,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     labels = np.array([s.label for s in samples])
     groups = np.array([s.patient for s in samples])
+    fewest = min(len(set(groups[labels == label])) for label in (0, 1))
+    if args.folds > fewest:  # a fold would hold out no patient of a class (or sklearn would raise)
+        print(f"error: --folds {args.folds} needs at least {args.folds} patients of each class; "
+              f"the data has {fewest} in its smaller class", file=sys.stderr)
+        return 2
     splitter = StratifiedGroupKFold(n_splits=args.folds, shuffle=True, random_state=args.seed)
     preprocess = preprocess_config(args)
     (args.out / "config.json").write_text(json.dumps(

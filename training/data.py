@@ -87,13 +87,27 @@ def first_per_class(samples: list[Sample], max_per_class: int | None) -> list[Sa
     return [s for label in range(len(CLASS_NAMES)) for s in [x for x in samples if x.label == label][:max_per_class]]
 
 
-def held_out_samples(data_dir: Path, training_config: dict, tag: str) -> list[Sample]:
-    """The validation patients a stored model's run held out (its card's training config), for scoring it again."""
+def run_split(data_dir: Path, training_config: dict, tag: str, data_fingerprint: str = "") -> tuple[list[Sample], list[Sample]]:
+    """The training and validation patients of a stored model's run (its card's training config), refused when
+    `data_dir` is not the data it was trained on: figures on other images would pass for its validation figures.
+
+    `data_fingerprint` is the card's; the check is skipped without one, or when the run dropped unreadable images
+    (`--skip-bad-images`: its fingerprint covers only the images it kept)."""
     if not {"split", "val_fraction", "seed"} <= set(training_config):
         raise ValueError(f"model {tag} does not record its training split (no training config in its card)")
-    _, val = training_split(data_dir, training_config["split"], training_config["val_fraction"],
-                            training_config["seed"], training_config.get("max_per_class"))
-    return val
+    train, val = training_split(data_dir, training_config["split"], training_config["val_fraction"],
+                                training_config["seed"], training_config.get("max_per_class"))
+    if data_fingerprint and not training_config.get("skip_bad_images"):
+        found = fingerprint(train + val)
+        if found != data_fingerprint:
+            raise DataFolderError(f"{data_dir} is not the data {tag} was trained on (data fingerprint {found[:12]}, "
+                                  f"its card's {data_fingerprint[:12]}); give the folder its run used")
+    return train, val
+
+
+def held_out_samples(data_dir: Path, training_config: dict, tag: str, data_fingerprint: str = "") -> list[Sample]:
+    """The validation patients a stored model's run held out, for scoring it again (see `run_split`)."""
+    return run_split(data_dir, training_config, tag, data_fingerprint)[1]
 
 
 def split_by_patient(

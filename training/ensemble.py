@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from training import run_command
+from training import bounded, run_command
 
 # The member's training options that decide its patient split and input grid: the ensemble's run reuses them.
 SHARED_OPTIONS = ("split", "val_fraction", "max_per_class", "skip_bad_images", "seed", "image_size",
@@ -38,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run folder for config, metrics, stress table, plots")
     p.add_argument("--no-tta", dest="tta", action="store_false",
                    help="average the members' logits on the image only, without its mirror image (half the compute)")
-    p.add_argument("--target-sensitivity", type=float, default=0.97)
+    p.add_argument("--target-sensitivity", type=bounded(float, 0, 1, low_open=True), default=0.97)
     p.add_argument("--threshold-policy", choices=["clean", "stressed"], default="stressed")
     p.add_argument("--no-gate", action="store_true", help="save the ensemble without an input-validity gate")
     p.add_argument("--no-register", dest="register", action="store_false", help="do not save into the BentoML store")

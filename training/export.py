@@ -19,7 +19,9 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -55,45 +57,55 @@ def _export(args: argparse.Namespace) -> int:
               "changes), so no commit reproduces it; commit, retrain and export again, or pass --allow-dirty",
               file=sys.stderr)
         return 2
-    crossval = None
-    if args.crossval is not None:
-        crossval = (args.crossval / "summary.md").read_text()
-    args.out.mkdir(parents=True, exist_ok=True)
-    archive = args.out / f"{MODEL_NAME}.bentomodel"
-    export_model(tag, archive)
-    size = archive.stat().st_size
-    if size > MAX_BYTES:
-        print(f"error: {archive} is {size / 1e6:.1f} MB, over the 10 MB limit for the repository", file=sys.stderr)
-        return 1
+    # Everything is read first and written into a scratch folder beside the target; the files in --out are replaced
+    # only once all are complete, so a failed export (a missing run file, an archive over the limit) leaves the
+    # shipped model and its provenance as they were, matching each other.
+    crossval = (args.crossval / "summary.md").read_text() if args.crossval is not None else None
     config = json.loads((args.run / "config.json").read_text())
     metrics = json.loads((args.run / "metrics.json").read_text())
-    provenance = {
-        "model_tag": tag,
-        "archive": archive.name,
-        "archive_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
-        "archive_bytes": size,
-        "weights_sha256": card.weights_sha256,
-        "command": config.get("command") or args.command,
-        "data_dir": config["data_dir"],
-        "data_fingerprint": card.data_fingerprint,
-        "code_version": card.code_version,
-        "training_seconds": metrics["training_seconds"],
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "architecture": card.spec.model_dump(),
-        "preprocess": card.preprocess.model_dump(),
-        "temperature": card.temperature,
-        "threshold": card.threshold,
-        "target_sensitivity": card.target_sensitivity,
-        "validation": card.val_metrics,
-        "run": str(args.run),
-        "code_dirty": dirty,
-        "stress_table": (args.run / "stress.md").read_text().strip(),
-        "validity_report": (args.run / "validity.md").read_text().strip() if (args.run / "validity.md").exists() else None,
-        "crossval_summary": crossval.strip() if crossval else None,
-        "crossval_run": str(args.crossval) if args.crossval else None,
-    }
-    (args.out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    (args.out / "PROVENANCE.md").write_text(_markdown(provenance))
+    stress_table = (args.run / "stress.md").read_text().strip()
+    validity = args.run / "validity.md"
+    args.out.mkdir(parents=True, exist_ok=True)
+    archive = args.out / f"{MODEL_NAME}.bentomodel"
+    with tempfile.TemporaryDirectory(dir=args.out, prefix=".export-") as scratch:
+        staged = Path(scratch) / archive.name
+        if archive.is_file():  # export_model keeps an archive of the same files byte for byte (no churn in git)
+            shutil.copy2(archive, staged)
+        export_model(tag, staged)
+        size = staged.stat().st_size
+        if size > MAX_BYTES:
+            print(f"error: {archive} would be {size / 1e6:.1f} MB, over the 10 MB limit for the repository; "
+                  "nothing in --out was changed", file=sys.stderr)
+            return 1
+        provenance = {
+            "model_tag": tag,
+            "archive": archive.name,
+            "archive_sha256": hashlib.sha256(staged.read_bytes()).hexdigest(),
+            "archive_bytes": size,
+            "weights_sha256": card.weights_sha256,
+            "command": config.get("command") or args.command,
+            "data_dir": config["data_dir"],
+            "data_fingerprint": card.data_fingerprint,
+            "code_version": card.code_version,
+            "training_seconds": metrics["training_seconds"],
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+            "architecture": card.spec.model_dump(),
+            "preprocess": card.preprocess.model_dump(),
+            "temperature": card.temperature,
+            "threshold": card.threshold,
+            "target_sensitivity": card.target_sensitivity,
+            "validation": card.val_metrics,
+            "run": str(args.run),
+            "code_dirty": dirty,
+            "stress_table": stress_table,
+            "validity_report": validity.read_text().strip() if validity.exists() else None,
+            "crossval_summary": crossval.strip() if crossval else None,
+            "crossval_run": str(args.crossval) if args.crossval else None,
+        }
+        (Path(scratch) / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        (Path(scratch) / "PROVENANCE.md").write_text(_markdown(provenance))
+        for name in (archive.name, "provenance.json", "PROVENANCE.md"):
+            os.replace(Path(scratch) / name, args.out / name)
     print(f"wrote {archive} ({size / 1e6:.1f} MB), provenance.json and PROVENANCE.md")
     return 0
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from core.preprocess import to_tensor
-from training import run_command
+from training import bounded, run_command
 from training.compare import SHOWN, format_table, summarise
 from training.stress import STRESSES, stressed_logits
 
@@ -76,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, required=True, help="the folder the model was trained on")
     parser.add_argument("--only", nargs="+", choices=list(COMBINATIONS), default=list(COMBINATIONS),
                         help="score only these combinations (only their views are computed)")
-    parser.add_argument("--target-sensitivity", type=float, default=0.97)
+    parser.add_argument("--target-sensitivity", type=bounded(float, 0, 1, low_open=True), default=0.97)
     parser.add_argument("--json", type=Path, help="also write every combination's figures here")
     return parser
 
@@ -91,7 +91,7 @@ def _score(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     module, config = model.module.eval(), model.card.preprocess
-    val = held_out_samples(args.data_dir, model.card.training_config, model.tag)
+    val = held_out_samples(args.data_dir, model.card.training_config, model.tag, model.card.data_fingerprint)
     labels = np.array([s.label for s in val])
     views = [view for view in VIEWS if any(view in COMBINATIONS[c][1] for c in args.only)]
 

@@ -31,7 +31,7 @@ from sklearn.linear_model import LogisticRegression
 from core.model import PneumoniaNet, WithFeatures
 from core.preprocess import InputLimits, PreprocessConfig, prepare, to_tensor
 from core.validity import ORIENTATION_CLASSES, ValidityConfig, ValidityGate
-from training import one_line
+from training import bounded, one_line
 from training.augment import AugmentConfig, augment_batch
 from training.data import DataFolderError, LoadedSplit
 from training.stress import STRESSES, stressed_grids
@@ -201,10 +201,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="production", help="'production', a version or a full tag from the model store")
     p.add_argument("--data-dir", type=Path, required=True, help="the folder the model was trained on (<split>/NORMAL, <split>/PNEUMONIA)")
-    p.add_argument("--max-refusals", type=float, default=0.01, help="largest share of stressed validation X-rays refused")
+    p.add_argument("--max-refusals", type=bounded(float, 0, 1, low_open=True, high_open=True), default=0.01, help="largest share of stressed validation X-rays refused")
     p.add_argument("--promote", action="store_true", help="promote the new version to production")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads (0: all cores)")
     return p
 
 
@@ -214,13 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from models_registry import RegistryError, load_model, promote, save_model
-    from training.data import load_samples, scan_split, split_by_patient
+    from training.data import load_samples, run_split
 
     try:
         model = load_model(args.model)
-        config = model.card.training_config
-        samples = scan_split(args.data_dir.resolve(), config.get("split", "train"))
-        train_samples, val_samples = split_by_patient(samples, config.get("val_fraction", 0.15), config.get("seed", 0))
+        train_samples, val_samples = run_split(args.data_dir.resolve(), model.card.training_config, model.tag,
+                                               model.card.data_fingerprint)
         train = load_samples(train_samples, model.card.preprocess, progress=sys.stderr.isatty(), description="decoding train")
         val = load_samples(val_samples, model.card.preprocess, progress=sys.stderr.isatty(), description="decoding validation")
         fitted = fit_gate(model.module, model.card.preprocess, train, val, max_refusals=args.max_refusals)

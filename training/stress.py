@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from core.preprocess import InputLimits, PreprocessConfig, prepare
-from training import run_command
+from training import bounded, run_command
 
 Stress = Callable[[Image.Image, np.random.Generator], bytes]
 
@@ -224,7 +224,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, required=True, help="the folder the model was trained on")
     p.add_argument("--stress", action="append", choices=list(STRESSES), default=None, help="only this stress (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads (0: all cores)")
     return p
 
 
@@ -243,7 +243,7 @@ def _stress(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
-    val = held_out_samples(args.data_dir, model.card.training_config, model.tag)
+    val = held_out_samples(args.data_dir, model.card.training_config, model.tag, model.card.data_fingerprint)
     labels = np.array([s.label for s in val])
 
     def logits_of(grids: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from training import one_line, plots
+from training import bounded, one_line, plots
 from training.augment import AugmentConfig, augment_batch, mix_batch
 from training.gate import fit_gate, format_report
 from training.stress import format_stress_rows, stress_rows, stressed_logits
@@ -65,8 +65,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, required=True, help="folder holding <split>/NORMAL and <split>/PNEUMONIA")
     g.add_argument("--split", default="train", help="sub-folder to train on (split into train/validation by patient)")
-    g.add_argument("--val-fraction", type=float, default=0.15, help="share of images (by patient) held out for validation")
-    g.add_argument("--max-per-class", type=int, default=None, help="use at most this many images per class (smoke runs)")
+    g.add_argument("--val-fraction", type=bounded(float, 0, 1, low_open=True, high_open=True), default=0.15, help="share of images (by patient) held out for validation")
+    g.add_argument("--max-per-class", type=bounded(int, 1), default=None, help="use at most this many images per class (smoke runs)")
     g.add_argument("--skip-bad-images", action="store_true", help="drop unreadable images with a report instead of failing")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="mobilenet_v3_small", choices=list(ModelSpec.model_fields["arch"].annotation.__args__))
@@ -88,21 +88,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        nargs=2 if pair else None, metavar=("LOW", "HIGH") if pair else "VALUE",
                        help=spec.description or _AUGMENT_HELP[name])
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=20)
-    g.add_argument("--batch-size", type=int, default=64, help="per process")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--warmup-fraction", type=float, default=0.1)
-    g.add_argument("--label-smoothing", type=float, default=0.05)
-    g.add_argument("--ema-decay", type=float, default=0.998, help="decay of the weight average evaluated and saved")
-    g.add_argument("--bn-images", type=int, default=1024, help="clean training images used to re-estimate BatchNorm statistics before each evaluation")
-    g.add_argument("--patience", type=int, default=8, help="early stop after this many epochs without a better validation ROC-AUC")
+    g.add_argument("--epochs", type=bounded(int, 1), default=20)
+    g.add_argument("--batch-size", type=bounded(int, 1), default=64, help="per process")
+    g.add_argument("--lr", type=bounded(float, 0, low_open=True), default=3e-3, help="peak learning rate of the one-cycle schedule")
+    g.add_argument("--weight-decay", type=bounded(float, 0), default=0.05)
+    g.add_argument("--warmup-fraction", type=bounded(float, 0, 1, high_open=True), default=0.1)
+    g.add_argument("--label-smoothing", type=bounded(float, 0, 1, high_open=True), default=0.05)
+    g.add_argument("--ema-decay", type=bounded(float, 0, 1, high_open=True), default=0.998, help="decay of the weight average evaluated and saved")
+    g.add_argument("--bn-images", type=bounded(int, 0), default=1024, help="clean training images used to re-estimate BatchNorm statistics before each evaluation")
+    g.add_argument("--patience", type=bounded(int, 1), default=8, help="early stop after this many epochs without a better validation ROC-AUC")
     g.add_argument("--select", choices=["best", "last"], default="best",
                    help="keep the epoch with the best validation ROC-AUC, or the last one (validation then chooses nothing)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
+    g.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads per process (0: cores / processes)")
     g = p.add_argument_group("calibration")
-    g.add_argument("--target-sensitivity", type=float, default=0.97, help="pneumonia recall the threshold must reach on validation")
+    g.add_argument("--target-sensitivity", type=bounded(float, 0, 1, low_open=True), default=0.97, help="pneumonia recall the threshold must reach on validation")
     g.add_argument("--threshold-policy", choices=["clean", "stressed"], default="stressed",
                    help="reach the target on clean validation images, or on them under every stress of training/stress.py")
     g.add_argument("--no-gate", action="store_true", help="save the model without an input-validity gate (not recommended)")
@@ -297,9 +297,28 @@ def train_model(args: argparse.Namespace, train: LoadedSplit, val: LoadedSplit, 
     return module.cpu().eval(), best_epoch, history
 
 
+RUN_FILES = ("config.json", "weights.pt", "metrics.json", "model_tag.txt")  # any of them: --out holds a run
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a run folder that holds a run (its config would be replaced at once, its weights at the end: an
+    interrupted re-run leaves a mix) or cannot be made, before any image is read."""
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(held)}); choose a new folder, "
+                         "or pass --overwrite to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot make the run folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: the run folder is not writable")
+
+
 def main(args: argparse.Namespace) -> int:
     # Validate the configuration before anything slow, so a bad option fails at once with its name.
     augment_config(args), preprocess_config(args), model_spec(args)
+    check_out(args.out, args.overwrite)
     rank, world, device = setup_distributed()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     started = time.monotonic()
@@ -412,7 +431,10 @@ def finish(args, module: PneumoniaNet, best_epoch: int | None, history: list[dic
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m training.train`: exit 2 with the reason (every data-folder problem listed), never a stack trace."""
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    # Here, not in get_args_parser: crossval and ensemble build on those options and keep their own folders.
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
+    args = parser.parse_args(argv)
     from models_registry import RegistryError
 
     try:
