@@ -19,11 +19,15 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
+
+from core.cli import bounded
 from harness import record
 from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import MULTI_COUNT
@@ -35,25 +39,29 @@ IMAGES_PER_REQUEST = {"full-size": 1, "single": 1, f"{MULTI_COUNT} images": MULT
 def parse_duration(text: str) -> int:
     """'90', '90s', '2m', '1h30m' -> seconds."""
     if re.fullmatch(r"\d+", text):
-        return int(text)
-    parts = re.findall(r"(\d+)\s*([hms])", text)
-    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
-        raise argparse.ArgumentTypeError(f"cannot read duration {text!r}; use e.g. 60, 60s, 2m, 1h30m")
-    return sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+        seconds = int(text)
+    else:
+        parts = re.findall(r"(\d+)\s*([hms])", text)
+        if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+            raise argparse.ArgumentTypeError(f"cannot read duration {text!r}; use e.g. 60, 60s, 2m, 1h30m")
+        seconds = sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if seconds < 1:  # Locust reads a run time of 0 s as "run until stopped"
+        raise argparse.ArgumentTypeError(f"must be at least 1 s, not {text!r}")
+    return seconds
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", default=None, help="service to test; omitted: start one on a free local port")
-    p.add_argument("-u", "--users", type=int, default=32, help="concurrent simulated clients")
-    p.add_argument("-r", "--spawn-rate", type=float, default=None, help="users started per second (default: all at once)")
+    p.add_argument("-u", "--users", type=bounded(int, 1), default=32, help="concurrent simulated clients")
+    p.add_argument("-r", "--spawn-rate", type=bounded(float, 0, low_open=True), default=None, help="users started per second (default: all at once)")
     p.add_argument("-d", "--duration", type=parse_duration, default=60, help="test length, e.g. 60, 90s, 5m")
     p.add_argument("--out", type=Path, default=None, help="results folder (default results/locust/<time>)")
     p.add_argument("--grpc", action="store_true", help="add the gRPC user class (PNEUMONIA_LOADTEST_GRPC=1)")
-    p.add_argument("--wait-s", type=float, default=0.0, help="mean think time per user between requests")
-    p.add_argument("--explain-users", type=int, default=0,
+    p.add_argument("--wait-s", type=bounded(float, 0), default=0.0, help="mean think time per user between requests")
+    p.add_argument("--explain-users", type=bounded(int, 0), default=0,
                    help="this many of the users call POST /explain back to back (an explain burst beside classify)")
-    p.add_argument("--stop-after", type=int, default=0, metavar="N",
+    p.add_argument("--stop-after", type=bounded(int, 0), default=0, metavar="N",
                    help="end the run once every request type was sent N times (the duration is then an upper bound)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the started service, e.g. PNEUMONIA_BATCHING__MAX_BATCH_SIZE=16")
@@ -115,8 +123,41 @@ def run_locust(url: str, users: int, duration_s: int, out: Path, spawn_rate: flo
                 process.wait()
 
 
+def check_reachable(url: str) -> str | None:
+    """Why `url` cannot be load-tested (no answer, or no 200 on /readyz: not this service, or not ready), or None.
+    Without this, an unreachable URL ran the whole duration and ended with thousands of failed requests."""
+    try:
+        status = httpx.get(url.rstrip("/") + "/readyz", timeout=10).status_code
+    except httpx.HTTPError as exc:
+        return f"cannot reach {url} ({type(exc).__name__}: {exc})"
+    if status != 200:
+        return f"{url}/readyz answered {status}, not 200: not this service, or not ready yet"
+    return None
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so the finally blocks stop Locust (its own process group) and the started server
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.explain_users > args.users:
+        parser.error(f"argument --explain-users: {args.explain_users} is more than --users {args.users}")
+    if args.url is not None and (problem := check_reachable(args.url)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # main() runs on the main thread (tests call it too)
+    try:
+        return _run(args, argv)
+    except KeyboardInterrupt:
+        print("interrupted: Locust and any server this command started were stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     provenance = record.provenance(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     out = (args.out or RESULTS / "locust" / time.strftime("%Y%m%d-%H%M%S")).resolve()  # Locust runs in ROOT

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,29 @@ def test_training_refuses_a_run_folder_it_would_overwrite_or_cannot_make(tmp_pat
     # --overwrite gets past the check, to the next problem: the missing data folder
     assert cli(["--data-dir", str(tmp_path / "no-data"), "--out", str(out), "--overwrite"]) == 2
     assert "no-data" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_ends_with_one_line_and_a_refused_rerun(data_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C printed a KeyboardInterrupt traceback and left a run folder with nothing saying it was unfinished."""
+    folder, out = few_patients(data_dir, tmp_path / "data", per_class=20), tmp_path / "run"
+    command = [sys.executable, "-m", "training.train", "--data-dir", str(folder), "--out", str(out), "--epochs", "500",
+               "--batch-size", "8", "--bn-images", "8", "--no-progress", "--no-register", "--no-gate"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the first epoch's line: training is under way
+            if line.startswith("epoch"):
+                break
+        proc.send_signal(signal.SIGINT)
+        stderr = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: no model was saved") and "--overwrite" in stderr
+    rerun = subprocess.run(command, cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=120)
+    one_clear_line(rerun, 2, "already holds a run")
 
 
 def test_scoring_a_model_on_other_data_or_with_too_many_folds_is_refused(production_tag: str, data_dir: Path,

@@ -58,15 +58,21 @@ def test_locust_explain_users_run_beside_classify_users(server, tmp_path: Path) 
     assert sum(row["requests"] for name, row in rows.items() if name.startswith("/classify")) > 0
 
 
-def test_locust_command_reports_failures_against_a_dead_url(tmp_path: Path) -> None:
+def test_locust_command_refuses_a_dead_url_and_bad_numbers_before_starting(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A dead URL ran the whole duration and ended with every request failed; `-d 0` ran until killed (Locust reads
+    a run time of 0 as no limit); `-u -3` ended with 'Locust wrote no statistics'. Each is now one line, at once."""
     from harness.servers import free_port
 
-    out = tmp_path / "dead"
-    code = run_locust.main(["--url", f"http://127.0.0.1:{free_port()}", "-u", "1", "-d", f"{HANG_S:.0f}", "--stop-after", "2",
-                            "--out", str(out)])
-    assert code == 1
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["aggregated"]["failures"] == summary["aggregated"]["requests"] >= 8  # 4 request types x 2
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert run_locust.main(["--url", dead, "-u", "1", "-d", "60", "--out", str(tmp_path / "dead")]) == 2
+    assert f"cannot reach {dead}" in capsys.readouterr().err and not (tmp_path / "dead").exists()
+    for argv, words in ((["-d", "0"], "argument -d/--duration: must be at least 1 s"),
+                        (["-u", "-3"], "argument -u/--users: must be >= 1, not -3"),
+                        (["-u", "2", "--explain-users", "3"], "--explain-users: 3 is more than --users 2")):
+        with pytest.raises(SystemExit) as exit_:
+            run_locust.main(["--url", dead, *argv])
+        assert exit_.value.code == 2 and words in capsys.readouterr().err
 
 
 def run_stopping_servers(args: list[str], timeout: float) -> subprocess.CompletedProcess:

@@ -23,7 +23,8 @@ from sklearn.metrics import roc_auc_score
 
 from core.calibration import choose_threshold, fit_temperature
 from core.metrics import specificity_at
-from training import bounded, run_command
+from core.cli import bounded
+from training import run_command
 from training.stress import STRESSES, stressed_logits
 
 SHOWN = ("clean", "flatter contrast at 10 % scale (-50 %)", "zoom in 15 %", "border padding 10 %", "random acquisition mix")

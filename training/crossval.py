@@ -27,7 +27,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from core.calibration import fit_temperature
 from core.metrics import expected_calibration_error, specificity_at
 from core.preprocess import to_tensor
-from training import bounded, one_line
+from core.cli import bounded
+from training import one_line
 from training.data import DataFolderError, LoadedSplit, first_per_class, load_samples, scan_split
 from training.stress import stressed_logits
 from training.train import (choose_operating_point, get_args_parser, preprocess_config, single_process_device,
@@ -184,4 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: the folds already done stay in --out; the same command goes on from them", file=sys.stderr)
+        sys.exit(130)

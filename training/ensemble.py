@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from training import bounded, run_command
+from core.cli import bounded
+from training import run_command
 
 # The member's training options that decide its patient split and input grid: the ensemble's run reuses them.
 SHARED_OPTIONS = ("split", "val_fraction", "max_per_class", "skip_bad_images", "seed", "image_size",

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import bounded, one_line
+from core.cli import bounded
+from training import one_line
 from training.data import CLASS_NAMES, DataFolderError, load_samples, scan_split
 from core.metrics import classification_report
 

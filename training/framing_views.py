@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from core.preprocess import to_tensor
-from training import bounded, run_command
+from core.cli import bounded
+from training import run_command
 from training.compare import SHOWN, format_table, summarise
 from training.stress import STRESSES, stressed_logits
 

@@ -31,7 +31,8 @@ from sklearn.linear_model import LogisticRegression
 from core.model import PneumoniaNet, WithFeatures
 from core.preprocess import InputLimits, PreprocessConfig, prepare, to_tensor
 from core.validity import ORIENTATION_CLASSES, ValidityConfig, ValidityGate
-from training import bounded, one_line
+from core.cli import bounded
+from training import one_line
 from training.augment import AugmentConfig, augment_batch
 from training.data import DataFolderError, LoadedSplit
 from training.stress import STRESSES, stressed_grids

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from core.preprocess import InputLimits, PreprocessConfig, prepare
-from training import bounded, run_command
+from core.cli import bounded
+from training import run_command
 
 Stress = Callable[[Image.Image, np.random.Generator], bytes]
 

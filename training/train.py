@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from training import bounded, one_line, plots
+from core.cli import bounded
+from training import one_line, plots
 from training.augment import AugmentConfig, augment_batch, mix_batch
 from training.gate import fit_gate, format_report
 from training.stress import format_stress_rows, stress_rows, stressed_logits
@@ -445,6 +446,10 @@ def cli(argv: list[str] | None = None) -> int:
     except (RegistryError, OSError, ValueError) as exc:  # pydantic's ValidationError (a bad --aug-* value) included
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: no model was saved; {args.out} holds an unfinished run (the same command with "
+              "--overwrite starts again)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

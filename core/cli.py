@@ -1,0 +1,34 @@
+"""Command-line helpers shared by the project's commands (training, registry, load tests)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any
+
+
+def bounded(kind: type[int] | type[float], low: float | None = None, high: float | None = None, *,
+            low_open: bool = False, high_open: bool = False) -> Callable[[str], Any]:
+    """An argparse `type=` that parses `kind` and refuses values outside [low, high] (an end `*_open`: excluded) and
+    non-finite numbers at parse time: exit 2 naming the option, before any image is read or any step trained."""
+    if high is None:
+        span = f"{'>' if low_open else '>='} {low}"
+    elif low is None:
+        span = f"{'<' if high_open else '<='} {high}"
+    else:
+        span = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        inside = math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) and (
+            high is None or (value < high if high_open else value <= high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"must be {span}, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
