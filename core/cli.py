@@ -32,3 +32,14 @@ def bounded(kind: type[int] | type[float], low: float | None = None, high: float
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse `type=` for a comma-separated list of whole numbers >= 1, e.g. client counts '1,8,32'."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every number must be >= 1, not {text!r}")
+    return values

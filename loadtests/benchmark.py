@@ -60,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.cli import bounded, positive_ints
 from harness.loadgen import encode_requests, run_load, run_mixed
 from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import IMAGE_KINDS, MIX_WEIGHTS, MULTI_COUNT, build_samples, explain_plan, request_plan
@@ -91,34 +92,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short windows for CI (the table keeps every row)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default results/benchmark/<time>)")
-    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
-    p.add_argument("--window-s", type=float, default=None, help="measured seconds per point (default 20, quick 2)")
-    p.add_argument("--warmup-s", type=float, default=None, help="unmeasured seconds before each window (default 3, quick 0.5)")
+    p.add_argument("--concurrency", type=positive_ints, default="1,8,32", help="comma-separated client counts")
+    p.add_argument("--window-s", type=bounded(float, 0, low_open=True), default=None, help="measured seconds per point (default 20, quick 2)")
+    p.add_argument("--warmup-s", type=bounded(float, 0), default=None, help="unmeasured seconds before each window (default 3, quick 0.5)")
     p.add_argument("--systems", default=DEFAULT_SYSTEMS, help="which rows to measure")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                    help="also measure the service with these settings, as row 'service (NAME)', e.g. "
                         "one-worker=PNEUMONIA_WORKERS=1 (A/B in the same run)")
-    p.add_argument("--peer-workers", type=int, default=0,
+    p.add_argument("--peer-workers", type=bounded(int, 0), default=0,
                    help="uvicorn workers of the competent peers (0: one per usable core; --quick: 1)")
     p.add_argument("--sequential", action="store_true",
                    help="measure one system after the other, each server stopped before the next starts (default: "
                         "all servers up, the systems interleaved at each client count)")
     p.add_argument("--rotate", type=int, default=0, help="interleaved order's starting offset (--repeat adds the run index)")
-    p.add_argument("--repeat", type=int, default=1, help="run the whole benchmark this many times and report the spread")
+    p.add_argument("--repeat", type=bounded(int, 1), default=1, help="run the whole benchmark this many times and report the spread")
     p.add_argument("--results", type=Path, default=None,
                    help="with --repeat: also copy each run's JSON and the spread here (e.g. docs/results)")
     p.add_argument("--name", default="benchmark", help="file name stem of the copies in --results")
-    p.add_argument("--explain-classify-clients", type=int, default=8,
+    p.add_argument("--explain-classify-clients", type=bounded(int, 1), default=8,
                    help="classify clients measured with and without the explain burst")
-    p.add_argument("--explain-burst", type=int, default=8, help="clients explaining back to back beside them")
-    p.add_argument("--batch-sizes", default=None, help="bare-model batch sizes (default 1,4,8,16,32,64; quick 1,8,32)")
+    p.add_argument("--explain-burst", type=bounded(int, 1), default=8, help="clients explaining back to back beside them")
+    p.add_argument("--batch-sizes", type=positive_ints, default=None, help="bare-model batch sizes (default 1,4,8,16,32,64; quick 1,8,32)")
     p.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for both service rows, e.g. PNEUMONIA_WORKERS=2 (for ablations)")
     p.add_argument("--model", default="production", help="model reference served by every row")
-    p.add_argument("--threads", type=int, default=0, help="torch threads of the bare-model measurement (0: all cores)")
-    p.add_argument("--max-other-load", type=float, default=0.25,
+    p.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads of the bare-model measurement (0: all cores)")
+    p.add_argument("--max-other-load", type=bounded(float, 0), default=0.25,
                    help="before each point, wait until other processes use fewer cores than this (shared machines)")
-    p.add_argument("--quiet-timeout-s", type=float, default=None,
+    p.add_argument("--quiet-timeout-s", type=bounded(float, 0), default=None,
                    help="longest such wait (default 600; quick 0: a smoke run only reads the other load, since "
                         "beside a test suite the machine is never quiet and waiting measured nothing)")
     return p
@@ -523,8 +524,8 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
     """One full measurement into `out` (benchmark.json, .md, .png); returns the result with its table."""
     window = args.window_s or (2.0 if args.quick else 20.0)
     warmup = args.warmup_s if args.warmup_s is not None else (0.5 if args.quick else 3.0)
-    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,8,32" if args.quick else "1,4,8,16,32,64")).split(",")]
-    concurrency = [int(c) for c in args.concurrency.split(",")]
+    batch_sizes = args.batch_sizes or ([1, 8, 32] if args.quick else [1, 4, 8, 16, 32, 64])
+    concurrency = args.concurrency
     service_env = dict(item.split("=", 1) for item in args.service_env)
     if args.quick:  # a smoke run checks behaviour: one worker per service starts faster on a small CI machine
         service_env.setdefault("PNEUMONIA_WORKERS", "1")

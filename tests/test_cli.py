@@ -102,13 +102,16 @@ def test_a_failed_export_leaves_the_previous_one_whole(production_tag: str, tmp_
     ("training.compare", ["--models", "a", "--target-sensitivity", "1.5"], "must be in (0, 1], not 1.5"),
     ("training.evaluate", ["--batch-size", "-3"], "argument --batch-size: must be >= 1, not -3"),
     ("training.gate", ["--max-refusals", "2"], "argument --max-refusals: must be in (0, 1), not 2"),
+    ("loadtests.benchmark", ["--concurrency", "1,-8"], "argument --concurrency: every number must be >= 1"),
+    ("loadtests.benchmark", ["--window-s", "0"], "argument --window-s: must be > 0, not 0"),
 ])
 def test_out_of_range_options_are_refused_before_any_work(module: str, argv: list[str], words: str,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """Checked by argparse: exit 2 naming the option, before an image is read (a bad --target-sensitivity used to
     fail with an IndexError after the whole training, its weights lost)."""
     command = importlib.import_module(module)
-    required = ["--data-dir", "d"] + (["--out", "o"] if module in ("training.train", "training.crossval") else [])
+    required = [] if module.startswith("loadtests") else ["--data-dir", "d"]
+    required += ["--out", "o"] if module in ("training.train", "training.crossval") else []
     with pytest.raises(SystemExit) as exit_:
         if module == "training.crossval":  # --fold against --folds is checked by its main, before the data is read
             command.main([*required, *argv])
