@@ -35,6 +35,10 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES or _is_part10(path)
 
 
+def _some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def labeled_images(root: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> list[tuple[Path, int]]:
     """(file, label index) for every image under `root/<class name>/`, failing with every layout problem at once."""
     root = Path(root)
@@ -48,9 +52,19 @@ def labeled_images(root: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> li
         if not class_dir.is_dir():
             problems.append(f"missing class folder {class_dir}")
             continue
-        files = sorted(p for p in class_dir.iterdir() if p.is_file() and is_image_file(p))
+        entries = sorted(class_dir.iterdir())
+        files = [p for p in entries if p.is_file() and is_image_file(p)]
         if not files:
             problems.append(f"no images (*.jpeg, *.png, *.dcm, ...) in {class_dir}")
+        # Skipped without a word before: a broken link or a loop named like an image, images one folder down.
+        broken = [p.name for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.exists()]
+        if broken:
+            problems.append(f"{len(broken)} broken link(s) in {class_dir}: {_some(broken)}")
+        nested = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")
+                  and any(q.is_file() and is_image_file(q) for q in p.rglob("*"))]
+        if nested:
+            problems.append(f"images in sub-folder(s) of {class_dir}, which are not read: {_some(nested)}; "
+                            f"move them into {class_dir} or out of the data folder")
         found.extend((path, label) for path in files)
     extra = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in class_names)
     if extra:

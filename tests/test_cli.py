@@ -176,13 +176,13 @@ def test_scoring_a_model_on_other_data_or_with_too_many_folds_is_refused(product
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """training.stress (and gate, compare, framing_views) scored a model on any folder as if it were its run's
     held-out patients, and gate saved a model from it; crossval with more folds than patients raised sklearn's error."""
-    folder = few_patients(data_dir, tmp_path / "few", per_class=2)
+    folder = few_patients(data_dir, tmp_path / "few", per_class=4)
     one_clear_line(run("training.stress", "--model", production_tag, "--data-dir", str(folder)), 2,
                    "is not the data", production_tag)
     from training.crossval import main as crossval
 
-    assert crossval(["--data-dir", str(folder), "--out", str(tmp_path / "cv"), "--folds", "3"]) == 2
-    assert "--folds 3 needs at least 3 patients of each class; the data has 1 in its smaller class" in capsys.readouterr().err
+    assert crossval(["--data-dir", str(folder), "--out", str(tmp_path / "cv"), "--folds", "5"]) == 2
+    assert "--folds 5 needs at least 5 patients of each class; the data has 3 in its smaller class" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [[], ["--aug-rotate-deg", "4", "--aug-scale", "0.9", "1.2", "--aug-erase-p", "0"]])

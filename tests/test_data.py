@@ -16,6 +16,7 @@ from training.data import (
     DataFolderError,
     fingerprint,
     load_samples,
+    load_splits,
     patient_id,
     scan_split,
     split_by_patient,
@@ -85,6 +86,39 @@ def test_unreadable_images_fail_up_front_with_every_name(tmp_path: Path, data_di
     loaded = load_samples(samples, PreprocessConfig(), progress=False, skip_bad=True)
     assert len(loaded.labels) == 6 and loaded.pixels.shape == (6, 224, 224)
     assert "skipped 2 unreadable" in capsys.readouterr().out
+
+
+def test_bad_images_of_both_sides_of_the_split_are_listed_in_one_error(tmp_path: Path, data_dir: Path) -> None:
+    """Training decoded its training side, failed at its first bad file and never named the validation side's."""
+    root = _folder(tmp_path, data_dir, per_class=12)
+    train, val = split_by_patient(scan_split(root, "train"), 0.3, seed=0)
+    for sample in (train[0], val[0]):
+        sample.path.write_bytes(b"not an image")
+    with pytest.raises(DataFolderError) as info:
+        load_splits([train, val], PreprocessConfig(), progress=False)
+    assert "2 unreadable image(s)" in str(info.value)
+    assert train[0].path.name in str(info.value) and val[0].path.name in str(info.value)
+
+
+def test_broken_links_nested_images_and_a_one_patient_class_are_refused(tmp_path: Path, data_dir: Path) -> None:
+    """Dropped without a word before (broken links, images one folder down); a class of one patient failed later
+    with 'no readable images left to use'."""
+    root = _folder(tmp_path, data_dir, per_class=2)
+    normal = root / "train" / "NORMAL"
+    (normal / "old").mkdir()
+    shutil.copy(sorted(normal.glob("*.jpeg"))[0], normal / "old" / "kept.jpeg")
+    (normal / "gone.jpeg").symlink_to(tmp_path / "nowhere.jpeg")
+    (normal / "loop.jpeg").symlink_to(normal / "loop.jpeg")
+    with pytest.raises(DataFolderError) as info:
+        scan_split(root, "train")
+    assert "2 broken link(s)" in str(info.value) and "gone.jpeg" in str(info.value) and "loop.jpeg" in str(info.value)
+    assert "sub-folder(s) of" in str(info.value) and "old" in str(info.value)
+    for extra in ("gone.jpeg", "loop.jpeg"):
+        (normal / extra).unlink()
+    shutil.rmtree(normal / "old")
+    samples = scan_split(root, "train")  # the first two PNEUMONIA files are one patient's (person1000)
+    with pytest.raises(DataFolderError, match=r"^PNEUMONIA has 1 patient\(s\): .*both sides"):
+        split_by_patient(samples, 0.15, seed=0)
 
 
 def test_fingerprint_changes_with_the_data(tmp_path: Path, data_dir: Path) -> None:

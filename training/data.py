@@ -133,6 +133,13 @@ def split_by_patient(
             taken += len(by_patient[patient])
     train = [s for s in samples if s.patient not in val_patients]
     val = [s for s in samples if s.patient in val_patients]
+    short = [f"{name} has {len({s.patient for s in samples if s.label == label})} patient(s)"
+             for label, name in enumerate(CLASS_NAMES)
+             if not any(s.label == label for s in train) or not any(s.label == label for s in val)]
+    if short:  # else the training or the validation side lacks a class, and fails later with a vaguer message
+        raise DataFolderError(f"{' and '.join(short)}: a patient-level split needs patients of each class on both "
+                              f"sides (--val-fraction {val_fraction}); add images of more patients, or raise "
+                              "--max-per-class")
     return train, val
 
 
@@ -166,21 +173,31 @@ def load_samples(
     With `skip_bad`, unreadable files are dropped and reported; otherwise the
     error lists all of them at once.
     """
+    return load_splits([samples], config, skip_bad=skip_bad, progress=progress, descriptions=[description])[0]
+
+
+def load_splits(splits: list[list[Sample]], config: PreprocessConfig, *, skip_bad: bool = False, progress: bool = True,
+                descriptions: list[str] | None = None) -> list[LoadedSplit]:
+    """`load_samples` for several splits at once (training and validation): every unreadable file of all of them is
+    listed in one error, not only those of the first split to fail."""
     limits = InputLimits(max_bytes=2**40, max_pixels=2**40, min_side=1)
-    grids: list[np.ndarray] = []
-    kept: list[Sample] = []
+    decoded: list[tuple[list[np.ndarray], list[Sample]]] = []
     bad: list[str] = []
-    for sample in tqdm(samples, desc=description, disable=not progress, unit="img", leave=False):
-        try:
-            prepared = load_file(sample.path, config, limits)
-        except (ImageRejected, OSError) as exc:
-            bad.append(f"{sample.path}: {exc}")
-            continue
-        if prepared.refusal is not None:  # a DICOM object that is not a frontal chest radiograph: never decoded
-            bad.append(f"{sample.path}: refused ({prepared.refusal[0]}): {prepared.refusal[1]}")
-            continue
-        grids.append(prepared.pixels)
-        kept.append(sample)
+    for samples, description in zip(splits, descriptions or ["decoding"] * len(splits), strict=True):
+        grids: list[np.ndarray] = []
+        kept: list[Sample] = []
+        for sample in tqdm(samples, desc=description, disable=not progress, unit="img", leave=False):
+            try:
+                prepared = load_file(sample.path, config, limits)
+            except (ImageRejected, OSError) as exc:
+                bad.append(f"{sample.path}: {exc}")
+                continue
+            if prepared.refusal is not None:  # a DICOM object that is not a frontal chest radiograph: never decoded
+                bad.append(f"{sample.path}: refused ({prepared.refusal[0]}): {prepared.refusal[1]}")
+                continue
+            grids.append(prepared.pixels)
+            kept.append(sample)
+        decoded.append((grids, kept))
     if bad and not skip_bad:
         listing = "\n  - ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
         raise DataFolderError(
@@ -188,8 +205,8 @@ def load_samples(
         )
     if bad:
         print(f"skipped {len(bad)} unreadable image(s):\n  - " + "\n  - ".join(bad))
-    if not kept:
+    if any(not kept for _, kept in decoded):
         raise DataFolderError("no readable images left to use")
-    pixels = torch.from_numpy(np.stack(grids))
-    labels = torch.tensor([s.label for s in kept], dtype=torch.long)
-    return LoadedSplit(pixels=pixels, labels=labels, samples=kept)
+    return [LoadedSplit(pixels=torch.from_numpy(np.stack(grids)),
+                        labels=torch.tensor([s.label for s in kept], dtype=torch.long), samples=kept)
+            for grids, kept in decoded]

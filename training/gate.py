@@ -215,14 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from models_registry import RegistryError, load_model, promote, save_model
-    from training.data import load_samples, run_split
+    from training.data import load_splits, run_split
 
     try:
         model = load_model(args.model)
         train_samples, val_samples = run_split(args.data_dir.resolve(), model.card.training_config, model.tag,
                                                model.card.data_fingerprint)
-        train = load_samples(train_samples, model.card.preprocess, progress=sys.stderr.isatty(), description="decoding train")
-        val = load_samples(val_samples, model.card.preprocess, progress=sys.stderr.isatty(), description="decoding validation")
+        train, val = load_splits([train_samples, val_samples], model.card.preprocess, progress=sys.stderr.isatty(),
+                                 descriptions=["decoding train", "decoding validation"])
         fitted = fit_gate(model.module, model.card.preprocess, train, val, max_refusals=args.max_refusals)
         tag = save_model(model.module, model.card.model_copy(update={"validity": fitted.config}), validity=fitted.arrays)
         if args.promote:

@@ -35,7 +35,7 @@ from training.augment import AugmentConfig, augment_batch, mix_batch
 from training.gate import fit_gate, format_report
 from training.stress import format_stress_rows, stress_rows, stressed_logits
 from core.calibration import choose_threshold, fit_temperature
-from training.data import CLASS_NAMES, DataFolderError, LoadedSplit, fingerprint, load_samples, training_split
+from training.data import CLASS_NAMES, DataFolderError, LoadedSplit, fingerprint, load_splits, training_split
 from core.metrics import classification_report
 from core.model import ModelSpec, PneumoniaNet, build_model
 from core.preprocess import PreprocessConfig, to_tensor
@@ -220,8 +220,8 @@ def load_data(args: argparse.Namespace, show: bool) -> tuple[LoadedSplit, Loaded
     """The training folder split by patient into train and validation, decoded into memory."""
     preprocess = preprocess_config(args)
     train_samples, val_samples = training_split(args.data_dir, args.split, args.val_fraction, args.seed, args.max_per_class)
-    train = load_samples(train_samples, preprocess, skip_bad=args.skip_bad_images, progress=show, description="decoding train")
-    val = load_samples(val_samples, preprocess, skip_bad=args.skip_bad_images, progress=show, description="decoding validation")
+    train, val = load_splits([train_samples, val_samples], preprocess, skip_bad=args.skip_bad_images, progress=show,
+                             descriptions=["decoding train", "decoding validation"])
     return train, val
 
 
