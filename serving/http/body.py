@@ -58,7 +58,8 @@ async def read_body(
                 raise GuardError(
                     415,
                     "unsupported_media_type",
-                    f"send the images as multipart/form-data files in the field '{field_name}'",
+                    f"send the {'images' if field_name.endswith('s') else 'image'} as multipart/form-data, "
+                    f"in the file field '{field_name}'",
                     ("header", "content-type"),
                 )
             if not params.get(b"boundary"):

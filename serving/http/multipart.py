@@ -93,7 +93,8 @@ class MultipartCanon:
         missing = {
             "type": "missing",
             "loc": [self.field_name],
-            "msg": f"no images: send the X-rays as files in the multipart field '{self.field_name}'",
+            "msg": (f"no image: send the X-ray as a file in the multipart field '{self.field_name}'" if self.max_files == 1
+                    else f"no images: send the X-rays as files in the multipart field '{self.field_name}'"),
         }
         if received == 0:
             raise GuardError(400, "missing", missing["msg"], (self.field_name,))
