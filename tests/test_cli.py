@@ -149,10 +149,11 @@ def test_training_refuses_a_run_folder_it_would_overwrite_or_cannot_make(tmp_pat
 
 
 def test_ctrl_c_during_training_ends_with_one_line_and_a_refused_rerun(data_dir: Path, tmp_path: Path) -> None:
-    """Ctrl-C printed a KeyboardInterrupt traceback and left a run folder with nothing saying it was unfinished."""
+    """Ctrl-C printed a KeyboardInterrupt traceback and left a run folder with nothing saying it was unfinished.
+    (--patience 500: early stopping would otherwise end the tiny run before the signal on a busy machine.)"""
     folder, out = few_patients(data_dir, tmp_path / "data", per_class=20), tmp_path / "run"
     command = [sys.executable, "-m", "training.train", "--data-dir", str(folder), "--out", str(out), "--epochs", "500",
-               "--batch-size", "8", "--bn-images", "8", "--no-progress", "--no-register", "--no-gate"]
+               "--patience", "500", "--batch-size", "8", "--bn-images", "8", "--no-progress", "--no-register", "--no-gate"]
     proc = subprocess.Popen(command, cwd=ROOT, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
