@@ -208,6 +208,12 @@ class ServerProcess:
             self.process.wait(timeout=10)
 
 
+def default_sigint() -> None:
+    """A `preexec_fn` that gives a child the default SIGINT, as from a terminal: pytest-xdist's workers ignore
+    SIGINT, and a child inherits that, so an interrupt meant to stop it cleanly would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def server_env(**extra: str) -> dict[str, str]:
     """This environment for a child process: its tools first on PATH, no telemetry, plus `extra`."""
     env = dict(os.environ)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.paths import ROOT
-from harness.servers import server_env
+from harness.servers import default_sigint, server_env
 from training.augment import AugmentConfig
 from training.train import augment_config, get_args_parser
 
@@ -154,9 +154,8 @@ def test_ctrl_c_during_training_ends_with_one_line_and_a_refused_rerun(data_dir:
     folder, out = few_patients(data_dir, tmp_path / "data", per_class=20), tmp_path / "run"
     command = [sys.executable, "-m", "training.train", "--data-dir", str(folder), "--out", str(out), "--epochs", "500",
                "--patience", "500", "--batch-size", "8", "--bn-images", "8", "--no-progress", "--no-register", "--no-gate"]
-    # As from a terminal: pytest-xdist's workers ignore SIGINT, and a child inherits that (no KeyboardInterrupt).
     proc = subprocess.Popen(command, cwd=ROOT, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            text=True, preexec_fn=default_sigint)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # the first epoch's line: training is under way

@@ -16,7 +16,7 @@ import pytest
 
 from loadtests import run_locust
 from harness.paths import ROOT
-from harness.servers import HANG_S, server_env
+from harness.servers import HANG_S, default_sigint, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,8 @@ def run_stopping_servers(args: list[str], timeout: float) -> subprocess.Complete
     """Run a command that starts servers of its own; past `timeout`, interrupt it so that its `finally` blocks stop
     them (SIGINT), and kill it only if it does not end within a minute after that. `subprocess.run(timeout=...)` kills
     at once, which left the benchmark's servers (each in a session of its own) running after a slow run."""
-    proc = subprocess.Popen(args, cwd=ROOT, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=ROOT, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
