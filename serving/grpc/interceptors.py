@@ -18,7 +18,6 @@ import contextvars
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import bentoml
@@ -181,11 +180,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-@dataclass(frozen=True)
-class Unparsed:
-    """What a request body that does not parse becomes, so that the call reaches the interceptors' behaviours."""
-
-    error: str
+# What a request body that does not parse becomes, so that the call reaches the interceptors' behaviours.
+UNPARSED = object()
 
 
 class ParseInterceptor(grpc.aio.ServerInterceptor):
@@ -193,7 +189,7 @@ class ParseInterceptor(grpc.aio.ServerInterceptor):
 
     grpcio parses the body before any interceptor's behaviour runs and answers a parse error itself, with status
     UNKNOWN, a message naming the Python exception class, an ERROR traceback in the log and no count in /metrics.
-    Here the parser returns `Unparsed` instead, and the innermost behaviour aborts with a fixed message."""
+    Here the parser returns `UNPARSED` instead, and the innermost behaviour aborts with a fixed message."""
 
     async def intercept_service(
         self,
@@ -210,11 +206,11 @@ class ParseInterceptor(grpc.aio.ServerInterceptor):
         def tolerant(data: bytes) -> Any:
             try:
                 return parse(data)
-            except Exception as exc:  # noqa: BLE001 - DecodeError, bad UTF-8 in a string field, ...
-                return Unparsed(type(exc).__name__)
+            except Exception:  # noqa: BLE001 - DecodeError, bad UTF-8 in a string field, ...
+                return UNPARSED
 
         async def parsed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if isinstance(request, Unparsed):
+            if request is UNPARSED:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
             result = behaviour(request, context)
             return await result if inspect.isawaitable(result) else result

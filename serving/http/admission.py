@@ -24,6 +24,7 @@ from serving.security import API_KEY_HEADER, UNAUTHENTICATED_MESSAGE, AccessPoli
 
 PROBE_PATHS = frozenset({"/livez", "/healthz", "/readyz"})
 DOC_PATHS = frozenset({"/", "/docs.json", "/schema.json"})
+SYSTEM_PATHS = PROBE_PATHS | DOC_PATHS | {"/metrics"}  # BentoML's own routes, beside the service's APIs
 
 
 class Admission:
@@ -44,7 +45,7 @@ class Admission:
             self.open_paths.add("/health")
         if not protect_metrics:
             self.open_paths.add("/metrics")
-        self.unlimited_paths = set(PROBE_PATHS | DOC_PATHS | {"/metrics"})  # probes and scrapers are never throttled
+        self.unlimited_paths = set(SYSTEM_PATHS)  # probes and scrapers are never throttled
         self.model_paths = model_paths
         self.ready_wait_s = ready_wait_s
         self.retry_after = str(max(1, math.ceil(retry_after_s)))

@@ -34,7 +34,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from serving import request_log
 from serving.explain import ExplainBusy, ExplainSlots
-from serving.http.admission import DOC_PATHS, PROBE_PATHS, Admission
+from serving.http.admission import PROBE_PATHS, SYSTEM_PATHS, Admission
 from serving.http.body import ClientGone, read_body
 from serving.http.decoding import PREDECODED, Predecoder
 from serving.http.responses import (
@@ -88,7 +88,7 @@ class HttpGuard:
         )
         self.logger = request_log.configure(settings.request_log)
         logging.getLogger("python_multipart").setLevel(logging.ERROR)  # our 400s say it; no warning per bad body
-        self.known_routes = set(PROBE_PATHS | DOC_PATHS | {"/health", "/metrics"} | set(self.upload_routes))
+        self.known_routes = set(SYSTEM_PATHS | {"/health"} | set(self.upload_routes))
         self.entry: ASGIApp = self._checked
         if security.cors.allow_origins:
             self.entry = CORSMiddleware(

@@ -17,7 +17,7 @@ from typing import Any
 
 from bentoml._internal.server.http import instruments
 
-from serving.http.admission import DOC_PATHS, PROBE_PATHS
+from serving.http.admission import SYSTEM_PATHS
 from serving.http.responses import ASGIApp, Receive, Scope, Send, route_label
 
 SENT_PATH = "pneumonia.sent_path"  # scope key: the path as sent, while the metrics layer sees the label
@@ -53,5 +53,5 @@ class RouteLabelledTrafficMetrics(instruments.RunnerTrafficMetricsMiddleware):
 def label_by_route(api_routes: Collection[str]) -> None:
     """Make BentoML build its traffic metrics middleware from `RouteLabelledTrafficMetrics`, knowing `api_routes`
     and BentoML's own system routes. BentoML imports the class when it builds the app, so this must run first."""
-    RouteLabelledTrafficMetrics.known_routes = frozenset(PROBE_PATHS | DOC_PATHS | {"/metrics"} | set(api_routes))
+    RouteLabelledTrafficMetrics.known_routes = frozenset(SYSTEM_PATHS | set(api_routes))
     instruments.RunnerTrafficMetricsMiddleware = RouteLabelledTrafficMetrics  # type: ignore[misc]
