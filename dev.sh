@@ -81,7 +81,6 @@ case "$cmd" in
       if [ -n "${!name:-}" ] && [ "${!name#/}" = "${!name}" ]; then export "$name=$caller/${!name}"; fi
     done
     .venv/bin/python -m models_registry ensure-default
-    export PNEUMONIA_GRPC__HOST="${PNEUMONIA_GRPC__HOST:-${HOST:-127.0.0.1}}"  # gRPC (port 3001) on the same interface as HTTP
     exec .venv/bin/bentoml serve service:PneumoniaClassifier --host "${HOST:-127.0.0.1}" --port "${PORT:-3000}" "$@"
     ;;
   test)

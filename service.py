@@ -47,7 +47,7 @@ from serving.grpc import server as grpc_server
 from serving.http import HttpGuard
 from serving.http.decoding import PREDECODED
 from serving.http.traffic_metrics import label_by_route
-from serving.lifecycle import (READINESS, StartupError, check_grpc_port, http_address, load_settings,
+from serving.lifecycle import (READINESS, StartupError, check_grpc_port, follow_http_host, http_address, load_settings,
                                warm_up_in_background)
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
@@ -271,7 +271,9 @@ class PneumoniaClassifier:
         bound, exits 1 with one line. The port last: it is let go again, and the workers bind it seconds later."""
         preflight(MODEL_TAG, SETTINGS.engine)
         if SETTINGS.grpc.enabled:
-            check_grpc_port(SETTINGS.grpc, *http_address())
+            http_host, http_port = http_address()
+            follow_http_host(SETTINGS.grpc, http_host)
+            check_grpc_port(SETTINGS.grpc, http_host, http_port)
         if not SETTINGS.security.keys():
             logger.warning("no API keys configured (PNEUMONIA_SECURITY__API_KEYS or "
                            "PNEUMONIA_SECURITY__API_KEYS_FILE): the service is open to anyone who can reach it")

@@ -233,15 +233,18 @@ class GrpcSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="false: HTTP only")
-    host: str = Field("0.0.0.0", description="interface to bind; the HTTP --host does not apply to gRPC")
+    host: str | None = Field(
+        None, description="interface to bind; unset: the HTTP host of `bentoml serve` (its --host), so that "
+        "`--host 127.0.0.1` keeps both ports on this machine")
     port: int = Field(3001, ge=1, le=65535, description="shared by all workers (SO_REUSEPORT)")
     shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get to finish on shutdown")
     tls: GrpcTlsSettings = GrpcTlsSettings()
 
     @property
     def address(self) -> str:
-        """host:port as gRPC names it ([host]:port for an IPv6 address)."""
-        host = self.host
+        """host:port as gRPC names it ([host]:port for an IPv6 address). An unset host, which `follow_http_host`
+        fills in before the workers start, is BentoML's default HTTP host (all interfaces)."""
+        host = self.host or "0.0.0.0"
         return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.port}"
 
 

@@ -254,8 +254,8 @@ def bentoml_serve(target: str, port: int, log_path: Path, *, serve_args: list[st
     `stores`: the BENTOML_HOME whose model and Bento stores it uses (default: this process's).
     """
     args = [str(VENV_BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port), *(serve_args or [])]
-    # Never the default 3001: with SO_REUSEPORT two servers on one port would silently share it.
-    env.setdefault("PNEUMONIA_GRPC__HOST", "127.0.0.1")
+    # Never the default 3001: with SO_REUSEPORT two servers on one port would silently share it. The gRPC host
+    # is left to follow --host (serving.lifecycle.follow_http_host), which tests/test_grpc.py checks.
     grpc_port = int(env.setdefault("PNEUMONIA_GRPC__PORT", str(free_port())))
     scratch: list[Path] = []
     if "BENTOML_HOME" not in env:

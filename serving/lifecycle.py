@@ -86,6 +86,18 @@ def http_address() -> tuple[str, int]:
             int(params.get("port") or BentoMLContainer.http.port.get()))
 
 
+def follow_http_host(grpc: GrpcSettings, http_host: str) -> None:
+    """An unset gRPC host becomes the HTTP host, here and in the workers.
+
+    Runs in the `bentoml serve` process before the workers exist: circus copies this process's environment into
+    each worker it starts, where `ServingSettings` reads the variable set here. Without it, `bentoml serve --host
+    127.0.0.1` would keep HTTP on this machine and open gRPC to the network.
+    """
+    if grpc.host is None:
+        grpc.host = http_host
+        os.environ["PNEUMONIA_GRPC__HOST"] = http_host
+
+
 def check_grpc_port(grpc: GrpcSettings, http_host: str, http_port: int) -> None:
     """Bind the gRPC host:port once, and let it go, in the `bentoml serve` process before any worker starts.
 
@@ -97,7 +109,7 @@ def check_grpc_port(grpc: GrpcSettings, http_host: str, http_port: int) -> None:
     retries it (serving/grpc/server.py, `WorkerGrpc`). The HTTP port is bound only after this hook, so the
     probe cannot see it taken: the gRPC port equal to the HTTP port is checked by number.
     """
-    host = grpc.host.strip("[]")
+    host = (grpc.host or "").strip("[]")
     hosts = {host, http_host.strip("[]")}
     if grpc.port == http_port and (len(hosts) == 1 or hosts & _ANY_HOST or hosts <= _LOOPBACK):
         raise StartupError(f"cannot serve: the gRPC port {grpc.address} is also the HTTP port "

@@ -227,6 +227,22 @@ def test_model_info_matches_http_health(server: ServerProcess, stub: pb_grpc.Cla
     assert info.validation_metrics["accuracy"] == pytest.approx(health["validation_metrics"]["accuracy"])
 
 
+def test_grpc_listens_only_on_the_interface_http_was_given(server: ServerProcess) -> None:
+    """`bentoml serve --host 127.0.0.1` with no PNEUMONIA_GRPC__HOST: gRPC must not listen on every interface."""
+    import ipaddress
+
+    import psutil
+
+    def ipv4(address: str) -> str:  # gRPC listens on an IPv6 socket: ::ffff:127.0.0.1 is 127.0.0.1
+        ip = ipaddress.ip_address(address)
+        return str(getattr(ip, "ipv4_mapped", None) or ip)
+
+    assert "PNEUMONIA_GRPC__HOST" not in server.env
+    listening = {ipv4(conn.laddr.ip) for conn in psutil.net_connections("tcp")
+                 if conn.status == psutil.CONN_LISTEN and conn.laddr.port == server.grpc_port}
+    assert listening == {"127.0.0.1"}  # not 0.0.0.0 or ::
+
+
 def test_grpc_calls_are_counted_in_metrics(server: ServerProcess, stub: pb_grpc.ClassifierStub) -> None:
     ok = {"grpc_service": SERVICE, "grpc_method": "Classify", "grpc_code": "OK"}
     bad = {**ok, "grpc_code": "INVALID_ARGUMENT"}
