@@ -176,7 +176,7 @@ def _tiny_png() -> bytes:
 @pytest.mark.parametrize(
     ("make_images", "code", "words", "reason"),
     [
-        (lambda: [], grpc.StatusCode.INVALID_ARGUMENT, "at least one image", None),
+        (lambda: [], grpc.StatusCode.INVALID_ARGUMENT, "at least one image", "no_images"),
         (lambda: [pb.Image(data=b"definitely not an image", filename="notes.txt")], grpc.StatusCode.INVALID_ARGUMENT, "image 0 (notes.txt): the upload is not a recognised image", "not_an_image"),
         (lambda: [pb.Image(data=b"")], grpc.StatusCode.INVALID_ARGUMENT, "empty", "empty"),
         (lambda: [pb.Image(data=sample_xrays(1)[0].read_bytes()[:1500])], grpc.StatusCode.INVALID_ARGUMENT, "could not be decoded", "corrupt"),
@@ -188,13 +188,17 @@ def _tiny_png() -> bytes:
     ],
     ids=["no-images", "not-an-image", "empty", "truncated", "too-small", "too-many-pixels", "too-many-bytes", "too-many-images", "message-too-large"],
 )
-def test_bad_input_gets_its_status_code(stub: pb_grpc.ClassifierStub, make_images, code, words, reason) -> None:
+def test_bad_input_gets_its_status_code(server: ServerProcess, stub: pb_grpc.ClassifierStub, make_images, code, words,
+                                       reason) -> None:
+    """Refused with its status, named, and counted by reason as HTTP counts it."""
+    before = metric(server, "pneumonia_rejected_inputs_total", reason=reason) if reason else 0.0
     with pytest.raises(grpc.RpcError) as error:
         stub.Classify(pb.ClassifyRequest(images=make_images()), timeout=60)
     assert error.value.code() == code, error.value.details()
     assert words in error.value.details()
     if reason is not None:
         assert dict(error.value.trailing_metadata())["pneumonia-reject-reasons"].split(",")[0] == reason
+        assert metric(server, "pneumonia_rejected_inputs_total", reason=reason) - before == 1
     path = sample_xrays(1, offset=2)[0]  # the worker is unharmed
     assert len(stub.Classify(pb.ClassifyRequest(images=[image(path)]), timeout=60).predictions) == 1
 

@@ -160,10 +160,14 @@ TRUNCATED = sample_xrays(1)[0].read_bytes()[:3000]
     ids=["not-an-image", "truncated", "empty", "pixel-bomb", "too-many-images", "missing-field"],
 )
 def test_bad_input_gets_a_4xx_naming_the_problem(server: ServerProcess, files, field, status, reason) -> None:
+    """Refused, named, and counted by reason as gRPC counts it (a request with no `images` field is not an image)."""
+    refused = lambda: metric_total(metrics(server), "pneumonia_rejected_inputs_total", reason=reason)  # noqa: E731
+    before = refused()
     response = classify(server, files, field=field)
     assert response.status_code == status, response.text
     body = response.json()
     assert reason in json.dumps(body)
+    assert refused() - before == (0 if reason == "missing" else 1)
     good = classify(server, [("ok.jpeg", sample_xrays(1)[0].read_bytes())])
     assert good.status_code == 200
 

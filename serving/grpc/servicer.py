@@ -83,8 +83,6 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         await self._require_ready(context)
         images = list(request.images)
-        if not images:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send at least one image in 'images'")
 
         async def work() -> list[Prediction]:
             prepared = await self.service.prepare_images([image.data for image in images])

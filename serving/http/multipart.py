@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from serving.answers import REJECTED
 from serving.http.responses import GuardError
 
 
@@ -140,6 +141,7 @@ class MultipartCanon:
         if self.count >= self.max_files:
             message = (f"send one image per request, in the field '{self.field_name}'" if self.max_files == 1 else
                        f"more than {self.max_files} images in one request; the limit is {self.max_files}")
+            REJECTED.labels(reason="too_many_images").inc()  # as gRPC counts it (service.prepare_images)
             raise GuardError(400, "too_many_images", message, (self.field_name,))
         self.file_names.append(_printable(params.get(b"filename", params.get(b"filename*", b""))))
         self.out.write(
