@@ -262,6 +262,19 @@ def test_grpc_calls_are_counted_in_metrics(server: ServerProcess, stub: pb_grpc.
     assert metric(server, "pneumonia_grpc_server_handling_seconds_count", grpc_method="Classify") - before_latency == 3
 
 
+def test_calls_to_unknown_methods_are_counted_under_one_label(server: ServerProcess, channel: grpc.Channel) -> None:
+    """A scanner's method names must not each become a metric series, nor go uncounted."""
+    labels = {"grpc_service": "unmatched", "grpc_method": "unmatched", "grpc_code": "UNIMPLEMENTED"}
+    before = metric(server, "pneumonia_grpc_server_handled_total", **labels)
+    for name in ("/pneumonia.v1.Classifier/NoSuchMethod", "/no.such.Service/Probe", "/x"):
+        with pytest.raises(grpc.RpcError) as error:
+            channel.unary_unary(name)(b"", timeout=10)
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    assert "NoSuchMethod" not in text and "no.such.Service" not in text
+    assert metric(server, "pneumonia_grpc_server_handled_total", **labels) - before == 3
+
+
 def test_a_body_that_is_not_a_protobuf_message_is_invalid_argument(server: ServerProcess, channel: grpc.Channel,
                                                                    stub: pb_grpc.ClassifierStub) -> None:
     """grpcio itself answered a body that does not parse with UNKNOWN, naming Python's DecodeError, uncounted."""

@@ -38,6 +38,7 @@ HANDLING_SECONDS = bentoml.metrics.Histogram(
     labelnames=["grpc_service", "grpc_method"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
+UNMATCHED = "unmatched"  # the labels of a call to a method this server does not have (as HTTP labels unknown paths)
 # How the access interceptor admitted the call in progress ("key" or "none"), for the servicer's request log.
 AUTH: contextvars.ContextVar[str] = contextvars.ContextVar("pneumonia_grpc_auth", default="none")
 
@@ -67,7 +68,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None:
+        if handler is None:  # grpcio answers UNIMPLEMENTED; the name is the caller's, so it is not a label
+            HANDLED.labels(grpc_service=UNMATCHED, grpc_method=UNMATCHED, grpc_code="UNIMPLEMENTED").inc()
             return None
         service, method = _split_method(handler_call_details.method)
 
