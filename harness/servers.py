@@ -121,18 +121,20 @@ class ServerProcess:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, ready_timeout: float = HANG_S, ready_path: str = "/readyz") -> "ServerProcess":
+    def start(self, ready_timeout: float = HANG_S, ready_path: str = "/readyz",
+              fresh_ports_on_conflict: bool = True) -> "ServerProcess":
         """Start and wait until ready; `ready_timeout` is a hang detector (HANG_S), not a speed bound.
 
-        A port picked by free_port() stays unbound until the server binds it, and the gRPC port until a worker
-        has started (tens of seconds): another server started meanwhile (a parallel test) may pick and bind it
-        first. Such a start fails with "Address already in use"; it is retried on fresh ports, not reported.
+        A port picked by free_port() stays unbound until the server binds it: another server started meanwhile
+        (a parallel test) may pick and bind it first. Such a start fails with "Address already in use"; it is
+        retried on fresh ports, not reported, unless `fresh_ports_on_conflict` is False (a test of that refusal).
         """
         for attempt in range(1, BIND_ATTEMPTS + 1):
             try:
                 return self._start_once(ready_timeout, ready_path)
             except RuntimeError as error:
-                if attempt == BIND_ATTEMPTS or "address already in use" not in str(error).lower():
+                if (attempt == BIND_ATTEMPTS or not fresh_ports_on_conflict
+                        or "address already in use" not in str(error).lower()):
                     raise
                 self._move_to_fresh_ports()
         raise AssertionError("unreachable")

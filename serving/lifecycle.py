@@ -28,15 +28,18 @@ Three faults this module turns into clear, bounded behaviour (docs/hardening.md,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
 import socket
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bentoml.exceptions import BentoMLException
@@ -98,18 +101,28 @@ def follow_http_host(grpc: GrpcSettings, http_host: str) -> None:
         os.environ["PNEUMONIA_GRPC__HOST"] = http_host
 
 
+_GRPC_PORT_HELD: dict[tuple[str, int], list[socket.socket]] = {}  # open for the life of the `bentoml serve` process
+
+
 def check_grpc_port(grpc: GrpcSettings, http_host: str, http_port: int) -> None:
-    """Bind the gRPC host:port once, and let it go, in the `bentoml serve` process before any worker starts.
+    """Bind the gRPC host:port once in the `bentoml serve` process before any worker starts, then hold it.
 
     The workers bind it later with SO_REUSEPORT (serving/grpc/server.py); a port they cannot have would crash
-    every one of them in its start-up hook, and circus would restart them forever. This probe sets SO_REUSEADDR
+    every one of them in its start-up hook, and circus would restart them forever. The probe sets SO_REUSEADDR
     (as gRPC does: a port with connections in TIME_WAIT is free) but not SO_REUSEPORT, so a port another process
     listens on is refused even when that process shares it with SO_REUSEPORT (a second server on the default
-    gRPC port). It is closed again before the workers start; one that loses the port in between serves HTTP and
-    retries it (serving/grpc/server.py, `WorkerGrpc`). The HTTP port is bound only after this hook, so the
-    probe cannot see it taken: the gRPC port equal to the HTTP port is checked by number.
+    gRPC port). The HTTP port is bound only after this hook, so the probe cannot see it taken: the gRPC port
+    equal to the HTTP port is checked by number.
+
+    Once the probe passes, the port is bound again with SO_REUSEPORT, never listened on (no connection is routed
+    to it), and held while `bentoml serve` runs. This server's workers can still bind it; anyone else's plain
+    bind, and the probe of a second server started in the seconds before these workers listen, are refused.
+    Without the hold, two servers started together both passed the probe and then silently shared the port;
+    the probe and the hold of two servers take turns on a lock file, so one always meets the other's hold.
     """
     host = (grpc.host or "").strip("[]")
+    if (host, grpc.port) in _GRPC_PORT_HELD:  # checked before in this process: the probe would meet the hold
+        return
     hosts = {host, http_host.strip("[]")}
     if grpc.port == http_port and (len(hosts) == 1 or hosts & _ANY_HOST or hosts <= _LOOPBACK):
         raise StartupError(f"cannot serve: the gRPC port {grpc.address} is also the HTTP port "
@@ -119,12 +132,37 @@ def check_grpc_port(grpc: GrpcSettings, http_host: str, http_port: int) -> None:
     except socket.gaierror as exc:
         raise StartupError(f"cannot serve: the gRPC host {grpc.host!r} does not resolve ({exc.strerror}); "
                            f"{GRPC_HOST_WAYS_OUT}") from None
+    with _port_lock(grpc.port):  # two servers checking at the same instant: one at a time, so one meets the hold
+        _probe_and_hold(grpc, host, addresses)
+
+
+@contextlib.contextmanager
+def _port_lock(port: int) -> Iterator[None]:
+    """An exclusive lock on a file named after `port` in the temporary directory (best effort: none if the file
+    cannot be opened, e.g. another user's)."""
+    try:
+        descriptor = os.open(Path(tempfile.gettempdir()) / f"pneumonia-grpc-port-{port}.lock", os.O_RDWR | os.O_CREAT,
+                             0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _probe_and_hold(grpc: GrpcSettings, host: str, addresses: list[tuple]) -> None:
+    """Refuse a port that cannot be bound (see `check_grpc_port`), else hold it for the life of this process."""
     failures: list[OSError] = []
+    bindable: list[tuple] = []
     for family, kind, proto, _, sockaddr in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(sockaddr)
+                bindable.append((family, kind, proto, sockaddr))
             except OSError as exc:
                 failures.append(exc)
     taken = [exc for exc in failures if exc.errno in (errno.EADDRINUSE, errno.EACCES)]
@@ -132,6 +170,21 @@ def check_grpc_port(grpc: GrpcSettings, http_host: str, http_port: int) -> None:
         exc = (taken or failures)[0]
         ways_out = GRPC_HOST_WAYS_OUT if exc.errno == errno.EADDRNOTAVAIL else GRPC_WAYS_OUT
         raise StartupError(f"cannot serve: the gRPC port {grpc.address} cannot be bound ({exc.strerror}); {ways_out}")
+    _GRPC_PORT_HELD[(host, grpc.port)] = [held for address in bindable if (held := _hold(*address)) is not None]
+
+
+def _hold(family: int, kind: int, proto: int, sockaddr: tuple) -> socket.socket | None:
+    """A bound, never listening SO_REUSEPORT socket on `sockaddr` (see `check_grpc_port`); None if it cannot be
+    had (the probe passed, so the workers will bind: the hold only narrows a race)."""
+    held = socket.socket(family, kind, proto)
+    try:  # not SO_REUSEADDR: Linux lets two SO_REUSEADDR sockets share a port that no one listens on
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind(sockaddr)
+    except OSError as exc:
+        held.close()
+        logger.warning("the gRPC port %s is not held until the workers bind it (%s)", sockaddr, exc.strerror)
+        return None
+    return held
 
 
 class Readiness:

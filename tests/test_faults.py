@@ -13,7 +13,6 @@ scripts/fault_sigterm.py and kept with their output in docs/results/
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -382,58 +381,80 @@ def test_taken_grpc_port_stops_the_server_with_one_clear_line(production_tag: st
     assert not problems, "\n".join(problems) + "\n" + "\n---\n".join(r.output[-2000:] for r in runs)
 
 
-def test_worker_that_loses_the_grpc_port_serves_http_and_binds_it_once_free(production_tag: str,
-                                                                           tmp_path: Path) -> None:
-    """The port is free when `bentoml serve` checks it and taken before the worker binds it (a race the check
-    cannot close): the worker logs one line, is ready over HTTP, is not restarted, and binds the port as soon as
-    it is let go. Cue: the start-up line that follows the check (no API keys), logged once, by `bentoml serve`."""
+def test_two_servers_started_together_on_one_grpc_port_never_share_it(production_tag: str, tmp_path: Path) -> None:
+    """Two `bentoml serve` started at once with the same gRPC port: one exits 1 with the one line, the other
+    serves. Both used to pass the port check (their workers bind seconds after it, with SO_REUSEPORT) and then
+    silently shared the port, so gRPC callers were answered by either server's model. `bentoml serve` now
+    holds the port from its check on (serving.lifecycle.check_grpc_port)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    grpc_port, log = free_port(), tmp_path / "server.log"
-    cue = "no API keys configured"
-    held: list[socket.socket] = []
-    taking = threading.Event()
-    taking.set()
+    grpc_port = free_port()
+    servers = [bentoml_serve(SERVICE, free_port(), tmp_path / f"server-{k}.log", PNEUMONIA_WORKERS="1",
+                             PNEUMONIA_GRPC__PORT=str(grpc_port)) for k in range(2)]
 
-    def take_port_after_check() -> None:
-        while taking.is_set():
-            if log.exists() and cue in log.read_text(errors="replace"):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", grpc_port))
-                sock.listen()
-                held.append(sock)
-                return
-            time.sleep(0.01)
+    def start(server: ServerProcess) -> ServerProcess | str:
+        try:
+            return server.start(ready_timeout=HANG_S, fresh_ports_on_conflict=False)
+        except RuntimeError as refused:
+            return str(refused)
 
-    taker = threading.Thread(target=take_port_after_check, daemon=True)
-    server = bentoml_serve(SERVICE, free_port(), log, PNEUMONIA_WORKERS="1", PNEUMONIA_GRPC__PORT=str(grpc_port))
-    taker.start()
     try:
-        server.start(ready_timeout=HANG_S)  # ready over HTTP with its gRPC port taken
-        assert held, "the port was not taken after the check"
-        text = server.logs()
-        assert text.count(cue) == 1, text[-3000:]
-        assert f"cannot bind the gRPC port 127.0.0.1:{grpc_port}" in text and "serves HTTP only" in text, text[-3000:]
-        assert "Traceback" not in text, text[-3000:]
-        assert httpx.post(server.url + "/health", json={}, timeout=30).json()["ready"] is True
-        held.pop().close()
-        deadline = time.monotonic() + HANG_S  # a hang detector: the worker retries every few seconds
-        with grpc.insecure_channel(server.grpc_target) as channel:
-            while True:
-                try:
-                    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-                    if status.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, server.logs()[-3000:]
-                time.sleep(0.2)
-        assert f"gRPC server listening on 127.0.0.1:{grpc_port}" in server.logs()
-        assert len(set(re.findall(r"worker (\d+) ready: model warm", server.logs()))) == 1  # never restarted
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            outcomes = list(pool.map(start, servers))
+        serving = [outcome for outcome in outcomes if isinstance(outcome, ServerProcess)]
+        refusals = [outcome for outcome in outcomes if isinstance(outcome, str)]
+        assert len(serving) == 1 and len(refusals) == 1, "\n---\n".join(s.logs()[-2000:] for s in servers)
+        assert "server exited with 1" in refusals[0], refusals[0]
+        assert (f"cannot serve: the gRPC port 127.0.0.1:{grpc_port} cannot be bound (Address already in use); "
+                f"{GRPC_WAYS_OUT}") in refusals[0], refusals[0]
+        assert "Traceback" not in refusals[0], refusals[0]
+        with grpc.insecure_channel(serving[0].grpc_target) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
     finally:
-        taking.clear()
-        for sock in held:
-            sock.close()
-        server.stop()
-        kill_group(server)
+        for server in servers:
+            server.stop()
+            kill_group(server)
+
+
+def test_worker_that_cannot_bind_the_grpc_port_tries_again_until_it_is_free(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Behind the hold above: a worker whose gRPC port is taken when it starts logs one line, keeps serving
+    HTTP (its start-up hook does not fail, so circus does not restart it) and binds the port once it is let go.
+    The hold leaves a normal start no way to lose the port, so this drives the worker's gRPC endpoint itself, in
+    this process, against a port held by a real listener; the service is one whose model is still loading."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from serving.grpc.server import WorkerGrpc
+    from settings import ServingSettings
+
+    class StillLoading:  # health's only question to the service; no classify call reaches it in this test
+        def is_serving(self) -> bool:
+            return False
+
+    async def scenario(taken: socket.socket) -> None:
+        port = taken.getsockname()[1]
+        worker = WorkerGrpc(StillLoading(), ServingSettings(grpc={"host": "127.0.0.1", "port": port}),  # type: ignore[arg-type]
+                            retry_s=(0.1, 0.4))
+        await worker.start()
+        assert worker.endpoint is None
+        taken.close()
+        deadline = time.monotonic() + HANG_S
+        while worker.endpoint is None:
+            assert time.monotonic() < deadline, "the worker never bound the freed port"
+            await asyncio.sleep(0.05)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        finally:
+            await worker.stop()
+
+    with caplog.at_level("ERROR", logger="bentoml.pneumonia.grpc"), _listener() as taken:
+        asyncio.run(scenario(taken))
+    failures = [r.getMessage() for r in caplog.records if r.name == "bentoml.pneumonia.grpc" and r.levelname == "ERROR"]
+    assert len(failures) == 1 and "cannot bind the gRPC port" in failures[0] and "serves HTTP only" in failures[0]

@@ -7,9 +7,9 @@ HTTP socket. Besides `pneumonia.v1.Classifier` (servicer.py) it serves the
 standard health service (NOT_SERVING until the model is warm) and reflection.
 
 `bentoml serve` checks that the port can be bound before any worker starts
-(serving.lifecycle.check_grpc_port: exit 1 with one line). A worker that still
-cannot bind it (another process took it in the seconds in between) does not
-fail: `WorkerGrpc` logs one line, serves HTTP and tries the port again (after
+(serving.lifecycle.check_grpc_port: exit 1 with one line) and holds it from then
+on, so only this server's workers can bind it. A worker that still cannot bind
+it does not fail: `WorkerGrpc` logs one line, serves HTTP and tries the port again (after
 5 s, then twice as long each time, at most every minute), where an exception from
 the start-up hook would crash the worker and circus would restart it every ~10 s
 forever, HTTP never ready.
