@@ -184,6 +184,7 @@ def test_scoring_a_model_on_other_data_or_with_too_many_folds_is_refused(product
 
     assert crossval(["--data-dir", str(folder), "--out", str(tmp_path / "cv"), "--folds", "5"]) == 2
     assert "--folds 5 needs at least 5 patients of each class; the data has 3 in its smaller class" in capsys.readouterr().err
+    assert not (tmp_path / "cv").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("argv", [[], ["--aug-rotate-deg", "4", "--aug-scale", "0.9", "1.2", "--aug-erase-p", "0"]])

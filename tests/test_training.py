@@ -119,6 +119,13 @@ def test_crossval_trains_each_fold_once_and_tables_them(tmp_path: Path, data_dir
     assert set(summary["stress"]) == set(folds[0]["stress"]) >= {"clean", "random acquisition mix"}
     table = (out / "summary.md").read_text()
     assert table.startswith("2 patient-level folds") and "| random acquisition mix |" in table and table in rest.stdout
+    # Another split or recipe into the same --out would be tabled with these folds: refused, nothing changed.
+    other = subprocess.run([*command, "--seed", "1", "--epochs", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode == 2 and other.stderr.strip().splitlines() == [
+        f"error: {out} holds folds of another cross-validation (it was run with other --epochs, --seed); they cannot "
+        "be tabled with these: give another --out, or remove that folder to start again"], other.stderr[-2000:]
+    assert (out / "summary.md").read_text() == table
 
 
 def test_an_ensemble_of_stored_runs_is_saved_as_one_calibrated_gated_model(tmp_path: Path, data_dir: Path) -> None:

@@ -8,7 +8,8 @@ scores its held-out patients clean and under every stress of training/stress.py.
 Temperature and threshold are cross-fitted inside the held-out fold (fitted on one half
 of its patients, applied to the other, and back), so the thresholded figures are not
 scored on the data that set them. The table gives mean +- standard deviation over
-folds; `--fold` runs some folds only (results are kept per fold and reused).
+folds; `--fold` runs some folds only (results are kept per fold and reused by the same
+command; a run with another split or recipe into the same `--out` is refused).
 """
 
 from __future__ import annotations
@@ -126,6 +127,30 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# Options that do not change which patients a fold holds out or what is trained on them.
+NOT_RECIPE = frozenset({"fold", "threads", "progress", "command", "out", "register", "promote"})
+
+
+def other_recipe(out: Path, config: dict) -> str | None:
+    """How the folds already in `out` were made differently from `config`, or None (same options, or no folds).
+
+    Folds are reused by file name, so without this a second run with another --folds, --seed or recipe into the
+    same --out would table its new folds together with the old ones as if they were one cross-validation.
+    """
+    saved = out / "config.json"
+    if not any(out.glob("fold*.json")):
+        return None
+    try:
+        before = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        return "its config.json is missing or unreadable"
+    now = json.loads(json.dumps(config))  # tuples as lists, as they were saved
+    same_path = lambda a, b: Path(a).resolve() == Path(b).resolve()  # noqa: E731 - ../data and /abs/data alike
+    changed = sorted(key for key in (now.keys() & before.keys()) - NOT_RECIPE
+                     if before[key] != now[key] and not (key == "data_dir" and same_path(before[key], now[key])))
+    return f"it was run with other {', '.join('--' + key.replace('_', '-') for key in changed)}" if changed else None
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = get_args_parser()
     parser.description = __doc__.split("\n\n")[0]
@@ -141,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fold and max(args.fold) >= args.folds:
         parser.error(f"argument --fold: {max(args.fold)} is not a fold of --folds {args.folds} (0 to {args.folds - 1})")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: {args.out} is a file, not a folder")
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
-    args.out.mkdir(parents=True, exist_ok=True)
     try:
         samples = first_per_class(scan_split(args.data_dir, args.split), args.max_per_class)
     except DataFolderError as exc:
@@ -155,11 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --folds {args.folds} needs at least {args.folds} patients of each class; "
               f"the data has {fewest} in its smaller class", file=sys.stderr)
         return 2
+    config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "command": "python -m training.crossval " + " ".join(sys.argv[1:] if argv is None else argv)}
+    if difference := other_recipe(args.out, config):
+        print(f"error: {args.out} holds folds of another cross-validation ({difference}); they cannot be tabled "
+              "with these: give another --out, or remove that folder to start again", file=sys.stderr)
+        return 2
     splitter = StratifiedGroupKFold(n_splits=args.folds, shuffle=True, random_state=args.seed)
     preprocess = preprocess_config(args)
-    (args.out / "config.json").write_text(json.dumps(
-        {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-         "command": "python -m training.crossval " + " ".join(sys.argv[1:] if argv is None else argv)}, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").write_text(json.dumps(config, indent=2))
     for k, (fit, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
         result = args.out / f"fold{k}.json"
         if (args.fold and k not in args.fold) or result.exists():
