@@ -100,13 +100,20 @@ class SecuritySettings(BaseModel):
         keys = [k.strip() for k in self.api_keys.get_secret_value().split(",")]
         if self.api_keys_file is not None:
             try:
-                lines = self.api_keys_file.read_text().splitlines()
+                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
             except OSError as exc:
                 raise ValueError(f"api_keys_file {self.api_keys_file} cannot be read: {exc.strerror}") from None
-            keys += [line.strip() for line in lines if not line.lstrip().startswith("#")]
+            except UnicodeDecodeError:
+                raise ValueError(f"api_keys_file {self.api_keys_file} is not UTF-8 text") from None
+            from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not from_file:  # an empty Secret must not quietly start an open service
+                raise ValueError(f"api_keys_file {self.api_keys_file} holds no key (only blank or # lines); "
+                                 "put one key per line, or unset api_keys_file for an open service")
+            keys += from_file
         keys = [k for k in keys if k]
-        if any(len(k) < 16 or not k.isprintable() or " " in k for k in keys):
-            raise ValueError("every API key must be at least 16 printable characters without spaces")
+        # Printable ASCII: keys travel in an HTTP header and in gRPC metadata, which carry nothing else.
+        if any(len(k) < 16 or not (k.isascii() and k.isprintable()) or " " in k for k in keys):
+            raise ValueError("every API key must be at least 16 printable ASCII characters without spaces")
         self._keys = tuple(dict.fromkeys(keys))
         return self
 
@@ -182,6 +189,34 @@ class ExplainSettings(BaseModel):
     )
 
 
+def _check_tls_files(certfile: Path, keyfile: Path, client_ca_file: Path | None) -> None:
+    """Load the files as gRPC will, so that a certificate and key that do not belong together, or files that only
+    look like PEM, stop the start-up here: gRPC itself would only fail to bind, in every worker, while HTTP
+    reports the service ready. Python's ssl runs on OpenSSL, gRPC's on BoringSSL; both read the same PEM."""
+    import ssl
+
+    def problem(exc: ssl.SSLError) -> str:  # OpenSSL's reason code, where it gives one
+        return f" ({exc.reason})" if exc.reason else ""
+
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:  # parses certificates only: tells a bad certfile from a bad keyfile
+        probe.load_verify_locations(cafile=str(certfile))
+    except ssl.SSLError as exc:
+        raise ValueError(f"grpc.tls.certfile {certfile} holds no readable PEM certificate{problem(exc)}") from None
+    try:  # an encrypted key meets the empty password instead of a prompt on the terminal
+        probe.load_cert_chain(str(certfile), str(keyfile), password=lambda: b"")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"grpc.tls.keyfile {keyfile} is not the private key of certfile {certfile}") from None
+        raise ValueError(f"grpc.tls.keyfile {keyfile} is not an unencrypted PEM private key{problem(exc)}") from None
+    if client_ca_file is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=str(client_ca_file))
+        except ssl.SSLError as exc:
+            raise ValueError(f"grpc.tls.client_ca_file {client_ca_file} holds no readable PEM CA "
+                             f"certificate{problem(exc)}") from None
+
+
 class GrpcTlsSettings(BaseModel):
     """TLS of the gRPC port (the HTTP port's TLS is `bentoml serve --ssl-certfile/--ssl-keyfile`).
 
@@ -216,6 +251,8 @@ class GrpcTlsSettings(BaseModel):
             if b"-----BEGIN " not in data:
                 raise ValueError(f"grpc.tls.{name} {path} is not a PEM file")
             self._pem[name] = data
+        if self.certfile is not None and self.keyfile is not None:
+            _check_tls_files(self.certfile, self.keyfile, self.client_ca_file)
         return self
 
     @property
@@ -261,7 +298,8 @@ class ServingSettings(BaseSettings):
         "images/s of 1 x 2 threads on 2 cores, docs/performance.md)",
     )
     torch_threads: int = Field(
-        0, ge=0, description="intra-op threads of each forward pass; 0 = cores / (workers x batching.slots), at least 1"
+        0, ge=0, le=256,  # beyond, thread creation fails in every worker, which circus restarts forever
+        description="intra-op threads of each forward pass; 0 = cores / (workers x batching.slots), at least 1",
     )
     decode_threads: int = Field(
         0, ge=0, le=32,

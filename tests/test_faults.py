@@ -324,6 +324,8 @@ BAD_CONFIGS: dict[str, tuple[dict[str, str], str]] = {
                           "unknown environment variable PNEUMONIA_SECURITY_API_KEYS "
                           "(did you mean PNEUMONIA_SECURITY__API_KEYS?)"),
     "unknown_variable": ({"PNEUMONIA_FOO": "1"}, "unknown environment variable PNEUMONIA_FOO:"),
+    # An empty Secret mounted as the key file: the service started open to anyone, and said it was ready.
+    "empty_api_keys_file": ({"PNEUMONIA_SECURITY__API_KEYS_FILE": "{empty}"}, "holds no key (only blank or # lines)"),
 }
 
 
@@ -332,7 +334,9 @@ def test_bad_configuration_stops_the_server_with_one_clear_line(production_tag: 
     """Invalid settings end `bentoml serve` with exit 1 and one line naming the setting, never a stack trace."""
     settings_file = tmp_path / "settings.json"
     settings_file.write_text("{workers: 2}")
-    cases = {case: ({k: v.format(settings=settings_file) for k, v in env.items()}, text)
+    empty = tmp_path / "api-keys"
+    empty.write_text("# rotated keys go here\n\n")
+    cases = {case: ({k: v.format(settings=settings_file, empty=empty) for k, v in env.items()}, text)
              for case, (env, text) in BAD_CONFIGS.items()}
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = list(pool.map(lambda case: _serve_until_exit(case, bentoml_home, cases[case][0]), cases))

@@ -92,3 +92,61 @@ def test_kubernetes_service_links_are_not_settings_and_are_accepted() -> None:
         refuse_unknown_variables({**links, "PNEUMONIA_GRPC_PORT": "3001"})
     with pytest.raises(ValueError, match="PNEUMONIA_CLASSIFIER_SERVICE_HOST"):  # not an address: not Kubernetes'
         refuse_unknown_variables({"PNEUMONIA_CLASSIFIER_SERVICE_HOST": "classifier.example"})
+
+
+# --------------------------------------------------------------------------- values read from files at start-up
+
+
+def _settings_error(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
+    """The validation error ServingSettings raises for these PNEUMONIA_* variables (fails if it accepts them)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError) as refused:
+        ServingSettings()
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"", "holds no key (only blank or # lines)"),  # an empty Secret: an open service, before
+    (b"# the key goes here\n\n   \n", "holds no key (only blank or # lines)"),
+    (b"\xff\xfe" + "k\0e\0y\0".encode() * 8, "is not UTF-8 text"),
+    ("ключключключключключ\n".encode(), "at least 16 printable ASCII characters"),  # no header or metadata carries it
+], ids=["empty", "comments-only", "utf-16", "non-ascii-key"])
+def test_an_api_key_file_that_yields_no_usable_key_is_refused(content: bytes, words: str, tmp_path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = tmp_path / "api-keys"
+    keys.write_bytes(content)
+    message = _settings_error(monkeypatch, PNEUMONIA_SECURITY__API_KEYS_FILE=str(keys))
+    assert words in message and "ключ" not in message
+
+
+def test_grpc_tls_files_must_be_a_certificate_and_its_own_key(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files that only look like PEM, or a key of another certificate, passed start-up before: every worker then
+    failed to bind the gRPC port (BoringSSL: "Invalid private key") while HTTP said the service was ready."""
+    from harness.tls import _openssl, make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN garbage-----\nnot base64\n-----END garbage-----\n")
+    encrypted = tmp_path / "encrypted-key.pem"
+    _openssl("pkey", "-in", str(pki.server_key), "-out", str(encrypted), "-aes256", "-passout", "pass:secret")
+    cases = [
+        ({"CERTFILE": pki.server_cert, "KEYFILE": pki.client_key}, f"keyfile {pki.client_key} is not the private key of certfile"),
+        ({"CERTFILE": pki.server_cert, "KEYFILE": pki.server_cert}, "is not an unencrypted PEM private key"),
+        ({"CERTFILE": pki.server_cert, "KEYFILE": encrypted}, "is not an unencrypted PEM private key"),
+        ({"CERTFILE": garbage, "KEYFILE": pki.server_key}, f"certfile {garbage} holds no readable PEM certificate"),
+        ({"CERTFILE": pki.server_cert, "KEYFILE": pki.server_key, "CLIENT_CA_FILE": garbage},
+         f"client_ca_file {garbage} holds no readable PEM CA certificate"),
+    ]
+    for files, words in cases:
+        with monkeypatch.context() as scope:
+            message = _settings_error(scope, **{f"PNEUMONIA_GRPC__TLS__{k}": str(v) for k, v in files.items()})
+        assert words in message, message
+    for name, value in pki.grpc_env(require_client_certificate=True).items():  # the real pair is accepted
+        monkeypatch.setenv(name, value)
+    assert ServingSettings().grpc.tls.enabled
+
+
+def test_torch_threads_has_a_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """100000 passed, and then every worker failed to start its threads and was restarted forever."""
+    assert "less than or equal to 256" in _settings_error(monkeypatch, PNEUMONIA_TORCH_THREADS="100000")
