@@ -14,11 +14,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 from client import TLS
 from harness.paths import ROOT, VENV_BIN
@@ -104,6 +106,12 @@ class ServerProcess:
     warm_pattern: str | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
     started_at: float | None = field(default=None, init=False)  # time.monotonic() when the process was started
+    # In the environment of the server and every process it starts: circus puts each worker in a process group
+    # of its own, so a worker outlives a SIGKILL of the server's group; this finds it (`kill_leftovers`).
+    token: str = field(default_factory=lambda: uuid.uuid4().hex, init=False)
+
+    def __post_init__(self) -> None:
+        self.env = {**self.env, SERVER_TOKEN: self.token}
 
     @property
     def url(self) -> str:
@@ -208,6 +216,8 @@ class ServerProcess:
             except ProcessLookupError:
                 pass
             self.process.wait(timeout=10)
+        finally:
+            kill_leftovers(self)
 
 
 def default_sigint() -> None:
@@ -268,8 +278,26 @@ def bentoml_serve(target: str, port: int, log_path: Path, *, serve_args: list[st
                          scratch_dirs=scratch, warm_workers=_expected_workers(env), tls=tls)
 
 
+SERVER_TOKEN = "HARNESS_SERVER_TOKEN"
+
+
+def kill_leftovers(server: ServerProcess) -> list[int]:
+    """SIGKILL every process that still carries the server's token (workers orphaned by a killed or crashed
+    arbiter live on in process groups of their own); returns their pids. Never raises."""
+    killed = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get(SERVER_TOKEN) == server.token:
+                process.kill()
+                killed.append(process.pid)
+        except (psutil.Error, OSError):
+            continue
+    return killed
+
+
 def kill_group(server: ServerProcess) -> None:
-    """SIGKILL the server's whole process group (also orphans left by a crashed arbiter); never raises."""
+    """SIGKILL the server's whole process group and every process it started (also workers orphaned by a
+    crashed arbiter); never raises."""
     if server.process is None:
         return
     try:
@@ -280,6 +308,7 @@ def kill_group(server: ServerProcess) -> None:
         server.process.wait(timeout=10)
     except Exception:  # noqa: BLE001 - cleanup must not mask the caller's own failure
         pass
+    kill_leftovers(server)
 
 
 def start_server(log_path: Path, ready_timeout: float = HANG_S, **env: str) -> ServerProcess:

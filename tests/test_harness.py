@@ -6,16 +6,20 @@ another one first (CI failed once on "Address already in use"). These check the 
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import sys
 from pathlib import Path
 
 import httpx
+import psutil
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from harness.paths import VENV_BIN
-from harness.servers import ServerProcess, free_port, server_env
+from harness.servers import ServerProcess, free_port, kill_group, server_env
 
 app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("up"))])
 
@@ -43,3 +47,30 @@ def test_a_start_that_loses_its_port_moves_to_a_free_one(tmp_path: Path) -> None
             assert httpx.get(server.url + "/", timeout=30).text == "up"
         finally:
             server.stop()
+
+
+def test_kill_group_also_ends_children_in_groups_of_their_own(tmp_path: Path) -> None:
+    """circus starts each worker in a process group of its own, so a SIGKILL of a server's group left the workers
+    of a crashed or killed arbiter running (holding ports and CPU). This server starts such a child, is killed
+    as a crashed arbiter would be, and `kill_group` must still end the child."""
+    port = free_port()
+    uvicorn = str(VENV_BIN / "uvicorn")
+    script = ("import os, subprocess, sys; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True); "
+              f"os.execv({uvicorn!r}, [{uvicorn!r}, 'tests.test_harness:app', '--host', '127.0.0.1', '--port', '{port}'])")
+    server = ServerProcess(args=[sys.executable, "-c", script], port=port, env=server_env(),
+                           log_path=tmp_path / "server.log")
+    server.start(ready_path="/")
+    assert server.process is not None
+    try:
+        (child,) = psutil.Process(server.process.pid).children()
+        assert os.getpgid(child.pid) != os.getpgid(server.process.pid)
+        os.kill(server.process.pid, signal.SIGKILL)  # the arbiter dies; its child lives on, orphaned
+        server.process.wait(timeout=10)
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+        kill_group(server)
+        child.wait(timeout=10)
+        assert not child.is_running()
+    finally:
+        server.stop()
+        kill_group(server)
