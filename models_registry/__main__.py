@@ -42,10 +42,17 @@ def _table(rows: list[dict]) -> str:
             return f"{v:.4f}"
         return "" if v is None else str(v)
 
-    body = [[cell(r.get(c)) for c in cols] for r in rows]
+    readable = [r for r in rows if "broken" not in r]
+    body = [[cell(r.get(c)) for c in cols] for r in readable]
     widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*cols), *(fmt.format(*b) for b in body)])
+    broken = [f"{r['tag']}: unreadable, cannot be served ({r['broken']}); delete its folder from the store or "
+              "import it again" for r in rows if "broken" in r]
+    return "\n".join([fmt.format(*cols), *(fmt.format(*b) for b in body), *broken])
+
+
+REF_HELP = ("'production', 'latest', a version (or the start of one that no other version shares) or a full "
+            "tag pneumonia-classifier:VERSION")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,15 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="every stored model with its key validation metrics")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("show", help="full metadata of one model")
-    p.add_argument("ref", nargs="?", default="production", help="'production', a version or a tag")
+    p.add_argument("ref", nargs="?", default="production", help=REF_HELP)
     p = sub.add_parser("promote", help="make a model the one the service serves")
-    p.add_argument("ref")
+    p.add_argument("ref", help=REF_HELP)
     sub.add_parser("rollback", help="re-promote the previous production model")
     p = sub.add_parser("delete", help="delete a model from the store")
-    p.add_argument("ref")
+    p.add_argument("ref", help=REF_HELP)
     p.add_argument("--force", action="store_true", help="also delete the production model")
-    p = sub.add_parser("export", help="write a .bentomodel archive")
-    p.add_argument("ref")
+    p = sub.add_parser("export", help="write a .bentomodel archive (the model is loaded and checked first)")
+    p.add_argument("ref", help=REF_HELP)
     p.add_argument("path", help="archive file or folder")
     p = sub.add_parser("import", help="import a .bentomodel archive")
     p.add_argument("path")
@@ -144,4 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # an import is removed again unless checked; records are replaced in one step
+        print("interrupted: see what the store holds with `python -m models_registry list`", file=sys.stderr)
+        sys.exit(130)

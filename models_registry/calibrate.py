@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -168,12 +169,18 @@ def shortfall_warning(sensitivity: float, target: float) -> str:
 
 
 def _writable_folder(folder: Path) -> None:
+    """Refuse a report folder that cannot be written before any work; one this check had to make is removed
+    again (the report makes it at the end), so a refused or interrupted calibration leaves no empty folder."""
+    missing = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
         raise CalibrationRefused(f"cannot write the report to {folder}: {exc.strerror or exc}") from None
+    finally:
+        if missing is not None and missing.is_dir():
+            shutil.rmtree(missing, ignore_errors=True)
 
 
 def write_report(out: Path, record: dict[str, Any], tag: str, labels: np.ndarray, before_probs: np.ndarray,

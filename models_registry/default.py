@@ -14,7 +14,10 @@ def import_default(archive: Path = DEFAULT_ARCHIVE) -> str:
     current = production_tag()
     if current is not None and is_stored(current):
         promote(current)  # make an implicit single-model production explicit before adding a second model
-        return f"imported {import_model(archive)}; production stays {current}"
+        known = set(stored_tags())
+        tag = import_model(archive)
+        done = f"{tag} is already in the store" if tag in known else f"imported {tag}"
+        return f"{done}; production stays {current}"
     tag = import_model(archive)
     promote(tag)
     if current is None:

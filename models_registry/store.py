@@ -71,9 +71,16 @@ def _read_record(name: str) -> dict[str, Any]:
     if not path.exists():
         return {"production": None, "history": []}
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise RegistryError(f"promotion record {path} is unreadable ({exc}); fix or delete it") from None
+    shape_ok = (isinstance(record, dict) and isinstance(record.get("production"), (str, type(None)))
+                and isinstance(record.get("history", []), list) and all(isinstance(t, str) for t in record.get("history", [])))
+    if not shape_ok:
+        raise RegistryError(f"promotion record {path} is unreadable (not an object with 'production': a tag or null "
+                            "and 'history': a list of tags); fix or delete it")
+    record.setdefault("history", [])
+    return record
 
 
 def _write_record(name: str, record: dict[str, Any]) -> None:
@@ -139,11 +146,31 @@ def _create(name: str, card: ModelCard, payload: bytes, validity: bytes | None, 
 
 
 def _versions(name: str) -> list[Any]:
+    """The loadable stored versions of `name`, oldest first (see `_broken_versions` for the others)."""
+    return sorted(_scan(name)[0], key=lambda m: m.info.creation_time)
+
+
+def _broken_versions(name: str) -> dict[str, str]:
+    """Version folders of `name` that BentoML cannot read, with why (one of them must not hide the others)."""
+    return _scan(name)[1]
+
+
+def _scan(name: str) -> tuple[list[Any], dict[str, str]]:
+    from bentoml.exceptions import BentoMLException
+
     try:
-        models = bentoml.models.list(name)
+        return bentoml.models.list(name), {}
     except NotFound:
-        return []
-    return sorted(models, key=lambda m: m.info.creation_time)
+        return [], {}
+    except BentoMLException:  # one unreadable version folder fails BentoML's whole listing: read them one by one
+        pass
+    models, broken = [], {}
+    for folder in sorted(p for p in (_model_store_dir() / name).iterdir() if p.is_dir()):
+        try:
+            models.append(bentoml.models.get(f"{name}:{folder.name}"))
+        except BentoMLException as exc:
+            broken[f"{name}:{folder.name}"] = " ".join(str(exc).split())
+    return models, broken
 
 
 def stored_tags(name: str = MODEL_NAME) -> list[str]:
@@ -186,10 +213,19 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
         ref = tag
     if ":" not in ref:
         ref = f"{name}:{ref}"
+    from bentoml.exceptions import BentoMLException
+
     try:
         return str(bentoml.models.get(ref).tag)
     except NotFound:
         raise RegistryError(f"model {ref} is not in the store ({_model_store_dir()})") from None
+    except (ValueError, BentoMLException) as exc:  # BentoML's Tag ('a:b:c', '../x'), or a prefix of several versions
+        message = " ".join(str(exc).split())
+        if "Multiple" in message:
+            raise RegistryError(f"{ref} matches several stored versions; give more of the version "
+                                f"(python -m models_registry list)") from None
+        raise RegistryError(f"{ref!r} is not a model tag ({message}); give 'production', 'latest', a version "
+                            f"or {name}:VERSION") from None
 
 
 def is_stored(tag: str) -> bool:
@@ -231,6 +267,7 @@ def list_models(name: str = MODEL_NAME) -> list[dict[str, Any]]:
                 "size_mb": round(sum(f.stat().st_size for f in Path(model.path).rglob("*") if f.is_file()) / 1e6, 2),
             }
         )
+    rows += [{"tag": tag, "production": tag == production, "broken": why} for tag, why in _broken_versions(name).items()]
     return rows
 
 
@@ -248,9 +285,9 @@ def promote(ref: str, name: str = MODEL_NAME) -> str:
     """
     tag = resolve_tag(ref, name)
     record = _read_record(name)
+    _check_loads(tag, name, "cannot promote")  # also when it is production already: the answer says it loads
     if record.get("production") == tag:
         return tag
-    _check_loads(tag, name, "cannot promote")
     if record.get("production"):
         record["history"].append(record["production"])
     record["production"] = tag
@@ -289,6 +326,7 @@ def delete_model(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
 def export_model(ref: str, path: str | Path, name: str = MODEL_NAME) -> Path:
     """Write a `.bentomodel` archive (the format of `bentoml models export`)."""
     tag = resolve_tag(ref, name)
+    _check_loads(tag, name, "cannot export")  # an archive of a model that does not load would fail only on import
     out = Path(path).expanduser().resolve()  # BentoML resolves relative paths against "/"
     if out.is_dir():
         out = out / f"{tag.replace(':', '-')}.bentomodel"
@@ -351,7 +389,7 @@ def import_model(path: str | Path, promote_if_none: bool = False, name: str = MO
     else:
         try:
             _check_loads(tag, name, "could not import")
-        except RegistryError:
+        except BaseException:  # a model that does not load, or Ctrl-C before it was checked: not kept
             bentoml.models.delete(tag)
             raise
     if promote_if_none and _read_record(name).get("production") is None:

@@ -110,13 +110,36 @@ def test_calibration_refuses_data_it_cannot_trust(production_tag: str, tmp_path:
         (site / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
         expected = "unreadable image(s)"
     versions = stored_tags()
-    result = calibrate(production_tag, "--data", str(site))
+    result = calibrate(production_tag, "--data", str(site), "--out", str(tmp_path / "reports" / "site"))
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     if problem == "unreadable file":
         assert "broken.jpeg" in result.stderr
     assert stored_tags() == versions
+    assert not (tmp_path / "reports").exists()  # the report folder is made only for a report
+
+
+def test_ctrl_c_during_a_calibration_is_one_line_and_saves_nothing(production_tag: str, tmp_path: Path) -> None:
+    """Ctrl-C printed a traceback through torch (exit -2, killed by the signal); now one line and exit 130."""
+    import signal
+    import time
+
+    from harness.servers import default_sigint
+
+    site = site_folder(tmp_path / "site", per_class=40)
+    versions = stored_tags()
+    process = subprocess.Popen([sys.executable, "-m", "models_registry", "calibrate", production_tag, "--data",
+                                str(site), "--out", str(tmp_path / "report")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    time.sleep(4)  # the model is loaded and the site images are being scored (a calibration takes 15 s or more)
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines() == ["interrupted: see what the store holds with "
+                                           "`python -m models_registry list`"], stderr[-2000:]
+    assert stored_tags() == versions and not (tmp_path / "report").exists()
 
 
 def test_a_threshold_that_misses_its_target_is_flagged_and_not_promoted(production_tag: str, tmp_path: Path) -> None:

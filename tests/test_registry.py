@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -186,6 +187,24 @@ def test_unknown_refs_give_a_clear_error() -> None:
             reg.resolve_tag(empty, NAME)
 
 
+def test_a_malformed_tag_or_promotion_record_gets_a_registry_error() -> None:
+    """A promotion record of the wrong shape leaked AttributeError/TypeError; a malformed tag BentoMLException."""
+    name = "malformed-record-model"  # a record only; nothing else reads this name
+    for bad in ("a:b:c", "../../etc"):
+        with pytest.raises(reg.RegistryError, match="is not a model tag"):
+            reg.resolve_tag(bad, NAME)
+    record = reg.store._record_path(name)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for content in ("[]", '{"production": 5, "history": "x"}', '{"production": null, "history": [1]}'):
+            record.write_text(content)
+            for call in (lambda: reg.production_tag(name), lambda: reg.rollback(name)):
+                with pytest.raises(reg.RegistryError, match="promotion record .* is unreadable"):
+                    call()
+    finally:
+        record.unlink(missing_ok=True)
+
+
 def test_cli_lists_and_fails_cleanly(production_tag: str) -> None:
     run = lambda *a: subprocess.run([sys.executable, "-m", "models_registry", *a], cwd=ROOT, env=server_env(),  # noqa: E731
                                      capture_output=True, text=True, timeout=HANG_S)
@@ -244,6 +263,27 @@ def test_a_production_model_deleted_with_bentomls_cli_is_explained_and_the_defau
     subprocess.run(deleted.args, cwd=ROOT, env=server_env(BENTOML_HOME=str(home)), check=True, capture_output=True)
     reimported = _cli(home, "import-default")  # what the error above suggests; it loads the model before promoting
     assert reimported.returncode == 0 and f"imported {tag} and promoted it" in reimported.stdout, reimported.stderr
+
+
+def test_a_damaged_version_is_named_and_spares_the_rest(production_tag: str, tmp_path: Path) -> None:
+    """One version folder BentoML cannot read failed every `list`, `show` and `verify` of the store; `export` packed
+    a model without its weights, and `promote` of the production model said yes without loading it. On a store of
+    its own: BentoML's own listing of a shared one would meet the damaged folder."""
+    home, tag = tmp_path / "home", production_tag
+    assert _cli(home, "ensure-default").returncode == 0
+    stored = home / "models" / tag.replace(":", "/")
+    shutil.copytree(stored, stored.with_name("damagedcopy"))
+    (stored.with_name("damagedcopy") / "model.yaml").unlink()
+    listed = _cli(home, "list")
+    assert listed.returncode == 0 and tag in listed.stdout, listed.stderr
+    assert f"{tag.split(':')[0]}:damagedcopy: unreadable, cannot be served" in listed.stdout
+    (stored / "weights.pt").unlink()
+    for args, words in ((("export", "production", str(tmp_path / "out.bentomodel")), "cannot export"),
+                        (("promote", "production"), "cannot promote")):
+        refused = _cli(home, *args)
+        assert refused.returncode == 1 and refused.stderr.startswith(f"error: {words} {tag}: "), refused.stderr
+        assert "weights" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "out.bentomodel").exists()
 
 
 def _served(target: str, home: Path, log: Path, **env: str) -> ServerProcess:
