@@ -5,6 +5,9 @@
     python -m client health [--grpc] [--url URL] [--json]
     ... [--api-key KEY] [--ca-file ca.pem] [--cert client.pem --key client-key.pem]   # a secured service
 
+Every file gets its own result: files beyond the server's images per request go in more requests, and a
+file the server refuses is reported on stderr while the others are still answered.
+
 --url defaults to http://127.0.0.1:3000 (HTTP) or 127.0.0.1:3001 (gRPC), or to $PNEUMONIA_URL /
 $PNEUMONIA_GRPC_URL when set. Exit status: 0 success, 1 not ready, 2 usage error or unreadable file,
 3 input refused by the server (4xx, INVALID_ARGUMENT, RESOURCE_EXHAUSTED), 4 server unreachable, busy
@@ -16,13 +19,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
+from api.reasons import IMAGE_REASONS
+
 from . import ClassifierClient, connect
-from ._common import TLS
-from .errors import ClientError
+from ._common import TLS, redact
+from .errors import ClientError, InvalidInput
 from .models import DicomInfo, ImageUpload, ModelInfo, Prediction
+
+# Refusals of single images: a request refused for these is sent again one image at a time, so that the other
+# images are still answered. `request_too_large`: the whole request was over the server's byte limit.
+PER_IMAGE_REASONS = frozenset(IMAGE_REASONS) | {"request_too_large"}
 
 
 def _seconds(text: str) -> float:
@@ -105,7 +115,7 @@ def _format_info(info: ModelInfo, api: ClassifierClient) -> str:
     if recall is not None:
         quality += f", sensitivity {recall:.4f}"
     return (
-        f"{'ready' if info.ready else 'NOT ready'} at {api.url} ({api.transport}): model {info.model} ({info.arch}), "
+        f"{'ready' if info.ready else 'NOT ready'} at {redact(api.url)} ({api.transport}): model {info.model} ({info.arch}), "
         f"threshold {info.threshold:.4f}{'; ' + quality if quality else ''}; "
         f"{info.workers} worker(s), up {info.uptime_s:.0f} s"
     )
@@ -123,6 +133,46 @@ def _uploads(paths: list[Path], client_ids: list[str] | None) -> list[ImageUploa
             raise SystemExit(2) from None
         uploads.append(ImageUpload(data=data, filename=path.name, client_id=client_ids[i] if client_ids else None))
     return uploads
+
+
+def classify_each(api: ClassifierClient, uploads: list[ImageUpload]) -> list[Prediction | InvalidInput]:
+    """A result for every upload, in order: its prediction, or the server's refusal of that one image.
+
+    More images than the server takes in one request are sent in several (its `max_images_per_request`, asked
+    only when it refuses); a request refused for one image is sent again image by image, so that one bad file
+    does not cost the others their answers. Any other failure (unreachable, key, rate limit) is raised.
+    """
+    try:
+        return list(api.classify(uploads))
+    except InvalidInput as refused:
+        reasons = set(refused.reasons)
+        if "too_many_images" in reasons and len(uploads) > 1:
+            limit = int(api.model_info().limits.get("max_images_per_request") or 1)
+            if limit < len(uploads):
+                return [r for start in range(0, len(uploads), limit) for r in classify_each(api, uploads[start:start + limit])]
+        if not reasons or not reasons <= PER_IMAGE_REASONS:
+            raise
+        if len(uploads) == 1:
+            return [refused]
+    return [result for upload in uploads for result in classify_each(api, [upload])]
+
+
+def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
+    uploads = _uploads(args.images, args.client_id)
+    results = classify_each(api, uploads)
+    refused = [(upload, r) for upload, r in zip(uploads, results) if isinstance(r, InvalidInput)]
+    if args.json:
+        print(json.dumps([r.model_dump() if isinstance(r, Prediction) else
+                          {"filename": u.filename, "client_id": u.client_id, "error": r.message,
+                           "status": r.status, "reasons": list(r.reasons)} for u, r in zip(uploads, results)], indent=2))
+    else:
+        answered = [r for r in results if isinstance(r, Prediction)]
+        if answered:
+            print("\n".join(_format_prediction(p) for p in answered))
+            print(f"model {answered[0].model} via {api.transport} {redact(api.url)}")
+    for upload, error in refused:  # sent alone, so the server's "image 0 (name): " says nothing the line does not
+        print(f"error: {upload.filename}: {re.sub(r'^image 0( [(].*?[)])?: ', '', str(error))}", file=sys.stderr)
+    return InvalidInput.exit_code if refused else 0
 
 
 def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
@@ -148,31 +198,37 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
         where = "; ".join(w for w in written if w) or "not written (use --out heatmap.png)"
         print(f"    heatmap: {heatmap.method} of {heatmap.target}, {len(heatmap.grid)}x{len(heatmap.grid[0])} grid; {where}")
         print(f"    {explanation.note}")
-    print(f"model {explanation.prediction.model} via {api.transport} {api.url}")
+    print(f"model {explanation.prediction.model} via {api.transport} {redact(api.url)}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.url is not None and not args.url.strip():
+        parser.error("argument --url: empty (leave it out for the default)")
     url = args.url or os.environ.get("PNEUMONIA_GRPC_URL" if args.grpc else "PNEUMONIA_URL")
+    if url:
+        from urllib.parse import urlsplit
+
+        try:  # a port out of range would otherwise surface as "connection refused"
+            urlsplit(url if "://" in url else f"x://{url}").port
+        except ValueError as exc:
+            parser.error(f"argument --url: {url!r}: {exc}")
     try:
         headers = {"x-api-key": args.api_key} if args.api_key else None
         tls = TLS(args.ca_file, args.cert, args.key) if (args.ca_file or args.cert or args.key) else None
+        if tls is not None:
+            tls.check()
         with connect(url, transport="grpc" if args.grpc else "http", timeout=args.timeout, headers=headers,
                      tls=tls) as api:
             if args.command == "explain":
                 return _explain(api, args)
             if args.command == "classify":
-                predictions = api.classify(_uploads(args.images, args.client_id))
-                if args.json:
-                    print(json.dumps([p.model_dump() for p in predictions], indent=2))
-                else:
-                    print("\n".join(_format_prediction(p) for p in predictions))
-                    print(f"model {predictions[0].model} via {api.transport} {api.url}")
-                return 0
+                return _classify(api, args)
             ready = api.ready()
             if not ready:
-                print(f"not ready: {api.url} ({api.transport}) answers but the model is not serving yet", file=sys.stderr)
+                print(f"not ready: {redact(api.url)} ({api.transport}) answers but the model is not serving yet", file=sys.stderr)
                 return 1
             info = api.model_info()
             print(info.model_dump_json(indent=2) if args.json else _format_info(info, api))
@@ -189,4 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

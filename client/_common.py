@@ -54,6 +54,17 @@ def rejection(details: Sequence[dict[str, Any]], uploads: Sequence[ImageUpload],
     return cls("; ".join(parts) or "the server refused the input", status=status, reasons=tuple(reasons))
 
 
+def redact(url: str) -> str:
+    """`url` with the password of its user part replaced, for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def grpc_target(url: str | None) -> str:
     """'grpc://host:port' or 'host:port' -> 'host:port' (what grpc channels take)."""
     if not url:
@@ -82,6 +93,26 @@ class TLS:
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("a client certificate needs both cert_file and key_file")
+
+    def check(self) -> None:
+        """Raise ValueError naming the file that is not what it should be (missing, not PEM, key of another
+        certificate): gRPC would otherwise fail only when connecting, with its own words about handshakers."""
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        files = (("ca_file", self.ca_file), ("cert_file", self.cert_file), ("key_file", self.key_file))
+        for name, path in files:
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"the TLS {name} {path} is not a readable file")
+        try:
+            if self.ca_file is not None:
+                probe.load_verify_locations(cafile=str(self.ca_file))
+        except ssl.SSLError as exc:
+            raise ValueError(f"the TLS ca_file {self.ca_file} holds no PEM certificate ({exc.reason or exc})") from None
+        try:
+            if self.cert_file is not None:
+                probe.load_cert_chain(str(self.cert_file), str(self.key_file), password=lambda: b"")
+        except ssl.SSLError as exc:
+            raise ValueError(f"the TLS cert_file {self.cert_file} and key_file {self.key_file} are not a PEM "
+                             f"certificate and its unencrypted key ({exc.reason or exc})") from None
 
     def ssl_context(self) -> ssl.SSLContext:
         """For httpx: verify the server against `ca_file` (or the system store), present the client certificate."""

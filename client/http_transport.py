@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 from pydantic import TypeAdapter
 
-from ._common import DEFAULT_HTTP_URL, DEFAULT_TIMEOUT_S, TLS, ImageInput, as_uploads, rejection
+from ._common import DEFAULT_HTTP_URL, DEFAULT_TIMEOUT_S, TLS, ImageInput, as_uploads, redact, rejection
 from .errors import AuthenticationError, ClientError, DeadlineExceeded, LimitExceeded, ServerError, Unavailable
 from .models import Explanation, ImageUpload, ModelInfo, Prediction
 
@@ -74,8 +74,8 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 def _transport_error(exc: httpx.HTTPError, url: str) -> ClientError:
     if isinstance(exc, httpx.TimeoutException):
-        return DeadlineExceeded(f"no answer from {url} in time ({type(exc).__name__})")
-    return Unavailable(f"cannot reach the service at {url}: {exc}")
+        return DeadlineExceeded(f"no answer from {redact(url)} in time ({type(exc).__name__})")
+    return Unavailable(f"cannot reach the service at {redact(url)}: {exc}")
 
 
 def _base_url(url: str | None, tls: TLS | None) -> str:

@@ -22,7 +22,7 @@ from typing import Literal
 from api.status import API_KEY_HEADER
 from settings import SecuritySettings
 
-__all__ = ["API_KEY_HEADER", "UNAUTHENTICATED_MESSAGE", "AccessPolicy", "Decision", "KeyRing", "RateLimiter",
+__all__ = ["API_KEY_HEADER", "GRPC_UNAUTHENTICATED_MESSAGE", "UNAUTHENTICATED_MESSAGE", "AccessPolicy", "Decision", "KeyRing", "RateLimiter",
            "client_label", "presented_key", "shared_policy"]
 
 
@@ -118,6 +118,7 @@ class Decision:
 
 
 UNAUTHENTICATED_MESSAGE = "a valid API key is required (X-API-Key header or Authorization: Bearer)"
+GRPC_UNAUTHENTICATED_MESSAGE = "a valid API key is required (metadata x-api-key, or authorization: Bearer KEY)"
 
 
 class AccessPolicy:

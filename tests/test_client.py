@@ -146,6 +146,60 @@ def test_cli_errors_exit_non_zero_with_a_message(live: ServerProcess, transport:
     assert no_wait.returncode == 2 and "--timeout" in no_wait.stderr and "positive number of seconds" in no_wait.stderr
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_cli_answers_every_file_of_a_large_or_mixed_batch(live: ServerProcess, transport: str, tmp_path: Path) -> None:
+    """20 files (the server takes 16 per request) were refused as a whole; one bad file among good ones cost the
+    good ones their answers. Now: more requests, and each file its own result."""
+    flags = ["--grpc"] if transport == "grpc" else []
+    paths = sample_xrays(10, offset=60)  # 10 per class
+    many = _cli("classify", *map(str, paths), *flags, "--url", _target(live, transport), "--json")
+    assert many.returncode == 0, many.stderr
+    assert [item["filename"] for item in json.loads(many.stdout)] == [p.name for p in paths]
+    bad = tmp_path / "notes.jpeg"
+    bad.write_bytes(b"minutes of the meeting, not an X-ray")
+    mixed = _cli("classify", str(paths[0]), str(bad), str(paths[1]), *flags, "--url", _target(live, transport))
+    assert mixed.returncode == 3, mixed.stderr
+    assert f"{paths[0].name}: " in mixed.stdout and f"{paths[1].name}: " in mixed.stdout
+    assert mixed.stderr.strip().splitlines() == [line for line in mixed.stderr.strip().splitlines()
+                                                 if line.startswith("error: notes.jpeg: ")]
+    assert "not a recognised image" in mixed.stderr and "Traceback" not in mixed.stderr
+    as_json = _cli("classify", str(bad), str(paths[0]), *flags, "--url", _target(live, transport), "--json")
+    first, second = json.loads(as_json.stdout)
+    assert as_json.returncode == 3 and first["reasons"] == ["not_an_image"] and second["filename"] == paths[0].name
+
+
+def test_cli_refuses_bad_options_before_connecting_and_stops_on_ctrl_c(live: ServerProcess, tmp_path: Path) -> None:
+    """Found by a helper: an empty --url meant the default server, port 99999 read as 'connection refused', a
+    garbage --ca-file gave gRPC's handshaker errors, a password in the URL was printed, Ctrl-C a traceback."""
+    import signal
+    import socket
+
+    from harness.servers import default_sigint
+
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    for args, words in ((["--url", ""], "argument --url: empty"),
+                        (["--url", "http://127.0.0.1:99999"], "argument --url: 'http://127.0.0.1:99999': Port out of range"),
+                        (["--ca-file", str(garbage)], f"the TLS ca_file {garbage} holds no PEM certificate"),
+                        (["--ca-file", str(garbage), "--grpc"], f"the TLS ca_file {garbage} holds no PEM certificate")):
+        refused = _cli("health", *args)
+        assert refused.returncode == 2 and words in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr and "handshaker" not in refused.stderr
+    with_password = live.url.replace("http://", "http://someone:hunter2@")
+    health = _cli("health", "--url", with_password)
+    assert health.returncode == 0 and "hunter2" not in health.stdout + health.stderr and "someone:***@" in health.stdout
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        process = subprocess.Popen([sys.executable, "-m", "client", "health", "--url",
+                                    f"http://127.0.0.1:{silent.getsockname()[1]}"], cwd=ROOT, env=server_env(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+        time.sleep(3)  # imported and waiting for the answer (the timeout is 60 s)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130 and stderr.strip() == "interrupted", stderr[-2000:]
+
+
 def test_cli_takes_a_url_without_its_scheme(live: ServerProcess) -> None:
     """`--url 127.0.0.1:3000`, as people type it for gRPC too, means http://."""
     bare = live.url.removeprefix("http://")

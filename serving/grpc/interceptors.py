@@ -24,7 +24,7 @@ import bentoml
 import grpc
 
 from api.status import API_KEY_HEADER, RETRY_AFTER_HEADER
-from serving.security import UNAUTHENTICATED_MESSAGE, AccessPolicy, presented_key, shared_policy
+from serving.security import GRPC_UNAUTHENTICATED_MESSAGE, AccessPolicy, presented_key, shared_policy
 from settings import SecuritySettings, ServingSettings
 
 HANDLED = bentoml.metrics.Counter(
@@ -173,7 +173,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                     trailing_metadata=((RETRY_AFTER_HEADER, str(wait)),),
                 )
             if decision.outcome == "unauthenticated":
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, GRPC_UNAUTHENTICATED_MESSAGE)
             result = behaviour(request, context)
             return await result if inspect.isawaitable(result) else result
 
