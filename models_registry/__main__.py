@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             result = calibrate(args.ref, Path(args.data), Path(args.out) if args.out else None,
                                target_sensitivity=args.target_sensitivity, min_per_class=args.min_per_class)
             before, after = result.report["before"], result.report["after_cross_validated"]
-            print(f"calibrated {result.source} on {result.report['images']} -> {result.tag}")
+            print(f"calibrated {result.source} on {result.report['images']} -> {result.tag}"
+                  + (" (stored before: the same model, site data and target; no version added)" if result.reused else ""))
             for name, s in (("before", before), ("after (5-fold cross-validated)", after)):
                 print(f"  {name:32s} threshold {s['threshold']:.4f}  sensitivity {s['sensitivity']:.3f}  "
                       f"specificity {s['specificity']:.3f}  ECE {s['ece']:.3f}")

@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 from core.metrics import bootstrap_intervals, expected_calibration_error
 from core.preprocess import ImageRejected, InputLimits, load_file
 from models_registry.loader import load_model
-from models_registry.store import RegistryError, derive_model
+from models_registry.store import RegistryError, derive_model, read_card, stored_tags
 
 MIN_PER_CLASS = 30
 FOLDS = 5
@@ -50,6 +50,23 @@ class SiteCalibration:
     source: str
     report: dict[str, Any]
     report_dir: Path | None
+    reused: bool = False  # the same calibration was stored before: its version is returned, none is added
+
+
+def _same_calibration(source: str, fingerprint: str, target: float, temperature: float, threshold: float) -> str | None:
+    """A stored version that is this very calibration (same source, site data, target and fit), else None:
+    running the command again, for its report, must not add an identical version each time."""
+    for tag in stored_tags():
+        try:
+            card = read_card(tag)
+        except RegistryError:
+            continue
+        site = card.site_calibration or {}
+        if (site.get("source_model") == source and site.get("data_fingerprint") == fingerprint
+                and card.target_sensitivity == target and card.temperature == temperature
+                and card.threshold == threshold):
+            return tag
+    return None
 
 
 def _fingerprint(files: list[tuple[Path, int]]) -> str:
@@ -156,11 +173,12 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
     }
     if after["sensitivity"] < target:
         record["warning"] = shortfall_warning(after["sensitivity"], target)
-    tag = derive_model(model.tag, {"temperature": temperature, "threshold": threshold, "target_sensitivity": target,
-                                   "site_calibration": record})
+    existing = _same_calibration(model.tag, record["data_fingerprint"], target, temperature, threshold)
+    tag = existing or derive_model(model.tag, {"temperature": temperature, "threshold": threshold,
+                                               "target_sensitivity": target, "site_calibration": record})
     if report_dir is not None:
         write_report(Path(report_dir), record, tag, labels, before_probs, cv_probs)
-    return SiteCalibration(tag=tag, source=model.tag, report=record, report_dir=report_dir)
+    return SiteCalibration(tag=tag, source=model.tag, report=record, report_dir=report_dir, reused=existing is not None)
 
 
 def shortfall_warning(sensitivity: float, target: float) -> str:

@@ -62,6 +62,10 @@ def test_calibration_saves_a_new_version_and_leaves_the_original(production_tag:
     assert listed["sensitivity"] == record["after_cross_validated"]["sensitivity"]
     assert (tmp_path / "report" / "calibration.png").stat().st_size > 10_000
     assert "after (5-fold cross-validated" in (tmp_path / "report" / "report.md").read_text()
+    versions = stored_tags()  # the same command again (for its report): the same version, none added
+    again = calibrate(production_tag, "--data", str(site), "--out", str(tmp_path / "again"))
+    assert again.returncode == 0 and f"-> {new_tag} (stored before" in again.stdout, again.stdout + again.stderr
+    assert stored_tags() == versions and (tmp_path / "again" / "report.md").is_file()
 
     # Promoted, a restarted service serves the site's threshold; rollback brings the original back.
     promote(new_tag)
