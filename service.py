@@ -47,8 +47,8 @@ from serving.grpc import server as grpc_server
 from serving.http import HttpGuard
 from serving.http.decoding import PREDECODED
 from serving.http.traffic_metrics import label_by_route
-from serving.lifecycle import (READINESS, StartupError, check_grpc_port, follow_http_host, http_address, load_settings,
-                               warm_up_in_background)
+from serving.lifecycle import (READINESS, StartupError, available_memory_mib, check_grpc_port, follow_http_host,
+                               http_address, load_settings, memory_warning, warm_up_in_background)
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
 
@@ -274,6 +274,8 @@ class PneumoniaClassifier:
             http_host, http_port = http_address()
             follow_http_host(SETTINGS.grpc, http_host)
             check_grpc_port(SETTINGS.grpc, http_host, http_port)
+        if warning := memory_warning(SETTINGS.worker_count(), available_memory_mib()):
+            logger.warning(warning)
         if not SETTINGS.security.keys():
             logger.warning("no API keys configured (PNEUMONIA_SECURITY__API_KEYS or "
                            "PNEUMONIA_SECURITY__API_KEYS_FILE): the service is open to anyone who can reach it")

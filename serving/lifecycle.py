@@ -101,6 +101,36 @@ def follow_http_host(grpc: GrpcSettings, http_host: str) -> None:
         os.environ["PNEUMONIA_GRPC__HOST"] = http_host
 
 
+# Memory of one worker at its peak under load (PSS, MiB): `python scripts/measure_memory.py`, docs/results/memory.json.
+WORKER_MEMORY_MIB = 725
+
+
+def available_memory_mib() -> float:
+    """Memory this process tree may still use: the machine's available memory, or less under a cgroup limit
+    (a container's), which the machine's figures do not show."""
+    import psutil
+
+    available = psutil.virtual_memory().available / 2**20
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, (int(limit) - int((cgroup / "memory.current").read_text())) / 2**20)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def memory_warning(workers: int, available_mib: float) -> str | None:
+    """A warning when `workers` will not fit in `available_mib` (each holds a model and a torch runtime)."""
+    needed = workers * WORKER_MEMORY_MIB
+    if needed <= available_mib:
+        return None
+    return (f"{workers} workers need about {needed / 1024:.1f} GiB ({WORKER_MEMORY_MIB} MiB each under load, "
+            f"docs/deploy.md) and {available_mib / 1024:.1f} GiB is available: expect workers killed for memory; "
+            "set PNEUMONIA_WORKERS lower")
+
+
 _GRPC_PORT_HELD: dict[tuple[str, int], list[socket.socket]] = {}  # open for the life of the `bentoml serve` process
 
 

@@ -150,3 +150,13 @@ def test_grpc_tls_files_must_be_a_certificate_and_its_own_key(tmp_path, monkeypa
 def test_torch_threads_has_a_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
     """100000 passed, and then every worker failed to start its threads and was restarted forever."""
     assert "less than or equal to 256" in _settings_error(monkeypatch, PNEUMONIA_TORCH_THREADS="100000")
+
+
+def test_more_workers_than_memory_holds_gets_a_warning_at_start() -> None:
+    """PNEUMONIA_WORKERS=64 was accepted without a word on a 24 GiB machine (about 45 GiB of workers)."""
+    from serving.lifecycle import WORKER_MEMORY_MIB, available_memory_mib, memory_warning
+
+    assert memory_warning(2, 4 * WORKER_MEMORY_MIB) is None
+    warning = memory_warning(64, 22.5 * 1024)
+    assert warning is not None and warning.startswith("64 workers need about 45.3 GiB") and "22.5 GiB" in warning
+    assert 0 < available_memory_mib()
