@@ -100,7 +100,7 @@ class SecuritySettings(BaseModel):
         keys = [k.strip() for k in self.api_keys.get_secret_value().split(",")]
         if self.api_keys_file is not None:
             try:
-                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+                lines = self.api_keys_file.read_text(encoding="utf-8-sig").splitlines()  # a Windows editor's BOM too
             except OSError as exc:
                 raise ValueError(f"api_keys_file {self.api_keys_file} cannot be read: {exc.strerror}") from None
             except UnicodeDecodeError:
@@ -206,8 +206,10 @@ def _check_tls_files(certfile: Path, keyfile: Path, client_ca_file: Path | None)
     try:  # an encrypted key meets the empty password instead of a prompt on the terminal
         probe.load_cert_chain(str(certfile), str(keyfile), password=lambda: b"")
     except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            raise ValueError(f"grpc.tls.keyfile {keyfile} is not the private key of certfile {certfile}") from None
+        key = keyfile.read_bytes()
+        if exc.reason == "KEY_VALUES_MISMATCH" or (b"PRIVATE KEY-----" in key and b"ENCRYPTED" not in key):
+            raise ValueError(f"grpc.tls.keyfile {keyfile} is not the private key of certfile {certfile} (a key of "
+                             f"another certificate or of another type, or damaged){problem(exc)}") from None
         raise ValueError(f"grpc.tls.keyfile {keyfile} is not an unencrypted PEM private key{problem(exc)}") from None
     if client_ca_file is not None:
         try:
@@ -250,6 +252,9 @@ class GrpcTlsSettings(BaseModel):
                 raise ValueError(f"grpc.tls.{name} {path} cannot be read: {exc.strerror}") from None
             if b"-----BEGIN " not in data:
                 raise ValueError(f"grpc.tls.{name} {path} is not a PEM file")
+            if data.startswith(b"\xef\xbb\xbf"):  # OpenSSL reads past it, gRPC's BoringSSL does not
+                raise ValueError(f"grpc.tls.{name} {path} starts with a UTF-8 byte-order mark, which gRPC cannot read; "
+                                 "save it without one")
             self._pem[name] = data
         if self.certfile is not None and self.keyfile is not None:
             _check_tls_files(self.certfile, self.keyfile, self.client_ca_file)

@@ -212,9 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         from urllib.parse import urlsplit
 
         try:  # a port out of range would otherwise surface as "connection refused"
-            urlsplit(url if "://" in url else f"x://{url}").port
+            parts = urlsplit(url if "://" in url else f"x://{url}")
+            _ = parts.port
         except ValueError as exc:
-            parser.error(f"argument --url: {url!r}: {exc}")
+            parser.error(f"argument --url: {redact(url)!r}: {exc}")
+        if args.grpc and "@" in parts.netloc:
+            parser.error(f"argument --url: {redact(url)!r}: a gRPC address takes no user or password "
+                         "(give the key with --api-key)")
     try:
         headers = {"x-api-key": args.api_key} if args.api_key else None
         tls = TLS(args.ca_file, args.cert, args.key) if (args.ca_file or args.cert or args.key) else None

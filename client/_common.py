@@ -55,14 +55,16 @@ def rejection(details: Sequence[dict[str, Any]], uploads: Sequence[ImageUpload],
 
 
 def redact(url: str) -> str:
-    """`url` with the password of its user part replaced, for messages and logs."""
+    """`url` with the password of its user part (or a user part alone: a token) replaced, for messages and logs."""
     from urllib.parse import urlsplit, urlunsplit
 
-    parts = urlsplit(url)
-    if parts.password is None:
+    parts = urlsplit(url if "://" in url else f"//{url}")
+    if "@" not in parts.netloc:
         return url
     host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    user = f"{parts.username}:***" if parts.password is not None else "***"  # a token alone, as the user name
+    shown = urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+    return shown if "://" in url else shown.removeprefix("//")
 
 
 def grpc_target(url: str | None) -> str:

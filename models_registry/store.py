@@ -221,11 +221,32 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
         raise RegistryError(f"model {ref} is not in the store ({_model_store_dir()})") from None
     except (ValueError, BentoMLException) as exc:  # BentoML's Tag ('a:b:c', '../x'), or a prefix of several versions
         message = " ".join(str(exc).split())
+        if (damaged := damaged_folder(ref)) is not None:
+            raise DamagedModel(f"model {ref} is damaged and cannot be read ({message}); remove it with "
+                               f"`python -m models_registry delete {ref} --force` or import it again",
+                               folder=damaged) from None
         if "Multiple" in message:
             raise RegistryError(f"{ref} matches several stored versions; give more of the version "
                                 f"(python -m models_registry list)") from None
         raise RegistryError(f"{ref!r} is not a model tag ({message}); give 'production', 'latest', a version "
                             f"or {name}:VERSION") from None
+
+
+class DamagedModel(RegistryError):
+    """A version folder is in the store but BentoML cannot read it (its model.yaml is missing or broken)."""
+
+    def __init__(self, message: str, folder: Path) -> None:
+        super().__init__(message)
+        self.folder = folder
+
+
+def damaged_folder(tag: str) -> Path | None:
+    """The store folder of `tag` (a full tag) when it exists but BentoML could not read it, else None."""
+    name, _, version = tag.partition(":")
+    store = _model_store_dir()
+    folder = store / name / version
+    inside = folder.resolve().parent.parent == store.resolve()  # never a path out of the store ('../x')
+    return folder if version and inside and folder.is_dir() else None
 
 
 def is_stored(tag: str) -> bool:
@@ -311,11 +332,21 @@ def rollback(name: str = MODEL_NAME) -> str:
 
 
 def delete_model(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
-    tag = resolve_tag(ref, name)
+    """Remove a version from the store (the production one only with `force`); a damaged one with `force`
+    (BentoML cannot read it, so cannot delete it either: its folder is removed)."""
+    try:
+        tag = resolve_tag(ref, name)
+    except DamagedModel as damaged:
+        if not force:
+            raise RegistryError(f"{damaged}; --force removes its folder {damaged.folder}") from None
+        shutil.rmtree(damaged.folder)
+        tag = f"{name}:{damaged.folder.name}"
+    else:
+        record = _read_record(name)
+        if record.get("production") == tag and not force:
+            raise RegistryError(f"{tag} is the production model; promote another first or pass --force")
+        bentoml.models.delete(tag)
     record = _read_record(name)
-    if record.get("production") == tag and not force:
-        raise RegistryError(f"{tag} is the production model; promote another first or pass --force")
-    bentoml.models.delete(tag)
     if record.get("production") == tag:
         record["production"] = None
     record["history"] = [t for t in record["history"] if t != tag]

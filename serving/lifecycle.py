@@ -96,7 +96,7 @@ def follow_http_host(grpc: GrpcSettings, http_host: str) -> None:
     each worker it starts, where `ServingSettings` reads the variable set here. Without it, `bentoml serve --host
     127.0.0.1` would keep HTTP on this machine and open gRPC to the network.
     """
-    if grpc.host is None:
+    if not (grpc.host or "").strip():  # unset, or set empty (a compose file passing an unset variable through)
         grpc.host = http_host
         os.environ["PNEUMONIA_GRPC__HOST"] = http_host
 
@@ -111,13 +111,16 @@ def available_memory_mib() -> float:
     import psutil
 
     available = psutil.virtual_memory().available / 2**20
-    try:
-        cgroup = Path("/sys/fs/cgroup")
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            available = min(available, (int(limit) - int((cgroup / "memory.current").read_text())) / 2**20)
-    except (OSError, ValueError):
-        pass
+    cgroup = Path("/sys/fs/cgroup")
+    for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2, then v1
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (cgroup / limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 2**60:  # v1 writes a huge number for "no limit"
+                available = min(available, (int(limit) - int((cgroup / usage_file).read_text())) / 2**20)
+            break
+        except (OSError, ValueError):
+            continue
     return available
 
 

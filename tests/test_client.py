@@ -185,6 +185,9 @@ def test_cli_refuses_bad_options_before_connecting_and_stops_on_ctrl_c(live: Ser
         refused = _cli("health", *args)
         assert refused.returncode == 2 and words in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr and "handshaker" not in refused.stderr
+    for url, flags in (("http://tok3n-as-user@127.0.0.1:99999", []), ("someone:hunter2@127.0.0.1:3001", ["--grpc"])):
+        leaked = _cli("health", "--url", url, *flags)
+        assert leaked.returncode == 2 and "tok3n" not in leaked.stderr and "hunter2" not in leaked.stderr, leaked.stderr
     with_password = live.url.replace("http://", "http://someone:hunter2@")
     health = _cli("health", "--url", with_password)
     assert health.returncode == 0 and "hunter2" not in health.stdout + health.stderr and "someone:***@" in health.stdout

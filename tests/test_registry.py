@@ -276,7 +276,12 @@ def test_a_damaged_version_is_named_and_spares_the_rest(production_tag: str, tmp
     (stored.with_name("damagedcopy") / "model.yaml").unlink()
     listed = _cli(home, "list")
     assert listed.returncode == 0 and tag in listed.stdout, listed.stderr
-    assert f"{tag.split(':')[0]}:damagedcopy: unreadable, cannot be served" in listed.stdout
+    damaged = f"{tag.split(':')[0]}:damagedcopy"
+    assert f"{damaged}: unreadable, cannot be served" in listed.stdout
+    kept = _cli(home, "delete", damaged)  # BentoML cannot delete what it cannot read: --force removes the folder
+    assert kept.returncode == 1 and f"model {damaged} is damaged" in kept.stderr and "--force" in kept.stderr
+    removed = _cli(home, "delete", damaged, "--force")
+    assert removed.returncode == 0 and not stored.with_name("damagedcopy").exists(), removed.stderr
     (stored / "weights.pt").unlink()
     for args, words in ((("export", "production", str(tmp_path / "out.bentomodel")), "cannot export"),
                         (("promote", "production"), "cannot promote")):

@@ -142,6 +142,12 @@ def test_grpc_tls_files_must_be_a_certificate_and_its_own_key(tmp_path, monkeypa
         with monkeypatch.context() as scope:
             message = _settings_error(scope, **{f"PNEUMONIA_GRPC__TLS__{k}": str(v) for k, v in files.items()})
         assert words in message, message
+    with_bom = tmp_path / "bom.pem"  # a Windows editor's byte-order mark: OpenSSL reads past it, gRPC does not
+    with_bom.write_bytes(b"\xef\xbb\xbf" + pki.server_cert.read_bytes())
+    with monkeypatch.context() as scope:
+        message = _settings_error(scope, PNEUMONIA_GRPC__TLS__CERTFILE=str(with_bom),
+                                  PNEUMONIA_GRPC__TLS__KEYFILE=str(pki.server_key))
+    assert f"certfile {with_bom} starts with a UTF-8 byte-order mark" in message, message
     for name, value in pki.grpc_env(require_client_certificate=True).items():  # the real pair is accepted
         monkeypatch.setenv(name, value)
     assert ServingSettings().grpc.tls.enabled
@@ -160,3 +166,26 @@ def test_more_workers_than_memory_holds_gets_a_warning_at_start() -> None:
     warning = memory_warning(64, 22.5 * 1024)
     assert warning is not None and warning.startswith("64 workers need about 45.3 GiB") and "22.5 GiB" in warning
     assert 0 < available_memory_mib()
+
+
+def test_a_key_file_saved_with_a_byte_order_mark_is_read(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = tmp_path / "api-keys"
+    keys.write_bytes(b"\xef\xbb\xbf" + b"a-key-of-at-least-sixteen-characters\r\n")
+    monkeypatch.setenv("PNEUMONIA_SECURITY__API_KEYS_FILE", str(keys))
+    assert ServingSettings().security.keys() == ("a-key-of-at-least-sixteen-characters",)
+
+
+@pytest.mark.parametrize("value", [None, "", "  "])
+def test_an_unset_or_empty_grpc_host_follows_the_http_host(value: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PNEUMONIA_GRPC__HOST= (empty, as a compose file passes an unset variable) opened gRPC on every interface."""
+    from serving.lifecycle import follow_http_host
+    from settings import GrpcSettings
+
+    monkeypatch.setenv("PNEUMONIA_GRPC__HOST", "")  # recorded: what follow_http_host writes is undone afterwards
+    grpc = GrpcSettings(host=value)
+    follow_http_host(grpc, "127.0.0.1")
+    assert grpc.host == "127.0.0.1" and grpc.address.startswith("127.0.0.1:")
+    assert ServingSettings().grpc.host == "127.0.0.1"  # what the workers read
+    explicit = GrpcSettings(host="0.0.0.0")
+    follow_http_host(explicit, "127.0.0.1")
+    assert explicit.host == "0.0.0.0"
