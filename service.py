@@ -268,7 +268,8 @@ class PneumoniaClassifier:
     @bentoml.on_deployment
     def check_before_workers() -> None:
         """Once, in the `bentoml serve` process before any worker: a bad model, or a gRPC port that cannot be
-        bound, exits 1 with one line. The port last: it is let go again, and the workers bind it seconds later."""
+        bound, exits 1 with one line. The port is then held by this process until it exits (only this server's
+        workers can bind it), and workers that would not fit in memory get a warning."""
         preflight(MODEL_TAG, SETTINGS.engine)
         if SETTINGS.grpc.enabled:
             http_host, http_port = http_address()

@@ -146,31 +146,28 @@ def _create(name: str, card: ModelCard, payload: bytes, validity: bytes | None, 
 
 
 def _versions(name: str) -> list[Any]:
-    """The loadable stored versions of `name`, oldest first (see `_broken_versions` for the others)."""
-    return sorted(_scan(name)[0], key=lambda m: m.info.creation_time)
-
-
-def _broken_versions(name: str) -> dict[str, str]:
-    """Version folders of `name` that BentoML cannot read, with why (one of them must not hide the others)."""
-    return _scan(name)[1]
+    """The loadable stored versions of `name`, oldest first (`_scan` also says which folders are damaged)."""
+    return _scan(name)[0]
 
 
 def _scan(name: str) -> tuple[list[Any], dict[str, str]]:
+    """The loadable versions of `name`, oldest first, and the version folders BentoML cannot read, with why
+    (one of them must not hide the others)."""
     from bentoml.exceptions import BentoMLException
 
+    models: list[Any] = []
+    broken: dict[str, str] = {}
     try:
-        return bentoml.models.list(name), {}
+        models = bentoml.models.list(name)
     except NotFound:
-        return [], {}
-    except BentoMLException:  # one unreadable version folder fails BentoML's whole listing: read them one by one
         pass
-    models, broken = [], {}
-    for folder in sorted(p for p in (_model_store_dir() / name).iterdir() if p.is_dir()):
-        try:
-            models.append(bentoml.models.get(f"{name}:{folder.name}"))
-        except BentoMLException as exc:
-            broken[f"{name}:{folder.name}"] = " ".join(str(exc).split())
-    return models, broken
+    except BentoMLException:  # one unreadable version folder fails BentoML's whole listing: read them one by one
+        for folder in sorted(p for p in (_model_store_dir() / name).iterdir() if p.is_dir()):
+            try:
+                models.append(bentoml.models.get(f"{name}:{folder.name}"))
+            except BentoMLException as exc:
+                broken[f"{name}:{folder.name}"] = " ".join(str(exc).split())
+    return sorted(models, key=lambda m: m.info.creation_time), broken
 
 
 def stored_tags(name: str = MODEL_NAME) -> list[str]:
@@ -265,8 +262,9 @@ def list_models(name: str = MODEL_NAME) -> list[dict[str, Any]]:
     site-calibrated one (its source's validation figures belong to another threshold).
     """
     production = production_tag(name)
+    versions, broken = _scan(name)
     rows = []
-    for model in _versions(name):
+    for model in versions:
         meta = model.info.metadata
         val = meta.get("val_metrics", {})
         figures = {"roc_auc": val.get("roc_auc"), "accuracy": val.get("accuracy"),
@@ -288,7 +286,7 @@ def list_models(name: str = MODEL_NAME) -> list[dict[str, Any]]:
                 "size_mb": round(sum(f.stat().st_size for f in Path(model.path).rglob("*") if f.is_file()) / 1e6, 2),
             }
         )
-    rows += [{"tag": tag, "production": tag == production, "broken": why} for tag, why in _broken_versions(name).items()]
+    rows += [{"tag": tag, "production": tag == production, "broken": why} for tag, why in broken.items()]
     return rows
 
 
@@ -334,6 +332,7 @@ def rollback(name: str = MODEL_NAME) -> str:
 def delete_model(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
     """Remove a version from the store (the production one only with `force`); a damaged one with `force`
     (BentoML cannot read it, so cannot delete it either: its folder is removed)."""
+    record = _read_record(name)
     try:
         tag = resolve_tag(ref, name)
     except DamagedModel as damaged:
@@ -342,11 +341,9 @@ def delete_model(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
         shutil.rmtree(damaged.folder)
         tag = f"{name}:{damaged.folder.name}"
     else:
-        record = _read_record(name)
         if record.get("production") == tag and not force:
             raise RegistryError(f"{tag} is the production model; promote another first or pass --force")
         bentoml.models.delete(tag)
-    record = _read_record(name)
     if record.get("production") == tag:
         record["production"] = None
     record["history"] = [t for t in record["history"] if t != tag]
