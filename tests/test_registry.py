@@ -219,6 +219,29 @@ def test_cli_lists_and_fails_cleanly(production_tag: str) -> None:
     assert helped.returncode == 0 and "promote" in helped.stdout and "rollback" in helped.stdout
 
 
+def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(production_tag: str) -> None:
+    """The package imported torch and BentoML before its `__main__` could catch Ctrl-C: an interrupt in the first
+    1.7 s printed a traceback. The signal is sent once torch's library is mapped into the process."""
+    import signal
+    import time
+
+    from harness.servers import default_sigint
+
+    process = subprocess.Popen([sys.executable, "-m", "models_registry", "list"], cwd=ROOT, env=server_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    try:
+        deadline = time.monotonic() + HANG_S
+        while "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.005)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=HANG_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and stderr.startswith("interrupted"), stderr[-2000:]
+
+
 def test_bentoml_own_cli_lists_a_store_with_a_promotion(production_tag: str) -> None:
     """The promotion record lives outside the model store: BentoML reads every folder there as a model name."""
     listed = subprocess.run([str(Path(sys.executable).with_name("bentoml")), "models", "list"], cwd=ROOT,
