@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 uv=".venv/bin/uv"
 common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header)
 "$uv" pip compile pyproject.toml --extra dev "${common[@]}" --quiet -o requirements/dev.lock
-"$uv" pip compile pyproject.toml "${common[@]}" --quiet -o requirements/bento.txt
+# --no-annotate: the "# via" notes would still name the CUDA wheels removed below
+"$uv" pip compile pyproject.toml "${common[@]}" --no-annotate --quiet -o requirements/bento.txt
 grep -vE '^(cuda-[a-z-]+|nvidia-(cu|nv|nccl)[a-z0-9-]*|triton)==' requirements/bento.txt > requirements/bento.txt.tmp
 mv requirements/bento.txt.tmp requirements/bento.txt
 echo "wrote requirements/dev.lock and requirements/bento.txt"

@@ -65,6 +65,15 @@ def _png_with_bad_crc() -> bytes:
     return bytes(data)
 
 
+def jpeg_with_damaged_data() -> bytes:
+    """The X-ray's JPEG with 2 KB of its compressed image data zeroed, as a bad disk or transfer leaves it."""
+    data = bytearray(xray_jpeg())
+    start = data.index(b"\xff\xda")  # start of scan: the compressed blocks follow
+    middle = (start + len(data)) // 2
+    data[middle : middle + 2048] = bytes(2048)
+    return bytes(data)
+
+
 def _png16() -> bytes:
     return encode(Image.fromarray(np.asarray(xray(), dtype=np.uint16) * 257), "PNG")
 
@@ -200,6 +209,15 @@ ROWS: list[Row] = [
         Request(_one("cut.jpeg", lambda: xray_jpeg()[: len(xray_jpeg()) // 2])),
         400,
         "corrupt",
+    ),
+    Row(
+        "jpeg-damaged-data",
+        "JPEG with 2 KB of its compressed data zeroed",
+        MULTIPART,
+        Request(_one("damaged.jpeg", jpeg_with_damaged_data)),
+        400,
+        "corrupt",
+        "PIL decoded it without a word (grey noise from the damage on); libjpeg-turbo's strict decode finds it",
     ),
     Row(
         "png-bad-crc",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,21 @@ def test_truncated_jpeg_is_corrupt() -> None:
     with pytest.raises(ImageRejected) as info:
         prepare(data[: len(data) // 2], CONFIG)
     assert info.value.reason == "corrupt"
+
+
+def test_a_jpeg_with_damaged_data_is_corrupt_and_stray_bytes_are_not() -> None:
+    """PIL decoded a JPEG with 2 KB of its compressed data zeroed without a word (the picture is noise from
+    there on); libjpeg's strict decode refuses it. Bytes between the data and the end marker, which some
+    writers leave, change no pixel and are accepted."""
+    from tests.hostile_matrix import jpeg_with_damaged_data, xray_jpeg
+
+    Image.open(io.BytesIO(jpeg_with_damaged_data())).load()  # PIL alone accepts it
+    with pytest.raises(ImageRejected) as info:
+        prepare(jpeg_with_damaged_data(), CONFIG)
+    assert info.value.reason == "corrupt" and "premature end of data segment" in info.value.message
+    intact = xray_jpeg()
+    stray = intact[:-2] + b"\x12\x34\x56" + intact[-2:]  # libjpeg: "2 extraneous bytes before marker 0xd9"
+    assert np.array_equal(prepare(stray, CONFIG).pixels, prepare(intact, CONFIG).pixels)
 
 
 PEAK_MEMORY = """
