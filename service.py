@@ -371,7 +371,18 @@ class PneumoniaClassifier:
             torch_threads=torch.get_num_threads(),
             batching=SETTINGS.batching.model_dump(),
             limits={**SETTINGS.limits.model_dump(), "max_images_per_request": SETTINGS.max_images_per_request},
+            engine=SETTINGS.engine,
+            validity={"mode": SETTINGS.validity.mode, "fitted": card.validity is not None,
+                      **({"blank_limit": card.validity.blank_std_limit, "outlier_limit": card.validity.outlier_limit,
+                          "upright_limit": card.validity.orientation_limit} if card.validity else {})},
+            site_calibration=_site_summary(card.site_calibration),
         )
+
+
+def _site_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A site calibration as `/health` shows it: the store's record less the folder it was read from on the
+    calibrating machine (a path of another host says nothing to a caller, and may name a site's share)."""
+    return None if record is None else {key: value for key, value in record.items() if key != "data_dir"}
 
 
 # BentoML otherwise derives each response's media type from a freshly generated JSON schema (measured:

@@ -144,6 +144,10 @@ def model_info_message(info: ModelInfo, max_message_bytes: int) -> Any:
     """`pb.ModelInfo` from the HTTP `/health` answer; `max_message_bytes` is the gRPC request limit."""
     metrics = struct_pb2.Struct()
     metrics.update(info.validation_metrics)
+    site = None
+    if info.site_calibration is not None:
+        site = struct_pb2.Struct()
+        site.update(info.site_calibration)
     limits = info.limits
     return pb.ModelInfo(
         ready=info.ready,
@@ -165,6 +169,9 @@ def model_info_message(info: ModelInfo, max_message_bytes: int) -> Any:
             max_images_per_request=limits["max_images_per_request"],
             max_message_bytes=max_message_bytes,
         ),
+        engine=info.engine,
+        validity=pb.ValidityGate(**info.validity),
+        site_calibration=site,
     )
 
 

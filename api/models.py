@@ -165,6 +165,13 @@ class ModelInfo(BaseModel):
     torch_threads: int
     batching: dict[str, Any] = Field(default_factory=dict)
     limits: dict[str, Any] = Field(default_factory=dict)
+    engine: str = ""
+    validity: dict[str, Any] = Field(default_factory=dict, description="the input-validity gate: `mode` (refuse, warn, "
+                                     "off), `fitted`, and its limits as each prediction's `validity` names them")
+    site_calibration: dict[str, Any] | None = Field(
+        None, description="set when `threshold` and `temperature` were fitted on a site's own X-rays: the site data's "
+        "fingerprint and counts, and the figures before and after, each at its own threshold; "
+        "`validation_metrics` stay the source model's, measured at the source's threshold")
 
 
 class ErrorDetail(BaseModel):

@@ -109,15 +109,27 @@ def _format_dicom(d: DicomInfo) -> str:
 
 
 def _format_info(info: ModelInfo, api: ClassifierClient) -> str:
+    """One line; each sensitivity names the threshold it was measured at (a site-calibrated model serves another
+    threshold than the one its validation figures were measured at)."""
     metrics = info.validation_metrics
     recall = metrics.get("per_class", {}).get("PNEUMONIA", {}).get("recall")
     quality = f"validation ROC-AUC {metrics['roc_auc']:.4f}" if isinstance(metrics.get("roc_auc"), float) else ""
     if recall is not None:
-        quality += f", sensitivity {recall:.4f}"
+        measured_at = metrics.get("threshold")
+        quality += f", sensitivity {recall:.4f}" + (f" at {measured_at:.4f}" if isinstance(measured_at, float) else "")
+    site = info.site_calibration or {}
+    after = site.get("after_cross_validated", {})
+    if after:
+        images = site.get("images", {})
+        quality += (f"; site-calibrated on {sum(images.values()):.0f} images (data {str(site.get('data_fingerprint'))[:8]}): "
+                    f"sensitivity {after['sensitivity']:.3f}, specificity {after['specificity']:.3f} at "
+                    f"{after['threshold']:.4f}, cross-validated")
+    gate = info.validity.get("mode")
     return (
         f"{'ready' if info.ready else 'NOT ready'} at {redact(api.url)} ({api.transport}): model {info.model} ({info.arch}), "
         f"threshold {info.threshold:.4f}{'; ' + quality if quality else ''}; "
-        f"{info.workers} worker(s), up {info.uptime_s:.0f} s"
+        + (f"validity gate {gate}{'' if info.validity.get('fitted') else ' (no gate fitted)'}; " if gate else "")
+        + f"{info.workers} worker(s), up {info.uptime_s:.0f} s"
     )
 
 

@@ -74,6 +74,19 @@ def test_calibration_saves_a_new_version_and_leaves_the_original(production_tag:
         try:
             health = httpx.post(server.url + "/health", json={}, timeout=30).json()
             assert health["model"] == new_tag and health["threshold"] == pytest.approx(card.threshold)
+            # The served threshold's own figures beside the source's validation figures (measured at the
+            # source's threshold); /health showed only the latter, the client printed them as the served model's.
+            shown = {key: value for key, value in record.items() if key != "data_dir"}
+            assert health["site_calibration"] == json.loads(json.dumps(shown))
+            assert health["validation_metrics"]["threshold"] == original.val_metrics["threshold"]
+            printed = subprocess.run([sys.executable, "-m", "client", "health", "--grpc", "--url", server.grpc_target],
+                                     capture_output=True, text=True, timeout=120)
+            after = record["after_cross_validated"]
+            assert printed.returncode == 0 and f"site-calibrated on 80 images (data {record['data_fingerprint'][:8]}): " \
+                f"sensitivity {after['sensitivity']:.3f}, specificity {after['specificity']:.3f} at " \
+                f"{after['threshold']:.4f}" in printed.stdout, printed.stdout + printed.stderr
+            assert f"sensitivity {original.val_metrics['per_class']['PNEUMONIA']['recall']:.4f} at " \
+                f"{original.val_metrics['threshold']:.4f}" in printed.stdout
             [answer] = httpx.post(server.url + "/classify", timeout=60,
                                   files=[("images", ("x.jpeg", sample_xrays(1, offset=10)[0].read_bytes()))]).json()
             assert answer["threshold"] == pytest.approx(card.threshold)

@@ -229,6 +229,9 @@ def test_model_info_matches_http_health(server: ServerProcess, stub: pb_grpc.Cla
     assert info.batching.max_batch_size == health["batching"]["max_batch_size"] == 32
     assert info.preprocess.image_size == health["preprocess"]["image_size"]
     assert info.validation_metrics["accuracy"] == pytest.approx(health["validation_metrics"]["accuracy"])
+    assert info.engine == health["engine"] and not info.HasField("site_calibration")
+    assert (info.validity.mode, info.validity.fitted, info.validity.outlier_limit, info.validity.upright_limit) == (
+        health["validity"]["mode"], True, health["validity"]["outlier_limit"], health["validity"]["upright_limit"])
 
 
 def test_grpc_listens_only_on_the_interface_http_was_given(server: ServerProcess) -> None:

@@ -193,6 +193,10 @@ def test_health_and_probes(server: ServerProcess, production_tag: str) -> None:
     assert health["validation_metrics"] == json.loads(json.dumps(card.val_metrics))
     assert health["preprocess"] == card.preprocess.model_dump(mode="json")
     assert health["batching"]["max_batch_size"] == 32  # as the session server was started
+    assert health["engine"] == "onnxruntime" and health["site_calibration"] is None  # the default engine
+    assert health["validity"] == {"mode": "refuse", "fitted": True, "blank_limit": card.validity.blank_std_limit,
+                                  "outlier_limit": card.validity.outlier_limit,
+                                  "upright_limit": card.validity.orientation_limit}
     # Uptime counts from the worker's start: it grows by the time between two calls, and never exceeds the
     # time since this test started the server process.
     assert health["uptime_s"] - first["uptime_s"] >= 1.4
