@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", nargs="?", default="production", help=REF_HELP)
     p = sub.add_parser("promote", help="make a model the one the service serves")
     p.add_argument("ref", help=REF_HELP)
+    p.add_argument("--force", action="store_true", help="promote even when its validation ROC-AUC is more than "
+                   "0.01 below the production model's")
     sub.add_parser("rollback", help="re-promote the previous production model")
     p = sub.add_parser("delete", help="delete a model from the store")
     p.add_argument("ref", help=REF_HELP)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(show(args.ref), indent=2, default=str))
         elif args.command == "promote":
-            print(f"production is now {reg.promote(args.ref)}")
+            print(f"production is now {reg.promote(args.ref, force=args.force)}")
         elif args.command == "rollback":
             print(f"production is now {reg.rollback()}")
         elif args.command == "delete":

@@ -29,6 +29,9 @@ from core.card import MODEL_NAME, WEIGHTS_FILE, ModelCard
 from core.validity import VALIDITY_FILE
 
 PRODUCTION = "production"
+# How far below the production model's validation ROC-AUC a model may be and still be promoted without
+# `force`: seeds of one recipe differ by about 0.001 (docs/model.md); a model 0.01 worse is another kind of model.
+PROMOTE_MAX_ROC_AUC_DROP = 0.01
 
 
 class RegistryError(Exception):
@@ -296,23 +299,42 @@ def show(ref: str = PRODUCTION, name: str = MODEL_NAME) -> dict[str, Any]:
     return {"tag": tag, "path": str(model.path), "labels": dict(model.info.labels), **model.info.metadata}
 
 
-def promote(ref: str, name: str = MODEL_NAME) -> str:
+def promote(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
     """Make `ref` the production model; the previous one is kept for `rollback`.
 
     The model is loaded first (card, weights sha256, architecture, gate): a model the service could not load
-    is refused here, not discovered at the next start.
+    is refused here, not discovered at the next start. A model whose validation ROC-AUC is clearly below the
+    production model's is refused unless `force` (a one-epoch smoke run was promoted without a word).
     """
     tag = resolve_tag(ref, name)
     record = _read_record(name)
     _check_loads(tag, name, "cannot promote")  # also when it is production already: the answer says it loads
     if record.get("production") == tag:
         return tag
+    if not force and record.get("production") and is_stored(record["production"]):
+        _check_not_worse(tag, record["production"])
     if record.get("production"):
         record["history"].append(record["production"])
     record["production"] = tag
     record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(), "promoted": tag})
     _write_record(name, record)
     return tag
+
+
+def _check_not_worse(tag: str, production: str) -> None:
+    """Refuse `tag` when its validation ROC-AUC is more than PROMOTE_MAX_ROC_AUC_DROP below `production`'s (or it
+    has none while production has one). Validation figures of models trained on other folders are not strictly
+    comparable; `--force` is the answer then, said in the message."""
+    new, current = (read_card(t).val_metrics.get("roc_auc") for t in (tag, production))
+    if not isinstance(current, (int, float)):
+        return
+    if not isinstance(new, (int, float)):
+        raise RegistryError(f"cannot promote {tag}: its card has no validation ROC-AUC to compare with production "
+                            f"{production}'s {current:.4f}; pass --force to promote it anyway")
+    if new < current - PROMOTE_MAX_ROC_AUC_DROP:
+        raise RegistryError(f"cannot promote {tag}: its validation ROC-AUC {new:.4f} is {current - new:.4f} below "
+                            f"production {production}'s {current:.4f} (each on its own validation split); pass "
+                            "--force to promote it anyway")
 
 
 def rollback(name: str = MODEL_NAME) -> str:

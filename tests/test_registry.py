@@ -163,6 +163,24 @@ def test_promote_refuses_a_model_that_does_not_load(two_models) -> None:
         weights.write_bytes(intact)
 
 
+def test_promote_refuses_a_clearly_worse_model_without_force(two_models) -> None:
+    """A one-epoch smoke run (validation ROC-AUC 0.52) replaced a production model of 0.998 without a word."""
+    (first, _), _ = two_models
+    reg.promote(first, NAME)  # validation ROC-AUC 0.9
+    torch.manual_seed(4)
+    weak = reg.save_model(build_model(ModelSpec()), _card(0.5).model_copy(update={"val_metrics": {"roc_auc": 0.52}}),
+                          name=NAME)
+    try:
+        with pytest.raises(reg.RegistryError, match=f"cannot promote {weak}: its validation ROC-AUC 0.5200 is 0.3800 "
+                                                     f"below production {first}'s 0.9000 .*--force"):
+            reg.promote(weak, NAME)
+        assert reg.production_tag(NAME) == first
+        assert reg.promote(weak, NAME, force=True) == weak
+        assert reg.rollback(NAME) == first  # rollback restores without the check
+    finally:
+        reg.delete_model(weak, NAME, force=True)
+
+
 def test_corrupt_weights_are_detected_on_load(tmp_path: Path) -> None:
     torch.manual_seed(3)
     tag = reg.save_model(build_model(ModelSpec()), _card(0.5), name=NAME)

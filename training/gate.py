@@ -226,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         fitted = fit_gate(model.module, model.card.preprocess, train, val, max_refusals=args.max_refusals)
         tag = save_model(model.module, model.card.model_copy(update={"validity": fitted.config}), validity=fitted.arrays)
         if args.promote:
-            promote(tag)
+            try:
+                promote(tag)
+            except RegistryError as exc:
+                raise RegistryError(f"{tag} was saved, not promoted: {exc}") from None
     except (RegistryError, DataFolderError, OSError, ValueError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

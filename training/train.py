@@ -409,7 +409,7 @@ def finish(args, module: PneumoniaNet, best_epoch: int | None, history: list[dic
     torch.save(module.state_dict(), out / "weights.pt")  # kept even if registering fails below
     if not args.register:
         return
-    from models_registry import ModelCard, promote, save_model
+    from models_registry import ModelCard, RegistryError, promote, save_model
 
     gate = None if args.no_gate else fit_gate(module, preprocess, train, val, seed=args.seed)
     if gate is not None:
@@ -424,9 +424,12 @@ def finish(args, module: PneumoniaNet, best_epoch: int | None, history: list[dic
                      code_version=config["code_version"], training_seconds=round(training_seconds, 1),
                      validity=gate.config if gate else None)
     tag = save_model(module, card, validity=gate.arrays if gate else None)
-    if args.promote:
-        promote(tag)
     (out / "model_tag.txt").write_text(tag + "\n")
+    if args.promote:
+        try:
+            promote(tag)
+        except RegistryError as exc:  # e.g. clearly worse than production: the run and the stored model stay
+            raise RegistryError(f"{tag} was saved, not promoted: {exc}") from None
     print(f"saved {tag} to the BentoML model store{' and promoted it to production' if args.promote else ''}", flush=True)
 
 
