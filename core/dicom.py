@@ -31,7 +31,11 @@ What is read, in order (each step refuses before the next one costs anything):
    except 8-bit data with neither, which are shown as stored, like an 8-bit
    PNG. Which of several windows (or LUTs) is `PreprocessConfig.dicom_window`
    (stored with the model: training and serving window alike; 0, the first, by
-   default). Rounded to 8 bits, then MONOCHROME1 is inverted so bone is bright.
+   default). Rounded to 8 bits, then inverted so bone is bright when the
+   Photometric Interpretation is MONOCHROME1 or the Presentation LUT Shape
+   (2050,0020) is INVERSE (DX requires INVERSE with MONOCHROME1: once, not twice).
+   An image "FOR PROCESSING" (raw detector values, Presentation Intent Type) is
+   answered with a warning: the model learnt from images processed for viewing.
 
 Patient data: nothing read from the file is put into a message except
 code-string tags (Modality, Body Part, View Position) that match the DICOM
@@ -141,6 +145,9 @@ def read(data: bytes, *, max_pixels: int, min_side: int, window_index: int = 0) 
         if refusal is not None:
             return DicomImage(None, width, height, mode, info, refusal)
         _check_decodable(ds, syntax, info, width, height)
+        if _code(ds, "PresentationIntentType") == "FOR PROCESSING":
+            notes.append("the DICOM image is FOR PROCESSING (raw detector values, not processed for viewing); the "
+                         "model learnt from images for presentation: send the FOR PRESENTATION image if there is one")
         image, info = _pixels(ds, info, (height, width), window_index, notes)
     return DicomImage(image, width, height, mode, info, None, tuple(notes))
 
@@ -592,8 +599,8 @@ def _pixels(ds: Any, info: DicomInfo, shape: tuple[int, int], window_index: int,
     np.rint(display, out=display)
     np.clip(display, 0, 255, out=display)
     grid = display.astype(np.uint8)
-    if info.photometric_interpretation == "MONOCHROME1":  # low values are white: invert so bone is bright
-        np.subtract(255, grid, out=grid)
+    if info.photometric_interpretation == "MONOCHROME1" or _code(ds, "PresentationLUTShape") == "INVERSE":
+        np.subtract(255, grid, out=grid)  # low values are shown white: invert so bone is bright
     return Image.fromarray(grid, mode="L"), _with(info, voi=voi, window_center=center, window_width=width)
 
 

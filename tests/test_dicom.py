@@ -244,6 +244,27 @@ def test_implicit_vr_and_big_endian_files() -> None:
         assert np.array_equal(got.pixels, want), uid.name
 
 
+def test_presentation_lut_shape_and_presentation_intent() -> None:
+    """MONOCHROME2 stored inverted with Presentation LUT Shape INVERSE is shown upright by a viewer: it was
+    refused as `inverted`. DX pairs MONOCHROME1 with INVERSE: inverted once, not twice. A FOR PROCESSING
+    image (raw detector values) was answered without a word."""
+    a, _ = xrays()
+    want = prepare(png(a), CONFIG).pixels
+    inverted = D.stored_values(a, 12, monochrome1=True)  # 255 - x, as stored values
+    for photometric, values in (("MONOCHROME2", inverted), ("MONOCHROME1", inverted)):
+        ds = D.dataset(values.values, bits_stored=12, photometric=photometric, window=(values.center, values.width))
+        ds.PresentationLUTShape = "INVERSE"
+        got = prepare(D.to_bytes(ds), CONFIG)
+        assert np.array_equal(got.pixels, want) and not got.warnings, photometric
+    s = D.stored_values(a, 12)
+    ds = D.dataset(s.values, bits_stored=12, window=(s.center, s.width))
+    ds.PresentationLUTShape = "IDENTITY"
+    assert np.array_equal(prepare(D.to_bytes(ds), CONFIG).pixels, want)
+    ds.PresentationIntentType = "FOR PROCESSING"
+    raw = prepare(D.to_bytes(ds), CONFIG)
+    assert np.array_equal(raw.pixels, want) and any("FOR PROCESSING" in w for w in raw.warnings)
+
+
 def test_sigmoid_window_and_preamble_left_out() -> None:
     a, _ = xrays()
     s = D.stored_values(a, 16)
