@@ -34,7 +34,7 @@ from pydantic_core import PydanticCustomError
 from starlette.datastructures import UploadFile
 
 import models_registry
-from api.models import Explanation, ModelInfo, Prediction, Refused
+from api.models import Explanation, ModelInfo, Prediction, Refused, refusal_summary
 from core.card import ModelCard
 from core.engines import Engine
 from core.inference import LoadedModel
@@ -173,7 +173,7 @@ def prepare_images(images: Sequence[bytes]) -> list[PreparedImage]:
             REJECTED.labels(reason=exc.reason).inc()
             details.append({"type": exc.reason, "loc": ["images", index], "msg": exc.message})
     if details:
-        raise Refused(400, f"{len(details)} validation error{'s' if len(details) > 1 else ''} for Input", details)
+        raise Refused(400, refusal_summary(details), details)
     return prepared
 
 
@@ -193,7 +193,7 @@ def prepare_explain_image(data: bytes) -> PreparedImage:
         return _prepared(lambda: data, len(data), time.perf_counter(), PREVIEW_SIDE)
     except ImageRejected as exc:
         REJECTED.labels(reason=exc.reason).inc()
-        raise Refused(400, "1 validation error for Input", [{"type": exc.reason, "loc": ["image"], "msg": exc.message}]) from None
+        raise Refused(400, exc.message, [{"type": exc.reason, "loc": ["image"], "msg": exc.message}]) from None
 
 
 Upload = Annotated[Path, WrapValidator(_prepare_upload)]

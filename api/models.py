@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
@@ -187,6 +188,20 @@ class ErrorBody(BaseModel):
 
     error: str
     detail: list[ErrorDetail] = Field(default_factory=list)
+
+
+# pydantic's own heading ("1 validation error for Input"), which BentoML puts in `error`: it says nothing.
+PYDANTIC_HEADING = re.compile(r"\d+ validation errors? for \w+")
+
+
+def refusal_summary(details: list[dict[str, Any]]) -> str:
+    """The `error` line of a refusal of images: the first one's message, with which image it is when the
+    request had a list, and how many more the `detail` list holds."""
+    first = details[0]
+    loc = first.get("loc") or []
+    where = f"image {loc[1]}: " if len(loc) >= 2 and isinstance(loc[1], int) and loc[0] == "images" else ""
+    more = len(details) - 1
+    return f"{where}{first.get('msg', '')}" + (f" (and {more} more refused: see detail)" if more else "")
 
 
 def error_body(message: str, details: list[dict[str, Any]]) -> bytes:

@@ -252,10 +252,13 @@ def test_a_bad_upload_gets_the_same_4xx_as_classify(live: ServerProcess, reason:
     assert explained.status_code == classified.status_code == 400
     assert explained.json()["detail"][0]["type"] == classified.json()["detail"][0]["type"] == reason
     assert explained.json()["detail"][0]["loc"] == ["image"]
+    # The reason itself heads the body, not pydantic's "1 validation error for Input"
+    message = explained.json()["detail"][0]["msg"]
+    assert explained.json()["error"] == message and classified.json()["error"] == f"image 0: {message}"
     with grpc.insecure_channel(live.grpc_target) as channel:
         with pytest.raises(grpc.RpcError) as failure:
             pb_grpc.ClassifierStub(channel).Explain(pb.ExplainRequest(image=pb.Image(data=data)), timeout=60)
-    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and failure.value.details() == message
     assert dict(failure.value.trailing_metadata())["pneumonia-reject-reasons"] == reason
 
 
@@ -265,6 +268,8 @@ def test_explain_takes_exactly_one_file_in_the_field_image(live: ServerProcess) 
     assert two.status_code == 400 and two.json()["detail"][0]["type"] == "too_many_images"
     wrong_field = httpx.post(live.url + "/explain", files=[("images", ("a.jpeg", data))], timeout=60)
     assert wrong_field.status_code == 400 and wrong_field.json()["detail"][0]["type"] == "missing"
+    text = httpx.post(live.url + "/explain", files={"image": (None, "http://example.org/x.jpeg")}, timeout=60)
+    assert text.status_code == 400 and text.json()["detail"][0]["loc"] == ["image"]  # one file: no index
     with grpc.insecure_channel(live.grpc_target) as channel:
         with pytest.raises(grpc.RpcError) as failure:
             pb_grpc.ClassifierStub(channel).Explain(pb.ExplainRequest(), timeout=60)

@@ -168,6 +168,8 @@ def test_bad_input_gets_a_4xx_naming_the_problem(server: ServerProcess, files, f
     body = response.json()
     assert reason in json.dumps(body)
     assert refused() - before == (0 if reason == "missing" else 1)
+    assert not re.match(r"\d+ validation error", body["error"])  # the first reason heads the body
+    assert body["detail"][0]["msg"] in body["error"]
     good = classify(server, [("ok.jpeg", sample_xrays(1)[0].read_bytes())])
     assert good.status_code == 200
 

@@ -136,7 +136,7 @@ class MultipartCanon:
                 400,
                 "not_a_file",
                 f"'{self.field_name}' values must be uploaded files (multipart parts with a filename), not text",
-                (self.field_name, self.count),
+                (self.field_name,) if self.max_files == 1 else (self.field_name, self.count),  # as the validators
             )
         if self.count >= self.max_files:
             message = (f"send one image per request, in the field '{self.field_name}'" if self.max_files == 1 else

@@ -10,7 +10,7 @@ from typing import Any
 import bentoml
 from starlette.datastructures import MutableHeaders
 
-from api.models import error_body
+from api.models import PYDANTIC_HEADING, error_body, refusal_summary
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -100,6 +100,24 @@ async def reject(send: Send, error: GuardError) -> None:
     await send_json(send, error.status, error.body(), error.headers)
 
 
+_MAX_REWRITTEN = 262_144  # a 400 body longer than this is passed on as it is (16 refusals take about 4 KB)
+
+
+def _summarised(body: bytes) -> bytes:
+    """`body` with a pydantic heading in `error` replaced by `refusal_summary` of its details; else `body`."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(data, dict):
+        return body
+    error, details = data.get("error"), data.get("detail")
+    if not (isinstance(error, str) and PYDANTIC_HEADING.fullmatch(error) and isinstance(details, list) and details
+            and all(isinstance(d, dict) for d in details)):
+        return body
+    return json.dumps({**data, "error": refusal_summary(details)}).encode()
+
+
 class Responder:
     """Wraps `send`: security headers and the request id on every response, JSON for bare 4xx text."""
 
@@ -111,6 +129,7 @@ class Responder:
         self.https = https
         self._start: Message | None = None
         self._text: bytearray | None = None  # a plain-text 4xx being rewritten as JSON
+        self._json: bytearray | None = None  # a JSON 400 whose pydantic heading is replaced by its first reason
         self.error_body = bytearray()  # the first bytes of a JSON error, for the log's reasons
 
     async def send(self, message: Message) -> None:
@@ -124,6 +143,9 @@ class Responder:
             if status in (400, 404, 405) and not content_type.startswith("application/json"):
                 self._start, self._text = message, bytearray()
                 return
+            if status == 400:
+                self._start, self._json = message, bytearray()
+                return
             if status >= 400:
                 self.error_body = bytearray()
         elif message["type"] == "http.response.body":
@@ -132,6 +154,13 @@ class Responder:
                 if message.get("more_body", False):
                     return
                 await self._send_json_instead()
+                return
+            if self._json is not None and self._start is not None:
+                self._json.extend(message.get("body", b""))
+                more = bool(message.get("more_body", False))
+                if more and len(self._json) < _MAX_REWRITTEN:
+                    return
+                await self._send_summarised(more)
                 return
             if self.call.status >= 400 and len(self.error_body) < 65536:
                 self.error_body.extend(message.get("body", b""))
@@ -149,6 +178,21 @@ class Responder:
         headers["content-length"] = str(len(body))
         await self._send({**self._start, "headers": headers.raw})
         await self._send({"type": "http.response.body", "body": body})
+
+    async def _send_summarised(self, more: bool) -> None:
+        """BentoML's 400 for images the validators refused reads "1 validation error for Input": the first reason
+        replaces it (`refusal_summary`, as the gRPC status message and the guard's own refusals read)."""
+        assert self._start is not None and self._json is not None
+        body, start = bytes(self._json), self._start
+        self._json = None
+        if not more:
+            body = _summarised(body)
+            headers = MutableHeaders(raw=list(start["headers"]))
+            headers["content-length"] = str(len(body))
+            start = {**start, "headers": headers.raw}
+        self.error_body = bytearray(body[:65536])
+        await self._send(start)
+        await self._send({"type": "http.response.body", "body": body, "more_body": more})
 
     def _secure(self, headers: MutableHeaders) -> None:
         html = headers.get("content-type", "").startswith("text/html")
