@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         DeadlineExceeded,
         InvalidInput,
         LimitExceeded,
+        RateLimited,
         ServerError,
         Unavailable,
     )
@@ -54,6 +55,7 @@ _EXPORTS = {
     "ClientError": "errors",
     "InvalidInput": "errors",
     "LimitExceeded": "errors",
+    "RateLimited": "errors",
     "Unavailable": "errors",
     "DeadlineExceeded": "errors",
     "AuthenticationError": "errors",

@@ -169,21 +169,27 @@ def classify_each(api: ClassifierClient, uploads: list[ImageUpload]) -> list[Pre
     return [result for upload in uploads for result in classify_each(api, [upload])]
 
 
+def _own_message(text: str) -> str:
+    """The refusal of one file sent alone, without the server's "image 0 (name): ", which names its place in that
+    one-file request, not in the caller's list (the file is named beside it)."""
+    return re.sub(r"^image 0( [(].*?[)])?: ", "", text)
+
+
 def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
     uploads = _uploads(args.images, args.client_id)
     results = classify_each(api, uploads)
     refused = [(upload, r) for upload, r in zip(uploads, results) if isinstance(r, InvalidInput)]
     if args.json:
         print(json.dumps([r.model_dump() if isinstance(r, Prediction) else
-                          {"filename": u.filename, "client_id": u.client_id, "error": r.message,
+                          {"filename": u.filename, "client_id": u.client_id, "error": _own_message(r.message),
                            "status": r.status, "reasons": list(r.reasons)} for u, r in zip(uploads, results)], indent=2))
     else:
         answered = [r for r in results if isinstance(r, Prediction)]
         if answered:
             print("\n".join(_format_prediction(p) for p in answered))
             print(f"model {answered[0].model} via {api.transport} {redact(api.url)}")
-    for upload, error in refused:  # sent alone, so the server's "image 0 (name): " says nothing the line does not
-        print(f"error: {upload.filename}: {re.sub(r'^image 0( [(].*?[)])?: ', '', str(error))}", file=sys.stderr)
+    for upload, error in refused:
+        print(f"error: {upload.filename}: {_own_message(str(error))}", file=sys.stderr)
     return InvalidInput.exit_code if refused else 0
 
 

@@ -5,19 +5,22 @@ from __future__ import annotations
 from api.reasons import LIMIT_REASONS
 
 __all__ = ["LIMIT_REASONS", "AuthenticationError", "ClientError", "DeadlineExceeded", "InvalidInput", "LimitExceeded",
-           "ServerError", "Unavailable"]
+           "RateLimited", "ServerError", "Unavailable"]
 
 
 class ClientError(Exception):
-    """A failed call. `status` is the HTTP status or gRPC status name; `reasons` the server's rejection codes."""
+    """A failed call. `status` is the HTTP status or gRPC status name; `reasons` the server's rejection codes;
+    `retry_after_s` how long the server asked the caller to wait (its Retry-After), else None."""
 
     exit_code = 1
 
-    def __init__(self, message: str, *, status: str | int | None = None, reasons: tuple[str, ...] = ()) -> None:
+    def __init__(self, message: str, *, status: str | int | None = None, reasons: tuple[str, ...] = (),
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.reasons = reasons
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         return f"{self.message} [{self.status}]" if self.status is not None else self.message
@@ -33,18 +36,17 @@ class LimitExceeded(InvalidInput):
     """An input is over a size limit: bytes, pixels, images per request (RESOURCE_EXHAUSTED / 413 / 429)."""
 
 
-class Unavailable(ClientError):
-    """The server cannot be reached, is still loading or is overloaded (connection error, 503 / UNAVAILABLE).
-
-    `retry_after_s`: when the server said how long to wait (its Retry-After), else None.
-    """
+class RateLimited(LimitExceeded):
+    """This client sent more calls than its rate limit allows (429 / RESOURCE_EXHAUSTED with reason
+    `rate_limited`): nothing was wrong with the input; retry after `retry_after_s`. Exit status 4, as busy."""
 
     exit_code = 4
 
-    def __init__(self, message: str, *, status: str | int | None = None, reasons: tuple[str, ...] = (),
-                 retry_after_s: float | None = None) -> None:
-        super().__init__(message, status=status, reasons=reasons)
-        self.retry_after_s = retry_after_s
+
+class Unavailable(ClientError):
+    """The server cannot be reached, is still loading or is overloaded (connection error, 503 / UNAVAILABLE)."""
+
+    exit_code = 4
 
 
 class DeadlineExceeded(ClientError):

@@ -18,6 +18,7 @@ from .errors import (
     DeadlineExceeded,
     InvalidInput,
     LimitExceeded,
+    RateLimited,
     ServerError,
     Unavailable,
 )
@@ -72,10 +73,10 @@ def _error(exc: grpc.RpcError, target: str) -> ClientError:
     cls = _ERRORS.get(code, ServerError)
     if cls is InvalidInput and reasons and reasons[0] in LIMIT_REASONS:
         cls = LimitExceeded
-    if cls is Unavailable:
-        wait = str(trailing.get(RETRY_AFTER_HEADER, ""))
-        return Unavailable(details, status=code.name, reasons=reasons, retry_after_s=float(wait) if wait.isdigit() else None)
-    return cls(details, status=code.name, reasons=reasons)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate_limited" in reasons:
+        cls = RateLimited
+    wait = str(trailing.get(RETRY_AFTER_HEADER, ""))
+    return cls(details, status=code.name, reasons=reasons, retry_after_s=float(wait) if wait.isdigit() else None)
 
 
 def _open_channel(api: Any, target: str, credentials: grpc.ChannelCredentials | None) -> Any:

@@ -9,7 +9,8 @@ import httpx
 from pydantic import TypeAdapter
 
 from ._common import DEFAULT_HTTP_URL, DEFAULT_TIMEOUT_S, TLS, ImageInput, as_uploads, redact, rejection
-from .errors import AuthenticationError, ClientError, DeadlineExceeded, LimitExceeded, ServerError, Unavailable
+from .errors import (AuthenticationError, ClientError, DeadlineExceeded, LimitExceeded, RateLimited, ServerError,
+                     Unavailable)
 from .models import Explanation, ImageUpload, ModelInfo, Prediction
 
 _PREDICTIONS = TypeAdapter(list[Prediction])
@@ -52,10 +53,11 @@ def _raise_for_status(response: httpx.Response, uploads: Sequence[ImageUpload] =
     error = str(body.get("error") or body) if isinstance(body, dict) else str(body)
     if status == 400 and isinstance(body, dict) and isinstance(body.get("detail"), list):
         raise rejection(body["detail"], uploads, status)
-    if status in (413, 429):
-        raise LimitExceeded(error, status=status)
     details = body.get("detail") if isinstance(body, dict) else None
     reasons = tuple(str(d.get("type")) for d in details if isinstance(d, dict)) if isinstance(details, list) else ()
+    if status in (413, 429):
+        cls = RateLimited if "rate_limited" in reasons else LimitExceeded
+        raise cls(error, status=status, reasons=reasons, retry_after_s=_retry_after(response))
     if status in (401, 403):
         raise AuthenticationError(error, status=status)
     if status == 503:

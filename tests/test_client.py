@@ -20,6 +20,7 @@ from client import (
     ImageUpload,
     InvalidInput,
     LimitExceeded,
+    RateLimited,
     Prediction,
     Unavailable,
     connect,
@@ -163,9 +164,11 @@ def test_cli_answers_every_file_of_a_large_or_mixed_batch(live: ServerProcess, t
     assert mixed.stderr.strip().splitlines() == [line for line in mixed.stderr.strip().splitlines()
                                                  if line.startswith("error: notes.jpeg: ")]
     assert "not a recognised image" in mixed.stderr and "Traceback" not in mixed.stderr
-    as_json = _cli("classify", str(bad), str(paths[0]), *flags, "--url", _target(live, transport), "--json")
+    as_json = _cli("classify", str(paths[0]), str(bad), *flags, "--url", _target(live, transport), "--json")
     first, second = json.loads(as_json.stdout)
-    assert as_json.returncode == 3 and first["reasons"] == ["not_an_image"] and second["filename"] == paths[0].name
+    assert as_json.returncode == 3 and second["reasons"] == ["not_an_image"] and first["filename"] == paths[0].name
+    # the second file: its message named it "image 0", its place in the one-file request sent again
+    assert second["error"] == "the upload is not a recognised image file", second
 
 
 def test_cli_refuses_bad_options_before_connecting_and_stops_on_ctrl_c(live: ServerProcess, tmp_path: Path) -> None:
@@ -248,6 +251,10 @@ def test_client_against_a_secured_server(secured_server: tuple[ServerProcess, Pk
                 api.model_info()
             except LimitExceeded as limited:
                 assert limited.status == (429 if transport == "http" else "RESOURCE_EXHAUSTED")
+                # the server's reason and wait (they were dropped: reasons (), no retry_after_s)
+                assert isinstance(limited, RateLimited) and limited.reasons == ("rate_limited",)
+                assert limited.retry_after_s is not None and limited.retry_after_s >= 1
+                assert limited.exit_code == 4  # retry later, as busy; not a refused input (3)
                 break
         else:
             pytest.fail("never rate limited")

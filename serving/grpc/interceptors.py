@@ -23,7 +23,7 @@ from typing import Any
 import bentoml
 import grpc
 
-from api.status import API_KEY_HEADER, RETRY_AFTER_HEADER
+from api.status import API_KEY_HEADER, REASONS_METADATA_KEY, RETRY_AFTER_HEADER
 from serving.security import GRPC_UNAUTHENTICATED_MESSAGE, AccessPolicy, presented_key, shared_policy
 from settings import SecuritySettings, ServingSettings
 
@@ -170,10 +170,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"too many requests from this client; retry after {wait} s",
-                    trailing_metadata=((RETRY_AFTER_HEADER, str(wait)),),
+                    trailing_metadata=((RETRY_AFTER_HEADER, str(wait)), (REASONS_METADATA_KEY, "rate_limited")),
                 )
-            if decision.outcome == "unauthenticated":
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, GRPC_UNAUTHENTICATED_MESSAGE)
+            if decision.outcome == "unauthenticated":  # the reasons HTTP's 429 and 401 bodies name, as trailers
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, GRPC_UNAUTHENTICATED_MESSAGE,
+                                    trailing_metadata=((REASONS_METADATA_KEY, "unauthorized"),))
             result = behaviour(request, context)
             return await result if inspect.isawaitable(result) else result
 
