@@ -160,6 +160,20 @@ def test_a_jpeg_with_damaged_data_is_corrupt_and_stray_bytes_are_not() -> None:
     assert np.array_equal(prepare(stray, CONFIG).pixels, prepare(intact, CONFIG).pixels)
 
 
+def test_a_16_bit_image_whose_range_a_few_bright_pixels_set_gets_a_warning() -> None:
+    """12-bit data in a 16-bit PNG with a burned-in label at 65535: scaled min to max, the anatomy fell into 12
+    grey levels and the gate refused it as 'not a chest X-ray' with nothing saying why. The same data without the
+    label: no warning."""
+    from tests.hostile_matrix import xray
+
+    twelve_bit = np.asarray(xray(), dtype=np.uint16) * 16
+    labelled = twelve_bit.copy()
+    labelled[10:20, 10:20] = 65535
+    plain, marked = (prepare(encode(Image.fromarray(a), "PNG"), CONFIG) for a in (twelve_bit, labelled))
+    assert plain.mode == marked.mode == "I;16" and plain.warnings == ()
+    assert any("a few extreme pixels" in w for w in marked.warnings), marked.warnings
+
+
 PEAK_MEMORY = """
 import resource, sys
 from core.preprocess import ImageRejected, PreprocessConfig, prepare
