@@ -82,7 +82,7 @@ class SecuritySettings(BaseModel):
     """Access control for the HTTP and gRPC endpoints (serving/security.py applies it).
 
     API keys come from `api_keys` (comma separated, e.g. PNEUMONIA_SECURITY__API_KEYS)
-    and/or `api_keys_file` (one per line, # comments); none configured = open service.
+    and/or `api_keys_file` (one per line, # comments on lines of their own); none configured = open service.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -98,6 +98,8 @@ class SecuritySettings(BaseModel):
     @model_validator(mode="after")
     def _load_keys(self) -> "SecuritySettings":
         keys = [k.strip() for k in self.api_keys.get_secret_value().split(",")]
+        # Where each key came from, for a message that names the place and never the key.
+        places = [f"api_keys entry {n}" for n in range(1, len(keys) + 1)]
         if self.api_keys_file is not None:
             try:
                 lines = self.api_keys_file.read_text(encoding="utf-8-sig").splitlines()  # a Windows editor's BOM too
@@ -105,16 +107,21 @@ class SecuritySettings(BaseModel):
                 raise ValueError(f"api_keys_file {self.api_keys_file} cannot be read: {exc.strerror}") from None
             except UnicodeDecodeError:
                 raise ValueError(f"api_keys_file {self.api_keys_file} is not UTF-8 text") from None
-            from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            from_file = [(n, line.strip()) for n, line in enumerate(lines, 1)
+                         if line.strip() and not line.lstrip().startswith("#")]
             if not from_file:  # an empty Secret must not quietly start an open service
                 raise ValueError(f"api_keys_file {self.api_keys_file} holds no key (only blank or # lines); "
                                  "put one key per line, or unset api_keys_file for an open service")
-            keys += from_file
-        keys = [k for k in keys if k]
+            keys += [key for _, key in from_file]
+            places += [f"{self.api_keys_file} line {n}" + (" (a # comment after the key: comments go on lines of "
+                       "their own)" if re.search(r"\s#", key) else "") for n, key in from_file]
         # Printable ASCII: keys travel in an HTTP header and in gRPC metadata, which carry nothing else.
-        if any(len(k) < 16 or not (k.isascii() and k.isprintable()) or " " in k for k in keys):
-            raise ValueError("every API key must be at least 16 printable ASCII characters without spaces")
-        self._keys = tuple(dict.fromkeys(keys))
+        bad = [place for key, place in zip(keys, places)
+               if key and (len(key) < 16 or not (key.isascii() and key.isprintable()) or " " in key)]
+        if bad:
+            raise ValueError("every API key must be at least 16 printable ASCII characters without spaces; not so: "
+                             + "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""))
+        self._keys = tuple(dict.fromkeys(k for k in keys if k))
         return self
 
     def keys(self) -> tuple[str, ...]:

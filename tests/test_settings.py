@@ -120,6 +120,16 @@ def test_an_api_key_file_that_yields_no_usable_key_is_refused(content: bytes, wo
     assert words in message and "ключ" not in message
 
 
+def test_a_bad_api_key_is_named_by_its_place_never_by_its_value(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key followed by an inline comment stopped the server with no file, no line and no hint."""
+    keys = tmp_path / "api-keys"
+    keys.write_text("# site keys\nfirstkey-abcdefghijkl\nsecondkey-abcdefghij # radiology\n")
+    message = _settings_error(monkeypatch, PNEUMONIA_SECURITY__API_KEYS_FILE=str(keys),
+                              PNEUMONIA_SECURITY__API_KEYS="short,envkey-abcdefghijklmnop")
+    assert "not so: api_keys entry 1; " in message and f"{keys} line 3 (a # comment after the key" in message
+    assert "line 2" not in message and "secondkey" not in message and "short" not in message
+
+
 def test_grpc_tls_files_must_be_a_certificate_and_its_own_key(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Files that only look like PEM, or a key of another certificate, passed start-up before: every worker then
     failed to bind the gRPC port (BoringSSL: "Invalid private key") while HTTP said the service was ready."""
