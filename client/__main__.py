@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a malformed --url, --cert without --key
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise
     except OSError as exc:  # an unreadable --ca-file, --cert or --key (ssl.SSLError included)
         print(f"error: cannot use the TLS files: {exc}", file=sys.stderr)
         return 2
@@ -272,3 +274,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of the output left (`| head`): stop quietly, as a pipeline expects
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        sys.exit(141)  # 128 + SIGPIPE, the status of a tool the signal stops

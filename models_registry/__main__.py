@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     except reg.RegistryError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a command line answers with one line, never a stack trace
         print(f"error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
         return 1
@@ -159,3 +161,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # an import is removed again unless checked; records are replaced in one step
         print("interrupted: see what the store holds with `python -m models_registry list`", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of the output left (`| head`): stop quietly, as a pipeline expects
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        sys.exit(141)  # 128 + SIGPIPE, the status of a tool the signal stops

@@ -235,6 +235,13 @@ def test_cli_lists_and_fails_cleanly(production_tag: str) -> None:
     assert bad.returncode == 1 and "not in the store" in bad.stderr and "Traceback" not in bad.stderr
     helped = run("--help")
     assert helped.returncode == 0 and "promote" in helped.stdout and "rollback" in helped.stdout
+    # `show | head`: the reader leaves before the output is written; that said "error: BrokenPipeError", exit 1
+    read_r, write_r = os.pipe()
+    os.close(read_r)  # a reader that has already left
+    left = subprocess.run([sys.executable, "-m", "models_registry", "show", "production"], cwd=ROOT, env=server_env(),
+                          stdout=write_r, stderr=subprocess.PIPE, text=True, timeout=HANG_S)
+    os.close(write_r)
+    assert left.returncode == 141 and left.stderr == "", left.stderr
 
 
 def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(production_tag: str) -> None:
