@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -416,10 +417,38 @@ def test_two_servers_started_together_on_one_grpc_port_never_share_it(production
         with grpc.insecure_channel(serving[0].grpc_target) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30).status
         assert status == health_pb2.HealthCheckResponse.SERVING
+        # the checks' lock file is removed by its last holder (each start left one in /tmp)
+        assert not (Path(tempfile.gettempdir()) / f"pneumonia-grpc-port-{grpc_port}.lock").exists()
     finally:
         for server in servers:
             server.stop()
             kill_group(server)
+
+
+def test_the_port_lock_takes_turns_and_leaves_no_file() -> None:
+    """Two checks at once take turns (the second waits for the first and then locks the new file, not the
+    removed one), and no lock file is left behind."""
+    from serving.lifecycle import _port_lock
+
+    port, order, first_in = free_port(), [], threading.Event()
+    path = Path(tempfile.gettempdir()) / f"pneumonia-grpc-port-{port}.lock"
+
+    def hold(name: str, seconds: float) -> None:
+        with _port_lock(port):
+            first_in.set()
+            order.append(f"{name} in")
+            assert path.exists()
+            time.sleep(seconds)
+            order.append(f"{name} out")
+
+    first = threading.Thread(target=hold, args=("first", 0.5))
+    first.start()
+    first_in.wait(10)
+    second = threading.Thread(target=hold, args=("second", 0.0))
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert order == ["first in", "first out", "second in", "second out"] and not path.exists()
 
 
 def test_worker_that_cannot_bind_the_grpc_port_tries_again_until_it_is_free(
