@@ -32,6 +32,7 @@ PRODUCTION = "production"
 # How far below the production model's validation ROC-AUC a model may be and still be promoted without
 # `force`: seeds of one recipe differ by about 0.001 (docs/model.md); a model 0.01 worse is another kind of model.
 PROMOTE_MAX_ROC_AUC_DROP = 0.01
+_FORCE_HINT = "to promote it anyway: python -m models_registry promote {tag} --force"  # whichever command refused
 
 
 class RegistryError(Exception):
@@ -330,11 +331,11 @@ def _check_not_worse(tag: str, production: str) -> None:
         return
     if not isinstance(new, (int, float)):
         raise RegistryError(f"cannot promote {tag}: its card has no validation ROC-AUC to compare with production "
-                            f"{production}'s {current:.4f}; pass --force to promote it anyway")
+                            f"{production}'s {current:.4f}; {_FORCE_HINT.format(tag=tag)}")
     if new < current - PROMOTE_MAX_ROC_AUC_DROP:
         raise RegistryError(f"cannot promote {tag}: its validation ROC-AUC {new:.4f} is {current - new:.4f} below "
-                            f"production {production}'s {current:.4f} (each on its own validation split); pass "
-                            "--force to promote it anyway")
+                            f"production {production}'s {current:.4f} (each on its own validation split); "
+                            + _FORCE_HINT.format(tag=tag))
 
 
 def rollback(name: str = MODEL_NAME) -> str:

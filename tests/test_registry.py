@@ -172,7 +172,7 @@ def test_promote_refuses_a_clearly_worse_model_without_force(two_models) -> None
                           name=NAME)
     try:
         with pytest.raises(reg.RegistryError, match=f"cannot promote {weak}: its validation ROC-AUC 0.5200 is 0.3800 "
-                                                     f"below production {first}'s 0.9000 .*--force"):
+                                                     f"below production {first}'s 0.9000 .*promote {weak} --force"):
             reg.promote(weak, NAME)
         assert reg.production_tag(NAME) == first
         assert reg.promote(weak, NAME, force=True) == weak
