@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.promote:
                     raise reg.RegistryError(f"{result.tag} was saved but not promoted: its threshold misses the target")
             if args.promote:
-                print(f"production is now {reg.promote(result.tag)}")
+                try:
+                    print(f"production is now {reg.promote(result.tag)}")
+                except reg.RegistryError as exc:
+                    raise reg.RegistryError(f"{result.tag} was saved, not promoted: {exc}") from None
         elif args.command == "verify":
             model = reg.load_model(args.ref)
             print(f"{model.tag}: weights match sha256 {model.card.weights_sha256}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -312,8 +313,8 @@ def promote(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
     _check_loads(tag, name, "cannot promote")  # also when it is production already: the answer says it loads
     if record.get("production") == tag:
         return tag
-    if not force and record.get("production") and is_stored(record["production"]):
-        _check_not_worse(tag, record["production"])
+    if not force:
+        _check_not_worse(tag, record)
     if record.get("production"):
         record["history"].append(record["production"])
     record["production"] = tag
@@ -322,20 +323,31 @@ def promote(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
     return tag
 
 
-def _check_not_worse(tag: str, production: str) -> None:
-    """Refuse `tag` when its validation ROC-AUC is more than PROMOTE_MAX_ROC_AUC_DROP below `production`'s (or it
-    has none while production has one). Validation figures of models trained on other folders are not strictly
-    comparable; `--force` is the answer then, said in the message."""
-    new, current = (read_card(t).val_metrics.get("roc_auc") for t in (tag, production))
-    if not isinstance(current, (int, float)):
+def _check_not_worse(tag: str, record: dict[str, Any]) -> None:
+    """Refuse `tag` when its validation ROC-AUC is more than PROMOTE_MAX_ROC_AUC_DROP below the best of the models
+    promoted so far (production and its history, those still stored and readable), so that steps each just inside
+    the margin cannot walk production down; or when it has none to compare. A model that cannot be read is no
+    reference: replacing a damaged production model is the point. Validation figures of models trained on other
+    folders are not strictly comparable; the message names the command that promotes anyway."""
+    references: dict[str, float] = {}
+    for promoted in dict.fromkeys([record.get("production"), *record["history"]]):
+        try:
+            auc = read_card(promoted).val_metrics.get("roc_auc") if promoted else None
+        except Exception:  # noqa: BLE001 - deleted, or damaged in any way BentoML or pydantic can fail
+            continue
+        if isinstance(auc, (int, float)) and math.isfinite(auc):
+            references[promoted] = float(auc)  # type: ignore[index]
+    if not references:
         return
-    if not isinstance(new, (int, float)):
-        raise RegistryError(f"cannot promote {tag}: its card has no validation ROC-AUC to compare with production "
-                            f"{production}'s {current:.4f}; {_FORCE_HINT.format(tag=tag)}")
-    if new < current - PROMOTE_MAX_ROC_AUC_DROP:
-        raise RegistryError(f"cannot promote {tag}: its validation ROC-AUC {new:.4f} is {current - new:.4f} below "
-                            f"production {production}'s {current:.4f} (each on its own validation split); "
-                            + _FORCE_HINT.format(tag=tag))
+    best = max(references, key=references.__getitem__)
+    new = read_card(tag).val_metrics.get("roc_auc")
+    if not isinstance(new, (int, float)) or not math.isfinite(new):
+        raise RegistryError(f"cannot promote {tag}: its card has no validation ROC-AUC to compare with {best}'s "
+                            f"{references[best]:.4f}; {_FORCE_HINT.format(tag=tag)}")
+    if new < references[best] - PROMOTE_MAX_ROC_AUC_DROP:
+        raise RegistryError(f"cannot promote {tag}: its validation ROC-AUC {new:.4f} is {references[best] - new:.4f} "
+                            f"below {best}'s {references[best]:.4f}, the best model promoted so far (each on its own "
+                            f"validation split); {_FORCE_HINT.format(tag=tag)}")
 
 
 def rollback(name: str = MODEL_NAME) -> str:

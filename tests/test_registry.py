@@ -170,15 +170,35 @@ def test_promote_refuses_a_clearly_worse_model_without_force(two_models) -> None
     torch.manual_seed(4)
     weak = reg.save_model(build_model(ModelSpec()), _card(0.5).model_copy(update={"val_metrics": {"roc_auc": 0.52}}),
                           name=NAME)
+    steps: list[str] = []
     try:
         with pytest.raises(reg.RegistryError, match=f"cannot promote {weak}: its validation ROC-AUC 0.5200 is 0.3800 "
-                                                     f"below production {first}'s 0.9000 .*promote {weak} --force"):
+                                                     f"below {first}'s 0.9000, the best .*promote {weak} --force"):
             reg.promote(weak, NAME)
         assert reg.production_tag(NAME) == first
         assert reg.promote(weak, NAME, force=True) == weak
         assert reg.rollback(NAME) == first  # rollback restores without the check
+        # steps each just inside the margin cannot walk production down: the best promoted so far is the reference
+        steps += [reg.save_model(build_model(ModelSpec()), _card(0.5).model_copy(update={"val_metrics": {"roc_auc": auc}}),
+                                 name=NAME) for auc in (0.8950, 0.8899)]
+        assert reg.promote(steps[0], NAME) == steps[0]
+        with pytest.raises(reg.RegistryError, match=f"below {first}'s 0.9000, the best"):
+            reg.promote(steps[1], NAME)
+        # a production model that cannot be read is no reference: it can be replaced
+        card_file = reg.store.store_path_of(steps[0]) / "model.yaml"
+        intact = card_file.read_text()
+        card_file.write_text("garbage: [")
+        try:
+            record = reg.store._read_record(NAME)
+            record["history"] = []
+            reg.store._write_record(NAME, record)
+            assert reg.promote(steps[1], NAME) == steps[1]
+        finally:
+            card_file.write_text(intact)
+        reg.promote(first, NAME)
     finally:
-        reg.delete_model(weak, NAME, force=True)
+        for tag in (weak, *steps):
+            reg.delete_model(tag, NAME, force=True)
 
 
 def test_corrupt_weights_are_detected_on_load(tmp_path: Path) -> None:
