@@ -182,4 +182,7 @@ def model_info_fields(message: Any) -> dict[str, Any]:
     for key in ("max_bytes", "max_pixels", "max_message_bytes"):  # int64 travels as a JSON string
         if key in limits:
             limits[key] = int(limits[key])
+    gate = data.get("validity")
+    if isinstance(gate, dict) and not gate.get("fitted"):  # no gate: no limits, as HTTP says it (proto3 sends 0.0)
+        data["validity"] = {key: value for key, value in gate.items() if key in ("mode", "fitted")}
     return data

@@ -147,26 +147,35 @@ def _uploads(paths: list[Path], client_ids: list[str] | None) -> list[ImageUploa
     return uploads
 
 
-def classify_each(api: ClassifierClient, uploads: list[ImageUpload]) -> list[Prediction | InvalidInput]:
-    """A result for every upload, in order: its prediction, or the server's refusal of that one image.
+def classify_each(api: ClassifierClient, uploads: list[ImageUpload]) -> list[Prediction | ClientError]:
+    """A result for every upload, in order: its prediction, or why it has none.
 
     More images than the server takes in one request are sent in several (its `max_images_per_request`, asked
     only when it refuses); a request refused for one image is sent again image by image, so that one bad file
-    does not cost the others their answers. Any other failure (unreachable, key, rate limit) is raised.
+    does not cost the others their answers. A failure of the first request that is not about an image
+    (unreachable, key, rate limit) is raised; one in a later request ends the sending, and the files not answered
+    get that error, while the answers already received are kept.
     """
     try:
         return list(api.classify(uploads))
     except InvalidInput as refused:
         reasons = set(refused.reasons)
+        limit = len(uploads)
         if "too_many_images" in reasons and len(uploads) > 1:
             limit = int(api.model_info().limits.get("max_images_per_request") or 1)
-            if limit < len(uploads):
-                return [r for start in range(0, len(uploads), limit) for r in classify_each(api, uploads[start:start + limit])]
-        if not reasons or not reasons <= PER_IMAGE_REASONS:
-            raise
-        if len(uploads) == 1:
-            return [refused]
-    return [result for upload in uploads for result in classify_each(api, [upload])]
+        if limit >= len(uploads):
+            if not reasons or not reasons <= PER_IMAGE_REASONS:
+                raise
+            if len(uploads) == 1:
+                return [refused]
+            limit = 1
+    results: list[Prediction | ClientError] = []
+    for start in range(0, len(uploads), limit):
+        try:
+            results += classify_each(api, uploads[start:start + limit])
+        except ClientError as failed:
+            return results + [failed] * (len(uploads) - len(results))
+    return results
 
 
 def _own_message(text: str) -> str:
@@ -178,7 +187,7 @@ def _own_message(text: str) -> str:
 def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
     uploads = _uploads(args.images, args.client_id)
     results = classify_each(api, uploads)
-    refused = [(upload, r) for upload, r in zip(uploads, results) if isinstance(r, InvalidInput)]
+    failed = [(upload, r) for upload, r in zip(uploads, results) if isinstance(r, ClientError)]
     if args.json:
         print(json.dumps([r.model_dump() if isinstance(r, Prediction) else
                           {"filename": u.filename, "client_id": u.client_id, "error": _own_message(r.message),
@@ -188,9 +197,15 @@ def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
         if answered:
             print("\n".join(_format_prediction(p) for p in answered))
             print(f"model {answered[0].model} via {api.transport} {redact(api.url)}")
-    for upload, error in refused:
-        print(f"error: {upload.filename}: {_own_message(str(error))}", file=sys.stderr)
-    return InvalidInput.exit_code if refused else 0
+    for upload, error in failed:
+        if isinstance(error, InvalidInput):
+            print(f"error: {upload.filename}: {_own_message(str(error))}", file=sys.stderr)
+    unsent = [upload.filename or "?" for upload, error in failed if not isinstance(error, InvalidInput)]
+    if unsent:  # one error for the files it left unanswered, not one line each
+        error = next(e for _, e in failed if not isinstance(e, InvalidInput))
+        names = ", ".join(unsent[:5]) + (f" and {len(unsent) - 5} more" if len(unsent) > 5 else "")
+        print(f"error: {len(unsent)} file(s) not answered ({names}): {error}", file=sys.stderr)
+    return max((error.exit_code for _, error in failed), default=0)
 
 
 def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:

@@ -33,20 +33,19 @@ class InvalidInput(ClientError):
 
 
 class LimitExceeded(InvalidInput):
-    """An input is over a size limit: bytes, pixels, images per request (RESOURCE_EXHAUSTED / 413 / 429)."""
-
-
-class RateLimited(LimitExceeded):
-    """This client sent more calls than its rate limit allows (429 / RESOURCE_EXHAUSTED with reason
-    `rate_limited`): nothing was wrong with the input; retry after `retry_after_s`. Exit status 4, as busy."""
-
-    exit_code = 4
+    """An input is over a size limit: bytes, pixels, images per request, request size (RESOURCE_EXHAUSTED / 413)."""
 
 
 class Unavailable(ClientError):
     """The server cannot be reached, is still loading or is overloaded (connection error, 503 / UNAVAILABLE)."""
 
     exit_code = 4
+
+
+class RateLimited(Unavailable):
+    """The server asked the caller to slow down (429 / RESOURCE_EXHAUSTED): this client's rate limit (reason
+    `rate_limited`) or the server's limit on calls in flight. Nothing was wrong with the input: retry after
+    `retry_after_s` (when the server said), as for any busy server."""
 
 
 class DeadlineExceeded(ClientError):

@@ -73,7 +73,8 @@ def _error(exc: grpc.RpcError, target: str) -> ClientError:
     cls = _ERRORS.get(code, ServerError)
     if cls is InvalidInput and reasons and reasons[0] in LIMIT_REASONS:
         cls = LimitExceeded
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate_limited" in reasons:
+    # grpcio's own limit on calls in flight sends no reason, only its message
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and ("rate_limited" in reasons or "Concurrent RPC limit" in details):
         cls = RateLimited
     wait = str(trailing.get(RETRY_AFTER_HEADER, ""))
     return cls(details, status=code.name, reasons=reasons, retry_after_s=float(wait) if wait.isdigit() else None)

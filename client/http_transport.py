@@ -56,10 +56,10 @@ def _raise_for_status(response: httpx.Response, uploads: Sequence[ImageUpload] =
     details = body.get("detail") if isinstance(body, dict) else None
     reasons = tuple(str(d.get("type")) for d in details if isinstance(d, dict)) if isinstance(details, list) else ()
     if status in (413, 429):
-        cls = RateLimited if "rate_limited" in reasons else LimitExceeded
+        cls = RateLimited if status == 429 else LimitExceeded
         raise cls(error, status=status, reasons=reasons, retry_after_s=_retry_after(response))
     if status in (401, 403):
-        raise AuthenticationError(error, status=status)
+        raise AuthenticationError(error, status=status, reasons=reasons)
     if status == 503:
         raise Unavailable(error, status=status, reasons=reasons, retry_after_s=_retry_after(response))
     if status == 504:

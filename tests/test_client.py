@@ -31,7 +31,7 @@ from harness.payloads import sample_xrays
 from harness.servers import HANG_S, ServerProcess, free_port, server_env
 from harness.tls import Pki
 from tests.images import encode, gradient
-from tests.secured import BURST, KEY_CLIENT, KEY_FILE
+from tests.secured import BURST, KEY_CLI_LIMIT, KEY_CLIENT, KEY_FILE
 
 SAME = ("label", "probability", "threshold", "confidence", "model", "image", "warnings", "filename", "client_id")
 
@@ -237,6 +237,7 @@ def test_client_against_a_secured_server(secured_server: tuple[ServerProcess, Pk
             with pytest.raises(AuthenticationError) as refused:
                 api.classify(path)
             assert refused.value.status == (401 if transport == "http" else "UNAUTHENTICATED")
+            assert refused.value.reasons == ("unauthorized",)  # HTTP's 401 body names it; it was dropped
             assert api.ready()  # probes need no key
     with connect(target, transport=transport, tls=TLS()) as api, pytest.raises(Unavailable):
         api.classify(path)  # the private CA is not in the system's trust store: no connection
@@ -249,10 +250,10 @@ def test_client_against_a_secured_server(secured_server: tuple[ServerProcess, Pk
         for calls in range(1, 500):  # spend the key's bucket: the rate limit's 429 / RESOURCE_EXHAUSTED
             try:
                 api.model_info()
-            except LimitExceeded as limited:
+            except RateLimited as limited:  # a LimitExceeded (an InvalidInput, exit 3) before
                 assert limited.status == (429 if transport == "http" else "RESOURCE_EXHAUSTED")
                 # the server's reason and wait (they were dropped: reasons (), no retry_after_s)
-                assert isinstance(limited, RateLimited) and limited.reasons == ("rate_limited",)
+                assert isinstance(limited, Unavailable) and limited.reasons == ("rate_limited",)
                 assert limited.retry_after_s is not None and limited.retry_after_s >= 1
                 assert limited.exit_code == 4  # retry later, as busy; not a refused input (3)
                 break
@@ -273,3 +274,23 @@ def test_cli_against_a_secured_server(secured_server: tuple[ServerProcess, Pki],
     assert keyed.returncode == 0 and "probability of pneumonia" in keyed.stdout, keyed.stderr
     untrusted = _cli("classify", path, *flags[:2], "--api-key", KEY_FILE, *(["--grpc"] if transport == "grpc" else []))
     assert untrusted.returncode == 4 and "cannot reach" in untrusted.stderr, untrusted.stderr
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_cli_keeps_the_answers_it_has_when_the_rate_limit_stops_it(secured_server: tuple[ServerProcess, Pki],
+                                                                    transport: str, tmp_path: Path) -> None:
+    """A bad file in every request makes the CLI send files one by one, and the rate limit (20 a key) stops it
+    part way: it printed nothing and dropped the predictions already received. Now every file has an entry."""
+    server, pki = secured_server
+    flags = ["--url", _secured_target(server, transport), "--ca-file", str(pki.ca), "--cert", str(pki.client_cert),
+             "--key", str(pki.client_key), "--api-key", KEY_CLI_LIMIT[transport]] + (["--grpc"] if transport == "grpc" else [])
+    bad = tmp_path / "notes.jpeg"
+    bad.write_bytes(b"not an X-ray")
+    files = [str(p) for good in sample_xrays(10, offset=90) for p in (bad, good)]  # 40 files, 3 requests' worth
+    done = _cli("classify", *files, *flags, "--json")
+    entries = json.loads(done.stdout)
+    assert done.returncode == 4 and len(entries) == len(files), done.stderr
+    answered = [e for e in entries if "label" in e]
+    limited = [e for e in entries if e.get("reasons") == ["rate_limited"]]
+    assert answered and limited and entries[-1] in limited, entries
+    assert "file(s) not answered" in done.stderr and "Traceback" not in done.stderr
