@@ -30,8 +30,8 @@ from core.card import MODEL_NAME, WEIGHTS_FILE, ModelCard
 from core.validity import VALIDITY_FILE
 
 PRODUCTION = "production"
-# How far below the production model's validation ROC-AUC a model may be and still be promoted without
-# `force`: seeds of one recipe differ by about 0.001 (docs/model.md); a model 0.01 worse is another kind of model.
+# How far below the validation ROC-AUC of the best model promoted so far a model may be and still be promoted
+# without `force`: seeds of one recipe differ by about 0.001 (docs/model.md); 0.01 worse is another kind of model.
 PROMOTE_MAX_ROC_AUC_DROP = 0.01
 _FORCE_HINT = "to promote it anyway: python -m models_registry promote {tag} --force"  # whichever command refused
 
@@ -306,7 +306,8 @@ def promote(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
 
     The model is loaded first (card, weights sha256, architecture, gate): a model the service could not load
     is refused here, not discovered at the next start. A model whose validation ROC-AUC is clearly below the
-    production model's is refused unless `force` (a one-epoch smoke run was promoted without a word).
+    best model promoted so far is refused unless `force` (`_check_not_worse`; a one-epoch smoke run was promoted
+    without a word).
     """
     tag = resolve_tag(ref, name)
     record = _read_record(name)
