@@ -147,6 +147,14 @@ def _uploads(paths: list[Path], client_ids: list[str] | None) -> list[ImageUploa
     return uploads
 
 
+class NotSent(ClientError):
+    """A file the CLI did not send (or whose request failed as a whole) after an earlier request failed."""
+
+    def __init__(self, cause: ClientError) -> None:
+        super().__init__(cause.message, status=cause.status, reasons=cause.reasons, retry_after_s=cause.retry_after_s)
+        self.exit_code = cause.exit_code
+
+
 def classify_each(api: ClassifierClient, uploads: list[ImageUpload]) -> list[Prediction | ClientError]:
     """A result for every upload, in order: its prediction, or why it has none.
 
@@ -171,10 +179,12 @@ def classify_each(api: ClassifierClient, uploads: list[ImageUpload]) -> list[Pre
             limit = 1
     results: list[Prediction | ClientError] = []
     for start in range(0, len(uploads), limit):
+        chunk = uploads[start:start + limit]
         try:
-            results += classify_each(api, uploads[start:start + limit])
-        except ClientError as failed:
-            return results + [failed] * (len(uploads) - len(results))
+            results += classify_each(api, chunk)
+        except ClientError as failed:  # a one-file request refused as a whole is that file's own refusal
+            own = [failed] if len(chunk) == 1 and isinstance(failed, InvalidInput) else []
+            return results + own + [NotSent(failed)] * (len(uploads) - len(results) - len(own))
     return results
 
 
@@ -191,7 +201,8 @@ def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.model_dump() if isinstance(r, Prediction) else
                           {"filename": u.filename, "client_id": u.client_id, "error": _own_message(r.message),
-                           "status": r.status, "reasons": list(r.reasons)} for u, r in zip(uploads, results)], indent=2))
+                           "status": r.status, "reasons": list(r.reasons), "sent": not isinstance(r, NotSent)}
+                          for u, r in zip(uploads, results)], indent=2))
     else:
         answered = [r for r in results if isinstance(r, Prediction)]
         if answered:
@@ -200,9 +211,9 @@ def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
     for upload, error in failed:
         if isinstance(error, InvalidInput):
             print(f"error: {upload.filename}: {_own_message(str(error))}", file=sys.stderr)
-    unsent = [upload.filename or "?" for upload, error in failed if not isinstance(error, InvalidInput)]
+    unsent = [upload.filename or "?" for upload, error in failed if isinstance(error, NotSent)]
     if unsent:  # one error for the files it left unanswered, not one line each
-        error = next(e for _, e in failed if not isinstance(e, InvalidInput))
+        error = next(e for _, e in failed if isinstance(e, NotSent))
         names = ", ".join(unsent[:5]) + (f" and {len(unsent) - 5} more" if len(unsent) > 5 else "")
         print(f"error: {len(unsent)} file(s) not answered ({names}): {error}", file=sys.stderr)
     return max((error.exit_code for _, error in failed), default=0)

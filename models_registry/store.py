@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -333,22 +332,31 @@ def _check_not_worse(tag: str, record: dict[str, Any]) -> None:
     references: dict[str, float] = {}
     for promoted in dict.fromkeys([record.get("production"), *record["history"]]):
         try:
-            auc = read_card(promoted).val_metrics.get("roc_auc") if promoted else None
+            auc = _roc_auc(read_card(promoted)) if promoted else None
         except Exception:  # noqa: BLE001 - deleted, or damaged in any way BentoML or pydantic can fail
             continue
-        if isinstance(auc, (int, float)) and math.isfinite(auc):
-            references[promoted] = float(auc)  # type: ignore[index]
+        if auc is not None:
+            references[promoted] = auc  # type: ignore[index]
     if not references:
         return
     best = max(references, key=references.__getitem__)
-    new = read_card(tag).val_metrics.get("roc_auc")
-    if not isinstance(new, (int, float)) or not math.isfinite(new):
+    new = _roc_auc(read_card(tag))
+    if new is None:
         raise RegistryError(f"cannot promote {tag}: its card has no validation ROC-AUC to compare with {best}'s "
                             f"{references[best]:.4f}; {_FORCE_HINT.format(tag=tag)}")
     if new < references[best] - PROMOTE_MAX_ROC_AUC_DROP:
         raise RegistryError(f"cannot promote {tag}: its validation ROC-AUC {new:.4f} is {references[best] - new:.4f} "
                             f"below {best}'s {references[best]:.4f}, the best model promoted so far (each on its own "
                             f"validation split); {_FORCE_HINT.format(tag=tag)}")
+
+
+def _roc_auc(card: ModelCard) -> float | None:
+    """The card's validation ROC-AUC when it is a number in [0, 1] (`val_metrics` is free-form: a `true` there
+    counted as 1.0 and became every later model's reference)."""
+    value = card.val_metrics.get("roc_auc")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return None
+    return float(value)
 
 
 def rollback(name: str = MODEL_NAME) -> str:

@@ -292,5 +292,5 @@ def test_cli_keeps_the_answers_it_has_when_the_rate_limit_stops_it(secured_serve
     assert done.returncode == 4 and len(entries) == len(files), done.stderr
     answered = [e for e in entries if "label" in e]
     limited = [e for e in entries if e.get("reasons") == ["rate_limited"]]
-    assert answered and limited and entries[-1] in limited, entries
+    assert answered and limited and entries[-1] in limited and entries[-1]["sent"] is False, entries
     assert "file(s) not answered" in done.stderr and "Traceback" not in done.stderr

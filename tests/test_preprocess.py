@@ -168,6 +168,23 @@ def test_a_jpeg_with_damaged_data_is_corrupt_and_stray_bytes_are_not() -> None:
             prepare(bytes(damaged), CONFIG)
 
 
+def test_stray_bytes_pass_only_where_no_pixel_depends_on_them(data_dir: Path) -> None:
+    """A review found both sides of "extraneous bytes": bytes between header segments (some writers pad EXIF so)
+    were refused though no pixel depends on them; 8 bytes before the end marker, left by damaged data that lost
+    its sync (a quarter of the grid wrong), were let through."""
+    picture = Image.open(sorted((data_dir / "train" / "NORMAL").glob("*.jpeg"))[0]).convert("L").resize((1600, 1600))
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    clean = encode(picture, "JPEG", quality=95, exif=exif.tobytes())
+    dqt, sos = clean.index(b"\xff\xdb"), clean.index(b"\xff\xda")
+    for padded in (clean[:dqt] + b"\x00" + clean[dqt:], clean[:sos] + b"\x12\x34" + clean[sos:]):
+        assert np.array_equal(prepare(padded, CONFIG).pixels, prepare(clean, CONFIG).pixels)
+    damaged = bytearray(encode(picture, "JPEG", quality=95))
+    damaged[175891:175895] = bytes.fromhex("b638a3c7")  # libjpeg: "8 extraneous bytes before marker 0xd9"
+    with pytest.raises(ImageRejected, match="8 extraneous bytes before marker 0xd9"):
+        prepare(bytes(damaged), CONFIG)
+
+
 def test_jpeg_pixels_are_pils_own_at_every_draft_scale() -> None:
     """JPEGs are decoded by libjpeg-turbo through simplejpeg (strict) at the scale PIL's draft mode picks: the grid
     and the preview must stay PIL's, bit for bit, or served inputs drift from what the model was trained on."""

@@ -184,6 +184,11 @@ def test_promote_refuses_a_clearly_worse_model_without_force(two_models) -> None
         assert reg.promote(steps[0], NAME) == steps[0]
         with pytest.raises(reg.RegistryError, match=f"below {first}'s 0.9000, the best"):
             reg.promote(steps[1], NAME)
+        # a ROC-AUC that is not a number in [0, 1] is none: `true` counted as 1.0 and became the reference
+        steps.append(reg.save_model(build_model(ModelSpec()), _card(0.5).model_copy(
+            update={"val_metrics": {"roc_auc": True}}), name=NAME))
+        with pytest.raises(reg.RegistryError, match="has no validation ROC-AUC"):
+            reg.promote(steps[-1], NAME)
         # a production model that cannot be read is no reference: it can be replaced
         card_file = reg.store.store_path_of(steps[0]) / "model.yaml"
         intact = card_file.read_text()
