@@ -226,6 +226,18 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+# A log line of gRPC's C core ("E1128 01:33:22.878644   14736 ev_epoll1_linux.cc:373] ...").
+_GRPC_CORE_LINE = re.compile(r"[EWID]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] .*")
+
+
+def child_stderr(text: str) -> str:
+    """A `default_sigint` child's stderr less what gRPC printed in it before it ran: a `preexec_fn` makes
+    subprocess fork (not spawn), and gRPC's fork handlers, loaded in a pytest worker by earlier tests, can log
+    from the child between fork and exec (seen once in four suite runs: an epoll_wait error line ahead of the
+    command's own message; the command itself, `python -m models_registry`, never imports grpc)."""
+    return "\n".join(line for line in text.splitlines() if not _GRPC_CORE_LINE.fullmatch(line))
+
+
 def server_env(**extra: str) -> dict[str, str]:
     """This environment for a child process: its tools first on PATH, no telemetry, plus `extra`."""
     env = dict(os.environ)

@@ -142,7 +142,7 @@ def test_ctrl_c_during_a_calibration_is_one_line_and_saves_nothing(production_ta
     import signal
     import time
 
-    from harness.servers import default_sigint
+    from harness.servers import child_stderr, default_sigint
 
     site = site_folder(tmp_path / "site", per_class=40)
     versions = stored_tags()
@@ -152,7 +152,7 @@ def test_ctrl_c_during_a_calibration_is_one_line_and_saves_nothing(production_ta
     time.sleep(4)  # the model is loaded and the site images are being scored (a calibration takes 15 s or more)
     assert process.poll() is None, process.communicate()
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    stderr = child_stderr(process.communicate(timeout=60)[1])
     assert process.returncode == 130, stderr[-2000:]
     assert stderr.strip().splitlines() == ["interrupted: see what the store holds with "
                                            "`python -m models_registry list`"], stderr[-2000:]

@@ -177,7 +177,7 @@ def test_cli_refuses_bad_options_before_connecting_and_stops_on_ctrl_c(live: Ser
     import signal
     import socket
 
-    from harness.servers import default_sigint
+    from harness.servers import child_stderr, default_sigint
 
     garbage = tmp_path / "ca.pem"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
@@ -202,7 +202,7 @@ def test_cli_refuses_bad_options_before_connecting_and_stops_on_ctrl_c(live: Ser
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
         time.sleep(3)  # imported and waiting for the answer (the timeout is 60 s)
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=30)
+        stderr = child_stderr(process.communicate(timeout=30)[1])
     assert process.returncode == 130 and stderr.strip() == "interrupted", stderr[-2000:]
 
 

@@ -275,7 +275,7 @@ def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(production_tag: st
     import signal
     import time
 
-    from harness.servers import default_sigint
+    from harness.servers import child_stderr, default_sigint
 
     process = subprocess.Popen([sys.executable, "-m", "models_registry", "list"], cwd=ROOT, env=server_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
@@ -285,7 +285,7 @@ def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(production_tag: st
             assert process.poll() is None, process.communicate()
             time.sleep(0.005)
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=HANG_S)
+        stderr = child_stderr(process.communicate(timeout=HANG_S)[1])
     finally:
         if process.poll() is None:
             process.kill()
