@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from core import dicom
@@ -140,10 +140,6 @@ def _check_png_crcs(data: bytes) -> None:
 _DAMAGED_JPEG = ("Corrupt JPEG data", "Premature end of JPEG file")
 _HARMLESS_JPEG = re.compile(r"Corrupt JPEG data: [12] extraneous bytes before marker 0xd9")
 _STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RST0-7, SOI: no length field
-# EXIF orientation -> the transposition that makes the image upright (as PIL's ImageOps.exif_transpose).
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
 
 
 def _without_header_junk(data: bytes) -> bytes | None:
@@ -202,7 +198,9 @@ def _decode_jpeg(data: bytes, header: Image.Image, side: int) -> Image.Image | N
         pixels = simplejpeg.decode_jpeg(data, strict=False, **options)
     if pixels.shape[:2] != (options["min_height"], options["min_width"]):
         return None  # not the scale PIL would use: PIL decodes it
-    return Image.fromarray(pixels[:, :, 0] if header.mode == "L" else pixels, mode=header.mode)
+    image = Image.fromarray(pixels[:, :, 0] if header.mode == "L" else pixels, mode=header.mode)
+    image.info.update(header.info)  # its EXIF, for ImageOps.exif_transpose
+    return image
 
 
 def _check_bytes(data: bytes, limits: InputLimits) -> None:
@@ -346,8 +344,8 @@ def prepare(
             image.load()
         else:
             image = decoded
-        if orientation in _UPRIGHT:
-            image = image.transpose(_UPRIGHT[orientation])
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            image = ImageOps.exif_transpose(image)
         coloured = image.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "P") and _looks_coloured(image)
         pixels, preview = _grid(image, config, max(width, height), preview_side)
     except ImageRejected:
