@@ -128,8 +128,10 @@ class Responder:
         self.ui = is_ui(path)
         self.https = https
         self._start: Message | None = None
-        self._text: bytearray | None = None  # a plain-text 4xx being rewritten as JSON
-        self._json: bytearray | None = None  # a JSON 400 whose pydantic heading is replaced by its first reason
+        # A 4xx body held back to be rewritten: plain text becomes a JSON error; a JSON 400 gets its first reason
+        # in place of pydantic's heading (`_summarised`).
+        self._held: bytearray | None = None
+        self._held_json = False
         self.error_body = bytearray()  # the first bytes of a JSON error, for the log's reasons
 
     async def send(self, message: Message) -> None:
@@ -140,58 +142,45 @@ class Responder:
             self._secure(headers)
             message = {**message, "headers": headers.raw}
             content_type = headers.get("content-type", "")
-            if status in (400, 404, 405) and not content_type.startswith("application/json"):
-                self._start, self._text = message, bytearray()
-                return
-            if status == 400:
-                self._start, self._json = message, bytearray()
+            json_body = content_type.startswith("application/json")
+            if status == 400 or (status in (404, 405) and not json_body):
+                self._start, self._held, self._held_json = message, bytearray(), json_body
                 return
             if status >= 400:
                 self.error_body = bytearray()
         elif message["type"] == "http.response.body":
-            if self._text is not None and self._start is not None:
-                self._text.extend(message.get("body", b"")[:4096])
-                if message.get("more_body", False):
-                    return
-                await self._send_json_instead()
-                return
-            if self._json is not None and self._start is not None:
-                self._json.extend(message.get("body", b""))
+            if self._held is not None and self._start is not None:
+                chunk = message.get("body", b"")
+                self._held.extend(chunk if self._held_json else chunk[:4096])  # text: its first 200 characters are used
                 more = bool(message.get("more_body", False))
-                if more and len(self._json) < _MAX_REWRITTEN:
+                if more and (not self._held_json or len(self._held) < _MAX_REWRITTEN):
                     return
-                await self._send_summarised(more)
+                await self._send_held(more)
                 return
             if self.call.status >= 400 and len(self.error_body) < 65536:
                 self.error_body.extend(message.get("body", b""))
         await self._send(message)
 
-    async def _send_json_instead(self) -> None:
-        assert self._start is not None and self._text is not None
-        status = self.call.status
-        reason = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}[status]
-        text = self._text.decode("utf-8", "replace").strip() or reason.replace("_", " ")
-        body = GuardError(status, reason, text[:200], ()).body()
-        self.error_body = bytearray(body)
-        headers = MutableHeaders(raw=list(self._start["headers"]))
-        headers["content-type"] = "application/json"
-        headers["content-length"] = str(len(body))
-        await self._send({**self._start, "headers": headers.raw})
-        await self._send({"type": "http.response.body", "body": body})
-
-    async def _send_summarised(self, more: bool) -> None:
-        """BentoML's 400 for images the validators refused reads "1 validation error for Input": the first reason
-        replaces it (`refusal_summary`, as the gRPC status message and the guard's own refusals read)."""
-        assert self._start is not None and self._json is not None
-        body, start = bytes(self._json), self._start
-        self._json = None
+    async def _send_held(self, more: bool) -> None:
+        """The held 4xx, rewritten: plain text as `GuardError`'s JSON (`bad_request`, `not_found`,
+        `method_not_allowed`); BentoML's JSON 400 for refused images, which reads "1 validation error for Input",
+        with the first reason instead (`refusal_summary`, as the gRPC status message and the guard's own refusals
+        read). A JSON body still coming after `_MAX_REWRITTEN` bytes goes on as it is."""
+        assert self._start is not None and self._held is not None
+        body, headers = bytes(self._held), MutableHeaders(raw=list(self._start["headers"]))
+        self._held = None
         if not more:
-            body = _summarised(body)
-            headers = MutableHeaders(raw=list(start["headers"]))
+            if self._held_json:
+                body = _summarised(body)
+            else:
+                status = self.call.status
+                reason = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}[status]
+                text = body.decode("utf-8", "replace").strip() or reason.replace("_", " ")
+                body = GuardError(status, reason, text[:200], ()).body()
+                headers["content-type"] = "application/json"
             headers["content-length"] = str(len(body))
-            start = {**start, "headers": headers.raw}
         self.error_body = bytearray(body[:65536])
-        await self._send(start)
+        await self._send({**self._start, "headers": headers.raw})
         await self._send({"type": "http.response.body", "body": body, "more_body": more})
 
     def _secure(self, headers: MutableHeaders) -> None:
