@@ -257,14 +257,21 @@ def _int(ds: Any, keyword: str, tag: str, required: bool = True, default: int | 
 
 
 def _code(ds: Any, keyword: str) -> str | None:
-    """A code-string tag, upper-cased and stripped; None when absent or empty."""
+    """A code-string tag, upper-cased and stripped, for the checks (a lower-case 'dx' is read as DX); None when
+    absent or empty."""
+    value = _sent(ds, keyword)
+    return value.upper() if value else None
+
+
+def _sent(ds: Any, keyword: str) -> str | None:
+    """A code-string tag as sent, stripped; None when absent or empty. What a response may show of it is
+    `_shown(_sent(...))`: upper-cased, a value such as 'Jane Doe' became a valid-looking 'JANE DOE'."""
     value = _value(ds, keyword)
     if value is None:
         return None
     if not isinstance(value, str):
         value = "\\".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
-    value = value.strip().upper()
-    return value or None
+    return value.strip() or None
 
 
 def _shown(value: str | None) -> str | None:
@@ -316,9 +323,9 @@ def _describe(ds: Any, syntax: UID) -> tuple[int, int, DicomInfo, str]:
         bits_stored=stored,  # type: ignore[arg-type]
         transfer_syntax=syntax.name if syntax.is_transfer_syntax else shown_uid,
         transfer_syntax_uid=shown_uid,
-        modality=_shown(_code(ds, "Modality")),
-        view_position=_shown(_code(ds, "ViewPosition")),
-        body_part=_shown(_code(ds, "BodyPartExamined")),
+        modality=_shown(_sent(ds, "Modality")),
+        view_position=_shown(_sent(ds, "ViewPosition")),
+        body_part=_shown(_sent(ds, "BodyPartExamined")),
         pixel_spacing_mm=spacing,
         pixel_spacing_source=source,
         sop_instance_uid=_uid(ds, "SOPInstanceUID"),
@@ -348,17 +355,17 @@ def _check_limits(width: int, height: int, max_pixels: int, min_side: int) -> No
 
 def _tag_gate(ds: Any, info: DicomInfo) -> tuple[str, str] | None:
     """(reason, message) when the tags say this is not a single-frame frontal chest radiograph, else None."""
-    modality = info.modality
-    if modality not in MODALITIES:
-        said = f"Modality (0008,0060) is {modality!r}" if modality else "the file has no Modality (0008,0060)"
+    # Checked upper-cased, shown as `info` holds them (as sent, or "(invalid value)")
+    if _code(ds, "Modality") not in MODALITIES:
+        said = f"Modality (0008,0060) is {info.modality!r}" if info.modality else "the file has no Modality (0008,0060)"
         return "dicom_modality", f"{said}; only chest radiographs (CR, DX) are classified"
-    body = info.body_part
+    body = _code(ds, "BodyPartExamined")
     if body is not None and body not in CHEST_BODY_PARTS:
-        return "dicom_body_part", (f"BodyPartExamined (0018,0015) is {body!r}, not the chest; only chest "
+        return "dicom_body_part", (f"BodyPartExamined (0018,0015) is {info.body_part!r}, not the chest; only chest "
                                    "radiographs are classified")
-    view = info.view_position
+    view = _code(ds, "ViewPosition")
     if view is not None and view not in FRONTAL_VIEWS:
-        return "dicom_view", (f"ViewPosition (0018,5101) is {view!r}: only frontal views (PA or AP) are "
+        return "dicom_view", (f"ViewPosition (0018,5101) is {info.view_position!r}: only frontal views (PA or AP) are "
                               "classified, not lateral, oblique or decubitus ones")
     frames = _int(ds, "NumberOfFrames", "(0028,0008)", required=False, default=1)
     if frames is not None and frames > 1:

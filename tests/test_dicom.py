@@ -265,6 +265,27 @@ def test_presentation_lut_shape_and_presentation_intent() -> None:
     assert np.array_equal(raw.pixels, want) and any("FOR PROCESSING" in w for w in raw.warnings)
 
 
+def test_tag_values_are_shown_only_as_sent_code_strings() -> None:
+    """A Modality of 'Jane Doe' was shown upper-cased as 'JANE DOE', a valid-looking code string, in the refusal and
+    in `image.dicom`. Values are checked upper-cased (a lower-case 'dx' is a radiograph) but shown as sent, and only
+    when they are code strings."""
+    a, _ = xrays()
+    s = D.stored_values(a, 12)
+    ds = D.dataset(s.values, bits_stored=12, window=(s.center, s.width))
+    ds.Modality = "Jane Doe"
+    named = prepare(D.to_bytes(ds), CONFIG)
+    assert named.refusal is not None and named.refusal[0] == "dicom_modality", named.refusal
+    assert "'(invalid value)'" in named.refusal[1] and "JANE" not in named.refusal[1].upper()
+    assert named.dicom.modality == "(invalid value)"
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "dx", "chest", "pa"
+    lower = prepare(D.to_bytes(ds), CONFIG)
+    assert lower.refusal is None and np.array_equal(lower.pixels, prepare(png(a), CONFIG).pixels)
+    assert (lower.dicom.modality, lower.dicom.body_part, lower.dicom.view_position) == ("(invalid value)",) * 3
+    ds.Modality, ds.ViewPosition = "DX", "ll"
+    lateral = prepare(D.to_bytes(ds), CONFIG)
+    assert lateral.refusal is not None and lateral.refusal[0] == "dicom_view" and "'(invalid value)'" in lateral.refusal[1]
+
+
 def test_sigmoid_window_and_preamble_left_out() -> None:
     a, _ = xrays()
     s = D.stored_values(a, 16)
