@@ -108,8 +108,10 @@ def test_exif_orientation_is_honoured() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # ... with the tag saying "rotate 90 degrees clockwise to display"
     a = prepare(encode(upright, "PNG"), CONFIG).pixels.astype(int)
-    b = prepare(encode(rotated, "PNG", exif=exif), CONFIG).pixels.astype(int)
+    turned = prepare(encode(rotated, "PNG", exif=exif), CONFIG)
+    b = turned.pixels.astype(int)
     assert np.abs(a - b).mean() < 2.0
+    assert (turned.width, turned.height) == (320, 240)  # the upright size, as the heatmap's (was 240x320)
     assert np.abs(a - prepare(encode(rotated, "PNG"), CONFIG).pixels.astype(int)).mean() > 20
 
 
