@@ -248,6 +248,8 @@ def write_report(out: Path, record: dict[str, Any], tag: str, labels: np.ndarray
         f"Threshold policy: the highest threshold reaching sensitivity {record['target_sensitivity']} on the site data.", "",
         *([f"**Warning:** {record['warning']}", ""] if "warning" in record else []),
         "![reliability and ROC](calibration.png)", "",
-        f"Serve it: `python -m models_registry promote {tag}`; undo with `python -m models_registry rollback`.",
+        ("Not promoted: `python -m models_registry promote` refuses this version because of the warning above "
+         f"(`promote {tag} --force` serves it anyway)." if "warning" in record else
+         f"Serve it: `python -m models_registry promote {tag}`; undo with `python -m models_registry rollback`."),
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -314,6 +314,7 @@ def promote(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
     if record.get("production") == tag:
         return tag
     if not force:
+        _check_site_target(tag)
         _check_not_worse(tag, record)
     if record.get("production"):
         record["history"].append(record["production"])
@@ -321,6 +322,14 @@ def promote(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
     record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(), "promoted": tag})
     _write_record(name, record)
     return tag
+
+
+def _check_site_target(tag: str) -> None:
+    """Refuse a site-calibrated version whose threshold missed its sensitivity target on the site's own data
+    (cross-validated): `calibrate --promote` refused it, and a plain `promote` of it did so without a word."""
+    warning = (read_card(tag).site_calibration or {}).get("warning")
+    if warning:
+        raise RegistryError(f"cannot promote {tag}: {warning}; {_FORCE_HINT.format(tag=tag)}")
 
 
 def _check_not_worse(tag: str, record: dict[str, Any]) -> None:

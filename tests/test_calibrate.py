@@ -167,6 +167,15 @@ def test_a_threshold_that_misses_its_target_is_flagged_and_not_promoted(producti
     assert result.returncode == 1 and "Traceback" not in result.stderr
     warning, error = result.stderr.strip().splitlines()
     assert warning.startswith("warning: ") and "below the target 1.0" in warning
-    assert error.startswith("error: ") and "not promoted" in error
-    assert "**Warning:**" in (tmp_path / "report" / "report.md").read_text()
+    assert error.startswith("error: ") and "not promoted" in error and "below the target 1.0" in error
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "**Warning:**" in report and "Serve it" not in report and "Not promoted" in report
     assert current_production() == production_tag
+    # Promoted by hand later, the version is refused too (plain `promote` served it without a word) ...
+    tag = json.loads((tmp_path / "report" / "calibration.json").read_text())["model"]
+    by_hand = subprocess.run([sys.executable, "-m", "models_registry", "promote", tag], capture_output=True, text=True)
+    assert by_hand.returncode == 1 and "below the target 1.0" in by_hand.stderr, by_hand.stderr
+    assert f"promote {tag} --force" in by_hand.stderr and current_production() == production_tag
+    # ... unless forced, which is how a site that accepts the shortfall serves it.
+    assert promote(tag, force=True) == tag
+    assert rollback() == production_tag
