@@ -213,6 +213,28 @@ def test_a_dicom_file_shows_its_verdict_and_heatmap_and_a_lateral_one_its_refusa
     assert not card.find_element(By.CSS_SELECTOR, ".heatmap").is_displayed()
 
 
+def test_clearing_cancels_the_files_still_waiting(browser, keyed_server: ServerProcess) -> None:
+    """Found by a helper: "Clear the results" emptied the page but every chosen file was still sent, the status
+    line then announced results no longer shown, and the next file waited behind them."""
+    import time
+
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, keyed_server, API_KEY)
+    browser.find_element(By.ID, "clear").click()
+    browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in sample_xrays(3, offset=130)))
+    cards = wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results > li")) == 6 or None)
+    assert cards
+    browser.find_element(By.ID, "clear").click()
+    progress = browser.find_element(By.ID, "progress")
+    cleared = progress.text
+    assert re.fullmatch(r"Cleared; \d X-rays? not yet answered (was|were) cancelled\.", cleared), cleared
+    time.sleep(6)  # six explanations would each have announced their result by now (well under a second each)
+    assert progress.text == cleared and not browser.find_elements(By.CSS_SELECTOR, "#results > li")
+    card = upload(browser, sample_xrays(1, offset=140)[0])  # sent at once, not behind the cleared files
+    assert card.get_attribute("data-state") == "done" and len(browser.find_elements(By.CSS_SELECTOR, "#results > li")) == 1
+
+
 def test_a_missing_or_wrong_api_key_gets_a_message_a_person_can_act_on(browser, keyed_server: ServerProcess) -> None:
     xray = sample_xrays(1, offset=121)[0]
     open_page(browser, keyed_server, None)

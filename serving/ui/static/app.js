@@ -17,6 +17,7 @@
 
   let queue = Promise.resolve();
   let pending = 0;
+  let inFlight = null; // the AbortController of the request being sent, for "Clear the results"
 
   // ------------------------------------------------------------------ API key, kept in this tab only
 
@@ -73,9 +74,15 @@
   // A file dropped beside the zone must not replace the page with the file.
   ["dragover", "drop"].forEach((name) => window.addEventListener(name, (event) => event.preventDefault()));
 
+  // Clearing cancels too: the request in flight is aborted, and a queued file whose card is gone is never sent
+  // (they were sent, and the status line then announced results the page no longer showed).
   $("#clear").addEventListener("click", () => {
+    const cancelled = pending;
     results.replaceChildren();
-    if (!pending) progress.textContent = "No X-rays yet.";
+    if (inFlight) inFlight.abort();
+    progress.textContent = cancelled
+      ? `Cleared; ${cancelled} X-ray${cancelled === 1 ? "" : "s"} not yet answered ${cancelled === 1 ? "was" : "were"} cancelled.`
+      : "No X-rays yet.";
   });
 
   function enqueue(files) {
@@ -110,6 +117,7 @@
   async function explain(file, card) {
     const name = file.name || "unnamed file";
     for (let attempt = 0; ; attempt += 1) {
+      if (!card.isConnected) return; // cleared while it waited
       setState(card, "working", "Sending the image and computing its heatmap…");
       progress.textContent = `Explaining ${name}…`;
       const form = new FormData();
@@ -118,11 +126,16 @@
       const key = apiKey();
       if (key) headers["X-API-Key"] = key;
       let response;
+      const controller = new AbortController();
+      inFlight = controller;
       try {
-        response = await fetch(EXPLAIN_URL, { method: "POST", body: form, headers });
+        response = await fetch(EXPLAIN_URL, { method: "POST", body: form, headers, signal: controller.signal });
       } catch (_) {
+        if (!card.isConnected) return; // aborted by "Clear the results"
         return fail(card, name, "Cannot reach the server. Check that it is running and that this page still "
           + "has a network connection, then choose the file again.");
+      } finally {
+        if (inFlight === controller) inFlight = null;
       }
       let body = null;
       try {
@@ -130,6 +143,7 @@
       } catch (_) {
         body = null;
       }
+      if (!card.isConnected) return;
       const retryAfter = Number.parseInt(response.headers.get("Retry-After") || "", 10);
       if (response.status === 503 && Number.isFinite(retryAfter) && attempt < MAX_BUSY_RETRIES) {
         const seconds = Math.min(Math.max(retryAfter, 1), 30);
