@@ -6,7 +6,8 @@
     ... [--api-key KEY] [--ca-file ca.pem] [--cert client.pem --key client-key.pem]   # a secured service
 
 Every file gets its own result: files beyond the server's images per request go in more requests, and a
-file the server refuses is reported on stderr while the others are still answered.
+file the server refuses, or that cannot be read, is reported on stderr while the others are still answered.
+`explain` removes --out and --grid first, so that an answer without a heatmap never leaves an earlier one there.
 
 --url defaults to http://127.0.0.1:3000 (HTTP) or 127.0.0.1:3001 (gRPC), or to $PNEUMONIA_URL /
 $PNEUMONIA_GRPC_URL when set. Exit status: 0 success, 1 not ready, 2 usage error or unreadable file,
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -133,18 +135,27 @@ def _format_info(info: ModelInfo, api: ClassifierClient) -> str:
     )
 
 
-def _uploads(paths: list[Path], client_ids: list[str] | None) -> list[ImageUpload]:
+class Unreadable(ClientError):
+    """A file the CLI could not read (missing, a folder, no permission, not a regular file): never sent."""
+
+    exit_code = 2
+
+
+def _read(path: Path, client_id: str | None) -> ImageUpload | Unreadable:
+    """The file's upload, or why it cannot be read. Only regular files are opened: a FIFO blocked the run."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            return Unreadable(f"cannot read {path}: {kind}")
+        return ImageUpload(data=path.read_bytes(), filename=path.name, client_id=client_id)
+    except OSError as exc:
+        return Unreadable(f"cannot read {path}: {exc.strerror or exc}")
+
+
+def _uploads(paths: list[Path], client_ids: list[str] | None) -> list[ImageUpload | Unreadable]:
     if client_ids and len(client_ids) != len(paths):
         raise SystemExit(f"error: {len(client_ids)} --client-id for {len(paths)} images; give one per image or none")
-    uploads = []
-    for i, path in enumerate(paths):
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr)
-            raise SystemExit(2) from None
-        uploads.append(ImageUpload(data=data, filename=path.name, client_id=client_ids[i] if client_ids else None))
-    return uploads
+    return [_read(path, client_ids[i] if client_ids else None) for i, path in enumerate(paths)]
 
 
 class NotSent(ClientError):
@@ -195,32 +206,60 @@ def _own_message(text: str) -> str:
 
 
 def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
-    uploads = _uploads(args.images, args.client_id)
-    results = classify_each(api, uploads)
-    failed = [(upload, r) for upload, r in zip(uploads, results) if isinstance(r, ClientError)]
+    """Every file gets an entry, in order; a file that cannot be read is reported and the others still sent."""
+    read = _uploads(args.images, args.client_id)
+    uploads = [u for u in read if isinstance(u, ImageUpload)]
+    answers = iter(classify_each(api, uploads) if uploads else [])
+    results = [next(answers) if isinstance(u, ImageUpload) else u for u in read]
+    names = [path.name for path in args.images]
+    ids = args.client_id or [None] * len(names)
+    failed = [(name, r) for name, r in zip(names, results) if isinstance(r, ClientError)]
     if args.json:
-        print(json.dumps([r.model_dump() if isinstance(r, Prediction) else
-                          {"filename": u.filename, "client_id": u.client_id, "error": _own_message(r.message),
-                           "status": r.status, "reasons": list(r.reasons), "sent": not isinstance(r, NotSent)}
-                          for u, r in zip(uploads, results)], indent=2))
+        print(json.dumps([r.model_dump() if isinstance(r, Prediction) else _error_entry(name, client_id, r)
+                          for name, client_id, r in zip(names, ids, results)], indent=2))
     else:
         answered = [r for r in results if isinstance(r, Prediction)]
         if answered:
             print("\n".join(_format_prediction(p) for p in answered))
             print(f"model {answered[0].model} via {api.transport} {redact(api.url)}")
-    for upload, error in failed:
+    for name, error in failed:
         if isinstance(error, InvalidInput):
-            print(f"error: {upload.filename}: {_own_message(str(error))}", file=sys.stderr)
-    unsent = [upload.filename or "?" for upload, error in failed if isinstance(error, NotSent)]
+            print(f"error: {name}: {_own_message(str(error))}", file=sys.stderr)
+        elif isinstance(error, Unreadable):
+            print(f"error: {error}", file=sys.stderr)
+    unsent = [name for name, error in failed if isinstance(error, NotSent)]
     if unsent:  # one error for the files it left unanswered, not one line each
         error = next(e for _, e in failed if isinstance(e, NotSent))
-        names = ", ".join(unsent[:5]) + (f" and {len(unsent) - 5} more" if len(unsent) > 5 else "")
-        print(f"error: {len(unsent)} file(s) not answered ({names}): {error}", file=sys.stderr)
+        listed = ", ".join(unsent[:5]) + (f" and {len(unsent) - 5} more" if len(unsent) > 5 else "")
+        print(f"error: {len(unsent)} file(s) not answered ({listed}): {error}", file=sys.stderr)
     return max((error.exit_code for _, error in failed), default=0)
 
 
+def _error_entry(name: str, client_id: str | None, error: ClientError) -> dict[str, object]:
+    """A file's `--json` entry when it has no prediction: `status` is "error" (a prediction's is "ok" or
+    "refused"); the server's answer is in `http_status` (a number) or `grpc_status` (a code name)."""
+    status = error.status
+    return {"filename": name, "client_id": client_id, "status": "error", "error": _own_message(error.message),
+            "reasons": list(error.reasons), "http_status": status if isinstance(status, int) else None,
+            "grpc_status": status if isinstance(status, str) else None,
+            "sent": not isinstance(error, (NotSent, Unreadable))}
+
+
 def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
-    explanation = api.explain(_uploads([args.image], None)[0])
+    """--out and --grid are removed before the request: an answer without a heatmap (a refusal, an error) left an
+    earlier image's heatmap there, for a script to attach to this one."""
+    [upload] = _uploads([args.image], None)  # read first: --out may name the image itself
+    for target in (args.out, args.grid):
+        try:
+            if target is not None and (target.exists() or target.is_symlink()):
+                target.unlink()
+        except OSError as exc:
+            print(f"error: cannot replace {target}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    if isinstance(upload, Unreadable):
+        print(f"error: {upload}", file=sys.stderr)
+        return upload.exit_code
+    explanation = api.explain(upload)
     heatmap = explanation.heatmap
     try:
         if heatmap is not None and args.out is not None:
@@ -236,6 +275,8 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
     print(_format_prediction(explanation.prediction))
     if heatmap is None:
         print(f"    {explanation.note}")
+        if args.out or args.grid:
+            print(f"    no heatmap written: {', '.join(str(p) for p in (args.out, args.grid) if p)} removed or absent")
     else:
         written = [f"overlay {args.out} ({heatmap.width}x{heatmap.height} PNG)" if args.out else "",
                    f"grid {args.grid}" if args.grid else ""]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from client import (
     TLS,
@@ -169,6 +170,60 @@ def test_cli_answers_every_file_of_a_large_or_mixed_batch(live: ServerProcess, t
     assert as_json.returncode == 3 and second["reasons"] == ["not_an_image"] and first["filename"] == paths[0].name
     # the second file: its message named it "image 0", its place in the one-file request sent again
     assert second["error"] == "the upload is not a recognised image file", second
+    # `status` was 400 or "INVALID_ARGUMENT" here, and "ok" / "refused" in a prediction of the same list
+    assert first["status"] == "ok" and second["status"] == "error" and second["sent"] is True, second
+    assert (second["http_status"], second["grpc_status"]) == ((None, "INVALID_ARGUMENT") if transport == "grpc"
+                                                              else (400, None)), second
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_cli_reports_files_it_cannot_read_and_answers_the_others(live: ServerProcess, transport: str,
+                                                                 tmp_path: Path) -> None:
+    """Found by a helper: a folder or a broken link among the files (a `*` over a PACS export) stopped the run with
+    no answers at all, and a FIFO blocked it for good. Now each is reported and the readable files are classified."""
+    import os
+
+    flags = ["--grpc"] if transport == "grpc" else []
+    good = sample_xrays(1, offset=61)
+    (tmp_path / "series").mkdir()
+    (tmp_path / "gone.jpeg").symlink_to(tmp_path / "missing.jpeg")
+    os.mkfifo(tmp_path / "pipe.jpeg")
+    names = [str(good[0]), str(tmp_path / "series"), str(tmp_path / "gone.jpeg"), str(tmp_path / "pipe.jpeg"),
+             str(good[1])]
+    done = subprocess.run([sys.executable, "-m", "client", "classify", *names, *flags, "--url", _target(live, transport),
+                           "--json"], cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=60)
+    entries = json.loads(done.stdout)
+    assert done.returncode == 2 and [e["status"] for e in entries] == ["ok", "error", "error", "error", "ok"], entries
+    assert [e["filename"] for e in entries] == [Path(n).name for n in names]
+    assert all(e["sent"] is False and e["http_status"] is None for e in entries[1:4])
+    assert "a folder" in entries[1]["error"] and "No such file" in entries[2]["error"], entries
+    assert "not a regular file" in entries[3]["error"], entries
+    assert len(done.stderr.strip().splitlines()) == 3 and "Traceback" not in done.stderr, done.stderr
+    nothing = _cli("classify", str(tmp_path / "series"), *flags, "--url", _target(live, transport))
+    assert nothing.returncode == 2 and nothing.stderr.strip() == f"error: cannot read {tmp_path / 'series'}: a folder"
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_cli_explain_never_leaves_an_earlier_heatmap_in_place(live: ServerProcess, transport: str,
+                                                              tmp_path: Path) -> None:
+    """Found by a helper: `explain refused.png --out heat.png` exited 0 with the previous image's heatmap still in
+    heat.png (and grid.json), for a script to attach to the refused image."""
+    flags = ["--grpc"] if transport == "grpc" else []
+    out, grid = tmp_path / "heat.png", tmp_path / "grid.json"
+    target = ["--out", str(out), "--grid", str(grid), *flags, "--url", _target(live, transport)]
+    first = _cli("explain", str(sample_xrays(1, offset=62)[0]), *target)
+    assert first.returncode == 0 and out.read_bytes().startswith(b"\x89PNG") and grid.is_file(), first.stderr
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(encode(Image.new("L", (300, 300), 128), "PNG"))
+    refused = _cli("explain", str(blank), *target)
+    assert refused.returncode == 0 and "REFUSED (blank)" in refused.stdout, refused.stdout + refused.stderr
+    assert not out.exists() and not grid.exists() and "no heatmap written" in refused.stdout
+    again = _cli("explain", str(sample_xrays(1, offset=62)[0]), *target)
+    assert again.returncode == 0 and out.is_file(), again.stderr
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    failed = _cli("explain", str(notes), *target)
+    assert failed.returncode == 3 and not out.exists() and not grid.exists(), failed.stderr
 
 
 def test_cli_refuses_bad_options_before_connecting_and_stops_on_ctrl_c(live: ServerProcess, tmp_path: Path) -> None:
