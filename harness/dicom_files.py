@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modality", default="DX")
     parser.add_argument("--view", default="PA")
     args = parser.parse_args(argv)
+    if args.syntax == "jpeg-baseline" and args.bits != 8:  # else a 16-bit header around an 8-bit codestream
+        parser.error("--syntax jpeg-baseline holds 8-bit pixels only: add --bits 8")
     with Image.open(args.image) as image:
         gray = np.asarray(image.convert("L"))
     stored = stored_values(gray, args.bits, monochrome1=args.monochrome1)
