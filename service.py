@@ -48,6 +48,7 @@ from serving.http import HttpGuard
 from serving.http.decoding import PREDECODED
 from serving.http.traffic_metrics import label_by_route
 from serving.lifecycle import (READINESS, StartupError, available_memory_mib, check_grpc_port, follow_http_host,
+                               forget_dead_workers,
                                http_address, load_settings, memory_warning, warm_up_in_background)
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
@@ -251,6 +252,7 @@ class PneumoniaClassifier:
         for batch in (1, SETTINGS.batching.max_batch_size):  # allocate kernels and buffers before traffic
             model.probabilities(np.zeros((batch, size, size), dtype=np.uint8))
         self.model = model
+        forget_dead_workers()  # a replacement for a killed worker: its gauges would count as live forever
         MODEL_INFO.labels(model=MODEL_TAG, arch=CARD.spec.arch, threshold=f"{CARD.threshold:.6f}").set(1)
         # warm_up_in_background marks this worker ready (serving.lifecycle.READINESS) once this returns.
 

@@ -40,8 +40,9 @@ OUTLIER_SCORE = bentoml.metrics.Histogram(
     labelnames=["model"],
     buckets=(-1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0),
 )
-MODEL_INFO = bentoml.metrics.Gauge(
-    name="pneumonia_model_info", documentation="The served model (value 1)", labelnames=["model", "arch", "threshold"]
+MODEL_INFO = bentoml.metrics.Gauge(  # one series per live worker: a dead worker's goes with it
+    name="pneumonia_model_info", documentation="The served model (value 1)", labelnames=["model", "arch", "threshold"],
+    multiprocess_mode="liveall",
 )
 
 

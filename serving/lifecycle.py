@@ -232,6 +232,42 @@ def _hold(family: int, kind: int, proto: int, sockaddr: tuple) -> socket.socket 
     return held
 
 
+def forget_dead_workers(folder: str | None = None) -> list[int]:
+    """Remove the live gauges of worker processes that died without removing them (SIGKILL, the OOM killer);
+    the pids removed. Returns at once outside multiprocess mode.
+
+    prometheus_client removes a process's `livesum` / `liveall` files only when that process calls
+    `mark_process_dead` (BentoML does so in `__del__`): a killed worker's in-flight count stayed in
+    `bentoml_service_request_in_progress`, the autoscaler's signal (docs/deploy.md), until the pod restarted,
+    and its `pneumonia_model_info` series beside its replacement's. The replacement worker calls this at warm-up.
+    Counters and histograms of dead workers stay: they are totals."""
+    folder = folder or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return []
+    pids = set()
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            pids.add(int(pid))
+    from prometheus_client import multiprocess
+
+    for pid in sorted(pids):
+        multiprocess.mark_process_dead(pid, folder)
+    if pids:
+        logger.info("worker %d: removed the live gauges of dead worker(s) %s", os.getpid(), sorted(pids))
+    return sorted(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 class Readiness:
     """Whether this worker process has a loaded, warm model: the one flag /readyz, /health, the HTTP guard and gRPC read."""
 

@@ -79,6 +79,17 @@ def test_sigkilled_worker_is_replaced_and_clients_see_few_failures(spawn: Spawn)
     assert len(worker_pids(server.process.pid)) == 2
     response = httpx.get(server.url + "/readyz", timeout=10)
     assert response.status_code == 200
+    # The killed worker's live gauges are gone (found by a helper: its in-flight count stayed in the autoscaler's
+    # signal until the pod restarted, and the model info counted three workers for two).
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for family in text_string_to_metric_families(httpx.get(server.url + "/metrics", timeout=10).text)
+               for s in family.samples]
+    in_flight = [s.value for s in samples if s.name == "bentoml_service_request_in_progress"
+                 and s.labels.get("endpoint") == "/classify"]
+    assert in_flight and sum(in_flight) == 0, in_flight
+    workers = {s.labels["pid"] for s in samples if s.name == "pneumonia_model_info"}
+    assert workers == {str(pid) for pid in worker_pids(server.process.pid)}, workers
 
 
 # --------------------------------------------------------------------------- SIGTERM under load
