@@ -287,6 +287,9 @@ class GrpcSettings(BaseModel):
         "`--host 127.0.0.1` keeps both ports on this machine")
     port: int = Field(3001, ge=1, le=65535, description="shared by all workers (SO_REUSEPORT)")
     shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get to finish on shutdown")
+    shutdown_quiet_s: float = Field(
+        1.0, ge=0, description="on shutdown, calls are taken until none has started for this long (within the grace): "
+        "grpcio hands a call over only once its request has arrived, and cancels those still arriving when it stops")
     tls: GrpcTlsSettings = GrpcTlsSettings()
 
     @property

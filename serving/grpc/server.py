@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from api.grpc import SERVICE_NAME, pb_grpc
-from serving.grpc.interceptors import build_interceptors
+from serving.grpc.interceptors import CallActivity, build_interceptors
 from serving.grpc.servicer import Classifier, ClassifierServicer
 from settings import ServingSettings
 
@@ -49,6 +50,7 @@ class GrpcEndpoint:
     health: health.aio.HealthServicer
     address: str
     settings: ServingSettings
+    activity: CallActivity
     _watcher: asyncio.Task | None = field(default=None, repr=False)
 
     async def watch_readiness(self, service: Classifier) -> None:
@@ -64,11 +66,19 @@ class GrpcEndpoint:
             await asyncio.sleep(1.0 if status == health_pb2.HealthCheckResponse.SERVING else 0.02)
 
     async def stop(self) -> None:
-        """NOT_SERVING first (load balancers drain), then let in-flight calls finish within the grace period."""
+        """NOT_SERVING first (load balancers drain), then let in-flight calls finish within the grace period:
+        calls are still taken until none has started for `shutdown_quiet_s` and none runs (a call whose request
+        is still arriving is invisible until it has arrived, and grpcio's stop would cancel it)."""
         await self.health.enter_graceful_shutdown()
         if self._watcher is not None:
             self._watcher.cancel()
-        await self.server.stop(self.settings.grpc.shutdown_grace_s)
+        loop, grpc_settings = asyncio.get_running_loop(), self.settings.grpc
+        deadline = loop.time() + grpc_settings.shutdown_grace_s
+        quiet_from = time.monotonic()  # a call that started before the SIGTERM is not a reason to wait
+        while loop.time() < deadline and (self.activity.running or time.monotonic() - max(
+                quiet_from, self.activity.last_started) < grpc_settings.shutdown_quiet_s):
+            await asyncio.sleep(0.02)
+        await self.server.stop(max(0.0, deadline - loop.time()))
         logger.info("gRPC server on %s stopped", self.address)
 
 
@@ -78,8 +88,9 @@ async def start(service: Classifier, settings: ServingSettings) -> GrpcEndpoint:
         ("grpc.max_receive_message_length", settings.max_request_bytes),
         ("grpc.so_reuseport", 1),  # all workers of this server share the port
     ]
+    activity = CallActivity()
     server = grpc.aio.server(
-        interceptors=build_interceptors(settings, SERVICE_NAME),
+        interceptors=[activity, *build_interceptors(settings, SERVICE_NAME)],
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrency,
     )
@@ -108,7 +119,8 @@ async def start(service: Classifier, settings: ServingSettings) -> GrpcEndpoint:
             "or PNEUMONIA_GRPC__ENABLED=false"
         ) from None
     await server.start()
-    endpoint = GrpcEndpoint(server=server, servicer=servicer, health=health_servicer, address=address, settings=settings)
+    endpoint = GrpcEndpoint(server=server, servicer=servicer, health=health_servicer, address=address, settings=settings,
+                            activity=activity)
     endpoint._watcher = asyncio.create_task(endpoint.watch_readiness(service), name="grpc-readiness")
     logger.info("gRPC server listening on %s (%s)", address,
                 "mutual TLS" if tls.pem("client_ca_file") else "TLS" if tls.enabled else "plaintext")
