@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from harness.payloads import PlannedRequest
+from harness.payloads import PlannedRequest, api_key_headers
 from harness.processes import system_busy_s
 
 TRANSPORT_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError)
@@ -103,6 +103,11 @@ class LoadResult:
                        "p95_ms": round(float(np.percentile(ms, 95)), 1)} for kind, ms in sorted(kinds.items())}
 
 
+def _key_lines() -> str:
+    """The API key header of $PNEUMONIA_API_KEY as raw HTTP/1.1 lines ('' without one)."""
+    return "".join(f"{name}: {value}\r\n" for name, value in api_key_headers().items())
+
+
 def encode_requests(plan: list[PlannedRequest], url: str, path: str = "/classify") -> list[tuple[bytes, PlannedRequest]]:
     """Full HTTP/1.1 request bytes for each planned request."""
     host = urlsplit(url).netloc
@@ -110,7 +115,7 @@ def encode_requests(plan: list[PlannedRequest], url: str, path: str = "/classify
     for item in plan:
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {item.content_type}\r\n"
-            f"Content-Length: {len(item.body)}\r\nAccept: application/json\r\n\r\n"
+            f"Content-Length: {len(item.body)}\r\nAccept: application/json\r\n{_key_lines()}\r\n"
         ).encode()
         out.append((head + item.body, item))
     return out
@@ -192,7 +197,7 @@ def encode_request(host: str, image: bytes, path: str = "/classify") -> bytes:
     ).encode() + image + f"\r\n--{boundary}--\r\n".encode()
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\nAccept: application/json\r\n\r\n"
+        f"Content-Length: {len(body)}\r\nAccept: application/json\r\n{_key_lines()}\r\n"
     ).encode()
     return head + body
 

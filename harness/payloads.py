@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import uuid
 from dataclasses import dataclass
@@ -124,6 +125,16 @@ def build_samples(small_per_class: int = 12, full_per_class: int = 4, cache_dir:
         item = SampleImage(entry["name"], data, entry["label"], width, height)
         (full if entry["kind"] == "full" else small).append(item)
     return SampleSet(small=tuple(small), full=tuple(full), folder=folder)
+
+
+API_KEY_ENV = "PNEUMONIA_API_KEY"  # the client CLI's variable
+
+
+def api_key_headers() -> dict[str, str]:
+    """`{"X-API-Key": KEY}` when $PNEUMONIA_API_KEY is set, else `{}`: every load test and benchmark sends it, so
+    that they can load a deployed service (its manifests require keys); without it they got 401 and 429."""
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    return {"X-API-Key": key} if key else {}
 
 
 def encode_multipart(images: list[SampleImage], field: str = "images") -> tuple[bytes, str]:

@@ -29,7 +29,7 @@ grpc_gevent.init_gevent()
 from locust import User, between, constant, task  # noqa: E402
 
 from client import ClientError, GrpcClient, ImageUpload, Prediction  # noqa: E402
-from harness.payloads import MIX_WEIGHTS, MULTI_COUNT, SampleImage, build_samples  # noqa: E402
+from harness.payloads import MIX_WEIGHTS, MULTI_COUNT, SampleImage, api_key_headers, build_samples  # noqa: E402
 
 LABELS = frozenset({"NORMAL", "PNEUMONIA"})
 _WAIT_S = float(os.environ.get("PNEUMONIA_LOADTEST_WAIT_S", "0"))
@@ -56,7 +56,7 @@ class GrpcClassifyUser(User):
         if GrpcClassifyUser._samples is None:
             GrpcClassifyUser._samples = build_samples()
         self.samples = GrpcClassifyUser._samples
-        self.api = GrpcClient(grpc_target(self.host), timeout=self.timeout_s)
+        self.api = GrpcClient(grpc_target(self.host), timeout=self.timeout_s, headers=api_key_headers())
         self._counter = id(self) % 97
 
     def on_stop(self) -> None:

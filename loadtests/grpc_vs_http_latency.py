@@ -21,6 +21,7 @@ from pathlib import Path
 from client import GrpcClient, HttpClient, ImageUpload
 from harness import record
 from harness.paths import DATA_DIR, RESULTS
+from harness.payloads import api_key_headers
 from harness.servers import bentoml_serve, free_port
 
 
@@ -41,7 +42,7 @@ def _wait_grpc_serving(target: str, timeout_s: float = 30.0) -> None:
 
 def measure(url: str, grpc_url: str, image: Path, calls: int, warmup: int = 10) -> dict[str, dict[str, float]]:
     upload = ImageUpload(data=image.read_bytes(), filename=image.name)
-    clients = {"HTTP": HttpClient(url), "gRPC": GrpcClient(grpc_url)}
+    clients = {"HTTP": HttpClient(url, headers=api_key_headers()), "gRPC": GrpcClient(grpc_url, headers=api_key_headers())}
     client_ms: dict[str, list[float]] = {name: [] for name in clients}
     server_ms: dict[str, list[float]] = {name: [] for name in clients}
     labels: dict[str, set[tuple[str, float]]] = {name: set() for name in clients}

@@ -36,7 +36,7 @@ import gevent
 from locust import between, constant, events, task
 from locust.contrib.fasthttp import FastHttpUser
 
-from harness.payloads import MIX_WEIGHTS, MULTI_COUNT, SampleImage, build_samples, encode_multipart
+from harness.payloads import MIX_WEIGHTS, MULTI_COUNT, SampleImage, api_key_headers, build_samples, encode_multipart
 
 SAMPLES = build_samples()
 STATS_JSON_ENV = "PNEUMONIA_LOADTEST_STATS_JSON"
@@ -76,7 +76,8 @@ class ClassifyUser(FastHttpUser):
     def _classify(self, images: list[SampleImage], name: str) -> None:
         body, content_type = encode_multipart(images)
         with self.client.post(
-            "/classify", data=body, headers={"Content-Type": content_type}, name=name, catch_response=True
+            "/classify", data=body, headers={"Content-Type": content_type, **api_key_headers()}, name=name,
+            catch_response=True
         ) as response:
             _check_predictions(response, len(images))
 
@@ -96,7 +97,8 @@ class ClassifyUser(FastHttpUser):
 
     @task(MIX_WEIGHTS["health"])
     def health(self) -> None:
-        with self.client.post("/health", json={}, name="/health", catch_response=True) as response:
+        with self.client.post("/health", json={}, headers=api_key_headers(), name="/health",
+                              catch_response=True) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}")
             elif response.json().get("ready") is not True:
@@ -124,7 +126,7 @@ class ExplainUser(FastHttpUser):
         pool = SAMPLES.full if self._counter % 2 else SAMPLES.small
         body, content_type = encode_multipart([pool[self._counter % len(pool)]], field="image")
         wait = 0.0
-        with self.client.post("/explain", data=body, headers={"Content-Type": content_type},
+        with self.client.post("/explain", data=body, headers={"Content-Type": content_type, **api_key_headers()},
                               name="/explain [explained]", catch_response=True) as response:
             text = response.text or ""
             if response.status_code == 503 and "explain_busy" in text:

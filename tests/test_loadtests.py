@@ -41,6 +41,23 @@ def test_locust_command_writes_reports_with_no_failures(server, tmp_path: Path) 
     assert "<html" in (out / "report.html").read_text()[:2000].lower()
 
 
+def test_locust_loads_a_service_that_requires_api_keys(keyed_server, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a helper: no load test could send a key, so against a deployed service (its manifests require keys)
+    21,914 of 21,924 requests failed with 401 and 429. $PNEUMONIA_API_KEY (the client CLI's variable) is sent."""
+    from tests.conftest import API_KEY
+
+    monkeypatch.setenv("PNEUMONIA_GRPC_URL", keyed_server.grpc_target)
+    argv = ["--url", keyed_server.url, "--users", "2", "--grpc", "--duration", f"{HANG_S:.0f}", "--stop-after", "2"]
+    monkeypatch.setenv("PNEUMONIA_API_KEY", API_KEY)
+    assert run_locust.main([*argv, "--out", str(tmp_path / "keyed")]) == 0
+    summary = json.loads((tmp_path / "keyed" / "summary.json").read_text())
+    rows = {row["name"]: row for row in summary["by_request"]}
+    assert summary["aggregated"]["failures"] == 0 and rows["Classify [single]"]["type"] == "gRPC", rows
+    monkeypatch.delenv("PNEUMONIA_API_KEY")
+    assert run_locust.main([*argv[:-1], "1", "--out", str(tmp_path / "keyless")]) == 1  # 401 for every request
+
+
 def test_locust_explain_users_run_beside_classify_users(server, tmp_path: Path) -> None:
     """The Locust mix of docs/performance.md (explain users beside classify users), short: both answered, no failures;
     a call turned away by the explain slots is its own row, not a failure."""
