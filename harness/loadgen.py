@@ -131,6 +131,8 @@ class Connection:
 
     async def send(self, raw: bytes) -> tuple[int, bytes]:
         """Send one complete request and read its answer: (status, body). Raises TRANSPORT_ERRORS (and closes)."""
+        if self.reader is not None and self.reader.at_eof():  # the server closed it while idle (keep-alive
+            self.close()  # timeout, 5 s): a request on it failed, half of a slow soak's (2 req/s on 32 connections)
         try:
             if self.writer is None:
                 self.reader, self.writer = await asyncio.wait_for(
@@ -202,6 +204,16 @@ def encode_request(host: str, image: bytes, path: str = "/classify") -> bytes:
     return head + body
 
 
+def _well_formed(prediction: object) -> bool:
+    """A verdict with a label, or the validity gate's refusal with a reason: a refused X-ray (one of the payloads
+    is) is an answer, not a failure (it counted as `bad_body`)."""
+    if not isinstance(prediction, dict):
+        return False
+    if prediction.get("status") == "refused":
+        return isinstance(prediction.get("refusal"), dict) and bool(prediction["refusal"].get("reason"))
+    return prediction.get("label") in LABELS
+
+
 def check_answer(status: int, body: bytes, images: int) -> str | None:
     """None when the answer holds one well-formed prediction per image, else what is wrong."""
     if status != 200:
@@ -212,7 +224,7 @@ def check_answer(status: int, body: bytes, images: int) -> str | None:
         return "answer is not JSON"
     if not isinstance(predictions, list) or len(predictions) != images:
         return "wrong number of predictions"
-    if any(not isinstance(p, dict) or p.get("label") not in LABELS for p in predictions):
+    if any(not _well_formed(p) for p in predictions):
         return "malformed prediction"
     return None
 

@@ -663,4 +663,8 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the servers it started are stopped by its finally blocks; no traceback
+        print("interrupted: any server this command started was stopped", file=sys.stderr)
+        sys.exit(130)

@@ -153,4 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the servers it started are stopped by its finally blocks; no traceback
+        print("interrupted: any server this command started was stopped", file=sys.stderr)
+        sys.exit(130)
