@@ -22,7 +22,7 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core import dicom
 from core.dicom import DicomInfo
@@ -82,6 +82,14 @@ class InputLimits(BaseModel):
     max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest accepted file")
     max_pixels: int = Field(50_000_000, gt=0, description="largest width*height (decompression bombs)")
     min_side: int = Field(32, ge=1, description="smallest accepted width or height")
+
+    @model_validator(mode="after")
+    def _some_image_fits(self) -> InputLimits:
+        """Refuse limits no image can meet (PNEUMONIA_LIMITS__MAX_PIXELS=10 started a server that refused all)."""
+        if self.max_pixels < self.min_side**2:
+            raise ValueError(f"max_pixels {self.max_pixels:,} is below min_side squared ({self.min_side}x{self.min_side} "
+                             f"= {self.min_side**2:,}): no image could be accepted")
+        return self
 
 
 class ImageRejected(ValueError):

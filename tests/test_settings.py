@@ -199,3 +199,12 @@ def test_an_unset_or_empty_grpc_host_follows_the_http_host(value: str | None, mo
     explicit = GrpcSettings(host="0.0.0.0")
     follow_http_host(explicit, "127.0.0.1")
     assert explicit.host == "0.0.0.0"
+
+
+def test_limits_no_image_could_meet_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a helper: PNEUMONIA_LIMITS__MAX_PIXELS=10 (below 32x32, the smallest side squared) started a server
+    that refused every image."""
+    message = _settings_error(monkeypatch, PNEUMONIA_LIMITS__MAX_PIXELS="10")
+    assert "max_pixels 10 is below min_side squared (32x32 = 1,024)" in message, message
+    monkeypatch.setenv("PNEUMONIA_LIMITS__MAX_PIXELS", "1024")
+    assert ServingSettings().limits.max_pixels == 1024
