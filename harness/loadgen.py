@@ -30,12 +30,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from harness.payloads import PlannedRequest, api_key_headers
+from harness.payloads import LABELS, PlannedRequest, api_key_headers, well_formed
 from harness.processes import system_busy_s
 
 TRANSPORT_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, IndexError)
 
-LABELS = frozenset({"NORMAL", "PNEUMONIA"})
 BUSY = "busy (503, explain slots taken)"
 BUSY_BACKOFF_S = 1.0
 STAGGER_S = 0.025  # at most this long between two clients' first connections (within the warm-up)
@@ -204,16 +203,6 @@ def encode_request(host: str, image: bytes, path: str = "/classify") -> bytes:
     return head + body
 
 
-def _well_formed(prediction: object) -> bool:
-    """A verdict with a label, or the validity gate's refusal with a reason: a refused X-ray (one of the payloads
-    is) is an answer, not a failure (it counted as `bad_body`)."""
-    if not isinstance(prediction, dict):
-        return False
-    if prediction.get("status") == "refused":
-        return isinstance(prediction.get("refusal"), dict) and bool(prediction["refusal"].get("reason"))
-    return prediction.get("label") in LABELS
-
-
 def check_answer(status: int, body: bytes, images: int) -> str | None:
     """None when the answer holds one well-formed prediction per image, else what is wrong."""
     if status != 200:
@@ -224,7 +213,7 @@ def check_answer(status: int, body: bytes, images: int) -> str | None:
         return "answer is not JSON"
     if not isinstance(predictions, list) or len(predictions) != images:
         return "wrong number of predictions"
-    if any(not _well_formed(p) for p in predictions):
+    if any(not well_formed(p) for p in predictions):
         return "malformed prediction"
     return None
 

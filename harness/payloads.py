@@ -127,6 +127,20 @@ def build_samples(small_per_class: int = 12, full_per_class: int = 4, cache_dir:
     return SampleSet(small=tuple(small), full=tuple(full), folder=folder)
 
 
+LABELS = frozenset({"NORMAL", "PNEUMONIA"})
+
+
+def well_formed(prediction: object) -> bool:
+    """One prediction of an answer (as JSON): a verdict with a label and a probability in [0, 1], or the validity
+    gate's refusal with a reason. A refused X-ray (one of the soak's payloads is) is an answer, not a failure."""
+    if not isinstance(prediction, dict):
+        return False
+    if prediction.get("status") == "refused":
+        return isinstance(prediction.get("refusal"), dict) and bool(prediction["refusal"].get("reason"))
+    probability = prediction.get("probability")
+    return prediction.get("label") in LABELS and isinstance(probability, (int, float)) and 0.0 <= probability <= 1.0
+
+
 API_KEY_ENV = "PNEUMONIA_API_KEY"  # the client CLI's variable
 
 

@@ -36,12 +36,12 @@ import gevent
 from locust import between, constant, events, task
 from locust.contrib.fasthttp import FastHttpUser
 
-from harness.payloads import MIX_WEIGHTS, MULTI_COUNT, SampleImage, api_key_headers, build_samples, encode_multipart
+from harness.payloads import (LABELS, MIX_WEIGHTS, MULTI_COUNT, SampleImage, api_key_headers, build_samples,
+                              encode_multipart, well_formed)
 
 SAMPLES = build_samples()
 STATS_JSON_ENV = "PNEUMONIA_LOADTEST_STATS_JSON"
 PERCENTILES = {"p50_ms": 0.50, "p95_ms": 0.95, "p99_ms": 0.99}
-LABELS = frozenset({"NORMAL", "PNEUMONIA"})
 _WAIT_S = float(os.environ.get("PNEUMONIA_LOADTEST_WAIT_S", "0"))
 EXPLAIN_USERS_ENV = "PNEUMONIA_LOADTEST_EXPLAIN_USERS"
 _EXPLAIN_USERS = int(os.environ.get(EXPLAIN_USERS_ENV, "0") or 0)
@@ -59,7 +59,7 @@ def _check_predictions(response, expected: int) -> None:
         return
     if not isinstance(predictions, list) or len(predictions) != expected:
         response.failure(f"expected {expected} predictions, got {predictions!r:.200}")
-    elif any(p.get("label") not in LABELS or not 0.0 <= p.get("probability", -1) <= 1.0 for p in predictions):
+    elif not all(well_formed(p) for p in predictions):
         response.failure(f"malformed prediction in {predictions!r:.200}")
     else:
         response.success()
