@@ -48,7 +48,7 @@ from serving.http import HttpGuard
 from serving.http.decoding import PREDECODED
 from serving.http.traffic_metrics import label_by_route
 from serving.lifecycle import (READINESS, StartupError, available_memory_mib, check_grpc_port, follow_http_host,
-                               forget_dead_workers,
+                               check_http_port, forget_dead_workers,
                                http_address, load_settings, memory_warning, warm_up_in_background)
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
@@ -273,8 +273,9 @@ class PneumoniaClassifier:
         bound, exits 1 with one line. The port is then held by this process until it exits (only this server's
         workers can bind it), and workers that would not fit in memory get a warning."""
         preflight(MODEL_TAG, SETTINGS.engine)
+        http_host, http_port = http_address()
+        check_http_port(http_host, http_port)
         if SETTINGS.grpc.enabled:
-            http_host, http_port = http_address()
             follow_http_host(SETTINGS.grpc, http_host)
             check_grpc_port(SETTINGS.grpc, http_host, http_port)
         if warning := memory_warning(SETTINGS.worker_count(), available_memory_mib()):

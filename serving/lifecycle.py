@@ -137,6 +137,25 @@ def memory_warning(workers: int, available_mib: float) -> str | None:
 _GRPC_PORT_HELD: dict[tuple[str, int], list[socket.socket]] = {}  # open for the life of the `bentoml serve` process
 
 
+def check_http_port(host: str, port: int) -> None:
+    """Refuse an HTTP port another process listens on with one line: circus found it taken after this hook and
+    `bentoml serve` ended in a 57-line traceback (a helper's find). Probed as the gRPC port is (SO_REUSEADDR: a port
+    with connections in TIME_WAIT is free); not held: BentoML binds it right after this hook."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # BentoML's own message names the host
+    for family, kind, proto, _, sockaddr in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise StartupError(f"cannot serve: the HTTP port {host}:{port} cannot be bound ({exc.strerror}); "
+                                       "choose another with `bentoml serve --port N` (`PORT=N ./dev.sh serve`)") from None
+
+
 def check_grpc_port(grpc: GrpcSettings, http_host: str, http_port: int) -> None:
     """Bind the gRPC host:port once in the `bentoml serve` process before any worker starts, then hold it.
 

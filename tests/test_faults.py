@@ -428,6 +428,18 @@ def test_taken_grpc_port_stops_the_server_with_one_clear_line(production_tag: st
     assert not problems, "\n".join(problems) + "\n" + "\n---\n".join(r.output[-2000:] for r in runs)
 
 
+def test_taken_http_port_stops_the_server_with_one_clear_line(production_tag: str, bentoml_home: Path) -> None:
+    """Found by a helper: an HTTP port another program listens on ended `bentoml serve` in circus's 57-line
+    traceback; now exit 1 with one line naming the port and the way out, before any worker starts."""
+    with _listener() as taken:
+        port = taken.getsockname()[1]
+        run = _serve_until_exit("http_port_taken", bentoml_home, {}, port=port)
+    lines = [line for line in run.output.splitlines() if "cannot serve:" in line]
+    assert run.code == 1 and "Traceback" not in run.output and "startup hook" not in run.output, run.output[-3000:]
+    assert len(lines) == 1 and f"the HTTP port 127.0.0.1:{port} cannot be bound (Address already in use)" in lines[0]
+    assert "--port N" in lines[0], run.output[-3000:]
+
+
 def test_two_servers_started_together_on_one_grpc_port_never_share_it(production_tag: str, tmp_path: Path) -> None:
     """Two `bentoml serve` started at once with the same gRPC port: one exits 1 with the one line, the other
     serves. Both used to pass the port check (their workers bind seconds after it, with SO_REUSEPORT) and then
