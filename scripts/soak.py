@@ -46,9 +46,9 @@ from harness.servers import kill_group, model_store, start_server
 
 
 def soak(host: str, port: int, requests: list[bytes], rate: float, seconds: float, sample_s: float,
-         pid: int | None, connections: int, max_queue: int, timeout_s: float) -> dict:
-    """Open-loop requests at `rate`/s for `seconds`, sampling throughput, latency and server RSS."""
-    samples: list[dict] = []
+         pid: int | None, connections: int, max_queue: int, timeout_s: float, samples: list[dict]) -> dict:
+    """Open-loop requests at `rate`/s for `seconds`, sampling throughput, latency and server RSS into `samples`
+    (the caller's list: an interrupted soak still has them)."""
 
     def on_sample(figures: dict) -> None:
         samples.append({**figures, "rss_mb": round(tree_rss(pid) / MB, 1) if pid else None})
@@ -137,8 +137,16 @@ def main(argv: list[str] | None = None) -> int:
                 rate = capacity * args.fraction
                 report.update(capacity_rps=capacity, capacity_ramp=ramp)
             print(f"soak: {rate:.1f} req/s for {args.minutes} min against {url}", file=sys.stderr)
-            result = soak(host, port, requests, rate, args.minutes * 60, args.sample_s, pid,
-                          args.connections, args.max_queue, args.timeout_s)
+            samples: list[dict] = []
+            try:
+                result = soak(host, port, requests, rate, args.minutes * 60, args.sample_s, pid,
+                              args.connections, args.max_queue, args.timeout_s, samples)
+            except KeyboardInterrupt:  # keep what was measured: the samples so far, marked as interrupted
+                report.update(interrupted=True, target_rate=round(rate, 2), samples=samples,
+                              memory=memory_summary(samples))
+                path = write_json(args.out / f"soak-{stamp}.json", record.finished(report))
+                print(f"interrupted after {len(samples)} samples; JSON: {path}", file=sys.stderr)
+                raise
         finally:
             if server is not None:
                 server.stop()

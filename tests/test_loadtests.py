@@ -133,6 +133,8 @@ def test_a_slow_soak_has_no_failures_and_stops_on_ctrl_c(server, tmp_path: Path)
         process.kill()
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == "interrupted: any server this command started was stopped"
+    [partial] = [path for path in tmp_path.glob("soak-*.json") if json.loads(path.read_text()).get("interrupted")]
+    assert json.loads(partial.read_text())["samples"], "the samples measured before Ctrl-C are kept"
 
 
 def test_benchmark_quick_has_every_row_and_no_failures(production_tag: str, tmp_path: Path) -> None:
