@@ -245,13 +245,28 @@ def _error_entry(name: str, client_id: str | None, error: ClientError) -> dict[s
             "sent": not isinstance(error, (NotSent, Unreadable))}
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (the same path, or links to it); a path that does not exist yet is none."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
 def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
     """--out and --grid are removed before the request: an answer without a heatmap (a refusal, an error) left an
     earlier image's heatmap there, for a script to attach to this one."""
-    [upload] = _uploads([args.image], None)  # read first: --out may name the image itself
-    for target in (args.out, args.grid):
+    targets = [t for t in (args.out, args.grid) if t is not None]
+    for i, target in enumerate(targets):  # removed below: never the X-ray itself, nor one file for both
+        for other, what in ((args.image, "the image"), *((t, "--out") for t in targets[:i])):
+            if _same_file(target, other):
+                print(f"error: {'--grid' if target is args.grid else '--out'} {target} is {what}; "
+                      "write the heatmap elsewhere", file=sys.stderr)
+                return 2
+    [upload] = _uploads([args.image], None)
+    for target in targets:
         try:
-            if target is not None and (target.exists() or target.is_symlink()):
+            if target.exists() or target.is_symlink():
                 target.unlink()
         except OSError as exc:
             print(f"error: cannot replace {target}: {exc.strerror or exc}", file=sys.stderr)

@@ -224,6 +224,14 @@ def test_cli_explain_never_leaves_an_earlier_heatmap_in_place(live: ServerProces
     notes.write_text("not an image")
     failed = _cli("explain", str(notes), *target)
     assert failed.returncode == 3 and not out.exists() and not grid.exists(), failed.stderr
+    # Removing first must never remove the X-ray itself (a review's find: `explain x.jpeg --out x.jpeg` against a
+    # server that was down deleted x.jpeg), nor write both into one file.
+    xray = tmp_path / "x.jpeg"
+    xray.write_bytes(sample_xrays(1, offset=62)[0].read_bytes())
+    for flags_out in (["--out", str(xray)], ["--grid", str(xray)], ["--out", str(out), "--grid", str(out)]):
+        usage = _cli("explain", str(xray), *flags_out, *flags, "--url", _target(live, transport))
+        assert usage.returncode == 2 and "write the heatmap elsewhere" in usage.stderr, usage.stderr
+        assert xray.read_bytes() == sample_xrays(1, offset=62)[0].read_bytes()
 
 
 def test_cli_refuses_bad_options_before_connecting_and_stops_on_ctrl_c(live: ServerProcess, tmp_path: Path) -> None:
