@@ -235,6 +235,39 @@ def test_clearing_cancels_the_files_still_waiting(browser, keyed_server: ServerP
     assert card.get_attribute("data-state") == "done" and len(browser.find_elements(By.CSS_SELECTOR, "#results > li")) == 1
 
 
+def test_clearing_ends_a_wait_before_a_retry_and_counts_each_file_once(browser, keyed_server: ServerProcess) -> None:
+    """Found by a review of the test above's fix: a file waiting out a 503's Retry-After (30 s here) still held the
+    next upload for the whole wait after "Clear the results", and a second Clear counted it again."""
+    import time
+
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, keyed_server, API_KEY)
+    browser.execute_script("""
+      const real = window.fetch;
+      let busy = true;  // the server's first answer: busy, retry after 30 s
+      window.fetch = (url, options) => {
+        if (busy && String(url).endsWith("/explain")) {
+          busy = false;
+          return Promise.resolve(new Response(JSON.stringify({error: "busy"}),
+            {status: 503, headers: {"Retry-After": "30", "Content-Type": "application/json"}}));
+        }
+        return real(url, options);
+      };""")
+    xrays = sample_xrays(1, offset=150)
+    browser.find_element(By.ID, "files").send_keys(str(xrays[0]))
+    wait_for(browser, lambda d: "trying again in 30 s" in d.find_element(By.CSS_SELECTOR, "#results > li .state").text)
+    clear = browser.find_element(By.ID, "clear")
+    clear.click()
+    assert browser.find_element(By.ID, "progress").text == "Cleared; 1 X-ray not yet answered was cancelled."
+    clear.click()
+    assert browser.find_element(By.ID, "progress").text == "No X-rays yet."
+    started = time.monotonic()
+    card = upload(browser, xrays[1])
+    assert card.get_attribute("data-state") == "done"
+    assert time.monotonic() - started < 25, "the new file waited behind the cleared one's 30 s retry"
+
+
 def test_a_missing_or_wrong_api_key_gets_a_message_a_person_can_act_on(browser, keyed_server: ServerProcess) -> None:
     xray = sample_xrays(1, offset=121)[0]
     open_page(browser, keyed_server, None)

@@ -16,8 +16,9 @@
   const template = $("#result-template");
 
   let queue = Promise.resolve();
-  let pending = 0;
-  let inFlight = null; // the AbortController of the request being sent, for "Clear the results"
+  // The files chosen since the page was last cleared: "Clear the results" aborts them all (the request in flight,
+  // a wait before a retry, the files still queued) and starts a new generation.
+  let generation = { controller: new AbortController(), pending: 0 };
 
   // ------------------------------------------------------------------ API key, kept in this tab only
 
@@ -74,23 +75,25 @@
   // A file dropped beside the zone must not replace the page with the file.
   ["dragover", "drop"].forEach((name) => window.addEventListener(name, (event) => event.preventDefault()));
 
-  // Clearing cancels too: the request in flight is aborted, and a queued file whose card is gone is never sent
-  // (they were sent, and the status line then announced results the page no longer showed).
+  // Clearing cancels too (the cleared files were sent, and the status line then announced results the page no
+  // longer showed; a file waiting out a 503 held the next upload for its whole Retry-After).
   $("#clear").addEventListener("click", () => {
-    const cancelled = pending;
+    const cancelled = generation.pending;
+    generation.controller.abort();
+    generation = { controller: new AbortController(), pending: 0 };
     results.replaceChildren();
-    if (inFlight) inFlight.abort();
     progress.textContent = cancelled
       ? `Cleared; ${cancelled} X-ray${cancelled === 1 ? "" : "s"} not yet answered ${cancelled === 1 ? "was" : "were"} cancelled.`
       : "No X-rays yet.";
   });
 
   function enqueue(files) {
+    const current = generation;
     for (const file of files) {
       const card = newCard(file);
-      pending += 1;
-      queue = queue.then(() => explain(file, card)).finally(() => {
-        pending -= 1;
+      current.pending += 1;
+      queue = queue.then(() => explain(file, card, current.controller.signal)).finally(() => {
+        current.pending -= 1;
       });
     }
   }
@@ -112,12 +115,16 @@
     $(".state", card).textContent = text;
   }
 
-  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  // A wait that ends early when the page is cleared.
+  const sleep = (ms, signal) => new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+  });
 
-  async function explain(file, card) {
+  async function explain(file, card, cleared) {
     const name = file.name || "unnamed file";
     for (let attempt = 0; ; attempt += 1) {
-      if (!card.isConnected) return; // cleared while it waited
+      if (cleared.aborted) return; // cleared while it waited
       setState(card, "working", "Sending the image and computing its heatmap…");
       progress.textContent = `Explaining ${name}…`;
       const form = new FormData();
@@ -126,16 +133,12 @@
       const key = apiKey();
       if (key) headers["X-API-Key"] = key;
       let response;
-      const controller = new AbortController();
-      inFlight = controller;
       try {
-        response = await fetch(EXPLAIN_URL, { method: "POST", body: form, headers, signal: controller.signal });
+        response = await fetch(EXPLAIN_URL, { method: "POST", body: form, headers, signal: cleared });
       } catch (_) {
-        if (!card.isConnected) return; // aborted by "Clear the results"
+        if (cleared.aborted) return; // aborted by "Clear the results"
         return fail(card, name, "Cannot reach the server. Check that it is running and that this page still "
           + "has a network connection, then choose the file again.");
-      } finally {
-        if (inFlight === controller) inFlight = null;
       }
       let body = null;
       try {
@@ -143,12 +146,12 @@
       } catch (_) {
         body = null;
       }
-      if (!card.isConnected) return;
+      if (cleared.aborted) return;
       const retryAfter = Number.parseInt(response.headers.get("Retry-After") || "", 10);
       if (response.status === 503 && Number.isFinite(retryAfter) && attempt < MAX_BUSY_RETRIES) {
         const seconds = Math.min(Math.max(retryAfter, 1), 30);
         setState(card, "working", `The server is busy; trying again in ${seconds} s.`);
-        await sleep(seconds * 1000);
+        await sleep(seconds * 1000, cleared);
         continue;
       }
       if (!response.ok || !body || !body.prediction) {
