@@ -85,8 +85,9 @@ def http_address() -> tuple[str, int]:
 
     context = click.get_current_context(silent=True)
     params = context.params if context is not None else {}
+    port = params.get("port")  # 0 is a port: any free one (`or` read it as unset and checked the default)
     return (str(params.get("host") or BentoMLContainer.http.host.get()),
-            int(params.get("port") or BentoMLContainer.http.port.get()))
+            int(port if port is not None else BentoMLContainer.http.port.get()))
 
 
 def follow_http_host(grpc: GrpcSettings, http_host: str) -> None:
@@ -140,7 +141,10 @@ _GRPC_PORT_HELD: dict[tuple[str, int], list[socket.socket]] = {}  # open for the
 def check_http_port(host: str, port: int) -> None:
     """Refuse an HTTP port another process listens on with one line: circus found it taken after this hook and
     `bentoml serve` ended in a 57-line traceback (a helper's find). Probed as the gRPC port is (SO_REUSEADDR: a port
-    with connections in TIME_WAIT is free); not held: BentoML binds it right after this hook."""
+    with connections in TIME_WAIT is free); not held: BentoML binds it right after this hook. Port 0 (any free
+    port) is not probed."""
+    if port == 0:
+        return
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror:
@@ -271,7 +275,10 @@ def forget_dead_workers(folder: str | None = None) -> list[int]:
     from prometheus_client import multiprocess
 
     for pid in sorted(pids):
-        multiprocess.mark_process_dead(pid, folder)
+        try:
+            multiprocess.mark_process_dead(pid, folder)
+        except FileNotFoundError:  # another replacement worker removed them first (both workers were killed)
+            pass
     if pids:
         logger.info("worker %d: removed the live gauges of dead worker(s) %s", os.getpid(), sorted(pids))
     return sorted(pids)

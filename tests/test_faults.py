@@ -440,6 +440,34 @@ def test_taken_http_port_stops_the_server_with_one_clear_line(production_tag: st
     assert "--port N" in lines[0], run.output[-3000:]
 
 
+def test_port_zero_is_a_port_and_dead_workers_gauges_are_removed(tmp_path: Path) -> None:
+    """Review finds: `bentoml serve --port 0` (any free port) was refused when the configured default port was
+    busy (`0 or default`); two replacement workers removing dead workers' gauges at once could crash each other."""
+    import click
+
+    from serving.lifecycle import check_http_port, forget_dead_workers, http_address
+
+    with click.Context(click.Command("serve")) as context:
+        context.params = {"host": "127.0.0.1", "port": 0}
+        assert http_address() == ("127.0.0.1", 0)
+    check_http_port("127.0.0.1", 0)  # not probed
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for pid in (dead.pid, os.getpid()):
+        (tmp_path / f"gauge_livesum_{pid}.db").write_bytes(b"")
+    assert forget_dead_workers(str(tmp_path)) == [dead.pid]
+    assert [p.name for p in tmp_path.iterdir()] == [f"gauge_livesum_{os.getpid()}.db"]
+    import prometheus_client.multiprocess as multiprocess
+
+    (tmp_path / f"gauge_liveall_{dead.pid}.db").write_bytes(b"")
+    real = multiprocess.mark_process_dead
+    try:  # the other replacement worker removed the files between the listing and the removal
+        multiprocess.mark_process_dead = lambda pid, path: (_ for _ in ()).throw(FileNotFoundError(path))
+        assert forget_dead_workers(str(tmp_path)) == [dead.pid]
+    finally:
+        multiprocess.mark_process_dead = real
+
+
 def test_two_servers_started_together_on_one_grpc_port_never_share_it(production_tag: str, tmp_path: Path) -> None:
     """Two `bentoml serve` started at once with the same gRPC port: one exits 1 with the one line, the other
     serves. Both used to pass the port check (their workers bind seconds after it, with SO_REUSEPORT) and then
