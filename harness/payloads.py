@@ -131,14 +131,18 @@ LABELS = frozenset({"NORMAL", "PNEUMONIA"})
 
 
 def well_formed(prediction: object) -> bool:
-    """One prediction of an answer (as JSON): a verdict with a label and a probability in [0, 1], or the validity
-    gate's refusal with a reason. A refused X-ray (one of the soak's payloads is) is an answer, not a failure."""
+    """One prediction of an answer (as JSON): a verdict (`ok`, a label, a probability in [0, 1]), or the validity
+    gate's refusal (`refused`, a reason, no label, no probability). A refused X-ray (one of the soak's payloads is)
+    is an answer, not a failure."""
     if not isinstance(prediction, dict):
         return False
-    if prediction.get("status") == "refused":
-        return isinstance(prediction.get("refusal"), dict) and bool(prediction["refusal"].get("reason"))
     probability = prediction.get("probability")
-    return prediction.get("label") in LABELS and isinstance(probability, (int, float)) and 0.0 <= probability <= 1.0
+    if prediction.get("status") == "refused":
+        refusal = prediction.get("refusal")
+        return (isinstance(refusal, dict) and isinstance(refusal.get("reason"), str) and bool(refusal["reason"])
+                and prediction.get("label") is None and probability is None)
+    return (prediction.get("status") == "ok" and prediction.get("label") in LABELS
+            and isinstance(probability, (int, float)) and not isinstance(probability, bool) and 0.0 <= probability <= 1.0)
 
 
 API_KEY_ENV = "PNEUMONIA_API_KEY"  # the client CLI's variable
