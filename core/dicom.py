@@ -281,6 +281,14 @@ def _shown(value: str | None) -> str | None:
     return value if _CODE_STRING.fullmatch(value) else "(invalid value)"
 
 
+def _shown_tag(ds: Any, keyword: str, accepted: frozenset[str]) -> str | None:
+    """A code-string tag as a response may show it: as sent when it is a code string; upper-cased when only its
+    case is wrong and it is a value the gate accepts (a lower-case 'chest' passed the check and was then shown
+    as '(invalid value)'); else '(invalid value)' (a 'Jane Doe' was shown as 'JANE DOE')."""
+    sent, checked = _sent(ds, keyword), _code(ds, keyword)
+    return checked if checked in accepted and not _CODE_STRING.fullmatch(sent or "") else _shown(sent)
+
+
 def _uid(ds: Any, keyword: str) -> str | None:
     value = _value(ds, keyword)
     value = str(value).strip("\x00 ") if value is not None else ""
@@ -323,9 +331,9 @@ def _describe(ds: Any, syntax: UID) -> tuple[int, int, DicomInfo, str]:
         bits_stored=stored,  # type: ignore[arg-type]
         transfer_syntax=syntax.name if syntax.is_transfer_syntax else shown_uid,
         transfer_syntax_uid=shown_uid,
-        modality=_shown(_sent(ds, "Modality")),
-        view_position=_shown(_sent(ds, "ViewPosition")),
-        body_part=_shown(_sent(ds, "BodyPartExamined")),
+        modality=_shown_tag(ds, "Modality", MODALITIES),
+        view_position=_shown_tag(ds, "ViewPosition", FRONTAL_VIEWS),
+        body_part=_shown_tag(ds, "BodyPartExamined", CHEST_BODY_PARTS),
         pixel_spacing_mm=spacing,
         pixel_spacing_source=source,
         sop_instance_uid=_uid(ds, "SOPInstanceUID"),
