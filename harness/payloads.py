@@ -131,9 +131,9 @@ LABELS = frozenset({"NORMAL", "PNEUMONIA"})
 
 
 def well_formed(prediction: object) -> bool:
-    """One prediction of an answer (as JSON): a verdict (`ok`, a label, a probability in [0, 1]), or the validity
-    gate's refusal (`refused`, a reason, no label, no probability). A refused X-ray (one of the soak's payloads is)
-    is an answer, not a failure."""
+    """One prediction of an answer (as JSON): a verdict (status `ok`, or none from the benchmark's peers; a label; a
+    probability in [0, 1]), or the validity gate's refusal (`refused`, a reason, no label, no probability). A refused
+    X-ray (one of the soak's payloads is) is an answer, not a failure."""
     if not isinstance(prediction, dict):
         return False
     probability = prediction.get("probability")
@@ -141,7 +141,7 @@ def well_formed(prediction: object) -> bool:
         refusal = prediction.get("refusal")
         return (isinstance(refusal, dict) and isinstance(refusal.get("reason"), str) and bool(refusal["reason"])
                 and prediction.get("label") is None and probability is None)
-    return (prediction.get("status") == "ok" and prediction.get("label") in LABELS
+    return (prediction.get("status", "ok") == "ok" and prediction.get("label") in LABELS  # peers send no status
             and isinstance(probability, (int, float)) and not isinstance(probability, bool) and 0.0 <= probability <= 1.0)
 
 
