@@ -149,15 +149,10 @@ def check_http_port(host: str, port: int) -> None:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror:
         return  # BentoML's own message names the host
-    for family, kind, proto, _, sockaddr in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(sockaddr)
-            except OSError as exc:
-                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                    raise StartupError(f"cannot serve: the HTTP port {host}:{port} cannot be bound ({exc.strerror}); "
-                                       "choose another with `bentoml serve --port N` (`PORT=N ./dev.sh serve`)") from None
+    taken = [exc for exc in _probe(addresses)[1] if exc.errno in (errno.EADDRINUSE, errno.EACCES)]
+    if taken:
+        raise StartupError(f"cannot serve: the HTTP port {host}:{port} cannot be bound ({taken[0].strerror}); "
+                           "choose another with `bentoml serve --port N` (`PORT=N ./dev.sh serve`)")
 
 
 def check_grpc_port(grpc: GrpcSettings, http_host: str, http_port: int) -> None:
@@ -223,8 +218,21 @@ def _port_lock(port: int) -> Iterator[None]:
 
 def _probe_and_hold(grpc: GrpcSettings, host: str, addresses: list[tuple]) -> None:
     """Refuse a port that cannot be bound (see `check_grpc_port`), else hold it for the life of this process."""
-    failures: list[OSError] = []
+    bindable, failures = _probe(addresses)
+    taken = [exc for exc in failures if exc.errno in (errno.EADDRINUSE, errno.EACCES)]
+    if taken or (failures and len(failures) == len(addresses)):  # taken, or no address of the host can be bound
+        exc = (taken or failures)[0]
+        ways_out = GRPC_HOST_WAYS_OUT if exc.errno == errno.EADDRNOTAVAIL else GRPC_WAYS_OUT
+        raise StartupError(f"cannot serve: the gRPC port {grpc.address} cannot be bound ({exc.strerror}); {ways_out}")
+    _GRPC_PORT_HELD[(host, grpc.port)] = [held for address in bindable if (held := _hold(*address)) is not None]
+
+
+def _probe(addresses: list[tuple]) -> tuple[list[tuple], list[OSError]]:
+    """Bind each of `getaddrinfo`'s addresses once and let go: the (family, kind, proto, sockaddr) that could be
+    bound, and the errors of those that could not. SO_REUSEADDR (a port with connections in TIME_WAIT is free),
+    not SO_REUSEPORT (a port another process listens on is taken, even one it shares)."""
     bindable: list[tuple] = []
+    failures: list[OSError] = []
     for family, kind, proto, _, sockaddr in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -233,12 +241,7 @@ def _probe_and_hold(grpc: GrpcSettings, host: str, addresses: list[tuple]) -> No
                 bindable.append((family, kind, proto, sockaddr))
             except OSError as exc:
                 failures.append(exc)
-    taken = [exc for exc in failures if exc.errno in (errno.EADDRINUSE, errno.EACCES)]
-    if taken or (failures and len(failures) == len(addresses)):  # taken, or no address of the host can be bound
-        exc = (taken or failures)[0]
-        ways_out = GRPC_HOST_WAYS_OUT if exc.errno == errno.EADDRNOTAVAIL else GRPC_WAYS_OUT
-        raise StartupError(f"cannot serve: the gRPC port {grpc.address} cannot be bound ({exc.strerror}); {ways_out}")
-    _GRPC_PORT_HELD[(host, grpc.port)] = [held for address in bindable if (held := _hold(*address)) is not None]
+    return bindable, failures
 
 
 def _hold(family: int, kind: int, proto: int, sockaddr: tuple) -> socket.socket | None:
