@@ -72,13 +72,12 @@ class GrpcEndpoint:
         await self.health.enter_graceful_shutdown()
         if self._watcher is not None:
             self._watcher.cancel()
-        loop, grpc_settings = asyncio.get_running_loop(), self.settings.grpc
-        deadline = loop.time() + grpc_settings.shutdown_grace_s
-        quiet_from = time.monotonic()  # a call that started before the SIGTERM is not a reason to wait
-        while loop.time() < deadline and (self.activity.running or time.monotonic() - max(
-                quiet_from, self.activity.last_started) < grpc_settings.shutdown_quiet_s):
+        grpc_settings, stopping = self.settings.grpc, time.monotonic()
+        deadline = stopping + grpc_settings.shutdown_grace_s
+        while (now := time.monotonic()) < deadline and (self.activity.running or now - max(
+                stopping, self.activity.last_started) < grpc_settings.shutdown_quiet_s):  # quiet since the stop
             await asyncio.sleep(0.02)
-        await self.server.stop(max(0.0, deadline - loop.time()))
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
         logger.info("gRPC server on %s stopped", self.address)
 
 
