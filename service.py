@@ -252,10 +252,7 @@ class PneumoniaClassifier:
         for batch in (1, SETTINGS.batching.max_batch_size):  # allocate kernels and buffers before traffic
             model.probabilities(np.zeros((batch, size, size), dtype=np.uint8))
         self.model = model
-        try:  # a replacement for a killed worker: its gauges would count as live forever
-            forget_dead_workers()
-        except OSError as exc:  # never a reason for a worker to die: its warm-up failing would end it
-            logger.warning("could not remove dead workers' gauges: %s", exc)
+        forget_dead_workers()  # a replacement for a killed worker: its gauges would count as live forever
         MODEL_INFO.labels(model=MODEL_TAG, arch=CARD.spec.arch, threshold=f"{CARD.threshold:.6f}").set(1)
         # warm_up_in_background marks this worker ready (serving.lifecycle.READINESS) once this returns.
 

@@ -265,7 +265,8 @@ def forget_dead_workers(folder: str | None = None) -> list[int]:
     prometheus_client removes a process's `livesum` / `liveall` files only when that process calls
     `mark_process_dead` (BentoML does so in `__del__`): a killed worker's in-flight count stayed in
     `bentoml_service_request_in_progress`, the autoscaler's signal (docs/deploy.md), until the pod restarted,
-    and its `pneumonia_model_info` series beside its replacement's. The replacement worker calls this at warm-up.
+    and its `pneumonia_model_info` series beside its replacement's. The replacement worker calls this at warm-up,
+    where a failure would end it: a file it cannot remove is a warning, never an exception.
     Counters and histograms of dead workers stay: they are totals."""
     folder = folder or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder:
@@ -282,6 +283,8 @@ def forget_dead_workers(folder: str | None = None) -> list[int]:
             multiprocess.mark_process_dead(pid, folder)
         except FileNotFoundError:  # another replacement worker removed them first (both workers were killed)
             pass
+        except OSError as exc:
+            logger.warning("could not remove the gauges of dead worker %d: %s", pid, exc)
     if pids:
         logger.info("worker %d: removed the live gauges of dead worker(s) %s", os.getpid(), sorted(pids))
     return sorted(pids)

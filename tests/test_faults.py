@@ -440,7 +440,8 @@ def test_taken_http_port_stops_the_server_with_one_clear_line(production_tag: st
     assert "--port N" in lines[0], run.output[-3000:]
 
 
-def test_port_zero_is_a_port_and_dead_workers_gauges_are_removed(tmp_path: Path) -> None:
+def test_port_zero_is_a_port_and_dead_workers_gauges_are_removed(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Review finds: `bentoml serve --port 0` (any free port) was refused when the configured default port was
     busy (`0 or default`); two replacement workers removing dead workers' gauges at once could crash each other."""
     import click
@@ -460,12 +461,10 @@ def test_port_zero_is_a_port_and_dead_workers_gauges_are_removed(tmp_path: Path)
     import prometheus_client.multiprocess as multiprocess
 
     (tmp_path / f"gauge_liveall_{dead.pid}.db").write_bytes(b"")
-    real = multiprocess.mark_process_dead
-    try:  # the other replacement worker removed the files between the listing and the removal
-        multiprocess.mark_process_dead = lambda pid, path: (_ for _ in ()).throw(FileNotFoundError(path))
-        assert forget_dead_workers(str(tmp_path)) == [dead.pid]
-    finally:
-        multiprocess.mark_process_dead = real
+    # the other replacement worker removed the files between the listing and the removal
+    monkeypatch.setattr(multiprocess, "mark_process_dead",
+                        lambda pid, path: (_ for _ in ()).throw(FileNotFoundError(path)))
+    assert forget_dead_workers(str(tmp_path)) == [dead.pid]
 
 
 def test_two_servers_started_together_on_one_grpc_port_never_share_it(production_tag: str, tmp_path: Path) -> None:
