@@ -314,8 +314,9 @@ def promote(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
     if record.get("production") == tag:
         return tag
     if not force:
-        _check_site_target(tag)
-        _check_not_worse(tag, record)
+        card = read_card(tag)
+        _check_site_target(tag, card)
+        _check_not_worse(tag, card, record)
     if record.get("production"):
         record["history"].append(record["production"])
     record["production"] = tag
@@ -324,15 +325,15 @@ def promote(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
     return tag
 
 
-def _check_site_target(tag: str) -> None:
+def _check_site_target(tag: str, card: ModelCard) -> None:
     """Refuse a site-calibrated version whose threshold missed its sensitivity target on the site's own data
     (cross-validated): `calibrate --promote` refused it, and a plain `promote` of it did so without a word."""
-    warning = (read_card(tag).site_calibration or {}).get("warning")
+    warning = (card.site_calibration or {}).get("warning")
     if warning:
         raise RegistryError(f"cannot promote {tag}: {warning}; {_FORCE_HINT.format(tag=tag)}")
 
 
-def _check_not_worse(tag: str, record: dict[str, Any]) -> None:
+def _check_not_worse(tag: str, card: ModelCard, record: dict[str, Any]) -> None:
     """Refuse `tag` when its validation ROC-AUC is more than PROMOTE_MAX_ROC_AUC_DROP below the best of the models
     promoted so far (production and its history, those still stored and readable), so that steps each just inside
     the margin cannot walk production down; or when it has none to compare. A model that cannot be read is no
@@ -349,7 +350,7 @@ def _check_not_worse(tag: str, record: dict[str, Any]) -> None:
     if not references:
         return
     best = max(references, key=references.__getitem__)
-    new = _roc_auc(read_card(tag))
+    new = _roc_auc(card)
     if new is None:
         raise RegistryError(f"cannot promote {tag}: its card has no validation ROC-AUC to compare with {best}'s "
                             f"{references[best]:.4f}; {_FORCE_HINT.format(tag=tag)}")
