@@ -127,7 +127,7 @@ def build_samples(small_per_class: int = 12, full_per_class: int = 4, cache_dir:
     return SampleSet(small=tuple(small), full=tuple(full), folder=folder)
 
 
-LABELS = frozenset({"NORMAL", "PNEUMONIA"})
+LABELS = frozenset(CLASSES)  # the labels a verdict may carry
 
 
 def well_formed(prediction: object) -> bool:
