@@ -15,9 +15,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import psutil
@@ -236,6 +237,17 @@ def child_stderr(text: str) -> str:
     from the child between fork and exec (seen once in four suite runs: an epoll_wait error line ahead of the
     command's own message; the command itself, `python -m models_registry`, never imports grpc)."""
     return "\n".join(line for line in text.splitlines() if not _GRPC_CORE_LINE.fullmatch(line))
+
+
+def exit_with(main: Callable[[], int]) -> NoReturn:
+    """Run a command that starts servers (`main`'s finally blocks stop them) and exit with its status; Ctrl-C
+    ends it with one line and 130, not a traceback (the benchmark, the soak and the memory measurement printed one).
+    """
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: any server this command started was stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 def server_env(**extra: str) -> dict[str, str]:

@@ -65,7 +65,7 @@ from harness.loadgen import encode_requests, run_load, run_mixed
 from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import IMAGE_KINDS, MIX_WEIGHTS, MULTI_COUNT, build_samples, explain_plan, request_plan
 from harness.processes import system_busy_s, tree_cpu_probe, wait_for_quiet
-from harness.servers import ServerProcess, _expected_workers, bentoml_serve, free_port, server_env
+from harness.servers import ServerProcess, _expected_workers, bentoml_serve, exit_with, free_port, server_env
 from settings import usable_cores
 
 SYSTEMS = {
@@ -663,8 +663,4 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the servers it started are stopped by its finally blocks; no traceback
-        print("interrupted: any server this command started was stopped", file=sys.stderr)
-        sys.exit(130)
+    exit_with(main)

@@ -38,7 +38,7 @@ from harness.loadgen import encode_requests, run_load
 from harness.paths import ROOT
 from harness.payloads import PlannedRequest, build_samples, encode_multipart, request_plan
 from harness.processes import MB, WORKER_MODULE
-from harness.servers import kill_group, model_store, start_server
+from harness.servers import exit_with, kill_group, model_store, start_server
 
 DEFAULT_OUT = ROOT / "docs" / "results" / "memory.json"
 HEADROOM = 1.25  # over the high-water mark: heavier images or a longer run than the measured one
@@ -193,8 +193,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the servers it started are stopped by its finally blocks; no traceback
-        print("interrupted: any server this command started was stopped", file=sys.stderr)
-        sys.exit(130)
+    exit_with(main)

@@ -42,7 +42,7 @@ from harness.loadgen import encode_request, measure_capacity, open_loop
 from harness.paths import RESULTS
 from harness.payloads import xray_payloads
 from harness.processes import MB, process_rss, tree_rss
-from harness.servers import kill_group, model_store, start_server
+from harness.servers import exit_with, kill_group, model_store, start_server
 
 
 def soak(host: str, port: int, requests: list[bytes], rate: float, seconds: float, sample_s: float,
@@ -161,8 +161,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the servers it started are stopped by its finally blocks; no traceback
-        print("interrupted: any server this command started was stopped", file=sys.stderr)
-        sys.exit(130)
+    exit_with(main)
