@@ -285,7 +285,8 @@ def _shown_tag(ds: Any, keyword: str, accepted: frozenset[str]) -> str | None:
     """A code-string tag as a response may show it: as sent when it is a code string; upper-cased when only its
     case is wrong and it is a value the gate accepts (a lower-case 'chest' passed the check and was then shown
     as '(invalid value)'); else '(invalid value)' (a 'Jane Doe' was shown as 'JANE DOE')."""
-    sent, checked = _sent(ds, keyword), _code(ds, keyword)
+    sent = _sent(ds, keyword)
+    checked = sent.upper() if sent else None  # `_code`'s value, without reading the tag again
     return checked if checked in accepted and not _CODE_STRING.fullmatch(sent or "") else _shown(sent)
 
 

@@ -198,10 +198,11 @@ def _decode_jpeg(data: bytes, header: Image.Image, side: int) -> Image.Image | N
         if message.startswith("Premature end of JPEG file"):
             raise ImageRejected("corrupt", "the image could not be decoded: the JPEG file ends before its image "
                                            "data does (it was cut short; send the whole file)") from None
-        if message.startswith(_DAMAGED_JPEG) and not _HARMLESS_JPEG.fullmatch(message):
+        harmless = _HARMLESS_JPEG.fullmatch(message) is not None
+        if message.startswith(_DAMAGED_JPEG) and not harmless:
             raise ImageRejected("corrupt", f"the JPEG data is damaged ({message}): part of the picture would be "
                                            "noise; send the file again or export it anew") from None
-        if not _HARMLESS_JPEG.fullmatch(message):
+        if not harmless:
             return None
         pixels = simplejpeg.decode_jpeg(data, strict=False, **options)
     if pixels.shape[:2] != (options["min_height"], options["min_width"]):
