@@ -571,9 +571,9 @@ def test_max_concurrency_refuses_requests_beyond_the_limit(mutual: ServerProcess
 
 def test_batching_latency_bound_answers_503(mutual: ServerProcess, own_pki: Pki) -> None:
     """A call that would wait longer than max_latency_ms (10 ms) behind a running forward pass is shed with 503,
-    over HTTP and gRPC, while other calls are answered (the five-image call too). BentoML first calibrates its
-    batcher on a few dozen calls (none shed), and on a loaded machine one round can shed every call in it, so the
-    rounds go on until each outcome has been seen: a shed on both transports and an answered five-image call."""
+    over HTTP and gRPC, while other calls are answered (the five-image call too). Which call waits depends on
+    arrival order, and on a loaded machine one round can shed every call in it, so the rounds go on until each
+    outcome has been seen: a shed on both transports and an answered five-image call."""
     five = xray_payloads(6, offset=40)[:5]  # the most images one request may carry here (5)
 
     async def round_(http: httpx.AsyncClient, stub: pb_grpc.ClassifierStub) -> tuple[int, int, str]:
