@@ -1,12 +1,17 @@
-"""The shift-stress suite's images do not depend on how many threads make them."""
+"""The shift-stress suite's images: the same with one thread or several, and from the pixels training decodes."""
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from core.preprocess import PreprocessConfig
+import numpy as np
+from PIL import Image
+
+from core.preprocess import PreprocessConfig, load_file
+from harness import dicom_files
 from harness.payloads import sample_xrays
-from training.stress import stressed_logits
+from tests.images import encode
+from training.stress import STRESSES, stressed_grids, stressed_logits
 
 
 def test_stressed_images_are_the_same_with_one_thread_or_several() -> None:
@@ -22,3 +27,28 @@ def test_stressed_images_are_the_same_with_one_thread_or_several() -> None:
     for name in names:
         assert one[name].shape == (6,) and np.array_equal(one[name], several[name]), name
     assert not np.array_equal(one["clean"], one["noise (sigma 8)"])  # the stresses did change the images
+
+
+def test_stresses_start_from_the_pixels_training_decodes_for_every_kind_of_file(tmp_path: Path) -> None:
+    """A 16-bit PNG, a PNG with alpha and a 12-bit DICOM file of a real X-ray: the clean stress gives the grid that
+    training and serving decode (`load_file`), and the other stresses start from that picture. PIL's own
+    `convert("L")` saturated the 16-bit file to white, ignored alpha and could not open the DICOM file, so a
+    data folder of such files got a wrong stress table and threshold, or failed after training."""
+    config = PreprocessConfig()
+    with Image.open(sample_xrays(1, offset=7)[0]) as opened:
+        grey = np.asarray(opened.convert("L"))
+    files = {
+        "16-bit PNG": Image.fromarray(grey.astype(np.uint16) * 257),
+        "PNG with alpha": Image.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 128)]), mode="RGBA"),
+    }
+    for name, image in files.items():
+        (tmp_path / f"{name}.png").write_bytes(encode(image, "PNG"))
+    stored = dicom_files.stored_values(grey, 12)
+    (tmp_path / "12-bit DICOM.dcm").write_bytes(
+        dicom_files.part10(stored.values, bits_stored=12, window=(stored.center, stored.width)))
+    for path in sorted(tmp_path.iterdir()):
+        served = load_file(path, config).pixels
+        assert 40 < served.mean() < 215, (path.name, served.mean())  # a real picture, not saturated
+        assert np.array_equal(stressed_grids([path], STRESSES["clean"], config)[0], served), path.name
+        darker = stressed_grids([path], STRESSES["darker (x0.75)"], config)[0]
+        assert abs(darker.mean() - 0.75 * served.mean()) < 3, (path.name, darker.mean(), served.mean())

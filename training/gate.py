@@ -158,7 +158,7 @@ def measure_catch(gate: ValidityGate, runner: WithFeatures, preprocess: Preproce
     from training.negatives import all_negatives
 
     limits = InputLimits(max_bytes=2**40, max_pixels=2**40, min_side=1)
-    negatives = all_negatives(xray_paths)
+    negatives = all_negatives(xray_paths, preprocess)
     grids = []
     for negative in negatives:
         buffer = io.BytesIO()

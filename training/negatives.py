@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from core.preprocess import PreprocessConfig
+from training.stress import served_grey
+
 
 @dataclass(frozen=True)
 class Negative:
@@ -105,11 +108,10 @@ def synthetic_images(count: int = 6, seed: int = 0) -> Iterator[Negative]:
                        _to_grey(smooth).resize((512, 512), Image.Resampling.BICUBIC))
 
 
-def transformed_xrays(paths: list[Path]) -> Iterator[Negative]:
+def transformed_xrays(paths: list[Path], config: PreprocessConfig) -> Iterator[Negative]:
     """Each X-ray once, transformed in turn: inverted, rotated 90/180/270 degrees, a corner or the centre cropped."""
     for i, path in enumerate(paths):
-        with Image.open(path) as opened:
-            image = opened.convert("L")
+        image = served_grey(path, config)
         w, h = image.size
         kind = i % 6
         if kind == 0:
@@ -125,5 +127,5 @@ def transformed_xrays(paths: list[Path]) -> Iterator[Negative]:
             yield Negative("X-ray centre crop", path.name, image.crop(box).resize((w, h)))
 
 
-def all_negatives(xray_paths: list[Path]) -> list[Negative]:
-    return [*library_images(), *synthetic_images(), *transformed_xrays(xray_paths)]
+def all_negatives(xray_paths: list[Path], config: PreprocessConfig) -> list[Negative]:
+    return [*library_images(), *synthetic_images(), *transformed_xrays(xray_paths, config)]

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from core import dicom
 from core.preprocess import InputLimits, PreprocessConfig, prepare
 from core.cli import bounded
 from training import run_command
@@ -163,15 +164,30 @@ STRESSES: dict[str, Stress] = {
 
 
 
+# No limits on files already in a data folder: the stresses start from the full-size image.
+_UNLIMITED = InputLimits(max_bytes=2**40, max_pixels=2**40, min_side=1)
+
+
+def served_grey(path: Path, config: PreprocessConfig) -> Image.Image:
+    """The file as a full-size 8-bit grey image, the picture a stress starts from.
+
+    8-bit grey and colour files take PIL's own conversion (the stress figures in the docs were measured so);
+    every other kind (16-bit, alpha, palette, DICOM) the shared decoder's, which training and serving use:
+    `convert("L")` saturates a 16-bit PNG to white, ignores alpha and cannot open DICOM.
+    """
+    data = path.read_bytes()
+    if not dicom.is_dicom(data):
+        with Image.open(io.BytesIO(data)) as image:
+            if image.mode in ("L", "RGB"):
+                return image.convert("L")
+    prepared = prepare(data, config, _UNLIMITED, preview_side=2**31)
+    return Image.fromarray(prepared.preview if prepared.preview is not None else prepared.pixels)
+
+
 def stressed_grids(paths: list[Path], stress: Stress, config: PreprocessConfig, seed: int = 0) -> np.ndarray:
     """The model's uint8 input grids (N, H, W) of these files under one stress, through `prepare`."""
     rng = np.random.default_rng(seed)
-    limits = InputLimits(max_bytes=2**40, max_pixels=2**40, min_side=1)
-    grids = []
-    for path in paths:
-        with Image.open(path) as image:
-            grids.append(prepare(stress(image.convert("L"), rng), config, limits).pixels)
-    return np.stack(grids)
+    return np.stack([prepare(stress(served_grey(path, config), rng), config, _UNLIMITED).pixels for path in paths])
 
 
 def stressed_logits(logits_of: Callable[[np.ndarray], np.ndarray], paths: list[Path], config: PreprocessConfig,
