@@ -132,7 +132,8 @@ def few_patients(data_dir: Path, root: Path, per_class: int) -> Path:
 def test_training_refuses_a_run_folder_it_would_overwrite_or_cannot_make(tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """A second run into the same --out replaced config.json at once and the weights at the end (an interrupted re-run
-    left a mix); now it is refused before any image is read, unless --overwrite."""
+    left a mix); now it is refused before any image is read, unless --overwrite, which removes the earlier run's files.
+    Cross-validation and ensembles wrote into a training run's folder without a word."""
     from training.train import cli
 
     out = tmp_path / "run"
@@ -143,9 +144,25 @@ def test_training_refuses_a_run_folder_it_would_overwrite_or_cannot_make(tmp_pat
     (tmp_path / "a-file").write_text("")
     assert cli(["--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "a-file" / "run")]) == 2
     assert "cannot make the run folder" in capsys.readouterr().err
-    # --overwrite gets past the check, to the next problem: the missing data folder
+    # --overwrite gets past the check, to the next problem (the missing data folder), having removed the earlier
+    # run's files (its model tag and gate report were left for `training.export` to mix with the new run); a file
+    # that no run writes stays
+    for name in ("model_tag.txt", "validity.md", "stress.md", "notes.txt"):
+        (out / name).write_text("earlier\n")
     assert cli(["--data-dir", str(tmp_path / "no-data"), "--out", str(out), "--overwrite"]) == 2
     assert "no-data" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # a cross-validation and an ensemble are refused a training run's folder; training a cross-validation's
+    (out / "weights.pt").write_bytes(b"")
+    crossval = run("training.crossval", "--data-dir", str(tmp_path / "no-data"), "--out", str(out))
+    assert crossval.returncode == 2 and "holds a training run" in crossval.stderr, crossval.stderr[-2000:]
+    ensemble = run("training.ensemble", "--models", "a", "b", "--data-dir", str(tmp_path / "no-data"), "--out", str(out))
+    one_clear_line(ensemble, 2, "already holds a run (weights.pt)")
+    folds = tmp_path / "cv"
+    folds.mkdir()
+    (folds / "fold0.json").write_text("{}")
+    assert cli(["--data-dir", str(tmp_path / "no-data"), "--out", str(folds), "--overwrite"]) == 2
+    assert "holds a cross-validation" in capsys.readouterr().err and (folds / "fold0.json").exists()
 
 
 def test_ctrl_c_during_training_ends_with_one_line_and_a_refused_rerun(data_dir: Path, tmp_path: Path) -> None:

@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --fold: {max(args.fold)} is not a fold of --folds {args.folds} (0 to {args.folds - 1})")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {args.out} is a file, not a folder")
+    if (args.out / "weights.pt").exists() or (args.out / "model_tag.txt").exists():
+        parser.error(f"argument --out: {args.out} holds a training run; give a cross-validation its own folder")
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     try:
         samples = first_per_class(scan_split(args.data_dir, args.split), args.max_per_class)

@@ -45,6 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-register", dest="register", action="store_false", help="do not save into the BentoML store")
     p.add_argument("--promote", action="store_true", help="promote the saved ensemble to production")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
     return p
 
 
@@ -86,9 +87,10 @@ def _combine(args: argparse.Namespace) -> int:
     from core.model import ModelSpec, PneumoniaNet
     from models_registry import load_model
     from training.data import fingerprint
-    from training.train import code_version, finish, get_args_parser as train_parser, load_data, preprocess_config
+    from training.train import check_out, code_version, finish, get_args_parser as train_parser, load_data, preprocess_config
 
     started = time.monotonic()
+    check_out(args.out, args.overwrite)
     members = [load_model(ref) for ref in args.models]
     config = _members_agree(members)
     run = train_parser().parse_args(["--data-dir", str(args.data_dir), "--out", str(args.out)])

@@ -299,21 +299,34 @@ def train_model(args: argparse.Namespace, train: LoadedSplit, val: LoadedSplit, 
 
 
 RUN_FILES = ("config.json", "weights.pt", "metrics.json", "model_tag.txt")  # any of them: --out holds a run
+# Everything `main` and `finish` write into a run folder: --overwrite removes them all first, so that no file of
+# the replaced run (its model tag, its gate report) is left for `training.export` to mix with the new one.
+RUN_OUTPUTS = (*RUN_FILES, "stress.md", "validity.md", "metrics.csv", "curves.png", "roc.png", "confusion.png")
 
 
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse a run folder that holds a run (its config would be replaced at once, its weights at the end: an
-    interrupted re-run leaves a mix) or cannot be made, before any image is read."""
+    interrupted re-run leaves a mix) or cannot be made, before any image is read; with `overwrite`, empty it of
+    the earlier run's files (only those)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
     held = [name for name in RUN_FILES if (out / name).exists()]
     if held and not overwrite:
         raise ValueError(f"--out {out} already holds a run ({', '.join(held)}); choose a new folder, "
                          "or pass --overwrite to replace it")
+    if any(out.glob("fold*.json")):
+        raise ValueError(f"--out {out} holds a cross-validation (fold*.json); choose a new folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"--out {out}: cannot make the run folder ({exc.strerror or exc})") from None
     if not os.access(out, os.W_OK):
         raise ValueError(f"--out {out}: the run folder is not writable")
+    for name in RUN_OUTPUTS:
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--out {out}: cannot remove the earlier run's {name} ({exc.strerror or exc})") from None
 
 
 def main(args: argparse.Namespace) -> int:
