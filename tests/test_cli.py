@@ -97,7 +97,12 @@ def test_a_failed_export_leaves_the_previous_one_whole(production_tag: str, tmp_
     ("training.train", ["--ema-decay", "1.5"], "argument --ema-decay: must be in [0, 1), not 1.5"),
     ("training.train", ["--max-per-class", "0"], "argument --max-per-class: must be >= 1, not 0"),
     ("training.train", ["--epochs", "x"], "argument --epochs: 'x' is not an integer"),
+    ("training.train", ["--aug-scale", "0", "1"], "argument --aug-scale: low 0.0 must be above 0"),
+    ("training.train", ["--aug-translate", "nan"], "argument --aug-translate: Input should be a finite number"),
+    ("training.train", ["--seed", "-1"], "argument --seed: must be in [0, 2147483647], not -1"),
+    ("training.train", ["--bn-images", "0"], "argument --bn-images: must be >= 2, not 0"),
     ("training.crossval", ["--folds", "1"], "argument --folds: must be >= 2, not 1"),
+    ("training.crossval", ["--image-size", "7"], "argument --image-size: Input should be greater than or equal to 16"),
     ("training.crossval", ["--folds", "3", "--fold", "5"], "argument --fold: 5 is not a fold of --folds 3"),
     ("training.compare", ["--models", "a", "--target-sensitivity", "1.5"], "must be in (0, 1], not 1.5"),
     ("training.evaluate", ["--batch-size", "-3"], "argument --batch-size: must be >= 1, not -3"),
@@ -115,6 +120,8 @@ def test_out_of_range_options_are_refused_before_any_work(module: str, argv: lis
     with pytest.raises(SystemExit) as exit_:
         if module == "training.crossval":  # --fold against --folds is checked by its main, before the data is read
             command.main([*required, *argv])
+        elif module == "training.train":  # the typed configurations the options make are checked by its cli
+            command.cli([*required, *argv])
         else:
             command.get_args_parser().parse_args([*required, *argv])
     assert exit_.value.code == 2 and words in capsys.readouterr().err
@@ -165,6 +172,18 @@ def test_training_refuses_a_run_folder_it_would_overwrite_or_cannot_make(tmp_pat
     assert "holds a cross-validation" in capsys.readouterr().err and (folds / "fold0.json").exists()
 
 
+def test_a_batch_larger_than_the_training_images_is_refused(data_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """With fewer training images than --batch-size every epoch was zero steps: 'train_loss 0.0000', and an
+    untrained model was saved and registered."""
+    from training.train import cli
+
+    folder, out = few_patients(data_dir, tmp_path / "data", per_class=20), tmp_path / "run"
+    assert cli(["--data-dir", str(folder), "--out", str(out), "--epochs", "1", "--batch-size", "64", "--no-progress",
+                "--no-register", "--no-gate"]) == 2
+    assert "--batch-size 64 is more than the" in capsys.readouterr().err and not (out / "weights.pt").exists()
+
+
 def test_ctrl_c_during_training_ends_with_one_line_and_a_refused_rerun(data_dir: Path, tmp_path: Path) -> None:
     """Ctrl-C printed a KeyboardInterrupt traceback and left a run folder with nothing saying it was unfinished.
     (--patience 500: early stopping would otherwise end the tiny run before the signal on a busy machine.)"""
@@ -193,7 +212,8 @@ def test_scoring_a_model_on_other_data_or_with_too_many_folds_is_refused(product
                                                                          tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """training.stress (and gate, compare, framing_views) scored a model on any folder as if it were its run's
-    held-out patients, and gate saved a model from it; crossval with more folds than patients raised sklearn's error."""
+    held-out patients, and gate saved a model from it; crossval with more folds than patients raised sklearn's error,
+    and with folds too small to cross-fit an operating point an IndexError after training."""
     folder = few_patients(data_dir, tmp_path / "few", per_class=4)
     one_clear_line(run("training.stress", "--model", production_tag, "--data-dir", str(folder)), 2,
                    "is not the data", production_tag)
@@ -202,6 +222,11 @@ def test_scoring_a_model_on_other_data_or_with_too_many_folds_is_refused(product
     assert crossval(["--data-dir", str(folder), "--out", str(tmp_path / "cv"), "--folds", "5"]) == 2
     assert "--folds 5 needs at least 5 patients of each class; the data has 3 in its smaller class" in capsys.readouterr().err
     assert not (tmp_path / "cv").exists()  # refused before anything is written
+    # 3 folds of 3 patients: a held-out fold has one patient of that class, so one half of it has none and no
+    # threshold can be fitted there (an IndexError after the fold's training, before)
+    assert crossval(["--data-dir", str(folder), "--out", str(tmp_path / "cv"), "--folds", "3", "--no-progress"]) == 2
+    assert "too small to fit an operating point" in capsys.readouterr().err
+    assert not list((tmp_path / "cv").glob("fold*.json"))
 
 
 @pytest.mark.parametrize("argv", [[], ["--aug-rotate-deg", "4", "--aug-scale", "0.9", "1.2", "--aug-erase-p", "0"]])

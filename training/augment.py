@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 
 
 class AugmentConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     rotate_deg: float = Field(10.0, ge=0)
     scale: tuple[float, float] = (0.85, 1.15)
@@ -50,8 +50,13 @@ class AugmentConfig(BaseModel):
         for name, value in self:
             if isinstance(value, tuple) and value[0] > value[1]:
                 raise ValueError(f"{name}: low {value[0]} is above high {value[1]}")
-        if self.local_contrast_amount[0] <= -1 or self.local_contrast_scale[0] <= 0:
-            raise ValueError("local_contrast_amount must stay above -1 and local_contrast_scale above 0")
+        if self.local_contrast_amount[0] <= -1:
+            raise ValueError(f"local_contrast_amount: low {self.local_contrast_amount[0]} must be above -1")
+        if self.local_contrast_scale[0] <= 0:
+            raise ValueError(f"local_contrast_scale: low {self.local_contrast_scale[0]} must be above 0")
+        for name in ("scale", "aspect", "gamma"):  # drawn log-uniform
+            if getattr(self, name)[0] <= 0:
+                raise ValueError(f"{name}: low {getattr(self, name)[0]} must be above 0")
         return self
 
 

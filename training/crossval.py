@@ -32,19 +32,29 @@ from core.cli import bounded
 from training import one_line
 from training.data import DataFolderError, LoadedSplit, first_per_class, load_samples, scan_split
 from training.stress import stressed_logits
-from training.train import (choose_operating_point, get_args_parser, preprocess_config, single_process_device,
+from training.train import (check_options, choose_operating_point, get_args_parser, preprocess_config, single_process_device,
                             train_model)
 
 METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy", "ece", "specificity_at_98_sensitivity")
+
+
+def first_half(seed: int, labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Which images belong to the first half of a held-out fold's patients (the halves `cross_fitted` fits on);
+    ValueError when a half has no X-ray of a class, where no threshold can be fitted (a tiny data folder)."""
+    patients = np.unique(groups)
+    half = set(np.random.default_rng(seed).permutation(patients)[: len(patients) // 2])
+    first = np.array([g in half for g in groups])
+    if any(len(set(labels[part].tolist())) < 2 for part in (first, ~first)):
+        raise ValueError("a held-out fold is too small to fit an operating point on each half of its patients "
+                         "(a half has no X-ray of a class): use more images, or fewer --folds")
+    return first
 
 
 def cross_fitted(args: argparse.Namespace, clean: np.ndarray, stressed: dict[str, np.ndarray], labels: np.ndarray,
                  groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per image: the temperature and threshold fitted (with the recipe's policy) on the other half of the
     fold's patients, so no image is scored against an operating point it helped choose."""
-    patients = np.unique(groups)
-    half = set(np.random.default_rng(args.seed).permutation(patients)[: len(patients) // 2])
-    first = np.array([g in half for g in groups])
+    first = first_half(args.seed, labels, groups)
     temperatures, thresholds = np.empty(len(labels)), np.empty(len(labels))
     for fit in (first, ~first):
         temperature = fit_temperature(clean[fit], labels[fit])
@@ -162,8 +172,24 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m training.crossval`: exit 2 with one line on a bad option, data folder or fold, 130 on Ctrl-C."""
     parser = get_parser()
     args = parser.parse_args(argv)
+    check_options(parser, args)
+    try:
+        return _crossval(parser, args, argv)
+    except DataFolderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the folds already done stay in --out; the same command goes on from them", file=sys.stderr)
+        return 130
+
+
+def _crossval(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.fold and max(args.fold) >= args.folds:
         parser.error(f"argument --fold: {max(args.fold)} is not a fold of --folds {args.folds} (0 to {args.folds - 1})")
     if args.out.exists() and not args.out.is_dir():
@@ -171,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.out / "weights.pt").exists() or (args.out / "model_tag.txt").exists():
         parser.error(f"argument --out: {args.out} holds a training run; give a cross-validation its own folder")
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
-    try:
-        samples = first_per_class(scan_split(args.data_dir, args.split), args.max_per_class)
-    except DataFolderError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    samples = first_per_class(scan_split(args.data_dir, args.split), args.max_per_class)
     labels = np.array([s.label for s in samples])
     groups = np.array([s.patient for s in samples])
     fewest = min(len(set(groups[labels == label])) for label in (0, 1))
@@ -197,10 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         result = args.out / f"fold{k}.json"
         if (args.fold and k not in args.fold) or result.exists():
             continue
+        first_half(args.seed, labels[held], groups[held])  # refused now, not after the fold's training
         print(f"fold {k + 1}/{args.folds}: {len(fit)} training images, {len(held)} held out "
               f"({len(set(groups[held]))} patients, none of them in training)", flush=True)
-        train = load_samples([samples[i] for i in fit], preprocess, progress=args.progress, description="decoding train")
-        held_split = load_samples([samples[i] for i in held], preprocess, progress=args.progress, description="decoding held out")
+        train = load_samples([samples[i] for i in fit], preprocess, skip_bad=args.skip_bad_images,
+                             progress=args.progress, description="decoding train")
+        held_split = load_samples([samples[i] for i in held], preprocess, skip_bad=args.skip_bad_images,
+                                  progress=args.progress, description="decoding held out")
         result.write_text(json.dumps(run_fold(args, k, train, held_split), indent=2))
     done = sorted(args.out.glob("fold*.json"))
     if not done:
@@ -218,8 +243,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: the folds already done stay in --out; the same command goes on from them", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(main())

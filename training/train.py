@@ -96,11 +96,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--warmup-fraction", type=bounded(float, 0, 1, high_open=True), default=0.1)
     g.add_argument("--label-smoothing", type=bounded(float, 0, 1, high_open=True), default=0.05)
     g.add_argument("--ema-decay", type=bounded(float, 0, 1, high_open=True), default=0.998, help="decay of the weight average evaluated and saved")
-    g.add_argument("--bn-images", type=bounded(int, 0), default=1024, help="clean training images used to re-estimate BatchNorm statistics before each evaluation")
+    g.add_argument("--bn-images", type=bounded(int, 2), default=1024, help="clean training images used to re-estimate BatchNorm statistics before each evaluation")
     g.add_argument("--patience", type=bounded(int, 1), default=8, help="early stop after this many epochs without a better validation ROC-AUC")
     g.add_argument("--select", choices=["best", "last"], default="best",
                    help="keep the epoch with the best validation ROC-AUC, or the last one (validation then chooses nothing)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=bounded(int, 0, 2**31 - 1), default=0)
     g.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads per process (0: cores / processes)")
     g = p.add_argument_group("calibration")
     g.add_argument("--target-sensitivity", type=bounded(float, 0, 1, low_open=True), default=0.97, help="pneumonia recall the threshold must reach on validation")
@@ -234,6 +234,23 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
     return ModelSpec(arch=args.arch, dropout=args.dropout, tta_hflip=args.tta)
 
 
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate the typed configurations the options make, as argparse validates one option: exit 2 with
+    `argument --aug-scale: ...`, before any image is read (a NaN or a zero in a log-uniform range otherwise failed
+    after the data was loaded, or after an epoch)."""
+    from pydantic import ValidationError
+
+    for build, prefix in ((augment_config, "--aug-"), (preprocess_config, "--"), (model_spec, "--")):
+        try:
+            build(args)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            message = error["msg"].removeprefix("Value error, ")
+            field = str(error["loc"][0]) if error["loc"] else message.split(":")[0]
+            flag = {"tta_hflip": "--no-tta"}.get(field, prefix + field.replace("_", "-"))
+            parser.error(f"argument {flag}: {message.removeprefix(field + ': ')}")
+
+
 def train_model(args: argparse.Namespace, train: LoadedSplit, val: LoadedSplit, *, rank: int = 0, world: int = 1,
                 device: torch.device = torch.device("cpu")) -> tuple[PneumoniaNet, int, list[dict]]:
     """Train from scratch; returns the weight average of the chosen epoch (`--select`), that epoch and the history.
@@ -241,6 +258,9 @@ def train_model(args: argparse.Namespace, train: LoadedSplit, val: LoadedSplit, 
     `val` only reports progress (and, with `--select best`, picks the epoch); cross-validation
     uses `--select last`, so its held-out fold never chooses anything.
     """
+    if len(train.labels) // world < args.batch_size:  # every epoch would be zero steps: an untrained model, saved
+        raise ValueError(f"--batch-size {args.batch_size} is more than the {len(train.labels) // world} training "
+                         "images each process has: no training step would run; lower --batch-size")
     gen = seed_everything(args.seed + rank)
     preprocess, augment = preprocess_config(args), augment_config(args)
     # channels_last doubles CPU training throughput of MobileNetV3 (oneDNN's preferred layout).
@@ -452,6 +472,7 @@ def cli(argv: list[str] | None = None) -> int:
     # Here, not in get_args_parser: crossval and ensemble build on those options and keep their own folders.
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
     args = parser.parse_args(argv)
+    check_options(parser, args)
     from models_registry import RegistryError
 
     try:
