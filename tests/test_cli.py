@@ -172,6 +172,16 @@ def test_training_refuses_a_run_folder_it_would_overwrite_or_cannot_make(tmp_pat
     assert "holds a cross-validation" in capsys.readouterr().err and (folds / "fold0.json").exists()
 
 
+def test_gate_refuses_a_json_folder_before_saving_a_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`training.gate --json DIR` saved the new version, then ended in IsADirectoryError's traceback without
+    printing the version's tag."""
+    from training.gate import main as gate
+
+    with pytest.raises(SystemExit) as exit_:
+        gate(["--data-dir", str(tmp_path / "no-data"), "--json", str(tmp_path)])
+    assert exit_.value.code == 2 and f"argument --json: {tmp_path} is a folder" in capsys.readouterr().err
+
+
 def test_a_batch_larger_than_the_training_images_is_refused(data_dir: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     """With fewer training images than --batch-size every epoch was zero steps: 'train_loss 0.0000', and an
@@ -217,6 +227,14 @@ def test_scoring_a_model_on_other_data_or_with_too_many_folds_is_refused(product
     folder = few_patients(data_dir, tmp_path / "few", per_class=4)
     one_clear_line(run("training.stress", "--model", production_tag, "--data-dir", str(folder)), 2,
                    "is not the data", production_tag)
+    # compare scored every model on the first one's held-out patients, also a model trained on them (another seed)
+    from models_registry import load_model, save_model
+
+    shipped = load_model(production_tag)
+    other_split = save_model(shipped.module, shipped.card.model_copy(update={
+        "training_config": shipped.card.training_config | {"seed": 1}, "validity": None}), name="compare-test-model")
+    one_clear_line(run("training.compare", "--models", production_tag, other_split, "--data-dir", str(data_dir)), 2,
+                   f"{other_split} was trained on", "compare models trained on one split")
     from training.crossval import main as crossval
 
     assert crossval(["--data-dir", str(folder), "--out", str(tmp_path / "cv"), "--folds", "5"]) == 2

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from models_registry import load_model
-    from training.data import held_out_samples
+    from training.data import held_out_samples, run_split
 
     models = [load_model(tag) for tag in args.models]
     # Each model normalises the shared uint8 grids itself (Inference.logits), so only what shapes a grid must agree.
@@ -86,6 +86,13 @@ def _compare(args: argparse.Namespace) -> int:
                          "compare models of one grid size")
     val = held_out_samples(args.data_dir, models[0].card.training_config, models[0].tag,
                            models[0].card.data_fingerprint)
+    held = {s.path for s in val}
+    for model in models[1:]:  # each must have been trained without the images it is scored on
+        trained_on = run_split(args.data_dir, model.card.training_config, model.tag, model.card.data_fingerprint)[0]
+        if seen := held & {s.path for s in trained_on}:
+            raise ValueError(f"{model.tag} was trained on {len(seen)} of the {len(val)} images held out from "
+                             f"{models[0].tag}'s run (another patient split: seed, validation share or data); "
+                             "compare models trained on one split")
     labels = np.array([s.label for s in val])
 
     def every_model(grids: np.ndarray) -> np.ndarray:  # (N, models): each stressed grid is made once for all

@@ -211,33 +211,43 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Re-fit the gate of a stored model on the split it was trained with; save a new version."""
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.json is not None and args.json.is_dir():  # found before the work, not after the new version is saved
+        parser.error(f"argument --json: {args.json} is a folder; give a file name")
     if args.threads:
         torch.set_num_threads(args.threads)
     from models_registry import RegistryError, load_model, promote, save_model
     from training.data import load_splits, run_split
 
+    tag = None
     try:
         model = load_model(args.model)
         train_samples, val_samples = run_split(args.data_dir.resolve(), model.card.training_config, model.tag,
                                                model.card.data_fingerprint)
+        # The split the model was trained on: without the images its run dropped as unreadable, if it dropped any.
         train, val = load_splits([train_samples, val_samples], model.card.preprocess, progress=sys.stderr.isatty(),
+                                 skip_bad=bool(model.card.training_config.get("skip_bad_images")),
                                  descriptions=["decoding train", "decoding validation"])
         fitted = fit_gate(model.module, model.card.preprocess, train, val, max_refusals=args.max_refusals)
         tag = save_model(model.module, model.card.model_copy(update={"validity": fitted.config}), validity=fitted.arrays)
+        print(format_report(fitted.report, fitted.config))
+        print(f"\nsaved {tag} (weights of {model.tag} with this gate)", flush=True)
         if args.promote:
             try:
                 promote(tag)
             except RegistryError as exc:
                 raise RegistryError(f"{tag} was saved, not promoted: {exc}") from None
+            print(f"promoted {tag} to production")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"model": tag, "config": fitted.config.model_dump(mode="json")}, indent=2))
     except (RegistryError, DataFolderError, OSError, ValueError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    print(format_report(fitted.report, fitted.config))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": tag, "config": fitted.config.model_dump(mode="json")}, indent=2))
-    print(f"\nsaved {tag} (weights of {model.tag} with this gate){' and promoted it' if args.promote else ''}")
+    except KeyboardInterrupt:
+        print("interrupted: " + (f"{tag} was saved" if tag else "no new version was saved"), file=sys.stderr)
+        return 130
     return 0
 
 
