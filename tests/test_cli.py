@@ -61,7 +61,9 @@ def test_training_commands_fail_with_one_line(production_tag: str, tmp_path: Pat
     one_clear_line(bad_augment, 2, "hflip")
     reversed_range = run("training.train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
                          "--aug-local-contrast-amount", "1", "-0.5")
-    one_clear_line(reversed_range, 2, "local_contrast_amount: low 1.0 is above high -0.5")
+    one_clear_line(reversed_range, 2, "argument --aug-local-contrast-amount: low 1.0 is above high -0.5")
+    one_clear_line(run("training.crossval", "--data-dir", str(tmp_path), "--out", str(tmp_path / "cv"),
+                       "--aug-scale", "0", "1"), 2, "argument --aug-scale: low 0.0 must be above 0")
     one_clear_line(run("training.evaluate", "--model", "nope", "--data-dir", str(tmp_path)), 2, "not in the store")
     one_clear_line(run("training.export", "--run", "missing-run", cwd=tmp_path), 2, "missing-run")
     one_clear_line(run("training.framing_views", "--model", "nope", "--data-dir", str(tmp_path)), 2, "not in the store")

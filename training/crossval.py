@@ -32,8 +32,8 @@ from core.cli import bounded
 from training import one_line
 from training.data import DataFolderError, LoadedSplit, first_per_class, load_samples, scan_split
 from training.stress import stressed_logits
-from training.train import (check_options, choose_operating_point, get_args_parser, preprocess_config, single_process_device,
-                            train_model)
+from training.train import (check_options, choose_operating_point, get_args_parser, preprocess_config,
+                            single_process_device, train_model)
 
 METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy", "ece", "specificity_at_98_sensitivity")
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m training.crossval`: exit 2 with one line on a bad option, data folder or fold, 130 on Ctrl-C."""
     parser = get_parser()
     args = parser.parse_args(argv)
-    check_options(parser, args)
+    check_options(args)
     try:
         return _crossval(parser, args, argv)
     except DataFolderError as exc:

@@ -234,9 +234,9 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
     return ModelSpec(arch=args.arch, dropout=args.dropout, tta_hflip=args.tta)
 
 
-def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Validate the typed configurations the options make, as argparse validates one option: exit 2 with
-    `argument --aug-scale: ...`, before any image is read (a NaN or a zero in a log-uniform range otherwise failed
+def check_options(args: argparse.Namespace) -> None:
+    """Validate the typed configurations the options make: exit 2 with one line `error: argument --aug-scale: ...`,
+    before any image is read (a NaN or a zero in a log-uniform range otherwise failed
     after the data was loaded, or after an epoch)."""
     from pydantic import ValidationError
 
@@ -248,7 +248,8 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             message = error["msg"].removeprefix("Value error, ")
             field = str(error["loc"][0]) if error["loc"] else message.split(":")[0]
             flag = {"tta_hflip": "--no-tta"}.get(field, prefix + field.replace("_", "-"))
-            parser.error(f"argument {flag}: {message.removeprefix(field + ': ')}")
+            print(f"error: argument {flag}: {message.removeprefix(field + ': ')}", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def train_model(args: argparse.Namespace, train: LoadedSplit, val: LoadedSplit, *, rank: int = 0, world: int = 1,
@@ -472,7 +473,7 @@ def cli(argv: list[str] | None = None) -> int:
     # Here, not in get_args_parser: crossval and ensemble build on those options and keep their own folders.
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
     args = parser.parse_args(argv)
-    check_options(parser, args)
+    check_options(args)
     from models_registry import RegistryError
 
     try:
