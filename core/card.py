@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.model import ModelSpec
 from core.preprocess import PreprocessConfig
@@ -38,3 +38,12 @@ class ModelCard(BaseModel):
     validity: ValidityConfig | None = Field(
         None, description="the input-validity gate (core/validity.py); its arrays are in validity.npz beside the weights"
     )
+
+    @field_validator("class_names")
+    @classmethod
+    def _labels_are_the_trained_ones(cls, names: tuple[str, str]) -> tuple[str, str]:
+        """Output 0 is NORMAL and 1 PNEUMONIA in every model trained here: a card naming them otherwise (swapped, or
+        other labels) would make the service call pneumonia NORMAL, or fail every answer."""
+        if tuple(names) != CLASS_NAMES:
+            raise ValueError(f"class_names must be {list(CLASS_NAMES)} (output 0 and 1 of the network), not {list(names)}")
+        return names

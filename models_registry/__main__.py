@@ -44,7 +44,7 @@ def _table(rows: list[dict]) -> str:
 
     readable = [r for r in rows if "broken" not in r]
     body = [[cell(r.get(c)) for c in cols] for r in readable]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    widths = [max([len(c), *(len(b[i]) for b in body)]) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     broken = [f"{r['tag']}: unreadable, cannot be served ({r['broken']}); remove it with `python -m "
               f"models_registry delete {r['tag']} --force` or import it again" for r in rows if "broken" in r]
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a .bentomodel archive (the model is loaded and checked first)")
     p.add_argument("ref", help=REF_HELP)
     p.add_argument("path", help="archive file or folder")
+    p.add_argument("--force", action="store_true", help="replace a file at PATH that holds something else")
     p = sub.add_parser("import", help="import a .bentomodel archive")
     p.add_argument("path")
     p.add_argument("--promote-if-none", action="store_true", help="promote it when no production model exists")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "delete":
             print(f"deleted {reg.delete_model(args.ref, force=args.force)}")
         elif args.command == "export":
-            print(f"wrote {reg.export_model(args.ref, args.path)}")
+            print(f"wrote {reg.export_model(args.ref, args.path, overwrite=args.force)}")
         elif args.command == "import":
             known = set(reg.store.stored_tags())
             tag = reg.import_model(args.path, promote_if_none=args.promote_if_none)

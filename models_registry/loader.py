@@ -42,7 +42,8 @@ def load_model(ref: str = PRODUCTION, name: str = MODEL_NAME, engine: Engine = "
     if digest != card.weights_sha256:
         raise ModelIntegrityError(
             f"model {tag}: weights file {weights_path} is corrupt "
-            f"(sha256 {digest[:16]}..., expected {card.weights_sha256[:16]}...); re-import or re-train it"
+            f"(sha256 {digest[:16]}..., expected {card.weights_sha256[:16]}...); "
+            f"delete it (python -m models_registry delete {tag} --force) and import its archive again, or re-train it"
         )
     module = build_model(card.spec)
     try:
@@ -63,4 +64,6 @@ def _load_gate(tag: str, card: ModelCard) -> ValidityGate | None:
     try:
         return ValidityGate.from_bytes(card.validity, path.read_bytes())
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelIntegrityError(f"model {tag}: validity gate {path} is unusable ({exc}); re-import or re-fit it") from None
+        raise ModelIntegrityError(f"model {tag}: validity gate {path} is unusable ({exc}); delete it "
+                                 f"(python -m models_registry delete {tag} --force) and import its archive again, or "
+                                 "re-fit its gate (python -m training.gate)") from None

@@ -10,12 +10,15 @@ example the store packed inside a Bento or container image) serves that model.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -79,12 +82,39 @@ def _read_record(name: str) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise RegistryError(f"promotion record {path} is unreadable ({exc}); fix or delete it") from None
     shape_ok = (isinstance(record, dict) and isinstance(record.get("production"), (str, type(None)))
-                and isinstance(record.get("history", []), list) and all(isinstance(t, str) for t in record.get("history", [])))
+                and isinstance(record.get("history", []), list) and all(isinstance(t, str) for t in record.get("history", []))
+                and isinstance(record.get("log", []), list))
     if not shape_ok:
-        raise RegistryError(f"promotion record {path} is unreadable (not an object with 'production': a tag or null "
-                            "and 'history': a list of tags); fix or delete it")
+        raise RegistryError(f"promotion record {path} is unreadable (not an object with 'production': a tag or null, "
+                            "'history': a list of tags and 'log': a list); fix or delete it")
     record.setdefault("history", [])
     return record
+
+
+@contextlib.contextmanager
+def _record_lock(name: str) -> Iterator[None]:
+    """Hold the promotion record of `name` for one read-modify-write: two promotes at once each read the record
+    before the other wrote it, and one promotion was lost from the history `rollback` follows. Not re-entrant."""
+    path = _record_path(name).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _pin_implicit_production(name: str) -> None:
+    """Record the only stored model as production when nothing was promoted, before a second model is stored:
+    the store's single model is served without a record, and a second one would have left no production model."""
+    with _record_lock(name):
+        record = _read_record(name)
+        if record.get("production") is None and len(versions := _versions(name)) == 1:
+            record["production"] = str(versions[0].tag)
+            record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(),
+                                                 "promoted": record["production"], "why": "the only stored model"})
+            _write_record(name, record)
 
 
 def _write_record(name: str, record: dict[str, Any]) -> None:
@@ -130,7 +160,9 @@ def derive_model(source: str, updates: dict[str, Any], name: str = MODEL_NAME) -
     folder = store_path_of(tag)
     payload = (folder / WEIGHTS_FILE).read_bytes()
     if hashlib.sha256(payload).hexdigest() != card.weights_sha256:
-        raise RegistryError(f"model {tag}: weights do not match their sha256; re-import it before deriving from it")
+        raise RegistryError(f"model {tag}: weights do not match their sha256; delete it "
+                            f"(python -m models_registry delete {tag} --force) and import its archive again before "
+                            "deriving from it")
     validity = (folder / VALIDITY_FILE).read_bytes() if card.validity is not None else None
     return _create(name, card, payload, validity, derived_from=tag)
 
@@ -138,6 +170,7 @@ def derive_model(source: str, updates: dict[str, Any], name: str = MODEL_NAME) -
 def _create(name: str, card: ModelCard, payload: bytes, validity: bytes | None, derived_from: str | None = None) -> str:
     """One new version in the BentoML store: weights, optional validity arrays, and the card as metadata."""
     card = card.model_copy(update={"weights_sha256": hashlib.sha256(payload).hexdigest()})
+    _pin_implicit_production(name)
     labels = {"arch": card.spec.arch, "image_size": str(card.preprocess.image_size), "data": card.data_fingerprint[:12]}
     if derived_from:
         labels["derived_from"] = derived_from.split(":")[-1]
@@ -157,20 +190,19 @@ def _versions(name: str) -> list[Any]:
 def _scan(name: str) -> tuple[list[Any], dict[str, str]]:
     """The loadable versions of `name`, oldest first, and the version folders BentoML cannot read, with why
     (one of them must not hide the others)."""
-    from bentoml.exceptions import BentoMLException
-
     models: list[Any] = []
     broken: dict[str, str] = {}
     try:
         models = bentoml.models.list(name)
     except NotFound:
         pass
-    except BentoMLException:  # one unreadable version folder fails BentoML's whole listing: read them one by one
+    except Exception:  # noqa: BLE001 - one unreadable version folder (missing model.yaml, invalid YAML) fails
+        # BentoML's whole listing: read them one by one
         for folder in sorted(p for p in (_model_store_dir() / name).iterdir() if p.is_dir()):
             try:
                 models.append(bentoml.models.get(f"{name}:{folder.name}"))
-            except BentoMLException as exc:
-                broken[f"{name}:{folder.name}"] = " ".join(str(exc).split())
+            except Exception as exc:  # noqa: BLE001 - BentoML's errors and the YAML parser's alike
+                broken[f"{name}:{folder.name}"] = " ".join(str(exc).split()) or type(exc).__name__
     return sorted(models, key=lambda m: m.info.creation_time), broken
 
 
@@ -214,13 +246,12 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
         ref = tag
     if ":" not in ref:
         ref = f"{name}:{ref}"
-    from bentoml.exceptions import BentoMLException
-
     try:
         return str(bentoml.models.get(ref).tag)
     except NotFound:
         raise RegistryError(f"model {ref} is not in the store ({_model_store_dir()})") from None
-    except (ValueError, BentoMLException) as exc:  # BentoML's Tag ('a:b:c', '../x'), or a prefix of several versions
+    except Exception as exc:  # noqa: BLE001 - BentoML's Tag ('a:b:c', '../x'), a prefix of several versions, or a
+        # version folder whose model.yaml is missing or not YAML
         message = " ".join(str(exc).split())
         if (damaged := damaged_folder(ref)) is not None:
             raise DamagedModel(f"model {ref} is damaged and cannot be read ({message}); remove it with "
@@ -256,6 +287,8 @@ def is_stored(tag: str) -> bool:
         bentoml.models.get(tag)
     except NotFound:
         return False
+    except Exception:  # noqa: BLE001 - its folder is there but damaged: stored (resolve_tag says how to mend it)
+        return damaged_folder(tag) is not None
     return True
 
 
@@ -309,19 +342,22 @@ def promote(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
     without a word).
     """
     tag = resolve_tag(ref, name)
-    record = _read_record(name)
     _check_loads(tag, name, "cannot promote")  # also when it is production already: the answer says it loads
-    if record.get("production") == tag:
-        return tag
-    if not force:
-        card = read_card(tag)
-        _check_site_target(tag, card)
-        _check_not_worse(tag, card, record)
-    if record.get("production"):
-        record["history"].append(record["production"])
-    record["production"] = tag
-    record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(), "promoted": tag})
-    _write_record(name, record)
+    with _record_lock(name):
+        record = _read_record(name)
+        if record.get("production") == tag:
+            return tag
+        if not is_stored(tag):
+            raise RegistryError(f"cannot promote {tag}: it was deleted meanwhile")
+        if not force:
+            card = read_card(tag)
+            _check_site_target(tag, card)
+            _check_not_worse(tag, card, record)
+        if record.get("production"):
+            record["history"].append(record["production"])
+        record["production"] = tag
+        record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(), "promoted": tag})
+        _write_record(name, record)
     return tag
 
 
@@ -370,23 +406,26 @@ def _roc_auc(card: ModelCard) -> float | None:
 
 
 def rollback(name: str = MODEL_NAME) -> str:
-    """Re-promote the model that was production before the current one."""
-    record = _read_record(name)
-    while record["history"]:
-        previous = record["history"].pop()
-        if not is_stored(previous):
-            continue  # deleted since; skip to the one before
-        record["production"] = previous
-        record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(), "rolled_back_to": previous})
-        _write_record(name, record)
-        return previous
+    """Re-promote the model that was production before the current one, after loading it as `promote` does: a
+    model damaged since it was production is refused, not served."""
+    with _record_lock(name):
+        record = _read_record(name)
+        while record["history"]:
+            previous = record["history"].pop()
+            if not is_stored(previous) or previous == record.get("production"):
+                continue  # deleted since, or the model already in production: skip to the one before
+            _check_loads(previous, name, "cannot roll back to")
+            record["production"] = previous
+            record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(), "rolled_back_to": previous})
+            _write_record(name, record)
+            return previous
     raise RegistryError("nothing to roll back to: no earlier production model is recorded")
 
 
 def delete_model(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
     """Remove a version from the store (the production one only with `force`); a damaged one with `force`
     (BentoML cannot read it, so cannot delete it either: its folder is removed)."""
-    record = _read_record(name)
+    production = production_tag(name)  # also the only stored model, served without a promotion record
     try:
         tag = resolve_tag(ref, name)
     except DamagedModel as damaged:
@@ -395,41 +434,78 @@ def delete_model(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
         shutil.rmtree(damaged.folder)
         tag = f"{name}:{damaged.folder.name}"
     else:
-        if record.get("production") == tag and not force:
+        if not tag.startswith(f"{name}:"):
+            raise RegistryError(f"cannot delete {tag}: it is not a {name} model")
+        if production == tag and not force:
             raise RegistryError(f"{tag} is the production model; promote another first or pass --force")
-        bentoml.models.delete(tag)
-    if record.get("production") == tag:
-        record["production"] = None
-    record["history"] = [t for t in record["history"] if t != tag]
-    _write_record(name, record)
+        try:
+            bentoml.models.delete(tag)
+        except Exception as exc:  # noqa: BLE001 - BentoML removes the folder, then may fail re-reading the others
+            if damaged_folder(tag) is not None:  # still there: nothing was deleted
+                raise RegistryError(f"could not delete {tag}: {' '.join(str(exc).split())}") from None
+    with _record_lock(name):  # the record never names a deleted model
+        record = _read_record(name)
+        if record.get("production") == tag:
+            record["production"] = None
+        record["history"] = [t for t in record["history"] if t != tag]
+        _write_record(name, record)
     return tag
 
 
-def export_model(ref: str, path: str | Path, name: str = MODEL_NAME) -> Path:
-    """Write a `.bentomodel` archive (the format of `bentoml models export`)."""
+# The archive formats BentoML writes, by file name ending; any other name gets `.bentomodel` (xz-compressed tar)
+# appended, as `bentoml models export` does.
+ARCHIVE_ENDINGS = (".bentomodel", ".gz", ".xz", ".bz2", ".tar", ".zip")
+
+
+def export_model(ref: str, path: str | Path, name: str = MODEL_NAME, overwrite: bool = False) -> Path:
+    """Write a `.bentomodel` archive (the format of `bentoml models export`), or `.zip`/`.tar[.gz|.xz|.bz2]` by
+    the name's ending. An existing file is kept unless it already holds the same files or `overwrite`; the archive
+    is written beside the target and moved into place, so an interrupted export never leaves half an archive."""
     tag = resolve_tag(ref, name)
     _check_loads(tag, name, "cannot export")  # an archive of a model that does not load would fail only on import
     out = Path(path).expanduser().resolve()  # BentoML resolves relative paths against "/"
     if out.is_dir():
         out = out / f"{tag.replace(':', '-')}.bentomodel"
+    elif not out.name.endswith(ARCHIVE_ENDINGS):
+        out = out.with_name(out.name + ".bentomodel")
     if out.is_file() and _archive_matches(out, store_path_of(tag)):
         return out  # the same files: rewriting would only change tar times and compression bytes (churn in git)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(bentoml.models.export_model(tag, str(out)))
+    if out.exists() and not overwrite:
+        raise RegistryError(f"cannot export to {out}: it exists and holds something else (another model's archive?); "
+                            "give another path, or --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as scratch:
+            written = Path(bentoml.models.export_model(tag, str(Path(scratch) / out.name)))
+            os.replace(written, out)
+    except OSError as exc:
+        raise RegistryError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def _archive_files(archive: Path) -> dict[str, bytes]:
+    """The files in a tar (any compression) or zip archive, by normalised path; ValueError when it is neither."""
+    import tarfile
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as packed:
+                return {os.path.normpath(i.filename): packed.read(i) for i in packed.infolist() if not i.is_dir()}
+        with tarfile.open(archive) as tar:
+            return {os.path.normpath(m.name): tar.extractfile(m).read()  # type: ignore[union-attr]
+                    for m in tar.getmembers() if m.isfile()}
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ValueError(f"not a readable archive ({type(exc).__name__}: {exc})") from None
 
 
 def _archive_matches(archive: Path, model_dir: Path) -> bool:
     """Whether `archive` holds exactly the files of the stored model at `model_dir`, byte for byte."""
-    import tarfile
-
     stored = {str(p.relative_to(model_dir)): p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
     try:
-        with tarfile.open(archive) as tar:
-            packed = {os.path.normpath(m.name): tar.extractfile(m).read()  # type: ignore[union-attr]
-                      for m in tar.getmembers() if m.isfile()}
-    except (tarfile.TarError, OSError, EOFError):
+        return _archive_files(archive) == stored
+    except ValueError:
         return False
-    return packed == stored
 
 
 def _check_loads(tag: str, name: str, doing: str) -> None:
@@ -455,12 +531,22 @@ def import_model(path: str | Path, promote_if_none: bool = False, name: str = MO
         raise RegistryError(f"{path} does not exist" if not archive.exists() else f"{path} is not a file")
     from bentoml.exceptions import BentoMLException
 
+    _pin_implicit_production(name)
+    before = _version_folders(name)
     try:
         tag = str(bentoml.models.import_model(str(archive)).tag)
+    except KeyboardInterrupt:  # BentoML removes a half-copied model on errors only: remove it on Ctrl-C too
+        for folder in _version_folders(name) - before:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     except BentoMLException as exc:
         if "already exists" not in str(exc):
             raise RegistryError(f"could not import {path}: {exc}") from None
-        tag = _tag_in_archive(archive)
+        try:
+            tag = _tag_in_archive(archive)
+        except Exception as inner:  # noqa: BLE001 - no model.yaml, not YAML, no name or version
+            raise RegistryError(f"could not import {path}: it is not a .bentomodel archive ({type(inner).__name__}: "
+                                  f"{' '.join(str(inner).split())})") from None
         if not tag.startswith(f"{name}:"):
             raise RegistryError(f"could not import {tag}: it is not a {name} model") from None
         if not _archive_matches(archive, store_path_of(tag)):
@@ -475,18 +561,23 @@ def import_model(path: str | Path, promote_if_none: bool = False, name: str = MO
             bentoml.models.delete(tag)
             raise
     if promote_if_none and _read_record(name).get("production") is None:
-        promote(tag, name)
+        try:
+            promote(tag, name)
+        except RegistryError as exc:
+            raise RegistryError(f"imported {tag}, not promoted: {exc}") from None
     return tag
 
 
-def _tag_in_archive(archive: Path) -> str:
-    import tarfile
+def _version_folders(name: str) -> set[Path]:
+    folder = _model_store_dir() / name
+    return {p for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
 
+
+def _tag_in_archive(archive: Path) -> str:
     import yaml
 
-    with tarfile.open(archive) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith("model.yaml"))
-        info = yaml.safe_load(tar.extractfile(member).read())  # type: ignore[union-attr]
+    files = _archive_files(archive)
+    info = yaml.safe_load(next(data for path, data in files.items() if path.endswith("model.yaml")))
     return f"{info['name']}:{info['version']}"
 
 

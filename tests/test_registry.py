@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,7 +56,7 @@ def test_save_list_promote_load_gives_the_same_outputs_bit_for_bit(two_models) -
     rows = {r["tag"]: r for r in reg.list_models(NAME)}
     assert {first, second} <= set(rows)
     assert rows[first]["roc_auc"] == 0.9 and rows[first]["arch"] == "mobilenet_v3_small"
-    assert reg.production_tag(NAME) is None  # two models, nothing promoted yet
+    assert reg.production_tag(NAME) == first  # the only model when the second was stored: kept in production
     assert reg.promote(first, NAME) == first
     loaded = reg.load_model("production", NAME)
     assert loaded.tag == first and loaded.card.threshold == 0.4 and loaded.card.temperature == 1.5
@@ -95,7 +97,7 @@ def test_export_delete_import_round_trip(two_models, tmp_path: Path) -> None:
 
 def test_export_leaves_an_identical_archive_alone_and_replaces_another(two_models, tmp_path: Path) -> None:
     """Re-exporting the same model keeps the archive's bytes (a committed default_model/ does not churn); an archive
-    of another model at that path is replaced."""
+    of another model at that path is kept unless `overwrite` (it was silently replaced); a zip is read as a zip."""
     (first, _), (second, _) = two_models
     target = tmp_path / "model.bentomodel"
     reg.export_model(first, target, NAME)
@@ -103,13 +105,24 @@ def test_export_leaves_an_identical_archive_alone_and_replaces_another(two_model
     for path in reg.store.store_path_of(first).rglob("*"):  # as in a store that imported the model later: new times
         os.utime(path, (path.stat().st_atime, path.stat().st_mtime - 3600))
     assert reg.export_model(first, target, NAME) == target and target.read_bytes() == kept
-    reg.export_model(second, target, NAME)
+    with pytest.raises(reg.RegistryError, match="it exists and holds something else"):  # silently replaced before
+        reg.export_model(second, target, NAME)
+    assert target.read_bytes() == kept
+    reg.export_model(second, target, NAME, overwrite=True)
     assert target.read_bytes() != kept and reg.store._tag_in_archive(target) == second
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]  # written beside, moved into place
+    zipped = reg.export_model(first, tmp_path / "model.zip", NAME)  # a zip by its name: read back, also on re-import
+    assert zipped.name == "model.zip" and reg.store._tag_in_archive(zipped) == first
+    assert reg.import_model(zipped, name=NAME) == first
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(reg.RegistryError, match="cannot write .*a-file/x.bentomodel"):
+        reg.export_model(first, tmp_path / "a-file" / "x.bentomodel", NAME)
 
 
 def _repacked(archive: Path, out: Path, version: str | None = None, flip_weights: bool = False,
-              model_name: str | None = None) -> Path:
-    """A copy of a .bentomodel archive with another version or model name, or one flipped byte in its weights."""
+              model_name: str | None = None, metadata: dict | None = None) -> Path:
+    """A copy of a .bentomodel archive with another version, model name or card entries, or one flipped byte in its
+    weights."""
     import tarfile
 
     import yaml
@@ -119,6 +132,7 @@ def _repacked(archive: Path, out: Path, version: str | None = None, flip_weights
         tar.extractall(unpacked, filter="data")
     info = yaml.safe_load((unpacked / "model.yaml").read_text())
     info.update({"version": version or info["version"], "name": model_name or info["name"]})
+    info["metadata"].update(metadata or {})
     (unpacked / "model.yaml").write_text(yaml.safe_dump(info))
     if flip_weights:
         data = bytearray((unpacked / "weights.pt").read_bytes())
@@ -146,21 +160,93 @@ def test_import_keeps_only_models_the_service_can_load(two_models, tmp_path: Pat
     with pytest.raises(reg.RegistryError, match=f"another-model:.*: it is not a {NAME} model"):
         reg.import_model(foreign, name=NAME)
     assert reg.store.stored_tags("another-model") == []
+    # a card whose class names are swapped: served, it called every pneumonia X-ray NORMAL
+    swapped = _repacked(archive, tmp_path / "swapped.bentomodel", version="swapped1",
+                        metadata={"class_names": ["PNEUMONIA", "NORMAL"]})
+    with pytest.raises(reg.RegistryError, match="(?s)could not import .*swapped1: .*class_names must be"):
+        reg.import_model(swapped, name=NAME)
     assert reg.store.stored_tags(NAME) == before and reg.load_model(first, NAME).tag == first
+
+
+def test_an_import_interrupted_by_ctrl_c_leaves_no_half_copied_model(two_models, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """BentoML removes a half-copied import on errors only; after Ctrl-C one stayed, listed as an ordinary model,
+    and importing the archive again was refused as 'other files'. Ctrl-C is raised where BentoML has created the
+    version folder and copied its first file."""
+    import bentoml
+
+    (first, _), _ = two_models
+    archive = reg.export_model(first, tmp_path / "first.bentomodel", NAME)
+    renamed = _repacked(archive, tmp_path / "renamed.bentomodel", version="interrupted1")
+    folder = reg.store._model_store_dir() / NAME / "interrupted1"
+
+    def copied_one_file_then_ctrl_c(path: str, *args: object, **kwargs: object) -> None:
+        folder.mkdir(parents=True)
+        (folder / "model.yaml").write_text("name: x\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bentoml.models, "import_model", copied_one_file_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        reg.import_model(renamed, name=NAME)
+    assert not folder.exists()
+
+
+@contextlib.contextmanager
+def _truncated_weights(tag: str) -> Iterator[None]:
+    """The stored weights of `tag` cut in half for the block (a damaged store), restored after it."""
+    weights = Path(reg.store.store_path_of(tag)) / "weights.pt"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    try:
+        yield
+    finally:
+        weights.write_bytes(intact)
+
+
+def test_rollback_refuses_a_model_damaged_since_it_was_production(two_models) -> None:
+    """rollback re-promoted the previous model without loading it: a corrupt one went into production."""
+    (first, _), (second, _) = two_models
+    reg.promote(first, NAME)
+    reg.promote(second, NAME)
+    with _truncated_weights(first):
+        with pytest.raises(reg.RegistryError, match=f"cannot roll back to {first}: .*weights"):
+            reg.rollback(NAME)
+        assert reg.production_tag(NAME) == second
+    assert reg.rollback(NAME) == first
+
+
+def test_the_only_stored_model_stays_production_when_another_is_stored() -> None:
+    """A store with one model and no promotion serves that model (a Bento's store); storing a second one (import,
+    calibrate, a training run) left no production model at all, and `delete` removed the served model without
+    --force."""
+    name = "registry-implicit-model"
+    only = reg.save_model(build_model(ModelSpec()).eval(), _card(0.5), name=name)
+    assert reg.production_tag(name) == only
+    with pytest.raises(reg.RegistryError, match="is the production model"):
+        reg.delete_model(only, name)
+    reg.save_model(build_model(ModelSpec()).eval(), _card(0.6), name=name)
+    assert reg.production_tag(name) == only
+
+
+def test_promotions_at_the_same_time_are_both_recorded() -> None:
+    """Two promotes at once each read the record before the other wrote it: one promotion was lost from the
+    history that rollback follows."""
+    name = "registry-concurrent-model"
+    tags = [reg.save_model(build_model(ModelSpec()).eval(), _card(0.5), name=name) for _ in range(3)]
+    reg.promote(tags[0], name)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda tag: reg.promote(tag, name), tags[1:]))
+    record = reg.store._read_record(name)
+    assert sorted([*record["history"], record["production"]]) == sorted(tags), record
 
 
 def test_promote_refuses_a_model_that_does_not_load(two_models) -> None:
     (first, _), (second, _) = two_models
     reg.promote(first, NAME)
-    weights = Path(reg.store.store_path_of(second)) / "weights.pt"
-    intact = weights.read_bytes()
-    weights.write_bytes(intact[: len(intact) // 2])
-    try:
+    with _truncated_weights(second):
         with pytest.raises(reg.RegistryError, match=f"cannot promote {second}: .*weights"):
             reg.promote(second, NAME)
         assert reg.production_tag(NAME) == first
-    finally:
-        weights.write_bytes(intact)
 
 
 def test_promote_refuses_a_clearly_worse_model_without_force(two_models) -> None:
@@ -347,10 +433,14 @@ def test_a_damaged_version_is_named_and_spares_the_rest(production_tag: str, tmp
     stored = home / "models" / tag.replace(":", "/")
     shutil.copytree(stored, stored.with_name("damagedcopy"))
     (stored.with_name("damagedcopy") / "model.yaml").unlink()
+    shutil.copytree(stored, stored.with_name("notyaml"))  # a model.yaml that is not YAML failed every command
+    (stored.with_name("notyaml") / "model.yaml").write_text(": : garbage [")
     listed = _cli(home, "list")
     assert listed.returncode == 0 and tag in listed.stdout, listed.stderr
     damaged = f"{tag.split(':')[0]}:damagedcopy"
     assert f"{damaged}: unreadable, cannot be served" in listed.stdout
+    assert f"{tag.split(':')[0]}:notyaml: unreadable, cannot be served" in listed.stdout
+    assert _cli(home, "delete", f"{tag.split(':')[0]}:notyaml", "--force").returncode == 0
     kept = _cli(home, "delete", damaged)  # BentoML cannot delete what it cannot read: --force removes the folder
     assert kept.returncode == 1 and f"model {damaged} is damaged" in kept.stderr and "--force" in kept.stderr
     removed = _cli(home, "delete", damaged, "--force")
@@ -362,6 +452,14 @@ def test_a_damaged_version_is_named_and_spares_the_rest(production_tag: str, tmp
         assert refused.returncode == 1 and refused.stderr.startswith(f"error: {words} {tag}: "), refused.stderr
         assert "weights" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "out.bentomodel").exists()
+
+
+def test_list_of_a_store_whose_every_version_is_damaged_names_them() -> None:
+    """`list` ended in "TypeError: 'int' object is not iterable" when no version was readable."""
+    from models_registry.__main__ import _table
+
+    table = _table([{"tag": "pneumonia-classifier:x", "production": False, "broken": "no model.yaml"}])
+    assert "pneumonia-classifier:x: unreadable, cannot be served (no model.yaml)" in table
 
 
 def _served(target: str, home: Path, log: Path, **env: str) -> ServerProcess:

@@ -71,7 +71,7 @@ def _export(args: argparse.Namespace) -> int:
         staged = Path(scratch) / archive.name
         if archive.is_file():  # export_model keeps an archive of the same files byte for byte (no churn in git)
             shutil.copy2(archive, staged)
-        export_model(tag, staged)
+        export_model(tag, staged, overwrite=True)
         size = staged.stat().st_size
         if size > MAX_BYTES:
             print(f"error: {archive} would be {size / 1e6:.1f} MB, over the 10 MB limit for the repository; "
