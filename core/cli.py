@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -32,6 +33,15 @@ def bounded(kind: type[int] | type[float], low: float | None = None, high: float
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def output_file(text: str) -> Path:
+    """An argparse `type=` for a file a command writes its figures to: a folder is refused at parse time (it failed
+    with IsADirectoryError after the work, even after a new model version was saved)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    return path
 
 
 def positive_ints(text: str) -> list[int]:

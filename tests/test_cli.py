@@ -174,14 +174,31 @@ def test_training_refuses_a_run_folder_it_would_overwrite_or_cannot_make(tmp_pat
     assert "holds a cross-validation" in capsys.readouterr().err and (folds / "fold0.json").exists()
 
 
-def test_gate_refuses_a_json_folder_before_saving_a_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`training.gate --json DIR` saved the new version, then ended in IsADirectoryError's traceback without
-    printing the version's tag."""
-    from training.gate import main as gate
-
+@pytest.mark.parametrize("module", ["training.gate", "training.stress", "training.evaluate", "training.compare",
+                                    "training.framing_views"])
+def test_a_json_folder_is_refused_before_any_work(module: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`--json DIR` ended in IsADirectoryError's traceback after the work (`training.gate`: after the new version
+    was saved, its tag never printed)."""
+    command = importlib.import_module(module)
+    models = ["--models", "a"] if module == "training.compare" else []
     with pytest.raises(SystemExit) as exit_:
-        gate(["--data-dir", str(tmp_path / "no-data"), "--json", str(tmp_path)])
+        command.main(["--data-dir", str(tmp_path / "no-data"), *models, "--json", str(tmp_path)])
     assert exit_.value.code == 2 and f"argument --json: {tmp_path} is a folder" in capsys.readouterr().err
+
+
+def test_a_data_folder_that_is_a_file_or_a_run_without_a_model_is_named(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--data-dir naming a file said '<file>/train does not exist'; exporting a run trained with --no-register said
+    'No such file or directory: .../model_tag.txt'."""
+    from training.train import cli
+
+    (tmp_path / "a-file").write_text("")
+    assert cli(["--data-dir", str(tmp_path / "a-file"), "--out", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'a-file'} is a file; give the folder that holds train/NORMAL" in capsys.readouterr().err
+    (tmp_path / "run" / "config.json").write_text("{}")
+    one_clear_line(run("training.export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")), 2,
+                   "stored no model")
 
 
 def test_a_batch_larger_than_the_training_images_is_refused(data_dir: Path, tmp_path: Path,

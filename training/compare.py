@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from core.calibration import choose_threshold, fit_temperature
 from core.metrics import specificity_at
-from core.cli import bounded
+from core.cli import bounded, output_file
 from training import run_command
 from training.stress import STRESSES, stressed_logits
 
@@ -66,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, required=True, help="the folder the models were trained on")
     p.add_argument("--ensemble", action="store_true", help="also score the average of all the models' logits")
     p.add_argument("--target-sensitivity", type=bounded(float, 0, 1, low_open=True), default=0.97)
-    p.add_argument("--json", type=Path, default=None, help="also write every figure here")
+    p.add_argument("--json", type=output_file, default=None, help="also write every figure here")
     return p
 
 

@@ -70,6 +70,8 @@ def patient_id(path: Path, label: int) -> str:
 
 def scan_split(data_dir: Path, split: str) -> list[Sample]:
     """List the images of one split (core.folder's layout), each with its patient."""
+    if Path(data_dir).is_file():
+        raise DataFolderError(f"{data_dir} is a file; give the folder that holds {split}/NORMAL and {split}/PNEUMONIA")
     return [Sample(path=p, label=label, patient=patient_id(p, label)) for p, label in labeled_images(Path(data_dir) / split)]
 
 

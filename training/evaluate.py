@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.cli import bounded
+from core.cli import bounded, output_file
 from training import one_line
 from training.data import CLASS_NAMES, DataFolderError, load_samples, scan_split
 from core.metrics import classification_report
@@ -27,7 +27,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="sub-folder to evaluate")
     p.add_argument("--batch-size", type=bounded(int, 1), default=64)
     p.add_argument("--skip-bad-images", action="store_true", help="drop unreadable images with a report instead of failing")
-    p.add_argument("--json", type=Path, default=None, help="also write metrics and per-image probabilities here")
+    p.add_argument("--json", type=output_file, default=None, help="also write metrics and per-image probabilities here")
     p.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads (0: all cores)")
     return p
 

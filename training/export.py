@@ -48,6 +48,8 @@ def _export(args: argparse.Namespace) -> int:
     from core.card import MODEL_NAME
     from models_registry import export_model, load_model
 
+    if not (args.run / "model_tag.txt").is_file() and (args.run / "config.json").is_file():
+        raise ValueError(f"{args.run} stored no model (trained with --no-register, or unfinished): nothing to export")
     tag = (args.run / "model_tag.txt").read_text().strip()
     model = load_model(tag)
     card = model.card

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from core.preprocess import to_tensor
-from core.cli import bounded
+from core.cli import bounded, output_file
 from training import run_command
 from training.compare import SHOWN, format_table, summarise
 from training.stress import STRESSES, stressed_logits
@@ -78,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", nargs="+", choices=list(COMBINATIONS), default=list(COMBINATIONS),
                         help="score only these combinations (only their views are computed)")
     parser.add_argument("--target-sensitivity", type=bounded(float, 0, 1, low_open=True), default=0.97)
-    parser.add_argument("--json", type=Path, help="also write every combination's figures here")
+    parser.add_argument("--json", type=output_file, help="also write every combination's figures here")
     return parser
 
 

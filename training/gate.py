@@ -31,7 +31,7 @@ from sklearn.linear_model import LogisticRegression
 from core.model import PneumoniaNet, WithFeatures
 from core.preprocess import InputLimits, PreprocessConfig, prepare, to_tensor
 from core.validity import ORIENTATION_CLASSES, ValidityConfig, ValidityGate
-from core.cli import bounded
+from core.cli import bounded, output_file
 from training import one_line
 from training.augment import AugmentConfig, augment_batch
 from training.data import DataFolderError, LoadedSplit
@@ -204,17 +204,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, required=True, help="the folder the model was trained on (<split>/NORMAL, <split>/PNEUMONIA)")
     p.add_argument("--max-refusals", type=bounded(float, 0, 1, low_open=True, high_open=True), default=0.01, help="largest share of stressed validation X-rays refused")
     p.add_argument("--promote", action="store_true", help="promote the new version to production")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--json", type=output_file, default=None, help="also write the figures here")
     p.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads (0: all cores)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Re-fit the gate of a stored model on the split it was trained with; save a new version."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if args.json is not None and args.json.is_dir():  # found before the work, not after the new version is saved
-        parser.error(f"argument --json: {args.json} is a folder; give a file name")
+    args = get_args_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from models_registry import RegistryError, load_model, promote, save_model

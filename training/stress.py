@@ -23,7 +23,7 @@ from PIL import Image, ImageFilter
 
 from core import dicom
 from core.preprocess import InputLimits, PreprocessConfig, prepare
-from core.cli import bounded
+from core.cli import bounded, output_file
 from training import run_command
 
 Stress = Callable[[Image.Image, np.random.Generator], bytes]
@@ -240,7 +240,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="production", help="'production', a version or a full tag from the model store")
     p.add_argument("--data-dir", type=Path, required=True, help="the folder the model was trained on")
     p.add_argument("--stress", action="append", choices=list(STRESSES), default=None, help="only this stress (repeatable)")
-    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--json", type=output_file, default=None, help="also write the rows here")
     p.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads (0: all cores)")
     return p
 
