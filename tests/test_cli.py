@@ -138,11 +138,11 @@ def few_patients(data_dir: Path, root: Path, per_class: int) -> Path:
     return root
 
 
-def test_training_refuses_a_run_folder_it_would_overwrite_or_cannot_make(tmp_path: Path,
+def test_training_refuses_a_run_folder_it_would_overwrite_or_cannot_make(data_dir: Path, tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """A second run into the same --out replaced config.json at once and the weights at the end (an interrupted re-run
-    left a mix); now it is refused before any image is read, unless --overwrite, which removes the earlier run's files.
-    Cross-validation and ensembles wrote into a training run's folder without a word."""
+    left a mix); now it is refused before any image is read, unless --overwrite, which removes the earlier run's files
+    once the new run starts writing. Cross-validation and ensembles wrote into a training run's folder without a word."""
     from training.train import cli
 
     out = tmp_path / "run"
@@ -153,20 +153,31 @@ def test_training_refuses_a_run_folder_it_would_overwrite_or_cannot_make(tmp_pat
     (tmp_path / "a-file").write_text("")
     assert cli(["--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "a-file" / "run")]) == 2
     assert "cannot make the run folder" in capsys.readouterr().err
-    # --overwrite gets past the check, to the next problem (the missing data folder), having removed the earlier
-    # run's files (its model tag and gate report were left for `training.export` to mix with the new run); a file
-    # that no run writes stays
+    # --overwrite gets past the check, to the next problem (the missing data folder), and the earlier run stays
+    # whole; a folder that holds no run keeps files named as a run's (a docs/ folder given as --out)
     for name in ("model_tag.txt", "validity.md", "stress.md", "notes.txt"):
         (out / name).write_text("earlier\n")
     assert cli(["--data-dir", str(tmp_path / "no-data"), "--out", str(out), "--overwrite"]) == 2
     assert "no-data" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model_tag.txt", "notes.txt", "stress.md",
+                                                     "validity.md"]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "validity.md").write_text("the project's own page\n")
+    assert cli(["--data-dir", str(tmp_path / "no-data"), "--out", str(docs)]) == 2 and "no-data" in capsys.readouterr().err
+    assert (docs / "validity.md").read_text() == "the project's own page\n"
+    # a run that replaces it removes the earlier run's files when it starts writing (its model tag and gate report
+    # were left for `training.export` to mix with the new run); a file no run writes stays
+    assert cli(["--data-dir", str(few_patients(data_dir, tmp_path / "data", per_class=20)), "--out", str(out),
+                "--overwrite", "--epochs", "1", "--batch-size", "8", "--bn-images", "8", "--image-size", "64",
+                "--no-progress", "--no-register", "--no-gate"]) == 0
+    assert not (out / "model_tag.txt").exists() and not (out / "validity.md").exists()
+    assert (out / "notes.txt").exists() and (out / "weights.pt").exists() and (out / "stress.md").read_text() != "earlier\n"
     # a cross-validation and an ensemble are refused a training run's folder; training a cross-validation's
-    (out / "weights.pt").write_bytes(b"")
     crossval = run("training.crossval", "--data-dir", str(tmp_path / "no-data"), "--out", str(out))
     assert crossval.returncode == 2 and "holds a training run" in crossval.stderr, crossval.stderr[-2000:]
     ensemble = run("training.ensemble", "--models", "a", "b", "--data-dir", str(tmp_path / "no-data"), "--out", str(out))
-    one_clear_line(ensemble, 2, "already holds a run (weights.pt)")
+    one_clear_line(ensemble, 2, "already holds a run (config.json, weights.pt")
     folds = tmp_path / "cv"
     folds.mkdir()
     (folds / "fold0.json").write_text("{}")
@@ -210,7 +221,8 @@ def test_a_batch_larger_than_the_training_images_is_refused(data_dir: Path, tmp_
     folder, out = few_patients(data_dir, tmp_path / "data", per_class=20), tmp_path / "run"
     assert cli(["--data-dir", str(folder), "--out", str(out), "--epochs", "1", "--batch-size", "64", "--no-progress",
                 "--no-register", "--no-gate"]) == 2
-    assert "--batch-size 64 is more than the" in capsys.readouterr().err and not (out / "weights.pt").exists()
+    assert "--batch-size 64 is more than the" in capsys.readouterr().err
+    assert not (out / "weights.pt").exists() and not (out / "config.json").exists()  # no unfinished run to refuse
 
 
 def test_ctrl_c_during_training_ends_with_one_line_and_a_refused_rerun(data_dir: Path, tmp_path: Path) -> None:

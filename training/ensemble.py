@@ -87,7 +87,8 @@ def _combine(args: argparse.Namespace) -> int:
     from core.model import ModelSpec, PneumoniaNet
     from models_registry import load_model
     from training.data import fingerprint
-    from training.train import check_out, code_version, finish, get_args_parser as train_parser, load_data, preprocess_config
+    from training.train import (check_out, code_version, finish, get_args_parser as train_parser, load_data,
+                                preprocess_config, replace_earlier_run)
 
     started = time.monotonic()
     check_out(args.out, args.overwrite)
@@ -112,7 +113,7 @@ def _combine(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data_dir} is not the data the members were trained on (data fingerprint "
                          f"{data_fp[:12]}, theirs {members[0].card.data_fingerprint[:12]})")
     member_seconds = sum(m.card.training_seconds or 0.0 for m in members)
-    args.out.mkdir(parents=True, exist_ok=True)
+    replace_earlier_run(args.out)  # check_out refused a run there unless --overwrite
     record = {key: config[key] for key in SHARED_OPTIONS}
     record.update(data_dir=str(args.data_dir), out=str(args.out), tta=args.tta, target_sensitivity=args.target_sensitivity,
                   threshold_policy=args.threshold_policy,

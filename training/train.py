@@ -259,9 +259,7 @@ def train_model(args: argparse.Namespace, train: LoadedSplit, val: LoadedSplit, 
     `val` only reports progress (and, with `--select best`, picks the epoch); cross-validation
     uses `--select last`, so its held-out fold never chooses anything.
     """
-    if len(train.labels) // world < args.batch_size:  # every epoch would be zero steps: an untrained model, saved
-        raise ValueError(f"--batch-size {args.batch_size} is more than the {len(train.labels) // world} training "
-                         "images each process has: no training step would run; lower --batch-size")
+    check_steps(len(train.labels), args.batch_size, world)
     gen = seed_everything(args.seed + rank)
     preprocess, augment = preprocess_config(args), augment_config(args)
     # channels_last doubles CPU training throughput of MobileNetV3 (oneDNN's preferred layout).
@@ -320,15 +318,15 @@ def train_model(args: argparse.Namespace, train: LoadedSplit, val: LoadedSplit, 
 
 
 RUN_FILES = ("config.json", "weights.pt", "metrics.json", "model_tag.txt")  # any of them: --out holds a run
-# Everything `main` and `finish` write into a run folder: --overwrite removes them all first, so that no file of
-# the replaced run (its model tag, its gate report) is left for `training.export` to mix with the new one.
+# Everything `main` and `finish` write into a run folder: a run replacing another (--overwrite) removes them all
+# when it starts writing, so that no file of the replaced run (its model tag, its gate report) is left for
+# `training.export` to mix with the new one.
 RUN_OUTPUTS = (*RUN_FILES, "stress.md", "validity.md", "metrics.csv", "curves.png", "roc.png", "confusion.png")
 
 
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse a run folder that holds a run (its config would be replaced at once, its weights at the end: an
-    interrupted re-run leaves a mix) or cannot be made, before any image is read; with `overwrite`, empty it of
-    the earlier run's files (only those)."""
+    interrupted re-run leaves a mix) or cannot be made, before any image is read."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     held = [name for name in RUN_FILES if (out / name).exists()]
@@ -343,11 +341,26 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out}: cannot make the run folder ({exc.strerror or exc})") from None
     if not os.access(out, os.W_OK):
         raise ValueError(f"--out {out}: the run folder is not writable")
+
+
+def replace_earlier_run(out: Path) -> None:
+    """Remove the files of the run in `out` (only those, and only when it holds a run), once the run replacing it
+    has its data and starts writing: a replacement that fails earlier leaves the earlier run whole."""
+    if not any((out / name).exists() for name in RUN_FILES):
+        return
     for name in RUN_OUTPUTS:
         try:
             (out / name).unlink(missing_ok=True)
         except OSError as exc:
             raise ValueError(f"--out {out}: cannot remove the earlier run's {name} ({exc.strerror or exc})") from None
+
+
+def check_steps(images: int, batch_size: int, world: int = 1) -> None:
+    """Refuse a batch larger than the training images of a process: every epoch would be zero steps, and an
+    untrained model would be saved."""
+    if images // world < batch_size:
+        raise ValueError(f"--batch-size {batch_size} is more than the {images // world} training images each "
+                         "process has: no training step would run; lower --batch-size")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -359,8 +372,9 @@ def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     train, val = load_data(args, show=args.progress and rank == 0)
     data_fp = fingerprint(train.samples + val.samples)
+    check_steps(len(train.labels), args.batch_size, world)
     if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
+        replace_earlier_run(args.out)  # check_out refused a run there unless --overwrite
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         # The commit is read now, before the long run: a commit or an edit made while it trains must not be recorded
         # as what produced it.
