@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models_registry.store import import_model, is_stored, production_tag, promote, stored_tags
+from models_registry.store import import_model, is_stored, production_tag, promote, resolve_tag, stored_tags
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parent.parent / "default_model" / "pneumonia-classifier.bentomodel"
 
@@ -31,6 +31,7 @@ def ensure_default(archive: Path = DEFAULT_ARCHIVE) -> str:
     if current is None:
         return import_default(archive)
     if is_stored(current):
+        resolve_tag(current)  # a damaged production folder: RegistryError naming it and the mend (`./dev.sh serve` stops)
         return f"production model: {current}"
     if stored_tags():  # other models are there: which one to serve is the operator's choice, not ours
         return f"warning: the production model {current} is no longer in the store; promote one of the stored models"

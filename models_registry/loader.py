@@ -65,5 +65,4 @@ def _load_gate(tag: str, card: ModelCard) -> ValidityGate | None:
         return ValidityGate.from_bytes(card.validity, path.read_bytes())
     except (OSError, ValueError, KeyError) as exc:
         raise ModelIntegrityError(f"model {tag}: validity gate {path} is unusable ({exc}); delete it "
-                                 f"(python -m models_registry delete {tag} --force) and import its archive again, or "
-                                 "re-fit its gate (python -m training.gate)") from None
+                                 f"(python -m models_registry delete {tag} --force) and import its archive again") from None

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -107,14 +108,20 @@ def _record_lock(name: str) -> Iterator[None]:
 
 def _pin_implicit_production(name: str) -> None:
     """Record the only stored model as production when nothing was promoted, before a second model is stored:
-    the store's single model is served without a record, and a second one would have left no production model."""
-    with _record_lock(name):
-        record = _read_record(name)
-        if record.get("production") is None and len(versions := _versions(name)) == 1:
-            record["production"] = str(versions[0].tag)
-            record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(),
-                                                 "promoted": record["production"], "why": "the only stored model"})
-            _write_record(name, record)
+    the store's single model is served without a record, and a second one would have left no production model.
+    Best effort: a record that cannot be read or written never stops a model from being stored (after a training
+    run); it is reported, and every command that reads the record says how to mend it."""
+    try:
+        with _record_lock(name):
+            record = _read_record(name)
+            if record.get("production") is None and len(versions := _versions(name)) == 1:
+                record["production"] = str(versions[0].tag)
+                record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(),
+                                                     "promoted": record["production"], "why": "the only stored model"})
+                _write_record(name, record)
+    except (RegistryError, OSError) as exc:
+        warnings.warn(f"the only stored {name} model could not be recorded as production before storing another "
+                      f"({' '.join(str(exc).split())})", stacklevel=2)
 
 
 def _write_record(name: str, record: dict[str, Any]) -> None:
@@ -222,6 +229,18 @@ def production_tag(name: str = MODEL_NAME) -> str | None:
     return None
 
 
+def _unreadable() -> tuple[type[BaseException], ...]:
+    """What BentoML raises for a version folder it cannot read, or a tag it cannot parse (not OSError: a transient
+    failure to read the store is no reason to call a model damaged and advise deleting it)."""
+    import yaml
+    from bentoml.exceptions import BentoMLException
+
+    return BentoMLException, yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError
+
+
+_UNREADABLE = _unreadable()
+
+
 def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
     """'production', 'latest', a version or a full tag -> an existing full tag."""
     if not ref.strip() or ref.strip().endswith(":"):
@@ -250,8 +269,8 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
         return str(bentoml.models.get(ref).tag)
     except NotFound:
         raise RegistryError(f"model {ref} is not in the store ({_model_store_dir()})") from None
-    except Exception as exc:  # noqa: BLE001 - BentoML's Tag ('a:b:c', '../x'), a prefix of several versions, or a
-        # version folder whose model.yaml is missing or not YAML
+    except _UNREADABLE as exc:  # BentoML's Tag ('a:b:c', '../x'), a prefix of several versions, or a version folder
+        # whose model.yaml is missing or not YAML; an OSError (too many open files, a network store) is no damage
         message = " ".join(str(exc).split())
         if (damaged := damaged_folder(ref)) is not None:
             raise DamagedModel(f"model {ref} is damaged and cannot be read ({message}); remove it with "
@@ -287,7 +306,7 @@ def is_stored(tag: str) -> bool:
         bentoml.models.get(tag)
     except NotFound:
         return False
-    except Exception:  # noqa: BLE001 - its folder is there but damaged: stored (resolve_tag says how to mend it)
+    except _UNREADABLE:  # its folder is there but damaged: stored (resolve_tag says how to mend it)
         return damaged_folder(tag) is not None
     return True
 
@@ -414,7 +433,11 @@ def rollback(name: str = MODEL_NAME) -> str:
             previous = record["history"].pop()
             if not is_stored(previous) or previous == record.get("production"):
                 continue  # deleted since, or the model already in production: skip to the one before
-            _check_loads(previous, name, "cannot roll back to")
+            try:
+                _check_loads(previous, name, "cannot roll back to")
+            except RegistryError as exc:
+                raise RegistryError(f"{exc}; promote a stored model instead (python -m models_registry list, then "
+                                    "promote TAG)") from None
             record["production"] = previous
             record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(), "rolled_back_to": previous})
             _write_record(name, record)
@@ -425,26 +448,26 @@ def rollback(name: str = MODEL_NAME) -> str:
 def delete_model(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
     """Remove a version from the store (the production one only with `force`); a damaged one with `force`
     (BentoML cannot read it, so cannot delete it either: its folder is removed)."""
-    production = production_tag(name)  # also the only stored model, served without a promotion record
-    try:
-        tag = resolve_tag(ref, name)
-    except DamagedModel as damaged:
-        if not force:
-            raise RegistryError(f"{damaged}; --force removes its folder {damaged.folder}") from None
-        shutil.rmtree(damaged.folder)
-        tag = f"{name}:{damaged.folder.name}"
-    else:
-        if not tag.startswith(f"{name}:"):
-            raise RegistryError(f"cannot delete {tag}: it is not a {name} model")
-        if production == tag and not force:
-            raise RegistryError(f"{tag} is the production model; promote another first or pass --force")
+    with _record_lock(name):  # a promotion between reading production and deleting would lose its check
+        production = production_tag(name)  # also the only stored model, served without a promotion record
         try:
-            bentoml.models.delete(tag)
-        except Exception as exc:  # noqa: BLE001 - BentoML removes the folder, then may fail re-reading the others
-            if damaged_folder(tag) is not None:  # still there: nothing was deleted
-                raise RegistryError(f"could not delete {tag}: {' '.join(str(exc).split())}") from None
-    with _record_lock(name):  # the record never names a deleted model
-        record = _read_record(name)
+            tag = resolve_tag(ref, name)
+        except DamagedModel as damaged:
+            if not force:
+                raise RegistryError(f"{damaged}; --force removes its folder {damaged.folder}") from None
+            shutil.rmtree(damaged.folder)
+            tag = f"{name}:{damaged.folder.name}"
+        else:
+            if not tag.startswith(f"{name}:"):
+                raise RegistryError(f"cannot delete {tag}: it is not a {name} model")
+            if production == tag and not force:
+                raise RegistryError(f"{tag} is the production model; promote another first or pass --force")
+            try:
+                bentoml.models.delete(tag)
+            except Exception as exc:  # noqa: BLE001 - BentoML removes the folder, then may fail re-reading the others
+                if damaged_folder(tag) is not None:  # still there: nothing was deleted
+                    raise RegistryError(f"could not delete {tag}: {' '.join(str(exc).split())}") from None
+        record = _read_record(name)  # the record never names a deleted model
         if record.get("production") == tag:
             record["production"] = None
         record["history"] = [t for t in record["history"] if t != tag]
@@ -532,12 +555,16 @@ def import_model(path: str | Path, promote_if_none: bool = False, name: str = MO
     from bentoml.exceptions import BentoMLException
 
     _pin_implicit_production(name)
-    before = _version_folders(name)
+    try:
+        packed = _tag_in_archive(archive)
+    except Exception:  # noqa: BLE001 - not an archive of a model: BentoML's import below says why
+        packed = None
+    was_stored = packed is not None and damaged_folder(packed) is not None
     try:
         tag = str(bentoml.models.import_model(str(archive)).tag)
     except KeyboardInterrupt:  # BentoML removes a half-copied model on errors only: remove it on Ctrl-C too
-        for folder in _version_folders(name) - before:
-            shutil.rmtree(folder, ignore_errors=True)
+        if packed is not None and not was_stored and (half := damaged_folder(packed)) is not None:
+            shutil.rmtree(half, ignore_errors=True)
         raise
     except BentoMLException as exc:
         if "already exists" not in str(exc):
@@ -566,11 +593,6 @@ def import_model(path: str | Path, promote_if_none: bool = False, name: str = MO
         except RegistryError as exc:
             raise RegistryError(f"imported {tag}, not promoted: {exc}") from None
     return tag
-
-
-def _version_folders(name: str) -> set[Path]:
-    folder = _model_store_dir() / name
-    return {p for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
 
 
 def _tag_in_archive(archive: Path) -> str:

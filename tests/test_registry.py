@@ -226,6 +226,27 @@ def test_the_only_stored_model_stays_production_when_another_is_stored() -> None
         reg.delete_model(only, name)
     reg.save_model(build_model(ModelSpec()).eval(), _card(0.6), name=name)
     assert reg.production_tag(name) == only
+    # a record that cannot be read never stops a model from being stored (after a training run): reported
+    broken = "registry-broken-record-model"
+    reg.save_model(build_model(ModelSpec()).eval(), _card(0.5), name=broken)
+    reg.store._record_path(broken).write_text(json.dumps({"production": None, "history": [], "log": {}}))
+    with pytest.warns(UserWarning, match="could not be recorded as production"):
+        assert reg.save_model(build_model(ModelSpec()).eval(), _card(0.6), name=broken)
+
+
+def test_a_store_that_cannot_be_read_is_not_called_damaged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError reading the store (too many open files, a network file system) was reported as a damaged model
+    with the advice to delete it with --force, which removes a healthy model's folder."""
+    import bentoml
+
+    tag = reg.save_model(build_model(ModelSpec()).eval(), _card(0.5), name="registry-oserror-model")
+
+    def too_many_open_files(*args: object, **kwargs: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(bentoml.models, "get", too_many_open_files)
+    with pytest.raises(OSError, match="Too many open files"):
+        reg.resolve_tag(tag, "registry-oserror-model")
 
 
 def test_promotions_at_the_same_time_are_both_recorded() -> None:
@@ -452,6 +473,9 @@ def test_a_damaged_version_is_named_and_spares_the_rest(production_tag: str, tmp
         assert refused.returncode == 1 and refused.stderr.startswith(f"error: {words} {tag}: "), refused.stderr
         assert "weights" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "out.bentomodel").exists()
+    (stored / "model.yaml").write_text(": : garbage [")  # `./dev.sh serve` went on to a server that could not start
+    checked = _cli(home, "ensure-default")
+    assert checked.returncode == 1 and f"model {tag} is damaged" in checked.stderr, checked.stdout + checked.stderr
 
 
 def test_list_of_a_store_whose_every_version_is_damaged_names_them() -> None:
