@@ -272,7 +272,7 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
     except _UNREADABLE as exc:  # BentoML's Tag ('a:b:c', '../x'), a prefix of several versions, or a version folder
         # whose model.yaml is missing or not YAML; an OSError (too many open files, a network store) is no damage
         message = " ".join(str(exc).split())
-        if (damaged := damaged_folder(ref)) is not None:
+        if (damaged := folder_in_store(ref)) is not None:
             raise DamagedModel(f"model {ref} is damaged and cannot be read ({message}); remove it with "
                                f"`python -m models_registry delete {ref} --force` or import it again",
                                folder=damaged) from None
@@ -291,8 +291,9 @@ class DamagedModel(RegistryError):
         self.folder = folder
 
 
-def damaged_folder(tag: str) -> Path | None:
-    """The store folder of `tag` (a full tag) when it exists but BentoML could not read it, else None."""
+def folder_in_store(tag: str) -> Path | None:
+    """The store folder of `tag` (a full tag) when it exists, else None: where BentoML could not read a model,
+    whether there is a damaged one to name or remove."""
     name, _, version = tag.partition(":")
     store = _model_store_dir()
     folder = store / name / version
@@ -307,7 +308,7 @@ def is_stored(tag: str) -> bool:
     except NotFound:
         return False
     except _UNREADABLE:  # its folder is there but damaged: stored (resolve_tag says how to mend it)
-        return damaged_folder(tag) is not None
+        return folder_in_store(tag) is not None
     return True
 
 
@@ -465,7 +466,7 @@ def delete_model(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
             try:
                 bentoml.models.delete(tag)
             except Exception as exc:  # noqa: BLE001 - BentoML removes the folder, then may fail re-reading the others
-                if damaged_folder(tag) is not None:  # still there: nothing was deleted
+                if folder_in_store(tag) is not None:  # still there: nothing was deleted
                     raise RegistryError(f"could not delete {tag}: {' '.join(str(exc).split())}") from None
         record = _read_record(name)  # the record never names a deleted model
         if record.get("production") == tag:
@@ -506,18 +507,20 @@ def export_model(ref: str, path: str | Path, name: str = MODEL_NAME, overwrite: 
     return out
 
 
-def _archive_files(archive: Path) -> dict[str, bytes]:
-    """The files in a tar (any compression) or zip archive, by normalised path; ValueError when it is neither."""
+def _archive_files(archive: Path, only: str = "") -> dict[str, bytes]:
+    """The files in a tar (any compression) or zip archive, by normalised path (`only`: those whose path ends so,
+    the others not read); ValueError when it is neither."""
     import tarfile
     import zipfile
 
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as packed:
-                return {os.path.normpath(i.filename): packed.read(i) for i in packed.infolist() if not i.is_dir()}
+                return {os.path.normpath(i.filename): packed.read(i) for i in packed.infolist()
+                        if not i.is_dir() and i.filename.endswith(only)}
         with tarfile.open(archive) as tar:
             return {os.path.normpath(m.name): tar.extractfile(m).read()  # type: ignore[union-attr]
-                    for m in tar.getmembers() if m.isfile()}
+                    for m in tar.getmembers() if m.isfile() and m.name.endswith(only)}
     except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
         raise ValueError(f"not a readable archive ({type(exc).__name__}: {exc})") from None
 
@@ -556,24 +559,20 @@ def import_model(path: str | Path, promote_if_none: bool = False, name: str = MO
 
     _pin_implicit_production(name)
     try:
-        packed = _tag_in_archive(archive)
-    except Exception:  # noqa: BLE001 - not an archive of a model: BentoML's import below says why
+        packed: str | None = _tag_in_archive(archive)
+    except Exception:  # noqa: BLE001 - no model.yaml, not YAML, not an archive: BentoML's import below says why
         packed = None
-    was_stored = packed is not None and damaged_folder(packed) is not None
+    was_stored = packed is not None and folder_in_store(packed) is not None
     try:
         tag = str(bentoml.models.import_model(str(archive)).tag)
     except KeyboardInterrupt:  # BentoML removes a half-copied model on errors only: remove it on Ctrl-C too
-        if packed is not None and not was_stored and (half := damaged_folder(packed)) is not None:
+        if packed is not None and not was_stored and (half := folder_in_store(packed)) is not None:
             shutil.rmtree(half, ignore_errors=True)
         raise
     except BentoMLException as exc:
-        if "already exists" not in str(exc):
+        if "already exists" not in str(exc) or packed is None:
             raise RegistryError(f"could not import {path}: {exc}") from None
-        try:
-            tag = _tag_in_archive(archive)
-        except Exception as inner:  # noqa: BLE001 - no model.yaml, not YAML, no name or version
-            raise RegistryError(f"could not import {path}: it is not a .bentomodel archive ({type(inner).__name__}: "
-                                  f"{' '.join(str(inner).split())})") from None
+        tag = packed
         if not tag.startswith(f"{name}:"):
             raise RegistryError(f"could not import {tag}: it is not a {name} model") from None
         if not _archive_matches(archive, store_path_of(tag)):
@@ -598,8 +597,7 @@ def import_model(path: str | Path, promote_if_none: bool = False, name: str = MO
 def _tag_in_archive(archive: Path) -> str:
     import yaml
 
-    files = _archive_files(archive)
-    info = yaml.safe_load(next(data for path, data in files.items() if path.endswith("model.yaml")))
+    info = yaml.safe_load(next(iter(_archive_files(archive, only="model.yaml").values())))
     return f"{info['name']}:{info['version']}"
 
 
