@@ -26,8 +26,12 @@ for k in range(1, runs + 1):
     verdict = re.findall(r"=+ (.*?) in ([\d.]+)s", log)
     rows.append({"run": k, "rc": int((out / f"rc-{k}.txt").read_text()), "wall_s": wall, "cpu_user_s": user,
                  "cpu_sys_s": system, "cores_busy": round((user + system) / wall, 2),
-                 "pytest": verdict[-1][0] if verdict else None, "skipped": log.count(" skipped")})
+                 "pytest": verdict[-1][0] if verdict else None, "pytest_s": float(verdict[-1][1]) if verdict else None,
+                 "skipped": log.count(" skipped")})
 summary = {"commit": (out / "commit.txt").read_text().strip(), "runs": rows}
+timed = sorted(r["pytest_s"] for r in rows if r["pytest_s"] is not None)
+if timed:  # pytest's own time (the wall time adds the set-up), median and spread as the docs quote them
+    summary.update(pytest_s_median=timed[len(timed) // 2], pytest_s_min=timed[0], pytest_s_max=timed[-1])
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(json.dumps(summary, indent=1))
 PY
