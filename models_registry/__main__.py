@@ -47,7 +47,7 @@ def _table(rows: list[dict]) -> str:
     widths = [max([len(c), *(len(b[i]) for b in body)]) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     broken = [f"{r['tag']}: unreadable, cannot be served ({r['broken']}); remove it with `python -m "
-              f"models_registry delete {r['tag']} --force` or import it again" for r in rows if "broken" in r]
+              f"models_registry delete {r['tag']} --force`, then import it again" for r in rows if "broken" in r]
     return "\n".join([fmt.format(*cols), *(fmt.format(*b) for b in body), *broken])
 
 

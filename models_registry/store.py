@@ -17,8 +17,8 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
-import warnings
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,8 +120,9 @@ def _pin_implicit_production(name: str) -> None:
                                                      "promoted": record["production"], "why": "the only stored model"})
                 _write_record(name, record)
     except (RegistryError, OSError) as exc:
-        warnings.warn(f"the only stored {name} model could not be recorded as production before storing another "
-                      f"({' '.join(str(exc).split())})", stacklevel=2)
+        print(f"warning: the promotion record could not be read or written ({' '.join(str(exc).split())}); if the "
+              f"store held one {name} model and nothing promoted, it is not production once another is stored: "
+              "fix or delete the record, then promote the model to serve", file=sys.stderr)
 
 
 def _write_record(name: str, record: dict[str, Any]) -> None:
@@ -235,7 +236,10 @@ def _unreadable() -> tuple[type[BaseException], ...]:
     import yaml
     from bentoml.exceptions import BentoMLException
 
-    return BentoMLException, yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError
+    # cattrs' ClassValidationError (a model.yaml that is YAML but not a model's) is an ExceptionGroup; a model.yaml
+    # that is a folder, or a file where a folder belongs, is damage of the folder, not of the file system.
+    return (BentoMLException, yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, ExceptionGroup,
+            IsADirectoryError, NotADirectoryError)
 
 
 _UNREADABLE = _unreadable()
@@ -274,7 +278,7 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
         message = " ".join(str(exc).split())
         if (damaged := folder_in_store(ref)) is not None:
             raise DamagedModel(f"model {ref} is damaged and cannot be read ({message}); remove it with "
-                               f"`python -m models_registry delete {ref} --force` or import it again",
+                               f"`python -m models_registry delete {ref} --force`, then import it again",
                                folder=damaged) from None
         if "Multiple" in message:
             raise RegistryError(f"{ref} matches several stored versions; give more of the version "
@@ -557,12 +561,13 @@ def import_model(path: str | Path, promote_if_none: bool = False, name: str = MO
         raise RegistryError(f"{path} does not exist" if not archive.exists() else f"{path} is not a file")
     from bentoml.exceptions import BentoMLException
 
-    _pin_implicit_production(name)
     try:
         packed: str | None = _tag_in_archive(archive)
     except Exception:  # noqa: BLE001 - no model.yaml, not YAML, not an archive: BentoML's import below says why
         packed = None
     was_stored = packed is not None and folder_in_store(packed) is not None
+    if packed is not None and not was_stored:  # a new model is about to be stored
+        _pin_implicit_production(name)
     try:
         tag = str(bentoml.models.import_model(str(archive)).tag)
     except KeyboardInterrupt:  # BentoML removes a half-copied model on errors only: remove it on Ctrl-C too
@@ -575,7 +580,13 @@ def import_model(path: str | Path, promote_if_none: bool = False, name: str = MO
         tag = packed
         if not tag.startswith(f"{name}:"):
             raise RegistryError(f"could not import {tag}: it is not a {name} model") from None
-        if not _archive_matches(archive, store_path_of(tag)):
+        try:
+            stored_at = store_path_of(tag)
+        except _UNREADABLE:  # a damaged folder holds the tag (a half-copied import of an earlier version)
+            raise RegistryError(f"could not import {path}: {tag} is in the store but damaged ({folder_in_store(tag)}); "
+                                f"remove it with `python -m models_registry delete {tag} --force`, then import "
+                                "again") from None
+        if not _archive_matches(archive, stored_at):
             raise RegistryError(f"could not import {path}: {tag} is already in the store with other files; "
                                 "the stored model was kept (delete it first to replace it)")
     except Exception as exc:  # noqa: BLE001 - not an archive: tarfile, yaml and OS errors of all kinds

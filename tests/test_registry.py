@@ -215,7 +215,7 @@ def test_rollback_refuses_a_model_damaged_since_it_was_production(two_models) ->
     assert reg.rollback(NAME) == first
 
 
-def test_the_only_stored_model_stays_production_when_another_is_stored() -> None:
+def test_the_only_stored_model_stays_production_when_another_is_stored(capsys: pytest.CaptureFixture[str]) -> None:
     """A store with one model and no promotion serves that model (a Bento's store); storing a second one (import,
     calibrate, a training run) left no production model at all, and `delete` removed the served model without
     --force."""
@@ -230,8 +230,8 @@ def test_the_only_stored_model_stays_production_when_another_is_stored() -> None
     broken = "registry-broken-record-model"
     reg.save_model(build_model(ModelSpec()).eval(), _card(0.5), name=broken)
     reg.store._record_path(broken).write_text(json.dumps({"production": None, "history": [], "log": {}}))
-    with pytest.warns(UserWarning, match="could not be recorded as production"):
-        assert reg.save_model(build_model(ModelSpec()).eval(), _card(0.6), name=broken)
+    assert reg.save_model(build_model(ModelSpec()).eval(), _card(0.6), name=broken)
+    assert "warning: the promotion record could not be read or written" in capsys.readouterr().err
 
 
 def test_a_store_that_cannot_be_read_is_not_called_damaged(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -456,12 +456,16 @@ def test_a_damaged_version_is_named_and_spares_the_rest(production_tag: str, tmp
     (stored.with_name("damagedcopy") / "model.yaml").unlink()
     shutil.copytree(stored, stored.with_name("notyaml"))  # a model.yaml that is not YAML failed every command
     (stored.with_name("notyaml") / "model.yaml").write_text(": : garbage [")
+    shutil.copytree(stored, stored.with_name("notamodel"))  # YAML, but not a model's (cattrs' ExceptionGroup)
+    (stored.with_name("notamodel") / "model.yaml").write_text("name: x\nversion: y\n")
     listed = _cli(home, "list")
     assert listed.returncode == 0 and tag in listed.stdout, listed.stderr
     damaged = f"{tag.split(':')[0]}:damagedcopy"
     assert f"{damaged}: unreadable, cannot be served" in listed.stdout
-    assert f"{tag.split(':')[0]}:notyaml: unreadable, cannot be served" in listed.stdout
-    assert _cli(home, "delete", f"{tag.split(':')[0]}:notyaml", "--force").returncode == 0
+    for version in ("notyaml", "notamodel"):
+        assert f"{tag.split(':')[0]}:{version}: unreadable, cannot be served" in listed.stdout
+        removed = _cli(home, "delete", f"{tag.split(':')[0]}:{version}", "--force")
+        assert removed.returncode == 0, removed.stderr
     kept = _cli(home, "delete", damaged)  # BentoML cannot delete what it cannot read: --force removes the folder
     assert kept.returncode == 1 and f"model {damaged} is damaged" in kept.stderr and "--force" in kept.stderr
     removed = _cli(home, "delete", damaged, "--force")
@@ -476,6 +480,20 @@ def test_a_damaged_version_is_named_and_spares_the_rest(production_tag: str, tmp
     (stored / "model.yaml").write_text(": : garbage [")  # `./dev.sh serve` went on to a server that could not start
     checked = _cli(home, "ensure-default")
     assert checked.returncode == 1 and f"model {tag} is damaged" in checked.stderr, checked.stdout + checked.stderr
+
+
+def test_importing_over_a_damaged_folder_of_the_same_tag_says_how_to_mend_it(production_tag: str,
+                                                                            tmp_path: Path) -> None:
+    """An empty folder named as the archive's version (what an old interrupted import left) made `import` end with
+    BentoML's 'does not contain a model.yaml', while `list` advised importing again."""
+    home, tag = tmp_path / "home", production_tag
+    (home / "models" / tag.replace(":", "/")).mkdir(parents=True)
+    refused = _cli(home, "import", str(DEFAULT_ARCHIVE))
+    assert refused.returncode == 1 and f"{tag} is in the store but damaged" in refused.stderr, refused.stderr
+    assert f"delete {tag} --force`, then import again" in refused.stderr
+    assert _cli(home, "delete", tag, "--force").returncode == 0
+    imported = _cli(home, "import", str(DEFAULT_ARCHIVE))
+    assert imported.returncode == 0 and imported.stdout.strip() == f"imported {tag}", imported.stderr
 
 
 def test_list_of_a_store_whose_every_version_is_damaged_names_them() -> None:

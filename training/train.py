@@ -375,6 +375,7 @@ def main(args: argparse.Namespace) -> int:
     check_steps(len(train.labels), args.batch_size, world)
     if rank == 0:
         replace_earlier_run(args.out)  # check_out refused a run there unless --overwrite
+        args.writing = True  # from here, an interrupted run leaves an unfinished one in --out
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         # The commit is read now, before the long run: a commit or an edit made while it trains must not be recorded
         # as what produced it.
@@ -499,8 +500,11 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: no model was saved; {args.out} holds an unfinished run (the same command with "
-              "--overwrite starts again)", file=sys.stderr)
+        if getattr(args, "writing", False):
+            print(f"interrupted: no model was saved; {args.out} holds an unfinished run (the same command with "
+                  "--overwrite starts again)", file=sys.stderr)
+        else:
+            print(f"interrupted before the run wrote anything: {args.out} is as it was", file=sys.stderr)
         return 130
 
 
