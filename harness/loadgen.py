@@ -369,6 +369,15 @@ async def measure_capacity(host: str, port: int, requests: list[bytes], step_s: 
     return max(s["rps"] for s in steps), steps
 
 
+async def _cancel_until_done(tasks: list[asyncio.Task]) -> None:
+    """Cancel `tasks` until each has ended. Python 3.11's `asyncio.wait_for` can swallow a cancellation that races
+    an answer; the consumer then waited on its queue for ever, and a soak stopped with Ctrl-C never exited."""
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.5)
+
+
 async def open_loop(host: str, port: int, requests: list[bytes], rate: float, seconds: float, connections: int,
                     max_queue: int, timeout_s: float, sample_s: float,
                     on_sample: Callable[[dict], None]) -> tuple[Counter[str], list[float]]:
@@ -406,23 +415,26 @@ async def open_loop(host: str, port: int, requests: list[bytes], rate: float, se
         window.clear()
 
     consumers = [asyncio.create_task(consumer()) for _ in range(connections)]
-    t0 = time.monotonic()
-    sample(t0)
-    next_sample = t0 + sample_s
-    for i in range(int(rate * seconds)):
-        scheduled = t0 + i / rate
-        now = time.monotonic()
-        if now >= next_sample:
-            sample(t0)
-            next_sample += sample_s
-        if scheduled > now:
-            await asyncio.sleep(scheduled - now)
-        try:
-            queue.put_nowait((scheduled, requests[i % len(requests)]))
-        except asyncio.QueueFull:
-            outcomes["client_queue_full"] += 1  # the server fell this far behind: counted as a failure
-    for _ in consumers:
-        await queue.put(None)
-    await asyncio.wait_for(asyncio.gather(*consumers), timeout_s + 10)
+    try:
+        t0 = time.monotonic()
+        sample(t0)
+        next_sample = t0 + sample_s
+        for i in range(int(rate * seconds)):
+            scheduled = t0 + i / rate
+            now = time.monotonic()
+            if now >= next_sample:
+                sample(t0)
+                next_sample += sample_s
+            if scheduled > now:
+                await asyncio.sleep(scheduled - now)
+            try:
+                queue.put_nowait((scheduled, requests[i % len(requests)]))
+            except asyncio.QueueFull:
+                outcomes["client_queue_full"] += 1  # the server fell this far behind: counted as a failure
+        for _ in consumers:
+            await queue.put(None)
+        await asyncio.wait_for(asyncio.gather(*consumers), timeout_s + 10)
+    finally:  # also on Ctrl-C (the main task cancelled): end every consumer before returning
+        await _cancel_until_done(consumers)
     sample(t0)
     return outcomes, latencies
