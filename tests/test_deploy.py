@@ -186,8 +186,12 @@ def test_objects_refer_to_each_other_correctly(builds: dict[str, str], overlay: 
     assert scaler["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
     minimum = scaler.get("minReplicaCount", scaler.get("minReplicas"))
     assert minimum >= 2 and one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1  # one pod always serves
+    # A Deployment that names a replica count is set back to it by every `kubectl apply`, cutting autoscaled pods.
+    assert "replicas" not in deployment["spec"]
     for trigger in scaler.get("triggers", []):  # KEDA's queries must select this namespace's series
-        assert re.findall(r'namespace="([^"]*)"', trigger["metadata"]["query"]) == [namespace], trigger["name"]
+        assert re.findall(r'namespace="([^"]*)"', trigger["metadata"]["query"]) == [namespace] * 2, trigger["name"]
+        # an empty answer (no pod scraped) is an error that triggers the fallback, not a silent 0
+        assert trigger["metadata"]["ignoreNullValues"] == "false", trigger["name"]
 
 
 def _quantity(value: str | int) -> float:

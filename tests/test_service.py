@@ -277,4 +277,4 @@ def test_latency_histograms_in_metrics(server: ServerProcess) -> None:
     check_latency_histogram(before, after, "bentoml_service_request_duration_seconds", waited,
                             endpoint="/classify", http_response_code="200")
     check_latency_histogram(before, after, "pneumonia_grpc_server_handling_seconds", grpc_waited,
-                            grpc_method="Classify")
+                            grpc_method="Classify", grpc_code="OK")

@@ -34,8 +34,9 @@ HANDLED = bentoml.metrics.Counter(
 )
 HANDLING_SECONDS = bentoml.metrics.Histogram(
     name="pneumonia_grpc_server_handling_seconds",
-    documentation="gRPC call latency in the server, by service and method",
-    labelnames=["grpc_service", "grpc_method"],
+    # By code too: refusals end in milliseconds and would pull a latency alert's p99 down under overload.
+    documentation="gRPC call latency in the server, by service, method and status code",
+    labelnames=["grpc_service", "grpc_method", "grpc_code"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
 UNMATCHED = "unmatched"  # the labels of a call to a method this server does not have (as HTTP labels unknown paths)
@@ -74,8 +75,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         service, method = _split_method(handler_call_details.method)
 
         def record(started: float, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
-            HANDLED.labels(grpc_service=service, grpc_method=method, grpc_code=_final_code(context, exc).name).inc()
-            HANDLING_SECONDS.labels(grpc_service=service, grpc_method=method).observe(time.perf_counter() - started)
+            code = _final_code(context, exc).name
+            HANDLED.labels(grpc_service=service, grpc_method=method, grpc_code=code).inc()
+            HANDLING_SECONDS.labels(grpc_service=service, grpc_method=method, grpc_code=code).observe(
+                time.perf_counter() - started)
 
         def wrap_unary_response(behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
             async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
