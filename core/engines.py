@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -96,10 +97,22 @@ def onnx_export(tapped: nn.Module, example: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+def _onnxruntime():  # -> the onnxruntime module
+    """ONNX Runtime, imported with its usage telemetry off. Its Linux wheels (1.29 on) record events about the
+    process, CPU, models and sessions, with a device id, in ~/.cache/Microsoft/DeveloperTools and upload them to
+    Microsoft; a hospital's server must not. The variable is read once, when the library initialises, and
+    `ORT_DISABLE_TELEMETRY=1` then creates none of it (the runtime call `disable_telemetry_events()` still records
+    a ProcessInfo event). An operator's own value of the variable stands."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+
+    return onnxruntime
+
+
 def onnxruntime_runner(model: bytes) -> Runner:
     """An ONNX Runtime session of `model` on as many threads as torch has (the service sets them per worker), its
     thread pool sleeping between calls instead of spinning, fed in chunks of `ONNX_CHUNK` images."""
-    import onnxruntime
+    onnxruntime = _onnxruntime()
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()

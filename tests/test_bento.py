@@ -75,6 +75,8 @@ def test_generated_dockerfile(bento_tag: str, bentoml_home: Path, tmp_path: Path
     assert re.search(r"^FROM python:3\.11-slim ", dockerfile, re.M)  # docker.python_version and distro debian
     # The pinned requirements above (first line: the CPU index) are what the image installs.
     assert re.search(r"pip install -r \$BENTO_PATH/env/python/requirements\.txt$", dockerfile, re.M)
+    # uv's index strategy is set before the install that needs it (test below).
+    assert dockerfile.index("ENV UV_INDEX_STRATEGY=") < dockerfile.index("pip install -r $BENTO_PATH/env/python/")
     # Every bentofile variable is set in the image, with its value as the build argument's default.
     info = yaml.safe_load((_bento_dir(bentoml_home, bento_tag) / "bento.yaml").read_text())
     for env in info["envs"]:
@@ -128,3 +130,67 @@ def test_built_bento_serves_by_tag(bento_tag: str, tmp_path: Path, production_ta
             assert abs(answer["probability"] - reference["probability"]) < 1e-3, (answer, reference)
     finally:
         proc.stop()
+
+
+def _fake_wheel(folder: Path, name: str, version: str) -> None:
+    """A wheel that holds only its metadata: enough for uv to resolve it."""
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / name / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
+
+
+def test_the_image_install_resolves_pins_that_pytorchs_index_also_hosts_at_other_versions(tmp_path: Path) -> None:
+    """The image's `uv pip install` (generated Dockerfile) reads requirements whose first line adds PyTorch's CPU
+    index before PyPI. That index also hosts numpy, pillow, jinja2 ... at some versions only; with uv's default
+    strategy a pin it lacks fails the image build. Two local indexes stand in for the two (no network here)."""
+    import http.server
+    import os
+    import subprocess
+    import threading
+
+    root = tmp_path / "indexes"
+    _fake_wheel(root / "torchindex", "torch", "2.14.0+cpu")
+    _fake_wheel(root / "torchindex", "numpy", "1.0")  # PyTorch's mirror, an older version than the pin
+    _fake_wheel(root / "pypi", "torch", "2.14.0")
+    _fake_wheel(root / "pypi", "numpy", "2.4.6")
+    for index in ("torchindex", "pypi"):  # PEP 503 pages
+        for package in (root / index).iterdir():
+            links = "".join(f'<a href="{w.name}">{w.name}</a>' for w in package.glob("*.whl"))
+            (package / "index.html").write_text(f"<html><body>{links}</body></html>")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        requirements = tmp_path / "requirements.txt"
+        requirements.write_text(f"--extra-index-url {url}/torchindex\nnumpy==2.4.6\ntorch==2.14.0\n")
+        bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+        image_env = {e["name"]: e["value"] for e in bentofile["envs"] if e["name"].startswith("UV_")}
+        assert image_env, "bentofile.yaml sets no uv setting"
+
+        def resolve(extra_env: dict[str, str]) -> subprocess.CompletedProcess:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("UV_")}
+            env.update(UV_CACHE_DIR=str(tmp_path / "uv-cache"), UV_NO_CONFIG="1", **extra_env)
+            return subprocess.run([str(ROOT / ".venv/bin/uv"), "pip", "compile", str(requirements), "--index-url",
+                                   f"{url}/pypi", "--no-header", "--no-annotate", "--python-version", "3.11"],
+                                  capture_output=True, text=True, env=env, timeout=120)
+
+        default = resolve({})  # the control: uv's default strategy fails on the pin PyTorch's index lacks
+        assert default.returncode != 0 and "numpy" in default.stderr, default.stdout + default.stderr
+        image = resolve(image_env)
+        assert image.returncode == 0, image.stderr
+        assert image.stdout.split() == ["numpy==2.4.6", "torch==2.14.0+cpu"]  # the pin from PyPI, torch CPU-only
+    finally:
+        server.shutdown()
+        server.server_close()

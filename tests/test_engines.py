@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -41,3 +43,32 @@ def test_unknown_engine_is_refused_clearly(production_tag: str, monkeypatch: pyt
     monkeypatch.setenv("PNEUMONIA_ENGINE", "onnx")
     with pytest.raises(ValidationError, match="engine"):
         ServingSettings()
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_onnxruntime_records_no_telemetry_unless_the_operator_asks(setting: str | None, tmp_path: Path) -> None:
+    """ONNX Runtime's Linux wheels record usage events with a device id under ~/.cache/Microsoft for upload; the
+    service's engine turns that off, and an operator's explicit ORT_DISABLE_TELEMETRY=0 (the control) turns it on."""
+    import os
+    import subprocess
+    import sys
+
+    from harness.paths import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / ".cache"), PYTHONPATH=str(ROOT))
+    if setting is not None:
+        env["ORT_DISABLE_TELEMETRY"] = setting
+    script = ("import torch\n"
+              "from core.engines import build_runner\n"
+              "from core.model import ModelSpec, PneumoniaNet\n"
+              "logits, _ = build_runner(PneumoniaNet(ModelSpec()).eval(), 'onnxruntime', 64)(torch.zeros(1, 1, 64, 64))\n"
+              "assert logits.shape == (1,), logits.shape\n")
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    recorded = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / ".cache").rglob("*") if p.is_file())
+    if setting is None:
+        assert recorded == []
+    else:
+        assert any("onnxruntime" in p for p in recorded), recorded
