@@ -5,14 +5,17 @@
     python -m client health [--grpc] [--url URL] [--json]
     ... [--api-key KEY] [--ca-file ca.pem] [--cert client.pem --key client-key.pem]   # a secured service
 
-Every file gets its own result: files beyond the server's images per request go in more requests, and a
-file the server refuses, or that cannot be read, is reported on stderr while the others are still answered.
-`explain` removes --out and --grid first, so that an answer without a heatmap never leaves an earlier one there.
+Every file gets its own result: files go in requests of at most 16 images and 48 MiB (fewer where the server
+takes fewer), read a request at a time, and a file the server refuses (its input checks or its input-validity
+gate), or that cannot be read, is reported on stderr while the others are still answered. `explain` removes
+--out and --grid first (regular files only; a device or pipe is written to as it is), so that an answer without
+a heatmap never leaves an earlier one there.
 
 --url defaults to http://127.0.0.1:3000 (HTTP) or 127.0.0.1:3001 (gRPC), or to $PNEUMONIA_URL /
 $PNEUMONIA_GRPC_URL when set. Exit status: 0 success, 1 not ready, 2 usage error or unreadable file,
-3 input refused by the server (4xx, INVALID_ARGUMENT, RESOURCE_EXHAUSTED), 4 server unreachable, busy
-or too slow, 5 authentication or server error.
+3 input refused by the server (4xx, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, or a `refused` answer of the
+input-validity gate), 4 server unreachable, busy or too slow (or no classifier at that URL), 5 authentication or
+server error.
 """
 
 from __future__ import annotations
@@ -23,18 +26,25 @@ import os
 import re
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from api.reasons import IMAGE_REASONS
 
 from . import ClassifierClient, connect
-from ._common import TLS, redact
+from ._common import MAX_TIMEOUT_S, TLS, file_name, grpc_target, redact
 from .errors import ClientError, InvalidInput
 from .models import DicomInfo, ImageUpload, ModelInfo, Prediction
 
 # Refusals of single images: a request refused for these is sent again one image at a time, so that the other
 # images are still answered. `request_too_large`: the whole request was over the server's byte limit.
 PER_IMAGE_REASONS = frozenset(IMAGE_REASONS) | {"request_too_large"}
+# Files are read one request at a time, so memory holds one request's files whatever their number (a day of DICOM
+# studies read at once took gigabytes): at most the server's default images per request (a server that takes
+# fewer says so, and gets smaller requests) and a byte budget under the default request limit and the gRPC
+# channel's 64 MiB, with room for the framing; a single larger file goes alone and gets the server's answer.
+BATCH_IMAGES = 16
+BATCH_BYTES = 48 * 1024 * 1024
 
 
 def _seconds(text: str) -> float:
@@ -44,6 +54,8 @@ def _seconds(text: str) -> float:
         value = float("nan")
     if not 0 < value < float("inf"):  # NaN fails too
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    if value > MAX_TIMEOUT_S:  # 1e10 overflowed httpx's clock and was an instant deadline over gRPC
+        raise argparse.ArgumentTypeError(f"{text!r} is more than a day ({MAX_TIMEOUT_S:.0f} s)")
     return value
 
 
@@ -147,15 +159,32 @@ def _read(path: Path, client_id: str | None) -> ImageUpload | Unreadable:
         if not stat.S_ISREG(path.stat().st_mode):
             kind = "a folder" if path.is_dir() else "not a regular file"
             return Unreadable(f"cannot read {path}: {kind}")
-        return ImageUpload(data=path.read_bytes(), filename=path.name, client_id=client_id)
+        return ImageUpload(data=path.read_bytes(), filename=file_name(path), client_id=client_id)
     except OSError as exc:
-        return Unreadable(f"cannot read {path}: {exc.strerror or exc}")
+        return Unreadable(f"cannot read {_shown(path)}: {exc.strerror or exc}")
 
 
-def _uploads(paths: list[Path], client_ids: list[str] | None) -> list[ImageUpload | Unreadable]:
-    if client_ids and len(client_ids) != len(paths):
-        raise SystemExit(f"error: {len(client_ids)} --client-id for {len(paths)} images; give one per image or none")
-    return [_read(path, client_ids[i] if client_ids else None) for i, path in enumerate(paths)]
+def _shown(path: Path) -> str:
+    """A path as messages print it: bytes that are not UTF-8 replaced (a terminal cannot take them)."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _batches(paths: list[Path]) -> Iterator[list[int]]:
+    """The files' indices, a request's worth at a time (BATCH_IMAGES, BATCH_BYTES by their size on disk)."""
+    batch: list[int] = []
+    size = 0
+    for i, path in enumerate(paths):
+        try:
+            length = path.stat().st_size
+        except OSError:  # reported when it is read
+            length = 0
+        if batch and (len(batch) == BATCH_IMAGES or size + length > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(i)
+        size += length
+    if batch:
+        yield batch
 
 
 class NotSent(ClientError):
@@ -206,14 +235,30 @@ def _own_message(text: str) -> str:
 
 
 def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
-    """Every file gets an entry, in order; a file that cannot be read is reported and the others still sent."""
-    read = _uploads(args.images, args.client_id)
-    uploads = [u for u in read if isinstance(u, ImageUpload)]
-    answers = iter(classify_each(api, uploads) if uploads else [])
-    results = [next(answers) if isinstance(u, ImageUpload) else u for u in read]
-    names = [path.name for path in args.images]
-    ids = args.client_id or [None] * len(names)
+    """Every file gets an entry, in order; a file that cannot be read is reported and the others still sent. A
+    failure of the first request that is not about an image is raised; one of a later request leaves the files
+    after it unsent (`NotSent`), the answers already received kept."""
+    paths: list[Path] = args.images
+    ids = args.client_id or [None] * len(paths)
+    results: list[Prediction | ClientError] = []
+    stopped: NotSent | None = None
+    for batch in _batches(paths):
+        if stopped is not None:
+            results += [stopped] * len(batch)
+            continue
+        read = [_read(paths[i], ids[i]) for i in batch]
+        uploads = [u for u in read if isinstance(u, ImageUpload)]
+        try:
+            answers = iter(classify_each(api, uploads) if uploads else [])
+        except ClientError as failed:
+            if not results:
+                raise
+            answers = iter([NotSent(failed)] * len(uploads))
+        results += [next(answers) if isinstance(u, ImageUpload) else u for u in read]
+        stopped = next((r for r in results if isinstance(r, NotSent)), None)
+    names = [file_name(path) for path in paths]
     failed = [(name, r) for name, r in zip(names, results) if isinstance(r, ClientError)]
+    refused = [(name, r) for name, r in zip(names, results) if isinstance(r, Prediction) and r.refusal is not None]
     if args.json:
         print(json.dumps([r.model_dump() if isinstance(r, Prediction) else _error_entry(name, client_id, r)
                           for name, client_id, r in zip(names, ids, results)], indent=2))
@@ -227,12 +272,14 @@ def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
             print(f"error: {name}: {_own_message(str(error))}", file=sys.stderr)
         elif isinstance(error, Unreadable):
             print(f"error: {error}", file=sys.stderr)
+    for name, prediction in refused:  # answered, but with no verdict: a refusal like the server's 4xx
+        print(f"error: {name}: refused ({prediction.refusal.reason}): {prediction.refusal.message}", file=sys.stderr)
     unsent = [name for name, error in failed if isinstance(error, NotSent)]
     if unsent:  # one error for the files it left unanswered, not one line each
         error = next(e for _, e in failed if isinstance(e, NotSent))
         listed = ", ".join(unsent[:5]) + (f" and {len(unsent) - 5} more" if len(unsent) > 5 else "")
         print(f"error: {len(unsent)} file(s) not answered ({listed}): {error}", file=sys.stderr)
-    return max((error.exit_code for _, error in failed), default=0)
+    return max([error.exit_code for _, error in failed] + [InvalidInput.exit_code for _ in refused[:1]], default=0)
 
 
 def _error_entry(name: str, client_id: str | None, error: ClientError) -> dict[str, object]:
@@ -263,11 +310,10 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
                 print(f"error: {'--grid' if target is args.grid else '--out'} {target} is {what}; "
                       "write the heatmap elsewhere", file=sys.stderr)
                 return 2
-    [upload] = _uploads([args.image], None)
+    upload = _read(args.image, None)
     for target in targets:
         try:
-            if target.exists() or target.is_symlink():
-                target.unlink()
+            _clear(target)
         except OSError as exc:
             print(f"error: cannot replace {target}: {exc.strerror or exc}", file=sys.stderr)
             return 2
@@ -284,9 +330,13 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
+    refusal = explanation.prediction.refusal
+    if refusal is not None:
+        print(f"error: {file_name(args.image)}: refused ({refusal.reason}): {refusal.message}", file=sys.stderr)
+    status = 0 if refusal is None else InvalidInput.exit_code
     if args.json:
         print(json.dumps(explanation.model_dump(mode="json", exclude={"heatmap": {"overlay_png", "image_png"}}), indent=2))
-        return 0
+        return status
     print(_format_prediction(explanation.prediction))
     if heatmap is None:
         print(f"    {explanation.note}")
@@ -299,7 +349,23 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
         print(f"    heatmap: {heatmap.method} of {heatmap.target}, {len(heatmap.grid)}x{len(heatmap.grid[0])} grid; {where}")
         print(f"    {explanation.note}")
     print(f"model {explanation.prediction.model} via {api.transport} {redact(api.url)}")
-    return 0
+    return status
+
+
+def _clear(target: Path) -> None:
+    """Remove an earlier output: a regular file, a link to one, or a broken link. A device, pipe or socket (or a
+    link to one: `--out /dev/stdout`) is left to be written to: removing it replaced /dev/null with a file."""
+    try:
+        kind = target.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(kind):
+        try:
+            kind = target.stat().st_mode
+        except FileNotFoundError:  # a broken link
+            kind = stat.S_IFREG
+    if stat.S_ISREG(kind) or stat.S_ISDIR(kind):  # a folder: unlink says why it cannot
+        target.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,18 +373,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.url is not None and not args.url.strip():
         parser.error("argument --url: empty (leave it out for the default)")
+    if args.command == "classify" and args.client_id and len(args.client_id) != len(args.images):
+        parser.error(f"{len(args.client_id)} --client-id for {len(args.images)} images; give one per image or none")
     url = args.url or os.environ.get("PNEUMONIA_GRPC_URL" if args.grpc else "PNEUMONIA_URL")
     if url:
         from urllib.parse import urlsplit
 
+        url = url.strip()
         try:  # a port out of range would otherwise surface as "connection refused"
             parts = urlsplit(url if "://" in url else f"x://{url}")
             _ = parts.port
+            if args.grpc:
+                grpc_target(url)
         except ValueError as exc:
             parser.error(f"argument --url: {redact(url)!r}: {exc}")
         if args.grpc and "@" in parts.netloc:
             parser.error(f"argument --url: {redact(url)!r}: a gRPC address takes no user or password "
                          "(give the key with --api-key)")
+        if not args.grpc and "://" in url and parts.scheme not in ("http", "https"):
+            parser.error(f"argument --url: {redact(url)!r}: use http:// or https:// (or --grpc for a gRPC address)")
     try:
         headers = {"x-api-key": args.api_key} if args.api_key else None
         tls = TLS(args.ca_file, args.cert, args.key) if (args.ca_file or args.cert or args.key) else None

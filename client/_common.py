@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -15,26 +16,63 @@ from .models import ImageUpload
 DEFAULT_HTTP_URL = "http://127.0.0.1:3000"
 DEFAULT_GRPC_TARGET = "127.0.0.1:3001"
 DEFAULT_TIMEOUT_S = 60.0
+MAX_TIMEOUT_S = 86400.0  # a day: longer is a typo, and 1e10 overflowed the clock
 
 ImageInput = Union[str, os.PathLike, bytes, ImageUpload]
 
 
+BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+def file_name(path: str | os.PathLike) -> str:
+    """The name a file is sent and shown under: its last part, with bytes that are not UTF-8 (a name from another
+    system's encoding) replaced, since neither HTTP nor gRPC nor a terminal can carry them."""
+    return os.fsencode(Path(path).name).decode("utf-8", "replace")
+
+
 def as_uploads(images: Iterable[ImageInput] | ImageInput) -> list[ImageUpload]:
     """Paths are read (their name kept as filename), bytes sent as they are, uploads passed through."""
-    if isinstance(images, (str, os.PathLike, bytes, ImageUpload)):
+    if isinstance(images, (str, os.PathLike, ImageUpload, *BYTES_LIKE)):
         images = [images]
     uploads = []
     for image in images:
         if isinstance(image, ImageUpload):
             uploads.append(image)
-        elif isinstance(image, bytes):
-            uploads.append(ImageUpload(data=image))
+        elif isinstance(image, BYTES_LIKE):
+            uploads.append(ImageUpload(data=bytes(image)))
         elif isinstance(image, (str, os.PathLike)):
-            path = Path(image)
-            uploads.append(ImageUpload(data=path.read_bytes(), filename=path.name))
+            uploads.append(ImageUpload(data=Path(image).read_bytes(), filename=file_name(image)))
         else:
             raise TypeError(f"cannot send {type(image).__name__} as an image; pass a path, bytes or ImageUpload")
     return uploads
+
+
+def some_images(images: Iterable[ImageInput] | ImageInput) -> list[ImageUpload]:
+    """`as_uploads`, refusing an empty list here, the same way on both transports (the servers' answers differ)."""
+    uploads = as_uploads(images)
+    if not uploads:
+        raise InvalidInput("no images to classify: pass at least one", reasons=("no_images",))
+    return uploads
+
+
+def checked_timeout(seconds: float) -> float:
+    """A positive, finite number of seconds, or ValueError: 0 failed at once over HTTP and meant the default over
+    gRPC; a huge one overflowed the clock."""
+    if not (isinstance(seconds, (int, float)) and 0 < seconds <= MAX_TIMEOUT_S and not math.isnan(seconds)):
+        raise ValueError(f"timeout {seconds!r}: give a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0f}")
+    return float(seconds)
+
+
+def checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The headers (HTTP) or metadata (gRPC), refused with ValueError when a value holds a control character (a key
+    read with its line end): httpx printed the whole key in its error and called the server unreachable. The
+    message names the header, never its value."""
+    headers = dict(headers or {})
+    for name, value in headers.items():
+        if any(ord(c) < 32 or ord(c) == 127 for c in str(value)):
+            raise ValueError(f"the {name} value holds a control character (a line end read with the key?); "
+                             "it was not sent")
+    return headers
 
 
 def rejection(details: Sequence[dict[str, Any]], uploads: Sequence[ImageUpload], status: str | int) -> InvalidInput:
@@ -71,12 +109,15 @@ def grpc_target(url: str | None) -> str:
     """'grpc://host:port' or 'host:port' -> 'host:port' (what grpc channels take)."""
     if not url:
         return DEFAULT_GRPC_TARGET
+    target = url.strip()
     for prefix in ("grpc://", "dns:///"):
-        if url.startswith(prefix):
-            return url[len(prefix) :].rstrip("/")
-    if "://" in url:
+        if target.startswith(prefix):
+            target = target[len(prefix) :]
+            break
+    target = target.rstrip("/")
+    if "://" in target or "/" in target or not target:
         raise ValueError(f"{url!r} is not a gRPC address; use host:port or grpc://host:port")
-    return url
+    return target
 
 
 @dataclass(frozen=True)

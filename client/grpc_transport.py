@@ -10,7 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from api.grpc import SERVICE_NAME, explanation_fields, model_info_fields, pb, pb_grpc, prediction_fields
 from api.status import REASONS_METADATA_KEY, RETRY_AFTER_HEADER
-from ._common import DEFAULT_TIMEOUT_S, TLS, ImageInput, as_uploads, grpc_target
+from ._common import (DEFAULT_TIMEOUT_S, TLS, ImageInput, as_uploads, checked_headers, checked_timeout, grpc_target,
+                      some_images)
 from .errors import (
     LIMIT_REASONS,
     AuthenticationError,
@@ -76,6 +77,10 @@ def _error(exc: grpc.RpcError, target: str) -> ClientError:
     # grpcio's own limit on calls in flight sends no reason, only its message
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and ("rate_limited" in reasons or "Concurrent RPC limit" in details):
         cls = RateLimited
+    # grpcio's message size limits (this channel's on sending, the server's on receiving) send no reason either:
+    # name it as the HTTP API's byte limit does, so that a caller (the CLI) sends fewer images per request
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not reasons and "larger than max" in details:
+        reasons = ("request_too_large",)
     wait = str(trailing.get(RETRY_AFTER_HEADER, ""))
     return cls(details, status=code.name, reasons=reasons, retry_after_s=float(wait) if wait.isdigit() else None)
 
@@ -94,7 +99,11 @@ def _credentials(credentials: grpc.ChannelCredentials | None, tls: TLS | None) -
 
 
 def _metadata(headers: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
-    return tuple((k.lower(), v) for k, v in (headers or {}).items())
+    return tuple((k.lower(), v) for k, v in checked_headers(headers).items())
+
+
+def _deadline(timeout: float | None, default: float) -> float:
+    return default if timeout is None else checked_timeout(timeout)
 
 
 class GrpcClient:
@@ -113,7 +122,7 @@ class GrpcClient:
         tls: TLS | None = None,
     ) -> None:
         self.url = grpc_target(target)
-        self.timeout = timeout
+        self.timeout = checked_timeout(timeout)
         self._metadata = _metadata(headers)
         self._channel = _open_channel(grpc, self.url, _credentials(credentials, tls))
         self._stub = pb_grpc.ClassifierStub(self._channel)
@@ -121,9 +130,9 @@ class GrpcClient:
 
     def classify(self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None) -> list[Prediction]:
         """One prediction per image, in order."""
-        uploads = as_uploads(images)
+        uploads = some_images(images)
         try:
-            response = self._stub.Classify(_request(uploads), timeout=timeout or self.timeout, metadata=self._metadata)
+            response = self._stub.Classify(_request(uploads), timeout=_deadline(timeout, self.timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.url) from None
         return [_prediction(p) for p in response.predictions]
@@ -132,7 +141,7 @@ class GrpcClient:
         """One image's prediction (as `classify` gives it) and Grad-CAM heatmap (none when the image is refused)."""
         request, _ = _explain_request(image)
         try:
-            response = self._stub.Explain(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            response = self._stub.Explain(request, timeout=_deadline(timeout, self.timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.url) from None
         return _explanation(response)
@@ -179,7 +188,7 @@ class AsyncGrpcClient:
         tls: TLS | None = None,
     ) -> None:
         self.url = grpc_target(target)
-        self.timeout = timeout
+        self.timeout = checked_timeout(timeout)
         self._metadata = _metadata(headers)
         self._credentials = _credentials(credentials, tls)
         self._channel: grpc.aio.Channel | None = None
@@ -192,10 +201,10 @@ class AsyncGrpcClient:
     async def classify(
         self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None
     ) -> list[Prediction]:
-        uploads = as_uploads(images)
+        uploads = some_images(images)
         stub = pb_grpc.ClassifierStub(self._open())
         try:
-            response = await stub.Classify(_request(uploads), timeout=timeout or self.timeout, metadata=self._metadata)
+            response = await stub.Classify(_request(uploads), timeout=_deadline(timeout, self.timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.url) from None
         return [_prediction(p) for p in response.predictions]
@@ -204,7 +213,7 @@ class AsyncGrpcClient:
         request, _ = _explain_request(image)
         stub = pb_grpc.ClassifierStub(self._open())
         try:
-            response = await stub.Explain(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            response = await stub.Explain(request, timeout=_deadline(timeout, self.timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.url) from None
         return _explanation(response)

@@ -6,10 +6,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import httpx
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 
-from ._common import DEFAULT_HTTP_URL, DEFAULT_TIMEOUT_S, TLS, ImageInput, as_uploads, redact, rejection
-from .errors import (AuthenticationError, ClientError, DeadlineExceeded, LimitExceeded, RateLimited, ServerError,
+from ._common import (DEFAULT_HTTP_URL, DEFAULT_TIMEOUT_S, TLS, ImageInput, as_uploads, checked_headers, checked_timeout,
+                      redact, rejection, some_images)
+from .errors import (AuthenticationError, ClientError, DeadlineExceeded, InvalidInput, LimitExceeded, RateLimited, ServerError,
                      Unavailable)
 from .models import Explanation, ImageUpload, ModelInfo, Prediction
 
@@ -20,9 +21,22 @@ def _files(uploads: list[ImageUpload]) -> list[tuple[str, tuple[str, bytes, str]
     return [("images", (u.filename or f"image-{i}", u.data, "application/octet-stream")) for i, u in enumerate(uploads)]
 
 
+def _parsed(response: httpx.Response, parse: Any) -> Any:
+    """`parse(body)`, or ServerError when the answer is not the API's (a proxy's HTML page, another service)."""
+    try:
+        return parse(response.json())
+    except (ValueError, ValidationError) as exc:  # JSONDecodeError is a ValueError
+        kind = response.headers.get("content-type", "no content type")
+        raise ServerError(f"{response.request.url} answered {response.status_code} with {kind} that is not the "
+                          f"classifier's answer ({type(exc).__name__}): is --url the service's address?",
+                          status=response.status_code) from None
+
+
 def _predictions(response: httpx.Response, uploads: list[ImageUpload]) -> list[Prediction]:
     _raise_for_status(response, uploads)
-    predictions = _PREDICTIONS.validate_python(response.json())
+    predictions = _parsed(response, _PREDICTIONS.validate_python)
+    if len(predictions) != len(uploads):
+        raise ServerError(f"{len(predictions)} predictions for {len(uploads)} images", status=response.status_code)
     # The HTTP API does not echo names and ids; attach them here so both transports answer alike.
     return [p.model_copy(update={"filename": u.filename, "client_id": u.client_id}) for p, u in zip(predictions, uploads)]
 
@@ -36,19 +50,22 @@ def _single(image: ImageInput) -> ImageUpload:
 
 def _explanation(response: httpx.Response, upload: ImageUpload) -> Explanation:
     _raise_for_status(response, [upload])
-    explanation = Explanation.model_validate(response.json())
+    explanation = _parsed(response, Explanation.model_validate)
     prediction = explanation.prediction.model_copy(update={"filename": upload.filename, "client_id": upload.client_id})
     return explanation.model_copy(update={"prediction": prediction})
 
 
 def _raise_for_status(response: httpx.Response, uploads: Sequence[ImageUpload] = ()) -> None:
     status = response.status_code
+    if 300 <= status < 400:  # not followed: a POST sent on would lose its body, and a key would go to another host
+        where = response.headers.get("location", "elsewhere")
+        raise ServerError(f"{response.request.url} redirects to {where}: give that address as the URL", status=status)
     if status < 400:
         return
     try:
         body: Any = response.json()
-    except ValueError:
-        body = {"error": response.text}
+    except ValueError:  # not the API's JSON (a proxy's page): its first words, not the whole page
+        body = {"error": " ".join(response.text.split())[:200] or response.reason_phrase}
     body = body[0] if isinstance(body, list) and body else body  # BentoML wraps some errors in a list
     error = str(body.get("error") or body) if isinstance(body, dict) else str(body)
     if status == 400 and isinstance(body, dict) and isinstance(body.get("detail"), list):
@@ -64,9 +81,23 @@ def _raise_for_status(response: httpx.Response, uploads: Sequence[ImageUpload] =
         raise Unavailable(error, status=status, reasons=reasons, retry_after_s=_retry_after(response))
     if status == 504:
         raise DeadlineExceeded(error, status=status)
+    if status in (404, 405):  # a path this server does not have: not the classifier, or a URL with a path
+        raise Unavailable(f"no classifier at {response.request.url} ({status} {response.reason_phrase}): is the URL "
+                          "the service's address, without a path?", status=status)
     if status < 500:
-        raise ClientError(error, status=status)
+        raise InvalidInput(error, status=status, reasons=reasons)
     raise ServerError(error, status=status)
+
+
+def _ready(response: httpx.Response) -> bool:
+    """/readyz: 200 ready, 503 still loading; any other answer is not this service's and raises."""
+    if response.status_code == 503:
+        return False
+    _raise_for_status(response)
+    if response.status_code != 200:
+        raise ServerError(f"{response.request.url} answered {response.status_code}, not 200 or 503: is the URL the "
+                          "service's address?", status=response.status_code)
+    return True
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -98,12 +129,13 @@ class HttpClient:
     ) -> None:
         self.url = _base_url(url, tls)
         verify = tls.ssl_context() if tls is not None else True
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=dict(headers or {}), verify=verify)
+        self._http = httpx.Client(base_url=self.url, timeout=checked_timeout(timeout), headers=checked_headers(headers),
+                                  verify=verify)
 
     def classify(self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None) -> list[Prediction]:
         """One prediction per image, in order."""
-        uploads = as_uploads(images)
-        extra = {} if timeout is None else {"timeout": timeout}
+        uploads = some_images(images)
+        extra = {} if timeout is None else {"timeout": checked_timeout(timeout)}
         try:
             response = self._http.post("/classify", files=_files(uploads), **extra)
         except httpx.HTTPError as exc:
@@ -116,7 +148,7 @@ class HttpClient:
         Raises `Unavailable` (with `retry_after_s`) when the server is computing as many explanations as it allows.
         """
         upload = _single(image)
-        extra = {} if timeout is None else {"timeout": timeout}
+        extra = {} if timeout is None else {"timeout": checked_timeout(timeout)}
         files = [("image", (upload.filename or "image", upload.data, "application/octet-stream"))]
         try:
             response = self._http.post("/explain", files=files, **extra)
@@ -130,14 +162,16 @@ class HttpClient:
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self.url) from None
         _raise_for_status(response)
-        return ModelInfo.model_validate(response.json())
+        return _parsed(response, ModelInfo.model_validate)
 
     def ready(self) -> bool:
-        """True once the model is loaded and warm; raises Unavailable when the server cannot be reached."""
+        """True once the model is loaded and warm, False while it loads; raises Unavailable when the server cannot
+        be reached, and a ClientError when what answers is not this service (a 404 for a URL with a path)."""
         try:
-            return self._http.get("/readyz").status_code == 200
+            response = self._http.get("/readyz")
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self.url) from None
+        return _ready(response)
 
     def close(self) -> None:
         self._http.close()
@@ -160,13 +194,14 @@ class AsyncHttpClient:
     ) -> None:
         self.url = _base_url(url, tls)
         verify = tls.ssl_context() if tls is not None else True
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=dict(headers or {}), verify=verify)
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=checked_timeout(timeout),
+                                       headers=checked_headers(headers), verify=verify)
 
     async def classify(
         self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None
     ) -> list[Prediction]:
-        uploads = as_uploads(images)
-        extra = {} if timeout is None else {"timeout": timeout}
+        uploads = some_images(images)
+        extra = {} if timeout is None else {"timeout": checked_timeout(timeout)}
         try:
             response = await self._http.post("/classify", files=_files(uploads), **extra)
         except httpx.HTTPError as exc:
@@ -175,7 +210,7 @@ class AsyncHttpClient:
 
     async def explain(self, image: ImageInput, *, timeout: float | None = None) -> Explanation:
         upload = _single(image)
-        extra = {} if timeout is None else {"timeout": timeout}
+        extra = {} if timeout is None else {"timeout": checked_timeout(timeout)}
         files = [("image", (upload.filename or "image", upload.data, "application/octet-stream"))]
         try:
             response = await self._http.post("/explain", files=files, **extra)
@@ -189,13 +224,14 @@ class AsyncHttpClient:
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self.url) from None
         _raise_for_status(response)
-        return ModelInfo.model_validate(response.json())
+        return _parsed(response, ModelInfo.model_validate)
 
     async def ready(self) -> bool:
         try:
-            return (await self._http.get("/readyz")).status_code == 200
+            response = await self._http.get("/readyz")
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self.url) from None
+        return _ready(response)
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -22,6 +22,7 @@ KEY_HTTP_LIMIT = "file-key-" + "c" * 24  # only the HTTP rate-limit test spends 
 KEY_GRPC_LIMIT = "file-key-" + "d" * 24  # only the gRPC rate-limit test
 KEY_CLIENT = {"http": "file-key-" + "e" * 24, "grpc": "file-key-" + "f" * 24}  # only the typed-client tests
 KEY_CLI_LIMIT = {"http": "file-key-" + "g" * 24, "grpc": "file-key-" + "h" * 24}  # only the CLI's rate-limit test
+KEY_CLI_LARGE = {"http": "file-key-" + "i" * 24, "grpc": "file-key-" + "j" * 24}  # only the CLI's byte-limit test
 ORIGIN = "https://viewer.example"
 BURST = 20
 PER_MINUTE = 60
@@ -33,7 +34,7 @@ def start_secured(folder: Path) -> tuple[ServerProcess, Pki]:
     pki = make_pki(folder / "pki")
     keys = folder / "api-keys.txt"
     lines = ["# one key per line", KEY_FILE, "", KEY_HTTP_LIMIT, KEY_GRPC_LIMIT, *KEY_CLIENT.values(),
-             *KEY_CLI_LIMIT.values()]
+             *KEY_CLI_LIMIT.values(), *KEY_CLI_LARGE.values()]
     keys.write_text("\n".join(lines) + "\n")
     server = bentoml_serve(
         "service:PneumoniaClassifier",

@@ -32,7 +32,7 @@ from harness.payloads import sample_xrays
 from harness.servers import HANG_S, ServerProcess, free_port, server_env
 from harness.tls import Pki
 from tests.images import encode, gradient
-from tests.secured import BURST, KEY_CLI_LIMIT, KEY_CLIENT, KEY_FILE
+from tests.secured import BURST, KEY_CLI_LARGE, KEY_CLI_LIMIT, KEY_CLIENT, KEY_FILE, MAX_REQUEST
 
 SAME = ("label", "probability", "threshold", "confidence", "model", "image", "warnings", "filename", "client_id")
 
@@ -216,7 +216,9 @@ def test_cli_explain_never_leaves_an_earlier_heatmap_in_place(live: ServerProces
     blank = tmp_path / "blank.png"
     blank.write_bytes(encode(Image.new("L", (300, 300), 128), "PNG"))
     refused = _cli("explain", str(blank), *target)
-    assert refused.returncode == 0 and "REFUSED (blank)" in refused.stdout, refused.stdout + refused.stderr
+    # no verdict: exit 3 and a line on stderr, as for a refusal by the server's input checks (it was 0)
+    assert refused.returncode == 3 and "REFUSED (blank)" in refused.stdout, refused.stdout + refused.stderr
+    assert refused.stderr.startswith("error: blank.png: refused (blank): "), refused.stderr
     assert not out.exists() and not grid.exists() and "no heatmap written" in refused.stdout
     again = _cli("explain", str(sample_xrays(1, offset=62)[0]), *target)
     assert again.returncode == 0 and out.is_file(), again.stderr
@@ -232,6 +234,142 @@ def test_cli_explain_never_leaves_an_earlier_heatmap_in_place(live: ServerProces
         usage = _cli("explain", str(xray), *flags_out, *flags, "--url", _target(live, transport))
         assert usage.returncode == 2 and "write the heatmap elsewhere" in usage.stderr, usage.stderr
         assert xray.read_bytes() == sample_xrays(1, offset=62)[0].read_bytes()
+    # Only regular files are removed first (a helper's find: `--out /dev/null`, run as root, replaced the device
+    # with a file); a link to a device is written through and stays a link.
+    sink = tmp_path / "sink.png"
+    sink.symlink_to("/dev/null")
+    through = _cli("explain", str(xray), "--out", str(sink), *flags, "--url", _target(live, transport))
+    assert through.returncode == 0 and sink.is_symlink() and Path("/dev/null").is_char_device(), through.stderr
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_cli_odd_file_names_urls_keys_and_timeouts(live: ServerProcess, transport: str, tmp_path: Path) -> None:
+    """A helper's finds: a file name that is not UTF-8 stopped the whole run with an encoding error; an API key
+    read with its line end was printed in full and called "unreachable"; `--timeout 1e10` was a traceback (HTTP) or
+    an instant deadline (gRPC); a --client-id count mismatch and a non-HTTP URL exited as if not ready or
+    unreachable; a URL with a path said "not ready" for ever; a gRPC address with a trailing slash never connected."""
+    import os
+
+    flags = ["--grpc"] if transport == "grpc" else []
+    url = _target(live, transport)
+    good = sample_xrays(1, offset=63)[0]
+    odd = tmp_path / os.fsdecode(b"ok\xffname.jpeg")
+    odd.write_bytes(good.read_bytes())
+    both = _cli("classify", str(good), str(odd), *flags, "--url", url, "--json")
+    assert both.returncode == 0, both.stderr
+    assert [e["filename"] for e in json.loads(both.stdout)] == [good.name, "ok\ufffdname.jpeg"]
+    secret = "sekrit-" + "k" * 20
+    for key in (secret + "\r", secret + "\n"):
+        keyed = _cli("health", *flags, "--url", url, "--api-key", key)
+        assert keyed.returncode == 2 and "control character" in keyed.stderr and secret not in keyed.stderr, keyed.stderr
+    for args, words in ((["--timeout", "1e10"], "more than a day"),
+                        (["--client-id", "a"], "1 --client-id for 2 images"),
+                        (["--url", "ftp://127.0.0.1:21" if transport == "http" else "grpc://"],
+                         "use http:// or https://" if transport == "http" else "is not a gRPC address")):
+        usage = _cli("classify", str(good), str(good), *flags, *(["--url", url] if "--url" not in args else []), *args)
+        assert usage.returncode == 2 and words in usage.stderr and "Traceback" not in usage.stderr, usage.stderr
+    if transport == "http":
+        pathed = _cli("health", "--url", url + "/v1")  # /v1/readyz: 404, not "the model is loading"
+        assert pathed.returncode == 4 and "no classifier at" in pathed.stderr, pathed.stdout + pathed.stderr
+    else:
+        slashed = _cli("health", "--grpc", "--url", url + "/")
+        assert slashed.returncode == 0 and slashed.stdout.startswith("ready at"), slashed.stdout + slashed.stderr
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_both_transports_treat_empty_lists_timeouts_and_byte_buffers_alike(live: ServerProcess, transport: str) -> None:
+    """classify([]) was a 415 ClientError over HTTP and InvalidInput over gRPC; timeout=0 failed at once over HTTP
+    and meant the default over gRPC; a bytearray was refused."""
+    data = sample_xrays(1, offset=64)[0].read_bytes()
+    with connect(_target(live, transport), transport=transport) as api:
+        with pytest.raises(InvalidInput) as empty:
+            api.classify([])
+        assert empty.value.reasons == ("no_images",)
+        for timeout in (0, -1, float("nan"), 1e10):
+            with pytest.raises(ValueError, match="timeout"):
+                api.classify(data, timeout=timeout)
+        assert [p.probability for p in api.classify([bytearray(data), memoryview(data)])] == \
+            [api.classify(data)[0].probability] * 2
+
+
+def test_cli_reads_a_request_of_files_at_a_time(tmp_path: Path) -> None:
+    """A helper measured 331 MiB for 28 ten-megabyte DICOM files: every file was read before the first request.
+    Requests now take at most BATCH_IMAGES files and BATCH_BYTES, read when they are sent (sparse files here)."""
+    from client.__main__ import BATCH_BYTES, BATCH_IMAGES, _batches
+
+    small = []
+    for i in range(BATCH_IMAGES + 4):
+        small.append(tmp_path / f"s{i}.jpeg")
+        small[-1].write_bytes(b"x")
+    assert [len(b) for b in _batches(small)] == [BATCH_IMAGES, 4]
+    large = []
+    for i in range(5):
+        large.append(tmp_path / f"l{i}.dcm")
+        with large[-1].open("wb") as f:
+            f.truncate(BATCH_BYTES // 2 - 1)
+    huge = tmp_path / "huge.dcm"
+    with huge.open("wb") as f:
+        f.truncate(BATCH_BYTES * 2)
+    assert list(_batches([*large, huge, small[0], tmp_path / "absent.jpeg"])) == [[0, 1], [2, 3], [4], [5], [6, 7]]
+
+
+def _answering(status: int, content_type: str, body: bytes, **headers: str):  # -> a started ThreadingHTTPServer
+    """A stand-in for what may sit at a URL instead of the classifier (a proxy's login page, a redirect, another
+    API): it answers every request with this. The client's handling of it is under test, not a server."""
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(status)
+            for name, value in {"content-type": content_type, **headers}.items():
+                self.send_header(name, value)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("status, content_type, body, headers", [
+    (200, "text/html", b"<html><body>Please log in</body></html>", {}),
+    (308, "text/html", b"", {"location": "https://classifier.example/classify"}),
+    (200, "application/json", b"[]", {}),
+    (200, "application/json", b"{}", {}),
+    (404, "text/html", b"<html>Not Found</html>", {}),
+])
+def test_answers_that_are_not_the_classifiers_are_client_errors(status: int, content_type: str, body: bytes,
+                                                                headers: dict[str, str]) -> None:
+    """A helper's finds: an HTML page or a redirect raised JSONDecodeError (the CLI said "usage error"), `{}` a
+    pydantic dump, `[]` for two images an empty list (the CLI then crashed with StopIteration), a 404 said "not
+    ready" to `health` for ever. Each is a ClientError now, and the CLI says so in one line."""
+    from client import ClientError, ServerError
+
+    server = _answering(status, content_type, body, **headers)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        images = [sample_xrays(1, offset=65)[0]] * 2
+        with connect(url) as api:
+            with pytest.raises(ClientError) as failed:
+                api.classify(images)
+            if status != 200:  # /readyz: 200 ready and 503 loading are the service's answers; others are not
+                with pytest.raises(ClientError):
+                    api.ready()
+        assert isinstance(failed.value, Unavailable if status == 404 else ServerError), repr(failed.value)
+        cli = _cli("classify", *map(str, images), "--url", url)
+        assert cli.returncode == (4 if status == 404 else 5) and "Traceback" not in cli.stderr, cli.stderr
+        assert len(cli.stderr.strip().splitlines()) == 1 and len(cli.stderr) < 400, cli.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_cli_refuses_bad_options_before_connecting_and_stops_on_ctrl_c(live: ServerProcess, tmp_path: Path) -> None:
@@ -337,6 +475,26 @@ def test_cli_against_a_secured_server(secured_server: tuple[ServerProcess, Pki],
     assert keyed.returncode == 0 and "probability of pneumonia" in keyed.stdout, keyed.stderr
     untrusted = _cli("classify", path, *flags[:2], "--api-key", KEY_FILE, *(["--grpc"] if transport == "grpc" else []))
     assert untrusted.returncode == 4 and "cannot reach" in untrusted.stderr, untrusted.stderr
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_cli_answers_files_whose_request_is_over_the_servers_byte_limit(secured_server: tuple[ServerProcess, Pki],
+                                                                        transport: str, tmp_path: Path) -> None:
+    """Four 0.7 MB X-rays against a 2 MB request limit: over HTTP the 413 made the CLI send them one by one; over
+    gRPC the server's "Received message larger than max" carried no reason, and no file was answered."""
+    server, pki = secured_server
+    flags = ["--url", _secured_target(server, transport), "--ca-file", str(pki.ca), "--cert", str(pki.client_cert),
+             "--key", str(pki.client_key), "--api-key", KEY_CLI_LARGE[transport]] + (["--grpc"] if transport == "grpc" else [])
+    xray = Image.open(sample_xrays(1, offset=66)[0]).convert("L").resize((2000, 2000), Image.BICUBIC)
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"large-{i}.jpeg")
+        files[-1].write_bytes(encode(xray, "JPEG", quality=100))
+    assert sum(f.stat().st_size for f in files) > MAX_REQUEST > max(f.stat().st_size for f in files)
+    done = _cli("classify", *map(str, files), *flags, "--json")
+    assert done.returncode == 0, done.stderr
+    assert [e["filename"] for e in json.loads(done.stdout)] == [f.name for f in files]
+    assert all(e["status"] == "ok" for e in json.loads(done.stdout))
 
 
 @pytest.mark.parametrize("transport", ["http", "grpc"])

@@ -199,4 +199,6 @@ def test_client_and_cli_show_refusals(server: ServerProcess, tmp_path: Path) -> 
     assert prediction.refused and prediction.refusal.reason == "blank" and prediction.label is None
     cli = subprocess.run([sys.executable, "-m", "client", "classify", str(black), "--url", server.url],
                          capture_output=True, text=True, timeout=120)
-    assert cli.returncode == 0 and "REFUSED (blank)" in cli.stdout, cli.stdout + cli.stderr
+    # no verdict: exit 3 with the reason on stderr, as for the server's own input checks
+    assert cli.returncode == 3 and "REFUSED (blank)" in cli.stdout, cli.stdout + cli.stderr
+    assert "refused (blank)" in cli.stderr
