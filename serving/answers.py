@@ -9,6 +9,7 @@ probability, so nothing downstream can read it as a diagnosis.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from typing import Literal
@@ -84,8 +85,20 @@ def answer(item: PreparedImage, assessment: Assessment, card: ModelCard, tag: st
     if refusal is not None:  # warn-only mode: answered, with the gate's finding first among the warnings
         warnings.insert(0, f"{refusal[0]}: {refusal[1]} (answered anyway: validity mode is 'warn')")
     probability = assessment.probability
-    label = card.class_names[int(probability >= card.threshold)]
+    pneumonia = probability >= card.threshold
+    label = card.class_names[int(pneumonia)]
     PREDICTIONS.labels(label=label, model=tag).inc()
     PROBABILITY.labels(model=tag).observe(probability)
-    return Prediction(label=label, probability=round(probability, 6), warnings=warnings,
-                      confidence=round(probability if label == "PNEUMONIA" else 1 - probability, 6), **common)
+    shown = rounded_on_its_side(probability, card.threshold)
+    return Prediction(label=label, probability=shown, warnings=warnings,
+                      confidence=shown if pneumonia else round(1 - shown, 6), **common)
+
+
+def rounded_on_its_side(probability: float, threshold: float, digits: int = 6) -> float:
+    """`probability` to `digits` decimals, rounded away from the threshold (up for PNEUMONIA, down for NORMAL), so
+    that a caller's `probability >= threshold` agrees with the label: nearest rounding served 0.512607 labelled
+    PNEUMONIA beside a threshold of 0.51260704, and the web page said "below it: NORMAL" under that verdict."""
+    pneumonia = probability >= threshold
+    scale = 10**digits
+    shown = (math.ceil if pneumonia else math.floor)(probability * scale) / scale
+    return shown if (shown >= threshold) == pneumonia else probability  # float edge: keep the exact value

@@ -278,3 +278,15 @@ def test_latency_histograms_in_metrics(server: ServerProcess) -> None:
                             endpoint="/classify", http_response_code="200")
     check_latency_histogram(before, after, "pneumonia_grpc_server_handling_seconds", grpc_waited,
                             grpc_method="Classify", grpc_code="OK")
+
+
+def test_served_probability_stays_on_its_labels_side_of_the_threshold() -> None:
+    """A helper's find: nearest rounding to 6 decimals served 0.512607 labelled PNEUMONIA beside the threshold
+    0.5126070380210876 (the web page: "Verdict: PNEUMONIA ... (below it: NORMAL)"). Rounded away from it now."""
+    from serving.answers import rounded_on_its_side
+
+    threshold = 0.5126070380210876
+    for probability in (0.51260704, 0.5126070380210876, 0.51260703, 0.5126069, 0.0, 1.0, 0.9999996, 0.0000004):
+        shown = rounded_on_its_side(probability, threshold)
+        assert (shown >= threshold) == (probability >= threshold), (probability, shown)
+        assert abs(shown - probability) <= 1e-6 and shown == round(shown, 6) and 0.0 <= shown <= 1.0

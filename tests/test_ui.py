@@ -268,6 +268,128 @@ def test_clearing_ends_a_wait_before_a_retry_and_counts_each_file_once(browser, 
     assert time.monotonic() - started < 25, "the new file waited behind the cleared one's 30 s retry"
 
 
+def _answering_with(browser, changes_js: str) -> None:
+    """Let the page's next /explain calls reach the real server, then change its answer in the page (`changes_js`
+    edits `body`): the page's display of answers the server does not give on demand is what is under test."""
+    browser.execute_script("""
+      const real = window.__realFetch || window.fetch;
+      window.__realFetch = real;
+      window.fetch = async (url, options) => {
+        const response = await real(url, options);
+        if (!String(url).endsWith("/explain") || !response.ok) return response;
+        const body = await response.json();
+        """ + changes_js + """
+        return new Response(JSON.stringify(body), {status: 200, headers: {"Content-Type": "application/json"}});
+      };""")
+
+
+def test_the_verdict_and_its_numbers_never_disagree_near_the_threshold(browser, keyed_server: ServerProcess) -> None:
+    """A helper's find: an image just above the threshold showed "Verdict: PNEUMONIA, probability 0.5126 against
+    the threshold 0.5126 (below it: NORMAL)": the side text was recomputed from the rounded numbers, four decimals
+    each. It comes from the verdict now, and the numbers get the digits it takes to tell them apart."""
+    xray = sample_xrays(1, offset=123)[1]
+    open_page(browser, keyed_server, API_KEY)
+    cases = (("PNEUMONIA", 0.512608, "0.512608", "0.512607", "at or above it: PNEUMONIA"),
+             ("PNEUMONIA", 0.512607, "0.512607", "0.512607", "at or above it: PNEUMONIA"),  # as served before the fix
+             ("NORMAL", 0.512606, "0.512606", "0.512607", "below it: NORMAL"),
+             ("NORMAL", 0.31, "0.3100", "0.5126", "below it: NORMAL"))
+    for label, probability, shown, threshold, side in cases:
+        _answering_with(browser, f"""Object.assign(body.prediction, {{label: "{label}", probability: {probability},
+                                     threshold: 0.5126070380210876}});""")
+        card = upload(browser, xray)
+        assert card.get_attribute("data-state") == "done", visible_text(card, ".error")
+        assert (visible_text(card, ".label"), visible_text(card, ".probability"), visible_text(card, ".threshold"),
+                visible_text(card, ".side")) == (label, shown, threshold, side)
+    browser.execute_script("window.fetch = window.__realFetch;")
+
+
+def test_files_that_cannot_be_read_keys_the_server_refuses_and_late_answers_say_so(browser, keyed_server: ServerProcess,
+                                                                                  tmp_path: Path) -> None:
+    """A helper's finds: a file deleted (or a folder dropped) before its turn, and a key with a typographic dash,
+    all showed "Cannot reach the server"; a server that stopped answering left "Sending the image…" for good and
+    every later file behind it."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, keyed_server, API_KEY)
+    field = browser.find_element(By.ID, "api-key")
+    field.send_keys("abcdefghijklmnop\u20130123")  # an en dash, as word processors paste it
+    browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+    assert browser.find_element(By.ID, "key-status").text.startswith("Not used: an API key is at least 16")
+    assert browser.execute_script("return sessionStorage.getItem('pneumonia-api-key')") == API_KEY  # kept
+    field.clear()
+
+    # The first file's request waits for the test; the second file is deleted meanwhile.
+    browser.execute_script("""
+      window.__realFetch = window.__realFetch || window.fetch;
+      window.__hold = new Promise((resolve) => { window.__release = resolve; });
+      window.fetch = async (url, options) => { await window.__hold; return window.__realFetch(url, options); };""")
+    first, doomed = sample_xrays(1, offset=124)[0], tmp_path / "moved.jpeg"
+    doomed.write_bytes(first.read_bytes())
+    browser.find_element(By.ID, "files").send_keys(f"{first}\n{doomed}")
+    cards = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results > li")[-2:]
+                     if d.find_elements(By.CSS_SELECTOR, "#results > li[data-state=working]") else None)
+    doomed.unlink()
+    browser.execute_script("window.__release();")
+    wait_for(browser, lambda d: cards[1].get_attribute("data-state") == "error")
+    assert cards[0].get_attribute("data-state") == "done"
+    assert visible_text(cards[1], ".error").startswith("This could not be read: a folder"), visible_text(cards[1], ".error")
+
+    # A server that does not answer: the page gives up after its timeout (1.5 s here) and goes on.
+    browser.execute_script("""
+      document.documentElement.dataset.requestTimeoutMs = "1500";
+      window.fetch = (url, options) => new Promise((_, reject) => options.signal.addEventListener("abort",
+        () => reject(options.signal.reason)));""")
+    stuck = upload(browser, first)
+    assert visible_text(stuck, ".error").startswith("The server did not answer within 2 s."), visible_text(stuck, ".error")
+    browser.execute_script("window.fetch = window.__realFetch; delete document.documentElement.dataset.requestTimeoutMs;")
+    assert upload(browser, first).get_attribute("data-state") == "done"
+
+
+def test_a_rate_limited_file_waits_as_asked_and_files_dropped_anywhere_are_explained(browser,
+                                                                                    keyed_server: ServerProcess) -> None:
+    """A helper's finds: at 429 the page failed its own queued files at once instead of waiting the server's
+    Retry-After, as it does for 503; files dropped beside the dashed zone (on the results) vanished without a word;
+    every card's slider had the same accessible name."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, keyed_server, API_KEY)
+    browser.execute_script("""
+      window.__realFetch = window.__realFetch || window.fetch;
+      let limited = true;  // the first answer: this browser is over its rate limit, retry after 1 s
+      window.fetch = (url, options) => {
+        if (limited && String(url).endsWith("/explain")) {
+          limited = false;
+          return Promise.resolve(new Response(JSON.stringify({detail: [{type: "rate_limited", msg: "slow down"}]}),
+            {status: 429, headers: {"Retry-After": "1", "Content-Type": "application/json"}}));
+        }
+        return window.__realFetch(url, options);
+      };""")
+    xray = sample_xrays(1, offset=125)[0]
+    browser.find_element(By.ID, "files").send_keys(str(xray))
+    card = wait_for(browser, lambda d: (d.find_elements(By.CSS_SELECTOR, "#results > li") or [None])[-1])
+    wait_for(browser, lambda d: "rate limit; trying again in 1 s" in card.text or card.get_attribute("data-state") != "working")
+    wait_for(browser, lambda d: card.get_attribute("data-state") in ("done", "error"))
+    assert card.get_attribute("data-state") == "done", visible_text(card, ".error")
+    browser.execute_script("window.fetch = window.__realFetch;")
+
+    before = len(browser.find_elements(By.CSS_SELECTOR, "#results > li"))
+    browser.execute_script("""
+      const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+      const files = new DataTransfer();
+      files.items.add(new File([bytes], "dropped.jpeg", {type: "image/jpeg"}));
+      document.getElementById("results-heading").dispatchEvent(
+        new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));""",
+                           base64.b64encode(xray.read_bytes()).decode())
+    dropped = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results > li")[before:] or None)[0]
+    wait_for(browser, lambda d: dropped.get_attribute("data-state") in ("done", "refused", "error"))
+    assert visible_text(dropped, ".file-name") == "dropped.jpeg" and dropped.get_attribute("data-state") == "done"
+    names = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#results input.opacity')).map(s => s.getAttribute('aria-label'))")
+    assert names == [f"Heatmap opacity for {xray.name}", "Heatmap opacity for dropped.jpeg"], names
+
+
 def test_a_missing_or_wrong_api_key_gets_a_message_a_person_can_act_on(browser, keyed_server: ServerProcess) -> None:
     xray = sample_xrays(1, offset=121)[0]
     open_page(browser, keyed_server, None)

@@ -7,6 +7,12 @@
   const KEY_STORAGE = "pneumonia-api-key"; // sessionStorage: this tab only
   const EXPLAIN_URL = new URL("../explain", document.baseURI); // the page is /ui/: the API is beside /ui
   const MAX_BUSY_RETRIES = 3;
+  // A request the server has not answered in this long is given up (its own limit, PNEUMONIA_TIMEOUT_S, is 60 s
+  // by default): a stopped server left "Sending the image…" on screen for good, and every later file behind it.
+  // The page's <html data-request-timeout-ms> may set another.
+  const requestTimeoutMs = () => Number(document.documentElement.dataset.requestTimeoutMs) || 90000;
+  // What the server accepts as a key (settings.py): a pasted en dash made every request fail as "cannot reach".
+  const KEY_PATTERN = /^[\x21-\x7e]{16,}$/;
 
   const $ = (selector, root = document) => root.querySelector(selector);
   const keyInput = $("#api-key");
@@ -39,6 +45,11 @@
   $("#key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const key = keyInput.value.trim();
+    if (key && !KEY_PATTERN.test(key)) {
+      keyStatus.textContent = "Not used: an API key is at least 16 characters, letters, digits and ASCII "
+        + "punctuation only (no spaces, no typographic dashes or quotes). Paste it again.";
+      return;
+    }
     if (key) sessionStorage.setItem(KEY_STORAGE, key);
     else sessionStorage.removeItem(KEY_STORAGE);
     keyInput.value = "";
@@ -67,13 +78,14 @@
     }),
   );
   ["dragleave", "dragend"].forEach((name) => zone.addEventListener(name, () => zone.classList.remove("dragging")));
-  zone.addEventListener("drop", (event) => {
+  // Files dropped anywhere on the page are explained (beside the zone, on the results, they were dropped silently);
+  // the browser must not replace the page with the file.
+  window.addEventListener("dragover", (event) => event.preventDefault());
+  window.addEventListener("drop", (event) => {
     event.preventDefault();
     zone.classList.remove("dragging");
     enqueue(Array.from((event.dataTransfer && event.dataTransfer.files) || []));
   });
-  // A file dropped beside the zone must not replace the page with the file.
-  ["dragover", "drop"].forEach((name) => window.addEventListener(name, (event) => event.preventDefault()));
 
   // Clearing cancels too (the cleared files were sent, and the status line then announced results the page no
   // longer showed; a file waiting out a 503 held the next upload for its whole Retry-After).
@@ -105,6 +117,7 @@
     $(".file-name", item).textContent = file.name || "unnamed file";
     setState(item, "waiting", "Waiting for the previous X-rays to finish.");
     const slider = $(".opacity", item);
+    slider.setAttribute("aria-label", `Heatmap opacity for ${file.name || "unnamed file"}`); // one per card
     slider.addEventListener("input", () => applyOpacity(item));
     results.append(item);
     return item;
@@ -121,36 +134,63 @@
     signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
   });
 
+  // The file's bytes, read when its turn comes, or null: a dropped folder, or a file moved or deleted since it was
+  // chosen, made the request fail and the page say "Cannot reach the server". (Chromium reads a slice of a deleted
+  // file without complaint, so the whole file is read, and those bytes are what is sent.)
+  async function contents(file) {
+    try {
+      return new Blob([await file.arrayBuffer()], { type: file.type });
+    } catch (_) {
+      return null;
+    }
+  }
+
   async function explain(file, card, cleared) {
     const name = file.name || "unnamed file";
+    const data = await contents(file);
     for (let attempt = 0; ; attempt += 1) {
       if (cleared.aborted) return; // cleared while it waited
+      if (data === null) {
+        return fail(card, name, "This could not be read: a folder (open it and choose its files), or a file moved "
+          + "or deleted since it was chosen. Choose the files again.");
+      }
       setState(card, "working", "Sending the image and computing its heatmap…");
       progress.textContent = `Explaining ${name}…`;
       const form = new FormData();
-      form.append("image", file, name);
+      form.append("image", data, name);
       const headers = { Accept: "application/json" };
       const key = apiKey();
       if (key) headers["X-API-Key"] = key;
+      const timeoutMs = requestTimeoutMs();
+      const signal = AbortSignal.any && AbortSignal.timeout
+        ? AbortSignal.any([cleared, AbortSignal.timeout(timeoutMs)])
+        : cleared;
       let response;
+      let body = null;
       try {
-        response = await fetch(EXPLAIN_URL, { method: "POST", body: form, headers, signal: cleared });
+        response = await fetch(EXPLAIN_URL, { method: "POST", body: form, headers, signal });
+        try {
+          body = await response.json();
+        } catch (error) {
+          if (signal.aborted) throw error;
+          body = null;
+        }
       } catch (_) {
         if (cleared.aborted) return; // aborted by "Clear the results"
+        if (signal.aborted) {
+          return fail(card, name, `The server did not answer within ${Math.round(timeoutMs / 1000)} s. Choose the `
+            + "file again in a moment; if it keeps happening, tell the service's operators.");
+        }
         return fail(card, name, "Cannot reach the server. Check that it is running and that this page still "
           + "has a network connection, then choose the file again.");
       }
-      let body = null;
-      try {
-        body = await response.json();
-      } catch (_) {
-        body = null;
-      }
       if (cleared.aborted) return;
       const retryAfter = Number.parseInt(response.headers.get("Retry-After") || "", 10);
-      if (response.status === 503 && Number.isFinite(retryAfter) && attempt < MAX_BUSY_RETRIES) {
+      // Busy (503) or this page sending faster than the rate limit allows (429): wait as asked, then go on.
+      if ([429, 503].includes(response.status) && Number.isFinite(retryAfter) && attempt < MAX_BUSY_RETRIES) {
         const seconds = Math.min(Math.max(retryAfter, 1), 30);
-        setState(card, "working", `The server is busy; trying again in ${seconds} s.`);
+        const why = response.status === 429 ? "Sending too fast for the server's rate limit" : "The server is busy";
+        setState(card, "working", `${why}; trying again in ${seconds} s.`);
         await sleep(seconds * 1000, cleared);
         continue;
       }
@@ -226,7 +266,14 @@
 
   // ------------------------------------------------------------------ showing an answer
 
-  const format = (value) => Number(value).toFixed(4);
+  // Four decimals, or as many (up to six, as served) as it takes to tell the probability from the threshold:
+  // "0.5126 against the threshold 0.5126" read as a tie.
+  function formatPair(probability, threshold) {
+    for (let digits = 4; ; digits += 1) {
+      const pair = [probability.toFixed(digits), threshold.toFixed(digits)];
+      if (pair[0] !== pair[1] || digits === 6) return pair;
+    }
+  }
 
   function show(card, name, body) {
     const prediction = body.prediction;
@@ -266,14 +313,16 @@
     const label = $(".label", card);
     label.textContent = prediction.label;
     label.classList.add(prediction.label === "PNEUMONIA" ? "pneumonia" : "normal");
-    $(".probability", card).textContent = format(probability);
-    $(".threshold", card).textContent = format(threshold);
-    $(".side", card).textContent = probability >= threshold
+    const [shownProbability, shownThreshold] = formatPair(probability, threshold);
+    $(".probability", card).textContent = shownProbability;
+    $(".threshold", card).textContent = shownThreshold;
+    // From the verdict itself, never recomputed from the numbers: the two must not disagree on the page.
+    $(".side", card).textContent = prediction.label === "PNEUMONIA"
       ? "at or above it: PNEUMONIA"
       : "below it: NORMAL";
     const bar = $(".bar", card);
     bar.setAttribute("aria-label",
-      `Probability ${format(probability)} on a scale from 0 to 1; threshold at ${format(threshold)}`);
+      `Probability ${shownProbability} on a scale from 0 to 1; threshold at ${shownThreshold}`);
     $(".bar-fill", card).style.width = `${(probability * 100).toFixed(2)}%`;
     $(".bar-threshold", card).style.left = `${(threshold * 100).toFixed(2)}%`;
     $(".verdict", card).hidden = false;
@@ -294,8 +343,8 @@
       applyOpacity(card);
     }
     setState(card, "done", "Done.");
-    progress.textContent = `${name}: ${prediction.label}, probability of pneumonia ${format(probability)} `
-      + `against the threshold ${format(threshold)}.`;
+    progress.textContent = `${name}: ${prediction.label}, probability of pneumonia ${shownProbability} `
+      + `against the threshold ${shownThreshold}.`;
   }
 
   function applyOpacity(card) {
