@@ -21,6 +21,7 @@ server error.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -364,7 +365,9 @@ def _clear(target: Path) -> None:
             kind = target.stat().st_mode
         except FileNotFoundError:  # a broken link
             kind = stat.S_IFREG
-    if stat.S_ISREG(kind) or stat.S_ISDIR(kind):  # a folder: unlink says why it cannot
+    if stat.S_ISDIR(kind):  # a folder, or a link to one: never removed
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
+    if stat.S_ISREG(kind):
         target.unlink()
 
 

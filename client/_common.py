@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,20 +59,21 @@ def some_images(images: Iterable[ImageInput] | ImageInput) -> list[ImageUpload]:
 def checked_timeout(seconds: float) -> float:
     """A positive, finite number of seconds, or ValueError: 0 failed at once over HTTP and meant the default over
     gRPC; a huge one overflowed the clock."""
-    if not (isinstance(seconds, (int, float)) and 0 < seconds <= MAX_TIMEOUT_S and not math.isnan(seconds)):
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or math.isnan(seconds) \
+            or not 0 < seconds <= MAX_TIMEOUT_S:
         raise ValueError(f"timeout {seconds!r}: give a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0f}")
     return float(seconds)
 
 
 def checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
-    """The headers (HTTP) or metadata (gRPC), refused with ValueError when a value holds a control character (a key
-    read with its line end): httpx printed the whole key in its error and called the server unreachable. The
-    message names the header, never its value."""
+    """The headers (HTTP) or metadata (gRPC), refused with ValueError unless each value is printable ASCII: a key
+    read with its line end was printed whole by httpx and called "unreachable", a pasted typographic dash gave an
+    encoding error (HTTP) or "Invalid metadata" (gRPC). The message names the header, never its value."""
     headers = dict(headers or {})
     for name, value in headers.items():
-        if any(ord(c) < 32 or ord(c) == 127 for c in str(value)):
-            raise ValueError(f"the {name} value holds a control character (a line end read with the key?); "
-                             "it was not sent")
+        if not isinstance(value, str) or any(not " " <= c <= "~" for c in value):
+            raise ValueError(f"the {name} value is not printable ASCII (a line end read with the key, a typographic "
+                             "dash or quote?); it was not sent")
     return headers
 
 
@@ -110,6 +112,8 @@ def grpc_target(url: str | None) -> str:
     if not url:
         return DEFAULT_GRPC_TARGET
     target = url.strip()
+    if target.startswith(("unix:", "unix-abstract:")):  # a socket path: grpcio's own target syntax
+        return target
     for prefix in ("grpc://", "dns:///"):
         if target.startswith(prefix):
             target = target[len(prefix) :]

@@ -72,6 +72,8 @@ def _raise_for_status(response: httpx.Response, uploads: Sequence[ImageUpload] =
         raise rejection(body["detail"], uploads, status)
     details = body.get("detail") if isinstance(body, dict) else None
     reasons = tuple(str(d.get("type")) for d in details if isinstance(d, dict)) if isinstance(details, list) else ()
+    if status == 413 and not reasons:  # a proxy's limit (ingress-nginx: 1 MiB by default), not the service's own
+        reasons = ("request_too_large",)
     if status in (413, 429):
         cls = RateLimited if status == 429 else LimitExceeded
         raise cls(error, status=status, reasons=reasons, retry_after_s=_retry_after(response))

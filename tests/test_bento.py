@@ -132,16 +132,16 @@ def test_built_bento_serves_by_tag(bento_tag: str, tmp_path: Path, production_ta
         proc.stop()
 
 
-def _fake_wheel(folder: Path, name: str, version: str) -> None:
+def _fake_wheel(folder: Path, name: str, version: str, tag: str = "py3-none-any") -> None:
     """A wheel that holds only its metadata: enough for uv to resolve it."""
     import zipfile
 
     info = f"{name}-{version}.dist-info"
     files = {f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+             f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: {tag}\n"}
     files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
     (folder / name).mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(folder / name / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+    with zipfile.ZipFile(folder / name / f"{name}-{version}-{tag}.whl", "w") as wheel:
         for path, text in files.items():
             wheel.writestr(path, text)
 
@@ -158,8 +158,10 @@ def test_the_image_install_resolves_pins_that_pytorchs_index_also_hosts_at_other
     root = tmp_path / "indexes"
     _fake_wheel(root / "torchindex", "torch", "2.14.0+cpu")
     _fake_wheel(root / "torchindex", "numpy", "1.0")  # PyTorch's mirror, an older version than the pin
+    _fake_wheel(root / "torchindex", "pillow", "13.0.0", "cp312-cp312-manylinux_2_28_x86_64")  # the pin, not for 3.11
     _fake_wheel(root / "pypi", "torch", "2.14.0")
     _fake_wheel(root / "pypi", "numpy", "2.4.6")
+    _fake_wheel(root / "pypi", "pillow", "13.0.0")
     for index in ("torchindex", "pypi"):  # PEP 503 pages
         for package in (root / index).iterdir():
             links = "".join(f'<a href="{w.name}">{w.name}</a>' for w in package.glob("*.whl"))
@@ -174,7 +176,7 @@ def test_the_image_install_resolves_pins_that_pytorchs_index_also_hosts_at_other
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         requirements = tmp_path / "requirements.txt"
-        requirements.write_text(f"--extra-index-url {url}/torchindex\nnumpy==2.4.6\ntorch==2.14.0\n")
+        requirements.write_text(f"--extra-index-url {url}/torchindex\nnumpy==2.4.6\npillow==13.0.0\ntorch==2.14.0\n")
         bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
         image_env = {e["name"]: e["value"] for e in bentofile["envs"] if e["name"].startswith("UV_")}
         assert image_env, "bentofile.yaml sets no uv setting"
@@ -183,14 +185,17 @@ def test_the_image_install_resolves_pins_that_pytorchs_index_also_hosts_at_other
             env = {k: v for k, v in os.environ.items() if not k.startswith("UV_")}
             env.update(UV_CACHE_DIR=str(tmp_path / "uv-cache"), UV_NO_CONFIG="1", **extra_env)
             return subprocess.run([str(ROOT / ".venv/bin/uv"), "pip", "compile", str(requirements), "--index-url",
-                                   f"{url}/pypi", "--no-header", "--no-annotate", "--python-version", "3.11"],
+                                   f"{url}/pypi", "--no-header", "--no-annotate", "--python-version", "3.11",
+                                   "--python-platform", "x86_64-manylinux_2_28"],
                                   capture_output=True, text=True, env=env, timeout=120)
 
         default = resolve({})  # the control: uv's default strategy fails on the pin PyTorch's index lacks
         assert default.returncode != 0 and "numpy" in default.stderr, default.stdout + default.stderr
         image = resolve(image_env)
         assert image.returncode == 0, image.stderr
-        assert image.stdout.split() == ["numpy==2.4.6", "torch==2.14.0+cpu"]  # the pin from PyPI, torch CPU-only
+        assert image.stdout.split() == ["numpy==2.4.6", "pillow==13.0.0", "torch==2.14.0+cpu"]  # torch CPU-only
+        first_match = resolve({"UV_INDEX_STRATEGY": "unsafe-first-match"})  # a review's find: no cp311 pillow there
+        assert first_match.returncode != 0 and "pillow" in first_match.stderr, first_match.stdout
     finally:
         server.shutdown()
         server.server_close()

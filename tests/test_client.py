@@ -240,6 +240,10 @@ def test_cli_explain_never_leaves_an_earlier_heatmap_in_place(live: ServerProces
     sink.symlink_to("/dev/null")
     through = _cli("explain", str(xray), "--out", str(sink), *flags, "--url", _target(live, transport))
     assert through.returncode == 0 and sink.is_symlink() and Path("/dev/null").is_char_device(), through.stderr
+    (tmp_path / "folder").mkdir()  # a link to a folder is a folder: kept, and refused (a review's find: removed)
+    (tmp_path / "to-folder").symlink_to(tmp_path / "folder")
+    kept = _cli("explain", str(xray), "--grid", str(tmp_path / "to-folder"), *flags, "--url", _target(live, transport))
+    assert kept.returncode == 2 and "cannot replace" in kept.stderr and (tmp_path / "to-folder").is_symlink()
 
 
 @pytest.mark.parametrize("transport", ["http", "grpc"])
@@ -259,9 +263,10 @@ def test_cli_odd_file_names_urls_keys_and_timeouts(live: ServerProcess, transpor
     assert both.returncode == 0, both.stderr
     assert [e["filename"] for e in json.loads(both.stdout)] == [good.name, "ok\ufffdname.jpeg"]
     secret = "sekrit-" + "k" * 20
-    for key in (secret + "\r", secret + "\n"):
+    for key in (secret + "\r", secret + "\n", secret + "\u2013"):  # a line end read with it; a pasted en dash
         keyed = _cli("health", *flags, "--url", url, "--api-key", key)
-        assert keyed.returncode == 2 and "control character" in keyed.stderr and secret not in keyed.stderr, keyed.stderr
+        assert keyed.returncode == 2 and "not printable ASCII" in keyed.stderr and secret not in keyed.stderr, \
+            keyed.stderr
     for args, words in ((["--timeout", "1e10"], "more than a day"),
                         (["--client-id", "a"], "1 --client-id for 2 images"),
                         (["--url", "ftp://127.0.0.1:21" if transport == "http" else "grpc://"],
@@ -285,11 +290,39 @@ def test_both_transports_treat_empty_lists_timeouts_and_byte_buffers_alike(live:
         with pytest.raises(InvalidInput) as empty:
             api.classify([])
         assert empty.value.reasons == ("no_images",)
-        for timeout in (0, -1, float("nan"), 1e10):
+        for timeout in (0, -1, float("nan"), 1e10, True):
             with pytest.raises(ValueError, match="timeout"):
                 api.classify(data, timeout=timeout)
+        import numpy as np
+
+        assert api.classify(data, timeout=np.float32(60))  # any real number of seconds
         assert [p.probability for p in api.classify([bytearray(data), memoryview(data)])] == \
             [api.classify(data)[0].probability] * 2
+
+
+def test_cli_reads_each_requests_files_only_when_it_sends_them(live: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order of the CLI's reads and requests for 20 files (the test below checks only how they are grouped):
+    16 read, 16 sent, then the other 4."""
+    import client.__main__ as cli
+
+    events: list[str] = []
+    read, send = cli._read, cli.classify_each
+    monkeypatch.setattr(cli, "_read", lambda path, client_id: events.append("read") or read(path, client_id))
+    monkeypatch.setattr(cli, "classify_each", lambda api, uploads: events.append(f"send {len(uploads)}") or send(api, uploads))
+    paths = sample_xrays(10, offset=67)
+    assert cli.main(["classify", *map(str, paths), "--url", live.url, "--json"]) == 0
+    assert events == ["read"] * 16 + ["send 16"] + ["read"] * 4 + ["send 4"]
+
+
+def test_grpc_targets_as_grpcio_takes_them() -> None:
+    from client._common import grpc_target
+
+    assert grpc_target("grpc://host:3001/") == grpc_target("host:3001/") == grpc_target(" dns:///host:3001") == "host:3001"
+    assert grpc_target("unix:/run/pneumonia.sock") == "unix:/run/pneumonia.sock"  # a review's find: refused
+    assert grpc_target("[::1]:3001") == "[::1]:3001"
+    for bad in ("grpc://", "http://host:3001", "host:3001/v1"):
+        with pytest.raises(ValueError, match="not a gRPC address"):
+            grpc_target(bad)
 
 
 def test_cli_reads_a_request_of_files_at_a_time(tmp_path: Path) -> None:
@@ -311,6 +344,51 @@ def test_cli_reads_a_request_of_files_at_a_time(tmp_path: Path) -> None:
     with huge.open("wb") as f:
         f.truncate(BATCH_BYTES * 2)
     assert list(_batches([*large, huge, small[0], tmp_path / "absent.jpeg"])) == [[0, 1], [2, 3], [4], [5], [6, 7]]
+
+
+def test_a_proxys_413_without_reasons_sends_the_files_one_at_a_time(live: ServerProcess, tmp_path: Path) -> None:
+    """A review's find: ingress-nginx (1 MiB by default) answers 413 with an HTML page and no reasons, and both files
+    of the request were refused although each fits. A stand-in proxy with that limit in front of the real server."""
+    import http.server
+    import threading
+
+    import httpx
+
+    limit = 1024 * 1024
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            if len(body) > limit:
+                status, content_type, out = 413, "text/html", b"<html><center><h1>413 Request Entity Too Large</h1>"
+            else:
+                answer = httpx.post(live.url + self.path, content=body, timeout=60,
+                                    headers={"content-type": self.headers["content-type"]})
+                status, content_type, out = answer.status_code, answer.headers["content-type"], answer.content
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        xray = Image.open(sample_xrays(1, offset=68)[0]).convert("L").resize((2000, 2000), Image.BICUBIC)
+        files = []
+        for i in range(2):
+            files.append(tmp_path / f"large-{i}.jpeg")
+            files[-1].write_bytes(encode(xray, "JPEG", quality=100))
+        assert sum(f.stat().st_size for f in files) > limit > max(f.stat().st_size for f in files)
+        done = _cli("classify", *map(str, files), "--url", f"http://127.0.0.1:{proxy.server_address[1]}", "--json")
+        assert done.returncode == 0, done.stderr
+        assert [e["status"] for e in json.loads(done.stdout)] == ["ok", "ok"]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
 
 
 def _answering(status: int, content_type: str, body: bytes, **headers: str):  # -> a started ThreadingHTTPServer

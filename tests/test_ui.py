@@ -290,8 +290,9 @@ def test_the_verdict_and_its_numbers_never_disagree_near_the_threshold(browser, 
     xray = sample_xrays(1, offset=123)[1]
     open_page(browser, keyed_server, API_KEY)
     cases = (("PNEUMONIA", 0.512608, "0.512608", "0.512607", "at or above it: PNEUMONIA"),
-             ("PNEUMONIA", 0.512607, "0.512607", "0.512607", "at or above it: PNEUMONIA"),  # as served before the fix
+             ("PNEUMONIA", 0.512607, "0.51260700", "0.51260704", "at or above it: PNEUMONIA"),  # served before
              ("NORMAL", 0.512606, "0.512606", "0.512607", "below it: NORMAL"),
+             ("NORMAL", 0.512607, "0.51260700", "0.51260704", "below it: NORMAL"),  # rounded down to 6 digits
              ("NORMAL", 0.31, "0.3100", "0.5126", "below it: NORMAL"))
     for label, probability, shown, threshold, side in cases:
         _answering_with(browser, f"""Object.assign(body.prediction, {{label: "{label}", probability: {probability},

@@ -134,30 +134,28 @@
     signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
   });
 
-  // The file's bytes, read when its turn comes, or null: a dropped folder, or a file moved or deleted since it was
-  // chosen, made the request fail and the page say "Cannot reach the server". (Chromium reads a slice of a deleted
-  // file without complaint, so the whole file is read, and those bytes are what is sent.)
-  async function contents(file) {
+  // Whether the file can still be read, by its first chunk: a dropped folder, or a file moved or deleted since it
+  // was chosen, failed the request and the page said "Cannot reach the server". (Chromium reads a slice of a deleted
+  // file without complaint; its stream fails.)
+  async function readable(file) {
     try {
-      return new Blob([await file.arrayBuffer()], { type: file.type });
+      const reader = file.stream().getReader();
+      await reader.read();
+      reader.cancel().catch(() => {});
+      return true;
     } catch (_) {
-      return null;
+      return false;
     }
   }
 
   async function explain(file, card, cleared) {
     const name = file.name || "unnamed file";
-    const data = await contents(file);
     for (let attempt = 0; ; attempt += 1) {
       if (cleared.aborted) return; // cleared while it waited
-      if (data === null) {
-        return fail(card, name, "This could not be read: a folder (open it and choose its files), or a file moved "
-          + "or deleted since it was chosen. Choose the files again.");
-      }
       setState(card, "working", "Sending the image and computing its heatmap…");
       progress.textContent = `Explaining ${name}…`;
       const form = new FormData();
-      form.append("image", data, name);
+      form.append("image", file, name);
       const headers = { Accept: "application/json" };
       const key = apiKey();
       if (key) headers["X-API-Key"] = key;
@@ -180,6 +178,10 @@
         if (signal.aborted) {
           return fail(card, name, `The server did not answer within ${Math.round(timeoutMs / 1000)} s. Choose the `
             + "file again in a moment; if it keeps happening, tell the service's operators.");
+        }
+        if (!(await readable(file))) {
+          return fail(card, name, "This could not be read: a folder (open it and choose its files), or a file "
+            + "moved or deleted since it was chosen. Choose the files again.");
         }
         return fail(card, name, "Cannot reach the server. Check that it is running and that this page still "
           + "has a network connection, then choose the file again.");
@@ -266,12 +268,12 @@
 
   // ------------------------------------------------------------------ showing an answer
 
-  // Four decimals, or as many (up to six, as served) as it takes to tell the probability from the threshold:
-  // "0.5126 against the threshold 0.5126" read as a tie.
+  // Four decimals, or as many as it takes to tell the probability from the threshold (the probability is served
+  // with six, the threshold unrounded): "0.5126 against the threshold 0.5126" read as a tie.
   function formatPair(probability, threshold) {
     for (let digits = 4; ; digits += 1) {
       const pair = [probability.toFixed(digits), threshold.toFixed(digits)];
-      if (pair[0] !== pair[1] || digits === 6) return pair;
+      if (pair[0] !== pair[1] || digits === 12) return pair;
     }
   }
 
