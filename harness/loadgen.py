@@ -345,18 +345,23 @@ async def closed_loop(host: str, port: int, requests: list[bytes], clients: int,
     async def caller(index: int) -> None:
         connection, i = Connection(host, port, 60), index
         while time.monotonic() < deadline:
-            done[await send_one(connection, requests[i % len(requests)])] += 1
+            kind = await send_one(connection, requests[i % len(requests)])
+            done[kind] += 1
             i += clients
+            if kind != "ok" and connection.writer is None:
+                await asyncio.sleep(0.05)  # as `_client`: a refused connection was retried ~12,000 times a second
         connection.close()
 
     started = time.monotonic()
     await asyncio.gather(*(caller(i) for i in range(clients)))
     elapsed = time.monotonic() - started
-    return {"clients": clients, "rps": round(done["ok"] / elapsed, 2), "failures": sum(done.values()) - done["ok"]}
+    return {"clients": clients, "rps": round(done["ok"] / elapsed, 2), "failures": sum(done.values()) - done["ok"],
+            "failure_kinds": {kind: n for kind, n in done.items() if kind != "ok"}}
 
 
 async def measure_capacity(host: str, port: int, requests: list[bytes], step_s: float) -> tuple[float, list[dict]]:
-    """Best closed-loop throughput of a ramp of 1, 2, 4, ... 32 connections (stops once it no longer grows)."""
+    """Best closed-loop throughput of a ramp of 1, 2, 4, ... 32 connections (stops once it no longer grows, or at a
+    step whose every request failed: more connections to a dead or broken server measure nothing)."""
     await closed_loop(host, port, requests, 4, min(step_s, 5.0))  # warm the server; not counted
     steps: list[dict] = []
     for clients in (1, 2, 4, 8, 16, 32):
@@ -364,6 +369,8 @@ async def measure_capacity(host: str, port: int, requests: list[bytes], step_s: 
         steps.append(step)
         print(f"  capacity ramp: {clients:2d} connections -> {step['rps']:.1f} req/s ({step['failures']} failed)",
               file=sys.stderr)
+        if step["rps"] == 0 and step["failures"]:
+            break
         if len(steps) >= 3 and step["rps"] < 1.03 * max(s["rps"] for s in steps[:-1]):
             break  # no longer growing: past the knee
     return max(s["rps"] for s in steps), steps

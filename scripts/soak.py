@@ -14,8 +14,9 @@ resident memory (RSS) of the whole server process tree (the `bentoml serve`
 arbiter and its workers) is recorded. Reported, and written to
 results/soak-*.json with every sample: requests served, failures by kind,
 latency percentiles, RSS at start and end, growth in percent and a fitted
-trend. Exit 1 unless there were zero failures and the memory grew by less than
-`--max-growth-pct` (default 5).
+trend. Exit 1 unless requests were served, there were zero failures and the
+memory grew by less than `--max-growth-pct` (default 5); also exit 1, at once,
+when every request of the capacity ramp failed.
 
 The client is the project's load generator (harness.loadgen: HTTP/1.1 over
 asyncio streams, pre-encoded requests): it shares the machine's cores with the
@@ -36,6 +37,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from core.cli import bounded
 from harness import record
 from harness.faults import write_json
 from harness.loadgen import encode_request, measure_capacity, open_loop
@@ -98,18 +100,20 @@ def memory_summary(samples: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=10.0, help="soak duration (default 10)")
-    parser.add_argument("--fraction", type=float, default=0.7, help="share of the measured capacity (default 0.7)")
-    parser.add_argument("--rate", type=float, help="requests per second; skips the capacity ramp")
-    parser.add_argument("--ramp-step-s", type=float, default=10.0, help="seconds per step of the capacity ramp")
-    parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between memory samples")
+    positive = bounded(float, 0, low_open=True)
+    parser.add_argument("--minutes", type=positive, default=10.0, help="soak duration (default 10)")
+    parser.add_argument("--fraction", type=bounded(float, 0, 1, low_open=True), default=0.7,
+                        help="share of the measured capacity (default 0.7)")
+    parser.add_argument("--rate", type=positive, help="requests per second; skips the capacity ramp")
+    parser.add_argument("--ramp-step-s", type=positive, default=10.0, help="seconds per step of the capacity ramp")
+    parser.add_argument("--sample-s", type=positive, default=10.0, help="seconds between memory samples")
     parser.add_argument("--url", help="a running service on this machine (default: start one on 127.0.0.1)")
     parser.add_argument("--pid", type=int, help="with --url: the `bentoml serve` pid, for memory figures")
     parser.add_argument("--workers", type=int, default=None, help="PNEUMONIA_WORKERS of a started service (default: the service's own)")
-    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections of the soak")
-    parser.add_argument("--max-queue", type=int, default=2000, help="requests waiting for a connection before "
-                        "further ones are counted as failures")
-    parser.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
+    parser.add_argument("--connections", type=bounded(int, 1), default=32, help="keep-alive connections of the soak")
+    parser.add_argument("--max-queue", type=bounded(int, 1), default=2000, help="requests waiting for a connection "
+                        "before further ones are counted as failures")
+    parser.add_argument("--timeout-s", type=positive, default=30.0, help="per-request timeout")
     parser.add_argument("--max-growth-pct", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -129,11 +133,16 @@ def main(argv: list[str] | None = None) -> int:
             host, port = parts.hostname or "127.0.0.1", parts.port or 80
             requests = [encode_request(parts.netloc, image) for image in xray_payloads(32)]
             pid = args.pid or (server.process.pid if server and server.process else None)
-            if args.rate:
+            if args.rate is not None:
                 rate = args.rate
             else:
                 print("measuring capacity ...", file=sys.stderr)
                 capacity, ramp = asyncio.run(measure_capacity(host, port, requests, args.ramp_step_s))
+                if capacity == 0:  # a soak at 0 req/s sends nothing and passed
+                    kinds = sorted({kind for step in ramp for kind in step["failure_kinds"]})
+                    print(f"error: the capacity ramp got no answer from {url}: every request failed "
+                          f"({', '.join(kinds)})", file=sys.stderr)
+                    return 1
                 rate = capacity * args.fraction
                 report.update(capacity_rps=capacity, capacity_ramp=ramp)
             print(f"soak: {rate:.1f} req/s for {args.minutes} min against {url}", file=sys.stderr)
@@ -157,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in report.items() if k not in ("samples", "capacity_ramp")}, indent=2))
     print(f"JSON: {path}")
     grew = report["memory"].get("growth_pct", 0.0)
+    if result["served"] == 0:  # nothing sent (a rate too low for the duration) or nothing answered: not a pass
+        print("error: the soak served no request", file=sys.stderr)
+        return 1
     return 0 if result["failures"] == 0 and grew < args.max_growth_pct else 1
 
 

@@ -97,3 +97,13 @@ def test_load_generators_end_a_consumer_that_swallowed_its_cancellation() -> Non
         return task
 
     assert asyncio.run(run()).cancelled()
+
+
+def test_the_capacity_ramp_backs_off_from_a_refused_connection() -> None:
+    """Against a dead port `closed_loop` retried ~12,000 times a second, a busy loop beside the server it measures.
+    After a transport error each client waits 0.05 s, so half a second holds at most 11 tries of one client."""
+    from harness.loadgen import closed_loop
+
+    step = asyncio.run(closed_loop("127.0.0.1", free_port(), [b"GET / HTTP/1.1\r\n\r\n"], 1, 0.5))
+    assert step["rps"] == 0 and 1 <= step["failures"] <= 11, step
+    assert set(step["failure_kinds"]) == {"ConnectionRefusedError"}

@@ -6,6 +6,7 @@ present), never speed: figures come from the benchmark itself (docs/performance.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -212,3 +213,43 @@ def test_startup_benchmark_refuses_counts_below_one() -> None:
                           capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2 and "--runs and --workers must be at least 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def script(name: str):
+    """scripts/NAME.py as a module, so that its main() runs in this process (bad options: SystemExit 2)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--rate", "-5"], "argument --rate: must be > 0, not -5"),
+    (["--rate", "0"], "argument --rate: must be > 0, not 0"),  # ran the capacity ramp instead
+    (["--minutes", "-1"], "argument --minutes: must be > 0, not -1"),
+    (["--minutes", "0"], "argument --minutes: must be > 0, not 0"),
+    (["--fraction", "-1"], "argument --fraction: must be in (0, 1], not -1"),
+])
+def test_soak_refuses_numbers_that_measure_nothing(argv: list[str], words: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Each of these soaked nothing and passed (exit 0); now one line and exit 2 before any request."""
+    with pytest.raises(SystemExit) as exit_:
+        script("soak").main(["--url", "http://127.0.0.1:1", *argv])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_soak_that_serves_nothing_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Against a dead URL the capacity ramp measured 0 req/s (every request refused, retried in a busy loop), the
+    soak then sent nothing at 0 req/s and passed; a rate too low to release one request in the time passed too."""
+    from harness.servers import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    soak = script("soak")
+    assert soak.main(["--url", dead, "--ramp-step-s", "0.2", "--minutes", "0.01", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (f"error: the capacity ramp got no answer from {dead}: every request failed "
+                                            "(ConnectionRefusedError)"), err
+    assert err.count("capacity ramp:") == 1, err  # no more connections once every request of a step failed
+    assert soak.main(["--url", dead, "--rate", "1", "--minutes", "0.001", "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: the soak served no request"
