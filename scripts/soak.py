@@ -150,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 result = soak(host, port, requests, rate, args.minutes * 60, args.sample_s, pid,
                               args.connections, args.max_queue, args.timeout_s, samples)
-            except KeyboardInterrupt:  # keep what was measured: the samples so far, marked as interrupted
+            except BaseException as exc:  # keep what was measured: the samples so far, marked as interrupted
                 report.update(interrupted=True, target_rate=round(rate, 2), samples=samples,
                               memory=memory_summary(samples))
+                if not isinstance(exc, KeyboardInterrupt):  # a failure, not Ctrl-C: say which
+                    report["error"] = f"{type(exc).__name__}: {exc}"
                 path = write_json(args.out / f"soak-{stamp}.json", record.finished(report))
                 print(f"interrupted after {len(samples)} samples; JSON: {path}", file=sys.stderr)
                 raise

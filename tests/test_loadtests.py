@@ -253,3 +253,38 @@ def test_a_soak_that_serves_nothing_fails(tmp_path: Path, capsys: pytest.Capture
     assert err.count("capacity ramp:") == 1, err  # no more connections once every request of a step failed
     assert soak.main(["--url", dead, "--rate", "1", "--minutes", "0.001", "--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: the soak served no request"
+
+
+def test_a_soak_of_a_server_that_never_answers_ends_and_counts_every_request(tmp_path: Path) -> None:
+    """Against a server that accepts and never answers, the soak's drain raised TimeoutError (a traceback, no JSON)
+    and the requests still queued were counted nowhere. Each request here waits its 0.2 s timeout on the one
+    connection, so at most (0.6 + 10.2) / 0.2 = 54 of the 60 can end before the drain gives up: the rest are counted."""
+    from tests.stubs import stub_server
+
+    with stub_server(silent=True) as url:
+        code = script("soak").main(["--url", url, "--rate", "100", "--minutes", "0.01", "--connections", "1",
+                                    "--timeout-s", "0.2", "--out", str(tmp_path)])
+    assert code == 1
+    [path] = tmp_path.glob("soak-*.json")
+    report = json.loads(path.read_text())
+    assert report["served"] == 0 and report["requests"] == report["failures"] == 60, report["failure_kinds"]
+    assert report["failure_kinds"]["not_sent_at_end"] >= 5, report["failure_kinds"]
+
+
+def test_a_soak_that_fails_keeps_its_samples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only Ctrl-C wrote the partial JSON: a soak that failed on anything else lost every sample it had taken."""
+    soak = script("soak")
+
+    async def fails_after_a_sample(*args: object) -> None:
+        on_sample = args[-1]  # open_loop's last argument
+        on_sample({"t_s": 0.0, "served": 0, "failed": 0, "queued": 0,  # type: ignore[operator]
+                   "p50_ms": None, "p95_ms": None})
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(soak, "open_loop", fails_after_a_sample)
+    with pytest.raises(OSError):
+        soak.main(["--url", "http://127.0.0.1:1", "--rate", "1", "--minutes", "1", "--out", str(tmp_path)])
+    [path] = tmp_path.glob("soak-*.json")
+    report = json.loads(path.read_text())
+    assert report["interrupted"] and report["error"] == "OSError: no space left on device"
+    assert len(report["samples"]) == 1
