@@ -206,7 +206,10 @@ class ServerProcess:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _terminate(self, timeout: float) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
+            return
+        if self.process.poll() is not None:  # the arbiter died (crashed, killed): its orphaned workers may not have
+            kill_leftovers(self)
             return
         try:
             os.killpg(self.process.pid, signal.SIGTERM)

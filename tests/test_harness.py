@@ -51,10 +51,8 @@ def test_a_start_that_loses_its_port_moves_to_a_free_one(tmp_path: Path) -> None
             server.stop()
 
 
-def test_kill_group_also_ends_children_in_groups_of_their_own(tmp_path: Path) -> None:
-    """circus starts each worker in a process group of its own, so a SIGKILL of a server's group left the workers
-    of a crashed or killed arbiter running (holding ports and CPU). This server starts such a child, is killed
-    as a crashed arbiter would be, and `kill_group` must still end the child."""
+def server_with_a_child_of_its_own(tmp_path: Path) -> ServerProcess:
+    """A started server that has started a child in a process group of its own, as circus starts each worker."""
     port = free_port()
     uvicorn = str(VENV_BIN / "uvicorn")
     script = ("import os, subprocess, sys; "
@@ -62,7 +60,14 @@ def test_kill_group_also_ends_children_in_groups_of_their_own(tmp_path: Path) ->
               f"os.execv({uvicorn!r}, [{uvicorn!r}, 'tests.test_harness:app', '--host', '127.0.0.1', '--port', '{port}'])")
     server = ServerProcess(args=[sys.executable, "-c", script], port=port, env=server_env(),
                            log_path=tmp_path / "server.log")
-    server.start(ready_path="/")
+    return server.start(ready_path="/")
+
+
+def test_kill_group_also_ends_children_in_groups_of_their_own(tmp_path: Path) -> None:
+    """circus starts each worker in a process group of its own, so a SIGKILL of a server's group left the workers
+    of a crashed or killed arbiter running (holding ports and CPU). This server starts such a child, is killed
+    as a crashed arbiter would be, and `kill_group` must still end the child."""
+    server = server_with_a_child_of_its_own(tmp_path)
     assert server.process is not None
     try:
         (child,) = psutil.Process(server.process.pid).children()
@@ -107,3 +112,20 @@ def test_the_capacity_ramp_backs_off_from_a_refused_connection() -> None:
     step = asyncio.run(closed_loop("127.0.0.1", free_port(), [b"GET / HTTP/1.1\r\n\r\n"], 1, 0.5))
     assert step["rps"] == 0 and 1 <= step["failures"] <= 11, step
     assert set(step["failure_kinds"]) == {"ConnectionRefusedError"}
+
+
+def test_stop_ends_the_orphans_of_a_server_that_died(tmp_path: Path) -> None:
+    """stop() returned at once when the server process had already exited, so the workers a crashed or killed
+    arbiter left behind (in process groups of their own) kept running and listening after it."""
+    server = server_with_a_child_of_its_own(tmp_path)
+    assert server.process is not None
+    try:
+        (child,) = psutil.Process(server.process.pid).children()
+        os.kill(server.process.pid, signal.SIGKILL)  # the arbiter dies; its child lives on, orphaned
+        server.process.wait(timeout=10)
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+        server.stop()
+        child.wait(timeout=10)
+        assert not child.is_running()
+    finally:
+        kill_group(server)
