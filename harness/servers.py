@@ -242,15 +242,37 @@ def child_stderr(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not _GRPC_CORE_LINE.fullmatch(line))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt so that the `finally` blocks which stop servers on Ctrl-C run on it too."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While inside, SIGTERM (a timeout, `kill`, a test harness) raises `Terminated` in the main thread. Its default
+    action ended a command at once and left the servers it had started (each in a session of its own) running,
+    with their private BENTOML_HOME folders."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def exit_with(main: Callable[[], int]) -> NoReturn:
     """Run a command that starts servers (`main`'s finally blocks stop them) and exit with its status; Ctrl-C
-    ends it with one line and 130, not a traceback (the benchmark, the soak and the memory measurement printed one).
+    ends it with one line and 130, not a traceback (the benchmark, the soak and the memory measurement printed one),
+    SIGTERM the same way with 143.
     """
     try:
-        sys.exit(main())
-    except KeyboardInterrupt:
+        with sigterm_interrupts():
+            sys.exit(main())
+    except KeyboardInterrupt as interrupt:
         print("interrupted: any server this command started was stopped", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130)
 
 
 def server_env(**extra: str) -> dict[str, str]:

@@ -52,7 +52,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -481,8 +480,6 @@ def git_commit() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    # A SIGTERM (a timeout, a test harness) unwinds like Ctrl-C, so the `finally` blocks stop every started server.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - {"bare", "explain", *SYSTEMS}
     if unknown:

@@ -22,7 +22,7 @@ from client import GrpcClient, HttpClient, ImageUpload
 from harness import record
 from harness.paths import DATA_DIR, RESULTS
 from harness.payloads import api_key_headers
-from harness.servers import bentoml_serve, free_port
+from harness.servers import bentoml_serve, exit_with, free_port
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -120,4 +120,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from core.cli import bounded
 from harness import record
 from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import MULTI_COUNT
-from harness.servers import ServerProcess, bentoml_serve, free_port, server_env
+from harness.servers import ServerProcess, Terminated, bentoml_serve, free_port, server_env, sigterm_interrupts
 
 IMAGES_PER_REQUEST = {"full-size": 1, "single": 1, f"{MULTI_COUNT} images": MULTI_COUNT, "explained": 1, "busy 503": 0}
 
@@ -135,10 +134,6 @@ def check_reachable(url: str) -> str | None:
     return None
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # so the finally blocks stop Locust (its own process group) and the started server
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -147,14 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.url is not None and (problem := check_reachable(args.url)):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # main() runs on the main thread (tests call it too)
-    try:
-        return _run(args, argv)
-    except KeyboardInterrupt:
+    try:  # SIGTERM as Ctrl-C: the finally blocks stop Locust (its own process group) and the started server
+        with sigterm_interrupts():  # main() runs on the main thread (tests call it too)
+            return _run(args, argv)
+    except KeyboardInterrupt as interrupt:
         print("interrupted: Locust and any server this command started were stopped", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return 143 if isinstance(interrupt, Terminated) else 130
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:

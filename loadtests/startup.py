@@ -20,7 +20,7 @@ from pathlib import Path
 
 from harness import record
 from harness.processes import tree_cpu_probe
-from harness.servers import model_store, start_server
+from harness.servers import exit_with, model_store, start_server
 from loadtests.spread import stats, text
 
 
@@ -61,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main)

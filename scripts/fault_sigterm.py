@@ -16,7 +16,6 @@ an in-flight request failed, a new one hung, or the server did not exit 0.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from harness import record
 from harness.faults import sigterm_experiment, write_json
 from harness.paths import RESULTS
 from harness.payloads import large_png
-from harness.servers import kill_group, model_store, start_server
+from harness.servers import exit_with, kill_group, model_store, start_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

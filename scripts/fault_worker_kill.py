@@ -16,7 +16,6 @@ tests/test_faults.py is broken (failures > clients, or no recovery in time).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from harness.faults import worker_kill_experiment, write_json
 from harness.paths import RESULTS
 from harness.payloads import xray_payloads
 from harness.processes import wait_until_workers_warm
-from harness.servers import kill_group, model_store, start_server
+from harness.servers import exit_with, kill_group, model_store, start_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,4 +78,4 @@ def format_result(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

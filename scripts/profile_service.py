@@ -29,7 +29,7 @@ from harness.loadgen import encode_requests, run_load
 from harness.paths import RESULTS, VENV_BIN
 from harness.payloads import build_samples, request_plan
 from harness.processes import tree_cpu_probe, worker_pids
-from harness.servers import ServerProcess, bentoml_serve, free_port, server_env
+from harness.servers import ServerProcess, bentoml_serve, exit_with, free_port, server_env
 
 # Inclusive frames worth naming: (label, regex on "function (file:line)" frames).
 MARKERS = (  # frames look like "Class.method (package/module.py:line)"
@@ -169,4 +169,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -11,13 +11,15 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from loadtests import run_locust
 from harness.paths import ROOT
-from harness.servers import HANG_S, default_sigint, server_env
+from harness.servers import HANG_S, SERVER_TOKEN, default_sigint, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -288,3 +290,58 @@ def test_a_soak_that_fails_keeps_its_samples(tmp_path: Path, monkeypatch: pytest
     report = json.loads(path.read_text())
     assert report["interrupted"] and report["error"] == "OSError: no space left on device"
     assert len(report["samples"]) == 1
+
+
+def _server_of(pid: int) -> psutil.Process | None:
+    """The first process below `pid` that carries a harness server's token (a started server), or None."""
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if SERVER_TOKEN in child.environ():
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+def _carrying(token: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(SERVER_TOKEN) == token:
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("command", [
+    "scripts/soak.py --out {tmp}", "scripts/measure_memory.py --out {tmp}/memory.json", "-m loadtests.startup --runs 1",
+    "scripts/profile_service.py --out {tmp}", "-m loadtests.grpc_vs_http_latency",
+    "scripts/fault_sigterm.py --out {tmp}", "scripts/fault_worker_kill.py --out {tmp}",
+    "-m loadtests.benchmark --systems service --out {tmp}", "-m loadtests.run_locust --out {tmp}",
+], ids=lambda command: command.split()[1] if command.startswith("-m") else command.split()[0])
+def test_sigterm_stops_the_server_a_command_started(command: str, production_tag: str, tmp_path: Path) -> None:
+    """SIGTERM (a timeout, `kill`) ended these commands at once and left the `bentoml serve` each had started running
+    (in a session of its own), with its /tmp/bentoml-home-* folder. Sent while the server starts, it now unwinds as
+    Ctrl-C does: the server and its folder are gone, one line, exit 143."""
+    proc = subprocess.Popen([sys.executable, *command.format(tmp=tmp_path).split()], cwd=ROOT, env=server_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    token = None
+    try:
+        deadline = time.monotonic() + HANG_S
+        while (server := _server_of(proc.pid)) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        environ = server.environ()
+        token, home = environ[SERVER_TOKEN], Path(environ["BENTOML_HOME"])
+        proc.send_signal(signal.SIGTERM)
+        stderr = proc.communicate(timeout=HANG_S)[1]
+        assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1].startswith("interrupted: ")
+        assert not _carrying(token), "the server (or one of its workers) still runs"
+        assert home.name.startswith("bentoml-home-") and not home.exists()
+    finally:
+        proc.kill()
+        proc.communicate()
+        for leftover in _carrying(token) if token else []:
+            leftover.kill()
