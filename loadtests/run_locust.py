@@ -68,13 +68,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def summarise(stats_json: Path) -> dict:
-    """Aggregated and per-request-type figures from the locustfile's final statistics, with images/s added."""
+    """Aggregated and per-request-type figures from the locustfile's final statistics, with images/s added: the images
+    of answered requests only (a failed request classified nothing; counting it made a failing run look fast)."""
     raw = json.loads(stats_json.read_text())
     rows = []
     for row in raw["by_request"]:
         kind = re.search(r"\[(.+)\]", row["name"])
         images = IMAGES_PER_REQUEST.get(kind.group(1), 0) if kind else 0
-        rows.append({**row, "images_per_s": row["requests_per_s"] * images})
+        answered = (row["requests"] - row["failures"]) / row["requests"] if row["requests"] else 0.0
+        rows.append({**row, "images_per_s": row["requests_per_s"] * answered * images})
     rows.sort(key=lambda r: (r["type"], r["name"]))
     total = {**raw["aggregated"], "name": "Aggregated", "images_per_s": sum(r["images_per_s"] for r in rows)}
     rounded = [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in [*rows, total]]

@@ -345,3 +345,24 @@ def test_sigterm_stops_the_server_a_command_started(command: str, production_tag
         proc.communicate()
         for leftover in _carrying(token) if token else []:
             leftover.kill()
+
+
+def test_locust_images_per_second_counts_answered_requests_only(tmp_path: Path) -> None:
+    """images/s came from every request's rate, failures included: a run whose requests all failed showed images/s."""
+    from harness.payloads import MULTI_COUNT
+
+    def row(name: str, requests: int, failures: int, per_s: float) -> dict:
+        return {"type": "POST", "name": name, "requests": requests, "failures": failures, "requests_per_s": per_s,
+                "p50_ms": 1.0, "p95_ms": 1.0, "p99_ms": 1.0, "max_ms": 1.0}
+
+    stats = tmp_path / "final_stats.json"
+    stats.write_text(json.dumps({"by_request": [row("/classify [single]", 10, 4, 5.0),
+                                                row(f"/classify [{MULTI_COUNT} images]", 6, 6, 3.0),
+                                                row("/classify [full-size]", 0, 0, 0.0)],
+                                 "aggregated": row("", 16, 10, 8.0)}))
+    summary = run_locust.summarise(stats)
+    rows = {r["name"]: r for r in summary["by_request"]}
+    assert rows["/classify [single]"]["images_per_s"] == 3.0  # 6 of 10 answered at 5 requests/s
+    assert rows[f"/classify [{MULTI_COUNT} images]"]["images_per_s"] == 0  # every one failed
+    assert summary["aggregated"]["images_per_s"] == 3.0
+
