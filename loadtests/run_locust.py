@@ -114,6 +114,8 @@ def run_locust(url: str, users: int, duration_s: int, out: Path, spawn_rate: flo
         "--host", url, "--csv", str(out / "locust"), "--html", str(out / "report.html"),
         "--only-summary", "--stop-timeout", "30",
     ]
+    # A reused --out holds the last run's statistics: were Locust to fail at start, they were reported as this run's.
+    (out / "final_stats.json").unlink(missing_ok=True)
     with open(out / "locust.log", "wb") as log:
         process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:

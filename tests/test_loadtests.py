@@ -366,3 +366,25 @@ def test_locust_images_per_second_counts_answered_requests_only(tmp_path: Path) 
     assert rows[f"/classify [{MULTI_COUNT} images]"]["images_per_s"] == 0  # every one failed
     assert summary["aggregated"]["images_per_s"] == 3.0
 
+
+def test_locust_failing_at_start_never_reports_an_earlier_runs_statistics(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A reused --out kept the last run's final_stats.json; when Locust failed at start, those were summarised as the
+    new run's. Here Locust (a stand-in that exits 1 at once) writes nothing, against a stub answering /readyz."""
+    from tests.stubs import stub_server
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "final_stats.json").write_text(json.dumps({"by_request": [], "aggregated": {
+        "type": "", "name": "", "requests": 100, "failures": 0, "requests_per_s": 50.0, "p50_ms": 1.0, "p95_ms": 1.0,
+        "p99_ms": 1.0, "max_ms": 1.0}}))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "locust").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "locust").chmod(0o755)
+    monkeypatch.setattr(run_locust, "VENV_BIN", fake)
+    with stub_server() as url:
+        assert run_locust.main(["--url", url, "-u", "1", "-d", "5", "--out", str(out)]) == 2
+    assert "Locust wrote no statistics (exit 1)" in capsys.readouterr().err
+    assert not (out / "summary.json").exists()
