@@ -34,6 +34,7 @@ from pathlib import Path
 
 import psutil
 
+from core.cli import bounded
 from harness.loadgen import encode_requests, run_load
 from harness.paths import ROOT
 from harness.payloads import PlannedRequest, build_samples, encode_multipart, request_plan
@@ -118,6 +119,11 @@ def derive(report: dict, workers: int, headroom: float = HEADROOM) -> dict:
             "formula": f"ceil(({arbiter} + {workers} x {worker}) MiB x {headroom} / 256 MiB) x 256 MiB = {mib}Mi"}
 
 
+def unloaded(phases: list[dict]) -> list[str]:
+    """The load phases in which no request was answered: their peak is an idle server's, not a measurement."""
+    return [phase["phase"] for phase in phases if phase["requests"] - phase["failures"] <= 0]
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -129,7 +135,8 @@ def git_commit() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=None, help="PNEUMONIA_WORKERS (default: the service's own, one per core)")
-    parser.add_argument("--seconds", type=float, default=40.0, help="seconds of load, split over the two phases")
+    parser.add_argument("--seconds", type=bounded(float, 0, low_open=True), default=40.0,
+                        help="seconds of load, split over the two phases")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
 
@@ -169,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"{summary['failures']} failures", file=sys.stderr)
             finally:
                 peak = sampler.stop()
+            if idle := unloaded(phases):  # an idle server's figures would replace the kept ones (docs/results)
+                print(f"error: no request was answered in the load phase(s) {', '.join(idle)}; {args.out} not written",
+                      file=sys.stderr)
+                return 1
             report["load"] = phases
             report["peak_under_load"] = peak
             report["peak_samples"] = sampler.samples

@@ -388,3 +388,18 @@ def test_locust_failing_at_start_never_reports_an_earlier_runs_statistics(tmp_pa
         assert run_locust.main(["--url", url, "-u", "1", "-d", "5", "--out", str(out)]) == 2
     assert "Locust wrote no statistics (exit 1)" in capsys.readouterr().err
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1"])
+def test_measure_memory_refuses_a_load_of_no_time(seconds: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--seconds 0` (or less) started a server, measured no load, exited 0 and replaced docs/results/memory.json."""
+    with pytest.raises(SystemExit) as exit_:
+        script("measure_memory").main(["--seconds", seconds])
+    assert exit_.value.code == 2 and f"argument --seconds: must be > 0, not {seconds}" in capsys.readouterr().err
+
+
+def test_measure_memory_fails_a_phase_that_answered_nothing() -> None:
+    """A load phase that completed no request (or only failed ones) measured an idle server: the run fails unwritten."""
+    unloaded = script("measure_memory").unloaded
+    assert unloaded([{"phase": "mix", "requests": 0, "failures": 0}, {"phase": "heavy", "requests": 3, "failures": 0},
+                     {"phase": "broken", "requests": 5, "failures": 5}]) == ["mix", "broken"]
