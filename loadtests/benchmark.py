@@ -319,7 +319,7 @@ def _ratio(a: dict | None, b: dict | None) -> float | None:
 def ratios_and_targets(bare: dict | None, runs: list[dict], concurrency: list[int], cores: int) -> tuple[dict, dict]:
     """The ratios the targets are stated in (at the highest client count unless named), per-client-count ratios
     (service / each peer, batching on / off, service CPU) and the targets with whether each is met."""
-    top = concurrency[-1]
+    top = max(concurrency)  # the option keeps the order it was given in, e.g. 32,8,1
     service = _at(runs, "service", top)
     at8 = _at(runs, "service", 8)
     ratios: dict[str, float | None] = {
@@ -393,7 +393,7 @@ def format_table(result: dict) -> str:
             f"| {r['other_cpu_cores']:.2f} | {full_p50} |"
         )
     lines += ["", format_ratios(result)]
-    top = result["concurrency"][-1]
+    top = max(result["concurrency"])
     names = target_names(top)
     lines += ["", "| measure | value | target | met |", "| --- | ---: | ---: | --- |"]
     for name, t in result["targets"].items():

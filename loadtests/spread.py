@@ -108,7 +108,7 @@ def format_spread(summary: dict) -> str:
         values = [summary["ratios"].get(f"{prefix}{c}") for c in concurrency]
         if any(v is not None for v in values):
             lines.append(f"| {name} | " + " | ".join(text(v, 2) for v in values) + " |")
-    names = target_names(concurrency[-1])
+    names = target_names(max(concurrency))
     lines += ["", "| target | median (min-max) | goal | met in |", "| --- | ---: | ---: | ---: |"]
     for name, t in summary["targets"].items():
         sign = "<=" if name in ("service_p99_ms_at_8", "zero_failures_at_top") else ">="

@@ -403,3 +403,19 @@ def test_measure_memory_fails_a_phase_that_answered_nothing() -> None:
     unloaded = script("measure_memory").unloaded
     assert unloaded([{"phase": "mix", "requests": 0, "failures": 0}, {"phase": "heavy", "requests": 3, "failures": 0},
                      {"phase": "broken", "requests": 5, "failures": 5}]) == ["mix", "broken"]
+
+
+def test_benchmark_targets_are_read_at_the_highest_client_count_in_any_order() -> None:
+    """The targets stated "at the highest client count" read the last one given: `--concurrency 32,1` judged the
+    service against the peer at 1 client, and counted the failures at 1 client as those at the top."""
+    from loadtests.benchmark import ratios_and_targets
+
+    def row(system: str, clients: int, images_per_s: float, failures: int = 0) -> dict:
+        return {"system": system, "clients": clients, "images_per_s": images_per_s, "failures": failures,
+                "server_cpu_cores": 1.0, "p99_ms": 10.0}
+
+    runs = [row("service", 32, 300.0, failures=2), row("peer", 32, 100.0),
+            row("service", 1, 50.0), row("peer", 1, 50.0)]
+    ratios, targets = ratios_and_targets(None, runs, [32, 1], cores=2)
+    assert ratios["service_vs_peer"] == 3.0 and targets["service_vs_peer"]["met"]
+    assert targets["zero_failures_at_top"] == {"value": 2, "target": 0, "met": False}
