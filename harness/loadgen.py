@@ -391,9 +391,11 @@ async def open_loop(host: str, port: int, requests: list[bytes], rate: float, se
     """Requests released at `rate`/s for `seconds` over `connections`, whatever the answers do.
 
     Returns outcome counts (`send_one` kinds, plus `client_queue_full` when the
-    server fell `max_queue` requests behind) and every latency in seconds,
-    counted from the scheduled release. Every `sample_s` seconds `on_sample`
-    gets the figures since the last sample. Requests still unanswered
+    server fell `max_queue` requests behind) and the latency in seconds of every
+    answered request, counted from the scheduled release (as in `LoadResult`, a
+    failure's is left out: quick refusals pulled the percentiles down). Every
+    `sample_s` seconds `on_sample` gets the figures since the last sample.
+    Requests still unanswered
     `timeout_s + 10` s after the last release are given up: `unanswered_at_end`
     (sent) and `not_sent_at_end` (still queued), so every release is counted.
     """
@@ -409,10 +411,12 @@ async def open_loop(host: str, port: int, requests: list[bytes], rate: float, se
             while (item := await queue.get()) is not None:
                 scheduled, raw = item
                 in_flight[0] += 1
-                outcomes[await send_one(connection, raw)] += 1
+                kind = await send_one(connection, raw)
+                outcomes[kind] += 1
                 in_flight[0] -= 1
-                latencies.append(time.monotonic() - scheduled)
-                window.append(latencies[-1])
+                if kind == "ok":
+                    latencies.append(time.monotonic() - scheduled)
+                    window.append(latencies[-1])
         finally:
             connection.close()
 

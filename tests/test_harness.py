@@ -129,3 +129,18 @@ def test_stop_ends_the_orphans_of_a_server_that_died(tmp_path: Path) -> None:
         assert not child.is_running()
     finally:
         kill_group(server)
+
+
+def test_soak_latencies_are_those_of_answered_requests() -> None:
+    """The soak's percentiles counted failed requests too: a server refusing everything in a millisecond showed a
+    fast p50. Against a stub answering 500, every request fails and no latency is kept."""
+    from harness.loadgen import open_loop
+    from tests.stubs import stub_server
+
+    with stub_server() as url:
+        port = int(url.rsplit(":", 1)[1])
+        request = b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+        outcomes, latencies = asyncio.run(open_loop("127.0.0.1", port, [request], rate=50, seconds=0.2, connections=2,
+                                                    max_queue=100, timeout_s=30, sample_s=10,
+                                                    on_sample=lambda figures: None))
+    assert outcomes == {"http_500": 10} and latencies == []
