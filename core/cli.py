@@ -44,6 +44,15 @@ def output_file(text: str) -> Path:
     return path
 
 
+def output_folder(text: str) -> Path:
+    """An argparse `type=` for a folder a command writes its results into: an existing file is refused at parse time
+    (the soak failed on it only after its whole run, with the results unwritten)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder")
+    return path
+
+
 def positive_ints(text: str) -> list[int]:
     """An argparse `type=` for a comma-separated list of whole numbers >= 1, e.g. client counts '1,8,32'."""
     try:

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cli import bounded, positive_ints
+from core.cli import bounded, output_folder, positive_ints
 from harness.loadgen import encode_requests, run_load, run_mixed
 from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import IMAGE_KINDS, MIX_WEIGHTS, MULTI_COUNT, build_samples, explain_plan, request_plan
@@ -105,7 +105,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "all servers up, the systems interleaved at each client count)")
     p.add_argument("--rotate", type=int, default=0, help="interleaved order's starting offset (--repeat adds the run index)")
     p.add_argument("--repeat", type=bounded(int, 1), default=1, help="run the whole benchmark this many times and report the spread")
-    p.add_argument("--results", type=Path, default=None,
+    p.add_argument("--results", type=output_folder, default=None,
                    help="with --repeat: also copy each run's JSON and the spread here (e.g. docs/results)")
     p.add_argument("--name", default="benchmark", help="file name stem of the copies in --results")
     p.add_argument("--explain-classify-clients", type=bounded(int, 1), default=8,

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from client import GrpcClient, HttpClient, ImageUpload
+from core.cli import output_file
 from harness import record
 from harness.paths import DATA_DIR, RESULTS
 from harness.payloads import api_key_headers
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-url", help="host:port of its gRPC endpoint (required with --url)")
     parser.add_argument("--calls", type=int, default=200, help="measured calls per transport (default 200)")
     parser.add_argument("--image", type=Path, help="image to send (default: a real X-ray from the data set)")
-    parser.add_argument("--json", type=Path, help="also write the figures here (with the command and machine)")
+    parser.add_argument("--json", type=output_file, help="also write the figures here (with the command and machine)")
     args = parser.parse_args(argv)
     provenance = record.provenance(argv)
     image = args.image or sorted((DATA_DIR / "train" / "PNEUMONIA").iterdir())[0]

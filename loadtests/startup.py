@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from core.cli import output_file
 from harness import record
 from harness.processes import tree_cpu_probe
 from harness.servers import exit_with, model_store, start_server
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="starts to measure, one after another")
     parser.add_argument("--workers", type=int, default=2, help="PNEUMONIA_WORKERS of the started service")
-    parser.add_argument("--json", type=Path, help="also write the runs and their medians here")
+    parser.add_argument("--json", type=output_file, help="also write the runs and their medians here")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.workers < 1:
         parser.error("--runs and --workers must be at least 1")

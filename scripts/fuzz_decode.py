@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, settings
 
+from core.cli import output_file
 from harness import record
 from harness.fuzz import ANY_INPUT, check
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="how long to fuzz (default 10)")
     parser.add_argument("--round", type=int, default=2000, help="examples per hypothesis round")
     parser.add_argument("--out", type=Path, default=Path("runs/fuzz"), help="where failing inputs are written")
-    parser.add_argument("--json", type=Path, help="also write the summary here (with the command and machine)")
+    parser.add_argument("--json", type=output_file, help="also write the summary here (with the command and machine)")
     args = parser.parse_args(argv)
     provenance = record.provenance(argv)
 

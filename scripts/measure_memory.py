@@ -30,11 +30,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 
-from core.cli import bounded
+from core.cli import bounded, output_file
 from harness.loadgen import encode_requests, run_load
 from harness.paths import ROOT
 from harness.payloads import PlannedRequest, build_samples, encode_multipart, request_plan
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="PNEUMONIA_WORKERS (default: the service's own, one per core)")
     parser.add_argument("--seconds", type=bounded(float, 0, low_open=True), default=40.0,
                         help="seconds of load, split over the two phases")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=output_file, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
 
     command = "python scripts/measure_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])

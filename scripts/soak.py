@@ -32,12 +32,11 @@ import contextlib
 import json
 import sys
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from core.cli import bounded
+from core.cli import bounded, output_folder
 from harness import record
 from harness.faults import write_json
 from harness.loadgen import encode_request, measure_capacity, open_loop
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                         "before further ones are counted as failures")
     parser.add_argument("--timeout-s", type=positive, default=30.0, help="per-request timeout")
     parser.add_argument("--max-growth-pct", type=float, default=5.0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=output_folder, default=RESULTS)
     args = parser.parse_args(argv)
     if args.url and urlsplit(args.url).hostname not in ("127.0.0.1", "localhost"):
         parser.error("--url must point at this machine (127.0.0.1 or localhost)")

@@ -419,3 +419,23 @@ def test_benchmark_targets_are_read_at_the_highest_client_count_in_any_order() -
     ratios, targets = ratios_and_targets(None, runs, [32, 1], cores=2)
     assert ratios["service_vs_peer"] == 3.0 and targets["service_vs_peer"]["met"]
     assert targets["zero_failures_at_top"] == {"value": 2, "target": 0, "met": False}
+
+
+@pytest.mark.parametrize("command, option, kind", [
+    ("soak", "--out", "file"), ("fuzz_decode", "--json", "folder"), ("loadtests.benchmark", "--results", "file"),
+    ("loadtests.grpc_vs_http_latency", "--json", "folder"), ("loadtests.startup", "--json", "folder"),
+    ("measure_memory", "--out", "folder"),
+])
+def test_output_paths_are_checked_before_the_work(command: str, option: str, kind: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder given for a file (or a file for a folder) failed with a traceback only after the whole run, its
+    figures lost (the soak after its minutes of load, the fuzzer after its rounds); now one line and exit 2 at once."""
+    wrong = tmp_path  # a folder
+    if kind == "file":
+        wrong = tmp_path / "a-file"
+        wrong.write_text("")
+    main = importlib.import_module(command).main if command.startswith("loadtests.") else script(command).main
+    with pytest.raises(SystemExit) as exit_:
+        main([option, str(wrong)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {option}: {wrong} is a {kind}; give a " in err, err
