@@ -62,3 +62,12 @@ def positive_ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"every number must be >= 1, not {text!r}")
     return values
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """An argparse `type=` for KEY=VALUE (an environment variable for a started server): text without '=' or without
+    a key is refused at parse time (it crashed with a ValueError traceback, after the model store was prepared)."""
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value

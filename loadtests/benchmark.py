@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cli import bounded, output_folder, positive_ints
+from core.cli import bounded, key_value, output_folder, positive_ints
 from harness.loadgen import encode_requests, run_load, run_mixed
 from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import IMAGE_KINDS, MIX_WEIGHTS, MULTI_COUNT, build_samples, explain_plan, request_plan
@@ -112,7 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="classify clients measured with and without the explain burst")
     p.add_argument("--explain-burst", type=bounded(int, 1), default=8, help="clients explaining back to back beside them")
     p.add_argument("--batch-sizes", type=positive_ints, default=None, help="bare-model batch sizes (default 1,4,8,16,32,64; quick 1,8,32)")
-    p.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--service-env", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for both service rows, e.g. PNEUMONIA_WORKERS=2 (for ablations)")
     p.add_argument("--model", default="production", help="model reference served by every row")
     p.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads of the bare-model measurement (0: all cores)")
@@ -523,7 +523,7 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
     warmup = args.warmup_s if args.warmup_s is not None else (0.5 if args.quick else 3.0)
     batch_sizes = args.batch_sizes or ([1, 8, 32] if args.quick else [1, 4, 8, 16, 32, 64])
     concurrency = args.concurrency
-    service_env = dict(item.split("=", 1) for item in args.service_env)
+    service_env = dict(args.service_env)
     if args.quick:  # a smoke run checks behaviour: one worker per service starts faster on a small CI machine
         service_env.setdefault("PNEUMONIA_WORKERS", "1")
     service_workers = _expected_workers(service_env)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from core.cli import bounded
+from core.cli import bounded, key_value
 from harness import record
 from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import MULTI_COUNT
@@ -62,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="this many of the users call POST /explain back to back (an explain burst beside classify)")
     p.add_argument("--stop-after", type=bounded(int, 0), default=0, metavar="N",
                    help="end the run once every request type was sent N times (the duration is then an upper bound)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--env", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the started service, e.g. PNEUMONIA_BATCHING__MAX_BATCH_SIZE=16")
     return p
 
@@ -168,7 +168,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
             print(ensure_default(), file=sys.stderr)
             # bentoml_serve gives the gRPC endpoint a free loopback port, never the fixed default.
-            extra = dict(item.split("=", 1) for item in args.env)
+            extra = dict(args.env)
             server = bentoml_serve("service:PneumoniaClassifier", free_port(), out / "server.log", **extra)
             print(f"starting the service on {server.url} (log: {out / 'server.log'}) ...", file=sys.stderr)
             server.start()

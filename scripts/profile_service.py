@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from core.cli import key_value
 from harness.loadgen import encode_requests, run_load
 from harness.paths import RESULTS, VENV_BIN
 from harness.payloads import build_samples, request_plan
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="server environment")
+    p.add_argument("--env", type=key_value, action="append", default=[], metavar="KEY=VALUE", help="server environment")
     p.add_argument("--workers", type=int, default=0, help="peer workers (0: one per usable core)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(ensure_default(), file=sys.stderr)
     out = args.out or RESULTS / "profile" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(item.split("=", 1) for item in args.env)
+    env = dict(args.env)
     workers = args.workers or usable_cores()
     server = start(args.system, env, out, workers)
     try:

@@ -439,3 +439,17 @@ def test_output_paths_are_checked_before_the_work(command: str, option: str, kin
         main([option, str(wrong)])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"argument {option}: {wrong} is a {kind}; give a " in err, err
+
+
+@pytest.mark.parametrize("command, option", [
+    ("loadtests.run_locust", "--env"), ("loadtests.benchmark", "--service-env"), ("profile_service", "--env"),
+])
+@pytest.mark.parametrize("text", ["PNEUMONIA_WORKERS", "=2"])
+def test_server_environment_options_refuse_text_that_is_not_key_value(command: str, option: str, text: str,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A KEY=VALUE option without '=' crashed with a ValueError traceback (dict() of a 1-element sequence)."""
+    main = importlib.import_module(command).main if command.startswith("loadtests.") else script(command).main
+    with pytest.raises(SystemExit) as exit_:
+        main([option, text])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {option}: {text!r} is not KEY=VALUE" in err, err
