@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # The CI command N times in a row on a clean clone of this repository's HEAD, each run's log and CPU time kept,
 # then one JSON summary (what docs/results/suite-3runs.json holds). Start the load you want beside it yourself.
-#   scripts/suite_runs.sh [OUT_DIR (default /tmp/suite-runs)] [RUNS (default 3)]
+#   scripts/suite_runs.sh [OUT_DIR (default /tmp/suite-runs; new, empty or an earlier output)] [RUNS (default 3)]
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 out="$(realpath -m "${1:-/tmp/suite-runs}")"; runs="${2:-3}"
 clone="$out/clone"
+if ! [[ "$runs" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: RUNS must be a whole number >= 1, not '$runs'" >&2; exit 2
+fi
+# OUT_DIR is removed and made anew below: only an empty folder or an earlier output (clone/, commit.txt) may be.
+if [ -n "$(ls -A "$out" 2>/dev/null)" ] && ! { [ -f "$out/commit.txt" ] && [ -d "$clone/.git" ]; }; then
+  echo "error: $out is not empty and not an earlier output of this script; give another OUT_DIR" >&2; exit 2
+fi
 # The suite reads ../shared next to the repository; the clone lives elsewhere, so point it at this checkout's data.
 export PNEUMONIA_DATA_DIR="${PNEUMONIA_DATA_DIR:-$(dirname "$repo")/shared/datasets/chest_xray}"
 rm -rf "$out" && mkdir -p "$out" && git clone -q "$repo" "$clone"
@@ -16,7 +23,7 @@ for k in $(seq 1 "$runs"); do
   echo "run $k: rc $(cat "$out/rc-$k.txt"), $(tail -1 "$out/run-$k.log")"
 done
 python3 - "$out" "$runs" <<'PY'
-import json, re, sys
+import json, re, statistics, sys
 from pathlib import Path
 out, runs = Path(sys.argv[1]), int(sys.argv[2])
 rows = []
@@ -31,7 +38,7 @@ for k in range(1, runs + 1):
 summary = {"commit": (out / "commit.txt").read_text().strip(), "runs": rows}
 timed = sorted(r["pytest_s"] for r in rows if r["pytest_s"] is not None)
 if timed:  # pytest's own time (the wall time adds the set-up), median and spread as the docs quote them
-    summary.update(pytest_s_median=timed[len(timed) // 2], pytest_s_min=timed[0], pytest_s_max=timed[-1])
+    summary.update(pytest_s_median=statistics.median(timed), pytest_s_min=timed[0], pytest_s_max=timed[-1])
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(json.dumps(summary, indent=1))
 PY

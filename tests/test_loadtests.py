@@ -453,3 +453,38 @@ def test_server_environment_options_refuse_text_that_is_not_key_value(command: s
         main([option, text])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"argument {option}: {text!r} is not KEY=VALUE" in err, err
+
+
+def test_suite_runs_keeps_a_foreign_folder_and_takes_the_median_of_an_even_count(tmp_path: Path) -> None:
+    """scripts/suite_runs.sh removed any OUT_DIR given (`rm -rf`), took RUNS 0 (a summary of nothing), and its median
+    of two runs was the larger. Run here on a tiny repository whose CI command prints pytest's verdict line, taking
+    10 s, then 20 s (a counter); the script is that repository's copy, so it clones and runs only that."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / ".ci").mkdir()
+    (repo / "scripts" / "suite_runs.sh").write_text((ROOT / "scripts" / "suite_runs.sh").read_text())
+    (repo / ".ci" / "run").write_text('n=$(( $(cat "$COUNTER" 2>/dev/null || echo 0) + 1 )); echo $n > "$COUNTER"\n'
+                                      'sleep 0.1; echo "===== 5 passed in $((n * 10)).0s ====="\n')  # wall > 0
+    git = ["git", "-C", str(repo), "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    for step in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "tiny"]):
+        subprocess.run([*git, *step], check=True, capture_output=True)
+    env = {**server_env(), "COUNTER": str(tmp_path / "counter")}
+
+    def suite_runs(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(repo / "scripts" / "suite_runs.sh"), *args], env=env, capture_output=True,
+                              text=True, timeout=HANG_S)
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    done = suite_runs(str(foreign), "1")
+    assert done.returncode == 2 and "is not empty and not an earlier output" in done.stderr
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    for runs in ("0", "two"):
+        done = suite_runs(str(tmp_path / "out"), runs)
+        assert done.returncode == 2 and f"RUNS must be a whole number >= 1, not '{runs}'" in done.stderr
+    for _ in range(2):  # the second time into the first's output, which it may replace
+        done = suite_runs(str(tmp_path / "out"), "2")
+        assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [run["pytest_s"] for run in summary["runs"]] == [30.0, 40.0] and summary["pytest_s_median"] == 35.0
