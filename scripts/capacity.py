@@ -34,6 +34,8 @@ import math
 import sys
 from pathlib import Path
 
+from core.cli import bounded
+
 ROOT = Path(__file__).resolve().parents[1]
 KEPT_RUNS = ROOT / "docs" / "results"
 MEMORY_JSON = ROOT / "docs" / "results" / "memory.json"
@@ -159,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", type=Path, help="a benchmark.json of a re-run (default: the median of the kept runs in docs/results)")
     parser.add_argument("--memory", type=Path, default=MEMORY_JSON, help="scripts/measure_memory.py output")
-    parser.add_argument("--images-per-study", type=float, default=2.0, help="e.g. PA and lateral (default 2)")
-    parser.add_argument("--utilisation", type=float, default=0.6, help="target utilisation of a pod (default 0.6)")
-    parser.add_argument("--min-replicas", type=int, default=2)
-    parser.add_argument("--pod-cpus", type=float, default=2.0, help="CPUs (= workers) per pod (default 2)")
+    positive = bounded(float, 0, low_open=True)  # 0 or less: a division by zero, or a plan of negative pods
+    parser.add_argument("--images-per-study", type=positive, default=2.0, help="e.g. PA and lateral (default 2)")
+    parser.add_argument("--utilisation", type=bounded(float, 0, 1, low_open=True), default=0.6,
+                        help="target utilisation of a pod (default 0.6)")
+    parser.add_argument("--min-replicas", type=bounded(int, 0), default=2)
+    parser.add_argument("--pod-cpus", type=positive, default=2.0, help="CPUs (= workers) per pod (default 2)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", type=Path, metavar="MARKDOWN", help="replace the table between the markers in this file")
     group.add_argument("--check", type=Path, metavar="MARKDOWN", help="exit 1 unless this file holds the current table")

@@ -488,3 +488,17 @@ def test_suite_runs_keeps_a_foreign_folder_and_takes_the_median_of_an_even_count
         assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [run["pytest_s"] for run in summary["runs"]] == [30.0, 40.0] and summary["pytest_s_median"] == 35.0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--utilisation", "0"], "argument --utilisation: must be in (0, 1], not 0"),  # ZeroDivisionError
+    (["--utilisation", "-0.5"], "argument --utilisation: must be in (0, 1], not -0.5"),  # a plan of negative pods
+    (["--pod-cpus", "0"], "argument --pod-cpus: must be > 0, not 0"),
+    (["--pod-cpus", "-2"], "argument --pod-cpus: must be > 0, not -2"),
+    (["--images-per-study", "-1"], "argument --images-per-study: must be > 0, not -1"),
+])
+def test_capacity_plan_refuses_numbers_it_cannot_plan_with(argv: list[str], words: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        script("capacity").main([*argv, "--json"])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
