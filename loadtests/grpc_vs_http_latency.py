@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from client import GrpcClient, HttpClient, ImageUpload
-from core.cli import output_file
+from client import ClientError, GrpcClient, HttpClient, ImageUpload
+from core.cli import bounded, output_file
 from harness import record
 from harness.paths import DATA_DIR, RESULTS
 from harness.payloads import api_key_headers
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="HTTP base URL of a running service (default: start one)")
     parser.add_argument("--grpc-url", help="host:port of its gRPC endpoint (required with --url)")
-    parser.add_argument("--calls", type=int, default=200, help="measured calls per transport (default 200)")
+    parser.add_argument("--calls", type=bounded(int, 1), default=200, help="measured calls per transport (default 200)")
     parser.add_argument("--image", type=Path, help="image to send (default: a real X-ray from the data set)")
     parser.add_argument("--json", type=output_file, help="also write the figures here (with the command and machine)")
     args = parser.parse_args(argv)
@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             url, grpc_url = args.url, args.grpc_url
         results = measure(url, grpc_url, image, args.calls)
+    except ClientError as failed:  # e.g. an unreachable --grpc-url: one line, not the client's traceback
+        print(f"error: a call failed: {type(failed).__name__}: {' '.join(str(failed).split())}", file=sys.stderr)
+        return 1
     finally:
         if server is not None:
             server.stop()

@@ -502,3 +502,19 @@ def test_capacity_plan_refuses_numbers_it_cannot_plan_with(argv: list[str], word
     with pytest.raises(SystemExit) as exit_:
         script("capacity").main([*argv, "--json"])
     assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_latency_comparison_refuses_no_calls_and_reports_a_failed_call_in_one_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--calls 0` ended in a StatisticsError after the warm-up; an unreachable service in client.errors.Unavailable's
+    traceback."""
+    from harness.servers import free_port
+    from loadtests import grpc_vs_http_latency
+
+    with pytest.raises(SystemExit) as exit_:
+        grpc_vs_http_latency.main(["--calls", "0"])
+    assert exit_.value.code == 2 and "argument --calls: must be >= 1, not 0" in capsys.readouterr().err
+    dead = ["--url", f"http://127.0.0.1:{free_port()}", "--grpc-url", f"127.0.0.1:{free_port()}", "--calls", "1"]
+    assert grpc_vs_http_latency.main(dead) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: a call failed: Unavailable: ") and err.count("\n") == 1, err
