@@ -218,9 +218,22 @@ def int8_runner(model):
         return onnxruntime_runner(quantised.read_bytes())
 
 
+ABLATIONS = ("preprocess", "forward", "bf16", "engines", "int8", "mirror", "compile")
+
+
+def ablation_names(text: str) -> list[str]:
+    """An argparse `type=` for --only: a misspelt name measured nothing and wrote `rows: []` as a result."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ABLATIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown {','.join(unknown) or repr(text)}; choose from {','.join(ABLATIONS)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="preprocess,forward,bf16", help="preprocess,forward,bf16,engines,int8,mirror,compile")
+    p.add_argument("--only", type=ablation_names, default="preprocess,forward,bf16", help=",".join(ABLATIONS))
     p.add_argument("--model", default="production")
     p.add_argument("--extra-images", type=int, default=100, help="training images per class added to the accuracy check")
     p.add_argument("--out", type=Path, default=RESULTS / "ablations.json")
@@ -228,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch (and ONNX Runtime) threads for the variant rows; 0: all cores (a service worker has 1)")
     args = p.parse_args(argv)
     provenance = record.provenance(argv)
-    which = args.only.split(",")
+    which = args.only
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     from models_registry import load_model
     from models_registry.default import ensure_default

@@ -518,3 +518,14 @@ def test_latency_comparison_refuses_no_calls_and_reports_a_failed_call_in_one_li
     assert grpc_vs_http_latency.main(dead) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: a call failed: Unavailable: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("only, words", [("engine", "unknown engine; choose from preprocess,forward,bf16,"),
+                                         ("forward,int4", "unknown int4; choose from"), (",", "unknown ','; choose")])
+def test_ablations_refuse_names_they_do_not_measure(only: str, words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt --only name measured nothing, exited 0 and wrote `rows: []` as the result."""
+    from loadtests import ablations
+
+    with pytest.raises(SystemExit) as exit_:
+        ablations.main(["--only", only])
+    assert exit_.value.code == 2 and f"argument --only: {words}" in capsys.readouterr().err
