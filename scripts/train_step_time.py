@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from core.cli import bounded
 from core.model import ModelSpec, build_model
 
 
@@ -40,10 +41,10 @@ def step_seconds(arch: str, batch_size: int, image_size: int, steps: int) -> lis
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", action="append", help="architecture (repeat; default: mobilenet_v3_small and resnet18)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=bounded(int, 1), default=2)
+    p.add_argument("--batch-size", type=bounded(int, 1), default=64)
+    p.add_argument("--image-size", type=bounded(int, 1), default=224)
+    p.add_argument("--steps", type=bounded(int, 1), default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for arch in args.arch or ["mobilenet_v3_small", "resnet18"]:

@@ -529,3 +529,12 @@ def test_ablations_refuse_names_they_do_not_measure(only: str, words: str, capsy
     with pytest.raises(SystemExit) as exit_:
         ablations.main(["--only", only])
     assert exit_.value.code == 2 and f"argument --only: {words}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [(["--steps", "0"], "argument --steps: must be >= 1, not 0"),
+                                         (["--threads", "0"], "argument --threads: must be >= 1, not 0")])
+def test_train_step_timer_refuses_counts_below_one(argv: list[str], words: str) -> None:
+    """`--steps 0` timed a warm-up step and ended in a StatisticsError, `--threads 0` in torch's RuntimeError."""
+    proc = subprocess.run([sys.executable, "scripts/train_step_time.py", *argv], cwd=ROOT, env=server_env(),
+                          capture_output=True, text=True, timeout=HANG_S)
+    assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
