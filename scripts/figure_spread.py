@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loadtests.spread import stats, text
 
-Figure = tuple[str, Callable[[dict], float]]
+Figure = tuple[str, Callable[[dict], float | None]]
 
 GROUPS: dict[str, list[Figure]] = {
     "latency-224px": [
@@ -63,8 +63,10 @@ GROUPS["latency-2048px"] = GROUPS["latency-224px"]
 def table(name: str, runs: list[tuple[Path, dict]]) -> str:
     lines = [f"### {name}: {len(runs)} runs", "", "| figure | median (min-max) | runs |", "| --- | ---: | --- |"]
     for label, read in GROUPS[name]:
-        values = [float(read(data)) for _, data in runs]
-        lines.append(f"| {label} | {text(stats(values), digits=None)} | {', '.join(f'{v:g}' for v in values)} |")
+        # A run can lack a figure (a server that never exited has no exit time): n/a, left out of the median.
+        values = [None if (value := read(data)) is None else float(value) for _, data in runs]
+        shown = ", ".join("n/a" if v is None else f"{v:g}" for v in values)
+        lines.append(f"| {label} | {text(stats(values), digits=None)} | {shown} |")
     loads = [data.get("load_average_1m_at_start") for _, data in runs]
     commits = sorted({str(data.get("commit", "?")) for _, data in runs})
     lines += ["", f"Files: {', '.join(p.name for p, _ in runs)}; commit {', '.join(commits)}; "

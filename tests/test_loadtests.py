@@ -538,3 +538,18 @@ def test_train_step_timer_refuses_counts_below_one(argv: list[str], words: str) 
     proc = subprocess.run([sys.executable, "scripts/train_step_time.py", *argv], cwd=ROOT, env=server_env(),
                           capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_figure_spread_shows_a_figure_a_run_lacks_as_n_a(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A kept run with a figure of None (a SIGTERM drill whose server never exited: no exit time) failed the whole
+    summary with TypeError: float(None)."""
+
+    def sigterm_run(exit_after_term_s: float | None) -> dict:
+        return {"in_flight_kinds": {"http_200": 4}, "in_flight": 4, "in_flight_finished_after_term_s": 1.5,
+                "exit_code": 0, "exit_after_term_s": exit_after_term_s, "late_sent": 3, "late_kinds": {},
+                "late_max_s": 0.1}
+
+    for k, exit_s in enumerate((2.0, None, 4.0), start=1):
+        (tmp_path / f"fault-sigterm-{k}.json").write_text(json.dumps(sigterm_run(exit_s)))
+    assert script("figure_spread").main([str(tmp_path)]) == 0
+    assert "| exit after SIGTERM, s | 3 (2-4) | 2, n/a, 4 |" in capsys.readouterr().out
