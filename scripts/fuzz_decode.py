@@ -21,15 +21,16 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, settings
 
-from core.cli import output_file
+from core.cli import bounded, output_file
 from harness import record
 from harness.fuzz import ANY_INPUT, check
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=10.0, help="how long to fuzz (default 10)")
-    parser.add_argument("--round", type=int, default=2000, help="examples per hypothesis round")
+    parser.add_argument("--minutes", type=bounded(float, 0, low_open=True), default=10.0,
+                        help="how long to fuzz (default 10; at least one round)")
+    parser.add_argument("--round", type=bounded(int, 1), default=2000, help="examples per hypothesis round")
     parser.add_argument("--out", type=Path, default=Path("runs/fuzz"), help="where failing inputs are written")
     parser.add_argument("--json", type=output_file, help="also write the summary here (with the command and machine)")
     args = parser.parse_args(argv)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     deadline = started + args.minutes * 60
     rounds = 0
-    while time.monotonic() < deadline:
+    while rounds == 0 or time.monotonic() < deadline:  # a run of no example passed, and reported 0 failures
         rounds += 1
         try:
             property_()

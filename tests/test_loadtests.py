@@ -553,3 +553,16 @@ def test_figure_spread_shows_a_figure_a_run_lacks_as_n_a(tmp_path: Path, capsys:
         (tmp_path / f"fault-sigterm-{k}.json").write_text(json.dumps(sigterm_run(exit_s)))
     assert script("figure_spread").main([str(tmp_path)]) == 0
     assert "| exit after SIGTERM, s | 3 (2-4) | 2, n/a, 4 |" in capsys.readouterr().out
+
+
+def test_decoder_fuzzing_refuses_no_time_and_runs_at_least_one_round(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`--minutes -1` (or a time over before the first round) fuzzed 0 examples and passed: exit 0, 0 failures."""
+    fuzz = script("fuzz_decode")
+    with pytest.raises(SystemExit) as exit_:
+        fuzz.main(["--minutes", "-1"])
+    assert exit_.value.code == 2 and "argument --minutes: must be > 0, not -1" in capsys.readouterr().err
+    summary = tmp_path / "fuzz.json"
+    argv = ["--minutes", "1e-9", "--round", "3", "--out", str(tmp_path / "failing"), "--json", str(summary)]
+    assert fuzz.main(argv) == 0
+    assert json.loads(summary.read_text())["examples"] >= 1
