@@ -52,6 +52,7 @@ def free_port() -> int:
     """
     high = _ephemeral_low() - 1
     low = max(1025, high - 12000)
+    _sweep_stale_once()
     for port in random.SystemRandom().sample(range(low, high + 1), 200):
         with socket.socket() as sock:
             try:
@@ -65,10 +66,12 @@ def free_port() -> int:
 
 _RESERVATIONS = Path(tempfile.gettempdir()) / f"pneumonia-harness-ports-{os.getuid()}"
 _RESERVATION_S = 3600.0  # a reservation older than this is free again (its server is long gone or bound)
+_swept = False
 
 
 def _reserve(port: int) -> bool:
-    """Claim `port` for this process across processes (a file created exclusively); False if claimed already.
+    """Claim `port` for this process across processes (a file created exclusively, holding this process's pid);
+    False if claimed already.
 
     Where the folder cannot be written, the port is used unclaimed (the start's retry still covers a collision).
     """
@@ -78,12 +81,47 @@ def _reserve(port: int) -> bool:
         if path.exists() and time.time() - path.stat().st_mtime < _RESERVATION_S:
             return False
         path.unlink(missing_ok=True)  # stale, or not there
-        path.touch(exist_ok=False)
+        with open(path, "x") as claim:
+            claim.write(str(os.getpid()))
     except FileExistsError:  # another process claimed it just now
         return False
     except OSError:
         return True
     return True
+
+
+def release_port(port: int | None) -> None:
+    """Drop this process's claim on `port` (its server stopped): every call left a file for ever (1,721 had piled up).
+    A claim of another process (another pid in the file) is left alone. Never raises."""
+    if port is None:
+        return
+    path = _RESERVATIONS / str(port)
+    try:
+        if path.read_text() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _sweep_stale_once() -> None:
+    """Remove the claims older than _RESERVATION_S, which every process already treats as free (those of ports
+    handed out but never served, of killed runs), once per process. A process claiming such a port at the same
+    moment may lose its claim, as when two claim it together: a start's retry covers that collision."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    now = time.time()
+    try:
+        paths = list(_RESERVATIONS.iterdir())
+    except OSError:
+        return
+    for path in paths:
+        try:
+            if now - path.stat().st_mtime >= _RESERVATION_S:
+                path.unlink()
+        except OSError:
+            continue
 
 
 @dataclass
@@ -149,6 +187,8 @@ class ServerProcess:
         raise AssertionError("unreachable")
 
     def _move_to_fresh_ports(self) -> None:
+        release_port(self.port)
+        release_port(self.grpc_port)
         self.port = free_port()
         self.args[self.args.index("--port") + 1] = str(self.port)
         if self.grpc_port is not None:
@@ -204,6 +244,8 @@ class ServerProcess:
         finally:
             for path in self.scratch_dirs:
                 shutil.rmtree(path, ignore_errors=True)
+            release_port(self.port)
+            release_port(self.grpc_port)
 
     def _terminate(self, timeout: float) -> None:
         if self.process is None:

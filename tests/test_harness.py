@@ -11,10 +11,12 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -144,3 +146,36 @@ def test_soak_latencies_are_those_of_answered_requests() -> None:
                                                     max_queue=100, timeout_s=30, sample_s=10,
                                                     on_sample=lambda figures: None))
     assert outcomes == {"http_500": 10} and latencies == []
+
+
+def test_a_stopped_server_gives_its_ports_back() -> None:
+    """Every free_port() left a claim file in the reservations folder for ever (1,721 there): a server's are removed
+    when it stops."""
+    from harness import servers
+
+    port, grpc_port = free_port(), free_port()
+    claims = [servers._RESERVATIONS / str(p) for p in (port, grpc_port)]
+    assert all(claim.exists() for claim in claims)
+    server = ServerProcess(
+        args=[str(VENV_BIN / "uvicorn"), "tests.test_harness:app", "--host", "127.0.0.1", "--port", str(port)],
+        port=port, env=server_env(), log_path=Path(os.devnull), grpc_port=grpc_port,
+    )
+    server.start(ready_path="/")
+    server.stop()
+    assert not any(claim.exists() for claim in claims)
+
+
+def test_stale_port_claims_are_swept_and_others_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims older than an hour, free by definition, were never removed; another process's claim is never touched."""
+    from harness import servers
+
+    monkeypatch.setattr(servers, "_RESERVATIONS", tmp_path)
+    monkeypatch.setattr(servers, "_swept", False)
+    stale, fresh = tmp_path / "1234", tmp_path / "1235"
+    stale.write_text("1")
+    fresh.write_text("1")  # pid 1's: not this process's
+    old = time.time() - 2 * servers._RESERVATION_S
+    os.utime(stale, (old, old))
+    port = free_port()
+    servers.release_port(1235)
+    assert not stale.exists() and fresh.exists() and (tmp_path / str(port)).read_text() == str(os.getpid())
