@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -289,6 +290,16 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no event loop in this (the main) thread
+        raise Terminated from None
+    # In a running event loop (the soak's), raised by the loop itself: raised here, it went into whichever task was
+    # running, which then logged "Task exception was never retrieved" with a traceback.
+    loop.call_soon_threadsafe(_terminate)
+
+
+def _terminate() -> None:
     raise Terminated
 
 

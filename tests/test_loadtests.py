@@ -347,6 +347,27 @@ def test_sigterm_stops_the_server_a_command_started(command: str, production_tag
             leftover.kill()
 
 
+def test_sigterm_during_a_soak_keeps_its_samples(tmp_path: Path) -> None:
+    """SIGTERM is an interrupt inside the soak's event loop too: the samples so far are written, as on Ctrl-C."""
+    from tests.stubs import stub_server
+
+    with stub_server() as url:
+        proc = subprocess.Popen([sys.executable, "scripts/soak.py", "--url", url, "--rate", "5", "--minutes", "5",
+                                 "--sample-s", "1", "--out", str(tmp_path)], cwd=ROOT, env=server_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            lines = iter(proc.stderr.readline, "")  # type: ignore[union-attr]
+            assert any("served" in line for line in lines)  # soaking: its first sample line
+            proc.send_signal(signal.SIGTERM)
+            stderr = proc.communicate(timeout=HANG_S)[1]
+        finally:
+            proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
+    [partial] = tmp_path.glob("soak-*.json")
+    report = json.loads(partial.read_text())
+    assert report["interrupted"] and report["samples"] and "error" not in report
+
+
 def test_locust_images_per_second_counts_answered_requests_only(tmp_path: Path) -> None:
     """images/s came from every request's rate, failures included: a run whose requests all failed showed images/s."""
     from harness.payloads import MULTI_COUNT
