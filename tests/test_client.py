@@ -377,11 +377,7 @@ def test_a_proxys_413_without_reasons_sends_the_files_one_at_a_time(live: Server
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
-        xray = Image.open(sample_xrays(1, offset=68)[0]).convert("L").resize((2000, 2000), Image.BICUBIC)
-        files = []
-        for i in range(2):
-            files.append(tmp_path / f"large-{i}.jpeg")
-            files[-1].write_bytes(encode(xray, "JPEG", quality=100))
+        files = _large_xrays(tmp_path, 2, offset=68)
         assert sum(f.stat().st_size for f in files) > limit > max(f.stat().st_size for f in files)
         done = _cli("classify", *map(str, files), "--url", f"http://127.0.0.1:{proxy.server_address[1]}", "--json")
         assert done.returncode == 0, done.stderr
@@ -555,6 +551,15 @@ def test_cli_against_a_secured_server(secured_server: tuple[ServerProcess, Pki],
     assert untrusted.returncode == 4 and "cannot reach" in untrusted.stderr, untrusted.stderr
 
 
+def _large_xrays(folder: Path, count: int, offset: int) -> list[Path]:
+    """`count` copies of a real X-ray as 2000 px JPEGs of about 0.7 MB each."""
+    xray = Image.open(sample_xrays(1, offset=offset)[0]).convert("L").resize((2000, 2000), Image.BICUBIC)
+    files = [folder / f"large-{i}.jpeg" for i in range(count)]
+    for path in files:
+        path.write_bytes(encode(xray, "JPEG", quality=100))
+    return files
+
+
 @pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_cli_answers_files_whose_request_is_over_the_servers_byte_limit(secured_server: tuple[ServerProcess, Pki],
                                                                         transport: str, tmp_path: Path) -> None:
@@ -563,11 +568,7 @@ def test_cli_answers_files_whose_request_is_over_the_servers_byte_limit(secured_
     server, pki = secured_server
     flags = ["--url", _secured_target(server, transport), "--ca-file", str(pki.ca), "--cert", str(pki.client_cert),
              "--key", str(pki.client_key), "--api-key", KEY_CLI_LARGE[transport]] + (["--grpc"] if transport == "grpc" else [])
-    xray = Image.open(sample_xrays(1, offset=66)[0]).convert("L").resize((2000, 2000), Image.BICUBIC)
-    files = []
-    for i in range(4):
-        files.append(tmp_path / f"large-{i}.jpeg")
-        files[-1].write_bytes(encode(xray, "JPEG", quality=100))
+    files = _large_xrays(tmp_path, 4, offset=66)
     assert sum(f.stat().st_size for f in files) > MAX_REQUEST > max(f.stat().st_size for f in files)
     done = _cli("classify", *map(str, files), *flags, "--json")
     assert done.returncode == 0, done.stderr
