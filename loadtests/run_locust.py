@@ -114,8 +114,10 @@ def run_locust(url: str, users: int, duration_s: int, out: Path, spawn_rate: flo
         "--host", url, "--csv", str(out / "locust"), "--html", str(out / "report.html"),
         "--only-summary", "--stop-timeout", "30",
     ]
-    # A reused --out holds the last run's statistics: were Locust to fail at start, they were reported as this run's.
-    (out / "final_stats.json").unlink(missing_ok=True)
+    # A reused --out holds the last run's statistics and reports: were Locust to fail at start, the statistics were
+    # reported as this run's, and the reports stayed beside its log as if they were.
+    for earlier in ("final_stats.json", "summary.json", "summary.md", "report.html"):
+        (out / earlier).unlink(missing_ok=True)
     with open(out / "locust.log", "wb") as log:
         process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -134,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(args.env)
     workers = args.workers or usable_cores()
     server = start(args.system, env, out, workers)
+    recorders: list[tuple[int, Path, subprocess.Popen]] = []
     try:
         pids = worker_pids(server.process.pid) if args.system == "service" else peer_pids(server.process.pid)
         requests = encode_requests(request_plan(build_samples(), 600, seed=0), server.url)
         run_load(server.url, requests, clients=2, warmup_s=0.0, window_s=2.0)  # first-request costs
-        recorders = []
         for pid in pids:
             raw = out / f"worker-{pid}.txt"
             recorders.append((pid, raw, subprocess.Popen(
@@ -146,13 +146,17 @@ def main(argv: list[str] | None = None) -> int:
                  "--rate", str(args.rate), "--duration", str(int(args.seconds)), "--output", str(raw), "--nonblocking"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
         result: dict = {}
-        loader = threading.Thread(target=lambda: result.update(load=run_load(
+        # A daemon: after an interrupt the process must not wait out the load window against a stopped server.
+        loader = threading.Thread(daemon=True, target=lambda: result.update(load=run_load(
             server.url, requests, args.clients, 1.0, args.seconds, cpu_probe=tree_cpu_probe(server.process.pid))))
         loader.start()
         for _, _, recorder in recorders:
             recorder.wait(timeout=args.seconds + 60)
         loader.join()
     finally:
+        for _, _, recorder in recorders:  # interrupted: py-spy would otherwise record on until its duration
+            if recorder.poll() is None:
+                recorder.terminate()
         server.stop()
     summary = result["load"].summary()
     text = [f"{args.system} {env or ''} at {args.clients} clients: {summary['images_per_s']} images/s, "

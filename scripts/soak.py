@@ -63,7 +63,7 @@ def soak(host: str, port: int, requests: list[bytes], rate: float, seconds: floa
         open_loop(host, port, requests, rate, seconds, connections, max_queue, timeout_s, sample_s, on_sample)
     )
     elapsed = time.monotonic() - t0
-    lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    lat = np.array(latencies) * 1000
     return {
         "target_rate": round(rate, 2),
         "connections": connections,
@@ -73,7 +73,8 @@ def soak(host: str, port: int, requests: list[bytes], rate: float, seconds: floa
         "failures": sum(outcomes.values()) - outcomes["ok"],
         "failure_kinds": {k: v for k, v in outcomes.items() if k != "ok"},
         "achieved_rps": round(outcomes["ok"] / elapsed, 2),
-        "latency_ms": {q: round(float(np.percentile(lat, p)), 1) for q, p in
+        # none when nothing was answered (NaN is not JSON)
+        "latency_ms": {q: round(float(np.percentile(lat, p)), 1) if len(lat) else None for q, p in
                        (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))},
         "rss_by_process_mb": {"start": rss_start, "end": process_rss(pid)},
         "samples": samples,
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     positive = bounded(float, 0, low_open=True)
     parser.add_argument("--minutes", type=positive, default=10.0, help="soak duration (default 10)")
-    parser.add_argument("--fraction", type=bounded(float, 0, 1, low_open=True), default=0.7,
+    parser.add_argument("--fraction", type=bounded(float, 0, low_open=True), default=0.7,
                         help="share of the measured capacity (default 0.7)")
     parser.add_argument("--rate", type=positive, help="requests per second; skips the capacity ramp")
     parser.add_argument("--ramp-step-s", type=positive, default=10.0, help="seconds per step of the capacity ramp")

@@ -9,8 +9,10 @@ clone="$out/clone"
 if ! [[ "$runs" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: RUNS must be a whole number >= 1, not '$runs'" >&2; exit 2
 fi
-# OUT_DIR is removed and made anew below: only an empty folder or an earlier output (clone/, commit.txt) may be.
-if [ -n "$(ls -A "$out" 2>/dev/null)" ] && ! { [ -f "$out/commit.txt" ] && [ -d "$clone/.git" ]; }; then
+# OUT_DIR is removed and made anew below: only an empty folder or an earlier output (commit.txt with its clone/ or
+# its run logs: the clone, a whole .venv, may have been deleted to free the disk) may be.
+if [ -n "$(ls -A "$out" 2>/dev/null)" ] && ! { [ -f "$out/commit.txt" ] \
+    && { [ -d "$clone/.git" ] || compgen -G "$out/run-*.log" > /dev/null; }; }; then
   echo "error: $out is not empty and not an earlier output of this script; give another OUT_DIR" >&2; exit 2
 fi
 # The suite reads ../shared next to the repository; the clone lives elsewhere, so point it at this checkout's data.
