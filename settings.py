@@ -49,7 +49,8 @@ class RateLimitSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(False, description="true: clients over their rate get 429 with Retry-After")
-    requests_per_minute: float = Field(600.0, gt=0, description="sustained requests per client")
+    # At least one an hour: 1e-320 made the wait infinite and the rate limiter raise in every request it refused.
+    requests_per_minute: float = Field(600.0, ge=1 / 60, description="sustained requests per client")
     burst: int = Field(30, ge=1, description="requests a client may send at once before the rate applies")
     max_clients: int = Field(10_000, ge=1, description="buckets kept; the least recently seen client is forgotten")
 
@@ -97,7 +98,11 @@ class SecuritySettings(BaseModel):
 
     @model_validator(mode="after")
     def _load_keys(self) -> "SecuritySettings":
-        keys = [k.strip() for k in self.api_keys.get_secret_value().split(",")]
+        listed = self.api_keys.get_secret_value()
+        keys = [k.strip() for k in listed.split(",")]
+        if listed.strip() and not any(keys):  # "," or " , ": meant to list keys; an open service must be chosen
+            raise ValueError("api_keys holds no key (only commas and blanks); give at least one key, or leave it "
+                             "unset (empty) for an open service")
         # Where each key came from, for a message that names the place and never the key.
         places = [f"api_keys entry {n}" for n in range(1, len(keys) + 1)]
         if self.api_keys_file is not None:
@@ -329,10 +334,11 @@ class ServingSettings(BaseSettings):
         "BatchNorm folded; eager = as trained",
     )
     max_images_per_request: int = Field(16, ge=1, le=256)
-    max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest accepted request body")
+    # gRPC takes both below as C ints: 2**31 or more put every worker in a start-up crash loop (OverflowError).
+    max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, le=2**31 - 1, description="largest accepted request body")
     timeout_s: int = Field(60, ge=1, description="request timeout")
     max_concurrency: int = Field(
-        256, ge=1,
+        256, ge=1, le=2**31 - 1,
         description="HTTP calls in flight per server, shared out over the workers, beyond which BentoML answers 429 "
         "(probes and /health are not counted); also the gRPC calls in flight per worker before RESOURCE_EXHAUSTED",
     )

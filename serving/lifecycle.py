@@ -145,6 +145,9 @@ def check_http_port(host: str, port: int) -> None:
     port) is not probed."""
     if port == 0:
         return
+    if not 0 < port <= 65535:  # 70000 was bound as 4464 (modulo 65536), -5 a 47-line traceback from circus
+        raise StartupError(f"cannot serve: the HTTP port {port} is not a port (1-65535); choose another with "
+                           "`bentoml serve --port N` (`PORT=N ./dev.sh serve`)")
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror:

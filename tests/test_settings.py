@@ -208,3 +208,62 @@ def test_limits_no_image_could_meet_are_refused(monkeypatch: pytest.MonkeyPatch)
     assert "max_pixels 10 is below min_side squared (32x32 = 1,024)" in message, message
     monkeypatch.setenv("PNEUMONIA_LIMITS__MAX_PIXELS", "1024")
     assert ServingSettings().limits.max_pixels == 1024
+
+
+@pytest.mark.parametrize("variables, words", [
+    # gRPC takes them as C ints: the server said "listening", then every worker crashed at start, for ever
+    ({"PNEUMONIA_MAX_REQUEST_BYTES": str(2**32)}, "max_request_bytes"),
+    ({"PNEUMONIA_MAX_CONCURRENCY": str(2**31)}, "max_concurrency"),
+    # an infinite wait: every refused request raised in the rate limiter and hung until the request timeout
+    ({"PNEUMONIA_SECURITY__RATE_LIMIT__REQUESTS_PER_MINUTE": "1e-320"}, "requests_per_minute"),
+    # a list of keys with no key in it: the service started open (a file with no key was already refused)
+    ({"PNEUMONIA_SECURITY__API_KEYS": " , "}, "api_keys holds no key"),
+])
+def test_values_no_worker_can_serve_with_are_refused_before_start(variables: dict[str, str], words: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper's finds (each reproduced with `bentoml serve`)."""
+    message = _settings_error(monkeypatch, **variables)
+    assert words in message, message
+    monkeypatch.setenv("PNEUMONIA_SECURITY__API_KEYS", "")  # empty is unset: an open service, as documented
+    for name in variables:
+        monkeypatch.delenv(name, raising=False)
+    assert ServingSettings().security.keys() == ()
+
+
+@pytest.mark.parametrize("port", [70000, -5])
+def test_an_http_port_that_is_not_a_port_is_refused_in_one_line(port: int) -> None:
+    """`--port 70000` said "listening on ...:70000" and bound 4464 (modulo 65536); -5 ended in a traceback."""
+    from serving.lifecycle import StartupError, check_http_port
+
+    with pytest.raises(StartupError, match=f"the HTTP port {port} is not a port"):
+        check_http_port("127.0.0.1", port)
+
+
+def test_a_failure_inside_the_http_guard_answers_500_at_once_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """An exception raised in the guard or the app before any answer (a rate limiter fed a setting no validator
+    foresaw) left BentoML's timeout middleware waiting: a plain-text 500 after PNEUMONIA_TIMEOUT_S, no traceback."""
+    import asyncio
+    import json
+
+    from serving.http.guard import HttpGuard
+
+    async def broken(scope, receive, send) -> None:
+        raise ZeroDivisionError("a rate of 0 requests a minute")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    guard = HttpGuard(broken, ServingSettings(), upload_routes={"/classify": "images"})
+    scope = {"type": "http", "method": "GET", "path": "/anything", "raw_path": b"/anything", "query_string": b"",
+             "headers": [], "scheme": "http", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 3000),
+             "http_version": "1.1", "asgi": {"version": "3.0"}}
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 500
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert body["detail"][0]["type"] == "internal_error" and "request id" in body["error"]
+    assert any("ZeroDivisionError" in (r.exc_text or "") or r.exc_info for r in caplog.records)

@@ -32,6 +32,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 
+from api.models import error_body
 from serving import request_log
 from serving.explain import ExplainBusy, ExplainSlots
 from serving.http.admission import PROBE_PATHS, SYSTEM_PATHS, Admission
@@ -52,6 +53,8 @@ from serving.http.responses import (
 )
 from serving.security import API_KEY_HEADER, shared_policy
 from settings import ServingSettings
+
+_LOG = logging.getLogger(__name__)
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _CALL = "pneumonia.call"
@@ -114,6 +117,15 @@ class HttpGuard:
         responder = Responder(send, call, scope["path"], https=scope.get("scheme") == "https")
         try:
             await self.entry(scope, receive, responder.send)
+        except Exception:
+            # A failure here (a bug, a setting no validator foresaw) left BentoML's timeout middleware waiting: the
+            # client got a plain-text 500 after PNEUMONIA_TIMEOUT_S, the log no traceback.
+            _LOG.exception("request %s failed before its answer", call.request_id)
+            if call.status:  # the answer had started: nothing more can be said on this connection
+                raise
+            await send_json(responder.send, 500, error_body(
+                f"internal error: the server failed on this request (request id {call.request_id}; the server's "
+                "log has the details)", [{"type": "internal_error", "loc": [], "msg": "internal error"}]), {})
         finally:
             if scope["path"] not in PROBE_PATHS:
                 self._log(scope, headers, call, responder)
