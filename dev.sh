@@ -49,7 +49,12 @@ install_debian_tools() {
 setup() {
   local py stamp
   py=$(python_311)
-  [ -x .venv/bin/python ] || "$py" -m venv .venv
+  # A .venv that cannot run Python 3.11 (its interpreter removed or upgraded, one an IDE made with another Python)
+  # is made anew: `venv` alone left a dangling interpreter link in place, and both commands failed for good.
+  if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+    if [ -e .venv ]; then echo "making .venv anew: it does not run Python 3.11" >&2; fi
+    "$py" -m venv --clear .venv
+  fi
   # The editable install records this folder's path: a moved checkout sets up again.
   # The first line names how .venv is built: a change to the steps below sets existing environments up again.
   stamp=$( (echo "bytecode compiled at install"; pwd; cat pyproject.toml requirements/dev.lock; cat api/proto/pneumonia/v1/*.proto scripts/gen_proto.py 2>/dev/null || true) |
@@ -88,10 +93,11 @@ case "$cmd" in
     exec .venv/bin/python -m pytest "$@"
     ;;
   run)
+    if [ $# -eq 0 ]; then echo "usage: ./dev.sh run CMD... (e.g. ./dev.sh run python -m models_registry list)" >&2; exit 2; fi
     setup
     export PATH="$PWD/.venv/bin:$PATH"
     cd "$caller"  # the project is installed editable: its modules import from any folder
     exec "$@"
     ;;
-  *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
+  *) sed -n '2,7p' "${BASH_SOURCE[0]##*/}" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;  # we are in its folder
 esac

@@ -85,3 +85,20 @@ def test_image_reason_codes_of_the_contract_are_the_preprocessing_s() -> None:
     from core.preprocess import RejectReason
 
     assert set(IMAGE_REASONS) == set(get_args(RejectReason))
+
+
+def test_dev_sh_usage_from_another_folder_and_run_without_a_command(tmp_path) -> None:
+    """A helper's finds: `../dev.sh help` from another folder failed in sed (it read "$0" after its cd), and
+    `./dev.sh run` with no command exited 0 having done nothing. Neither sets anything up."""
+    import subprocess
+
+    def dev(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "dev.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+
+    helped = dev("help")
+    assert helped.returncode == 0 and "./dev.sh serve" in helped.stdout, helped.stderr
+    unknown = dev("bogus")
+    assert unknown.returncode == 2 and "./dev.sh test" in unknown.stdout
+    nothing = dev("run")
+    assert nothing.returncode == 2 and "usage: ./dev.sh run CMD" in nothing.stderr
