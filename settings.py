@@ -16,11 +16,13 @@ import ipaddress
 import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, field_validator,
+                      model_validator)
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -30,6 +32,30 @@ from pydantic_settings import (
 )
 
 from core.preprocess import InputLimits
+
+
+# A file setting left empty (`PNEUMONIA_GRPC__TLS__CERTFILE=`, as a compose file passes an unset variable) is unset:
+# as a path it read ".", "cannot be read: Is a directory".
+OptionalPath = Annotated[Path | None, BeforeValidator(lambda v: None if isinstance(v, str) and not v.strip() else v)]
+SMALL_FILE_BYTES = 1024 * 1024  # a settings or key file is a few lines; /dev/zero was read until memory ran out
+
+
+def read_small_text(path: Path, what: str, encoding: str = "utf-8") -> str:
+    """The text of a small regular file, or ValueError naming `what`: a FIFO hung the start for good, /dev/zero
+    filled the memory, a 300 MB file took 1.2 GB and 9 s."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ValueError(f"{what} {path} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{what} {path} cannot be read: {'Is a directory' if stat.S_ISDIR(info.st_mode) else 'not a regular file'}")
+    if info.st_size > SMALL_FILE_BYTES:
+        raise ValueError(f"{what} {path} is {info.st_size:,} bytes; a settings or key file holds at most "
+                         f"{SMALL_FILE_BYTES:,}")
+    try:
+        return path.read_text(encoding=encoding)
+    except OSError as exc:
+        raise ValueError(f"{what} {path} cannot be read: {exc.strerror}") from None
 
 
 MAX_AUTO_WORKERS = 8  # each worker holds a model copy and a torch runtime (about 1 GB resident in the soak run)
@@ -89,7 +115,7 @@ class SecuritySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     api_keys: SecretStr = Field(SecretStr(""), description="comma-separated keys (at least 16 characters each)")
-    api_keys_file: Path | None = Field(None, description="file with one key per line; read at start-up")
+    api_keys_file: OptionalPath = Field(None, description="file with one key per line; read at start-up")
     protect_health: bool = Field(False, description="true: /health needs a key too (when keys are configured)")
     protect_metrics: bool = Field(False, description="true: /metrics needs a key too (when keys are configured)")
     rate_limit: RateLimitSettings = RateLimitSettings()
@@ -106,10 +132,8 @@ class SecuritySettings(BaseModel):
         # Where each key came from, for a message that names the place and never the key.
         places = [f"api_keys entry {n}" for n in range(1, len(keys) + 1)]
         if self.api_keys_file is not None:
-            try:
-                lines = self.api_keys_file.read_text(encoding="utf-8-sig").splitlines()  # a Windows editor's BOM too
-            except OSError as exc:
-                raise ValueError(f"api_keys_file {self.api_keys_file} cannot be read: {exc.strerror}") from None
+            try:  # a Windows editor's BOM too
+                lines = read_small_text(self.api_keys_file, "api_keys_file", encoding="utf-8-sig").splitlines()
             except UnicodeDecodeError:
                 raise ValueError(f"api_keys_file {self.api_keys_file} is not UTF-8 text") from None
             from_file = [(n, line.strip()) for n, line in enumerate(lines, 1)
@@ -241,9 +265,9 @@ class GrpcTlsSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    certfile: Path | None = Field(None, description="server certificate chain (PEM); with keyfile: TLS on the gRPC port")
-    keyfile: Path | None = Field(None, description="private key of certfile (PEM, unencrypted)")
-    client_ca_file: Path | None = Field(
+    certfile: OptionalPath = Field(None, description="server certificate chain (PEM); with keyfile: TLS on the gRPC port")
+    keyfile: OptionalPath = Field(None, description="private key of certfile (PEM, unencrypted)")
+    client_ca_file: OptionalPath = Field(
         None, description="CA certificates (PEM) clients' certificates must chain to: mutual TLS; needs certfile"
     )
     _pem: dict[str, bytes] = PrivateAttr(default_factory=dict)
@@ -409,10 +433,8 @@ class SettingsFile(JsonConfigSettingsSource):
     def _read_file(self, file_path: Any) -> dict[str, Any]:
         path = os.environ.get(self.ENV, str(file_path))
         try:
-            values = json.loads(Path(file_path).read_text())
-        except OSError as exc:
-            raise ValueError(f"{self.ENV} {path}: {exc.strerror or exc}") from None
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            values = json.loads(read_small_text(Path(file_path), self.ENV))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{self.ENV} {path} is not valid JSON: {exc}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{self.ENV} {path} must hold a JSON object of settings")

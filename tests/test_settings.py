@@ -267,3 +267,24 @@ def test_a_failure_inside_the_http_guard_answers_500_at_once_and_is_logged(caplo
     body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
     assert body["detail"][0]["type"] == "internal_error" and "request id" in body["error"]
     assert any("ZeroDivisionError" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+def test_settings_and_key_files_must_be_small_regular_files_and_empty_paths_are_unset(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper's finds: a FIFO as the settings or key file hung `bentoml serve` for good, /dev/zero filled the
+    memory, and an empty file variable (as compose passes an unset one) read "." ("Is a directory")."""
+    import os
+
+    fifo = tmp_path / "settings.fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.json"
+    big.write_text("{" + " " * (2 * 1024 * 1024) + "}")
+    for name in ("PNEUMONIA_SETTINGS_FILE", "PNEUMONIA_SECURITY__API_KEYS_FILE"):
+        assert "not a regular file" in _settings_error(monkeypatch, **{name: str(fifo)})
+        monkeypatch.delenv(name)
+        assert "a settings or key file holds at most 1,048,576" in _settings_error(monkeypatch, **{name: str(big)})
+        monkeypatch.delenv(name)
+    for name in ("PNEUMONIA_SECURITY__API_KEYS_FILE", "PNEUMONIA_GRPC__TLS__CERTFILE", "PNEUMONIA_GRPC__TLS__KEYFILE"):
+        monkeypatch.setenv(name, "")
+    settings = ServingSettings()
+    assert settings.security.api_keys_file is None and not settings.grpc.tls.enabled
