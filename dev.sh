@@ -82,7 +82,8 @@ case "$cmd" in
   setup) setup ;;
   serve)
     setup
-    for name in PNEUMONIA_SETTINGS_FILE PNEUMONIA_SECURITY__API_KEYS_FILE; do  # files named relative to the caller
+    for name in PNEUMONIA_SETTINGS_FILE PNEUMONIA_SECURITY__API_KEYS_FILE PNEUMONIA_GRPC__TLS__CERTFILE \
+                PNEUMONIA_GRPC__TLS__KEYFILE PNEUMONIA_GRPC__TLS__CLIENT_CA_FILE; do  # files named relative to the caller
       if [ -n "${!name:-}" ] && [ "${!name#/}" = "${!name}" ]; then export "$name=$caller/${!name}"; fi
     done
     .venv/bin/python -m models_registry ensure-default
