@@ -315,6 +315,11 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def interrupted_status(interrupt: KeyboardInterrupt) -> int:
+    """The exit status of a command stopped by `interrupt`: 143 (128 + SIGTERM) for `Terminated`, 130 for Ctrl-C."""
+    return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
+
+
 def exit_with(main: Callable[[], int]) -> NoReturn:
     """Run a command that starts servers (`main`'s finally blocks stop them) and exit with its status; Ctrl-C
     ends it with one line and 130, not a traceback (the benchmark, the soak and the memory measurement printed one),
@@ -325,7 +330,7 @@ def exit_with(main: Callable[[], int]) -> NoReturn:
             sys.exit(main())
     except KeyboardInterrupt as interrupt:
         print("interrupted: any server this command started was stopped", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130)
+        sys.exit(interrupted_status(interrupt))
 
 
 def server_env(**extra: str) -> dict[str, str]:

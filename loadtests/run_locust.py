@@ -30,7 +30,8 @@ from core.cli import bounded, key_value
 from harness import record
 from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import MULTI_COUNT
-from harness.servers import ServerProcess, Terminated, bentoml_serve, free_port, server_env, sigterm_interrupts
+from harness.servers import (ServerProcess, bentoml_serve, free_port, interrupted_status, server_env,
+                             sigterm_interrupts)
 
 IMAGES_PER_REQUEST = {"full-size": 1, "single": 1, f"{MULTI_COUNT} images": MULTI_COUNT, "explained": 1, "busy 503": 0}
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, argv)
     except KeyboardInterrupt as interrupt:
         print("interrupted: Locust and any server this command started were stopped", file=sys.stderr)
-        return 143 if isinstance(interrupt, Terminated) else 130
+        return interrupted_status(interrupt)
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:

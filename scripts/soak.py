@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     positive = bounded(float, 0, low_open=True)
     parser.add_argument("--minutes", type=positive, default=10.0, help="soak duration (default 10)")
-    parser.add_argument("--fraction", type=bounded(float, 0, low_open=True), default=0.7,
-                        help="share of the measured capacity (default 0.7)")
+    parser.add_argument("--fraction", type=positive, default=0.7, help="share of the measured capacity (default 0.7)")
     parser.add_argument("--rate", type=positive, help="requests per second; skips the capacity ramp")
     parser.add_argument("--ramp-step-s", type=positive, default=10.0, help="seconds per step of the capacity ramp")
     parser.add_argument("--sample-s", type=positive, default=10.0, help="seconds between memory samples")

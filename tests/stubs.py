@@ -1,12 +1,27 @@
-"""Tiny local HTTP servers as targets of the load generators and load-test commands (which are what is under test):
-one that answers every POST with 500, one that reads every request and never answers."""
+"""Tiny local HTTP servers as targets of the clients, load generators and load-test commands (which are what is under
+test): one that answers every POST with 500, one that reads every request and never answers; `serving` runs any
+other on a loopback port for a `with` block."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@contextlib.contextmanager
+def serving(server: ThreadingHTTPServer, before_stop: Callable[[], None] = lambda: None) -> Iterator[str]:
+    """`server` (bound to a loopback port) serving on a thread: its URL for the block, then stopped and closed."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        before_stop()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -47,12 +62,5 @@ class _Stub(ThreadingHTTPServer):
 def stub_server(silent: bool = False) -> Iterator[str]:
     """The URL of a stub on a loopback port: /readyz answers 200; a POST gets 500, or (`silent`) no answer at all."""
     stub = _Stub(silent)
-    thread = threading.Thread(target=stub.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{stub.server_address[1]}"
-    finally:
-        stub.stopped.set()
-        stub.shutdown()
-        stub.server_close()
-        thread.join(timeout=10)
+    with serving(stub, before_stop=stub.stopped.set) as url:  # silent handlers return before the shutdown
+        yield url

@@ -153,7 +153,8 @@ def test_the_image_install_resolves_pins_that_pytorchs_index_also_hosts_at_other
     import http.server
     import os
     import subprocess
-    import threading
+
+    from tests.stubs import serving
 
     root = tmp_path / "indexes"
     _fake_wheel(root / "torchindex", "torch", "2.14.0+cpu")
@@ -171,10 +172,7 @@ def test_the_image_install_resolves_pins_that_pytorchs_index_also_hosts_at_other
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=str(root)))) as url:
         requirements = tmp_path / "requirements.txt"
         requirements.write_text(f"--extra-index-url {url}/torchindex\nnumpy==2.4.6\npillow==13.0.0\ntorch==2.14.0\n")
         bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
@@ -196,6 +194,4 @@ def test_the_image_install_resolves_pins_that_pytorchs_index_also_hosts_at_other
         assert image.stdout.split() == ["numpy==2.4.6", "pillow==13.0.0", "torch==2.14.0+cpu"]  # torch CPU-only
         first_match = resolve({"UV_INDEX_STRATEGY": "unsafe-first-match"})  # a review's find: no cp311 pillow there
         assert first_match.returncode != 0 and "pillow" in first_match.stderr, first_match.stdout
-    finally:
-        server.shutdown()
-        server.server_close()
+

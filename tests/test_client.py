@@ -350,9 +350,10 @@ def test_a_proxys_413_without_reasons_sends_the_files_one_at_a_time(live: Server
     """A review's find: ingress-nginx (1 MiB by default) answers 413 with an HTML page and no reasons, and both files
     of the request were refused although each fits. A stand-in proxy with that limit in front of the real server."""
     import http.server
-    import threading
 
     import httpx
+
+    from tests.stubs import serving
 
     limit = 1024 * 1024
 
@@ -374,24 +375,18 @@ def test_a_proxys_413_without_reasons_sends_the_files_one_at_a_time(live: Server
         def log_message(self, *args: object) -> None:
             pass
 
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)) as url:
         files = _large_xrays(tmp_path, 2, offset=68)
         assert sum(f.stat().st_size for f in files) > limit > max(f.stat().st_size for f in files)
-        done = _cli("classify", *map(str, files), "--url", f"http://127.0.0.1:{proxy.server_address[1]}", "--json")
+        done = _cli("classify", *map(str, files), "--url", url, "--json")
         assert done.returncode == 0, done.stderr
         assert [e["status"] for e in json.loads(done.stdout)] == ["ok", "ok"]
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
 
 
-def _answering(status: int, content_type: str, body: bytes, **headers: str):  # -> a started ThreadingHTTPServer
+def _answering(status: int, content_type: str, body: bytes, **headers: str):  # -> a ThreadingHTTPServer to serve
     """A stand-in for what may sit at a URL instead of the classifier (a proxy's login page, a redirect, another
     API): it answers every request with this. The client's handling of it is under test, not a server."""
     import http.server
-    import threading
 
     class Answer(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
@@ -408,9 +403,7 @@ def _answering(status: int, content_type: str, body: bytes, **headers: str):  # 
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
 
 
 @pytest.mark.parametrize("status, content_type, body, headers", [
@@ -426,10 +419,9 @@ def test_answers_that_are_not_the_classifiers_are_client_errors(status: int, con
     pydantic dump, `[]` for two images an empty list (the CLI then crashed with StopIteration), a 404 said "not
     ready" to `health` for ever. Each is a ClientError now, and the CLI says so in one line."""
     from client import ClientError, ServerError
+    from tests.stubs import serving
 
-    server = _answering(status, content_type, body, **headers)
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with serving(_answering(status, content_type, body, **headers)) as url:
         images = [sample_xrays(1, offset=65)[0]] * 2
         with connect(url) as api:
             with pytest.raises(ClientError) as failed:
@@ -441,9 +433,6 @@ def test_answers_that_are_not_the_classifiers_are_client_errors(status: int, con
         cli = _cli("classify", *map(str, images), "--url", url)
         assert cli.returncode == (4 if status == 404 else 5) and "Traceback" not in cli.stderr, cli.stderr
         assert len(cli.stderr.strip().splitlines()) == 1 and len(cli.stderr) < 400, cli.stderr
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_cli_refuses_bad_options_before_connecting_and_stops_on_ctrl_c(live: ServerProcess, tmp_path: Path) -> None:

@@ -114,6 +114,21 @@ def run_stopping_servers(args: list[str], timeout: float) -> subprocess.Complete
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
+def _interrupt_soak(command: list[str], signum: int) -> tuple[int, str]:
+    """Start a soak, send `signum` once it is soaking (its first sample line), and return its exit status and
+    stderr; the process is killed whatever happens."""
+    process = subprocess.Popen(command, cwd=ROOT, env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=default_sigint)
+    try:
+        lines = iter(process.stderr.readline, "")  # type: ignore[union-attr]
+        assert any("served" in line for line in lines)  # soaking: its first sample line
+        process.send_signal(signum)
+        stderr = process.communicate(timeout=HANG_S)[1]
+    finally:
+        process.kill()
+    return process.returncode, stderr
+
+
 def test_a_slow_soak_has_no_failures_and_stops_on_ctrl_c(server, tmp_path: Path) -> None:
     """Found here: at 2 requests/s over 16 connections each connection idles 8 s, past the server's 5 s keep-alive,
     and the generator sent on connections the server had closed (half of a slow soak failed); an X-ray the validity
@@ -125,16 +140,8 @@ def test_a_slow_soak_has_no_failures_and_stops_on_ctrl_c(server, tmp_path: Path)
     report = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
     assert done.returncode == 0 and report["failures"] == 0, (report.get("failure_kinds"), done.stderr[-2000:])
     assert report["served"] == report["requests"] >= 40
-    process = subprocess.Popen([*soak, "--minutes", "5"], cwd=ROOT, env=server_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
-    try:
-        lines = iter(process.stderr.readline, "")  # type: ignore[union-attr]
-        assert any("served" in line for line in lines)  # soaking: its first sample line
-        process.send_signal(signal.SIGINT)
-        stderr = process.communicate(timeout=HANG_S)[1]
-    finally:
-        process.kill()
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    returncode, stderr = _interrupt_soak([*soak, "--minutes", "5"], signal.SIGINT)
+    assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == "interrupted: any server this command started was stopped"
     [partial] = [path for path in tmp_path.glob("soak-*.json") if json.loads(path.read_text()).get("interrupted")]
     assert json.loads(partial.read_text())["samples"], "the samples measured before Ctrl-C are kept"
@@ -357,17 +364,10 @@ def test_sigterm_during_a_soak_keeps_its_samples(tmp_path: Path) -> None:
     from tests.stubs import stub_server
 
     with stub_server() as url:
-        proc = subprocess.Popen([sys.executable, "scripts/soak.py", "--url", url, "--rate", "5", "--minutes", "5",
-                                 "--sample-s", "1", "--out", str(tmp_path)], cwd=ROOT, env=server_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            lines = iter(proc.stderr.readline, "")  # type: ignore[union-attr]
-            assert any("served" in line for line in lines)  # soaking: its first sample line
-            proc.send_signal(signal.SIGTERM)
-            stderr = proc.communicate(timeout=HANG_S)[1]
-        finally:
-            proc.kill()
-    assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
+        returncode, stderr = _interrupt_soak([sys.executable, "scripts/soak.py", "--url", url, "--rate", "5",
+                                              "--minutes", "5", "--sample-s", "1", "--out", str(tmp_path)],
+                                             signal.SIGTERM)
+    assert returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
     [partial] = tmp_path.glob("soak-*.json")
     report = json.loads(partial.read_text())
     assert report["interrupted"] and report["samples"] and "error" not in report
