@@ -249,9 +249,9 @@ class ServerProcess:
             release_port(self.grpc_port)
 
     def _terminate(self, timeout: float) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is not None:  # the arbiter died (crashed, killed): its orphaned workers may not have
+        # No process: never started, or a SIGTERM raised inside Popen after the exec (the server runs, unrecorded).
+        # A dead arbiter (crashed, killed): its orphaned workers may not have died. Either way, by the token.
+        if self.process is None or self.process.poll() is not None:
             kill_leftovers(self)
             return
         try:
@@ -405,7 +405,8 @@ def kill_leftovers(server: ServerProcess) -> list[int]:
 def kill_group(server: ServerProcess) -> None:
     """SIGKILL the server's whole process group and every process it started (also workers orphaned by a
     crashed arbiter); never raises."""
-    if server.process is None:
+    if server.process is None:  # never started, or started unrecorded (see ServerProcess._terminate)
+        kill_leftovers(server)
         return
     try:
         os.killpg(server.process.pid, signal.SIGKILL)
