@@ -48,7 +48,10 @@ def test_unknown_engine_is_refused_clearly(production_tag: str, monkeypatch: pyt
 @pytest.mark.parametrize("setting", [None, "0"])
 def test_onnxruntime_records_no_telemetry_unless_the_operator_asks(setting: str | None, tmp_path: Path) -> None:
     """ONNX Runtime's Linux wheels record usage events with a device id under ~/.cache/Microsoft for upload; the
-    service's engine turns that off, and an operator's explicit ORT_DISABLE_TELEMETRY=0 (the control) turns it on."""
+    service's engine turns that off before the library reads the variable, and an operator's explicit
+    ORT_DISABLE_TELEMETRY=0 stands. Whether the library then records depends on the machine (here it writes a device
+    id and an event database; on the CI machine of stop 38 it wrote nothing), so the control checks the variable the
+    library saw, not the files."""
     import os
     import subprocess
     import sys
@@ -59,16 +62,16 @@ def test_onnxruntime_records_no_telemetry_unless_the_operator_asks(setting: str 
     env.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / ".cache"), PYTHONPATH=str(ROOT))
     if setting is not None:
         env["ORT_DISABLE_TELEMETRY"] = setting
-    script = ("import torch\n"
+    script = ("import os, sys, torch\n"
               "from core.engines import build_runner\n"
               "from core.model import ModelSpec, PneumoniaNet\n"
+              "assert 'onnxruntime' not in sys.modules\n"
               "logits, _ = build_runner(PneumoniaNet(ModelSpec()).eval(), 'onnxruntime', 64)(torch.zeros(1, 1, 64, 64))\n"
-              "assert logits.shape == (1,), logits.shape\n")
+              "assert logits.shape == (1,), logits.shape\n"
+              "print(os.environ.get('ORT_DISABLE_TELEMETRY'))\n")
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
-    recorded = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / ".cache").rglob("*") if p.is_file())
+    assert result.stdout.split() == ["1" if setting is None else setting]
     if setting is None:
-        assert recorded == []
-    else:
-        assert any("onnxruntime" in p for p in recorded), recorded
+        assert [str(p) for p in (tmp_path / ".cache").rglob("*") if p.is_file()] == []
