@@ -249,6 +249,9 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
     """'production', 'latest', a version or a full tag -> an existing full tag."""
     if not ref.strip() or ref.strip().endswith(":"):
         raise RegistryError(f"{ref!r} names no model: give 'production', 'latest', a version or {name}:VERSION")
+    if ref.strip() == name:  # BentoML would read it as the version 'pneumonia-classifier' of the model
+        raise RegistryError(f"{ref!r} is the model's name, not one of its versions: give 'production', 'latest', a "
+                            f"version or {name}:VERSION (python -m models_registry list)")
     if ref == PRODUCTION:
         tag = production_tag(name)
         if tag is None:
@@ -327,6 +330,11 @@ def list_models(name: str = MODEL_NAME) -> list[dict[str, Any]]:
     rows = []
     for model in versions:
         meta = model.info.metadata
+        try:
+            ModelCard.model_validate(meta)
+        except ValueError as exc:  # the service refuses to load it: its figures must not read as a usable model's
+            broken[str(model.tag)] = "unusable metadata: " + " ".join(str(exc).split()[:40])
+            continue
         val = meta.get("val_metrics", {})
         figures = {"roc_auc": val.get("roc_auc"), "accuracy": val.get("accuracy"),
                    "sensitivity": val.get("per_class", {}).get("PNEUMONIA", {}).get("recall"),

@@ -335,6 +335,8 @@ def test_unknown_refs_give_a_clear_error() -> None:
     for empty in ("", " ", f"{NAME}:"):
         with pytest.raises(reg.RegistryError, match="names no model"):
             reg.resolve_tag(empty, NAME)
+    with pytest.raises(reg.RegistryError, match="is the model's name, not one of its versions"):
+        reg.resolve_tag(NAME, NAME)  # read as the version NAME:NAME, "not in the store", before
 
 
 def test_a_malformed_tag_or_promotion_record_gets_a_registry_error() -> None:
@@ -494,6 +496,25 @@ def test_importing_over_a_damaged_folder_of_the_same_tag_says_how_to_mend_it(pro
     assert _cli(home, "delete", tag, "--force").returncode == 0
     imported = _cli(home, "import", str(DEFAULT_ARCHIVE))
     assert imported.returncode == 0 and imported.stdout.strip() == f"imported {tag}", imported.stderr
+
+
+def test_list_marks_a_version_whose_card_the_service_cannot_read() -> None:
+    """A version whose metadata no longer validates as a model card was listed with its figures, like a model the
+    service could load, which refuses it."""
+    import yaml
+
+    name = "registry-unusable-card-model"
+    tag = reg.save_model(build_model(ModelSpec()).eval(), _card(0.5), name=name)
+    try:
+        model_yaml = reg.store.store_path_of(tag) / "model.yaml"
+        info = yaml.safe_load(model_yaml.read_text())
+        info["metadata"]["threshold"] = "high"
+        model_yaml.write_text(yaml.safe_dump(info))
+        (row,) = reg.list_models(name)
+        assert row["tag"] == tag and row["broken"].startswith("unusable metadata: ") and "threshold" in row["broken"]
+        assert "roc_auc" not in row
+    finally:
+        reg.delete_model(tag, name, force=True)
 
 
 def test_list_of_a_store_whose_every_version_is_damaged_names_them() -> None:
