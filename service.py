@@ -101,7 +101,7 @@ def _reject(reason: str, message: str) -> PydanticCustomError:
 def _prepared(read: Callable[[], bytes], size: int, received: float, preview_side: int | None = None) -> PreparedImage:
     """One upload of `size` bytes -> the model's input grid, stamped with when it arrived; raises ImageRejected."""
     if size > SETTINGS.limits.max_bytes:
-        raise ImageRejected("too_many_bytes", f"the upload is {size:,} bytes, over the limit of {SETTINGS.limits.max_bytes:,} bytes")
+        raise ImageRejected("too_many_bytes", f"the file is {size:,} bytes, over the limit of {SETTINGS.limits.max_bytes:,} bytes")
     prepared = prepare(read(), CARD.preprocess, SETTINGS.limits, preview_side=preview_side)
     object.__setattr__(prepared, "received", received)
     return prepared

@@ -214,11 +214,11 @@ def _decode_jpeg(data: bytes, header: Image.Image, side: int) -> Image.Image | N
 
 def _check_bytes(data: bytes, limits: InputLimits) -> None:
     if not data:
-        raise ImageRejected("empty", "the upload is empty (0 bytes)")
+        raise ImageRejected("empty", "the file is empty (0 bytes)")
     if len(data) > limits.max_bytes:
         raise ImageRejected(
             "too_many_bytes",
-            f"the upload is {len(data):,} bytes, over the limit of {limits.max_bytes:,} bytes",
+            f"the file is {len(data):,} bytes, over the limit of {limits.max_bytes:,} bytes",
         )
 
 
@@ -230,7 +230,7 @@ def _open(data: bytes, limits: InputLimits) -> Image.Image:
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", "the upload is not a recognised image file") from None
+        raise ImageRejected("not_an_image", "the file is not a recognised image file") from None
     except Exception as exc:  # PIL raises many types on hostile headers
         raise ImageRejected("corrupt", f"the image header could not be read: {exc}") from None
     if image.format not in SUPPORTED_FORMATS:

@@ -169,7 +169,7 @@ def test_cli_answers_every_file_of_a_large_or_mixed_batch(live: ServerProcess, t
     first, second = json.loads(as_json.stdout)
     assert as_json.returncode == 3 and second["reasons"] == ["not_an_image"] and first["filename"] == paths[0].name
     # the second file: its message named it "image 0", its place in the one-file request sent again
-    assert second["error"] == "the upload is not a recognised image file", second
+    assert second["error"] == "the file is not a recognised image file", second
     # `status` was 400 or "INVALID_ARGUMENT" here, and "ok" / "refused" in a prediction of the same list
     assert first["status"] == "ok" and second["status"] == "error" and second["sent"] is True, second
     assert (second["http_status"], second["grpc_status"]) == ((None, "INVALID_ARGUMENT") if transport == "grpc"

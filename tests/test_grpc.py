@@ -177,7 +177,7 @@ def _tiny_png() -> bytes:
     ("make_images", "code", "words", "reason"),
     [
         (lambda: [], grpc.StatusCode.INVALID_ARGUMENT, "at least one image", "no_images"),
-        (lambda: [pb.Image(data=b"definitely not an image", filename="notes.txt")], grpc.StatusCode.INVALID_ARGUMENT, "image 0 (notes.txt): the upload is not a recognised image", "not_an_image"),
+        (lambda: [pb.Image(data=b"definitely not an image", filename="notes.txt")], grpc.StatusCode.INVALID_ARGUMENT, "image 0 (notes.txt): the file is not a recognised image", "not_an_image"),
         (lambda: [pb.Image(data=b"")], grpc.StatusCode.INVALID_ARGUMENT, "empty", "empty"),
         (lambda: [pb.Image(data=sample_xrays(1)[0].read_bytes()[:1500])], grpc.StatusCode.INVALID_ARGUMENT, "could not be decoded", "corrupt"),
         (lambda: [image(sample_xrays(1)[0]), pb.Image(data=_tiny_png(), filename="thumb.png")], grpc.StatusCode.INVALID_ARGUMENT, "image 1 (thumb.png)", "too_small"),
