@@ -326,15 +326,26 @@ def run_mixed(url: str, groups: list[tuple[list[tuple[bytes, PlannedRequest]], i
 # ---------------------------------------------------------------- single-image requests (soak, capacity)
 
 
+ANSWERED = ("ok", "refused")  # `send_one` kinds of an answer: a verdict, or the validity gate's refusal
+
+
+def answered(outcomes: Counter[str]) -> int:
+    """How many requests of `outcomes` were answered (a verdict or a refusal); every other kind is a failure."""
+    return sum(outcomes[kind] for kind in ANSWERED)
+
+
 async def send_one(connection: Connection, raw: bytes) -> str:
-    """'ok', or what went wrong with a one-image request: `http_<status>`, `bad_body` or the error's class name."""
+    """'ok' (a verdict), 'refused' (the validity gate's answer), or what went wrong with a one-image request:
+    `http_<status>`, `bad_body` or the error's class name."""
     try:
         status, body = await connection.send(raw)
     except TRANSPORT_ERRORS as exc:
         return type(exc).__name__
     if status != 200:
         return f"http_{status}"
-    return "ok" if check_answer(status, body, 1) is None else "bad_body"
+    if check_answer(status, body, 1) is not None:
+        return "bad_body"
+    return "refused" if json.loads(body)[0].get("status") == "refused" else "ok"
 
 
 async def closed_loop(host: str, port: int, requests: list[bytes], clients: int, seconds: float) -> dict:
@@ -348,15 +359,15 @@ async def closed_loop(host: str, port: int, requests: list[bytes], clients: int,
             kind = await send_one(connection, requests[i % len(requests)])
             done[kind] += 1
             i += clients
-            if kind != "ok" and connection.writer is None:
+            if kind not in ANSWERED and connection.writer is None:
                 await asyncio.sleep(0.05)  # as `_client`: a refused connection was retried ~12,000 times a second
         connection.close()
 
     started = time.monotonic()
     await asyncio.gather(*(caller(i) for i in range(clients)))
     elapsed = time.monotonic() - started
-    return {"clients": clients, "rps": round(done["ok"] / elapsed, 2), "failures": sum(done.values()) - done["ok"],
-            "failure_kinds": {kind: n for kind, n in done.items() if kind != "ok"}}
+    return {"clients": clients, "rps": round(answered(done) / elapsed, 2), "failures": sum(done.values()) - answered(done),
+            "failure_kinds": {kind: n for kind, n in done.items() if kind not in ANSWERED}}
 
 
 async def measure_capacity(host: str, port: int, requests: list[bytes], step_s: float) -> tuple[float, list[dict]]:
@@ -414,7 +425,7 @@ async def open_loop(host: str, port: int, requests: list[bytes], rate: float, se
                 kind = await send_one(connection, raw)
                 outcomes[kind] += 1
                 in_flight[0] -= 1
-                if kind == "ok":
+                if kind in ANSWERED:
                     latencies.append(time.monotonic() - scheduled)
                     window.append(latencies[-1])
         finally:
@@ -424,8 +435,8 @@ async def open_loop(host: str, port: int, requests: list[bytes], rate: float, se
         lat = np.array(window) * 1000
         on_sample({
             "t_s": round(time.monotonic() - t0, 1),
-            "served": outcomes["ok"],
-            "failed": sum(outcomes.values()) - outcomes["ok"],
+            "served": answered(outcomes),
+            "failed": sum(outcomes.values()) - answered(outcomes),
             "queued": queue.qsize(),
             "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
             "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,

@@ -1,6 +1,6 @@
 """Tiny local HTTP servers as targets of the clients, load generators and load-test commands (which are what is under
-test): one that answers every POST with 500, one that reads every request and never answers; `serving` runs any
-other on a loopback port for a `with` block."""
+test): one that answers every POST with 500 (or with a given 200 answer), one that reads every request and never
+answers; `serving` runs any other on a loopback port for a `with` block."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.stopped.wait()  # accepted, read, never answered
             self.close_connection = True
             return
-        self._answer(500, b"stub failure")
+        self._answer(500, b"stub failure") if self.server.answer is None else self._answer(200, self.server.answer)
 
     def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)
@@ -52,15 +52,16 @@ class _Handler(BaseHTTPRequestHandler):
 class _Stub(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, silent: bool) -> None:
+    def __init__(self, silent: bool, answer: bytes | None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.silent = silent
+        self.silent, self.answer = silent, answer
         self.stopped = threading.Event()
 
 
 @contextlib.contextmanager
-def stub_server(silent: bool = False) -> Iterator[str]:
-    """The URL of a stub on a loopback port: /readyz answers 200; a POST gets 500, or (`silent`) no answer at all."""
-    stub = _Stub(silent)
+def stub_server(silent: bool = False, answer: bytes | None = None) -> Iterator[str]:
+    """The URL of a stub on a loopback port: /readyz answers 200; a POST gets 500, `answer` with 200, or (`silent`)
+    no answer at all."""
+    stub = _Stub(silent, answer)
     with serving(stub, before_stop=stub.stopped.set) as url:  # silent handlers return before the shutdown
         yield url

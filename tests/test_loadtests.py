@@ -139,7 +139,7 @@ def test_a_slow_soak_has_no_failures_and_stops_on_ctrl_c(server, tmp_path: Path)
                           timeout=HANG_S)
     report = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
     assert done.returncode == 0 and report["failures"] == 0, (report.get("failure_kinds"), done.stderr[-2000:])
-    assert report["served"] == report["requests"] >= 40
+    assert report["served"] == report["requests"] >= 40 and 0 <= report["refused"] <= 0.1 * report["served"]
     returncode, stderr = _interrupt_soak([*soak, "--minutes", "5"], signal.SIGINT)
     assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == "interrupted: any server this command started was stopped"
@@ -262,6 +262,20 @@ def test_a_soak_that_serves_nothing_fails(tmp_path: Path, capsys: pytest.Capture
     assert err.count("capacity ramp:") == 1, err  # no more connections once every request of a step failed
     assert soak.main(["--url", dead, "--rate", "1", "--minutes", "0.001", "--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: the soak served no request"
+
+
+def test_a_soak_of_a_server_that_refuses_every_xray_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A refusal of the validity gate is an answer, so a server that refused every X-ray soaked clean (exit 0)."""
+    from tests.stubs import stub_server
+
+    refusal = json.dumps([{"status": "refused", "label": None, "probability": None,
+                           "refusal": {"reason": "not_a_chest_xray", "message": "stub"}}]).encode()
+    with stub_server(answer=refusal) as url:
+        assert script("soak").main(["--url", url, "--rate", "20", "--minutes", "0.01", "--out", str(tmp_path)]) == 1
+    [path] = tmp_path.glob("soak-*.json")
+    report = json.loads(path.read_text())
+    assert report["failures"] == 0 and report["served"] == report["refused"] == report["requests"] > 0, report
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: the validity gate refused ")
 
 
 def test_a_soak_of_a_server_that_never_answers_ends_and_counts_every_request(tmp_path: Path) -> None:
