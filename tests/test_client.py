@@ -441,6 +441,8 @@ def test_cli_refuses_bad_options_before_connecting_and_stops_on_ctrl_c(live: Ser
     import signal
     import socket
 
+    import certifi
+
     from harness.servers import child_stderr, default_sigint
 
     garbage = tmp_path / "ca.pem"
@@ -448,7 +450,9 @@ def test_cli_refuses_bad_options_before_connecting_and_stops_on_ctrl_c(live: Ser
     for args, words in ((["--url", ""], "argument --url: empty"),
                         (["--url", "http://127.0.0.1:99999"], "argument --url: 'http://127.0.0.1:99999': Port out of range"),
                         (["--ca-file", str(garbage)], f"the TLS ca_file {garbage} holds no PEM certificate"),
-                        (["--ca-file", str(garbage), "--grpc"], f"the TLS ca_file {garbage} holds no PEM certificate")):
+                        (["--ca-file", str(garbage), "--grpc"], f"the TLS ca_file {garbage} holds no PEM certificate"),
+                        # a CA for a plain-HTTP URL went unused, silently
+                        (["--ca-file", certifi.where(), "--url", live.url], f"{live.url} is plain HTTP: the TLS files")):
         refused = _cli("health", *args)
         assert refused.returncode == 2 and words in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr and "handshaker" not in refused.stderr
