@@ -17,6 +17,7 @@ import json
 import os
 import re
 import stat
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -423,6 +424,7 @@ class SettingsFile(JsonConfigSettingsSource):
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         path = os.environ.get(self.ENV)
+        self._model = settings_cls  # the library reads the file before it keeps settings_cls
         super().__init__(settings_cls, json_file=Path(path) if path else None)
 
     @staticmethod
@@ -438,7 +440,26 @@ class SettingsFile(JsonConfigSettingsSource):
             raise ValueError(f"{self.ENV} {path} is not valid JSON: {exc}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{self.ENV} {path} must hold a JSON object of settings")
-        return values
+        return _paths_beside(values, self._model, Path(file_path).parent)
+
+
+def _paths_beside(values: dict[str, Any], model: type[BaseModel], folder: Path) -> dict[str, Any]:
+    """`values` (a settings file's JSON object) with each relative path of a `Path` field made relative to `folder`,
+    the file's own: a key file named beside the settings file was looked for in the server's working folder, which
+    differs between `./dev.sh serve`, a container and a service manager."""
+    fields = {name.lower(): field for name, field in model.model_fields.items()}
+    resolved = dict(values)
+    for key, value in values.items():
+        field = fields.get(key.lower()) if isinstance(key, str) else None
+        if field is None:
+            continue  # pydantic names an unknown key
+        kinds = {field.annotation, *typing.get_args(field.annotation)}
+        section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if isinstance(value, dict) and section is not None:
+            resolved[key] = _paths_beside(value, section, folder)
+        elif Path in kinds and isinstance(value, str) and value.strip() and not Path(value).is_absolute():
+            resolved[key] = str(folder / value)
+    return resolved
 
 
 # --------------------------------------------------------------------------- PNEUMONIA_* names that are not settings

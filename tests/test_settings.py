@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -104,6 +105,26 @@ def _settings_error(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
     with pytest.raises(ValueError) as refused:
         ServingSettings()
     return str(refused.value)
+
+
+def test_relative_paths_in_a_settings_file_are_beside_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A key file named relative to the settings file was looked for in the server's working folder: beside the
+    file it was 'missing', and a same-named file in the working folder would have been read instead."""
+    import json
+
+    conf, elsewhere = tmp_path / "conf", tmp_path / "elsewhere"
+    conf.mkdir(), elsewhere.mkdir()
+    (conf / "keys.txt").write_text("k3y-beside-the-settings-file\n")
+    (elsewhere / "keys.txt").write_text("k3y-of-the-working-folder\n")
+    (conf / "settings.json").write_text(json.dumps({"SECURITY": {"api_keys_file": "keys.txt"},
+                                                    "grpc": {"tls": {"certfile": ""}}}))
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("PNEUMONIA_SETTINGS_FILE", str(conf / "settings.json"))
+    settings = ServingSettings()
+    assert settings.security.api_keys_file == conf / "keys.txt"
+    assert settings.security.keys() == ("k3y-beside-the-settings-file",) and settings.grpc.tls.certfile is None
+    monkeypatch.setenv("PNEUMONIA_SECURITY__API_KEYS_FILE", "keys.txt")  # a variable's path stays the caller's
+    assert ServingSettings().security.keys() == ("k3y-of-the-working-folder",)
 
 
 @pytest.mark.parametrize("content,words", [
