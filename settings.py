@@ -41,8 +41,8 @@ OptionalPath = Annotated[Path | None, BeforeValidator(lambda v: None if isinstan
 SMALL_FILE_BYTES = 1024 * 1024  # a settings or key file is a few lines; /dev/zero was read until memory ran out
 
 
-def read_small_text(path: Path, what: str, encoding: str = "utf-8") -> str:
-    """The text of a small regular file, or ValueError naming `what`: a FIFO hung the start for good, /dev/zero
+def read_small_bytes(path: Path, what: str, kind: str = "a settings or key file") -> bytes:
+    """The bytes of a small regular file, or ValueError naming `what`: a FIFO hung the start for good, /dev/zero
     filled the memory, a 300 MB file took 1.2 GB and 9 s."""
     try:
         info = path.stat()
@@ -51,12 +51,16 @@ def read_small_text(path: Path, what: str, encoding: str = "utf-8") -> str:
     if not stat.S_ISREG(info.st_mode):
         raise ValueError(f"{what} {path} cannot be read: {'Is a directory' if stat.S_ISDIR(info.st_mode) else 'not a regular file'}")
     if info.st_size > SMALL_FILE_BYTES:
-        raise ValueError(f"{what} {path} is {info.st_size:,} bytes; a settings or key file holds at most "
-                         f"{SMALL_FILE_BYTES:,}")
+        raise ValueError(f"{what} {path} is {info.st_size:,} bytes; {kind} holds at most {SMALL_FILE_BYTES:,}")
     try:
-        return path.read_text(encoding=encoding)
+        return path.read_bytes()
     except OSError as exc:
         raise ValueError(f"{what} {path} cannot be read: {exc.strerror}") from None
+
+
+def read_small_text(path: Path, what: str, encoding: str = "utf-8") -> str:
+    """`read_small_bytes` as text (UnicodeDecodeError when it is not `encoding`)."""
+    return read_small_bytes(path, what).decode(encoding)
 
 
 MAX_AUTO_WORKERS = 8  # each worker holds a model copy and a torch runtime (about 1 GB resident in the soak run)
@@ -283,10 +287,7 @@ class GrpcTlsSettings(BaseModel):
             path = getattr(self, name)
             if path is None:
                 continue
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise ValueError(f"grpc.tls.{name} {path} cannot be read: {exc.strerror}") from None
+            data = read_small_bytes(path, f"grpc.tls.{name}", "a certificate or key file")  # a FIFO hung the start
             if b"-----BEGIN " not in data:
                 raise ValueError(f"grpc.tls.{name} {path} is not a PEM file")
             if data.startswith(b"\xef\xbb\xbf"):  # OpenSSL reads past it, gRPC's BoringSSL does not

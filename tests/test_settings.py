@@ -305,6 +305,13 @@ def test_settings_and_key_files_must_be_small_regular_files_and_empty_paths_are_
         monkeypatch.delenv(name)
         assert "a settings or key file holds at most 1,048,576" in _settings_error(monkeypatch, **{name: str(big)})
         monkeypatch.delenv(name)
+    tls = ("PNEUMONIA_GRPC__TLS__CERTFILE", "PNEUMONIA_GRPC__TLS__KEYFILE")  # their reads hung and filled memory too
+    for files, words in (((fifo, big), f"grpc.tls.certfile {fifo} cannot be read: not a regular file"),
+                         ((big, fifo), f"grpc.tls.certfile {big} is 2,097,154 bytes; a certificate or key file holds "
+                                       "at most 1,048,576")):
+        assert words in _settings_error(monkeypatch, **dict(zip(tls, map(str, files))))
+    for name in tls:
+        monkeypatch.delenv(name)
     for name in ("PNEUMONIA_SECURITY__API_KEYS_FILE", "PNEUMONIA_GRPC__TLS__CERTFILE", "PNEUMONIA_GRPC__TLS__KEYFILE"):
         monkeypatch.setenv(name, "")
     settings = ServingSettings()
