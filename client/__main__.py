@@ -88,8 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _format_prediction(p: Prediction) -> str:
-    name = p.filename or "image"
+def _format_prediction(p: Prediction, name: str | None = None) -> str:
+    """`name`: what the user called the file (its path); else the name the server answered with."""
+    name = name or p.filename or "image"
     if p.refusal is not None:
         verdict = f"{name}: REFUSED ({p.refusal.reason}) {p.refusal.message}"
     else:
@@ -257,17 +258,19 @@ def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
             answers = iter([NotSent(failed)] * len(uploads))
         results += [next(answers) if isinstance(u, ImageUpload) else u for u in read]
         stopped = next((r for r in results if isinstance(r, NotSent)), None)
-    names = [file_name(path) for path in paths]
+    # shown as given: two files of one name in two folders were told apart only by their order
+    names = [_shown(path) for path in paths]
     failed = [(name, r) for name, r in zip(names, results) if isinstance(r, ClientError)]
     refused = [(name, r) for name, r in zip(names, results) if isinstance(r, Prediction) and r.refusal is not None]
     if args.json:
-        print(json.dumps([r.model_dump() if isinstance(r, Prediction) else _error_entry(name, client_id, r)
-                          for name, client_id, r in zip(names, ids, results)], indent=2))
+        print(json.dumps([{**r.model_dump(), "path": name} if isinstance(r, Prediction)
+                          else _error_entry(name, client_id, r) for name, client_id, r in zip(names, ids, results)],
+                         indent=2))
     else:
-        answered = [r for r in results if isinstance(r, Prediction)]
+        answered = [(name, r) for name, r in zip(names, results) if isinstance(r, Prediction)]
         if answered:
-            print("\n".join(_format_prediction(p) for p in answered))
-            print(f"model {answered[0].model} via {api.transport} {redact(api.url)}")
+            print("\n".join(_format_prediction(p, name) for name, p in answered))
+            print(f"model {answered[0][1].model} via {api.transport} {redact(api.url)}")
     for name, error in failed:
         if isinstance(error, InvalidInput):
             print(f"error: {name}: {_own_message(str(error))}", file=sys.stderr)
@@ -283,11 +286,13 @@ def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
     return max([error.exit_code for _, error in failed] + [InvalidInput.exit_code for _ in refused[:1]], default=0)
 
 
-def _error_entry(name: str, client_id: str | None, error: ClientError) -> dict[str, object]:
+def _error_entry(path: str, client_id: str | None, error: ClientError) -> dict[str, object]:
     """A file's `--json` entry when it has no prediction: `status` is "error" (a prediction's is "ok" or
-    "refused"); the server's answer is in `http_status` (a number) or `grpc_status` (a code name)."""
+    "refused"); the server's answer is in `http_status` (a number) or `grpc_status` (a code name). `filename` is the
+    name the file is sent under, `path` the file as given (as in a prediction's entry)."""
     status = error.status
-    return {"filename": name, "client_id": client_id, "status": "error", "error": _own_message(error.message),
+    return {"filename": file_name(path), "path": path, "client_id": client_id, "status": "error",
+            "error": _own_message(error.message),
             "reasons": list(error.reasons), "http_status": status if isinstance(status, int) else None,
             "grpc_status": status if isinstance(status, str) else None,
             "sent": not isinstance(error, (NotSent, Unreadable))}
@@ -333,12 +338,12 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
         return 2
     refusal = explanation.prediction.refusal
     if refusal is not None:
-        print(f"error: {file_name(args.image)}: refused ({refusal.reason}): {refusal.message}", file=sys.stderr)
+        print(f"error: {_shown(args.image)}: refused ({refusal.reason}): {refusal.message}", file=sys.stderr)
     status = 0 if refusal is None else InvalidInput.exit_code
     if args.json:
         print(json.dumps(explanation.model_dump(mode="json", exclude={"heatmap": {"overlay_png", "image_png"}}), indent=2))
         return status
-    print(_format_prediction(explanation.prediction))
+    print(_format_prediction(explanation.prediction, _shown(args.image)))
     if heatmap is None:
         print(f"    {explanation.note}")
         if args.out or args.grid:

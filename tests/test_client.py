@@ -156,14 +156,15 @@ def test_cli_answers_every_file_of_a_large_or_mixed_batch(live: ServerProcess, t
     paths = sample_xrays(10, offset=60)  # 10 per class
     many = _cli("classify", *map(str, paths), *flags, "--url", _target(live, transport), "--json")
     assert many.returncode == 0, many.stderr
-    assert [item["filename"] for item in json.loads(many.stdout)] == [p.name for p in paths]
+    assert [(item["filename"], item["path"]) for item in json.loads(many.stdout)] == [(p.name, str(p)) for p in paths]
     bad = tmp_path / "notes.jpeg"
     bad.write_bytes(b"minutes of the meeting, not an X-ray")
     mixed = _cli("classify", str(paths[0]), str(bad), str(paths[1]), *flags, "--url", _target(live, transport))
     assert mixed.returncode == 3, mixed.stderr
-    assert f"{paths[0].name}: " in mixed.stdout and f"{paths[1].name}: " in mixed.stdout
+    # each file as given: two of one name in two folders were told apart only by their order
+    assert mixed.stdout.startswith(f"{paths[0]}: ") and f"\n{paths[1]}: " in mixed.stdout, mixed.stdout
     assert mixed.stderr.strip().splitlines() == [line for line in mixed.stderr.strip().splitlines()
-                                                 if line.startswith("error: notes.jpeg: ")]
+                                                 if line.startswith(f"error: {bad}: ")]
     assert "not a recognised image" in mixed.stderr and "Traceback" not in mixed.stderr
     as_json = _cli("classify", str(paths[0]), str(bad), *flags, "--url", _target(live, transport), "--json")
     first, second = json.loads(as_json.stdout)
@@ -194,7 +195,7 @@ def test_cli_reports_files_it_cannot_read_and_answers_the_others(live: ServerPro
                            "--json"], cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=60)
     entries = json.loads(done.stdout)
     assert done.returncode == 2 and [e["status"] for e in entries] == ["ok", "error", "error", "error", "ok"], entries
-    assert [e["filename"] for e in entries] == [Path(n).name for n in names]
+    assert [(e["filename"], e["path"]) for e in entries] == [(Path(n).name, n) for n in names]
     assert all(e["sent"] is False and e["http_status"] is None for e in entries[1:4])
     assert "a folder" in entries[1]["error"] and "No such file" in entries[2]["error"], entries
     assert "not a regular file" in entries[3]["error"], entries
@@ -218,7 +219,7 @@ def test_cli_explain_never_leaves_an_earlier_heatmap_in_place(live: ServerProces
     refused = _cli("explain", str(blank), *target)
     # no verdict: exit 3 and a line on stderr, as for a refusal by the server's input checks (it was 0)
     assert refused.returncode == 3 and "REFUSED (blank)" in refused.stdout, refused.stdout + refused.stderr
-    assert refused.stderr.startswith("error: blank.png: refused (blank): "), refused.stderr
+    assert refused.stderr.startswith(f"error: {blank}: refused (blank): "), refused.stderr
     assert not out.exists() and not grid.exists() and "no heatmap written" in refused.stdout
     again = _cli("explain", str(sample_xrays(1, offset=62)[0]), *target)
     assert again.returncode == 0 and out.is_file(), again.stderr
