@@ -24,14 +24,22 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
-def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_sensitivity: float) -> float:
-    """Highest probability threshold whose pneumonia recall still reaches the target.
+THRESHOLD_MARGIN = 1e-4  # below the boundary image's probability: more than the engines' float32 noise (~1e-6)
 
-    The highest such threshold gives the best specificity (normal recall) among
-    all thresholds that meet the sensitivity target.
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_sensitivity: float) -> float:
+    """Highest probability threshold whose pneumonia recall still reaches the target, less a small margin.
+
+    The highest such threshold gives the best specificity (normal recall) among all thresholds that meet the
+    sensitivity target. Every score is a candidate (`drop_intermediate=False`): scikit-learn's default drops the
+    points inside a vertical stretch of the ROC curve, which returned the LOWEST threshold of such a stretch (0.034
+    where 0.907 met the target on one site's images). The threshold sits just below the score that reaches the
+    target (half-way to the next lower score, at most `THRESHOLD_MARGIN`), not on it: that image's probability, served
+    by another engine in float32, came out a millionth lower and was called NORMAL.
     """
-    fpr, tpr, thresholds = roc_curve(labels, probs)
-    meets = np.nonzero(tpr >= target_sensitivity)[0]
-    index = int(meets[0])  # roc_curve orders thresholds from high to low
-    threshold = float(thresholds[index])
+    fpr, tpr, thresholds = roc_curve(labels, probs, drop_intermediate=False)
+    index = int(np.nonzero(tpr >= target_sensitivity)[0][0])  # roc_curve orders thresholds from high to low
+    boundary = float(thresholds[index])
+    below = float(thresholds[index + 1]) if index + 1 < len(thresholds) else 0.0
+    threshold = boundary - min((boundary - below) / 2, THRESHOLD_MARGIN)
     return float(min(max(threshold, 1e-6), 1.0))

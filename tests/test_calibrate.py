@@ -179,3 +179,22 @@ def test_a_threshold_that_misses_its_target_is_flagged_and_not_promoted(producti
     # ... unless forced, which is how a site that accepts the shortfall serves it.
     assert promote(tag, force=True) == tag
     assert rollback() == production_tag
+
+
+def test_the_threshold_is_the_highest_that_reaches_the_target_and_sits_below_its_image() -> None:
+    """A helper's finds: scikit-learn's `roc_curve` drops the points inside a vertical stretch of the curve, so the
+    'highest threshold reaching the target' was the lowest of that stretch (here 0.1, sensitivity 1.0, where 0.1228
+    reaches 0.975); and the threshold sat exactly on one image's probability, which the served engine's float32
+    arithmetic put a millionth lower: that image was called NORMAL."""
+    import numpy as np
+
+    from core.calibration import THRESHOLD_MARGIN, choose_threshold
+
+    labels = np.array([0] * 5 + [1] * 40)
+    probs = np.concatenate([np.linspace(0.01, 0.05, 5), np.linspace(0.1, 0.99, 40)])
+    threshold = choose_threshold(labels, probs, 0.97)
+    boundary = probs[6]  # the 40 pneumonia scores rise from 0.1; 39 of them (0.975) start at the second
+    assert boundary - THRESHOLD_MARGIN == pytest.approx(threshold) and threshold < boundary
+    assert (probs[labels == 1] >= threshold).mean() >= 0.97 and (probs[labels == 1] >= threshold + 2e-4).mean() < 0.97
+    # a close neighbour below: half-way to it, so neither image is near the threshold
+    assert choose_threshold(np.array([0, 1, 1]), np.array([0.29996, 0.3, 0.5]), 1.0) == pytest.approx(0.29998)
