@@ -123,9 +123,18 @@ class DicomImage:
     warnings: tuple[str, ...] = ()
 
 
+# Files that start like these are those images whatever byte 128 holds: a PNG text chunk or a JPEG comment with
+# `DICM` there was sent to the DICOM reader and refused as a broken DICOM. (A TIFF header is a legal DICOM preamble:
+# dual-format files exist, so TIFF is not among them.)
+_OTHER_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+
+
 def is_dicom(data: bytes) -> bool:
-    """A DICOM Part 10 file: `DICM` after the 128-byte preamble, or at the start (preamble left out)."""
-    return data[128:132] == PART10_MAGIC or data[:4] == PART10_MAGIC
+    """A DICOM Part 10 file: `DICM` after the 128-byte preamble, or at the start (preamble left out), and not a
+    PNG, JPEG, GIF or BMP that holds those bytes by chance."""
+    if data[:4] == PART10_MAGIC:
+        return True
+    return data[128:132] == PART10_MAGIC and not data.startswith(_OTHER_IMAGE_SIGNATURES)
 
 
 def read(data: bytes, *, max_pixels: int, min_side: int, window_index: int = 0) -> DicomImage:

@@ -296,6 +296,28 @@ def test_sigmoid_window_and_preamble_left_out() -> None:
     assert np.array_equal(prepare(file[128:], CONFIG).pixels, prepare(file, CONFIG).pixels)  # starts with DICM
 
 
+def test_a_png_or_jpeg_with_dicm_at_byte_128_is_that_image() -> None:
+    """A helper's find: a PNG whose text chunk put `DICM` at byte 128 was sent to the DICOM reader and refused as
+    a broken DICOM ('no Transfer Syntax UID'); a JPEG comment can do the same."""
+    import struct
+    import zlib
+
+    a, _ = xrays()
+    reference = prepare(png(a), CONFIG)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
+    text = b"Comment\0" + b"x" * (128 - 33 - 8 - 8) + b"DICM exported"
+    plain = png(a)
+    marked = plain[:33] + chunk(b"tEXt", text) + plain[33:]
+    assert marked[128:132] == b"DICM"
+    assert np.array_equal(prepare(marked, CONFIG).pixels, reference.pixels)
+    buffer = io.BytesIO()
+    Image.fromarray(a).save(buffer, format="JPEG", quality=95)
+    jpeg = buffer.getvalue()
+    comment = b"x" * (128 - 2 - 4) + b"DICM exported"  # SOI, then a COM segment: marker, length, text
+    jpeg = jpeg[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + jpeg[2:]
+    assert jpeg[128:132] == b"DICM" and prepare(jpeg, CONFIG).format == "JPEG"
+
+
 def test_limits_are_checked_from_the_header_before_decoding() -> None:
     """Rows x Columns against the pixel limits, and a codestream that lies about its size, before any decoding."""
     a, _ = xrays()
