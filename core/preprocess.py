@@ -344,7 +344,9 @@ def prepare(
         if frames > 1:
             notes.append(f"{fmt} has {frames} frames; only the first was classified")
         orientation = image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
-        if orientation in (5, 6, 7, 8):  # stored turned a quarter: the size reported is the upright image's
+        # Stored turned a quarter: the size reported is the upright image's. PIL's TIFF reader turns the image itself
+        # (its size is the upright one already; swapping it reported 1900x1600 for a 1600x1900 X-ray).
+        if orientation in (5, 6, 7, 8) and fmt != "TIFF":
             width, height = height, width
         # JPEGs decode at the smallest power-of-two scale whose both sides still cover the input grid (PIL's
         # draft mode, libjpeg's DCT scaling): a 2000 px scan decodes 8x faster.

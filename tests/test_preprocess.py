@@ -112,6 +112,10 @@ def test_exif_orientation_is_honoured() -> None:
     b = turned.pixels.astype(int)
     assert np.abs(a - b).mean() < 2.0
     assert (turned.width, turned.height) == (320, 240)  # the upright size, as the heatmap's (was 240x320)
+    for fmt in ("TIFF", "WEBP", "JPEG"):  # PIL reports a TIFF's upright size already: it was swapped back (a helper)
+        other = prepare(encode(rotated, fmt, exif=exif), CONFIG)
+        assert (other.width, other.height) == (320, 240), fmt
+        assert np.abs(a - other.pixels.astype(int)).mean() < 4.0, fmt
     assert np.abs(a - prepare(encode(rotated, "PNG"), CONFIG).pixels.astype(int)).mean() > 20
 
 
