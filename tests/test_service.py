@@ -290,3 +290,33 @@ def test_served_probability_stays_on_its_labels_side_of_the_threshold() -> None:
         shown = rounded_on_its_side(probability, threshold)
         assert (shown >= threshold) == (probability >= threshold), (probability, shown)
         assert abs(shown - probability) <= 1e-6 and shown == round(shown, 6) and 0.0 <= shown <= 1.0
+
+
+def test_an_upload_abandoned_mid_body_leaves_no_call_in_flight(server: ServerProcess) -> None:
+    """A helper's find: each client that left part-way through its upload held BentoML's in-progress gauge (the
+    autoscaler's in-flight signal) up for PNEUMONIA_TIMEOUT_S (60 s): its timeout middleware waited for an answer
+    the guard never started. The request log also said 0 bytes for the half that did arrive."""
+    import socket
+
+    data = sample_xrays(1, offset=70)[0].read_bytes()
+    part = (b'--XyZ\r\nContent-Disposition: form-data; name="images"; filename="a.jpeg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + data + b"\r\n--XyZ--\r\n")
+    head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+            f"Content-Length: {len(part)}\r\n\r\n").encode()
+    port = int(server.url.rsplit(":", 1)[1])
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head + part[: len(part) // 2])
+            time.sleep(0.3)  # read by the guard, then the client is gone
+    deadline = time.monotonic() + 15  # well inside the 60 s the gauge was held
+    while (in_flight := metric_total(metrics(server), "bentoml_service_request_in_progress", endpoint="/classify")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert in_flight == 0
+    gone = []
+    for line in server.logs().splitlines():
+        start = line.find('{"ts"')
+        record = json.loads(line[start:]) if start >= 0 else {}
+        if record.get("logger") == "pneumonia.request" and record.get("status") == 499:
+            gone.append(record)
+    assert len(gone) >= 3 and all(r["request_bytes"] >= len(part) // 2 for r in gone[-3:]), gone[-3:]

@@ -75,6 +75,7 @@ async def read_body(
                 except (TimeoutError, ValueError):
                     break
             if message["type"] == "http.disconnect":
+                call.request_bytes = received  # what did arrive (the log said 0)
                 raise ClientGone()
             chunk = message.get("body", b"")
             received += len(chunk)

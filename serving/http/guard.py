@@ -145,7 +145,12 @@ class HttpGuard:
             await reject(send, exc)
             return
         except ClientGone:
-            call.status = 499
+            # Nobody to answer (the server drops what is sent), but an answer must start: BentoML's timeout middleware
+            # waits for one until PNEUMONIA_TIMEOUT_S, and its in-progress gauge (the autoscaler's in-flight signal)
+            # counted each abandoned upload as a call in flight for that long.
+            await send_json(send, 400, error_body("the client disconnected before its upload arrived",
+                                                  [{"type": "client_gone", "loc": [], "msg": "client disconnected"}]), {})
+            call.status = 499  # the log's name for it (nginx's), not the status that was never delivered
             return
         slots = self.explain_slots.get(scope["path"]) if field_name is not None else None
         held = False
