@@ -41,7 +41,7 @@ from core.inference import LoadedModel
 from core.preprocess import ImageRejected, PreparedImage, prepare
 from models_registry import RegistryError
 from serving import batching, ui
-from serving.answers import MODEL_INFO, REJECTED, answer
+from serving.answers import BATCH_IMAGES, MODEL_INFO, REJECTED, answer
 from serving.explain import PREVIEW_SIDE, ExplainerPool, shared_slots
 from serving.grpc import server as grpc_server
 from serving.http import HttpGuard
@@ -310,6 +310,7 @@ class PneumoniaClassifier:
         if self.model is None:  # the guard's readiness wait normally answers before a request gets here
             raise ServiceUnavailable("the model is still loading on this server; retry shortly")
         assessments = self.model.assess(np.stack([p.pixels for p in prepared]))
+        BATCH_IMAGES.observe(len(prepared))
         done = time.perf_counter()
         return [answer(item, assessment, self.model.card, MODEL_TAG, SETTINGS.validity.mode, len(prepared), done)
                 for item, assessment in zip(prepared, assessments)]

@@ -530,7 +530,7 @@ def test_queries_name_only_metrics_and_labels_the_service_exports(live_metrics: 
     assert not problems, "\n".join(problems)
     # The reader found the service's metrics in every part (an empty set would pass vacuously).
     assert {"bentoml_service_request_total", "bentoml_service_request_duration_seconds_bucket",
-            "bentoml_service_request_in_progress", "bentoml_service_adaptive_batch_size_bucket",
+            "bentoml_service_request_in_progress", "pneumonia_batch_images_bucket",
             "pneumonia_predictions_total", "pneumonia_probability_bucket", "pneumonia_probability_sum",
             "pneumonia_probability_count", "pneumonia_rejected_inputs_total", "pneumonia_model_info",
             "pneumonia_grpc_server_handled_total", "pneumonia_grpc_server_handling_seconds_bucket",

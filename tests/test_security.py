@@ -394,13 +394,20 @@ def test_grpc_classify_needs_a_key_and_is_rate_limited(secured: ServerProcess, p
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no key
         stub = pb_grpc.ClassifierStub(channel)
-        refusals = set()
-        for metadata in ((), (("x-api-key", "x" * 32),), (("authorization", "Basic nope"),)):
+        refusals, logged = set(), {}
+        for metadata, auth in (((), "none"), ((("x-api-key", "x" * 32),), "failed"),
+                               ((("authorization", "Basic nope"),), "none")):
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Classify(request, metadata=metadata, timeout=60)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             refusals.add(refused.value.details())
+            # logged with a request id, as HTTP's 401 (a helper: no line, no id, so a client trying keys left no trace)
+            logged[dict(refused.value.trailing_metadata())["x-request-id"]] = auth
         assert len(refusals) == 1
+        lines = request_lines(secured, set(logged))
+        assert {i: (r["transport"], r["route"], r["status"], r["reject_reasons"], r["auth"], r["images"])
+                for i, r in lines.items()} == {i: ("grpc", "/classify", 401, ["unauthorized"], auth, 1)
+                                               for i, auth in logged.items()}
         assert stub.Classify(request, metadata=(("x-api-key", KEY_ENV),), timeout=60).predictions[0].label
         assert stub.Classify(request, metadata=(("authorization", f"Bearer {KEY_FILE}"),), timeout=60).predictions
         limited = (("x-api-key", KEY_GRPC_LIMIT),)
@@ -414,11 +421,17 @@ def test_grpc_classify_needs_a_key_and_is_rate_limited(secured: ServerProcess, p
             except grpc.RpcError as exc:
                 codes.append(exc.code().name)
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, codes
-                assert dict(exc.trailing_metadata())["retry-after"] == "1"
+                trailers = dict(exc.trailing_metadata())
+                assert trailers["retry-after"] == "1"
+                limited_ids.append(trailers["x-request-id"])
                 return False
 
+        limited_ids: list[str] = []
         served, seconds = until_refused(call)
         assert BURST <= served <= BURST + refilled(seconds), (codes, seconds)
+        line = request_lines(secured, {limited_ids[-1]})[limited_ids[-1]]
+        assert (line["route"], line["status"], line["reject_reasons"], line["auth"]) == (
+            "/health", 429, ["rate_limited"], "key")
 
 
 # --------------------------------------------------------------------------- settings file, mutual TLS, overload

@@ -119,6 +119,8 @@ def test_metrics_move_with_traffic(server: ServerProcess, production_tag: str) -
         delta = metric_total(after, "pneumonia_predictions_total", label=label) - metric_total(before, "pneumonia_predictions_total", label=label)
         assert delta == labels.count(label)
     assert metric_total(after, "pneumonia_probability_count") - metric_total(before, "pneumonia_probability_count") == 2
+    # images per forward pass, not calls (BentoML's adaptive_batch_size counted this call of 2 images as 1)
+    assert metric_total(after, "pneumonia_batch_images_sum") - metric_total(before, "pneumonia_batch_images_sum") == 2
     rejected = lambda text: metric_total(text, "pneumonia_rejected_inputs_total", reason="not_an_image")  # noqa: E731
     assert rejected(after) - rejected(before) == 1
     assert re.search(r'pneumonia_model_info\{[^}]*model="' + re.escape(production_tag), after)

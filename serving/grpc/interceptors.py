@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -23,9 +24,10 @@ from typing import Any
 import bentoml
 import grpc
 
-from api.status import API_KEY_HEADER, REASONS_METADATA_KEY, RETRY_AFTER_HEADER
+from api.status import API_KEY_HEADER, REASONS_METADATA_KEY, REQUEST_ID_HEADER, RETRY_AFTER_HEADER
+from serving import request_log
 from serving.security import GRPC_UNAUTHENTICATED_MESSAGE, AccessPolicy, presented_key, shared_policy
-from settings import SecuritySettings, ServingSettings
+from settings import RequestLogSettings, SecuritySettings, ServingSettings
 
 HANDLED = bentoml.metrics.Counter(
     name="pneumonia_grpc_server_handled_total",
@@ -167,6 +169,45 @@ class CallActivity(grpc.aio.ServerInterceptor):
                                                    response_serializer=handler.response_serializer)
 
 
+# The HTTP route of each method, for the request log (one line format for both transports).
+ROUTES = {"Classify": "/classify", "Explain": "/explain", "GetModelInfo": "/health"}
+
+
+def log_call(settings: RequestLogSettings, request_id: str, started: float, route: str, images: list[Any],
+             status: int, reasons: list[str], context: grpc.aio.ServicerContext, metadata: dict[str, Any],
+             auth: str) -> None:
+    """The request-log line of one gRPC call, with the fields of an HTTP request's line."""
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "transport": "grpc",
+        "method": "POST",
+        "route": route,
+        "status": status,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+        "images": len(images),
+        "reject_reasons": reasons,
+        "request_bytes": sum(len(image.data) for image in images),
+        "auth": auth,
+    }
+    if settings.client_identifiers:
+        fields.update(
+            client=peer_address(context.peer()),
+            user_agent=metadata.get("user-agent"),
+            client_request_id=metadata.get(REQUEST_ID_HEADER),
+            file_names=[image.filename for image in images if image.HasField("filename")],
+        )
+    request_log.log_request(logging.getLogger(request_log.LOGGER_NAME), fields)  # configured by the servicer
+
+
+def _images_of(request: Any) -> list[Any]:
+    """The images a Classify or Explain request carries (none for another message, or one that did not parse)."""
+    if isinstance(getattr(request, "images", None), Iterable):
+        return list(request.images)
+    if hasattr(request, "HasField") and "image" in type(request).DESCRIPTOR.fields_by_name and request.HasField("image"):
+        return [request.image]
+    return []
+
+
 def peer_address(peer: str | None) -> str:
     """'ipv4:10.0.0.5:51234' -> '10.0.0.5'; 'ipv6:[::1]:5' -> '::1'; anything else as is."""
     if not peer:
@@ -182,10 +223,12 @@ def peer_address(peer: str | None) -> str:
 class AccessInterceptor(grpc.aio.ServerInterceptor):
     """Checks `protected` methods for a key and rate-limits `limited` ones (full names, '/pkg.Service/Method')."""
 
-    def __init__(self, policy: AccessPolicy, protected: Iterable[str], limited: Iterable[str]) -> None:
+    def __init__(self, policy: AccessPolicy, protected: Iterable[str], limited: Iterable[str],
+                 log: RequestLogSettings | None = None) -> None:
         self.policy = policy
         self.protected = frozenset(protected)
         self.limited = frozenset(limited)
+        self.log = log or RequestLogSettings()
 
     async def intercept_service(
         self,
@@ -202,18 +245,27 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         behaviour = handler.unary_unary
 
         async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
             decision = self.policy.check(key, peer_address(context.peer()), protected=protected, limited=limited)
-            AUTH.set("key" if decision.authenticated else "none")
-            if decision.outcome == "rate_limited":
-                wait = decision.retry_after_s
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"too many requests from this client; retry after {wait} s",
-                    trailing_metadata=((RETRY_AFTER_HEADER, str(wait)), (REASONS_METADATA_KEY, "rate_limited")),
-                )
-            if decision.outcome == "unauthenticated":  # the reasons HTTP's 429 and 401 bodies name, as trailers
+            failed = key is not None and self.policy.keys.enabled and not decision.authenticated
+            AUTH.set("key" if decision.authenticated else "failed" if failed else "none")
+            if decision.outcome != "allowed":
+                # Logged and given a request id as HTTP's 401 and 429 are: these calls never reach the servicer,
+                # and a client trying keys or flooding the port left no trace in the request log.
+                supplied = metadata.get(REQUEST_ID_HEADER)
+                request_id = request_log.request_id(_text(supplied), self.log)
+                status, reason = (429, "rate_limited") if decision.outcome == "rate_limited" else (401, "unauthorized")
+                log_call(self.log, request_id, started, ROUTES.get(_split_method(method)[1], method), _images_of(request),
+                         status, [reason], context, metadata, AUTH.get())
+                trailers = ((REQUEST_ID_HEADER, request_id), (REASONS_METADATA_KEY, reason))
+                if decision.outcome == "rate_limited":
+                    wait = decision.retry_after_s
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"too many requests from this client; retry after {wait} s",
+                                        trailing_metadata=(*trailers, (RETRY_AFTER_HEADER, str(wait))))
+                # the reasons HTTP's 429 and 401 bodies name, as trailers
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, GRPC_UNAUTHENTICATED_MESSAGE,
-                                    trailing_metadata=((REASONS_METADATA_KEY, "unauthorized"),))
+                                    trailing_metadata=trailers)
             result = behaviour(request, context)
             return await result if inspect.isawaitable(result) else result
 
@@ -268,14 +320,16 @@ def _text(value: str | bytes | None) -> str | None:
     return value
 
 
-def classifier_access(security: SecuritySettings, service_name: str) -> AccessInterceptor:
+def classifier_access(security: SecuritySettings, service_name: str,
+                      log: RequestLogSettings | None = None) -> AccessInterceptor:
     """The interceptor for `service_name` (e.g. pneumonia.v1.Classifier): the HTTP rules, method by method."""
     classify, explain = f"/{service_name}/Classify", f"/{service_name}/Explain"
     info = f"/{service_name}/GetModelInfo"
     protected = {classify, explain} | ({info} if security.protect_health else set())
-    return AccessInterceptor(shared_policy(security), protected=protected, limited={classify, explain, info})
+    return AccessInterceptor(shared_policy(security), protected=protected, limited={classify, explain, info}, log=log)
 
 
 def build_interceptors(settings: ServingSettings, service_name: str) -> list[grpc.aio.ServerInterceptor]:
     """Every interceptor of the gRPC server, outermost first."""
-    return [MetricsInterceptor(), classifier_access(settings.security, service_name), ParseInterceptor()]
+    return [MetricsInterceptor(), classifier_access(settings.security, service_name, settings.request_log),
+            ParseInterceptor()]

@@ -34,7 +34,7 @@ from api.status import REASONS_METADATA_KEY, REQUEST_ID_HEADER, RETRY_AFTER_HEAD
 from core.preprocess import PreparedImage
 from serving import request_log
 from serving.explain import ExplainBusy, shared_slots
-from serving.grpc.interceptors import AUTH, peer_address
+from serving.grpc.interceptors import AUTH, log_call
 from settings import ServingSettings
 
 logger = logging.getLogger("pneumonia.grpc")
@@ -74,7 +74,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, service: Classifier, settings: ServingSettings) -> None:
         self.service = service
         self.settings = settings
-        self.logger = request_log.configure(settings.request_log)
+        request_log.configure(settings.request_log)  # the access interceptor's lines and ours
 
     async def _require_ready(self, context: grpc.aio.ServicerContext) -> None:
         if not self.service.is_serving():
@@ -159,23 +159,5 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     def _log(self, request_id: str, started: float, route: str, images: Sequence[Any], status: int,
              reasons: list[str], context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> None:
         """The request-log line of one call, with the fields of an HTTP request's line."""
-        fields: dict[str, Any] = {
-            "request_id": request_id,
-            "transport": "grpc",
-            "method": "POST",
-            "route": route,
-            "status": status,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-            "images": len(images),
-            "reject_reasons": reasons,
-            "request_bytes": sum(len(image.data) for image in images),
-            "auth": AUTH.get(),
-        }
-        if self.settings.request_log.client_identifiers:
-            fields.update(
-                client=peer_address(context.peer()),
-                user_agent=metadata.get("user-agent"),
-                client_request_id=metadata.get(REQUEST_ID_HEADER),
-                file_names=[image.filename for image in images if image.HasField("filename")],
-            )
-        request_log.log_request(self.logger, fields)
+        log_call(self.settings.request_log, request_id, started, route, list(images), status, reasons, context,
+                 metadata, AUTH.get())
