@@ -259,6 +259,8 @@ def _to_grayscale(image: Image.Image) -> Image.Image:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(array).all():  # one NaN or inf made every pixel NaN: refused as blank, blamed on a marker
+            raise ImageRejected("corrupt", "the image holds pixel values that are not numbers (NaN or infinity)")
         lo, hi = float(array.min()), float(array.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         return Image.fromarray(((array - lo) * scale).astype(np.uint8), mode="L")

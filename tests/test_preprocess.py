@@ -291,3 +291,19 @@ def test_multi_frame_images_use_the_first_frame_and_say_so() -> None:
 def test_real_files_on_disk_match_bytes(tmp_path: Path) -> None:
     path = sample_xrays(1)[0]
     assert np.array_equal(load_file(path, CONFIG).pixels, prepare(path.read_bytes(), CONFIG).pixels)
+
+
+def test_a_float_image_with_a_nan_or_infinite_pixel_is_corrupt() -> None:
+    """A helper's find: one NaN or inf pixel in a float TIFF made every pixel NaN (min-max scaling), refused as
+    `blank` with a warning that blamed 'a few extreme pixels (a marker)', and numpy warned on the server's stderr."""
+    import warnings
+
+    values = np.asarray(gradient((64, 64)), dtype=np.float32)
+    assert prepare(encode(Image.fromarray(values, mode="F"), "TIFF"), CONFIG).pixels.std() > 10  # finite: served
+    for bad in (np.nan, np.inf):
+        values[10, 10] = bad
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no RuntimeWarning on the way
+            with pytest.raises(ImageRejected) as refused:
+                prepare(encode(Image.fromarray(values, mode="F"), "TIFF"), CONFIG)
+        assert refused.value.reason == "corrupt" and "not numbers" in str(refused.value)
