@@ -323,6 +323,10 @@ def _describe(ds: Any, syntax: UID) -> tuple[int, int, DicomInfo, str]:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise DicomError("unsupported_format", "the DICOM object holds float pixel data (a parametric map), "
                              "not a radiograph")
+        if "Rows" in ds or "Columns" in ds:  # an image's header without its pixels: most often a file cut short
+            raise DicomError("dicom_no_pixel_data",
+                             "the DICOM file has an image's header but no Pixel Data (7FE0,0010): it was cut short "
+                             "(an incomplete transfer or copy; send the whole file), or its pixels were stripped")
         raise DicomError("dicom_no_pixel_data",
                          "the DICOM file has no Pixel Data (7FE0,0010): it is not an image (a report, a "
                          "presentation state, or an image whose pixels were stripped)")

@@ -318,6 +318,22 @@ def test_a_png_or_jpeg_with_dicm_at_byte_128_is_that_image() -> None:
     assert jpeg[128:132] == b"DICM" and prepare(jpeg, CONFIG).format == "JPEG"
 
 
+def test_a_file_cut_before_its_pixels_says_so() -> None:
+    """A helper's find: a DICOM cut inside its Pixel Data element's header (an interrupted copy) was called 'not an
+    image (a report, a presentation state ...)'; a report without an image's header still is."""
+    good = D.part10(xrays()[0].copy(), bits_stored=8)
+    cut = good[: good.find(b"\xe0\x7f\x10\x00") + 6]
+    with pytest.raises(ImageRejected) as refused:
+        prepare(cut, CONFIG)
+    assert refused.value.reason == "dicom_no_pixel_data" and "it was cut short" in str(refused.value)
+    report = D.dataset(xrays()[0].copy(), bits_stored=8)
+    for name in ("PixelData", "Rows", "Columns"):
+        delattr(report, name)
+    with pytest.raises(ImageRejected) as not_an_image:
+        prepare(D.to_bytes(report), CONFIG)
+    assert "it is not an image" in str(not_an_image.value)
+
+
 def test_limits_are_checked_from_the_header_before_decoding() -> None:
     """Rows x Columns against the pixel limits, and a codestream that lies about its size, before any decoding."""
     a, _ = xrays()
