@@ -81,6 +81,13 @@ def configure(settings: RequestLogSettings) -> logging.Logger:
     return logger
 
 
+def printable(raw: bytes | str, limit: int = 64) -> str:
+    """A client's file name as the log keeps it: characters that are not printable as '?', at most `limit` of them
+    (one rule for both transports: gRPC's names were logged as sent, at any length)."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    return "".join(c if c.isprintable() else "?" for c in text)[:limit]
+
+
 def log_request(logger: logging.Logger, fields: dict[str, Any]) -> None:
     """One request line: `event` first, then `fields` in their order."""
     logger.info({"event": "request", **fields})

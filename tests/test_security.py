@@ -408,7 +408,12 @@ def test_grpc_classify_needs_a_key_and_is_rate_limited(secured: ServerProcess, p
         assert {i: (r["transport"], r["route"], r["status"], r["reject_reasons"], r["auth"], r["images"])
                 for i, r in lines.items()} == {i: ("grpc", "/classify", 401, ["unauthorized"], auth, 1)
                                                for i, auth in logged.items()}
-        assert stub.Classify(request, metadata=(("x-api-key", KEY_ENV),), timeout=60).predictions[0].label
+        named = pb.ClassifyRequest(images=[pb.Image(data=xray_jpeg(), filename="line\nbreak" + "x" * 100)])
+        answer, call = stub.Classify.with_call(named, metadata=(("x-api-key", KEY_ENV),), timeout=60)
+        assert answer.predictions[0].label
+        served_id = dict(call.trailing_metadata())["x-request-id"]
+        # the HTTP rule for logged names (a helper: gRPC's were logged as sent, at any length)
+        assert request_lines(secured, {served_id})[served_id]["file_names"] == ["line?break" + "x" * 54]
         assert stub.Classify(request, metadata=(("authorization", f"Bearer {KEY_FILE}"),), timeout=60).predictions
         limited = (("x-api-key", KEY_GRPC_LIMIT),)
         codes: list[str] = []

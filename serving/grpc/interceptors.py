@@ -194,7 +194,7 @@ def log_call(settings: RequestLogSettings, request_id: str, started: float, rout
             client=peer_address(context.peer()),
             user_agent=metadata.get("user-agent"),
             client_request_id=metadata.get(REQUEST_ID_HEADER),
-            file_names=[image.filename for image in images if image.HasField("filename")],
+            file_names=[request_log.printable(image.filename) for image in images if image.HasField("filename")],
         )
     request_log.log_request(logging.getLogger(request_log.LOGGER_NAME), fields)  # configured by the servicer
 

@@ -17,6 +17,7 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from serving.answers import REJECTED
+from serving.request_log import printable
 from serving.http.responses import GuardError
 
 
@@ -24,11 +25,6 @@ from serving.http.responses import GuardError
 # secrets.token_hex per request read the kernel's random source each time, a visible share of a worker's event loop.
 _BOUNDARY_PREFIX = b"pneumonia-" + secrets.token_hex(12).encode()
 _BOUNDARY_COUNTER = itertools.count()
-
-
-def _printable(raw: bytes, limit: int = 64) -> str:
-    text = raw.decode("utf-8", "replace")
-    return "".join(c if c.isprintable() else "?" for c in text)[:limit]
 
 
 class MultipartCanon:
@@ -129,7 +125,7 @@ class MultipartCanon:
             raise GuardError(400, "malformed_multipart", "a multipart part is not a named form-data field")
         name = params[b"name"]
         if name != self.field:
-            self.unexpected.append(_printable(name))
+            self.unexpected.append(printable(name))
             return
         if b"filename" not in params and b"filename*" not in params:
             raise GuardError(
@@ -143,7 +139,7 @@ class MultipartCanon:
                        f"more than {self.max_files} images in one request; the limit is {self.max_files}")
             REJECTED.labels(reason="too_many_images").inc()  # as gRPC counts it (service.prepare_images)
             raise GuardError(400, "too_many_images", message, (self.field_name,))
-        self.file_names.append(_printable(params.get(b"filename", params.get(b"filename*", b""))))
+        self.file_names.append(printable(params.get(b"filename", params.get(b"filename*", b""))))
         self.out.write(
             b'--%s\r\nContent-Disposition: form-data; name="%s"; filename="image-%d"\r\n'
             b"Content-Type: application/octet-stream\r\n\r\n" % (self.boundary, self.field, self.count)
