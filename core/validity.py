@@ -18,6 +18,10 @@ Three checks, in order:
   features, fitted on training X-rays and their own inverted, rotated and cropped
   versions; the image is refused when its probability of being an upright, whole,
   correctly polarised chest X-ray is below the limit.
+- `cropped` also: a binary logistic regression on the same features, fitted on training X-rays against their own
+  partial views (a band of the image: a half, a middle strip) and X-rays side by side or tiled; the image is
+  refused when its probability of being such a view is over its own limit. Gates fitted before 2026-11-28 have no
+  such check (`partial_limit` None).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class ValidityConfig(BaseModel):
     blank_std_limit: float = Field(description="grey-level standard deviation (0-255) below which an image is blank")
     outlier_limit: float = Field(description="largest accepted standardised Mahalanobis score")
     orientation_limit: float = Field(description="smallest accepted probability of an upright, whole chest X-ray")
+    partial_limit: float | None = Field(None, description="largest accepted probability of a part of a chest X-ray "
+                                        "or of several side by side; None: no such check (an older gate)")
     arrays_sha256: str = ""
     figures: dict = Field(default_factory=dict, description="false refusals and catch rates measured when fitted")
 
@@ -80,10 +86,14 @@ class ValidityGate:
     head_scale: torch.Tensor
     head_weight: torch.Tensor  # (classes, features)
     head_bias: torch.Tensor
+    partial_weight: torch.Tensor | None = None  # (features,): the partial-view check, on the head's standardised features
+    partial_bias: torch.Tensor | None = None  # (1,)
 
     def to_bytes(self) -> bytes:
         arrays = {"score_mean": self.score_mean, "score_std": self.score_std, "head_mean": self.head_mean,
                   "head_scale": self.head_scale, "head_weight": self.head_weight, "head_bias": self.head_bias}
+        if self.partial_weight is not None and self.partial_bias is not None:
+            arrays["partial_weight"], arrays["partial_bias"] = self.partial_weight, self.partial_bias
         for i, (mean, precision) in enumerate(zip(self.means, self.precisions)):
             arrays[f"mean_{i}"], arrays[f"precision_{i}"] = mean, precision
         buffer = io.BytesIO()
@@ -99,7 +109,8 @@ class ValidityGate:
         t = {k: torch.from_numpy(data[k]) for k in data.files}
         n = len(config.layers)
         return cls(config, [t[f"mean_{i}"] for i in range(n)], [t[f"precision_{i}"] for i in range(n)],
-                   t["score_mean"], t["score_std"], t["head_mean"], t["head_scale"], t["head_weight"], t["head_bias"])
+                   t["score_mean"], t["score_std"], t["head_mean"], t["head_scale"], t["head_weight"], t["head_bias"],
+                   t.get("partial_weight"), t.get("partial_bias"))
 
     def layer_scores(self, features: torch.Tensor) -> torch.Tensor:
         """(N, sum of layer dims) pooled features -> (N, layers) standardised Mahalanobis scores."""
@@ -114,6 +125,13 @@ class ValidityGate:
         """(N, D) features -> (N, classes) probabilities of ORIENTATION_CLASSES."""
         return torch.softmax(((features - self.head_mean) / self.head_scale) @ self.head_weight.T + self.head_bias, 1)
 
+    def partial(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) features -> (N,) probabilities of a partial view (a band, X-rays side by side); zeros without the
+        check."""
+        if self.partial_weight is None or self.partial_bias is None:
+            return torch.zeros(len(features))
+        return torch.sigmoid(((features - self.head_mean) / self.head_scale) @ self.partial_weight + self.partial_bias)
+
     def assess(self, features: torch.Tensor, pixel_std: np.ndarray) -> list[ValidityOutcome]:
         """One outcome per image from its pooled features and the grey-level spread of its input grid.
 
@@ -123,6 +141,7 @@ class ValidityGate:
         features = features.float()
         outlier = self.layer_scores(features).amax(1)
         orientation = self.orientation(features)
+        partial = self.partial(features)
         c = self.config
         outcomes = []
         for i in range(len(features)):
@@ -138,6 +157,9 @@ class ValidityGate:
             elif upright < c.orientation_limit:
                 reason: ValidityReason = "inverted" if suspected == "inverted" else "cropped" if suspected == "cropped" else "rotated"
                 outcome = ValidityOutcome(reason, score, upright, std, self.orientation_message(suspected, upright), suspected)
+            elif c.partial_limit is not None and float(partial[i]) > c.partial_limit:
+                outcome = ValidityOutcome("cropped", score, upright, std, PARTIAL.format(float(partial[i]), c.partial_limit),
+                                          "cropped")
             else:
                 outcome = ValidityOutcome(None, score, upright, std)
             outcomes.append(outcome)
@@ -160,6 +182,8 @@ class ValidityGate:
 
 
 NOT_A_CHEST_XRAY = "the image does not look like a frontal chest X-ray (outlier score {:.2f}, limit {:.2f})"
+PARTIAL = ("not one whole frontal chest X-ray: it looks like part of one (a band, a half) or several side by side; "
+           "send one whole frontal view (probability of a partial or combined view {:.3f}, limit {:.3f})")
 # Refused by the upright/whole check, and still refused when turned back: the outlier score passed, so name the check
 # that did not.
 NOT_A_CHEST_XRAY_BY_ORIENTATION = ("the image does not look like a frontal chest X-ray: not upright and whole, nor "

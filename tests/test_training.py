@@ -39,6 +39,7 @@ def test_short_training_run_learns_and_saves_a_gated_calibrated_model(tmp_path: 
     for name in ("config.json", "metrics.json", "metrics.csv", "curves.png", "roc.png", "confusion.png", "model_tag.txt",
                  "stress.md", "validity.md"):
         assert (out / name).is_file(), name
+    assert "partial-view probability >" in (out / "validity.md").read_text()  # the gate's newest check was fitted
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]) == 3 and metrics["temperature"] > 0 and 0 <= metrics["threshold"] <= 1
     assert set(metrics["validation"]["stress"]) >= {"clean", "gamma 1.4", "random acquisition mix"}

@@ -6,8 +6,9 @@ Training runs this for every model it saves; the command above adds (or re-fits)
 the gate of a stored model and saves the result as a new version with the same
 weights. Nothing here fits on a negative example: the Gaussians model chest X-ray
 features, the orientation head learns from training X-rays and their own inverted,
-rotated and cropped versions. Offline negatives (training/negatives.py) and
-validation X-rays (other patients) only measure the result.
+rotated and cropped versions, the partial-view check from training X-rays and their own
+bands (a half, a strip) and collages (side by side, tiled). Offline negatives
+(training/negatives.py) and validation X-rays (other patients) only measure the result.
 """
 
 from __future__ import annotations
@@ -73,6 +74,38 @@ def _crops(grids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def _squashed(part: np.ndarray, h: int, w: int) -> np.ndarray:
+    """`part` resized to h x w, as the service resizes any upload to its square grid (bilinear, antialiased as PIL)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=(h, w), mode="bilinear", antialias=True).clamp(0, 255).round().byte().numpy()[0, 0]
+
+
+def _partial_views(grids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Views that are not one whole frontal chest X-ray though every pixel comes from one: a band of 35-65 % of the
+    height or the width (a half, a middle strip), or two X-rays side by side or stacked, or four tiled. A helper
+    found these answered with a confident PNEUMONIA (a normal X-ray's bottom half: 39 of 40)."""
+    n, h, w = grids.shape
+    out = np.empty_like(grids)
+    for k in range(n):
+        kind = k % 4
+        if kind == 0:
+            rows = int(h * rng.uniform(0.35, 0.65))
+            top = rng.integers(0, h - rows + 1)
+            part = grids[k, top:top + rows]
+        elif kind == 1:
+            cols = int(w * rng.uniform(0.35, 0.65))
+            left = rng.integers(0, w - cols + 1)
+            part = grids[k, :, left:left + cols]
+        elif kind == 2:
+            other = grids[rng.integers(0, n)]
+            part = np.hstack([grids[k], other]) if rng.random() < 0.5 else np.vstack([grids[k], other])
+        else:
+            a, b, c = (grids[i] for i in rng.integers(0, n, 3))
+            part = np.block([[grids[k], a], [b, c]])
+        out[k] = _squashed(part, h, w)
+    return out
+
+
 def _acquired(grids: torch.Tensor, seed: int) -> np.ndarray:
     return (augment_batch(grids, ACQUISITION, torch.Generator().manual_seed(seed)) * 255).round().byte().squeeze(1).numpy()
 
@@ -86,7 +119,8 @@ def _stressed_validation(paths: list[Path], preprocess: PreprocessConfig) -> np.
 
 def fit_gate(module: PneumoniaNet, preprocess: PreprocessConfig, train: LoadedSplit, val: LoadedSplit,
              max_refusals: float = 0.01, seed: int = 0, measure_negatives: bool = True) -> GateFit:
-    """Fit on `train`, set the limits so that at most `max_refusals` of stressed validation X-rays are refused."""
+    """Fit on `train`; set the limits so that the outlier and orientation checks refuse about `max_refusals` of
+    stressed validation X-rays, and the partial-view check up to a quarter of that more."""
     rng = np.random.default_rng(seed)
     runner = WithFeatures(copy.deepcopy(module).cpu().eval()).eval()
     pick = torch.from_numpy(rng.choice(len(train.labels), min(2500, len(train.labels)), replace=False))
@@ -122,6 +156,16 @@ def fit_gate(module: PneumoniaNet, preprocess: PreprocessConfig, train: LoadedSp
     gate.head_mean, gate.head_scale = torch.from_numpy(mean).float(), torch.from_numpy(scale).float()
     gate.head_weight, gate.head_bias = torch.from_numpy(head.coef_).float(), torch.from_numpy(head.intercept_).float()
 
+    # Partial-view check: whole upright X-rays (clean and acquisition-changed) against bands of them and collages.
+    # Its own generator, so the checks above fit exactly as they did before it existed.
+    whole = x[y == 0]
+    parts = pooled_features(runner, preprocess, _partial_views(base, np.random.default_rng(seed + 1))).double().numpy()
+    views = np.concatenate([whole, parts])
+    is_part = np.concatenate([np.zeros(len(whole)), np.ones(len(parts))])
+    check = LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced").fit((views - mean) / scale, is_part)
+    gate.partial_weight = torch.from_numpy(check.coef_[0]).float()
+    gate.partial_bias = torch.from_numpy(check.intercept_).float()
+
     # Limits from validation X-rays (other patients), clean and stressed.
     paths = [s.path for s in val.samples]
     stressed = _stressed_validation(paths, preprocess)
@@ -130,11 +174,14 @@ def fit_gate(module: PneumoniaNet, preprocess: PreprocessConfig, train: LoadedSp
     budget = max_refusals / 2  # half for each learned check; the clean split gets a fifth of that
     outlier_c, outlier_s = gate.layer_scores(clean_f).amax(1).numpy(), gate.layer_scores(stressed_f).amax(1).numpy()
     upright_c, upright_s = gate.orientation(clean_f)[:, 0].numpy(), gate.orientation(stressed_f)[:, 0].numpy()
+    partial_c, partial_s = gate.partial(clean_f).numpy(), gate.partial(stressed_f).numpy()
+    partial_budget = budget / 2  # on top of the others' (a quarter of max_refusals), which stay as they were
     spread = train.pixels.flatten(1).float().std(dim=1).numpy()
     config = gate.config.model_copy(update={
         "blank_std_limit": float(min(8.0, np.quantile(spread, 0.001) / 3)),
         "outlier_limit": float(max(np.quantile(outlier_s, 1 - budget), np.quantile(outlier_c, 1 - budget / 5))),
         "orientation_limit": float(min(np.quantile(upright_s, budget), np.quantile(upright_c, budget / 5))),
+        "partial_limit": float(max(np.quantile(partial_s, 1 - partial_budget), np.quantile(partial_c, 1 - partial_budget / 5))),
     })
     gate.config = config
     arrays = gate.to_bytes()
@@ -182,7 +229,9 @@ def format_report(report: dict, config: ValidityConfig) -> str:
     """The gate's figures as a Markdown table (docs/validity.md keeps its output)."""
     lines = [f"limits: grey-level spread < {config.blank_std_limit:.2f} is blank; outlier score > "
              f"{config.outlier_limit:.3f} is not a chest X-ray; upright probability < {config.orientation_limit:.4f} "
-             "is inverted / rotated / cropped", "",
+             "is inverted / rotated / cropped"
+             + (f"; partial-view probability > {config.partial_limit:.4f} is cropped (a part, or several side by side)"
+                if config.partial_limit is not None else ""), "",
              "| images | n | refused | share | by reason |", "| --- | ---: | ---: | ---: | --- |"]
     for key, label in (("validation_clean", "validation X-rays, clean (held-out patients)"),
                        ("validation_stressed", "validation X-rays, stressed (acquisition changes)")):
@@ -202,7 +251,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="production", help="'production', a version or a full tag from the model store")
     p.add_argument("--data-dir", type=Path, required=True, help="the folder the model was trained on (<split>/NORMAL, <split>/PNEUMONIA)")
-    p.add_argument("--max-refusals", type=bounded(float, 0, 1, low_open=True, high_open=True), default=0.01, help="largest share of stressed validation X-rays refused")
+    p.add_argument("--max-refusals", type=bounded(float, 0, 1, low_open=True, high_open=True), default=0.01, help="share of stressed validation X-rays the outlier and orientation checks refuse (half each); the "
+                   "partial-view check adds up to a quarter of it")
     p.add_argument("--promote", action="store_true", help="promote the new version to production")
     p.add_argument("--json", type=output_file, default=None, help="also write the figures here")
     p.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads (0: all cores)")
@@ -236,9 +286,13 @@ def main(argv: list[str] | None = None) -> int:
             except RegistryError as exc:
                 raise RegistryError(f"{tag} was saved, not promoted: {exc}") from None
             print(f"promoted {tag} to production")
-        if args.json:
+        if args.json:  # what `training.export --regate` ships: the new version, and how it was made
+            from training.train import code_version
+
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"model": tag, "config": fitted.config.model_dump(mode="json")}, indent=2))
+            args.json.write_text(json.dumps({
+                "model": tag, "source": model.tag, "command": "python -m training.gate " + " ".join(argv or sys.argv[1:]),
+                "code_version": code_version(), "config": fitted.config.model_dump(mode="json")}, indent=2))
     except (RegistryError, DataFolderError, OSError, ValueError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -127,5 +127,26 @@ def transformed_xrays(paths: list[Path], config: PreprocessConfig) -> Iterator[N
             yield Negative("X-ray centre crop", path.name, image.crop(box).resize((w, h)))
 
 
+def partial_xrays(paths: list[Path], config: PreprocessConfig) -> Iterator[Negative]:
+    """Each X-ray once, in turn: its bottom half, a middle band (40 % of the height), side by side with the next
+    X-ray, tiled 2 x 2 with the next three. Every pixel is an X-ray's, but no view is one whole frontal X-ray (a
+    helper found such views called PNEUMONIA with confidence before the gate learned them, 2026-11-28)."""
+    images = [served_grey(path, config) for path in paths]
+    for i, (path, image) in enumerate(zip(paths, images)):
+        w, h = image.size
+        grid = np.asarray(image)
+        others = [np.asarray(images[(i + k) % len(images)].resize((w, h))) for k in (1, 2, 3)]
+        kind = i % 4
+        if kind == 0:
+            yield Negative("X-ray bottom half", path.name, image.crop((0, h // 2, w, h)))
+        elif kind == 1:
+            yield Negative("X-ray middle band", path.name, image.crop((0, int(h * 0.3), w, int(h * 0.7))))
+        elif kind == 2:
+            yield Negative("X-rays side by side", path.name, Image.fromarray(np.hstack([grid, others[0]])))
+        else:
+            yield Negative("X-rays tiled 2 x 2", path.name, Image.fromarray(np.block([[grid, others[0]], [others[1], others[2]]])))
+
+
 def all_negatives(xray_paths: list[Path], config: PreprocessConfig) -> list[Negative]:
-    return [*library_images(), *synthetic_images(), *transformed_xrays(xray_paths, config)]
+    return [*library_images(), *synthetic_images(), *transformed_xrays(xray_paths, config),
+            *partial_xrays(xray_paths, config)]
