@@ -63,7 +63,7 @@ def test_short_training_run_learns_and_saves_a_gated_calibrated_model(tmp_path: 
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     assert json.loads(report.read_text())["metrics"]["roc_auc"] >= 0.75
     rescoring_reproduces_the_run(tmp_path, data_dir, out, tag, env)
-    exports_only_committed_code(tmp_path, out, tag, env)
+    ships_a_regated_model(tmp_path, data_dir, exports_only_committed_code(tmp_path, out, tag, env), env)
 
 
 def rescoring_reproduces_the_run(tmp_path: Path, data_dir: Path, run: Path, tag: str, env: dict[str, str]) -> None:
@@ -207,7 +207,7 @@ def test_ensemble_members_must_share_the_patient_split_and_the_grid() -> None:
             _members_agree(members)
 
 
-def exports_only_committed_code(tmp_path: Path, run: Path, tag: str, env: dict[str, str]) -> None:
+def exports_only_committed_code(tmp_path: Path, run: Path, tag: str, env: dict[str, str]) -> Path:
     """training.export ships a model only when a commit reproduces it, with the run's stress and gate tables."""
 
     versions = ("0123abc-dirty", "0123abd", "0123abe-dirty")
@@ -233,13 +233,44 @@ def exports_only_committed_code(tmp_path: Path, run: Path, tag: str, env: dict[s
     refused, target = export_as("0123abc-dirty")
     assert refused.returncode == 2 and "uncommitted" in refused.stderr and "Traceback" not in refused.stderr
     assert not (target / "PROVENANCE.md").exists()
-    shipped, target = export_as("0123abd")
+    shipped, shipped_target = export_as("0123abd")
     assert shipped.returncode == 0, shipped.stderr
+    target = shipped_target
     provenance = (target / "PROVENANCE.md").read_text()
     assert "`0123abd`" in provenance and "uncommitted" not in provenance
     assert "random acquisition mix" in provenance and "offline negatives" in provenance.lower()
     forced, target = export_as("0123abe-dirty", "--allow-dirty")
     assert forced.returncode == 0 and "no commit reproduces this model" in (target / "PROVENANCE.md").read_text()
+    return shipped_target
+
+
+def ships_a_regated_model(tmp_path: Path, data_dir: Path, shipped: Path, env: dict[str, str]) -> None:
+    """`training.export --regate` ships the version `training.gate` saved from the shipped model: the same weights
+    and training provenance, the new gate's table and the two commands that made it; a version whose calibration
+    differs is refused, and the shipped files stay as they were."""
+    before = json.loads((shipped / "provenance.json").read_text())
+    gate_json = tmp_path / "gate" / "gate.json"
+    fitted = subprocess.run([sys.executable, "-m", "training.gate", "--model", before["model_tag"], "--data-dir",
+                             str(data_dir), "--json", str(gate_json)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert fitted.returncode == 0, fitted.stderr[-2000:]
+    regate = [sys.executable, "-m", "training.export", "--out", str(shipped), "--allow-dirty", "--regate"]
+    recalibrated = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom models_registry.store import derive_model\n"
+         "print(derive_model(sys.argv[1], {'threshold': 0.123}))", json.loads(gate_json.read_text())["model"]],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    other_json = tmp_path / "gate" / "other.json"
+    other_json.write_text(json.dumps({**json.loads(gate_json.read_text()), "model": recalibrated}))
+    refused = subprocess.run([*regate, str(other_json)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "not the shipped model re-gated" in refused.stderr, refused.stderr
+    assert json.loads((shipped / "provenance.json").read_text()) == before
+    done = subprocess.run([*regate, str(gate_json)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = json.loads((shipped / "provenance.json").read_text())
+    assert after["model_tag"] == json.loads(gate_json.read_text())["model"] != before["model_tag"]
+    assert after["regated_from"] == before["model_tag"] and after["weights_sha256"] == before["weights_sha256"]
+    text = (shipped / "PROVENANCE.md").read_text()
+    assert "python -m training.gate --model " in text and "--regate " in text and "partial-view probability" in text
 
 
 def test_two_process_ddp_run(tmp_path: Path, data_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """Export a trained model as the repository's shipped default, with its provenance beside it.
 
     python -m training.export --run runs/default --out default_model [--crossval runs/cv]
+    python -m training.export --regate runs/gate/gate.json --out default_model   # the shipped weights, a new gate
 
 Writes `<out>/pneumonia-classifier.bentomodel` (a `bentoml models export`
 archive) plus `provenance.json` and `PROVENANCE.md`: the exact training
@@ -34,7 +35,10 @@ MAX_BYTES = 10 * 1024 * 1024
 def main(argv: list[str] | None = None) -> int:
     """`python -m training.export`: exit 2 with one line on any failure, never a stack trace."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="run folder written by training.train")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="run folder written by training.train")
+    source.add_argument("--regate", type=Path, help="the --json of `training.gate` re-fitting the gate of the model "
+                        "shipped in --out: ships that version, keeping the provenance of its (same) weights")
     parser.add_argument("--out", type=Path, default=Path("default_model"))
     parser.add_argument("--command", default=None, help="training command, if the run's config.json lacks it")
     parser.add_argument("--crossval", type=Path, default=None,
@@ -48,6 +52,8 @@ def _export(args: argparse.Namespace) -> int:
     from core.card import MODEL_NAME
     from models_registry import export_model, load_model
 
+    if args.regate is not None:
+        return _export_regated(args)
     if not (args.run / "model_tag.txt").is_file() and (args.run / "config.json").is_file():
         raise ValueError(f"{args.run} stored no model (trained with --no-register, or unfinished): nothing to export")
     tag = (args.run / "model_tag.txt").read_text().strip()
@@ -112,6 +118,52 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_regated(args: argparse.Namespace) -> int:
+    """Ship the version `training.gate` saved: the weights, calibration and training provenance of the model shipped
+    in --out (refused unless the weights are the same, byte for byte), its new gate and how that was fitted."""
+    from core.card import MODEL_NAME
+    from models_registry import export_model, load_model
+    from training.gate import format_report
+
+    fitted = json.loads(args.regate.read_text())
+    previous = json.loads((args.out / "provenance.json").read_text())
+    model = load_model(fitted["model"])
+    card = model.card
+    if card.weights_sha256 != previous["weights_sha256"] or card.threshold != previous["threshold"] \
+            or card.temperature != previous["temperature"]:
+        raise ValueError(f"{fitted['model']} is not the shipped model re-gated (its weights or calibration differ "
+                         f"from {previous['model_tag']}'s): export a trained model with --run")
+    if card.validity is None or fitted["code_version"].endswith("-dirty") and not args.allow_dirty:
+        raise ValueError(f"{fitted['model']} has no gate, or its gate was fitted from uncommitted code "
+                         f"({fitted['code_version']}); commit, fit again and export, or pass --allow-dirty")
+    archive = args.out / f"{MODEL_NAME}.bentomodel"
+    with tempfile.TemporaryDirectory(dir=args.out, prefix=".export-") as scratch:
+        staged = Path(scratch) / archive.name
+        export_model(fitted["model"], staged, overwrite=True)
+        size = staged.stat().st_size
+        if size > MAX_BYTES:
+            print(f"error: {archive} would be {size / 1e6:.1f} MB, over the 10 MB limit for the repository; "
+                  "nothing in --out was changed", file=sys.stderr)
+            return 1
+        provenance = {
+            **previous,
+            "model_tag": fitted["model"],
+            "archive_sha256": hashlib.sha256(staged.read_bytes()).hexdigest(),
+            "archive_bytes": size,
+            "validity_report": format_report(card.validity.figures, card.validity),
+            "regated_from": fitted["source"],
+            "gate_command": fitted["command"],
+            "gate_code_version": fitted["code_version"],
+            "regate_json": str(args.regate),
+        }
+        (Path(scratch) / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        (Path(scratch) / "PROVENANCE.md").write_text(_markdown(provenance))
+        for name in (archive.name, "provenance.json", "PROVENANCE.md"):
+            os.replace(Path(scratch) / name, args.out / name)
+    print(f"wrote {archive} ({size / 1e6:.1f} MB), provenance.json and PROVENANCE.md")
+    return 0
+
+
 def _markdown(p: dict) -> str:
     v = p["validation"]
     pc = v["per_class"]
@@ -135,7 +187,7 @@ Command (run from the repository root):
 {p['command']}
 python -m training.export --run {p.get('run', 'runs/default')} --out default_model{' --crossval ' + p['crossval_run'] if p.get('crossval_run') else ''}
 ```
-
+{_regated(p)}
 ## Validation metrics (patient-level hold-out of the training folder, n = {v['n']}, at the stored threshold)
 
 These come from the training folder and are optimistic: the collection's official
@@ -157,6 +209,21 @@ Confusion matrix (rows true, columns predicted): NORMAL {m[0]}, PNEUMONIA {m[1]}
 {_sections(p)}"""
 
 
+def _regated(p: dict) -> str:
+    """How the shipped version's gate was fitted again on the same weights, when it was."""
+    if not p.get("gate_command"):
+        return ""
+    return f"""
+The shipped version `{p['model_tag']}` is `{p['regated_from']}` (the model the commands above made: same weights,
+temperature and threshold) with its input-validity gate fitted again at commit `{p['gate_code_version']}`:
+
+```
+{p['gate_command']}
+python -m training.export --regate {p['regate_json']} --out default_model
+```
+"""
+
+
 _POLICY = {
     "clean": "reached on the clean validation images",
     "stressed": "reached on the validation images under every acquisition stress at once",
@@ -169,7 +236,8 @@ def _sections(p: dict) -> str:
              "Same validation patients, each image changed as a different hospital's acquisition might change it; "
              "specificity and sensitivity at the stored threshold.", "", p["stress_table"]]
     if p.get("validity_report"):
-        parts += ["", "## Input-validity gate (written by the training run, `validity.md`)", "", p["validity_report"]]
+        source = "`training.gate`, above" if p.get("gate_command") else "the training run, `validity.md`"
+        parts += ["", f"## Input-validity gate (written by {source})", "", p["validity_report"]]
     if p.get("crossval_summary"):
         parts += ["", f"## Cross-validation of the recipe (`{p['crossval_run']}/summary.md`)", "", p["crossval_summary"]]
     return "\n".join(parts) + "\n"

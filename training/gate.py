@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from models_registry import RegistryError, load_model, promote, save_model
     from training.data import load_splits, run_split
+    from training.train import code_version
+
+    started_at = code_version()  # the code that fits, not whatever the tree holds when it is done
 
     tag = None
     try:
@@ -287,12 +290,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise RegistryError(f"{tag} was saved, not promoted: {exc}") from None
             print(f"promoted {tag} to production")
         if args.json:  # what `training.export --regate` ships: the new version, and how it was made
-            from training.train import code_version
-
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({
                 "model": tag, "source": model.tag, "command": "python -m training.gate " + " ".join(argv or sys.argv[1:]),
-                "code_version": code_version(), "config": fitted.config.model_dump(mode="json")}, indent=2))
+                "code_version": started_at, "config": fitted.config.model_dump(mode="json")}, indent=2))
     except (RegistryError, DataFolderError, OSError, ValueError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
