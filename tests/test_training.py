@@ -254,6 +254,11 @@ def ships_a_regated_model(tmp_path: Path, data_dir: Path, shipped: Path, env: di
                              str(data_dir), "--json", str(gate_json)], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert fitted.returncode == 0, fitted.stderr[-2000:]
+    measured = subprocess.run([sys.executable, "-m", "training.gate", "--model", before["model_tag"], "--data-dir",
+                               str(data_dir), "--measure-only"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)  # the old gate on today's negatives: figures only, no version saved
+    assert measured.returncode == 0 and "| X-rays tiled 2 x 2 |" in measured.stdout, measured.stderr[-2000:]
+    assert "saved" not in measured.stdout and "validation X-rays" not in measured.stdout
     regate = [sys.executable, "-m", "training.export", "--out", str(shipped), "--allow-dirty", "--regate"]
     recalibrated = subprocess.run(
         [sys.executable, "-c", "import sys\nfrom models_registry.store import derive_model\n"

@@ -231,10 +231,13 @@ def format_report(report: dict, config: ValidityConfig) -> str:
              f"{config.outlier_limit:.3f} is not a chest X-ray; upright probability < {config.orientation_limit:.4f} "
              "is inverted / rotated / cropped"
              + (f"; partial-view probability > {config.partial_limit:.4f} is cropped (a part, or several side by side)"
-                if config.partial_limit is not None else ""), "",
-             "| images | n | refused | share | by reason |", "| --- | ---: | ---: | ---: | --- |"]
+                if config.partial_limit is not None else "")]
+    if "validation_clean" in report:
+        lines += ["", "| images | n | refused | share | by reason |", "| --- | ---: | ---: | ---: | --- |"]
     for key, label in (("validation_clean", "validation X-rays, clean (held-out patients)"),
                        ("validation_stressed", "validation X-rays, stressed (acquisition changes)")):
+        if key not in report:  # --measure-only: the negatives alone
+            continue
         r = report[key]
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["by_reason"].items())) or "-"
         lines.append(f"| {label} | {r['n']} | {r['refused']} | {r['rate']:.2%} | {reasons} |")
@@ -254,6 +257,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-refusals", type=bounded(float, 0, 1, low_open=True, high_open=True), default=0.01, help="share of stressed validation X-rays the outlier and orientation checks refuse (half each); the "
                    "partial-view check adds up to a quarter of it")
     p.add_argument("--promote", action="store_true", help="promote the new version to production")
+    p.add_argument("--measure-only", action="store_true", help="fit nothing: measure the model's own gate on today's "
+                   "offline negatives (what an older gate catches of kinds added since), and save no version")
     p.add_argument("--json", type=output_file, default=None, help="also write the figures here")
     p.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads (0: all cores)")
     return p
@@ -275,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.model)
         train_samples, val_samples = run_split(args.data_dir.resolve(), model.card.training_config, model.tag,
                                                model.card.data_fingerprint)
+        if args.measure_only:
+            if model.gate is None:
+                raise ValueError(f"{model.tag} has no validity gate to measure")
+            runner = WithFeatures(copy.deepcopy(model.module).cpu().eval()).eval()
+            caught = measure_catch(model.gate, runner, model.card.preprocess, [s.path for s in val_samples][::7])
+            print(format_report({"negatives": caught}, model.gate.config))
+            return 0
         # The split the model was trained on: without the images its run dropped as unreadable, if it dropped any.
         train, val = load_splits([train_samples, val_samples], model.card.preprocess, progress=sys.stderr.isatty(),
                                  skip_bad=bool(model.card.training_config.get("skip_bad_images")),
