@@ -322,3 +322,19 @@ def test_an_upload_abandoned_mid_body_leaves_no_call_in_flight(server: ServerPro
         if record.get("logger") == "pneumonia.request" and record.get("status") == 499:
             gone.append(record)
     assert len(gone) >= 3 and all(r["request_bytes"] >= len(part) // 2 for r in gone[-3:]), gone[-3:]
+
+
+def test_a_file_part_named_only_by_rfc_5987_filename_star_is_a_file(server: ServerProcess) -> None:
+    """A helper's find: python-multipart's header parser drops `filename*=UTF-8''...`, so a file part that gave only
+    that name was refused as a text value (400 not_a_file)."""
+    from serving.http.multipart import _extended_filename
+
+    assert _extended_filename(b"form-data; name=\"images\"; filename*=UTF-8''r%C3%B6ntgen.jpeg") == "röntgen.jpeg".encode()
+    assert _extended_filename(b'form-data; name="images"') is None
+    data = sample_xrays(1, offset=71)[0].read_bytes()
+    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"images\"; filename*=UTF-8''r%C3%B6ntgen.jpeg\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + data + b"\r\n--XyZ--\r\n")
+    answer = httpx.post(server.url + "/classify", content=body, timeout=60,
+                        headers={"content-type": "multipart/form-data; boundary=XyZ"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()[0]["status"] == "ok"

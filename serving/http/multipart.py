@@ -11,7 +11,9 @@ a precise 400.
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
+import urllib.parse
 from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -25,6 +27,20 @@ from serving.http.responses import GuardError
 # secrets.token_hex per request read the kernel's random source each time, a visible share of a worker's event loop.
 _BOUNDARY_PREFIX = b"pneumonia-" + secrets.token_hex(12).encode()
 _BOUNDARY_COUNTER = itertools.count()
+
+
+_EXTENDED_FILENAME = re.compile(rb";\s*filename\*\s*=\s*([^;]*)", re.IGNORECASE)
+
+
+def _extended_filename(disposition: bytes | None) -> bytes | None:
+    """The name of an RFC 5987 `filename*=UTF-8''...` parameter (percent-decoded), which python-multipart's
+    parse_options_header drops: a file part that gave only it was refused as text (`not_a_file`)."""
+    match = _EXTENDED_FILENAME.search(disposition or b"")
+    if match is None:
+        return None
+    value = match.group(1).strip().strip(b'"')
+    _, _, encoded = value.partition(b"''")  # charset'language'value
+    return urllib.parse.unquote_to_bytes(encoded or value)
 
 
 class MultipartCanon:
@@ -127,6 +143,8 @@ class MultipartCanon:
         if name != self.field:
             self.unexpected.append(printable(name))
             return
+        if b"filename" not in params and (extended := _extended_filename(disposition)) is not None:
+            params = {**params, b"filename*": extended}  # parse_options_header drops RFC 5987's filename*=
         if b"filename" not in params and b"filename*" not in params:
             raise GuardError(
                 400,
