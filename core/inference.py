@@ -12,7 +12,7 @@ from core.card import ModelCard
 from core.engines import Runner
 from core.model import PneumoniaNet
 from core.preprocess import to_tensor
-from core.validity import ValidityGate, ValidityOutcome, ValidityReason, undo
+from core.validity import ValidityGate, ValidityOutcome, ValidityReason, level_share, undo
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class LoadedModel:
         if self.gate is None:
             return [Assessment(float(p), None, float(z)) for p, z in zip(probabilities, raw)]
         grids = np.asarray(pixels)
-        outcomes = self.gate.assess(features, _spread(grids))
+        outcomes = self.gate.assess(features, _spread(grids), level_share(grids))
         named = self._name_transformations(grids, outcomes)
         return [Assessment(float(p), v, float(z)) for p, v, z in zip(probabilities, named, raw)]
 
@@ -76,7 +76,7 @@ class LoadedModel:
         if not retry:
             return outcomes
         undone = np.stack([undo(grids[i], outcomes[i].suspected) for i in retry])
-        again = self.gate.assess(self.forward(undone)[1], _spread(undone))
+        again = self.gate.assess(self.forward(undone)[1], _spread(undone), level_share(undone))
         outcomes = list(outcomes)
         for i, second in zip(retry, again):
             first = outcomes[i]

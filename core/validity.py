@@ -18,6 +18,9 @@ Three checks, in order:
   features, fitted on training X-rays and their own inverted, rotated and cropped
   versions; the image is refused when its probability of being an upright, whole,
   correctly polarised chest X-ray is below the limit.
+- `not_a_chest_xray` also, before the learned checks: almost every pixel of the grid in a handful of grey levels (a
+  binarised or posterised picture, a DICOM window far too narrow), which the feature checks let through: such an
+  image was called PNEUMONIA with confidence. Gates fitted before 2026-11-28 have no such limit.
 - `cropped` also: a binary logistic regression on the same features, fitted on training X-rays against their own
   partial views (a band of the image: a half, a middle strip) and X-rays side by side or tiled; the image is
   refused when its probability of being such a view is over its own limit. Gates fitted before 2026-11-28 have no
@@ -39,6 +42,13 @@ ValidityReason = Literal["blank", "not_a_chest_xray", "inverted", "rotated", "cr
 # Classes of the orientation head, in the order of its weight rows.
 ORIENTATION_CLASSES: tuple[str, ...] = ("upright", "inverted", "rotated_90", "rotated_180", "rotated_270", "cropped")
 VALIDITY_FILE = "validity.npz"
+LEVELS = 4  # the grey levels `level_share` counts: a binarised image puts ~90 % of its pixels in 2, a chest X-ray ~8 %
+
+
+def level_share(grids: np.ndarray) -> np.ndarray:
+    """Per uint8 grid, the share of its pixels in its `LEVELS` most common grey levels."""
+    flat = np.asarray(grids).reshape(len(grids), -1)
+    return np.array([np.sort(np.bincount(row, minlength=256))[-LEVELS:].sum() / row.size for row in flat])
 
 
 class ValidityConfig(BaseModel):
@@ -53,6 +63,8 @@ class ValidityConfig(BaseModel):
     orientation_limit: float = Field(description="smallest accepted probability of an upright, whole chest X-ray")
     partial_limit: float | None = Field(None, description="largest accepted probability of a part of a chest X-ray "
                                         "or of several side by side; None: no such check (an older gate)")
+    level_share_limit: float | None = Field(None, description="largest accepted share of the grid's pixels in its "
+                                            f"{LEVELS} most common grey levels; None: no such check (an older gate)")
     arrays_sha256: str = ""
     figures: dict = Field(default_factory=dict, description="false refusals and catch rates measured when fitted")
 
@@ -132,7 +144,8 @@ class ValidityGate:
             return torch.zeros(len(features))
         return torch.sigmoid(((features - self.head_mean) / self.head_scale) @ self.partial_weight + self.partial_bias)
 
-    def assess(self, features: torch.Tensor, pixel_std: np.ndarray) -> list[ValidityOutcome]:
+    def assess(self, features: torch.Tensor, pixel_std: np.ndarray,
+               levels: np.ndarray | None = None) -> list[ValidityOutcome]:
         """One outcome per image from its pooled features and the grey-level spread of its input grid.
 
         An image that is not upright is reported by the transformation the head finds most
@@ -151,6 +164,10 @@ class ValidityGate:
             if std < c.blank_std_limit:
                 outcome = ValidityOutcome("blank", score, upright, std,
                                           f"the image is nearly uniform (grey-level spread {std:.1f}, limit {c.blank_std_limit:.1f})")
+            elif c.level_share_limit is not None and levels is not None and levels[i] > c.level_share_limit:
+                # suspected "": nothing to turn back (LoadedModel would re-check it and quote another check)
+                outcome = ValidityOutcome("not_a_chest_xray", score, upright, std,
+                                          FEW_LEVELS.format(levels[i], LEVELS, c.level_share_limit))
             elif score > c.outlier_limit:
                 outcome = ValidityOutcome("not_a_chest_xray", score, upright, std,
                                           self.not_a_chest_xray_message(score, upright), suspected)
@@ -182,6 +199,8 @@ class ValidityGate:
 
 
 NOT_A_CHEST_XRAY = "the image does not look like a frontal chest X-ray (outlier score {:.2f}, limit {:.2f})"
+FEW_LEVELS = ("the image is almost only a few grey levels ({:.0%} of its pixels in {} levels, limit {:.0%}): a "
+              "binarised or posterised picture, or a DICOM window far too narrow; send the X-ray with its grey scale")
 PARTIAL = ("not one whole frontal chest X-ray: it looks like part of one (a band, a half) or several side by side; "
            "send one whole frontal view (probability of a partial or combined view {:.3f}, limit {:.3f})")
 # Refused by the upright/whole check, and still refused when turned back: the outlier score passed, so name the check

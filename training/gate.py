@@ -31,7 +31,7 @@ from sklearn.linear_model import LogisticRegression
 
 from core.model import PneumoniaNet, WithFeatures
 from core.preprocess import InputLimits, PreprocessConfig, prepare, to_tensor
-from core.validity import ORIENTATION_CLASSES, ValidityConfig, ValidityGate
+from core.validity import ORIENTATION_CLASSES, ValidityConfig, ValidityGate, level_share
 from core.cli import bounded, output_file
 from training import one_line
 from training.augment import AugmentConfig, augment_batch
@@ -182,13 +182,15 @@ def fit_gate(module: PneumoniaNet, preprocess: PreprocessConfig, train: LoadedSp
         "outlier_limit": float(max(np.quantile(outlier_s, 1 - budget), np.quantile(outlier_c, 1 - budget / 5))),
         "orientation_limit": float(min(np.quantile(upright_s, budget), np.quantile(upright_c, budget / 5))),
         "partial_limit": float(max(np.quantile(partial_s, 1 - partial_budget), np.quantile(partial_c, 1 - partial_budget / 5))),
+        # Far above every validation X-ray, stressed ones (border padding) included: a fixed margin, not a quantile.
+        "level_share_limit": float(max(0.7, level_share(val_grids).max() + 0.1, level_share(stressed).max() + 0.1)),
     })
     gate.config = config
     arrays = gate.to_bytes()
     gate.config = config = config.model_copy(update={"arrays_sha256": hashlib.sha256(arrays).hexdigest()})
 
     def refusals(grids: np.ndarray, feats: torch.Tensor) -> dict:
-        outcomes = gate.assess(feats, grids.reshape(len(grids), -1).std(axis=1))
+        outcomes = gate.assess(feats, grids.reshape(len(grids), -1).std(axis=1), level_share(grids))
         reasons = collections.Counter(o.reason for o in outcomes if o.reason)
         return {"n": len(outcomes), "refused": sum(reasons.values()), "rate": sum(reasons.values()) / len(outcomes),
                 "by_reason": dict(reasons)}
@@ -212,7 +214,8 @@ def measure_catch(gate: ValidityGate, runner: WithFeatures, preprocess: Preproce
         negative.image.save(buffer, format="PNG")
         grids.append(prepare(buffer.getvalue(), preprocess, limits).pixels)
     stacked = np.stack(grids)
-    outcomes = gate.assess(pooled_features(runner, preprocess, stacked), stacked.reshape(len(stacked), -1).std(axis=1))
+    outcomes = gate.assess(pooled_features(runner, preprocess, stacked), stacked.reshape(len(stacked), -1).std(axis=1),
+                           level_share(stacked))
     by_kind: dict[str, dict] = {}
     for negative, outcome in zip(negatives, outcomes):
         entry = by_kind.setdefault(negative.kind, {"n": 0, "caught": 0, "reasons": collections.Counter()})
@@ -231,7 +234,9 @@ def format_report(report: dict, config: ValidityConfig) -> str:
              f"{config.outlier_limit:.3f} is not a chest X-ray; upright probability < {config.orientation_limit:.4f} "
              "is inverted / rotated / cropped"
              + (f"; partial-view probability > {config.partial_limit:.4f} is cropped (a part, or several side by side)"
-                if config.partial_limit is not None else "")]
+                if config.partial_limit is not None else "")
+             + (f"; more than {config.level_share_limit:.0%} of the pixels in 4 grey levels is not a chest X-ray "
+                "(binarised, posterised)" if config.level_share_limit is not None else "")]
     if "validation_clean" in report:
         lines += ["", "| images | n | refused | share | by reason |", "| --- | ---: | ---: | ---: | --- |"]
     for key, label in (("validation_clean", "validation X-rays, clean (held-out patients)"),

@@ -147,6 +147,18 @@ def partial_xrays(paths: list[Path], config: PreprocessConfig) -> Iterator[Negat
             yield Negative("X-rays tiled 2 x 2", path.name, Image.fromarray(np.block([[grid, others[0]], [others[1], others[2]]])))
 
 
+def tone_xrays(paths: list[Path], config: PreprocessConfig) -> Iterator[Negative]:
+    """Each X-ray once, in turn: binarised at its median grey level, posterised to four levels. No longer an X-ray's
+    grey scale (a DICOM window far too narrow does the same); a helper found them called PNEUMONIA with confidence
+    (2026-11-28)."""
+    for i, path in enumerate(paths):
+        grid = np.asarray(served_grey(path, config))
+        if i % 2 == 0:
+            yield Negative("X-ray binarised", path.name, Image.fromarray(((grid > np.median(grid)) * 255).astype(np.uint8)))
+        else:
+            yield Negative("X-ray posterised (4 levels)", path.name, Image.fromarray((grid // 64 * 85).astype(np.uint8)))
+
+
 def all_negatives(xray_paths: list[Path], config: PreprocessConfig) -> list[Negative]:
     return [*library_images(), *synthetic_images(), *transformed_xrays(xray_paths, config),
-            *partial_xrays(xray_paths, config)]
+            *partial_xrays(xray_paths, config), *tone_xrays(xray_paths, config)]
