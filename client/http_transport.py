@@ -115,6 +115,8 @@ def _transport_error(exc: httpx.HTTPError, url: str) -> ClientError:
 
 def _base_url(url: str | None, tls: TLS | None) -> str:
     """`host:port` as people type it gets the scheme the TLS settings imply (http, or https with `tls`)."""
+    if not url and tls is not None:  # the default server, over TLS: the TLS files say https
+        url = DEFAULT_HTTP_URL.removeprefix("http://")
     url = (url or DEFAULT_HTTP_URL).rstrip("/")
     if tls is not None and url.lower().startswith("http://"):  # the CA and client certificate would go unused
         raise ValueError(f"{redact(url)} is plain HTTP: the TLS files (--ca-file, --cert, --key) need an https:// URL")

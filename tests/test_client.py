@@ -588,3 +588,18 @@ def test_cli_keeps_the_answers_it_has_when_the_rate_limit_stops_it(secured_serve
     limited = [e for e in entries if e.get("reasons") == ["rate_limited"]]
     assert answered and limited and entries[-1] in limited and entries[-1]["sent"] is False, entries
     assert "file(s) not answered" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_tls_files_without_a_url_mean_the_default_server_over_https() -> None:
+    """A reviewer's find: with TLS files and no --url, the default URL (written with http://) was refused as plain
+    HTTP, naming a URL the user never typed; TLS files with an explicit http:// URL are still refused."""
+    import certifi
+
+    from client import connect
+    from client._common import TLS
+
+    tls = TLS(certifi.where())
+    with connect(None, transport="http", tls=tls) as api:
+        assert api.url == "https://127.0.0.1:3000"
+    with pytest.raises(ValueError, match="is plain HTTP"):
+        connect("http://127.0.0.1:3000", transport="http", tls=tls)

@@ -59,7 +59,7 @@ def _export(args: argparse.Namespace) -> int:
     tag = (args.run / "model_tag.txt").read_text().strip()
     model = load_model(tag)
     card = model.card
-    dirty = card.code_version.endswith("-dirty") or card.code_version in ("", "unknown")
+    dirty = _is_dirty(card.code_version)
     if dirty and not args.allow_dirty:
         print(f"error: {tag} was trained from code version {card.code_version or 'unknown'!r} (uncommitted or unknown "
               "changes), so no commit reproduces it; commit, retrain and export again, or pass --allow-dirty",
@@ -118,6 +118,11 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_dirty(code_version: str) -> bool:
+    """Whether no commit reproduces what this code version made (uncommitted changes, or no git checkout)."""
+    return code_version.endswith("-dirty") or code_version in ("", "unknown")
+
+
 def _export_regated(args: argparse.Namespace) -> int:
     """Ship the version `training.gate` saved: the weights, calibration and training provenance of the model shipped
     in --out (refused unless the weights are the same, byte for byte), its new gate and how that was fitted."""
@@ -126,6 +131,10 @@ def _export_regated(args: argparse.Namespace) -> int:
     from training.gate import format_report
 
     fitted = json.loads(args.regate.read_text())
+    missing = [key for key in ("model", "source", "command", "code_version") if key not in fitted]
+    if missing:
+        raise ValueError(f"{args.regate} lacks {', '.join(missing)}: write it with this version of "
+                         "`python -m training.gate ... --json FILE`")
     previous = json.loads((args.out / "provenance.json").read_text())
     model = load_model(fitted["model"])
     card = model.card
@@ -133,7 +142,8 @@ def _export_regated(args: argparse.Namespace) -> int:
             or card.temperature != previous["temperature"]:
         raise ValueError(f"{fitted['model']} is not the shipped model re-gated (its weights or calibration differ "
                          f"from {previous['model_tag']}'s): export a trained model with --run")
-    if card.validity is None or fitted["code_version"].endswith("-dirty") and not args.allow_dirty:
+    gate_dirty = _is_dirty(fitted["code_version"])
+    if card.validity is None or gate_dirty and not args.allow_dirty:
         raise ValueError(f"{fitted['model']} has no gate, or its gate was fitted from uncommitted code "
                          f"({fitted['code_version']}); commit, fit again and export, or pass --allow-dirty")
     archive = args.out / f"{MODEL_NAME}.bentomodel"
@@ -154,6 +164,7 @@ def _export_regated(args: argparse.Namespace) -> int:
             "regated_from": fitted["source"],
             "gate_command": fitted["command"],
             "gate_code_version": fitted["code_version"],
+            "gate_code_dirty": gate_dirty,
             "regate_json": str(args.regate),
         }
         (Path(scratch) / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
@@ -215,7 +226,7 @@ def _regated(p: dict) -> str:
         return ""
     return f"""
 The shipped version `{p['model_tag']}` is `{p['regated_from']}` (the model the commands above made: same weights,
-temperature and threshold) with its input-validity gate fitted again at commit `{p['gate_code_version']}`:
+temperature and threshold) with its input-validity gate fitted again at commit `{p['gate_code_version']}`{' **(uncommitted changes: no commit reproduces this gate)**' if p.get('gate_code_dirty') else ''}:
 
 ```
 {p['gate_command']}
