@@ -378,7 +378,8 @@ class PneumoniaClassifier:
             engine=SETTINGS.engine,
             validity={"mode": SETTINGS.validity.mode, "fitted": card.validity is not None,
                       **({"blank_limit": card.validity.blank_std_limit, "outlier_limit": card.validity.outlier_limit,
-                          "upright_limit": card.validity.orientation_limit} if card.validity else {})},
+                          "upright_limit": card.validity.orientation_limit, "partial_limit": card.validity.partial_limit,
+                          "level_share_limit": card.validity.level_share_limit} if card.validity else {})},
             site_calibration=_site_summary(card.site_calibration),
         )
 

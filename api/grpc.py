@@ -48,7 +48,7 @@ def prediction_message(prediction: Prediction, image: Any) -> Any:
     if prediction.refusal is not None:
         message.refusal.CopyFrom(pb.Refusal(**prediction.refusal.model_dump()))
     if prediction.validity is not None:
-        message.validity.CopyFrom(pb.Validity(**prediction.validity.model_dump()))
+        message.validity.CopyFrom(pb.Validity(**prediction.validity.model_dump(exclude_none=True)))
     if image.HasField("filename"):
         message.filename = image.filename
     if image.HasField("client_id"):
@@ -103,8 +103,10 @@ def prediction_fields(message: Any) -> dict[str, Any]:
         "model": message.model,
         "image": image_info_fields(message.image),
         "refusal": MessageToDict(message.refusal, preserving_proto_field_name=True) if message.HasField("refusal") else None,
-        "validity": MessageToDict(message.validity, preserving_proto_field_name=True,
-                                  always_print_fields_with_no_presence=True) if message.HasField("validity") else None,
+        # the optional checks an older gate lacks are null, as in the HTTP answer
+        "validity": {**dict.fromkeys(("partial_probability", "partial_limit", "level_share", "level_share_limit")),
+                     **MessageToDict(message.validity, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)} if message.HasField("validity") else None,
         "warnings": list(message.warnings),
         "processing_ms": message.processing_ms,
         "batch_size": message.batch_size,
@@ -170,7 +172,7 @@ def model_info_message(info: ModelInfo, max_message_bytes: int) -> Any:
             max_message_bytes=max_message_bytes,
         ),
         engine=info.engine,
-        validity=pb.ValidityGate(**info.validity),
+        validity=pb.ValidityGate(**{k: v for k, v in info.validity.items() if v is not None}),
         site_calibration=site,
     )
 
@@ -185,4 +187,6 @@ def model_info_fields(message: Any) -> dict[str, Any]:
     gate = data.get("validity")
     if isinstance(gate, dict) and not gate.get("fitted"):  # no gate: no limits, as HTTP says it (proto3 sends 0.0)
         data["validity"] = {key: value for key, value in gate.items() if key in ("mode", "fitted")}
+    elif isinstance(gate, dict):  # the checks an older gate lacks: null, as HTTP says it
+        data["validity"] = {**dict.fromkeys(("partial_limit", "level_share_limit")), **gate}
     return data

@@ -65,6 +65,13 @@ class Validity(BaseModel):
     upright_limit: float = Field(description="below it: inverted, rotated or cropped")
     grey_level_spread: float = Field(description="standard deviation of the grey levels (0-255) the model saw")
     blank_limit: float = Field(description="below it: blank")
+    # The checks added on 2026-11-28; null for a model whose gate was fitted before them.
+    partial_probability: float | None = Field(None, description="probability of part of a chest X-ray (a half, a "
+                                              "band) or several side by side; above partial_limit: cropped")
+    partial_limit: float | None = None
+    level_share: float | None = Field(None, description="share of the pixels in the 4 most common grey levels; above "
+                                      "level_share_limit: not a chest X-ray (binarised, posterised)")
+    level_share_limit: float | None = None
 
 
 class Prediction(BaseModel):

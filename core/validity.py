@@ -79,6 +79,8 @@ class ValidityOutcome:
     pixel_std: float
     message: str = ""
     suspected: str = ""  # the likeliest ORIENTATION_CLASSES transformation, when the image is not upright
+    partial_probability: float | None = None  # None: the gate has no partial-view check
+    level_share: float | None = None  # None: not measured (the gate has no grey-level check, or no grids were given)
 
     @property
     def valid(self) -> bool:
@@ -157,28 +159,33 @@ class ValidityGate:
         partial = self.partial(features)
         c = self.config
         outcomes = []
+        has_partial = c.partial_limit is not None and self.partial_weight is not None
         for i in range(len(features)):
             score, probs, std = float(outlier[i]), orientation[i], float(pixel_std[i])
+            figures = {"partial_probability": float(partial[i]) if has_partial else None,
+                       "level_share": float(levels[i]) if levels is not None and c.level_share_limit is not None else None}
             upright = float(probs[0])
             suspected = ORIENTATION_CLASSES[int(probs[1:].argmax()) + 1]
             if std < c.blank_std_limit:
                 outcome = ValidityOutcome("blank", score, upright, std,
-                                          f"the image is nearly uniform (grey-level spread {std:.1f}, limit {c.blank_std_limit:.1f})")
+                                          f"the image is nearly uniform (grey-level spread {std:.1f}, limit {c.blank_std_limit:.1f})",
+                                          **figures)
             elif c.level_share_limit is not None and levels is not None and levels[i] > c.level_share_limit:
                 # suspected "": nothing to turn back (LoadedModel would re-check it and quote another check)
                 outcome = ValidityOutcome("not_a_chest_xray", score, upright, std,
-                                          FEW_LEVELS.format(levels[i], LEVELS, c.level_share_limit))
+                                          FEW_LEVELS.format(levels[i], LEVELS, c.level_share_limit), **figures)
             elif score > c.outlier_limit:
                 outcome = ValidityOutcome("not_a_chest_xray", score, upright, std,
-                                          self.not_a_chest_xray_message(score, upright), suspected)
+                                          self.not_a_chest_xray_message(score, upright), suspected, **figures)
             elif upright < c.orientation_limit:
                 reason: ValidityReason = "inverted" if suspected == "inverted" else "cropped" if suspected == "cropped" else "rotated"
-                outcome = ValidityOutcome(reason, score, upright, std, self.orientation_message(suspected, upright), suspected)
+                outcome = ValidityOutcome(reason, score, upright, std, self.orientation_message(suspected, upright), suspected,
+                                          **figures)
             elif c.partial_limit is not None and float(partial[i]) > c.partial_limit:
                 outcome = ValidityOutcome("cropped", score, upright, std, PARTIAL.format(float(partial[i]), c.partial_limit),
-                                          "cropped")
+                                          "cropped", **figures)
             else:
-                outcome = ValidityOutcome(None, score, upright, std)
+                outcome = ValidityOutcome(None, score, upright, std, **figures)
             outcomes.append(outcome)
         return outcomes
 

@@ -64,10 +64,17 @@ def _validity(assessment: Assessment, card: ModelCard) -> Validity | None:
     outcome, limits = assessment.validity, card.validity
     if outcome is None or limits is None:
         return None
+    def rounded(value: float | None, digits: int) -> float | None:
+        return None if value is None else round(value, digits)
+
     return Validity(outlier_score=round(outcome.outlier_score, 4), outlier_limit=round(limits.outlier_limit, 4),
                     upright_probability=round(outcome.upright_probability, 6),
                     upright_limit=round(limits.orientation_limit, 6),
-                    grey_level_spread=round(outcome.pixel_std, 2), blank_limit=round(limits.blank_std_limit, 2))
+                    grey_level_spread=round(outcome.pixel_std, 2), blank_limit=round(limits.blank_std_limit, 2),
+                    partial_probability=rounded(outcome.partial_probability, 6),
+                    partial_limit=rounded(limits.partial_limit, 6) if outcome.partial_probability is not None else None,
+                    level_share=rounded(outcome.level_share, 4),
+                    level_share_limit=rounded(limits.level_share_limit, 4) if outcome.level_share is not None else None)
 
 
 def answer(item: PreparedImage, assessment: Assessment, card: ModelCard, tag: str,

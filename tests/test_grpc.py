@@ -230,8 +230,10 @@ def test_model_info_matches_http_health(server: ServerProcess, stub: pb_grpc.Cla
     assert info.preprocess.image_size == health["preprocess"]["image_size"]
     assert info.validation_metrics["accuracy"] == pytest.approx(health["validation_metrics"]["accuracy"])
     assert info.engine == health["engine"] and not info.HasField("site_calibration")
-    assert (info.validity.mode, info.validity.fitted, info.validity.outlier_limit, info.validity.upright_limit) == (
-        health["validity"]["mode"], True, health["validity"]["outlier_limit"], health["validity"]["upright_limit"])
+    assert (info.validity.mode, info.validity.fitted, info.validity.outlier_limit, info.validity.upright_limit,
+            info.validity.partial_limit, info.validity.level_share_limit) == (
+        health["validity"]["mode"], True, health["validity"]["outlier_limit"], health["validity"]["upright_limit"],
+        health["validity"]["partial_limit"], health["validity"]["level_share_limit"])
 
 
 def test_grpc_listens_only_on_the_interface_http_was_given(server: ServerProcess) -> None:

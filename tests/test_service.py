@@ -200,7 +200,9 @@ def test_health_and_probes(server: ServerProcess, production_tag: str) -> None:
     assert health["engine"] == "onnxruntime" and health["site_calibration"] is None  # the default engine
     assert health["validity"] == {"mode": "refuse", "fitted": True, "blank_limit": card.validity.blank_std_limit,
                                   "outlier_limit": card.validity.outlier_limit,
-                                  "upright_limit": card.validity.orientation_limit}
+                                  "upright_limit": card.validity.orientation_limit,
+                                  "partial_limit": card.validity.partial_limit,
+                                  "level_share_limit": card.validity.level_share_limit}
     # Uptime counts from the worker's start: it grows by the time between two calls, and never exceeds the
     # time since this test started the server process.
     assert health["uptime_s"] - first["uptime_s"] >= 1.4
