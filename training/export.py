@@ -23,6 +23,7 @@ import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from core.card import MODEL_NAME
-    from models_registry import export_model, load_model
+    from models_registry import load_model
 
     if args.regate is not None:
         return _export_regated(args)
@@ -65,30 +65,17 @@ def _export(args: argparse.Namespace) -> int:
               "changes), so no commit reproduces it; commit, retrain and export again, or pass --allow-dirty",
               file=sys.stderr)
         return 2
-    # Everything is read first and written into a scratch folder beside the target; the files in --out are replaced
-    # only once all are complete, so a failed export (a missing run file, an archive over the limit) leaves the
-    # shipped model and its provenance as they were, matching each other.
+    # Everything is read before anything is written (`_ship`).
     crossval = (args.crossval / "summary.md").read_text() if args.crossval is not None else None
     config = json.loads((args.run / "config.json").read_text())
     metrics = json.loads((args.run / "metrics.json").read_text())
     stress_table = (args.run / "stress.md").read_text().strip()
     validity = args.run / "validity.md"
     args.out.mkdir(parents=True, exist_ok=True)
-    archive = args.out / f"{MODEL_NAME}.bentomodel"
-    with tempfile.TemporaryDirectory(dir=args.out, prefix=".export-") as scratch:
-        staged = Path(scratch) / archive.name
-        if archive.is_file():  # export_model keeps an archive of the same files byte for byte (no churn in git)
-            shutil.copy2(archive, staged)
-        export_model(tag, staged, overwrite=True)
-        size = staged.stat().st_size
-        if size > MAX_BYTES:
-            print(f"error: {archive} would be {size / 1e6:.1f} MB, over the 10 MB limit for the repository; "
-                  "nothing in --out was changed", file=sys.stderr)
-            return 1
-        provenance = {
+    return _ship(tag, args.out, lambda archive, digest, size: {
             "model_tag": tag,
             "archive": archive.name,
-            "archive_sha256": hashlib.sha256(staged.read_bytes()).hexdigest(),
+            "archive_sha256": digest,
             "archive_bytes": size,
             "weights_sha256": card.weights_sha256,
             "command": config.get("command") or args.command,
@@ -109,11 +96,34 @@ def _export(args: argparse.Namespace) -> int:
             "validity_report": validity.read_text().strip() if validity.exists() else None,
             "crossval_summary": crossval.strip() if crossval else None,
             "crossval_run": str(args.crossval) if args.crossval else None,
-        }
-        (Path(scratch) / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        (Path(scratch) / "PROVENANCE.md").write_text(_markdown(provenance))
+    })
+
+
+def _ship(tag: str, out: Path, provenance: Callable[[Path, str, int], dict]) -> int:
+    """Export `tag` and write its provenance (built from the archive's path, sha256 and size) into `out`.
+
+    Everything is written into a scratch folder beside the target first; the files in `out` are replaced only once
+    all are complete, so a failed export (a missing file, an archive over the limit) leaves the shipped model and
+    its provenance as they were, matching each other."""
+    from core.card import MODEL_NAME
+    from models_registry import export_model
+
+    archive = out / f"{MODEL_NAME}.bentomodel"
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
+        staged = Path(scratch) / archive.name
+        if archive.is_file():  # export_model keeps an archive of the same files byte for byte (no churn in git)
+            shutil.copy2(archive, staged)
+        export_model(tag, staged, overwrite=True)
+        size = staged.stat().st_size
+        if size > MAX_BYTES:
+            print(f"error: {archive} would be {size / 1e6:.1f} MB, over the 10 MB limit for the repository; "
+                  "nothing in --out was changed", file=sys.stderr)
+            return 1
+        record = provenance(archive, hashlib.sha256(staged.read_bytes()).hexdigest(), size)
+        (Path(scratch) / "provenance.json").write_text(json.dumps(record, indent=2) + "\n")
+        (Path(scratch) / "PROVENANCE.md").write_text(_markdown(record))
         for name in (archive.name, "provenance.json", "PROVENANCE.md"):
-            os.replace(Path(scratch) / name, args.out / name)
+            os.replace(Path(scratch) / name, out / name)
     print(f"wrote {archive} ({size / 1e6:.1f} MB), provenance.json and PROVENANCE.md")
     return 0
 
@@ -126,8 +136,7 @@ def _is_dirty(code_version: str) -> bool:
 def _export_regated(args: argparse.Namespace) -> int:
     """Ship the version `training.gate` saved: the weights, calibration and training provenance of the model shipped
     in --out (refused unless the weights are the same, byte for byte), its new gate and how that was fitted."""
-    from core.card import MODEL_NAME
-    from models_registry import export_model, load_model
+    from models_registry import load_model
     from training.gate import format_report
 
     fitted = json.loads(args.regate.read_text())
@@ -146,19 +155,10 @@ def _export_regated(args: argparse.Namespace) -> int:
     if card.validity is None or gate_dirty and not args.allow_dirty:
         raise ValueError(f"{fitted['model']} has no gate, or its gate was fitted from uncommitted code "
                          f"({fitted['code_version']}); commit, fit again and export, or pass --allow-dirty")
-    archive = args.out / f"{MODEL_NAME}.bentomodel"
-    with tempfile.TemporaryDirectory(dir=args.out, prefix=".export-") as scratch:
-        staged = Path(scratch) / archive.name
-        export_model(fitted["model"], staged, overwrite=True)
-        size = staged.stat().st_size
-        if size > MAX_BYTES:
-            print(f"error: {archive} would be {size / 1e6:.1f} MB, over the 10 MB limit for the repository; "
-                  "nothing in --out was changed", file=sys.stderr)
-            return 1
-        provenance = {
+    return _ship(fitted["model"], args.out, lambda archive, digest, size: {
             **previous,
             "model_tag": fitted["model"],
-            "archive_sha256": hashlib.sha256(staged.read_bytes()).hexdigest(),
+            "archive_sha256": digest,
             "archive_bytes": size,
             "validity_report": format_report(card.validity.figures, card.validity),
             "regated_from": fitted["source"],
@@ -166,13 +166,7 @@ def _export_regated(args: argparse.Namespace) -> int:
             "gate_code_version": fitted["code_version"],
             "gate_code_dirty": gate_dirty,
             "regate_json": str(args.regate),
-        }
-        (Path(scratch) / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        (Path(scratch) / "PROVENANCE.md").write_text(_markdown(provenance))
-        for name in (archive.name, "provenance.json", "PROVENANCE.md"):
-            os.replace(Path(scratch) / name, args.out / name)
-    print(f"wrote {archive} ({size / 1e6:.1f} MB), provenance.json and PROVENANCE.md")
-    return 0
+    })
 
 
 def _markdown(p: dict) -> str:
