@@ -6,7 +6,7 @@ the registry, a Bento and site calibration carry it. At serving it runs on the f
 batched forward pass that classifies the image, so it costs a few small matrix
 products per batch.
 
-Three checks, in order:
+The checks, in order (the grey-level and partial-view ones since 2026-11-28):
 
 - `blank`: almost no grey-level variation (a black, white or flat upload).
 - `not_a_chest_xray`: the image's features lie far from those of chest X-rays.
