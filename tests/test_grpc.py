@@ -227,12 +227,14 @@ def test_model_info_matches_http_health(server: ServerProcess, stub: pb_grpc.Cla
     assert (info.arch, info.threshold, info.temperature) == (health["arch"], health["threshold"], health["temperature"])
     assert info.limits.max_bytes == health["limits"]["max_bytes"]
     assert info.limits.max_images_per_request == health["limits"]["max_images_per_request"]
-    assert info.batching.max_batch_size == health["batching"]["max_batch_size"] == 32
-    assert info.preprocess.image_size == health["preprocess"]["image_size"]
+    fields = model_info_fields(info)
+    # every field of both sections (a helper: the DICOM window and the dispatcher were HTTP's only)
+    assert fields["batching"] == health["batching"] and health["batching"]["max_batch_size"] == 32
+    assert fields["preprocess"] == health["preprocess"] and "dicom_window" in fields["preprocess"]
     assert info.validation_metrics["accuracy"] == pytest.approx(health["validation_metrics"]["accuracy"])
     assert info.engine == health["engine"] and not info.HasField("site_calibration")
     # every limit, those a gate may lack read back as null (an absent optional field), as HTTP says it
-    assert model_info_fields(info)["validity"] == health["validity"] and health["validity"]["fitted"] is True
+    assert fields["validity"] == health["validity"] and health["validity"]["fitted"] is True
 
 
 def test_grpc_listens_only_on_the_interface_http_was_given(server: ServerProcess) -> None:
