@@ -205,17 +205,23 @@ def encode_request(host: str, image: bytes, path: str = "/classify") -> bytes:
 
 def check_answer(status: int, body: bytes, images: int) -> str | None:
     """None when the answer holds one well-formed prediction per image, else what is wrong."""
+    return read_answer(status, body, images)[0]
+
+
+def read_answer(status: int, body: bytes, images: int) -> tuple[str | None, list[dict]]:
+    """What is wrong with the answer (None: one well-formed prediction per image) and, when nothing is, its
+    predictions: the body is parsed once."""
     if status != 200:
-        return f"HTTP {status}"
+        return f"HTTP {status}", []
     try:
         predictions = json.loads(body)
     except ValueError:
-        return "answer is not JSON"
+        return "answer is not JSON", []
     if not isinstance(predictions, list) or len(predictions) != images:
-        return "wrong number of predictions"
+        return "wrong number of predictions", []
     if any(not well_formed(p) for p in predictions):
-        return "malformed prediction"
-    return None
+        return "malformed prediction", []
+    return None, predictions
 
 
 def check_explanation(status: int, body: bytes) -> str | None:
@@ -343,9 +349,10 @@ async def send_one(connection: Connection, raw: bytes) -> str:
         return type(exc).__name__
     if status != 200:
         return f"http_{status}"
-    if check_answer(status, body, 1) is not None:
+    problem, predictions = read_answer(status, body, 1)
+    if problem is not None:
         return "bad_body"
-    return "refused" if json.loads(body)[0].get("status") == "refused" else "ok"
+    return "refused" if predictions[0].get("status") == "refused" else "ok"
 
 
 async def closed_loop(host: str, port: int, requests: list[bytes], clients: int, seconds: float) -> dict:
