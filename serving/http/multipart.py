@@ -143,9 +143,10 @@ class MultipartCanon:
         if name != self.field:
             self.unexpected.append(printable(name))
             return
-        if b"filename" not in params and (extended := _extended_filename(disposition)) is not None:
-            params = {**params, b"filename*": extended}  # parse_options_header drops RFC 5987's filename*=
-        if b"filename" not in params and b"filename*" not in params:
+        filename = params.get(b"filename")
+        if filename is None:  # parse_options_header drops RFC 5987's filename*=: read from the header itself
+            filename = _extended_filename(disposition)
+        if filename is None:
             raise GuardError(
                 400,
                 "not_a_file",
@@ -157,7 +158,7 @@ class MultipartCanon:
                        f"more than {self.max_files} images in one request; the limit is {self.max_files}")
             REJECTED.labels(reason="too_many_images").inc()  # as gRPC counts it (service.prepare_images)
             raise GuardError(400, "too_many_images", message, (self.field_name,))
-        self.file_names.append(printable(params.get(b"filename", params.get(b"filename*", b""))))
+        self.file_names.append(printable(filename))
         self.out.write(
             b'--%s\r\nContent-Disposition: form-data; name="%s"; filename="image-%d"\r\n'
             b"Content-Type: application/octet-stream\r\n\r\n" % (self.boundary, self.field, self.count)
