@@ -11,7 +11,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 
-from api.models import Explanation, ImageInfo, ModelInfo, Prediction
+from api.models import Explanation, ImageInfo, ModelInfo, Prediction, Validity
 
 try:
     from api._proto.pneumonia.v1 import classifier_pb2 as pb
@@ -26,6 +26,11 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "p
 __all__ = ["SERVICE_NAME", "explanation_fields", "explanation_message", "image_info_fields", "image_info_message",
            "model_info_fields", "model_info_message", "pb",
            "pb_grpc", "prediction_fields", "prediction_message"]
+
+# The Validity fields a gate fitted before 2026-11-28 lacks (optional proto fields: absent on the wire, null over
+# HTTP), and the limits among them, which GetModelInfo's gate section carries.
+OPTIONAL_VALIDITY = tuple(name for name, field in Validity.model_fields.items() if not field.is_required())
+OPTIONAL_GATE_LIMITS = tuple(name for name in OPTIONAL_VALIDITY if name.endswith("_limit"))
 
 
 def prediction_message(prediction: Prediction, image: Any) -> Any:
@@ -104,7 +109,7 @@ def prediction_fields(message: Any) -> dict[str, Any]:
         "image": image_info_fields(message.image),
         "refusal": MessageToDict(message.refusal, preserving_proto_field_name=True) if message.HasField("refusal") else None,
         # the optional checks an older gate lacks are null, as in the HTTP answer
-        "validity": {**dict.fromkeys(("partial_probability", "partial_limit", "level_share", "level_share_limit")),
+        "validity": {**dict.fromkeys(OPTIONAL_VALIDITY),
                      **MessageToDict(message.validity, preserving_proto_field_name=True,
                                      always_print_fields_with_no_presence=True)} if message.HasField("validity") else None,
         "warnings": list(message.warnings),
@@ -190,5 +195,5 @@ def model_info_fields(message: Any) -> dict[str, Any]:
     if isinstance(gate, dict) and not gate.get("fitted"):  # no gate: no limits, as HTTP says it (proto3 sends 0.0)
         data["validity"] = {key: value for key, value in gate.items() if key in ("mode", "fitted")}
     elif isinstance(gate, dict):  # the checks an older gate lacks: null, as HTTP says it
-        data["validity"] = {**dict.fromkeys(("partial_limit", "level_share_limit")), **gate}
+        data["validity"] = {**dict.fromkeys(OPTIONAL_GATE_LIMITS), **gate}
     return data

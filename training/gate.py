@@ -51,6 +51,11 @@ class GateFit:
     report: dict = field(default_factory=dict)
 
 
+def feature_runner(module: PneumoniaNet) -> WithFeatures:
+    """A CPU copy of `module` that also returns the gate's pooled features (the caller's module is left as it is)."""
+    return WithFeatures(copy.deepcopy(module).cpu().eval()).eval()
+
+
 def pooled_features(runner: WithFeatures, preprocess: PreprocessConfig, grids: np.ndarray | torch.Tensor,
                     batch_size: int = 128) -> torch.Tensor:
     """The gate's features (N, D) of uint8 grids, from the classifier's own forward pass."""
@@ -122,7 +127,7 @@ def fit_gate(module: PneumoniaNet, preprocess: PreprocessConfig, train: LoadedSp
     """Fit on `train`; set the limits so that the outlier and orientation checks refuse about `max_refusals` of
     stressed validation X-rays, and the partial-view check up to a quarter of that more."""
     rng = np.random.default_rng(seed)
-    runner = WithFeatures(copy.deepcopy(module).cpu().eval()).eval()
+    runner = feature_runner(module)
     pick = torch.from_numpy(rng.choice(len(train.labels), min(2500, len(train.labels)), replace=False))
     clean = train.pixels[pick]
     acquired = _acquired(clean, seed)
@@ -288,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.measure_only:
             if model.gate is None:
                 raise ValueError(f"{model.tag} has no validity gate to measure")
-            runner = WithFeatures(copy.deepcopy(model.module).cpu().eval()).eval()
-            caught = measure_catch(model.gate, runner, model.card.preprocess, [s.path for s in val_samples][::7])
+            caught = measure_catch(model.gate, feature_runner(model.module), model.card.preprocess,
+                                   [s.path for s in val_samples][::7])
             print(format_report({"negatives": caught}, model.gate.config))
             return 0
         # The split the model was trained on: without the images its run dropped as unreadable, if it dropped any.
