@@ -74,15 +74,15 @@ def _crops(grids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         ch = int(h * rng.uniform(0.3, 0.55))
         cw = min(w, int(w * rng.uniform(0.3, 0.55)))
         y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        part = torch.from_numpy(grids[k, y:y + ch, x:x + cw].astype(np.float32))[None, None]
-        out[k] = F.interpolate(part, size=(h, w), mode="bilinear").clamp(0, 255).round().byte().numpy()[0, 0]
+        out[k] = _squashed(grids[k, y:y + ch, x:x + cw], h, w, antialias=False)  # as the shipped gates were fitted
     return out
 
 
-def _squashed(part: np.ndarray, h: int, w: int) -> np.ndarray:
+def _squashed(part: np.ndarray, h: int, w: int, antialias: bool = True) -> np.ndarray:
     """`part` resized to h x w, as the service resizes any upload to its square grid (bilinear, antialiased as PIL)."""
     tensor = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))[None, None]
-    return F.interpolate(tensor, size=(h, w), mode="bilinear", antialias=True).clamp(0, 255).round().byte().numpy()[0, 0]
+    return (F.interpolate(tensor, size=(h, w), mode="bilinear", antialias=antialias)
+            .clamp(0, 255).round().byte().numpy()[0, 0])
 
 
 def _partial_views(grids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
