@@ -34,7 +34,7 @@ from api.status import REASONS_METADATA_KEY, REQUEST_ID_HEADER, RETRY_AFTER_HEAD
 from core.preprocess import PreparedImage
 from serving import request_log
 from serving.explain import ExplainBusy, shared_slots
-from serving.grpc.interceptors import AUTH, log_call
+from serving.grpc.interceptors import AUTH, ROUTES, log_call
 from settings import ServingSettings
 
 logger = logging.getLogger("pneumonia.grpc")
@@ -88,7 +88,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             prepared = await self.service.prepare_images([image.data for image in images])
             return await asyncio.wait_for(self.service.classify_prepared(prepared), self.settings.timeout_s)
 
-        predictions = await self._answer(context, "/classify", images, work, "classify the images")
+        predictions = await self._answer(context, ROUTES["Classify"], images, work, "classify the images")
         return pb.ClassifyResponse(predictions=[prediction_message(p, image) for p, image in zip(predictions, images)])
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
@@ -106,7 +106,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             finally:
                 slots.release()
 
-        explanation = await self._answer(context, "/explain", [image], work, "explain the image")
+        explanation = await self._answer(context, ROUTES["Explain"], [image], work, "explain the image")
         return explanation_message(explanation, image)
 
     async def _answer(self, context: grpc.aio.ServicerContext, route: str, images: Sequence[Any],
