@@ -144,6 +144,15 @@ def test_unusable_inputs_are_rejected_with_a_reason(data: bytes, reason: str) ->
     assert info.value.reason == reason and info.value.message
 
 
+def test_the_smallest_accepted_side_is_64_px() -> None:
+    """`training.stress --served-side` measured the shipped model's verdicts failing below 64 px (specificity 0.52
+    at 32 px with the gate's refusals counted as answers): a thumbnail is refused, not answered."""
+    with pytest.raises(ImageRejected) as info:
+        prepare(encode(gradient((400, 63)), "PNG"), CONFIG)
+    assert info.value.reason == "too_small" and "at least 64" in info.value.message
+    assert prepare(encode(gradient((400, 64)), "PNG"), CONFIG).width == 400
+
+
 def test_truncated_jpeg_is_corrupt() -> None:
     data = sample_xrays(1)[0].read_bytes()
     with pytest.raises(ImageRejected) as info:
@@ -197,7 +206,7 @@ def test_jpeg_pixels_are_pils_own_at_every_draft_scale() -> None:
     import core.preprocess as preprocess
 
     picture = Image.open(sample_xrays(1)[0]).convert("L")
-    variants = [(picture.resize(size).convert(mode), options) for size in ((40, 48), (224, 224), (450, 300), (999, 1201), (2000, 1800))
+    variants = [(picture.resize(size).convert(mode), options) for size in ((64, 72), (224, 224), (450, 300), (999, 1201), (2000, 1800))
                 for mode in ("L", "RGB") for options in ({}, {"progressive": True}, {"subsampling": 2, "quality": 70},
                                                           {"restart_marker_blocks": 4})]
     pil_only = lambda *args: None  # noqa: E731 - the PIL decode, as before simplejpeg

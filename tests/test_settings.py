@@ -223,12 +223,12 @@ def test_an_unset_or_empty_grpc_host_follows_the_http_host(value: str | None, mo
 
 
 def test_limits_no_image_could_meet_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Found by a helper: PNEUMONIA_LIMITS__MAX_PIXELS=10 (below 32x32, the smallest side squared) started a server
+    """Found by a helper: PNEUMONIA_LIMITS__MAX_PIXELS=10 (below min_side squared) started a server
     that refused every image."""
     message = _settings_error(monkeypatch, PNEUMONIA_LIMITS__MAX_PIXELS="10")
-    assert "max_pixels 10 is below min_side squared (32x32 = 1,024)" in message, message
-    monkeypatch.setenv("PNEUMONIA_LIMITS__MAX_PIXELS", "1024")
-    assert ServingSettings().limits.max_pixels == 1024
+    assert "max_pixels 10 is below min_side squared (64x64 = 4,096)" in message, message
+    monkeypatch.setenv("PNEUMONIA_LIMITS__MAX_PIXELS", "4096")
+    assert ServingSettings().limits.max_pixels == 4096
 
 
 @pytest.mark.parametrize("variables, words", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,32 @@ def test_stresses_start_from_the_pixels_training_decodes_for_every_kind_of_file(
         assert np.array_equal(stressed_grids([path], STRESSES["clean"], config)[0], served), path.name
         darker = stressed_grids([path], STRESSES["darker (x0.75)"], config)[0]
         assert abs(darker.mean() - 0.75 * served.mean()) < 3, (path.name, darker.mean(), served.mean())
+
+
+def test_served_side_rows_score_the_images_sent_small_with_the_gate(production_tag: str) -> None:
+    """`training.stress --served-side`, which set the service's smallest accepted side: an image is sent at that
+    shorter side (aspect kept, never enlarged) and scored with the model's gate."""
+    from models_registry import load_model
+    from training.stress import _smaller, served_side_rows
+
+    paths = sample_xrays(4, offset=21)  # four of each class
+    config = PreprocessConfig()
+    with Image.open(paths[0]) as opened:
+        width, height = opened.size
+    small = stressed_grids([paths[0]], _smaller(48), config)
+    assert small.shape == (1, config.image_size, config.image_size)
+    with Image.open(paths[0]) as opened, Image.open(io.BytesIO(_smaller(48)(opened.convert("L"), None))) as sent:
+        assert min(sent.size) == 48 and abs(sent.size[0] / sent.size[1] - width / height) < 0.05
+    assert np.array_equal(stressed_grids([paths[0]], _smaller(100_000), config), stressed_grids([paths[0]], STRESSES["clean"], config))
+
+    model = load_model(production_tag)
+    labels = np.array([1 if "PNEUMONIA" in str(p) else 0 for p in paths])
+    rows = served_side_rows(model, paths, labels, [32, 100_000])
+    assert [r["side"] for r in rows] == [32, 100_000]
+    full = model.assess(stressed_grids(paths, STRESSES["clean"], config))
+    answered = np.array([a.validity.valid for a in full])
+    assert rows[1]["refused"] == 1 - answered.mean()
+    called = np.array([a.probability >= model.card.threshold for a in full])
+    assert rows[1]["all"]["sensitivity"] == called[labels == 1].mean()
+    assert rows[1]["all"]["specificity"] == (~called[labels == 0]).mean()
+    assert rows[0]["refused"] >= rows[1]["refused"]  # the gate refuses thumbnails more often than the X-rays

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -25,6 +26,9 @@ from core import dicom
 from core.preprocess import InputLimits, PreprocessConfig, prepare
 from core.cli import bounded, output_file
 from training import run_command
+
+if TYPE_CHECKING:
+    from core.inference import LoadedModel
 
 Stress = Callable[[Image.Image, np.random.Generator], bytes]
 
@@ -240,6 +244,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="production", help="'production', a version or a full tag from the model store")
     p.add_argument("--data-dir", type=Path, required=True, help="the folder the model was trained on")
     p.add_argument("--stress", action="append", choices=list(STRESSES), default=None, help="only this stress (repeatable)")
+    p.add_argument("--served-side", action="append", type=bounded(int, 1), default=None, metavar="PX",
+                   help="instead of the stresses: the images served at this shorter side (repeatable), scored with the "
+                        "model's validity gate, below the service's smallest accepted side too")
     p.add_argument("--json", type=output_file, default=None, help="also write the rows here")
     p.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads (0: all cores)")
     return p
@@ -266,6 +273,8 @@ def _stress(args: argparse.Namespace) -> int:
     def logits_of(grids: np.ndarray) -> np.ndarray:
         return model.logits(grids).float().numpy()
 
+    if args.served_side:
+        return _served_sides(model, [s.path for s in val], labels, args)
     logits = stressed_logits(logits_of, [s.path for s in val], model.card.preprocess, args.stress)
     rows = stress_rows(logits, labels, model.card.temperature, model.card.threshold)
     print(f"model {model.tag}: {len(val)} validation images of its run's held-out patients, "
@@ -283,6 +292,55 @@ def _stress(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": model.tag, "n": len(val), "threshold": model.card.threshold,
                                          "rows": rows, "bootstrap_95": intervals}, indent=2) + "\n")
+    return 0
+
+
+def _smaller(side: int) -> Stress:
+    """The image sent at `side` pixels on its shorter side (aspect kept): a thumbnail, a screenshot, an export."""
+
+    def apply(image: Image.Image, rng: np.random.Generator) -> bytes:
+        scale = min(1.0, side / min(image.size))
+        return _png(image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.Resampling.BILINEAR))
+
+    return apply
+
+
+def served_side_rows(model: LoadedModel, paths: list[Path], labels: np.ndarray, sides: list[int]) -> list[dict]:
+    """Per shorter side: the share the validity gate refuses, and ROC-AUC, sensitivity and specificity of every
+    image (as if nothing were refused) and of the answered ones: what sets the service's smallest accepted side."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = []
+    for side in sides:
+        grids = stressed_grids(paths, _smaller(side), model.card.preprocess)
+        assessed = [a for i in range(0, len(grids), 64) for a in model.assess(grids[i:i + 64])]
+        p = np.array([a.probability for a in assessed])
+        answered = np.array([a.validity is None or a.validity.valid for a in assessed])
+        called = p >= model.card.threshold
+        row: dict = {"side": side, "refused": float(1 - answered.mean())}
+        for name, keep in (("all", np.ones_like(answered)), ("answered", answered)):
+            y, c = labels[keep], called[keep]
+            row[name] = {"roc_auc": float(roc_auc_score(y, p[keep])) if len(set(y)) == 2 else None,
+                         "sensitivity": float(c[y == 1].mean()), "specificity": float((~c[y == 0]).mean())}
+        rows.append(row)
+    return rows
+
+
+def _served_sides(model: LoadedModel, paths: list[Path], labels: np.ndarray, args: argparse.Namespace) -> int:
+    rows = served_side_rows(model, paths, labels, args.served_side)
+    print(f"model {model.tag}: {len(paths)} validation images of its run's held-out patients, served small, "
+          f"threshold {model.card.threshold:.4f}\n")
+    print("| shorter side | refused by the gate | all: ROC-AUC, sensitivity / specificity | answered: ROC-AUC, "
+          "sensitivity / specificity |\n| ---: | ---: | --- | --- |")
+    for row in rows:
+        cells = [f"{row[k]['roc_auc']:.4f}, {row[k]['sensitivity']:.3f} / {row[k]['specificity']:.3f}"
+                 for k in ("all", "answered")]
+        print(f"| {row['side']} px | {100 * row['refused']:.1f} % | {cells[0]} | {cells[1]} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": model.tag, "n": len(paths), "threshold": model.card.threshold,
+                                         "served_sides": rows}, indent=2) + "\n")
     return 0
 
 
