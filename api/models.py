@@ -8,7 +8,7 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema, model_validator
 
 
 class DicomInfo(BaseModel):
@@ -96,6 +96,17 @@ class Prediction(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="reasons to double-check this result")
     processing_ms: float = Field(description="server time from upload parsed to result, queueing included")
     batch_size: int = Field(description="images in the forward pass that produced this prediction")
+
+    @model_validator(mode="after")
+    def _verdict_or_refusal(self) -> Prediction:
+        """"ok" carries a verdict and no refusal, "refused" a refusal and no verdict: a client reading an answer
+        that is neither (another server, a proxy) must not take it for one."""
+        verdict = (self.label, self.probability, self.confidence)
+        if self.status == "ok" and (None in verdict or self.refusal is not None):
+            raise ValueError("an 'ok' prediction needs label, probability and confidence, and no refusal")
+        if self.status == "refused" and (self.refusal is None or verdict != (None, None, None)):
+            raise ValueError("a 'refused' prediction needs a refusal, and no label, probability or confidence")
+        return self
 
 
 def _from_base64(value: Any) -> Any:

@@ -33,7 +33,7 @@ from pathlib import Path
 from api.reasons import IMAGE_REASONS
 
 from . import ClassifierClient, connect
-from ._common import MAX_TIMEOUT_S, TLS, file_name, grpc_target, redact
+from ._common import MAX_TIMEOUT_S, TLS, file_name, grpc_target, http_base_url, redact
 from .errors import ClientError, InvalidInput
 from .models import DicomInfo, ImageUpload, ModelInfo, Prediction
 
@@ -160,7 +160,7 @@ def _read(path: Path, client_id: str | None) -> ImageUpload | Unreadable:
     try:
         if not stat.S_ISREG(path.stat().st_mode):
             kind = "a folder" if path.is_dir() else "not a regular file"
-            return Unreadable(f"cannot read {path}: {kind}")
+            return Unreadable(f"cannot read {_shown(path)}: {kind}")
         return ImageUpload(data=path.read_bytes(), filename=file_name(path), client_id=client_id)
     except OSError as exc:
         return Unreadable(f"cannot read {_shown(path)}: {exc.strerror or exc}")
@@ -253,7 +253,7 @@ def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
         try:
             answers = iter(classify_each(api, uploads) if uploads else [])
         except ClientError as failed:
-            if not results:
+            if not results and not args.json:  # one line says it; --json gives every file its entry instead
                 raise
             answers = iter([NotSent(failed)] * len(uploads))
         results += [next(answers) if isinstance(u, ImageUpload) else u for u in read]
@@ -286,15 +286,21 @@ def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
     return max([error.exit_code for _, error in failed] + [InvalidInput.exit_code for _ in refused[:1]], default=0)
 
 
-def _error_entry(path: str, client_id: str | None, error: ClientError) -> dict[str, object]:
-    """A file's `--json` entry when it has no prediction: `status` is "error" (a prediction's is "ok" or
-    "refused"); the server's answer is in `http_status` (a number) or `grpc_status` (a code name). `filename` is the
-    name the file is sent under, `path` the file as given (as in a prediction's entry)."""
+def _failure(error: ClientError) -> dict[str, object]:
+    """A failed call as `--json` prints it: `status` is "error"; the server's answer is in `http_status` (a number)
+    or `grpc_status` (a code name), both null when none came."""
     status = error.status
-    return {"filename": file_name(path), "path": path, "client_id": client_id, "status": "error",
-            "error": _own_message(error.message),
-            "reasons": list(error.reasons), "http_status": status if isinstance(status, int) else None,
+    return {"status": "error", "error": _own_message(error.message), "reasons": list(error.reasons),
+            "http_status": status if isinstance(status, int) else None,
             "grpc_status": status if isinstance(status, str) else None,
+            "retry_after_s": error.retry_after_s}
+
+
+def _error_entry(path: str, client_id: str | None, error: ClientError) -> dict[str, object]:
+    """A file's `--json` entry when it has no prediction (`_failure`; a prediction's `status` is "ok" or
+    "refused"). `filename` is the name the file is sent under, `path` the file as given (as in a prediction's
+    entry), `sent` whether it reached the server."""
+    return {"filename": file_name(path), "path": path, "client_id": client_id, **_failure(error),
             "sent": not isinstance(error, (NotSent, Unreadable))}
 
 
@@ -323,10 +329,16 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"error: cannot replace {target}: {exc.strerror or exc}", file=sys.stderr)
             return 2
-    if isinstance(upload, Unreadable):
-        print(f"error: {upload}", file=sys.stderr)
-        return upload.exit_code
-    explanation = api.explain(upload)
+    try:
+        if isinstance(upload, Unreadable):
+            raise upload
+        explanation = api.explain(upload)
+    except ClientError as failed:  # named by its path, as classify names a file it refuses
+        if args.json:
+            print(json.dumps(_error_entry(_shown(args.image), None, failed), indent=2))
+        said = str(failed) if isinstance(failed, Unreadable) else f"{_shown(args.image)}: {_own_message(str(failed))}"
+        print(f"error: {said}", file=sys.stderr)
+        return failed.exit_code
     heatmap = explanation.heatmap
     try:
         if heatmap is not None and args.out is not None:
@@ -385,21 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{len(args.client_id)} --client-id for {len(args.images)} images; give one per image or none")
     url = args.url or os.environ.get("PNEUMONIA_GRPC_URL" if args.grpc else "PNEUMONIA_URL")
     if url:
-        from urllib.parse import urlsplit
-
         url = url.strip()
-        try:  # a port out of range would otherwise surface as "connection refused"
-            parts = urlsplit(url if "://" in url else f"x://{url}")
-            _ = parts.port
-            if args.grpc:
-                grpc_target(url)
+        secure = bool(args.ca_file or args.cert or args.key)
+        try:  # a port out of range, a typo'd scheme, a query: refused here, not reported as "connection refused"
+            grpc_target(url, secure=secure) if args.grpc else http_base_url(url, secure=secure)
         except ValueError as exc:
-            parser.error(f"argument --url: {redact(url)!r}: {exc}")
-        if args.grpc and "@" in parts.netloc:
-            parser.error(f"argument --url: {redact(url)!r}: a gRPC address takes no user or password "
-                         "(give the key with --api-key)")
-        if not args.grpc and "://" in url and parts.scheme not in ("http", "https"):
-            parser.error(f"argument --url: {redact(url)!r}: use http:// or https:// (or --grpc for a gRPC address)")
+            parser.error(f"argument --url: {exc}")
     try:
         headers = {"x-api-key": args.api_key} if args.api_key else None
         tls = TLS(args.ca_file, args.cert, args.key) if (args.ca_file or args.cert or args.key) else None
@@ -419,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             print(info.model_dump_json(indent=2) if args.json else _format_info(info, api))
             return 0
     except ClientError as exc:
+        if args.json:  # stdout stays JSON for a script, whatever failed
+            print(json.dumps(_failure(exc), indent=2))
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except ValueError as exc:  # a malformed --url, --cert without --key

@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import LIMIT_REASONS, InvalidInput, LimitExceeded
-from .models import ImageUpload
+from .errors import LIMIT_REASONS, InvalidInput, LimitExceeded, ServerError
+from .models import ImageUpload, Prediction
 
 DEFAULT_HTTP_URL = "http://127.0.0.1:3000"
 DEFAULT_GRPC_TARGET = "127.0.0.1:3001"
@@ -54,6 +55,31 @@ def some_images(images: Iterable[ImageInput] | ImageInput) -> list[ImageUpload]:
     if not uploads:
         raise InvalidInput("no images to classify: pass at least one", reasons=("no_images",))
     return uploads
+
+
+def answered(predictions: Sequence[Prediction], uploads: Sequence[ImageUpload], status: str | int) -> list[Prediction]:
+    """The predictions with the names and ids they were sent with, or ServerError unless there is one per image:
+    an answer of another count (a proxy, another server) was zipped short, and gRPC's went on as if whole."""
+    if len(predictions) != len(uploads):
+        raise ServerError(f"{len(predictions)} predictions for {len(uploads)} images", status=status)
+    # Neither API echoes what it was sent by the HTTP transport; attach it here so both transports answer alike.
+    return [p.model_copy(update={"filename": u.filename, "client_id": u.client_id}) for p, u in zip(predictions, uploads)]
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """A Retry-After value in seconds: delta-seconds (ASCII digits; a decimal is taken too) or an HTTP date (the
+    seconds until then, at least 0); None for anything else. At most MAX_TIMEOUT_S: a wait of years is a typo."""
+    from email.utils import parsedate_to_datetime
+    import time
+
+    value = (value or "").strip()
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", value):  # str.isdigit() took '²', which float() refuses
+        return min(float(value), MAX_TIMEOUT_S)
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return min(max(0.0, round(when - time.time(), 3)), MAX_TIMEOUT_S)
 
 
 def checked_timeout(seconds: float) -> float:
@@ -107,12 +133,20 @@ def redact(url: str) -> str:
     return shown if "://" in url else shown.removeprefix("//")
 
 
-def grpc_target(url: str | None) -> str:
-    """'grpc://host:port' or 'host:port' -> 'host:port' (what grpc channels take)."""
+# grpcio's own target syntaxes (a socket, resolved addresses), passed on as they are.
+GRPC_NATIVE_SCHEMES = ("unix:", "unix-abstract:", "ipv4:", "ipv6:")
+
+
+def grpc_target(url: str | None, *, secure: bool = False) -> str:
+    """'grpc://host:port' or 'host:port' -> 'host:port' (what grpc channels take); ValueError for anything else.
+
+    A host without a port is refused over plaintext: grpcio would dial 443, the TLS port, where this service
+    listens on 3001 by default. Over TLS (`secure`) it means 443, as for any TLS service behind a load balancer.
+    """
     if not url:
         return DEFAULT_GRPC_TARGET
     target = url.strip()
-    if target.startswith(("unix:", "unix-abstract:")):  # a socket path: grpcio's own target syntax
+    if target.startswith(GRPC_NATIVE_SCHEMES):
         return target
     for prefix in ("grpc://", "dns:///"):
         if target.startswith(prefix):
@@ -121,7 +155,50 @@ def grpc_target(url: str | None) -> str:
     target = target.rstrip("/")
     if "://" in target or "/" in target or not target:
         raise ValueError(f"{url!r} is not a gRPC address; use host:port or grpc://host:port")
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(f"//{target}")
+    port = _port(parts, url)
+    if not parts.hostname or parts.username is not None or parts.password is not None:
+        raise ValueError(f"{redact(url)!r}: a gRPC address is host:port and takes no user or password (give the "
+                         "key with --api-key)")
+    if port is None and not secure:
+        raise ValueError(f"{url!r} has no port: give host:port (the service's gRPC default is 3001; a host alone "
+                         "means 443, only with TLS)")
     return target
+
+
+def _port(parts: Any, url: str) -> int | None:
+    """The port of split `url`, or ValueError naming the address (out of range, not a number)."""
+    try:
+        return parts.port
+    except ValueError as exc:
+        raise ValueError(f"{redact(url)!r}: {exc}") from None
+
+
+def http_base_url(url: str | None, secure: bool) -> str:
+    """The service's base URL from what people type: `host:port` gets http:// (https:// when `secure`), a
+    trailing slash goes; ValueError for an address with no host (`http:/host`), a query or a fragment, which were
+    pasted into every request's path, or for a scheme other than http(s)."""
+    from urllib.parse import urlsplit
+
+    if not url and secure:  # the default server, over TLS: the TLS files say https
+        url = DEFAULT_HTTP_URL.removeprefix("http://")
+    url = (url or DEFAULT_HTTP_URL).strip().rstrip("/")
+    if "://" not in url and re.match(r"(?i)https?:?/", url):  # `http:/host`, `http//host`: went to the host 'http'
+        raise ValueError(f"{redact(url)!r}: a scheme needs '://' (http://host:port)")
+    url = url if "://" in url else f"{'https' if secure else 'http'}://{url}"
+    parts = urlsplit(url)
+    _port(parts, url)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"{redact(url)!r}: use http:// or https:// (or --grpc for a gRPC address)")
+    if not parts.hostname:
+        raise ValueError(f"{redact(url)!r} names no host; use http://host:port")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ValueError(f"{redact(url)!r}: give the service's address without a query or fragment")
+    if secure and parts.scheme.lower() == "http":  # the CA and client certificate would go unused
+        raise ValueError(f"{redact(url)} is plain HTTP: the TLS files (--ca-file, --cert, --key) need an https:// URL")
+    return url
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
 
 from api.grpc import SERVICE_NAME, explanation_fields, model_info_fields, pb, pb_grpc, prediction_fields
 from api.status import REASONS_METADATA_KEY, RETRY_AFTER_HEADER
-from ._common import (DEFAULT_TIMEOUT_S, TLS, ImageInput, as_uploads, checked_headers, checked_timeout, grpc_target,
-                      some_images)
+from ._common import (DEFAULT_TIMEOUT_S, TLS, ImageInput, answered, as_uploads, checked_headers, checked_timeout,
+                      grpc_target, retry_after_s, some_images)
 from .errors import (
     LIMIT_REASONS,
     AuthenticationError,
@@ -24,6 +25,8 @@ from .errors import (
     Unavailable,
 )
 from .models import Explanation, ImageUpload, ModelInfo, Prediction
+
+T = TypeVar("T")
 
 # Room for the largest request the server accepts by default (64 MiB), both ways.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 * 1024 * 1024), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -44,8 +47,21 @@ def _request(uploads: Sequence[ImageUpload]) -> pb.ClassifyRequest:
     )
 
 
-def _prediction(message: pb.Prediction) -> Prediction:
-    return Prediction.model_validate(prediction_fields(message))
+def _answer(parse: Callable[[Any], T], message: Any, target: str) -> T:
+    """`parse(message)`, or ServerError when the message is not the classifier's answer (another server's, a
+    proxy's): an empty prediction read as "ok" with no label, and crashed the CLI."""
+    try:
+        return parse(message)
+    except ValidationError as exc:
+        raise ServerError(f"the gRPC service at {target} answered with a message that is not the classifier's "
+                          f"answer ({exc.error_count()} invalid field(s)): is the address the service's?",
+                          status="OK") from None
+
+
+def _predictions(response: pb.ClassifyResponse, uploads: Sequence[ImageUpload], target: str) -> list[Prediction]:
+    predictions = [_answer(lambda m: Prediction.model_validate(prediction_fields(m)), p, target)
+                   for p in response.predictions]
+    return answered(predictions, uploads, "OK")
 
 
 def _explain_request(image: ImageInput) -> tuple[pb.ExplainRequest, ImageUpload]:
@@ -56,12 +72,12 @@ def _explain_request(image: ImageInput) -> tuple[pb.ExplainRequest, ImageUpload]
     return pb.ExplainRequest(image=pb.Image(data=u.data, filename=u.filename, client_id=u.client_id)), u
 
 
-def _explanation(message: pb.ExplainResponse) -> Explanation:
-    return Explanation.model_validate(explanation_fields(message))
+def _explanation(message: pb.ExplainResponse, target: str) -> Explanation:
+    return _answer(lambda m: Explanation.model_validate(explanation_fields(m)), message, target)
 
 
-def _model_info(message: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo.model_validate(model_info_fields(message))
+def _model_info(message: pb.ModelInfo, target: str) -> ModelInfo:
+    return _answer(lambda m: ModelInfo.model_validate(model_info_fields(m)), message, target)
 
 
 def _error(exc: grpc.RpcError, target: str) -> ClientError:
@@ -71,7 +87,11 @@ def _error(exc: grpc.RpcError, target: str) -> ClientError:
     reasons = tuple(r for r in str(trailing.get(REASONS_METADATA_KEY, "")).split(",") if r)
     if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
         details = f"cannot reach the gRPC service at {target}: {details}"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = f"no answer from {target} in time ({details})"
     cls = _ERRORS.get(code, ServerError)
+    if code == grpc.StatusCode.UNIMPLEMENTED:  # as HTTP's 404: a gRPC server, but not this classifier
+        details, cls = f"no classifier at {target} ({details}): is it the service's gRPC address?", Unavailable
     if cls is InvalidInput and reasons and reasons[0] in LIMIT_REASONS:
         cls = LimitExceeded
     # grpcio's own limit on calls in flight sends no reason, only its message
@@ -81,8 +101,8 @@ def _error(exc: grpc.RpcError, target: str) -> ClientError:
     # name it as the HTTP API's byte limit does, so that a caller (the CLI) sends fewer images per request
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not reasons and "larger than max" in details:
         reasons = ("request_too_large",)
-    wait = str(trailing.get(RETRY_AFTER_HEADER, ""))
-    return cls(details, status=code.name, reasons=reasons, retry_after_s=float(wait) if wait.isdigit() else None)
+    wait = retry_after_s(str(trailing.get(RETRY_AFTER_HEADER, "")))
+    return cls(details, status=code.name, reasons=reasons, retry_after_s=wait)
 
 
 def _open_channel(api: Any, target: str, credentials: grpc.ChannelCredentials | None) -> Any:
@@ -121,7 +141,7 @@ class GrpcClient:
         credentials: grpc.ChannelCredentials | None = None,
         tls: TLS | None = None,
     ) -> None:
-        self.url = grpc_target(target)
+        self.url = grpc_target(target, secure=credentials is not None or tls is not None)
         self.timeout = checked_timeout(timeout)
         self._metadata = _metadata(headers)
         self._channel = _open_channel(grpc, self.url, _credentials(credentials, tls))
@@ -135,7 +155,7 @@ class GrpcClient:
             response = self._stub.Classify(_request(uploads), timeout=_deadline(timeout, self.timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.url) from None
-        return [_prediction(p) for p in response.predictions]
+        return _predictions(response, uploads, self.url)
 
     def explain(self, image: ImageInput, *, timeout: float | None = None) -> Explanation:
         """One image's prediction (as `classify` gives it) and Grad-CAM heatmap (none when the image is refused)."""
@@ -144,14 +164,14 @@ class GrpcClient:
             response = self._stub.Explain(request, timeout=_deadline(timeout, self.timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.url) from None
-        return _explanation(response)
+        return _explanation(response, self.url)
 
     def model_info(self) -> ModelInfo:
         try:
             response = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.url) from None
-        return _model_info(response)
+        return _model_info(response, self.url)
 
     def ready(self) -> bool:
         """True when the standard health check says SERVING; raises Unavailable when nothing answers."""
@@ -187,7 +207,7 @@ class AsyncGrpcClient:
         credentials: grpc.ChannelCredentials | None = None,
         tls: TLS | None = None,
     ) -> None:
-        self.url = grpc_target(target)
+        self.url = grpc_target(target, secure=credentials is not None or tls is not None)
         self.timeout = checked_timeout(timeout)
         self._metadata = _metadata(headers)
         self._credentials = _credentials(credentials, tls)
@@ -207,7 +227,7 @@ class AsyncGrpcClient:
             response = await stub.Classify(_request(uploads), timeout=_deadline(timeout, self.timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.url) from None
-        return [_prediction(p) for p in response.predictions]
+        return _predictions(response, uploads, self.url)
 
     async def explain(self, image: ImageInput, *, timeout: float | None = None) -> Explanation:
         request, _ = _explain_request(image)
@@ -216,7 +236,7 @@ class AsyncGrpcClient:
             response = await stub.Explain(request, timeout=_deadline(timeout, self.timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.url) from None
-        return _explanation(response)
+        return _explanation(response, self.url)
 
     async def model_info(self) -> ModelInfo:
         stub = pb_grpc.ClassifierStub(self._open())
@@ -224,7 +244,7 @@ class AsyncGrpcClient:
             response = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc, self.url) from None
-        return _model_info(response)
+        return _model_info(response, self.url)
 
     async def ready(self) -> bool:
         stub = health_pb2_grpc.HealthStub(self._open())

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import httpx
 from pydantic import TypeAdapter, ValidationError
 
-from ._common import (DEFAULT_HTTP_URL, DEFAULT_TIMEOUT_S, TLS, ImageInput, as_uploads, checked_headers, checked_timeout,
-                      redact, rejection, some_images)
+from ._common import (DEFAULT_TIMEOUT_S, TLS, ImageInput, answered, as_uploads, checked_headers, checked_timeout,
+                      http_base_url, redact, rejection, retry_after_s, some_images)
 from .errors import (AuthenticationError, ClientError, DeadlineExceeded, InvalidInput, LimitExceeded, RateLimited, ServerError,
                      Unavailable)
 from .models import Explanation, ImageUpload, ModelInfo, Prediction
@@ -34,11 +37,7 @@ def _parsed(response: httpx.Response, parse: Any) -> Any:
 
 def _predictions(response: httpx.Response, uploads: list[ImageUpload]) -> list[Prediction]:
     _raise_for_status(response, uploads)
-    predictions = _parsed(response, _PREDICTIONS.validate_python)
-    if len(predictions) != len(uploads):
-        raise ServerError(f"{len(predictions)} predictions for {len(uploads)} images", status=response.status_code)
-    # The HTTP API does not echo names and ids; attach them here so both transports answer alike.
-    return [p.model_copy(update={"filename": u.filename, "client_id": u.client_id}) for p, u in zip(predictions, uploads)]
+    return answered(_parsed(response, _PREDICTIONS.validate_python), uploads, response.status_code)
 
 
 def _single(image: ImageInput) -> ImageUpload:
@@ -46,6 +45,15 @@ def _single(image: ImageInput) -> ImageUpload:
     if len(uploads) != 1:
         raise ValueError(f"explain takes one image, not {len(uploads)}")
     return uploads[0]
+
+
+def _explain_files(upload: ImageUpload) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("image", (upload.filename or "image", upload.data, "application/octet-stream"))]
+
+
+def _info(response: httpx.Response) -> ModelInfo:
+    _raise_for_status(response)
+    return _parsed(response, ModelInfo.model_validate)
 
 
 def _explanation(response: httpx.Response, upload: ImageUpload) -> Explanation:
@@ -103,29 +111,43 @@ def _ready(response: httpx.Response) -> bool:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "")
-    return float(value) if value.isdigit() else None
+    return retry_after_s(response.headers.get("retry-after"))
+
+
+class _Late(httpx.TimeoutException):
+    """The answer was still arriving at the call's deadline (httpx's own timeouts bound each read, not the call)."""
+
+
+def _late(seconds: float) -> _Late:
+    return _Late(f"the answer was still arriving after {seconds:g} s")
 
 
 def _transport_error(exc: httpx.HTTPError, url: str) -> ClientError:
     if isinstance(exc, httpx.TimeoutException):
-        return DeadlineExceeded(f"no answer from {redact(url)} in time ({type(exc).__name__})")
+        why = str(exc) if isinstance(exc, _Late) else type(exc).__name__
+        return DeadlineExceeded(f"no answer from {redact(url)} in time ({why})")
     return Unavailable(f"cannot reach the service at {redact(url)}: {exc}")
+
+
+def _whole(response: httpx.Response, raw: bytes) -> httpx.Response:
+    """A streamed answer as a read one: its raw bytes, decoded once by the new response as the header says."""
+    return httpx.Response(response.status_code, headers=response.headers, content=raw, request=response.request,
+                          extensions=response.extensions)
 
 
 def _base_url(url: str | None, tls: TLS | None) -> str:
     """`host:port` as people type it gets the scheme the TLS settings imply (http, or https with `tls`)."""
-    if not url and tls is not None:  # the default server, over TLS: the TLS files say https
-        url = DEFAULT_HTTP_URL.removeprefix("http://")
-    url = (url or DEFAULT_HTTP_URL).rstrip("/")
-    if tls is not None and url.lower().startswith("http://"):  # the CA and client certificate would go unused
-        raise ValueError(f"{redact(url)} is plain HTTP: the TLS files (--ca-file, --cert, --key) need an https:// URL")
-    return url if "://" in url else f"{'https' if tls is not None else 'http'}://{url}"
+    return http_base_url(url, secure=tls is not None)
 
 
 class HttpClient:
     """Synchronous HTTP client. `headers` go with every request (e.g. credentials); `tls` for https:// servers
-    signed by a private CA or requiring a client certificate."""
+    signed by a private CA or requiring a client certificate.
+
+    `timeout` bounds each call: connecting, sending and each wait for the answer, and the answer as a whole, which a
+    server sending it a byte at a time once stretched without end. It is checked between the answer's chunks, so a
+    call ends within `timeout` of its start, or one read's wait (`timeout`) later when the server stalls mid-answer.
+    """
 
     transport = "http"
 
@@ -134,19 +156,30 @@ class HttpClient:
         tls: TLS | None = None,
     ) -> None:
         self.url = _base_url(url, tls)
+        self.timeout = checked_timeout(timeout)
         verify = tls.ssl_context() if tls is not None else True
-        self._http = httpx.Client(base_url=self.url, timeout=checked_timeout(timeout), headers=checked_headers(headers),
+        self._http = httpx.Client(base_url=self.url, timeout=self.timeout, headers=checked_headers(headers),
                                   verify=verify)
+
+    def _call(self, method: str, path: str, timeout: float | None = None, **send: Any) -> httpx.Response:
+        """One request, its answer read whole before the deadline, or the transport's ClientError."""
+        limit = self.timeout if timeout is None else checked_timeout(timeout)
+        deadline = time.monotonic() + limit
+        try:
+            with self._http.stream(method, path, timeout=limit, **send) as response:
+                chunks = []
+                for chunk in response.iter_raw():
+                    chunks.append(chunk)
+                    if time.monotonic() > deadline:
+                        raise _late(limit)
+                return _whole(response, b"".join(chunks))
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.url) from None
 
     def classify(self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None) -> list[Prediction]:
         """One prediction per image, in order."""
         uploads = some_images(images)
-        extra = {} if timeout is None else {"timeout": checked_timeout(timeout)}
-        try:
-            response = self._http.post("/classify", files=_files(uploads), **extra)
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.url) from None
-        return _predictions(response, uploads)
+        return _predictions(self._call("POST", "/classify", timeout, files=_files(uploads)), uploads)
 
     def explain(self, image: ImageInput, *, timeout: float | None = None) -> Explanation:
         """One image's prediction (as `classify` gives it) and Grad-CAM heatmap (none when the image is refused).
@@ -154,30 +187,15 @@ class HttpClient:
         Raises `Unavailable` (with `retry_after_s`) when the server is computing as many explanations as it allows.
         """
         upload = _single(image)
-        extra = {} if timeout is None else {"timeout": checked_timeout(timeout)}
-        files = [("image", (upload.filename or "image", upload.data, "application/octet-stream"))]
-        try:
-            response = self._http.post("/explain", files=files, **extra)
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.url) from None
-        return _explanation(response, upload)
+        return _explanation(self._call("POST", "/explain", timeout, files=_explain_files(upload)), upload)
 
     def model_info(self) -> ModelInfo:
-        try:
-            response = self._http.post("/health", json={})
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.url) from None
-        _raise_for_status(response)
-        return _parsed(response, ModelInfo.model_validate)
+        return _info(self._call("POST", "/health", json={}))
 
     def ready(self) -> bool:
         """True once the model is loaded and warm, False while it loads; raises Unavailable when the server cannot
         be reached, and a ClientError when what answers is not this service (a 404 for a URL with a path)."""
-        try:
-            response = self._http.get("/readyz")
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.url) from None
-        return _ready(response)
+        return _ready(self._call("GET", "/readyz"))
 
     def close(self) -> None:
         self._http.close()
@@ -190,7 +208,7 @@ class HttpClient:
 
 
 class AsyncHttpClient:
-    """The asyncio twin of HttpClient."""
+    """The asyncio twin of HttpClient; its `timeout` bounds each call exactly (asyncio.timeout)."""
 
     transport = "http"
 
@@ -199,45 +217,37 @@ class AsyncHttpClient:
         tls: TLS | None = None,
     ) -> None:
         self.url = _base_url(url, tls)
+        self.timeout = checked_timeout(timeout)
         verify = tls.ssl_context() if tls is not None else True
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=checked_timeout(timeout),
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=self.timeout,
                                        headers=checked_headers(headers), verify=verify)
+
+    async def _call(self, method: str, path: str, timeout: float | None = None, **send: Any) -> httpx.Response:
+        limit = self.timeout if timeout is None else checked_timeout(timeout)
+        try:
+            async with asyncio.timeout(limit):
+                async with self._http.stream(method, path, timeout=limit, **send) as response:
+                    return _whole(response, b"".join([chunk async for chunk in response.aiter_raw()]))
+        except TimeoutError:
+            raise _transport_error(_late(limit), self.url) from None
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.url) from None
 
     async def classify(
         self, images: Iterable[ImageInput] | ImageInput, *, timeout: float | None = None
     ) -> list[Prediction]:
         uploads = some_images(images)
-        extra = {} if timeout is None else {"timeout": checked_timeout(timeout)}
-        try:
-            response = await self._http.post("/classify", files=_files(uploads), **extra)
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.url) from None
-        return _predictions(response, uploads)
+        return _predictions(await self._call("POST", "/classify", timeout, files=_files(uploads)), uploads)
 
     async def explain(self, image: ImageInput, *, timeout: float | None = None) -> Explanation:
         upload = _single(image)
-        extra = {} if timeout is None else {"timeout": checked_timeout(timeout)}
-        files = [("image", (upload.filename or "image", upload.data, "application/octet-stream"))]
-        try:
-            response = await self._http.post("/explain", files=files, **extra)
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.url) from None
-        return _explanation(response, upload)
+        return _explanation(await self._call("POST", "/explain", timeout, files=_explain_files(upload)), upload)
 
     async def model_info(self) -> ModelInfo:
-        try:
-            response = await self._http.post("/health", json={})
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.url) from None
-        _raise_for_status(response)
-        return _parsed(response, ModelInfo.model_validate)
+        return _info(await self._call("POST", "/health", json={}))
 
     async def ready(self) -> bool:
-        try:
-            response = await self._http.get("/readyz")
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.url) from None
-        return _ready(response)
+        return _ready(await self._call("GET", "/readyz"))
 
     async def close(self) -> None:
         await self._http.aclose()

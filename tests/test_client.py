@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -320,9 +323,14 @@ def test_grpc_targets_as_grpcio_takes_them() -> None:
 
     assert grpc_target("grpc://host:3001/") == grpc_target("host:3001/") == grpc_target(" dns:///host:3001") == "host:3001"
     assert grpc_target("unix:/run/pneumonia.sock") == "unix:/run/pneumonia.sock"  # a review's find: refused
+    assert grpc_target("ipv4:127.0.0.1:3001") == "ipv4:127.0.0.1:3001"  # a helper's find: the CLI refused it
     assert grpc_target("[::1]:3001") == "[::1]:3001"
+    assert grpc_target("classifier.example", secure=True) == "classifier.example"  # 443, over TLS only
     for bad in ("grpc://", "http://host:3001", "host:3001/v1"):
         with pytest.raises(ValueError, match="not a gRPC address"):
+            grpc_target(bad)
+    for bad in ("host", "host:"):
+        with pytest.raises(ValueError, match="has no port"):
             grpc_target(bad)
 
 
@@ -603,3 +611,149 @@ def test_tls_files_without_a_url_mean_the_default_server_over_https() -> None:
         assert api.url == "https://127.0.0.1:3000"
     with pytest.raises(ValueError, match="is plain HTTP"):
         connect("http://127.0.0.1:3000", transport="http", tls=tls)
+
+
+def _dripping(total: int, every_s: float):  # -> a ThreadingHTTPServer to serve
+    """A server that answers 200 with a `total`-byte body, one byte every `every_s`: each read is quick, the answer
+    as a whole is not. The client's deadline is under test."""
+    import http.server
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(total))
+            self.end_headers()
+            try:
+                for _ in range(total):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(every_s)
+            except OSError:  # the client gave up
+                pass
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+
+
+def test_the_http_timeout_bounds_the_whole_answer_not_each_read(tmp_path: Path) -> None:
+    """Found by a helper: httpx's timeout bounds each read, so a server sending its answer a byte at a time held the
+    client (and the CLI's --timeout 3) for ever. The drip here would take 12 s; the call must end at its deadline."""
+    from client import DeadlineExceeded, connect_async
+    from tests.stubs import serving
+
+    image = sample_xrays(1, offset=66)[0]
+    with serving(_dripping(240, 0.05)) as url:
+        with connect(url, timeout=1.0) as api:
+            with pytest.raises(DeadlineExceeded, match="still arriving after 1 s"):
+                api.classify([image])
+
+        async def call() -> None:
+            async with connect_async(url, timeout=1.0) as api:
+                await api.classify([image])
+
+        with pytest.raises(DeadlineExceeded):
+            asyncio.run(call())
+        cli = _cli("classify", str(image), "--url", url, "--timeout", "1", "--json")
+        assert cli.returncode == 4 and "in time" in cli.stderr, cli.stderr
+        assert json.loads(cli.stdout)[0]["status"] == "error"
+
+
+def test_retry_after_values_as_rfc_9110_allows_them() -> None:
+    """Found by a helper: `Retry-After: ²` passed str.isdigit() and then crashed float(); an HTTP date, which the
+    standard allows, and '1.5' were dropped."""
+    from email.utils import format_datetime
+    from datetime import UTC, datetime, timedelta
+
+    from client._common import MAX_TIMEOUT_S, retry_after_s
+
+    assert retry_after_s("120") == 120.0 and retry_after_s(" 1.5 ") == 1.5
+    for junk in ("²", "abc", "-1", "", None, "1e3"):
+        assert retry_after_s(junk) is None, junk
+    assert retry_after_s("9" * 30) == MAX_TIMEOUT_S
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=90), usegmt=True)
+    assert 80 <= retry_after_s(later) <= 91
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # past: retry now
+
+
+@contextlib.contextmanager
+def _grpc_answering(response: Any) -> Iterator[str]:
+    """A gRPC server whose Classify answers every call with `response`: what another server, or a broken one, may
+    send. The client's checks of it are under test."""
+    from concurrent import futures
+
+    import grpc
+
+    from api.grpc import pb_grpc
+
+    class Answer(pb_grpc.ClassifierServicer):
+        def Classify(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's name
+            return response
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_ClassifierServicer_to_server(Answer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize("predictions", [0, 1])
+def test_grpc_answers_that_are_not_the_classifiers_are_server_errors(predictions: int) -> None:
+    """Found by a helper: a gRPC answer with no predictions for two images came back as an empty list (the CLI then
+    crashed with StopIteration), and an empty Prediction as "ok" with no label (the CLI crashed formatting it).
+    HTTP refused both; gRPC now does too."""
+    from api.grpc import pb
+    from client import ServerError
+
+    images = [sample_xrays(1, offset=67)[0]] * 2
+    response = pb.ClassifyResponse(predictions=[pb.Prediction() for _ in range(predictions)])
+    with _grpc_answering(response) as target:
+        with connect(target, transport="grpc", timeout=10) as api:
+            with pytest.raises(ServerError):
+                api.classify(images)
+        cli = _cli("classify", *map(str, images), "--grpc", "--url", target)
+        assert cli.returncode == 5 and "Traceback" not in cli.stderr, cli.stderr
+
+
+def test_json_output_is_json_whatever_fails(tmp_path: Path) -> None:
+    """Found by a helper: with --json, a first request that failed as a whole (server down), an explain the server
+    refused and a health check of a server that is down printed nothing on stdout; a later failed request printed
+    JSON. A script can now always parse stdout."""
+    image = sample_xrays(1, offset=68)[0]
+    down = f"http://127.0.0.1:{free_port()}"
+    for transport in ("http", "grpc"):
+        flags = ["--grpc", "--url", down.removeprefix("http://")] if transport == "grpc" else ["--url", down]
+        classify = _cli("classify", str(image), str(image), "--json", *flags)
+        entries = json.loads(classify.stdout)
+        assert classify.returncode == 4 and [e["status"] for e in entries] == ["error", "error"], classify.stderr
+        assert entries[0]["path"] == str(image) and entries[0]["sent"] is False
+        explain = _cli("explain", str(image), "--json", *flags)
+        assert explain.returncode == 4 and json.loads(explain.stdout)["status"] == "error", explain.stderr
+        health = _cli("health", "--json", *flags)
+        assert health.returncode == 4 and json.loads(health.stdout)["status"] == "error", health.stderr
+    missing = _cli("explain", str(tmp_path / "nope.png"), "--json", "--url", down)
+    assert missing.returncode == 2 and json.loads(missing.stdout)["sent"] is False, missing.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--url", "http:/127.0.0.1:3000"], "a scheme needs '://'"),
+    (["--url", "http//127.0.0.1:3000"], "a scheme needs '://'"),
+    (["--url", "http://:3000"], "names no host"),
+    (["--url", "http://127.0.0.1:3000?x=1"], "without a query or fragment"),
+    (["--url", "127.0.0.1:3000#top"], "without a query or fragment"),
+    (["--grpc", "--url", "127.0.0.1"], "has no port"),
+    (["--grpc", "--url", "127.0.0.1:"], "has no port"),
+])
+def test_cli_refuses_addresses_that_would_go_elsewhere(args: list[str], words: str) -> None:
+    """Found by a helper: `http:/host` was sent to the host 'http', a query was pasted into every path (405), and a
+    gRPC host without a port dialled 443 in plaintext, each reported as an unreachable server (exit 4)."""
+    done = _cli("health", *args)
+    assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
