@@ -26,7 +26,7 @@ from harness import dicom_files as D
 from harness.paths import ROOT
 from harness.payloads import sample_xrays
 from harness.servers import ServerProcess
-from serving.http.responses import UI_CSP
+from serving.http.responses import DOCS_CSP, UI_CSP
 from tests.conftest import API_KEY
 from tests.images import encode
 
@@ -44,7 +44,9 @@ def test_the_page_is_served_open_with_a_strict_csp_and_only_its_own_files(keyed_
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert page.headers["content-security-policy"] == UI_CSP
     assert "'unsafe-inline'" not in UI_CSP and "http" not in UI_CSP
-    assert httpx.get(keyed_server.url + "/ui", timeout=30).headers.get("location", "").endswith("/ui/")
+    # relative: Starlette's was built from the Host header (a helper's find: a forged one sent the browser there)
+    moved = httpx.get(keyed_server.url + "/ui?x=1", headers={"host": "evil.example"}, timeout=30)
+    assert moved.status_code == 307 and moved.headers["location"] == "ui/?x=1", moved.headers
     references = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     assert set(references) >= {"style.css", "app.js"}
     for reference in references:  # nothing from another origin (no CDN): the page works offline
@@ -464,3 +466,40 @@ def save_screenshot(driver, path: Path) -> None:
     picture = picture.resize((picture.width * 3 // 4, picture.height * 3 // 4), Image.Resampling.LANCZOS)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.quantize(colors=96, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def test_the_docs_page_runs_swagger_but_no_third_party_script(browser, keyed_server: ServerProcess) -> None:
+    """Found by a helper: BentoML's docs page at / carries an inline Google Tag Manager loader. It ran in the
+    service's origin, where a key typed into the web page sits in sessionStorage, and every visit called Google.
+    Swagger UI (its own files) still renders the API; the inline script and every other origin are blocked."""
+    from selenium.webdriver.common.by import By
+
+    page = httpx.get(keyed_server.url + "/", timeout=30)
+    assert page.headers["content-security-policy"] == DOCS_CSP and "googletagmanager" in page.text  # BentoML's page
+    open_page(browser, keyed_server, API_KEY)  # the key in this tab's sessionStorage, as a user leaves it
+    browser.get(keyed_server.url + "/")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock"))  # Swagger UI ran and read the schema
+    assert "/classify" in browser.find_element(By.CSS_SELECTOR, ".swagger-ui").text
+    assert browser.execute_script("return typeof window.google_tag_manager + ' ' + typeof window.dataLayer") == \
+        "undefined undefined"
+    # BentoML's badges (img.shields.io) are refused by the browser itself, not only unreachable from here
+    elsewhere = browser.execute_script("return [...document.images].map(i => i.src).filter(u => !u.startsWith("
+                                       "location.origin + '/') && !u.startsWith('data:'))")
+    refused = " ".join(entry["message"] for entry in browser.get_log("browser"))
+    assert elsewhere and """directive: "img-src 'self' data:". The action has been blocked""" in refused
+    assert "Executing inline script violates the following Content Security Policy directive" in refused
+    assert all(url.split("?")[0] in refused for url in elsewhere), (elsewhere, refused)
+
+
+def test_the_page_reflows_at_320_css_pixels(browser, keyed_server: ServerProcess) -> None:
+    """WCAG 1.4.10 (reflow): found by a helper, the page was 388 px wide in a 320 px viewport (the key field's
+    18rem minimum, the opacity row of a result card) and scrolled sideways."""
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 320, "height": 800, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        open_page(browser, keyed_server, API_KEY)
+        upload(browser, sample_xrays(1, offset=122)[0])
+        width = browser.execute_script("return document.documentElement.clientWidth")  # 320 less a scroll bar
+        assert 280 <= width <= 320 and browser.execute_script("return document.documentElement.scrollWidth") <= width
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

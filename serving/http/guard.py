@@ -40,6 +40,7 @@ from serving.http.body import ClientGone, read_body
 from serving.http.decoding import PREDECODED, Predecoder
 from serving.http.responses import (
     REFUSED,
+    UI_PATH,
     ASGIApp,
     Call,
     GuardError,
@@ -132,6 +133,15 @@ class HttpGuard:
 
     async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         call: Call = scope[_CALL]
+        if scope["path"] == UI_PATH and scope["method"] in ("GET", "HEAD"):
+            # Starlette's own redirect to /ui/ is absolute, built from the Host header: another host for a forged
+            # one, http:// behind a TLS proxy. A relative one stays on the address the browser used, prefix included.
+            query = scope.get("query_string", b"")
+            location = "ui/" + (f"?{query.decode('latin-1')}" if query else "")
+            await send({"type": "http.response.start", "status": 307,
+                        "headers": [(b"location", location.encode("latin-1")), (b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
         headers = Headers(scope=scope)
         field_name = self.upload_routes.get(scope["path"]) if scope["method"] == "POST" else None
         max_files = self.settings.max_images_per_request if field_name is None or field_name.endswith("s") else 1

@@ -23,6 +23,12 @@ UI_PATH = "/ui"  # the web page (serving/ui/), mounted by service.py
 # The page's own files only: no inline script or style, no other origin; heatmaps arrive as data: URLs.
 UI_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
           "form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+# BentoML's docs page (HTML at /): Swagger UI's own files and inline styles, no other origin and no inline script.
+# Its page carries an inline Google Tag Manager loader; run in the service's origin, what that loads could read a
+# key the web page keeps in sessionStorage and call the API with it, and every visit called Google.
+DOCS_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+            "connect-src 'self'; frame-src 'none'; object-src 'none'; form-action 'self'; base-uri 'none'; "
+            "frame-ancestors 'none'")
 
 
 def is_ui(path: str) -> bool:
@@ -191,7 +197,7 @@ class Responder:
         headers["referrer-policy"] = "no-referrer"
         # The docs page (HTML) loads its own scripts; API answers need nothing at all; the web page its own files.
         headers["content-security-policy"] = (
-            UI_CSP if self.ui else "frame-ancestors 'none'" if html else "default-src 'none'; frame-ancestors 'none'"
+            UI_CSP if self.ui else DOCS_CSP if html else "default-src 'none'; frame-ancestors 'none'"
         )
         if self.ui:
             headers["cache-control"] = "no-cache"  # revalidated (ETag): a new version of the page shows at once
