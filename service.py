@@ -49,7 +49,8 @@ from serving.http.decoding import PREDECODED
 from serving.http.traffic_metrics import label_by_route
 from serving.lifecycle import (READINESS, StartupError, available_memory_mib, check_grpc_port, follow_http_host,
                                check_http_port, forget_dead_workers,
-                               http_address, load_settings, memory_warning, warm_up_in_background)
+                               http_address, load_settings, memory_warning, respawn_dead_workers,
+                               warm_up_in_background)
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
 
@@ -239,7 +240,6 @@ class PneumoniaClassifier:
         self.started = time.monotonic()
         self.model: LoadedModel | None = None
         self.explainers: ExplainerPool | None = None
-        self.explain_problem: str | None = None
         torch.set_num_threads(SETTINGS.threads_per_worker())
         # In a thread, so the worker listens (and says 503) while the model loads and warms up; the explainers
         # (a few seconds: Captum's import, a traced copy per explain thread) follow once classify is ready.
@@ -263,8 +263,10 @@ class PneumoniaClassifier:
         try:
             self.explainers = ExplainerPool(self.model, SETTINGS.explain.max_concurrency)
         except Exception as exc:
-            self.explain_problem = f"explanations are unavailable on this server ({type(exc).__name__}: {exc})"
+            EXPLAIN_SLOTS.settle(f"explanations are unavailable on this server ({type(exc).__name__}: {exc}); "
+                                 "classification is not affected")
             raise
+        EXPLAIN_SLOTS.settle()
         logger.info("explainers ready (%d) after %.2f s", SETTINGS.explain.max_concurrency, time.monotonic() - started)
 
     @bentoml.on_deployment
@@ -272,6 +274,7 @@ class PneumoniaClassifier:
         """Once, in the `bentoml serve` process before any worker: a bad model, or a gRPC port that cannot be
         bound, exits 1 with one line. The port is then held by this process until it exits (only this server's
         workers can bind it), and workers that would not fit in memory get a warning."""
+        respawn_dead_workers()  # before BentoML makes the worker watchers (in a container it would not respawn)
         preflight(MODEL_TAG, SETTINGS.engine)
         http_host, http_port = http_address()
         check_http_port(http_host, http_port)
@@ -350,12 +353,9 @@ class PneumoniaClassifier:
 
     async def explain_prepared(self, image: PreparedImage) -> Explanation:
         """The explanation of one validated image, on an explain thread (the caller holds an explain slot)."""
-        deadline = time.monotonic() + SETTINGS.ready_wait_s
-        while self.explainers is None and self.explain_problem is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)  # a worker that just became ready builds its explainers for a few seconds
+        await EXPLAIN_SLOTS.wait_available(SETTINGS.ready_wait_s)  # ExplainUnavailable: the guard and servicer say it
         pool = self.explainers
-        if pool is None:
-            raise ServiceUnavailable(self.explain_problem or "explanations are still loading on this server; retry shortly")
+        assert pool is not None  # settled without a problem: built
         return await EXPLAIN_SLOTS.run(lambda: pool.explain(image, SETTINGS.validity.mode))
 
     def model_info(self) -> ModelInfo:

@@ -72,6 +72,19 @@ class ExplainBusy(Exception):
         return error_body(self.message, [{"type": "explain_busy", "loc": [], "msg": self.message}])
 
 
+class ExplainUnavailable(Exception):
+    """This worker cannot explain: its explainers are still being built (`not_ready`, retry after a few seconds) or
+    failed to build (`explain_unavailable`: no Retry-After, retrying will not help). Said by the HTTP guard as the
+    guard's JSON, since BentoML answers any 5xx an API raises with one generic sentence."""
+
+    def __init__(self, message: str, reason: str, retry_after_s: int | None) -> None:
+        super().__init__(message)
+        self.message, self.reason, self.retry_after_s = message, reason, retry_after_s
+
+    def body(self) -> bytes:
+        return error_body(self.message, [{"type": self.reason, "loc": [], "msg": self.message}])
+
+
 class ExplainSlots:
     """Admission and threads of one worker's explanations (see the module docstring)."""
 
@@ -79,6 +92,8 @@ class ExplainSlots:
         self.settings = settings
         self.capacity = settings.max_concurrency + settings.max_waiting
         self.in_use = 0
+        self.problem: str | None = None  # why this worker's explainers could not be built
+        self._settled = threading.Event()  # built, or failed to build
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="explain",
                                             initializer=_lower_priority, initargs=(settings.nice,))
@@ -94,6 +109,23 @@ class ExplainSlots:
     def release(self) -> None:
         with self._lock:
             self.in_use = max(0, self.in_use - 1)
+
+    def settle(self, problem: str | None = None) -> None:
+        """The explainers are built (`problem` None) or cannot be (`problem` says why): called once per worker."""
+        self.problem = problem
+        self._settled.set()
+
+    async def wait_available(self, wait_s: float) -> None:
+        """Return once the explainers are built; a worker that just became ready builds them for a few seconds, so
+        wait up to `wait_s` for that. Raise `ExplainUnavailable` when they failed, or are still being built then."""
+        deadline = time.monotonic() + wait_s
+        while not self._settled.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.problem is not None:
+            raise ExplainUnavailable(self.problem, "explain_unavailable", None)
+        if not self._settled.is_set():
+            raise ExplainUnavailable("explanations are still loading on this server; retry shortly", "not_ready",
+                                     self.settings.retry_after_s)
 
     async def run(self, work: Callable[[], T]) -> T:
         """Run `work` on one of the explain threads (never the classify batch thread, never the event loop)."""

@@ -77,6 +77,20 @@ _ANY_HOST = {"", "0.0.0.0", "::"}
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
+# Set by BentoML's Docker image; its only effect (bentoml.serving.create_watcher) is that circus does not respawn a
+# dead worker. A helper found a pod of two workers left with one after a crash, its probes still green, its
+# autoscaling signal stuck at the dead worker's in-flight count.
+CONTAINER_MARKER = "BENTOML_CONTAINERIZED"
+
+
+def respawn_dead_workers() -> None:
+    """Let circus replace a dead worker in a container as it does elsewhere: drop BentoML's container marker from
+    this (`bentoml serve`) process before it makes its worker watchers. A replacement is warm in seconds and
+    removes the dead worker's gauges; a pod restart takes longer and drops the survivor's calls too."""
+    if os.environ.pop(CONTAINER_MARKER, None) is not None:
+        logger.info("%s is set (BentoML's image): dead workers are replaced all the same", CONTAINER_MARKER)
+
+
 def http_address() -> tuple[str, int]:
     """The host and port `bentoml serve` binds for HTTP: its --host/--port (or BENTOML_HOST/BENTOML_PORT), else
     BentoML's configured defaults. Read from the running CLI command, as the `on_deployment` hook runs inside it."""

@@ -375,3 +375,43 @@ def test_the_cli_writes_the_overlay_and_the_grid(live: ServerProcess, tmp_path: 
         assert "heatmap: Grad-CAM of" in done.stdout and "not a localisation" in done.stdout
         assert png_size(out.read_bytes()) == (224, 224)
         assert np.array(json.loads(grid.read_text())).shape == (GRID_SIZE, GRID_SIZE)
+
+
+def test_a_server_whose_explainers_fail_says_so_and_still_classifies(production_tag: str, tmp_path: Path) -> None:
+    """Found by a helper: with the explainers failing to build (here Captum fails to import), /explain answered
+    BentoML's "An unexpected error has occurred" 503 with no reason, which the web page read as "busy" and
+    retried. Now: 503 `explain_unavailable` with the cause and no Retry-After (retrying will not help), over
+    HTTP and gRPC, while /classify goes on answering."""
+    import os
+
+    from harness.servers import HANG_S, bentoml_serve, free_port
+
+    broken = tmp_path / "broken" / "captum"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('captum is broken here on purpose')\n")
+    pythonpath = os.pathsep.join(p for p in (str(broken.parent), os.environ.get("PYTHONPATH", "")) if p)
+    server = bentoml_serve("service:PneumoniaClassifier", free_port(), tmp_path / "server.log",
+                           PNEUMONIA_WORKERS="1", PYTHONPATH=pythonpath)
+    xray = sample_xrays(1, offset=130)[0].read_bytes()
+    server.start()
+    try:
+        deadline = time.monotonic() + HANG_S
+        while True:  # `not_ready` (with Retry-After) until the worker has tried to build its explainers
+            answer = explain_http(server.url, xray)
+            if answer.status_code != 503 or answer.json()["detail"][0]["type"] != "not_ready":
+                break
+            assert answer.headers["retry-after"] and time.monotonic() < deadline
+            time.sleep(0.5)
+        assert answer.status_code == 503 and "retry-after" not in answer.headers, answer.headers
+        body = answer.json()
+        assert body["detail"][0]["type"] == "explain_unavailable", body
+        assert "ImportError" in body["error"] and "classification is not affected" in body["error"], body
+        assert classify_http(server.url, xray).status_code == 200
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            with pytest.raises(grpc.RpcError) as failed:
+                pb_grpc.ClassifierStub(channel).Explain(pb.ExplainRequest(image=pb.Image(data=xray)), timeout=120)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and "ImportError" in failed.value.details()
+        trailing = dict(failed.value.trailing_metadata())
+        assert trailing["pneumonia-reject-reasons"] == "explain_unavailable" and "retry-after" not in trailing
+    finally:
+        server.stop()

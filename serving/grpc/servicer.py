@@ -33,7 +33,7 @@ from api.models import Explanation, ModelInfo, Prediction, Refused
 from api.status import REASONS_METADATA_KEY, REQUEST_ID_HEADER, RETRY_AFTER_HEADER, grpc_code_name
 from core.preprocess import PreparedImage
 from serving import request_log
-from serving.explain import ExplainBusy, shared_slots
+from serving.explain import ExplainBusy, ExplainUnavailable, shared_slots
 from serving.grpc.interceptors import AUTH, ROUTES, log_call
 from settings import ServingSettings
 
@@ -131,6 +131,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             status, reasons = 503, ["explain_busy"]
             failure = (grpc.StatusCode.UNAVAILABLE, busy.message,
                        (*trailing, (REASONS_METADATA_KEY, "explain_busy"), (RETRY_AFTER_HEADER, str(busy.retry_after_s))))
+        except ExplainUnavailable as unavailable:
+            status, reasons = 503, [unavailable.reason]
+            wait = () if unavailable.retry_after_s is None else ((RETRY_AFTER_HEADER, str(unavailable.retry_after_s)),)
+            failure = (grpc.StatusCode.UNAVAILABLE, unavailable.message,
+                       (*trailing, (REASONS_METADATA_KEY, unavailable.reason), *wait))
         except TimeoutError:
             status = 504
             message = f"not able to {doing} in {self.settings.timeout_s} seconds"

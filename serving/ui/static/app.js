@@ -231,9 +231,17 @@
     }
     if (status === 429) return `Too many requests from this browser. Wait ${wait} and choose the file again.`;
     if (status === 503) {
-      return reason === "not_ready" || /loading/.test(said)
-        ? `The server is still starting. Wait ${wait} and choose the file again.`
-        : `The server is busy computing other explanations. Wait ${wait} and choose the file again.`;
+      if (reason === "explain_unavailable") {
+        return `This server cannot compute explanations (${said}). Choosing the file again will not help; tell the `
+          + "service's operators.";
+      }
+      if (reason === "not_ready" || /loading/.test(said)) {
+        return `The server is still starting. Wait ${wait} and choose the file again.`;
+      }
+      if (reason === "explain_busy") {
+        return `The server is busy computing other explanations. Wait ${wait} and choose the file again.`;
+      }
+      return `The server cannot answer now${said ? ` (${said})` : ""}. Wait ${wait} and choose the file again.`;
     }
     if (status === 504) return "The server took too long to answer. Choose the file again in a moment.";
     if (status === 400 || status === 415 || status === 422) {
