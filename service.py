@@ -263,8 +263,11 @@ class PneumoniaClassifier:
         try:
             self.explainers = ExplainerPool(self.model, SETTINGS.explain.max_concurrency)
         except Exception as exc:
-            EXPLAIN_SLOTS.settle(f"explanations are unavailable on this server ({type(exc).__name__}: {exc}); "
-                                 "classification is not affected")
+            # The cause goes to the log only: its text may name paths and packages of the server.
+            logger.error("explainers could not be built (%s: %s): /explain answers 503 explain_unavailable",
+                         type(exc).__name__, exc)
+            EXPLAIN_SLOTS.settle("explanations are unavailable in this server process: its explainers failed to "
+                                 "load (the server's log says why); classification is not affected")
             raise
         EXPLAIN_SLOTS.settle()
         logger.info("explainers ready (%d) after %.2f s", SETTINGS.explain.max_concurrency, time.monotonic() - started)

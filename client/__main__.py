@@ -319,23 +319,22 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
     for i, target in enumerate(targets):  # removed below: never the X-ray itself, nor one file for both
         for other, what in ((args.image, "the image"), *((t, "--out") for t in targets[:i])):
             if _same_file(target, other):
-                print(f"error: {'--grid' if target is args.grid else '--out'} {target} is {what}; "
-                      "write the heatmap elsewhere", file=sys.stderr)
-                return 2
+                return _usage_error(args, f"{'--grid' if target is args.grid else '--out'} {target} is {what}; "
+                                          "write the heatmap elsewhere")
     upload = _read(args.image, None)
     for target in targets:
         try:
             _clear(target)
         except OSError as exc:
-            print(f"error: cannot replace {target}: {exc.strerror or exc}", file=sys.stderr)
-            return 2
+            return _usage_error(args, f"cannot replace {target}: {exc.strerror or exc}")
     try:
         if isinstance(upload, Unreadable):
             raise upload
         explanation = api.explain(upload)
     except ClientError as failed:  # named by its path, as classify names a file it refuses
-        if args.json:
-            print(json.dumps(_error_entry(_shown(args.image), None, failed), indent=2))
+        if args.json:  # "sent": false unless the server answered about the file, as classify says it
+            said = failed if isinstance(failed, (InvalidInput, Unreadable)) else NotSent(failed)
+            print(json.dumps(_error_entry(_shown(args.image), None, said), indent=2))
         said = str(failed) if isinstance(failed, Unreadable) else f"{_shown(args.image)}: {_own_message(str(failed))}"
         print(f"error: {said}", file=sys.stderr)
         return failed.exit_code
@@ -346,8 +345,7 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
         if heatmap is not None and args.grid is not None:
             args.grid.write_text(json.dumps(heatmap.grid))
     except OSError as exc:
-        print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return 2
+        return _usage_error(args, f"cannot write {exc.filename}: {exc.strerror}")
     refusal = explanation.prediction.refusal
     if refusal is not None:
         print(f"error: {_shown(args.image)}: refused ({refusal.reason}): {refusal.message}", file=sys.stderr)
@@ -416,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
                 return _classify(api, args)
             ready = api.ready()
             if not ready:
-                print(f"not ready: {redact(api.url)} ({api.transport}) answers but the model is not serving yet", file=sys.stderr)
+                said = f"{redact(api.url)} ({api.transport}) answers but the model is not serving yet"
+                if args.json:
+                    print(json.dumps({"status": "not_ready", "ready": False, "error": said}, indent=2))
+                print(f"not ready: {said}", file=sys.stderr)
                 return 1
             info = api.model_info()
             print(info.model_dump_json(indent=2) if args.json else _format_info(info, api))
@@ -427,13 +428,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except ValueError as exc:  # a malformed --url, --cert without --key
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(args, str(exc))
     except BrokenPipeError:
         raise
     except OSError as exc:  # an unreadable --ca-file, --cert or --key (ssl.SSLError included)
-        print(f"error: cannot use the TLS files: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(args, f"cannot use the TLS files: {exc}")
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> int:
+    """Exit 2 with `message` on stderr, and as JSON on stdout with --json."""
+    if args.json:
+        print(json.dumps({"status": "error", "error": message, "reasons": [], "http_status": None,
+                          "grpc_status": None, "retry_after_s": None}, indent=2))
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def answered(predictions: Sequence[Prediction], uploads: Sequence[ImageUpload], 
     an answer of another count (a proxy, another server) was zipped short, and gRPC's went on as if whole."""
     if len(predictions) != len(uploads):
         raise ServerError(f"{len(predictions)} predictions for {len(uploads)} images", status=status)
-    # Neither API echoes what it was sent by the HTTP transport; attach it here so both transports answer alike.
+    # The HTTP API does not echo them (gRPC does); attached here so that both transports answer alike.
     return [p.model_copy(update={"filename": u.filename, "client_id": u.client_id}) for p, u in zip(predictions, uploads)]
 
 

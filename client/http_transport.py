@@ -144,9 +144,10 @@ class HttpClient:
     """Synchronous HTTP client. `headers` go with every request (e.g. credentials); `tls` for https:// servers
     signed by a private CA or requiring a client certificate.
 
-    `timeout` bounds each call: connecting, sending and each wait for the answer, and the answer as a whole, which a
-    server sending it a byte at a time once stretched without end. It is checked between the answer's chunks, so a
-    call ends within `timeout` of its start, or one read's wait (`timeout`) later when the server stalls mid-answer.
+    `timeout` bounds connecting, each wait while sending (a slow uplink may take longer as a whole: the server is
+    working on a complete request then) and each wait for the answer, and the answer's download as a whole: a
+    server sending it a byte at a time held the client without end. The download is checked between its chunks,
+    so it ends within `timeout` of the answer's start, or one read's wait (`timeout`) later when the server stalls.
     """
 
     transport = "http"
@@ -164,9 +165,9 @@ class HttpClient:
     def _call(self, method: str, path: str, timeout: float | None = None, **send: Any) -> httpx.Response:
         """One request, its answer read whole before the deadline, or the transport's ClientError."""
         limit = self.timeout if timeout is None else checked_timeout(timeout)
-        deadline = time.monotonic() + limit
         try:
             with self._http.stream(method, path, timeout=limit, **send) as response:
+                deadline = time.monotonic() + limit  # for the answer's body, from its headers on
                 chunks = []
                 for chunk in response.iter_raw():
                     chunks.append(chunk)
@@ -208,7 +209,7 @@ class HttpClient:
 
 
 class AsyncHttpClient:
-    """The asyncio twin of HttpClient; its `timeout` bounds each call exactly (asyncio.timeout)."""
+    """The asyncio twin of HttpClient, with the same `timeout`; the answer's download is bounded exactly."""
 
     transport = "http"
 
@@ -225,11 +226,12 @@ class AsyncHttpClient:
     async def _call(self, method: str, path: str, timeout: float | None = None, **send: Any) -> httpx.Response:
         limit = self.timeout if timeout is None else checked_timeout(timeout)
         try:
-            async with asyncio.timeout(limit):
-                async with self._http.stream(method, path, timeout=limit, **send) as response:
-                    return _whole(response, b"".join([chunk async for chunk in response.aiter_raw()]))
-        except TimeoutError:
-            raise _transport_error(_late(limit), self.url) from None
+            async with self._http.stream(method, path, timeout=limit, **send) as response:
+                try:
+                    async with asyncio.timeout(limit):  # the answer's body, from its headers on
+                        return _whole(response, b"".join([chunk async for chunk in response.aiter_raw()]))
+                except TimeoutError:
+                    raise _late(limit) from None
         except httpx.HTTPError as exc:
             raise _transport_error(exc, self.url) from None
 

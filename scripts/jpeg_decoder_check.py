@@ -51,7 +51,7 @@ def same(data: bytes) -> bool:
 def variants(grey: Image.Image) -> Iterator[bytes]:
     rgb = grey.convert("RGB")
     for base in (grey.resize((2048, 2500)), rgb.resize((1500, 1700)), grey.resize((999, 1201)), grey.resize((450, 300)),
-                 rgb.resize((333, 777)), grey.resize((224, 224)), grey.resize((40, 48))):
+                 rgb.resize((333, 777)), grey.resize((224, 224)), grey.resize((64, 72))):
         for options in ({"quality": 95}, {"quality": 50}, {"quality": 90, "progressive": True},
                         {"quality": 90, "subsampling": 2}, {"quality": 90, "restart_marker_blocks": 4},
                         {"quality": 75, "optimize": True}, {"quality": 100}):

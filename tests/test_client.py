@@ -705,21 +705,21 @@ def _grpc_answering(response: Any) -> Iterator[str]:
         server.stop(None)
 
 
-@pytest.mark.parametrize("predictions", [0, 1])
-def test_grpc_answers_that_are_not_the_classifiers_are_server_errors(predictions: int) -> None:
+@pytest.mark.parametrize("images, predictions", [(2, 0), (1, 1)])
+def test_grpc_answers_that_are_not_the_classifiers_are_server_errors(images: int, predictions: int) -> None:
     """Found by a helper: a gRPC answer with no predictions for two images came back as an empty list (the CLI then
     crashed with StopIteration), and an empty Prediction as "ok" with no label (the CLI crashed formatting it).
     HTTP refused both; gRPC now does too."""
     from api.grpc import pb
     from client import ServerError
 
-    images = [sample_xrays(1, offset=67)[0]] * 2
+    files = [sample_xrays(1, offset=67)[0]] * images  # (1, 1): the count is right, the empty Prediction is not
     response = pb.ClassifyResponse(predictions=[pb.Prediction() for _ in range(predictions)])
     with _grpc_answering(response) as target:
         with connect(target, transport="grpc", timeout=10) as api:
             with pytest.raises(ServerError):
-                api.classify(images)
-        cli = _cli("classify", *map(str, images), "--grpc", "--url", target)
+                api.classify(files)
+        cli = _cli("classify", *map(str, files), "--grpc", "--url", target)
         assert cli.returncode == 5 and "Traceback" not in cli.stderr, cli.stderr
 
 
@@ -737,10 +737,13 @@ def test_json_output_is_json_whatever_fails(tmp_path: Path) -> None:
         assert entries[0]["path"] == str(image) and entries[0]["sent"] is False
         explain = _cli("explain", str(image), "--json", *flags)
         assert explain.returncode == 4 and json.loads(explain.stdout)["status"] == "error", explain.stderr
+        assert json.loads(explain.stdout)["sent"] is False
         health = _cli("health", "--json", *flags)
         assert health.returncode == 4 and json.loads(health.stdout)["status"] == "error", health.stderr
     missing = _cli("explain", str(tmp_path / "nope.png"), "--json", "--url", down)
     assert missing.returncode == 2 and json.loads(missing.stdout)["sent"] is False, missing.stderr
+    half_tls = _cli("health", "--json", "--cert", str(image), "--url", down.replace("http:", "https:"))  # after parsing
+    assert half_tls.returncode == 2 and "needs both" in json.loads(half_tls.stdout)["error"], half_tls.stderr
 
 
 @pytest.mark.parametrize("args, words", [
@@ -757,3 +760,50 @@ def test_cli_refuses_addresses_that_would_go_elsewhere(args: list[str], words: s
     gRPC host without a port dialled 443 in plaintext, each reported as an unreachable server (exit 4)."""
     done = _cli("health", *args)
     assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def _slow_reader(chunk: int, pause_s: float):  # -> a ThreadingHTTPServer to serve
+    """A server that reads an upload `chunk` bytes per `pause_s` (a slow uplink, seen from the server), then answers
+    at once: 503 with Retry-After 3. Whether the client reads that answer is under test."""
+    import http.server
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            left = int(self.headers.get("content-length") or 0)
+            while left > 0:
+                left -= len(self.rfile.read(min(chunk, left)))
+                time.sleep(pause_s)
+            body = json.dumps({"error": "busy", "detail": [{"type": "not_ready", "loc": [], "msg": "busy"}]}).encode()
+            self.send_response(503)
+            for name, value in (("content-type", "application/json"), ("retry-after", "3"),
+                                ("content-length", str(len(body)))):
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+
+
+def test_a_slow_upload_still_gets_its_answer() -> None:
+    """A review's find: with the deadline counted from the call's start, a 10 MB upload that took longer than
+    --timeout (each wait shorter) was sent whole, answered, and the answer thrown away as late. The timeout bounds
+    each wait while sending and the answer's download, not the upload as a whole."""
+    from client import Unavailable, connect_async
+    from tests.stubs import serving
+
+    files = [bytes(1024 * 1024)] * 10  # httpx writes each file's bytes in one send: 0.4 s each here
+    with serving(_slow_reader(64 * 1024, 0.025)) as url:  # about 4 s to read them all
+        with connect(url, timeout=1.5) as api:
+            with pytest.raises(Unavailable) as answered:
+                api.classify(files)
+        assert answered.value.retry_after_s == 3.0
+
+        async def call() -> None:
+            async with connect_async(url, timeout=1.5) as api:
+                await api.classify(files)
+
+        with pytest.raises(Unavailable):
+            asyncio.run(call())

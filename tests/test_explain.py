@@ -380,8 +380,8 @@ def test_the_cli_writes_the_overlay_and_the_grid(live: ServerProcess, tmp_path: 
 def test_a_server_whose_explainers_fail_says_so_and_still_classifies(production_tag: str, tmp_path: Path) -> None:
     """Found by a helper: with the explainers failing to build (here Captum fails to import), /explain answered
     BentoML's "An unexpected error has occurred" 503 with no reason, which the web page read as "busy" and
-    retried. Now: 503 `explain_unavailable` with the cause and no Retry-After (retrying will not help), over
-    HTTP and gRPC, while /classify goes on answering."""
+    retried. Now: 503 `explain_unavailable` and no Retry-After, over HTTP and gRPC (the cause in the server's
+    log only), while /classify goes on answering."""
     import os
 
     from harness.servers import HANG_S, bentoml_serve, free_port
@@ -405,12 +405,13 @@ def test_a_server_whose_explainers_fail_says_so_and_still_classifies(production_
         assert answer.status_code == 503 and "retry-after" not in answer.headers, answer.headers
         body = answer.json()
         assert body["detail"][0]["type"] == "explain_unavailable", body
-        assert "ImportError" in body["error"] and "classification is not affected" in body["error"], body
+        assert "classification is not affected" in body["error"] and "captum" not in body["error"], body
+        assert "explainers could not be built (ImportError: captum is broken here on purpose)" in server.logs()
         assert classify_http(server.url, xray).status_code == 200
         with grpc.insecure_channel(server.grpc_target) as channel:
             with pytest.raises(grpc.RpcError) as failed:
                 pb_grpc.ClassifierStub(channel).Explain(pb.ExplainRequest(image=pb.Image(data=xray)), timeout=120)
-        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and "ImportError" in failed.value.details()
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and "failed to load" in failed.value.details()
         trailing = dict(failed.value.trailing_metadata())
         assert trailing["pneumonia-reject-reasons"] == "explain_unavailable" and "retry-after" not in trailing
     finally:

@@ -321,8 +321,9 @@ def served_side_rows(model: LoadedModel, paths: list[Path], labels: np.ndarray, 
         row: dict = {"side": side, "refused": float(1 - answered.mean())}
         for name, keep in (("all", np.ones_like(answered)), ("answered", answered)):
             y, c = labels[keep], called[keep]
-            row[name] = {"roc_auc": float(roc_auc_score(y, p[keep])) if len(set(y)) == 2 else None,
-                         "sensitivity": float(c[y == 1].mean()), "specificity": float((~c[y == 0]).mean())}
+            row[name] = {"roc_auc": float(roc_auc_score(y, p[keep])) if len(set(y)) == 2 else None,  # None, not NaN:
+                         "sensitivity": float(c[y == 1].mean()) if (y == 1).any() else None,  # JSON has no NaN
+                         "specificity": float((~c[y == 0]).mean()) if (y == 0).any() else None}
         rows.append(row)
     return rows
 
@@ -334,7 +335,8 @@ def _served_sides(model: LoadedModel, paths: list[Path], labels: np.ndarray, arg
     print("| shorter side | refused by the gate | all: ROC-AUC, sensitivity / specificity | answered: ROC-AUC, "
           "sensitivity / specificity |\n| ---: | ---: | --- | --- |")
     for row in rows:
-        cells = [f"{row[k]['roc_auc']:.4f}, {row[k]['sensitivity']:.3f} / {row[k]['specificity']:.3f}"
+        shown = lambda value, digits: "-" if value is None else f"{value:.{digits}f}"  # noqa: E731 - one use
+        cells = [f"{shown(row[k]['roc_auc'], 4)}, {shown(row[k]['sensitivity'], 3)} / {shown(row[k]['specificity'], 3)}"
                  for k in ("all", "answered")]
         print(f"| {row['side']} px | {100 * row['refused']:.1f} % | {cells[0]} | {cells[1]} |")
     if args.json:

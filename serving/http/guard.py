@@ -133,7 +133,7 @@ class HttpGuard:
 
     async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         call: Call = scope[_CALL]
-        if scope["path"] == UI_PATH and scope["method"] in ("GET", "HEAD"):
+        if scope["path"] == UI_PATH:  # any method: Starlette's router redirected them all
             # Starlette's own redirect to /ui/ is absolute, built from the Host header: another host for a forged
             # one, http:// behind a TLS proxy. A relative one stays on the address the browser used, prefix included.
             query = scope.get("query_string", b"")

@@ -232,8 +232,8 @@
     if (status === 429) return `Too many requests from this browser. Wait ${wait} and choose the file again.`;
     if (status === 503) {
       if (reason === "explain_unavailable") {
-        return `This server cannot compute explanations (${said}). Choosing the file again will not help; tell the `
-          + "service's operators.";
+        return `The server could not compute the explanation (${said}). If choosing the file again gives the same `
+          + "answer, tell the service's operators.";
       }
       if (reason === "not_ready" || /loading/.test(said)) {
         return `The server is still starting. Wait ${wait} and choose the file again.`;
