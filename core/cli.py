@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,21 +36,49 @@ def bounded(kind: type[int] | type[float], low: float | None = None, high: float
     return parse
 
 
+def unwritable_reason(path: Path, exc: OSError) -> str:
+    """Why `path` could not be written, naming the file that stands where a folder of its path must be: mkdir said
+    only "File exists" (a helper's find)."""
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None and blocker != path:
+        return f"{blocker} is a file, not a folder"
+    return exc.strerror or str(exc)
+
+
+def _check_writable_place(path: Path, text: str) -> None:
+    """Refuse, at parse time, a path whose nearest existing parent is a file or cannot be written: the commands
+    that write it found out only after their work (a gate saved a new version, then failed on `--json /proc/x`;
+    a file among the parents read as "File exists")."""
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a folder")
+    if parent is not None:
+        try:  # a real probe: as root every permission check passes, and /proc refuses new files all the same
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"{text}: cannot write in {parent} ({exc.strerror or exc})") from None
+
+
 def output_file(text: str) -> Path:
     """An argparse `type=` for a file a command writes its figures to: a folder is refused at parse time (it failed
-    with IsADirectoryError after the work, even after a new model version was saved)."""
+    with IsADirectoryError after the work, even after a new model version was saved), and so is a place that
+    cannot be written."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    _check_writable_place(path, text)
     return path
 
 
 def output_folder(text: str) -> Path:
     """An argparse `type=` for a folder a command writes its results into: an existing file is refused at parse time
-    (the soak failed on it only after its whole run, with the results unwritten)."""
+    (the soak failed on it only after its whole run, with the results unwritten), and so is a place that cannot
+    be written."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file; give a folder")
+    _check_writable_place(path / "x", text)  # the folder itself when it exists, else its nearest parent
     return path
 
 

@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"specificity {s['specificity']:.3f}  ECE {s['ece']:.3f}")
             if args.out:
                 print(f"report: {Path(args.out) / 'report.md'}")
+            if result.report.get("copies_ignored"):
+                print(f"note: {result.report['copies_ignored']} byte-identical copies of other files were left out",
+                      file=sys.stderr)
             if "warning" in result.report:
                 print(f"warning: {result.report['warning']}", file=sys.stderr)
             if args.promote:

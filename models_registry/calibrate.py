@@ -73,7 +73,7 @@ def _fingerprint(files: list[tuple[Path, int]]) -> str:
     """sha256 over (class, file name, content digest): identifies the site data the calibration saw."""
     digest = hashlib.sha256()
     for path, label in sorted(files, key=lambda f: (f[1], f[0].name)):
-        digest.update(f"{label}/{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+        digest.update(f"{label}/{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -128,6 +128,7 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
         files = labeled_images(Path(data_dir), card.class_names)
     except DataFolderError as exc:
         raise CalibrationRefused(str(exc)) from None
+    files, copies = _without_copies(files)
     limits = InputLimits(max_bytes=2**40, max_pixels=2**40, min_side=1)
     grids, kept, bad = [], [], []
     for path, label in files:
@@ -148,7 +149,8 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
     if min(counts) < min_per_class:
         have = ", ".join(f"{n} {name}" for n, name in zip(counts, card.class_names))
         raise CalibrationRefused(
-            f"too few usable images to calibrate on: {have} (images the validity gate refuses do not count); "
+            f"too few usable images to calibrate on: {have} (images the validity gate refuses and copies of other "
+            f"files do not count{f'; {len(copies)} copies left out' if copies else ''}); "
             f"at least {min_per_class} of each class are needed for a threshold that holds"
         )
     logits, labels = logits[answered], labels[answered]
@@ -165,6 +167,7 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
         "data_fingerprint": _fingerprint(kept),
         "images": {name: int((labels == c).sum()) for c, name in enumerate(card.class_names)},
         "refused_by_validity_gate": int((~answered).sum()),
+        "copies_ignored": len(copies),
         "target_sensitivity": target,
         "before": {**before, "temperature": card.temperature, "threshold": card.threshold},
         "after_cross_validated": {**after, "temperature": temperature, "threshold": threshold,
@@ -181,6 +184,32 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
     return SiteCalibration(tag=tag, source=model.tag, report=record, report_dir=report_dir, reused=existing is not None)
 
 
+def _without_copies(files: list[tuple[Path, int]]) -> tuple[list[tuple[Path, int]], list[str]]:
+    """The files with byte-identical copies left out (the first of each kept), and the copies as 'B is a copy of A'.
+
+    A copy counted as another image: 30 copies of one X-ray per class passed the minimum and gave a threshold with
+    cross-validated sensitivity and specificity of 1.000 (a helper's find). The training collection itself holds
+    such pairs. A copy filed under the other class is a labelling error, refused."""
+    first: dict[str, tuple[Path, int]] = {}
+    kept: list[tuple[Path, int]] = []
+    copies: list[str] = []
+    for path, label in files:
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:  # reported with the unreadable files
+            kept.append((path, label))
+            continue
+        if digest not in first:
+            first[digest] = (path, label)
+            kept.append((path, label))
+        elif first[digest][1] != label:
+            raise CalibrationRefused(f"{path} and {first[digest][0]} are the same file under both classes: fix the "
+                                     "labels")
+        else:
+            copies.append(f"{path} is a copy of {first[digest][0]}")
+    return kept, copies
+
+
 def shortfall_warning(sensitivity: float, target: float) -> str:
     return (f"cross-validated on the site data, this threshold reaches sensitivity {sensitivity:.3f}, below the "
             f"target {target}: it may not hold at this site; add site images before serving it")
@@ -195,7 +224,9 @@ def _writable_folder(folder: Path) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise CalibrationRefused(f"cannot write the report to {folder}: {exc.strerror or exc}") from None
+        from core.cli import unwritable_reason
+
+        raise CalibrationRefused(f"cannot write the report to {folder}: {unwritable_reason(folder / 'report.md', exc)}") from None
     finally:
         if missing is not None and missing.is_dir():
             shutil.rmtree(missing, ignore_errors=True)

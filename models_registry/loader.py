@@ -16,7 +16,12 @@ from models_registry.store import PRODUCTION, RegistryError, resolve_tag, store_
 
 
 class ModelIntegrityError(RegistryError):
-    """The stored weights do not match the sha256 recorded when they were saved."""
+    """The stored weights do not match the sha256 recorded when they were saved. `problem` is what is wrong, without
+    the advice for a stored model (an import says its own: the model it could not load is not kept)."""
+
+    def __init__(self, problem: str, advice: str = "") -> None:
+        super().__init__(f"{problem}; {advice}" if advice else problem)
+        self.problem = problem
 
 
 def load_model(ref: str = PRODUCTION, name: str = MODEL_NAME, engine: Engine = "eager") -> LoadedModel:
@@ -42,7 +47,7 @@ def load_model(ref: str = PRODUCTION, name: str = MODEL_NAME, engine: Engine = "
     if digest != card.weights_sha256:
         raise ModelIntegrityError(
             f"model {tag}: weights file {weights_path} is corrupt "
-            f"(sha256 {digest[:16]}..., expected {card.weights_sha256[:16]}...); "
+            f"(sha256 {digest[:16]}..., expected {card.weights_sha256[:16]}...)",
             f"delete it (python -m models_registry delete {tag} --force) and import its archive again, or re-train it"
         )
     module = build_model(card.spec)
@@ -64,5 +69,5 @@ def _load_gate(tag: str, card: ModelCard) -> ValidityGate | None:
     try:
         return ValidityGate.from_bytes(card.validity, path.read_bytes())
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelIntegrityError(f"model {tag}: validity gate {path} is unusable ({exc}); delete it "
+        raise ModelIntegrityError(f"model {tag}: validity gate {path} is unusable ({exc})", "delete it "
                                  f"(python -m models_registry delete {tag} --force) and import its archive again") from None

@@ -515,7 +515,9 @@ def export_model(ref: str, path: str | Path, name: str = MODEL_NAME, overwrite: 
             written = Path(bentoml.models.export_model(tag, str(Path(scratch) / out.name)))
             os.replace(written, out)
     except OSError as exc:
-        raise RegistryError(f"cannot write {out}: {exc.strerror or exc}") from None
+        from core.cli import unwritable_reason
+
+        raise RegistryError(f"cannot write {out}: {unwritable_reason(out, exc)}") from None
     return out
 
 
@@ -546,14 +548,19 @@ def _archive_matches(archive: Path, model_dir: Path) -> bool:
         return False
 
 
-def _check_loads(tag: str, name: str, doing: str) -> None:
+def _check_loads(tag: str, name: str, doing: str, importing: bool = False) -> None:
     """Raise a RegistryError saying why `tag` is not a model of `name` that the service can load."""
-    from models_registry.loader import load_model
+    from models_registry.loader import ModelIntegrityError, load_model
 
     if not tag.startswith(f"{name}:"):
         raise RegistryError(f"{doing} {tag}: it is not a {name} model")
     try:
         load_model(tag, name)
+    except ModelIntegrityError as exc:
+        if importing:  # its advice (delete, import again) is for a stored model: this one is not kept
+            raise RegistryError(f"{doing} {tag}: {exc.problem}; the archive is damaged and nothing was imported: "
+                                "export it again from where it came") from None
+        raise RegistryError(f"{doing} {tag}: {exc}") from None
     except RegistryError as exc:
         raise RegistryError(f"{doing} {tag}: {exc}") from None
 
@@ -601,7 +608,7 @@ def import_model(path: str | Path, promote_if_none: bool = False, name: str = MO
         raise RegistryError(f"could not import {path}: it is not a .bentomodel archive ({type(exc).__name__}: {exc})") from None
     else:
         try:
-            _check_loads(tag, name, "could not import")
+            _check_loads(tag, name, "could not import", importing=True)
         except BaseException:  # a model that does not load, or Ctrl-C before it was checked: not kept
             bentoml.models.delete(tag)
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -22,11 +23,16 @@ from models_registry.store import stored_tags
 
 
 def site_folder(root: Path, per_class: int, offset: int = 900) -> Path:
-    """A labeled site folder of real X-rays (copies from the shared training folder)."""
-    for path in sample_xrays(per_class=per_class, offset=offset):
+    """A labeled site folder of `per_class` distinct real X-rays per class (copies from the shared training folder,
+    which holds a few byte-identical pairs: calibration counts such a pair once)."""
+    seen: set[bytes] = set()
+    for path in sample_xrays(per_class=per_class + 10, offset=offset):
         target = root / path.parent.name
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, target / path.name)
+        digest = hashlib.sha256(path.read_bytes()).digest()
+        if digest not in seen and len(list(target.iterdir())) < per_class:
+            seen.add(digest)
+            shutil.copy(path, target / path.name)
     return root
 
 
@@ -110,10 +116,13 @@ def test_calibration_refuses_bad_arguments_and_leaves_no_version(production_tag:
             run_calibration(production_tag, site, **options)
     with pytest.raises(CalibrationRefused, match="is not a folder"):
         run_calibration(production_tag, an_image)
+    shutil.copy(an_image, site / "PNEUMONIA" / "relabelled.jpeg")  # one X-ray under both classes
+    with pytest.raises(CalibrationRefused, match="same file under both classes: fix the labels"):
+        run_calibration(production_tag, site)
     assert stored_tags() == versions
 
 
-@pytest.mark.parametrize("problem", ["too few", "one class missing", "unreadable file"])
+@pytest.mark.parametrize("problem", ["too few", "one class missing", "unreadable file", "copies"])
 def test_calibration_refuses_data_it_cannot_trust(production_tag: str, tmp_path: Path, problem: str) -> None:
     """Each refusal is one line, exit 1, and leaves no new version behind."""
     if problem == "too few":
@@ -122,10 +131,17 @@ def test_calibration_refuses_data_it_cannot_trust(production_tag: str, tmp_path:
         site = site_folder(tmp_path / "site", per_class=35)
         shutil.rmtree(site / "PNEUMONIA")
         expected = "missing class folder"
-    else:
+    elif problem == "unreadable file":
         site = site_folder(tmp_path / "site", per_class=35)
         (site / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
         expected = "unreadable image(s)"
+    else:  # a helper's find: 30 copies of one X-ray per class passed, with sensitivity and specificity 1.000
+        site = tmp_path / "site"
+        for label, source in zip(("NORMAL", "PNEUMONIA"), sample_xrays(1, offset=905)):
+            (site / label).mkdir(parents=True)
+            for k in range(35):
+                shutil.copy(source, site / label / f"copy-{k}.jpeg")
+        expected = "too few usable images to calibrate on: 1 NORMAL, 1 PNEUMONIA"
     versions = stored_tags()
     result = calibrate(production_tag, "--data", str(site), "--out", str(tmp_path / "reports" / "site"))
     assert result.returncode == 1
@@ -133,6 +149,8 @@ def test_calibration_refuses_data_it_cannot_trust(production_tag: str, tmp_path:
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     if problem == "unreadable file":
         assert "broken.jpeg" in result.stderr
+    if problem == "copies":
+        assert "68 copies left out" in result.stderr, result.stderr
     assert stored_tags() == versions
     assert not (tmp_path / "reports").exists()  # the report folder is made only for a report
 

@@ -72,6 +72,34 @@ def test_training_commands_fail_with_one_line(production_tag: str, tmp_path: Pat
     # The shipped model with itself: refused before any data is read, with the reason.
     one_clear_line(run("training.ensemble", "--models", production_tag, production_tag, "--data-dir", str(tmp_path),
                        "--out", str(tmp_path / "ensemble")), 2, "listed twice")
+    # The shipped network under a second tag (a card change only, as a gate re-fit makes one): a helper's find.
+    from models_registry.store import delete_model, derive_model
+
+    twin = derive_model(production_tag, {"temperature": 0.7})
+    try:
+        one_clear_line(run("training.ensemble", "--models", production_tag, twin, "--data-dir", str(tmp_path),
+                           "--out", str(tmp_path / "ensemble")), 2, "have the same weights: list each network once")
+    finally:
+        delete_model(twin, force=True)
+
+
+def test_a_training_that_cannot_start_says_why_and_leaves_no_run_folder(data_dir: Path, tmp_path: Path) -> None:
+    """Found by a helper: with --skip-bad-images, a class whose every image is unreadable trained and saved a model
+    (ROC-AUC nan, exit 0); a refused run left an empty --out behind; --promote with --no-register was ignored."""
+    root = few_patients(data_dir, tmp_path / "data", per_class=12)
+    for path in (root / "train" / "NORMAL").iterdir():  # every NORMAL file unreadable
+        path.unlink()
+        path.write_bytes(b"")
+    out = tmp_path / "runs" / "new"
+    skipped = run("training.train", "--data-dir", str(root), "--out", str(out), "--skip-bad-images", "--epochs", "1",
+                  "--no-register", "--no-progress")
+    assert skipped.returncode == 2 and "no readable NORMAL image left" in skipped.stderr, skipped.stderr[-2000:]
+    assert "Traceback" not in skipped.stderr and not out.exists()
+    evaluated = run("training.evaluate", "--model", "production", "--data-dir", str(root), "--split", "train",
+                    "--skip-bad-images")
+    assert evaluated.returncode == 2 and "no readable NORMAL image left" in evaluated.stderr, evaluated.stderr[-2000:]
+    refused = run("training.train", "--data-dir", str(root), "--out", str(out), "--no-register", "--promote")
+    assert refused.returncode == 2 and "--promote needs the model saved" in refused.stderr and not out.exists()
 
 
 def test_a_failed_export_leaves_the_previous_one_whole(production_tag: str, tmp_path: Path) -> None:
@@ -95,7 +123,7 @@ def test_a_failed_export_leaves_the_previous_one_whole(production_tag: str, tmp_
     ("training.train", ["--epochs", "0"], "argument --epochs: must be >= 1, not 0"),
     ("training.train", ["--batch-size", "0"], "argument --batch-size: must be >= 1, not 0"),
     ("training.train", ["--target-sensitivity", "2"], "argument --target-sensitivity: must be in (0, 1], not 2"),
-    ("training.train", ["--lr", "nan"], "argument --lr: must be > 0, not nan"),
+    ("training.train", ["--lr", "nan"], "argument --lr: must be in (0, 10], not nan"),
     ("training.train", ["--ema-decay", "1.5"], "argument --ema-decay: must be in [0, 1), not 1.5"),
     ("training.train", ["--max-per-class", "0"], "argument --max-per-class: must be >= 1, not 0"),
     ("training.train", ["--epochs", "x"], "argument --epochs: 'x' is not an integer"),
@@ -109,6 +137,11 @@ def test_a_failed_export_leaves_the_previous_one_whole(production_tag: str, tmp_
     ("training.compare", ["--models", "a", "--target-sensitivity", "1.5"], "must be in (0, 1], not 1.5"),
     ("training.evaluate", ["--batch-size", "-3"], "argument --batch-size: must be >= 1, not -3"),
     ("training.gate", ["--max-refusals", "2"], "argument --max-refusals: must be in (0, 1), not 2"),
+    # found by a helper: each failed only after the work (a huge rate: a traceback; --json: after a saved version)
+    ("training.train", ["--lr", "1e300"], "argument --lr: must be in (0, 10], not 1e300"),
+    ("training.crossval", ["--weight-decay", "1e300"], "argument --weight-decay: must be in [0, 10], not 1e300"),
+    ("training.gate", ["--json", "/proc/gate.json"], "argument --json: /proc/gate.json: cannot write in /proc"),
+    ("training.stress", ["--json", "README.md/rows.json"], "README.md is a file, not a folder"),
     ("loadtests.benchmark", ["--concurrency", "1,-8"], "argument --concurrency: every number must be >= 1"),
     ("loadtests.benchmark", ["--window-s", "0"], "argument --window-s: must be > 0, not 0"),
 ])

@@ -149,7 +149,7 @@ def fingerprint(samples: list[Sample]) -> str:
     """sha256 over (class, file name, size) of every sample: identifies the training data cheaply."""
     digest = hashlib.sha256()
     for sample in sorted(samples, key=lambda s: (s.label, s.path.name)):
-        digest.update(f"{CLASS_NAMES[sample.label]}/{sample.path.name}:{sample.path.stat().st_size}\n".encode())
+        digest.update(f"{CLASS_NAMES[sample.label]}/{sample.path.name}:{sample.path.stat().st_size}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -209,6 +209,13 @@ def load_splits(splits: list[list[Sample]], config: PreprocessConfig, *, skip_ba
         print(f"skipped {len(bad)} unreadable image(s):\n  - " + "\n  - ".join(bad))
     if any(not kept for _, kept in decoded):
         raise DataFolderError("no readable images left to use")
+    for samples, (_, kept), description in zip(splits, decoded, descriptions or ["decoding"] * len(splits)):
+        # Skipping can empty a class: a model was trained and saved with ROC-AUC nan and exit 0 (a helper's find).
+        lost = sorted({s.label for s in samples} - {s.label for s in kept})
+        if lost:
+            names = " and ".join(CLASS_NAMES[label] for label in lost)
+            raise DataFolderError(f"no readable {names} image left ({description}) once the unreadable ones were "
+                                  "skipped: both classes are needed")
     return [LoadedSplit(pixels=torch.from_numpy(np.stack(grids)),
                         labels=torch.tensor([s.label for s in kept], dtype=torch.long), samples=kept)
             for grids, kept in decoded]

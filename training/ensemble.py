@@ -60,6 +60,10 @@ def _members_agree(members: list) -> dict:
         raise ValueError("an ensemble needs two or more models")
     if len({m.tag for m in members}) != len(members):
         raise ValueError("a model is listed twice")
+    first: dict[str, str] = {}
+    for m in members:  # a re-gated version has a tag of its own and the same network (a helper's find)
+        if (twin := first.setdefault(m.card.weights_sha256, m.tag)) != m.tag:
+            raise ValueError(f"{m.tag} and {twin} have the same weights: list each network once")
     configs = [LATER_OPTIONS | m.card.training_config for m in members]
     for m, config in zip(members, configs):
         if m.card.spec.members != 1:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from core.cli import unwritable_reason
 from training import run_command
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -71,7 +72,7 @@ def _export(args: argparse.Namespace) -> int:
     metrics = json.loads((args.run / "metrics.json").read_text())
     stress_table = (args.run / "stress.md").read_text().strip()
     validity = args.run / "validity.md"
-    args.out.mkdir(parents=True, exist_ok=True)
+    _make_folder(args.out)
     return _ship(tag, args.out, lambda archive, digest, size: {
             "model_tag": tag,
             "archive": archive.name,
@@ -133,13 +134,27 @@ def _is_dirty(code_version: str) -> bool:
     return code_version.endswith("-dirty") or code_version in ("", "unknown")
 
 
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: {unwritable_reason(out / 'provenance.json', exc)}") from None
+
+
 def _export_regated(args: argparse.Namespace) -> int:
     """Ship the version `training.gate` saved: the weights, calibration and training provenance of the model shipped
     in --out (refused unless the weights are the same, byte for byte), its new gate and how that was fitted."""
     from models_registry import load_model
     from training.gate import format_report
 
-    fitted = json.loads(args.regate.read_text())
+    try:
+        fitted = json.loads(args.regate.read_text())
+    except ValueError as exc:  # the message named no file (a helper's find)
+        raise ValueError(f"{args.regate} is not JSON ({exc})") from None
+    if not isinstance(fitted, dict):
+        raise ValueError(f"{args.regate} is not a `training.gate --json` report (a JSON object)")
+    if fitted.get("measure_only"):
+        raise ValueError(f"{args.regate} is a `training.gate --measure-only` report: it fitted no gate to ship")
     missing = [key for key in ("model", "source", "command", "code_version") if key not in fitted]
     if missing:
         raise ValueError(f"{args.regate} lacks {', '.join(missing)}: write it with this version of "

@@ -296,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
             caught = measure_catch(model.gate, feature_runner(model.module), model.card.preprocess,
                                    [s.path for s in val_samples][::7])
             print(format_report({"negatives": caught}, model.gate.config))
+            if args.json:  # the figures only (a helper's find: the option was taken and nothing written)
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({
+                    "model": model.tag, "measure_only": True, "negatives": caught, "code_version": started_at,
+                    "command": "python -m training.gate " + " ".join(argv or sys.argv[1:])}, indent=2))
             return 0
         # The split the model was trained on: without the images its run dropped as unreadable, if it dropped any.
         train, val = load_splits([train_samples, val_samples], model.card.preprocess, progress=sys.stderr.isatty(),

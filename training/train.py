@@ -15,6 +15,7 @@ import argparse
 import copy
 import csv
 import json
+import math
 import os
 import random
 import subprocess
@@ -91,8 +92,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=bounded(int, 1), default=20)
     g.add_argument("--batch-size", type=bounded(int, 1), default=64, help="per process")
-    g.add_argument("--lr", type=bounded(float, 0, low_open=True), default=3e-3, help="peak learning rate of the one-cycle schedule")
-    g.add_argument("--weight-decay", type=bounded(float, 0), default=0.05)
+    g.add_argument("--lr", type=bounded(float, 0, 10, low_open=True), default=3e-3, help="peak learning rate of the one-cycle schedule")
+    g.add_argument("--weight-decay", type=bounded(float, 0, 10), default=0.05)
     g.add_argument("--warmup-fraction", type=bounded(float, 0, 1, high_open=True), default=0.1)
     g.add_argument("--label-smoothing", type=bounded(float, 0, 1, high_open=True), default=0.05)
     g.add_argument("--ema-decay", type=bounded(float, 0, 1, high_open=True), default=0.998, help="decay of the weight average evaluated and saved")
@@ -210,7 +211,11 @@ def train_one_epoch(model, optimizer, scheduler, ema, train: LoadedSplit, args, 
         optimizer.step()
         scheduler.step()
         ema.update_parameters(model)
-        total += loss.item() * len(index)
+        value = loss.item()
+        if not math.isfinite(value):  # NaN from here on: hours of training for an error only at the end
+            raise ValueError(f"training diverged at epoch {epoch}, step {step}: the loss is {value}; lower --lr (now "
+                             f"{args.lr:g}) or --weight-decay (now {args.weight_decay:g}), or narrow the --aug-* ranges")
+        total += value * len(index)
         seen += len(index)
         bar.set_postfix(loss=f"{total / seen:.4f}")
     return total / max(seen, 1)
@@ -327,6 +332,11 @@ RUN_OUTPUTS = (*RUN_FILES, "stress.md", "validity.md", "metrics.csv", "curves.pn
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse a run folder that holds a run (its config would be replaced at once, its weights at the end: an
     interrupted re-run leaves a mix) or cannot be made, before any image is read."""
+    try:  # the card and config.json record it as text: a name that is not UTF-8 failed only after the training
+        str(out.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"--out {os.fsencode(out)!r}: the path is not UTF-8 text, which the run's records need; "
+                         "choose another") from None
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     held = [name for name in RUN_FILES if (out / name).exists()]
@@ -488,15 +498,20 @@ def cli(argv: list[str] | None = None) -> int:
     # Here, not in get_args_parser: crossval and ensemble build on those options and keep their own folders.
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
     args = parser.parse_args(argv)
+    if args.promote and not args.register:  # nothing would be saved to promote (a helper's find: silently ignored)
+        parser.error("--promote needs the model saved in the store: leave out --no-register")
     check_options(args)
     from models_registry import RegistryError
 
+    made = not args.out.exists()  # a run folder this command makes is removed again if it writes nothing into it
     try:
         return main(args)
     except DataFolderError as exc:
+        _remove_unused(args.out, made, args)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (RegistryError, OSError, ValueError) as exc:  # pydantic's ValidationError (a bad --aug-* value) included
+        _remove_unused(args.out, made, args)
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -504,8 +519,19 @@ def cli(argv: list[str] | None = None) -> int:
             print(f"interrupted: no model was saved; {args.out} holds an unfinished run (the same command with "
                   "--overwrite starts again)", file=sys.stderr)
         else:
+            _remove_unused(args.out, made, args)
             print(f"interrupted before the run wrote anything: {args.out} is as it was", file=sys.stderr)
         return 130
+
+
+def _remove_unused(out: Path, made: bool, args: argparse.Namespace) -> None:
+    """Remove the run folder this command made when the run failed before writing into it: a bad data folder left
+    an empty --out behind, and an interrupted run said the folder was "as it was" though it had not existed."""
+    if made and not getattr(args, "writing", False):
+        try:
+            out.rmdir()  # only an empty folder
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":
