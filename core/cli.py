@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,10 @@ def output_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    if path.exists():  # written in place: a file (its folder may be read-only) or a device, /dev/stdout
+        if path.is_file() and not os.access(path, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{text} cannot be written")
+        return path
     _check_writable_place(path, text)
     return path
 

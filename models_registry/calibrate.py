@@ -128,7 +128,6 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
         files = labeled_images(Path(data_dir), card.class_names)
     except DataFolderError as exc:
         raise CalibrationRefused(str(exc)) from None
-    files, copies = _without_copies(files)
     limits = InputLimits(max_bytes=2**40, max_pixels=2**40, min_side=1)
     grids, kept, bad = [], [], []
     for path, label in files:
@@ -137,9 +136,13 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
             kept.append((path, label))
         except (ImageRejected, OSError) as exc:
             bad.append(f"{path}: {exc}")
-    if bad:
+    if bad:  # before the copies: two empty downloads, one per class, are unreadable, not a labelling error
         listing = "\n  - ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise CalibrationRefused(f"{len(bad)} unreadable image(s) in {data_dir}; fix or remove them:\n  - {listing}")
+    distinct, copies = _without_copies(kept)
+    chosen = set(distinct)
+    grids = [grid for grid, file in zip(grids, kept) if file in chosen]
+    kept = distinct
     assessments = [a for i in range(0, len(grids), 64) for a in model.assess(np.stack(grids[i:i + 64]))]
     logits = np.array([a.logit for a in assessments], dtype=np.float64)
     refused = [a.validity is not None and not a.validity.valid for a in assessments]
@@ -193,12 +196,11 @@ def _without_copies(files: list[tuple[Path, int]]) -> tuple[list[tuple[Path, int
     first: dict[str, tuple[Path, int]] = {}
     kept: list[tuple[Path, int]] = []
     copies: list[str] = []
-    for path, label in files:
+    for path, label in files:  # all decoded already
         try:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError:  # reported with the unreadable files
-            kept.append((path, label))
-            continue
+        except OSError as exc:  # gone since it was decoded
+            raise CalibrationRefused(f"cannot read {path}: {exc.strerror or exc}") from None
         if digest not in first:
             first[digest] = (path, label)
             kept.append((path, label))

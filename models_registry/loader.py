@@ -19,9 +19,10 @@ class ModelIntegrityError(RegistryError):
     """The stored weights do not match the sha256 recorded when they were saved. `problem` is what is wrong, without
     the advice for a stored model (an import says its own: the model it could not load is not kept)."""
 
-    def __init__(self, problem: str, advice: str = "") -> None:
+    def __init__(self, problem: str, advice: str = "", damaged: bool = False) -> None:
         super().__init__(f"{problem}; {advice}" if advice else problem)
         self.problem = problem
+        self.damaged = damaged  # the files are not what was saved (a sha256 mismatch), not merely unusable here
 
 
 def load_model(ref: str = PRODUCTION, name: str = MODEL_NAME, engine: Engine = "eager") -> LoadedModel:
@@ -48,7 +49,8 @@ def load_model(ref: str = PRODUCTION, name: str = MODEL_NAME, engine: Engine = "
         raise ModelIntegrityError(
             f"model {tag}: weights file {weights_path} is corrupt "
             f"(sha256 {digest[:16]}..., expected {card.weights_sha256[:16]}...)",
-            f"delete it (python -m models_registry delete {tag} --force) and import its archive again, or re-train it"
+            f"delete it (python -m models_registry delete {tag} --force) and import its archive again, or re-train it",
+            damaged=True,
         )
     module = build_model(card.spec)
     try:

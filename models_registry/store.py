@@ -558,8 +558,9 @@ def _check_loads(tag: str, name: str, doing: str, importing: bool = False) -> No
         load_model(tag, name)
     except ModelIntegrityError as exc:
         if importing:  # its advice (delete, import again) is for a stored model: this one is not kept
-            raise RegistryError(f"{doing} {tag}: {exc.problem}; the archive is damaged and nothing was imported: "
-                                "export it again from where it came") from None
+            cause = ("the archive is damaged and nothing was imported: export it again from where it came"
+                     if exc.damaged else "nothing was imported")
+            raise RegistryError(f"{doing} {tag}: {exc.problem}; {cause}") from None
         raise RegistryError(f"{doing} {tag}: {exc}") from None
     except RegistryError as exc:
         raise RegistryError(f"{doing} {tag}: {exc}") from None

@@ -83,7 +83,8 @@ def test_training_commands_fail_with_one_line(production_tag: str, tmp_path: Pat
         delete_model(twin, force=True)
 
 
-def test_a_training_that_cannot_start_says_why_and_leaves_no_run_folder(data_dir: Path, tmp_path: Path) -> None:
+def test_a_training_that_cannot_start_says_why_and_leaves_no_run_folder(production_tag: str, data_dir: Path,
+                                                                         tmp_path: Path) -> None:
     """Found by a helper: with --skip-bad-images, a class whose every image is unreadable trained and saved a model
     (ROC-AUC nan, exit 0); a refused run left an empty --out behind; --promote with --no-register was ignored."""
     root = few_patients(data_dir, tmp_path / "data", per_class=12)
@@ -95,7 +96,7 @@ def test_a_training_that_cannot_start_says_why_and_leaves_no_run_folder(data_dir
                   "--no-register", "--no-progress")
     assert skipped.returncode == 2 and "no readable NORMAL image left" in skipped.stderr, skipped.stderr[-2000:]
     assert "Traceback" not in skipped.stderr and not out.exists()
-    evaluated = run("training.evaluate", "--model", "production", "--data-dir", str(root), "--split", "train",
+    evaluated = run("training.evaluate", "--model", production_tag, "--data-dir", str(root), "--split", "train",
                     "--skip-bad-images")
     assert evaluated.returncode == 2 and "no readable NORMAL image left" in evaluated.stderr, evaluated.stderr[-2000:]
     refused = run("training.train", "--data-dir", str(root), "--out", str(out), "--no-register", "--promote")
@@ -160,6 +161,16 @@ def test_out_of_range_options_are_refused_before_any_work(module: str, argv: lis
         else:
             command.get_args_parser().parse_args([*required, *argv])
     assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_output_files_that_exist_are_written_in_place(tmp_path: Path) -> None:
+    """A review's find: the parse-time probe (a new file beside the output) refused /dev/stdout for a user who may
+    not create files in /dev, though the device itself is writable; an existing file is written in place too."""
+    from core.cli import output_file
+
+    existing = tmp_path / "figures.json"
+    existing.write_text("{}")
+    assert output_file("/dev/null") == Path("/dev/null") and output_file(str(existing)) == existing
 
 
 def few_patients(data_dir: Path, root: Path, per_class: int) -> Path:

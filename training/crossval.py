@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m training.crossval`: exit 2 with one line on a bad option, data folder or fold, 130 on Ctrl-C."""
     parser = get_parser()
     args = parser.parse_args(argv)
+    if args.promote:  # its folds' models are measured, never saved: the option did nothing
+        parser.error("a cross-validation saves no model: --promote does not apply")
     check_options(args)
     try:
         return _crossval(parser, args, argv)

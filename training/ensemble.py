@@ -51,7 +51,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m training.ensemble`: exit 2 with one line on any failure."""
-    return run_command(_combine, get_args_parser().parse_args(argv))
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.promote and not args.register:  # nothing would be saved to promote: it was ignored without a word
+        parser.error("--promote needs the ensemble saved in the store: leave out --no-register")
+    return run_command(_combine, args)
 
 
 def _members_agree(members: list) -> dict:

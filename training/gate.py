@@ -260,6 +260,18 @@ def format_report(report: dict, config: ValidityConfig) -> str:
     return "\n".join(lines)
 
 
+def _never_over_a_fit(path: Path) -> None:
+    """Refuse to write a --measure-only report over a fitted gate's report: `training.export --regate` ships from
+    that file, and it cannot be made again without fitting (and saving) another version."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(earlier, dict) and "config" in earlier and not earlier.get("measure_only"):
+        raise ValueError(f"{path} is the report of a fitted gate (training.export --regate reads it): give "
+                         "--measure-only another --json file")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="production", help="'production', a version or a full tag from the model store")
@@ -297,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                                    [s.path for s in val_samples][::7])
             print(format_report({"negatives": caught}, model.gate.config))
             if args.json:  # the figures only (a helper's find: the option was taken and nothing written)
+                _never_over_a_fit(args.json)
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps({
                     "model": model.tag, "measure_only": True, "negatives": caught, "code_version": started_at,
