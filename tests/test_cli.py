@@ -251,6 +251,8 @@ def test_a_data_folder_that_is_a_file_or_a_run_without_a_model_is_named(tmp_path
     (tmp_path / "a-file").write_text("")
     assert cli(["--data-dir", str(tmp_path / "a-file"), "--out", str(tmp_path / "run")]) == 2
     assert f"{tmp_path / 'a-file'} is a file; give the folder that holds train/NORMAL" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # the run folder the failed command made is gone again
+    (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{}")
     one_clear_line(run("training.export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")), 2,
                    "stored no model")

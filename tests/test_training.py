@@ -187,9 +187,10 @@ def test_ensemble_members_must_share_the_patient_split_and_the_grid() -> None:
     config = {key: None for key in SHARED_OPTIONS if key != "max_per_class"} | {"split": "train", "val_fraction": 0.15,
                                                                               "seed": 0, "image_size": 224}
 
-    def member(tag: str, spec: ModelSpec = ModelSpec(), fingerprint: str = "f1", **changes) -> SimpleNamespace:
+    def member(tag: str, spec: ModelSpec = ModelSpec(), fingerprint: str = "f1", weights: str | None = None,
+               **changes) -> SimpleNamespace:
         card = ModelCard(spec=spec, preprocess=PreprocessConfig(), training_config=config | changes,
-                         data_fingerprint=fingerprint)
+                         data_fingerprint=fingerprint, weights_sha256=weights or f"weights of {tag}")
         return SimpleNamespace(tag=tag, card=card)
 
     assert _members_agree([member("m:1"), member("m:2", epochs=28)])["seed"] == 0  # a recipe may differ
@@ -200,6 +201,7 @@ def test_ensemble_members_must_share_the_patient_split_and_the_grid() -> None:
         ([member("m:1"), member("m:2", max_per_class=40)], "'max_per_class'"),  # absent (older cards) means None
         ([member("m:1"), member("m:2", fingerprint="f2")], "different data"),
         ([member("m:1"), member("m:1")], "listed twice"),
+        ([member("m:1"), member("m:2", weights="weights of m:1")], "same weights"),  # a re-gated copy (a helper's)
         ([member("m:1"), member("m:2", spec=ModelSpec(members=2))], "an ensemble already"),
         ([member("m:1")], "two or more"),
     ):
