@@ -74,8 +74,8 @@ class ExplainBusy(Exception):
 
 class ExplainUnavailable(Exception):
     """This worker cannot explain: its explainers are still being built (`not_ready`, retry after a few seconds) or
-    failed to build (`explain_unavailable`: no Retry-After, retrying will not help). Said by the HTTP guard as the
-    guard's JSON, since BentoML answers any 5xx an API raises with one generic sentence."""
+    failed to build (`explain_unavailable`: no Retry-After; it will not recover, though another worker may answer).
+    Said by the HTTP guard as the guard's JSON, since BentoML answers any 5xx an API raises with one sentence."""
 
     def __init__(self, message: str, reason: str, retry_after_s: int | None) -> None:
         super().__init__(message)
