@@ -56,26 +56,10 @@ EXPLAIN_SECONDS = bentoml.metrics.Histogram(
 PREVIEW_SIDE = OVERLAY_MAX_SIDE  # what `prepare` keeps of an image to explain: the picture the heatmap is drawn on
 
 
-class ExplainBusy(Exception):
-    """Every explain slot of this worker is taken: answer 503 / UNAVAILABLE with Retry-After."""
-
-    def __init__(self, settings: ExplainSettings) -> None:
-        self.retry_after_s = settings.retry_after_s
-        self.message = (
-            f"the server is already computing as many explanations as it allows ({settings.max_concurrency} at once, "
-            f"{settings.max_waiting} waiting, per server process); retry after {settings.retry_after_s} s "
-            "(classification is not affected)"
-        )
-        super().__init__(self.message)
-
-    def body(self) -> bytes:
-        return error_body(self.message, [{"type": "explain_busy", "loc": [], "msg": self.message}])
-
-
-class ExplainUnavailable(Exception):
-    """This worker cannot explain: its explainers are still being built (`not_ready`, retry after a few seconds) or
-    failed to build (`explain_unavailable`: no Retry-After; it will not recover, though another worker may answer).
-    Said by the HTTP guard as the guard's JSON, since BentoML answers any 5xx an API raises with one sentence."""
+class ExplainRefused(Exception):
+    """An explain call this worker turns away with 503: `reason` is its code, `retry_after_s` its Retry-After (None:
+    waiting will not help here). Said by the HTTP guard as the guard's JSON and by the gRPC servicer as UNAVAILABLE,
+    since BentoML answers any 5xx an API raises with one generic sentence."""
 
     def __init__(self, message: str, reason: str, retry_after_s: int | None) -> None:
         super().__init__(message)
@@ -83,6 +67,21 @@ class ExplainUnavailable(Exception):
 
     def body(self) -> bytes:
         return error_body(self.message, [{"type": self.reason, "loc": [], "msg": self.message}])
+
+
+class ExplainBusy(ExplainRefused):
+    """Every explain slot of this worker is taken: retry after `retry_after_s`."""
+
+    def __init__(self, settings: ExplainSettings) -> None:
+        super().__init__(
+            f"the server is already computing as many explanations as it allows ({settings.max_concurrency} at once, "
+            f"{settings.max_waiting} waiting, per server process); retry after {settings.retry_after_s} s "
+            "(classification is not affected)", "explain_busy", settings.retry_after_s)
+
+
+class ExplainUnavailable(ExplainRefused):
+    """This worker cannot explain: its explainers are still being built (`not_ready`, retry after a few seconds) or
+    failed to build (`explain_unavailable`: no Retry-After; it will not recover, though another worker may answer)."""
 
 
 class ExplainSlots:

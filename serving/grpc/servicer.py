@@ -33,7 +33,7 @@ from api.models import Explanation, ModelInfo, Prediction, Refused
 from api.status import REASONS_METADATA_KEY, REQUEST_ID_HEADER, RETRY_AFTER_HEADER, grpc_code_name
 from core.preprocess import PreparedImage
 from serving import request_log
-from serving.explain import ExplainBusy, ExplainUnavailable, shared_slots
+from serving.explain import ExplainRefused, shared_slots
 from serving.grpc.interceptors import AUTH, ROUTES, log_call
 from settings import ServingSettings
 
@@ -127,15 +127,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             status, reasons = refused.status, refused.reasons
             code = grpc.StatusCode[grpc_code_name(refused.status, refused.reasons)]
             failure = code, describe_refusal(refused, images), (*trailing, (REASONS_METADATA_KEY, ",".join(reasons)))
-        except ExplainBusy as busy:
-            status, reasons = 503, ["explain_busy"]
-            failure = (grpc.StatusCode.UNAVAILABLE, busy.message,
-                       (*trailing, (REASONS_METADATA_KEY, "explain_busy"), (RETRY_AFTER_HEADER, str(busy.retry_after_s))))
-        except ExplainUnavailable as unavailable:
-            status, reasons = 503, [unavailable.reason]
-            wait = () if unavailable.retry_after_s is None else ((RETRY_AFTER_HEADER, str(unavailable.retry_after_s)),)
-            failure = (grpc.StatusCode.UNAVAILABLE, unavailable.message,
-                       (*trailing, (REASONS_METADATA_KEY, unavailable.reason), *wait))
+        except ExplainRefused as refused:  # busy, loading or broken
+            status, reasons = 503, [refused.reason]
+            wait = () if refused.retry_after_s is None else ((RETRY_AFTER_HEADER, str(refused.retry_after_s)),)
+            failure = (grpc.StatusCode.UNAVAILABLE, refused.message,
+                       (*trailing, (REASONS_METADATA_KEY, refused.reason), *wait))
         except TimeoutError:
             status = 504
             message = f"not able to {doing} in {self.settings.timeout_s} seconds"

@@ -34,7 +34,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from api.models import error_body
 from serving import request_log
-from serving.explain import ExplainBusy, ExplainSlots, ExplainUnavailable
+from serving.explain import ExplainRefused, ExplainSlots
 from serving.http.admission import PROBE_PATHS, SYSTEM_PATHS, Admission
 from serving.http.body import ClientGone, read_body
 from serving.http.decoding import PREDECODED, Predecoder
@@ -171,16 +171,11 @@ class HttpGuard:
                         slots.acquire()
                         held = True
                         await slots.wait_available(self.settings.ready_wait_s)
-                    except ExplainBusy as busy:  # refused before the image is decoded
-                        call.reasons = ["explain_busy"]
-                        REFUSED.labels(status="503", reason="explain_busy").inc()
-                        await send_json(send, 503, busy.body(), {"retry-after": str(busy.retry_after_s)})
-                        return
-                    except ExplainUnavailable as unavailable:  # BentoML would say only "an unexpected error"
-                        call.reasons = [unavailable.reason]
-                        REFUSED.labels(status="503", reason=unavailable.reason).inc()
-                        wait = unavailable.retry_after_s
-                        await send_json(send, 503, unavailable.body(), {} if wait is None else {"retry-after": str(wait)})
+                    except ExplainRefused as refused:  # busy, loading or broken: before the image is decoded
+                        call.reasons = [refused.reason]
+                        REFUSED.labels(status="503", reason=refused.reason).inc()
+                        wait = refused.retry_after_s
+                        await send_json(send, 503, refused.body(), {} if wait is None else {"retry-after": str(wait)})
                         return
                 decoder = self.decoders.get(scope["path"]) if field_name is not None else None
                 if decoder is not None and spool is not None and parts:
