@@ -313,13 +313,20 @@ def _sharper_jpeg(data: bytes, longest: int) -> Image.Image:
     blurred a burned-in marker a reviewer reads (a helper's find). The model's pixels never come from here."""
     with Image.open(io.BytesIO(data)) as header:
         width, height = header.size
-        side = -(-longest * min(width, height) // max(width, height))  # the shorter side at that scale
-        decoded = _decode_jpeg(data, header, side) if header.mode in ("L", "RGB") else None
-        if decoded is None:
-            header.draft(header.mode, (side, side))
-            header.load()
-            decoded = header.copy()
-        return decoded
+        decoded = _decoded_at(data, header, -(-longest * min(width, height) // max(width, height)))  # shorter side
+        return decoded.copy() if decoded is header else decoded  # the file closes here
+
+
+def _decoded_at(data: bytes, image: Image.Image, side: int) -> Image.Image:
+    """`image` (opened from `data`, not yet loaded) decoded; a JPEG at the smallest power-of-two scale whose both
+    sides still cover `side` (PIL's draft mode, libjpeg's DCT scaling), by `_decode_jpeg` where it can."""
+    if image.format == "JPEG":
+        decoded = _decode_jpeg(data, image, side) if image.mode in ("L", "RGB") else None
+        if decoded is not None:
+            return decoded
+        image.draft(image.mode, (side, side))
+    image.load()
+    return image
 
 
 # Chest radiographs are taken on 14x17 or 17x14 inch plates and cropped from them; a side more than this many
@@ -369,24 +376,20 @@ def prepare(
         # (its size is the upright one already; swapping it reported 1900x1600 for a 1600x1900 X-ray).
         if orientation in (5, 6, 7, 8) and fmt != "TIFF":
             width, height = height, width
-        # JPEGs decode at the smallest power-of-two scale whose both sides still cover the input grid (PIL's
-        # draft mode, libjpeg's DCT scaling): a 2000 px scan decodes 8x faster.
-        decoded = _decode_jpeg(data, image, config.image_size) if fmt == "JPEG" and image.mode in ("L", "RGB") else None
-        if decoded is None:
-            if image.format == "JPEG":
-                image.draft(image.mode, (config.image_size, config.image_size))
-            image.load()
-        else:
-            image = decoded
+        image = _decoded_at(data, image, config.image_size)  # a 2000 px JPEG scan decodes 8x faster
         if orientation in (2, 3, 4, 5, 6, 7, 8):
             image = ImageOps.exif_transpose(image)
         coloured = image.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "P") and _looks_coloured(image)
-        pixels, preview = _grid(image, config, max(width, height), preview_side)
-        if preview_side is not None and fmt == "JPEG" and max(image.size) < (wanted := min(preview_side, max(width, height))):
-            sharper = _sharper_jpeg(data, wanted)
+        original_side = max(width, height)
+        # A JPEG decoded smaller than the preview is decoded again for it (`_sharper_jpeg`), not enlarged.
+        sharper = preview_side is not None and fmt == "JPEG" and max(image.size) < min(preview_side, original_side)
+        pixels, preview = _grid(image, config, original_side, None if sharper else preview_side)
+        if sharper:
+            assert preview_side is not None
+            shown = _sharper_jpeg(data, min(preview_side, original_side))
             if orientation in (2, 3, 4, 5, 6, 7, 8):
-                sharper = ImageOps.exif_transpose(sharper)
-            preview = _preview(_to_grayscale(sharper), max(width, height), preview_side)
+                shown = ImageOps.exif_transpose(shown)
+            preview = _preview(_to_grayscale(shown), original_side, preview_side)
     except ImageRejected:
         raise
     except Exception as exc:  # truncated data, bad CRC, decoder errors
