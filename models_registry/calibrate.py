@@ -69,11 +69,11 @@ def _same_calibration(source: str, fingerprint: str, target: float, temperature:
     return None
 
 
-def _fingerprint(files: list[tuple[Path, int]]) -> str:
+def _fingerprint(files: list[tuple[Path, int]], digests: dict[Path, str]) -> str:
     """sha256 over (class, file name, content digest): identifies the site data the calibration saw."""
     digest = hashlib.sha256()
     for path, label in sorted(files, key=lambda f: (f[1], f[0].name)):
-        digest.update(f"{label}/{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode("utf-8", "surrogateescape"))
+        digest.update(f"{label}/{path.name}:{digests[path]}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -139,7 +139,7 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
     if bad:  # before the copies: two empty downloads, one per class, are unreadable, not a labelling error
         listing = "\n  - ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise CalibrationRefused(f"{len(bad)} unreadable image(s) in {data_dir}; fix or remove them:\n  - {listing}")
-    distinct, copies = _without_copies(kept)
+    distinct, copies, digests = _without_copies(kept)
     chosen = set(distinct)
     grids = [grid for grid, file in zip(grids, kept) if file in chosen]
     kept = distinct
@@ -167,7 +167,7 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
     record = {
         "source_model": model.tag,
         "data_dir": str(Path(data_dir).resolve()),
-        "data_fingerprint": _fingerprint(kept),
+        "data_fingerprint": _fingerprint(kept, digests),
         "images": {name: int((labels == c).sum()) for c, name in enumerate(card.class_names)},
         "refused_by_validity_gate": int((~answered).sum()),
         "copies_ignored": len(copies),
@@ -187,8 +187,9 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
     return SiteCalibration(tag=tag, source=model.tag, report=record, report_dir=report_dir, reused=existing is not None)
 
 
-def _without_copies(files: list[tuple[Path, int]]) -> tuple[list[tuple[Path, int]], list[str]]:
-    """The files with byte-identical copies left out (the first of each kept), and the copies as 'B is a copy of A'.
+def _without_copies(files: list[tuple[Path, int]]) -> tuple[list[tuple[Path, int]], list[str], dict[Path, str]]:
+    """The files with byte-identical copies left out (the first of each kept), the copies as 'B is a copy of A', and
+    each kept file's sha256 (hex), which the data fingerprint reuses.
 
     A copy counted as another image: 30 copies of one X-ray per class passed the minimum and gave a threshold with
     cross-validated sensitivity and specificity of 1.000 (a helper's find). The training collection itself holds
@@ -196,6 +197,7 @@ def _without_copies(files: list[tuple[Path, int]]) -> tuple[list[tuple[Path, int
     first: dict[str, tuple[Path, int]] = {}
     kept: list[tuple[Path, int]] = []
     copies: list[str] = []
+    digests: dict[Path, str] = {}
     for path, label in files:  # all decoded already
         try:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -204,12 +206,13 @@ def _without_copies(files: list[tuple[Path, int]]) -> tuple[list[tuple[Path, int
         if digest not in first:
             first[digest] = (path, label)
             kept.append((path, label))
+            digests[path] = digest
         elif first[digest][1] != label:
             raise CalibrationRefused(f"{path} and {first[digest][0]} are the same file under both classes: fix the "
                                      "labels")
         else:
             copies.append(f"{path} is a copy of {first[digest][0]}")
-    return kept, copies
+    return kept, copies, digests
 
 
 def shortfall_warning(sensitivity: float, target: float) -> str:
