@@ -333,8 +333,8 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
         explanation = api.explain(upload)
     except ClientError as failed:  # named by its path, as classify names a file it refuses
         if args.json:  # "sent": false unless the server answered about the file, as classify says it
-            said = failed if isinstance(failed, (InvalidInput, Unreadable)) else NotSent(failed)
-            print(json.dumps(_error_entry(_shown(args.image), None, said), indent=2))
+            entry = failed if isinstance(failed, (InvalidInput, Unreadable)) else NotSent(failed)
+            print(json.dumps(_error_entry(_shown(args.image), None, entry), indent=2))
         said = str(failed) if isinstance(failed, Unreadable) else f"{_shown(args.image)}: {_own_message(str(failed))}"
         print(f"error: {said}", file=sys.stderr)
         return failed.exit_code
@@ -437,9 +437,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _usage_error(args: argparse.Namespace, message: str) -> int:
     """Exit 2 with `message` on stderr, and as JSON on stdout with --json."""
-    if args.json:
-        print(json.dumps({"status": "error", "error": message, "reasons": [], "http_status": None,
-                          "grpc_status": None, "retry_after_s": None}, indent=2))
+    if args.json:  # as a failed call prints it, with no server answer
+        print(json.dumps(_failure(ClientError(message)), indent=2))
     print(f"error: {message}", file=sys.stderr)
     return 2
 

@@ -135,11 +135,6 @@ def _whole(response: httpx.Response, raw: bytes) -> httpx.Response:
                           extensions=response.extensions)
 
 
-def _base_url(url: str | None, tls: TLS | None) -> str:
-    """`host:port` as people type it gets the scheme the TLS settings imply (http, or https with `tls`)."""
-    return http_base_url(url, secure=tls is not None)
-
-
 class HttpClient:
     """Synchronous HTTP client. `headers` go with every request (e.g. credentials); `tls` for https:// servers
     signed by a private CA or requiring a client certificate.
@@ -156,7 +151,7 @@ class HttpClient:
         self, url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S, headers: Mapping[str, str] | None = None,
         tls: TLS | None = None,
     ) -> None:
-        self.url = _base_url(url, tls)
+        self.url = http_base_url(url, secure=tls is not None)
         self.timeout = checked_timeout(timeout)
         verify = tls.ssl_context() if tls is not None else True
         self._http = httpx.Client(base_url=self.url, timeout=self.timeout, headers=checked_headers(headers),
@@ -217,7 +212,7 @@ class AsyncHttpClient:
         self, url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S, headers: Mapping[str, str] | None = None,
         tls: TLS | None = None,
     ) -> None:
-        self.url = _base_url(url, tls)
+        self.url = http_base_url(url, secure=tls is not None)
         self.timeout = checked_timeout(timeout)
         verify = tls.ssl_context() if tls is not None else True
         self._http = httpx.AsyncClient(base_url=self.url, timeout=self.timeout,

@@ -334,8 +334,8 @@ def _served_sides(model: LoadedModel, paths: list[Path], labels: np.ndarray, arg
           f"threshold {model.card.threshold:.4f}\n")
     print("| shorter side | refused by the gate | all: ROC-AUC, sensitivity / specificity | answered: ROC-AUC, "
           "sensitivity / specificity |\n| ---: | ---: | --- | --- |")
+    shown = lambda value, digits: "-" if value is None else f"{value:.{digits}f}"  # noqa: E731 - one use
     for row in rows:
-        shown = lambda value, digits: "-" if value is None else f"{value:.{digits}f}"  # noqa: E731 - one use
         cells = [f"{shown(row[k]['roc_auc'], 4)}, {shown(row[k]['sensitivity'], 3)} / {shown(row[k]['specificity'], 3)}"
                  for k in ("all", "answered")]
         print(f"| {row['side']} px | {100 * row['refused']:.1f} % | {cells[0]} | {cells[1]} |")
