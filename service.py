@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import bentoml
 import numpy as np
@@ -113,19 +113,24 @@ def _decoded(data: bytes, received: float) -> PreparedImage:
     return _prepared(lambda: data, len(data), received)
 
 
+def _decoded_for_explain(data: bytes, received: float) -> PreparedImage:
+    """The same for an /explain upload, which also keeps a picture of the image to draw the heatmap on."""
+    return _prepared(lambda: data, len(data), received, PREVIEW_SIDE)
+
+
 def _prepare_upload(value: object, to_path: ValidatorFunctionWrapHandler, preview_side: int | None = None) -> PreparedImage:
     """Runs while the request is parsed: decode, validate and preprocess one upload.
 
     Multipart uploads arrive as Starlette UploadFiles and are read from memory;
     only other inputs (e.g. a path from a Python caller) go through BentoML's
     own file handling, which writes every upload to a temporary file first.
-    A /classify upload the HTTP guard has already decoded on its threads is
-    taken from there (its result, or its refusal).
+    An upload the HTTP guard has already decoded on its threads (with
+    `PNEUMONIA_DECODE_THREADS`) is taken from there (its result, or its refusal).
     """
     received = time.perf_counter()
     try:
         if isinstance(value, UploadFile):
-            done = PREDECODED.get() if preview_side is None else None
+            done = PREDECODED.get()  # set only for the route being parsed, by that route's decoder
             if done is not None and value.filename in done:
                 outcome = done[value.filename]
                 if isinstance(outcome, BaseException):
@@ -179,11 +184,15 @@ def prepare_images(images: Sequence[bytes]) -> list[PreparedImage]:
     return prepared
 
 
-async def prepare_images_off_loop(images: Sequence[bytes]) -> list[PreparedImage]:
-    """`prepare_images` on a decode thread (the event loop keeps serving meanwhile), or here without decode threads."""
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+async def off_loop(prepare: Callable[[T], R], uploads: T) -> R:
+    """`prepare(uploads)` on a decode thread (the event loop keeps serving meanwhile), or here without decode threads."""
     if DECODE_POOL is None:
-        return prepare_images(images)
-    return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, prepare_images, images)
+        return prepare(uploads)
+    return await asyncio.get_running_loop().run_in_executor(DECODE_POOL, prepare, uploads)
 
 
 def prepare_explain_image(data: bytes) -> PreparedImage:
@@ -341,7 +350,7 @@ class PneumoniaClassifier:
 
     async def prepare_images(self, images: Sequence[bytes]) -> list[PreparedImage]:
         """`prepare_images` of this module: the checks and preprocessing of `POST /classify`, on a decode thread."""
-        return await prepare_images_off_loop(images)
+        return await off_loop(prepare_images, images)
 
     async def classify_prepared(self, images: list[PreparedImage]) -> list[Prediction]:
         """Classify validated images in the adaptive batches that HTTP requests join."""
@@ -350,9 +359,9 @@ class PneumoniaClassifier:
             raise ServiceUnavailable("the model is still loading on this server; retry shortly")
         return await run(images)
 
-    def prepare_explain_image(self, data: bytes) -> PreparedImage:
-        """`prepare_explain_image` of this module: the checks and preprocessing of `POST /explain`."""
-        return prepare_explain_image(data)
+    async def prepare_explain_image(self, data: bytes) -> PreparedImage:
+        """`prepare_explain_image` of this module: the checks and preprocessing of `POST /explain`, on a decode thread."""
+        return await off_loop(prepare_explain_image, data)
 
     async def explain_prepared(self, image: PreparedImage) -> Explanation:
         """The explanation of one validated image, on an explain thread (the caller holds an explain slot)."""
@@ -418,7 +427,7 @@ APIMethod._local_call = _cached_local_call  # type: ignore[method-assign]
 # Request id, security headers, CORS, API keys, rate limit, body and multipart checks, and the readiness wait of
 # model routes (a warming worker holds them briefly, then answers 503).
 PneumoniaClassifier.add_asgi_middleware(HttpGuard, settings=SETTINGS, upload_routes={"/classify": "images", "/explain": "image"},
-                                        explain_slots={"/explain": EXPLAIN_SLOTS}, decoders={"/classify": _decoded},
+                                        explain_slots={"/explain": EXPLAIN_SLOTS}, decoders={"/classify": _decoded, "/explain": _decoded_for_explain},
                                         decode_pool=DECODE_POOL)
 # The web page (serving/ui/): static files, no build step, nothing fetched from elsewhere.
 PneumoniaClassifier.mount_asgi_app(ui.app, path=ui.PATH, name="ui")

@@ -349,7 +349,8 @@ class ServingSettings(BaseSettings):
     )
     decode_threads: int = Field(
         0, ge=0, le=32,
-        description="threads per worker that decode /classify uploads before BentoML parses the request. 0 = decode "
+        description="threads per worker that decode /classify and /explain uploads (HTTP and gRPC) before BentoML "
+        "parses the request. 0 = decode "
         "on the worker's event loop while the request is parsed. Not the default: no measured throughput gain in "
         "three A/B runs (docs/performance.md)",
     )

@@ -178,22 +178,39 @@ def test_a_burst_right_after_start_up_is_answered_in_full(fresh_server: ServerPr
 
 
 def test_decoded_on_threads_equals_decoded_on_the_loop(fresh_server: ServerProcess, tmp_path: Path) -> None:
-    """The default (uploads decoded on the event loop) and PNEUMONIA_DECODE_THREADS=2 answer alike, refusals too."""
-    files = [("images", (p.name, p.read_bytes())) for p in sample_xrays(2, offset=70)]
-    files.append(("images", ("bad.jpeg", b"\xff\xd8\xff not really a jpeg")))
+    """The default (uploads decoded on the event loop) and PNEUMONIA_DECODE_THREADS=2 answer alike, refusals too,
+    for /classify and /explain (whose uploads the decode threads took only since stop 41) and gRPC Explain."""
+    xrays = sample_xrays(2, offset=70)
+    files = [("images", (p.name, p.read_bytes())) for p in xrays]
+    broken = b"\xff\xd8\xff not really a jpeg"
+    files.append(("images", ("bad.jpeg", broken)))
     good = files[:-1]
     on_threads = start_server(tmp_path / "threads.log", PNEUMONIA_WORKERS="1", PNEUMONIA_DECODE_THREADS="2")
     try:
         answers = []
-        for server in (fresh_server, on_threads):
+        for server in (fresh_server.wait_for_explainers(), on_threads.wait_for_explainers()):
             ok = httpx.post(server.url + "/classify", files=good, timeout=60)
             bad = httpx.post(server.url + "/classify", files=files, timeout=60)
             assert ok.status_code == 200 and bad.status_code == 400, (ok.text, bad.text)
-            answers.append(([(i["label"], i["probability"], i["image"], i["warnings"]) for i in ok.json()], bad.json()))
+            explained = httpx.post(server.url + "/explain", files={"image": ("x.jpeg", xrays[0].read_bytes())}, timeout=60)
+            refused = httpx.post(server.url + "/explain", files={"image": ("bad.jpeg", broken)}, timeout=60)
+            assert explained.status_code == 200 and refused.status_code == 400, (explained.text, refused.text)
+            heatmap, prediction = explained.json()["heatmap"], explained.json()["prediction"]
+            with grpc.insecure_channel(server.grpc_target) as channel:
+                stub = pb_grpc.ClassifierStub(channel)
+                reply = stub.Explain(pb.ExplainRequest(image=pb.Image(data=xrays[0].read_bytes())), timeout=60)
+                with pytest.raises(grpc.RpcError) as grpc_refusal:
+                    stub.Explain(pb.ExplainRequest(image=pb.Image(data=broken)), timeout=60)
+            assert reply.prediction.label == prediction["label"] and reply.heatmap.image_png.startswith(b"\x89PNG")
+            assert grpc_refusal.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            answers.append(([(i["label"], i["probability"], i["image"], i["warnings"]) for i in ok.json()], bad.json(),
+                            (prediction["probability"], heatmap["grid"], heatmap["image_png"]), refused.json(),
+                            reply.heatmap.image_png, grpc_refusal.value.details()))
     finally:
         on_threads.stop()
     assert answers[0] == answers[1]
     assert answers[0][1]["detail"][0]["loc"] == ["images", 4] and answers[0][1]["detail"][0]["type"] == "not_an_image"
+    assert answers[0][3]["detail"][0]["loc"] == ["image"] and answers[0][3]["detail"][0]["type"] == "not_an_image"
 
 
 def test_the_eager_dispatcher_is_installed(fresh_server: ServerProcess) -> None:
