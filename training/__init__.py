@@ -7,7 +7,8 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def one_line(exc: BaseException) -> str:
@@ -26,3 +27,14 @@ def run_command(body: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def check_distinct_networks(models: Sequence[Any]) -> None:
+    """ValueError when a stored model (`.tag`, `.card.weights_sha256`) is listed twice, or one network under two
+    tags (a re-gated or re-calibrated version keeps its weights): it would only repeat a row or a member."""
+    if len({m.tag for m in models}) != len(models):
+        raise ValueError("a model is listed twice")
+    first: dict[str, str] = {}
+    for m in models:
+        if (twin := first.setdefault(m.card.weights_sha256, m.tag)) != m.tag:
+            raise ValueError(f"{m.tag} and {twin} have the same weights: list each network once")

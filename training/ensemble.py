@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from core.cli import bounded
-from training import run_command
+from training import check_distinct_networks, run_command
 
 # The member's training options that decide its patient split and input grid: the ensemble's run reuses them.
 SHARED_OPTIONS = ("split", "val_fraction", "max_per_class", "skip_bad_images", "seed", "image_size",
@@ -62,12 +62,7 @@ def _members_agree(members: list) -> dict:
     """The first member's training configuration, after checking that every member shares what must be shared."""
     if len(members) < 2:
         raise ValueError("an ensemble needs two or more models")
-    if len({m.tag for m in members}) != len(members):
-        raise ValueError("a model is listed twice")
-    first: dict[str, str] = {}
-    for m in members:  # a re-gated version has a tag of its own and the same network (a helper's find)
-        if (twin := first.setdefault(m.card.weights_sha256, m.tag)) != m.tag:
-            raise ValueError(f"{m.tag} and {twin} have the same weights: list each network once")
+    check_distinct_networks(members)  # a re-gated version has a tag of its own and the same network (a helper's find)
     configs = [LATER_OPTIONS | m.card.training_config for m in members]
     for m, config in zip(members, configs):
         if m.card.spec.members != 1:
