@@ -28,6 +28,7 @@ import re
 import stat
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from api.reasons import IMAGE_REASONS
@@ -197,33 +198,44 @@ class NotSent(ClientError):
         self.exit_code = cause.exit_code
 
 
-def classify_each(api: ClassifierClient, uploads: list[ImageUpload]) -> list[Prediction | ClientError]:
+@dataclass
+class ServerLimit:
+    """The server's `max_images_per_request` once a refusal made the CLI ask for it: asked once, not per batch."""
+
+    images: int | None = None
+
+
+def classify_each(api: ClassifierClient, uploads: list[ImageUpload],
+                  server: ServerLimit | None = None) -> list[Prediction | ClientError]:
     """A result for every upload, in order: its prediction, or why it has none.
 
     More images than the server takes in one request are sent in several (its `max_images_per_request`, asked
-    only when it refuses); a request refused for one image is sent again image by image, so that one bad file
-    does not cost the others their answers. A failure of the first request that is not about an image
-    (unreachable, key, rate limit) is raised; one in a later request ends the sending, and the files not answered
-    get that error, while the answers already received are kept.
+    only when it refuses, then kept in `server` for later calls); a request refused for one image is sent again
+    image by image, so that one bad file does not cost the others their answers. A failure of the first request
+    that is not about an image (unreachable, key, rate limit) is raised; one in a later request ends the
+    sending, and the files not answered get that error, while the answers already received are kept.
     """
-    try:
-        return list(api.classify(uploads))
-    except InvalidInput as refused:
-        reasons = set(refused.reasons)
-        limit = len(uploads)
-        if "too_many_images" in reasons and len(uploads) > 1:
-            limit = int(api.model_info().limits.get("max_images_per_request") or 1)
-        if limit >= len(uploads):
-            if not reasons or not reasons <= PER_IMAGE_REASONS:
-                raise
-            if len(uploads) == 1:
-                return [refused]
-            limit = 1
+    server = server if server is not None else ServerLimit()
+    limit = server.images if server.images is not None and server.images < len(uploads) else None
+    if limit is None:
+        try:
+            return list(api.classify(uploads))
+        except InvalidInput as refused:
+            reasons = set(refused.reasons)
+            limit = len(uploads)
+            if "too_many_images" in reasons and len(uploads) > 1:
+                limit = server.images = int(api.model_info().limits.get("max_images_per_request") or 1)
+            if limit >= len(uploads):
+                if not reasons or not reasons <= PER_IMAGE_REASONS:
+                    raise
+                if len(uploads) == 1:
+                    return [refused]
+                limit = 1
     results: list[Prediction | ClientError] = []
     for start in range(0, len(uploads), limit):
         chunk = uploads[start:start + limit]
         try:
-            results += classify_each(api, chunk)
+            results += classify_each(api, chunk, server)
         except ClientError as failed:  # a one-file request refused as a whole is that file's own refusal
             own = [failed] if len(chunk) == 1 and isinstance(failed, InvalidInput) else []
             return results + own + [NotSent(failed)] * (len(uploads) - len(results) - len(own))
@@ -244,6 +256,7 @@ def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
     ids = args.client_id or [None] * len(paths)
     results: list[Prediction | ClientError] = []
     stopped: NotSent | None = None
+    server = ServerLimit()
     for batch in _batches(paths):
         if stopped is not None:
             results += [stopped] * len(batch)
@@ -251,7 +264,7 @@ def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
         read = [_read(paths[i], ids[i]) for i in batch]
         uploads = [u for u in read if isinstance(u, ImageUpload)]
         try:
-            answers = iter(classify_each(api, uploads) if uploads else [])
+            answers = iter(classify_each(api, uploads, server) if uploads else [])
         except ClientError as failed:
             if not results and not args.json:  # one line says it; --json gives every file its entry instead
                 raise

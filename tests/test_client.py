@@ -312,7 +312,8 @@ def test_cli_reads_each_requests_files_only_when_it_sends_them(live: ServerProce
     events: list[str] = []
     read, send = cli._read, cli.classify_each
     monkeypatch.setattr(cli, "_read", lambda path, client_id: events.append("read") or read(path, client_id))
-    monkeypatch.setattr(cli, "classify_each", lambda api, uploads: events.append(f"send {len(uploads)}") or send(api, uploads))
+    monkeypatch.setattr(cli, "classify_each",
+                        lambda api, uploads, *rest: events.append(f"send {len(uploads)}") or send(api, uploads, *rest))
     paths = sample_xrays(10, offset=67)
     assert cli.main(["classify", *map(str, paths), "--url", live.url, "--json"]) == 0
     assert events == ["read"] * 16 + ["send 16"] + ["read"] * 4 + ["send 4"]
@@ -807,3 +808,33 @@ def test_a_slow_upload_still_gets_its_answer() -> None:
 
         with pytest.raises(Unavailable):
             asyncio.run(call())
+
+
+def _logged_routes(server: ServerProcess, expected: int, timeout_s: float = 10.0) -> list[tuple[str, int]]:
+    """(route, status) of the server's request-log lines, once `expected` of them have reached its log file."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = [json.loads(line[line.find('{"ts"'):]) for line in server.logs().splitlines() if '{"ts"' in line]
+        routes = [(r["route"], r["status"]) for r in records if r.get("logger") == "pneumonia.request"]
+        if len(routes) >= expected or time.monotonic() > deadline:
+            return routes
+        time.sleep(0.2)
+
+
+def test_cli_asks_a_smaller_per_request_limit_once(tmp_path: Path) -> None:
+    """Found by a helper: against a server that takes fewer images per request than the CLI's 16, every batch was
+    refused and the limit asked again (two extra requests per batch). Now it is asked once and kept."""
+    from harness.servers import start_server
+
+    server = start_server(tmp_path / "server.log", PNEUMONIA_MAX_IMAGES_PER_REQUEST="4", PNEUMONIA_WORKERS="1")
+    try:
+        paths = sample_xrays(20, offset=120)  # 40 files: the CLI's batches of 16, 16 and 8
+        done = _cli("classify", *map(str, paths), "--url", server.url, "--json")
+        assert done.returncode == 0, done.stderr
+        assert [e["filename"] for e in json.loads(done.stdout)] == [p.name for p in paths]
+        before = server.logs()
+        routes = _logged_routes(server, expected=1 + 1 + 10)
+    finally:
+        server.stop()
+    # one refused request of 16, one /health for the limit, then ten requests of 4 (batches split at once)
+    assert routes == [("/classify", 400), ("/health", 200)] + [("/classify", 200)] * 10, (routes, before[-2000:])
