@@ -20,9 +20,10 @@ import math
 import re
 import socket
 import ssl
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 import httpx
@@ -585,6 +586,61 @@ def test_max_concurrency_refuses_requests_beyond_the_limit(mutual: ServerProcess
             answers = [finish(sock, body) for sock in held]
         assert all(a.startswith(b"HTTP/1.1 200") for a in answers), answers
         assert client.post("/classify", files=upload()).status_code == 200  # the slots are free again
+
+
+def test_grpc_watch_streams_and_calls_still_arriving_leave_the_call_slots_free(mutual: ServerProcess,
+                                                                               own_pki: Pki) -> None:
+    """Found by a helper: grpcio's `maximum_concurrent_rpcs` counted health Watch streams (no key needed) and calls
+    whose message never came, so three of them refused every keyed Classify and even health checks until the
+    holder disconnected. Now calls count once their message has arrived, and Watch streams have a pool of their
+    own: a quarter of PNEUMONIA_MAX_CONCURRENCY, at least one (here 1 beside 2 calls)."""
+    key = (("x-api-key", KEY_MUTUAL),)
+    never = threading.Event()
+
+    def silent() -> Iterator[bytes]:  # a request stream that never sends its message
+        never.wait(120)
+        yield b""
+
+    with grpc_channel(mutual.grpc_target, own_pki.trust()) as channel:
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                     request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                     response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        watching = watch(health_pb2.HealthCheckRequest(), timeout=120)
+        stalled = [channel.stream_unary("/pneumonia.v1.Classifier/Classify").future(silent(), metadata=key, timeout=120)
+                   for _ in range(MAX_IN_FLIGHT + 1)]
+        try:
+            assert next(watching).status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as second:
+                next(watch(health_pb2.HealthCheckRequest(), timeout=30))
+            assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "open streams" in second.value.details()
+            stub = pb_grpc.ClassifierStub(channel)
+            answered, deadline = 0, time.monotonic() + 120
+            while answered < 2 * MAX_IN_FLIGHT:  # one after another: each takes a slot of 2 and gives it back
+                try:
+                    stub.Classify(pb.ClassifyRequest(images=[pb.Image(data=xray_jpeg())]), metadata=key, timeout=60)
+                    answered += 1
+                except grpc.RpcError as exc:  # this server's 10 ms batching bound may shed a call; no other refusal
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            watching.cancel()
+            for call in stalled:
+                call.cancel()
+            never.set()
+    with grpc_channel(mutual.grpc_target, own_pki.trust()) as channel:  # the stream's place is free again
+        again = channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                     request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                     response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        deadline = time.monotonic() + 30  # the server sees the cancellation a moment later
+        while True:
+            try:
+                stream = again(health_pb2.HealthCheckRequest(), timeout=30)
+                assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+                stream.cancel()
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, exc
 
 
 def test_batching_latency_bound_answers_503(mutual: ServerProcess, own_pki: Pki) -> None:

@@ -1,7 +1,9 @@
-"""The interceptors of the gRPC server, outermost first (`build_interceptors`): metrics, access, then parsing.
+"""The interceptors of the gRPC server, outermost first (`build_interceptors`): metrics, admission, access, parsing.
 
 Metrics: every call counted by method and final status code, and its latency,
-for /metrics. Access: API keys and rate limits, the same `AccessPolicy` as HTTP
+for /metrics. Admission: at most PNEUMONIA_MAX_CONCURRENCY calls per worker once
+their message has arrived, open streams (health Watch) in a smaller pool of their
+own, health checks never counted. Access: API keys and rate limits, the same `AccessPolicy` as HTTP
 (serving/security.py). The key comes from metadata `x-api-key: KEY` or
 `authorization: Bearer KEY`; the client is the peer address when no valid key
 names it. A refused call ends with UNAUTHENTICATED (one message whatever was
@@ -97,37 +99,101 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return wrapped
 
         def wrap_stream_response(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-            if inspect.isasyncgenfunction(behaviour):
+            async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started, error = time.perf_counter(), None
+                try:
+                    async for item in behaviour(request, context):
+                        yield item
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    record(started, context, error)
 
-                async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                    started, error = time.perf_counter(), None
-                    try:
-                        async for item in behaviour(request, context):
-                            yield item
-                    except BaseException as exc:
-                        error = exc
-                        raise
-                    finally:
-                        record(started, context, error)
+            return generator
 
-                return generator
-            return wrap_unary_response(behaviour)  # a coroutine that streams with context.write()
+        return rewrapped(handler, wrap_unary_response, wrap_stream_response)
 
-        kinds = {
-            "unary_unary": (grpc.unary_unary_rpc_method_handler, wrap_unary_response),
-            "stream_unary": (grpc.stream_unary_rpc_method_handler, wrap_unary_response),
-            "unary_stream": (grpc.unary_stream_rpc_method_handler, wrap_stream_response),
-            "stream_stream": (grpc.stream_stream_rpc_method_handler, wrap_stream_response),
-        }
-        for kind, (make_handler, wrap) in kinds.items():
-            behaviour = getattr(handler, kind)
-            if behaviour is not None:
-                return make_handler(
-                    wrap(behaviour),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
+
+_KINDS = {
+    "unary_unary": (grpc.unary_unary_rpc_method_handler, False),
+    "stream_unary": (grpc.stream_unary_rpc_method_handler, False),
+    "unary_stream": (grpc.unary_stream_rpc_method_handler, True),
+    "stream_stream": (grpc.stream_stream_rpc_method_handler, True),
+}
+
+
+def rewrapped(handler: grpc.RpcMethodHandler, wrap_coroutine: Callable[[Callable[..., Any]], Callable[..., Any]],
+              wrap_generator: Callable[[Callable[..., Any]], Callable[..., Any]]) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour wrapped: by `wrap_generator` when it is an async generator (a stream answered
+    by `yield`), else by `wrap_coroutine` (a single answer, or a stream written with `context.write()`)."""
+    for kind, (make_handler, streams) in _KINDS.items():
+        behaviour = getattr(handler, kind)
+        if behaviour is not None:
+            wrap = wrap_generator if streams and inspect.isasyncgenfunction(behaviour) else wrap_coroutine
+            return make_handler(wrap(behaviour), request_deserializer=handler.request_deserializer,
+                                response_serializer=handler.response_serializer)
+    return handler
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    """At most `calls` calls of one answer each in progress per worker (PNEUMONIA_MAX_CONCURRENCY), and at most
+    `streams` open streams (health Watch, reflection) apart from them; beyond, RESOURCE_EXHAUSTED.
+
+    grpcio's own `maximum_concurrent_rpcs` counted a call from its headers on and every Watch stream for as long
+    as it stayed open: a helper filled a server's slots with Watch streams (no key needed) or with calls that
+    never sent their message, and keyed Classify calls and even health checks were refused until the holder
+    disconnected, while HTTP's probes read ready. Here a call counts only once its message has arrived (its
+    behaviour runs), streams have a pool of their own, and health `Check` (a probe) is never counted. Inside the
+    metrics interceptor, so refusals are counted. grpcio's cap stays as a backstop at twice the call limit plus
+    the streams (`grpcio_call_cap`): a client holding that many calls without their messages still locks the
+    worker's gRPC port until it disconnects (HTTP ends such uploads after PNEUMONIA_TIMEOUT_S)."""
+
+    def __init__(self, calls: int, streams: int, exempt: Iterable[str]) -> None:
+        self.limits = {"calls": calls, "streams": streams}
+        self.running = {"calls": 0, "streams": 0}
+        self.exempt = frozenset(exempt)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method in self.exempt:
+            return handler
+        pool = "calls" if handler.unary_unary is not None else "streams"
+
+        async def admit(context: grpc.aio.ServicerContext) -> None:
+            if self.running[pool] >= self.limits[pool]:
+                what = "calls" if pool == "calls" else "open streams (health Watch, reflection)"
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"this server is at its limit of {self.limits[pool]} {what} at once; retry shortly")
+            self.running[pool] += 1
+
+        def wrap_coroutine(behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+            async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await admit(context)
+                try:
+                    result = behaviour(request, context)
+                    return await result if inspect.isawaitable(result) else result
+                finally:
+                    self.running[pool] -= 1
+
+            return admitted
+
+        def wrap_generator(behaviour: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+            async def admitted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await admit(context)
+                try:
+                    async for item in behaviour(request, context):
+                        yield item
+                finally:
+                    self.running[pool] -= 1
+
+            return admitted
+
+        return rewrapped(handler, wrap_coroutine, wrap_generator)
 
 
 
@@ -329,7 +395,23 @@ def classifier_access(security: SecuritySettings, service_name: str,
     return AccessInterceptor(shared_policy(security), protected=protected, limited={classify, explain, info}, log=log)
 
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def stream_slots(settings: ServingSettings) -> int:
+    """Open streams (health Watch, reflection) per worker: a quarter of the call limit, at least one."""
+    return max(1, settings.max_concurrency // 4)
+
+
+def grpcio_call_cap(settings: ServingSettings) -> int:
+    """grpcio's own `maximum_concurrent_rpcs`, a backstop above the admission limits: it counts calls from their
+    headers on, so it also bounds the messages being received at once (memory), which the admission cannot see."""
+    return 2 * settings.max_concurrency + stream_slots(settings)
+
+
 def build_interceptors(settings: ServingSettings, service_name: str) -> list[grpc.aio.ServerInterceptor]:
     """Every interceptor of the gRPC server, outermost first."""
-    return [MetricsInterceptor(), classifier_access(settings.security, service_name, settings.request_log),
+    admission = AdmissionInterceptor(calls=settings.max_concurrency, streams=stream_slots(settings),
+                                     exempt={HEALTH_CHECK})
+    return [MetricsInterceptor(), admission, classifier_access(settings.security, service_name, settings.request_log),
             ParseInterceptor()]

@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from api.grpc import SERVICE_NAME, pb_grpc
-from serving.grpc.interceptors import CallActivity, build_interceptors
+from serving.grpc.interceptors import CallActivity, build_interceptors, grpcio_call_cap
 from serving.grpc.servicer import Classifier, ClassifierServicer
 from settings import ServingSettings
 
@@ -91,7 +91,7 @@ async def start(service: Classifier, settings: ServingSettings) -> GrpcEndpoint:
     server = grpc.aio.server(
         interceptors=[activity, *build_interceptors(settings, SERVICE_NAME)],
         options=options,
-        maximum_concurrent_rpcs=settings.max_concurrency,
+        maximum_concurrent_rpcs=grpcio_call_cap(settings),  # a backstop: the limit is AdmissionInterceptor's
     )
     servicer = ClassifierServicer(service, settings)
     pb_grpc.add_ClassifierServicer_to_server(servicer, server)
