@@ -51,6 +51,7 @@ logger = logging.getLogger("bentoml.pneumonia.lifecycle")
 
 WARMUP_FAILED_EXIT_CODE = 3
 NOT_READY_MESSAGE = "the model is still loading on this server; retry shortly"
+NOT_READY_RETRY_AFTER_S = 5  # the Retry-After of that 503 (HTTP) or UNAVAILABLE (gRPC)
 
 
 class StartupError(BentoMLException):

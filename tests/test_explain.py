@@ -274,6 +274,10 @@ def test_explain_takes_exactly_one_file_in_the_field_image(live: ServerProcess) 
         with pytest.raises(grpc.RpcError) as failure:
             pb_grpc.ClassifierStub(channel).Explain(pb.ExplainRequest(), timeout=60)
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # a helper's find: no request id, no reason and no log line, where HTTP's 400 has all three
+    trailers = dict(failure.value.trailing_metadata())
+    assert trailers["pneumonia-reject-reasons"] == "missing" and trailers["x-request-id"], trailers
+    assert f'"request_id": "{trailers["x-request-id"]}"' in live.logs() or trailers["x-request-id"] in live.logs()
 
 
 def burst(count: int, call, also) -> tuple[list[tuple[str, float, object]], object]:

@@ -320,10 +320,16 @@ def test_not_ready_until_warm_early_callers_get_503_and_unavailable(spawn: Spawn
         grpc.channel_ready_future(channel).result(timeout=HANG_S)
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
         assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING  # the port is bound and answering
+        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as error:
             pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(images=[pb.Image(data=image)]), timeout=30)
+        took = time.monotonic() - started
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "still loading" in error.value.details()  # the servicer's answer, not a failed connection
+        # as HTTP's 503 (a helper's find: gRPC answered at once, without a reason, Retry-After or request id)
+        trailers = dict(error.value.trailing_metadata())
+        assert trailers["pneumonia-reject-reasons"] == "not_ready" and trailers["retry-after"].isdigit(), trailers
+        assert trailers["x-request-id"] and took >= wait - 0.1
     assert "ready: model warm" not in server.logs()  # all of the above happened before the model was warm
     assert httpx.get(server.url + "/readyz", timeout=30).status_code == 503
 

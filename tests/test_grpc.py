@@ -204,6 +204,20 @@ def test_bad_input_gets_its_status_code(server: ServerProcess, stub: pb_grpc.Cla
     assert len(stub.Classify(pb.ClassifyRequest(images=[image(path)]), timeout=60).predictions) == 1
 
 
+def test_a_long_or_odd_file_name_is_cut_in_the_status_as_in_the_log(stub: pb_grpc.ClassifierStub) -> None:
+    """A helper's find: the refusal echoed `filename` whole, so a 20,000-character name pushed the status past
+    gRPC's metadata limit (RESOURCE_EXHAUSTED "Stream removed", trailers lost) and control characters went
+    through as sent. Names are now shown as the request log keeps them: printable, at most 64 characters."""
+    names = ["A" * 20000, "x\r\n\x1b[31mred\x00" + "y" * 600]
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Classify(pb.ClassifyRequest(images=[pb.Image(data=b"", filename=name) for name in names]), timeout=60)
+    details = error.value.details()
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert f"image 0 ({'A' * 64})" in details and "A" * 65 not in details
+    assert "image 1 (x???[31mred?yyy" in details and "\r" not in details and "\x1b" not in details
+    assert dict(error.value.trailing_metadata())["pneumonia-reject-reasons"] == "empty,empty"
+
+
 def test_client_deadline_is_honoured(server: ServerProcess, stub: pb_grpc.ClassifierStub) -> None:
     """A call whose deadline passes is abandoned by the server too (counted as DEADLINE_EXCEEDED there)."""
     labels = {"grpc_method": "Classify", "grpc_code": "DEADLINE_EXCEEDED"}
@@ -316,7 +330,8 @@ def test_two_workers_share_the_grpc_port(tmp_path: Path, production_tag: str) ->
     once warm, connections spread over both workers. The warm-up is held until the test releases it."""
     release = tmp_path / "release-warm-up"
     proc = bentoml_serve("service:PneumoniaClassifier", free_port(), tmp_path / "server.log", PNEUMONIA_WORKERS="2",
-                         PNEUMONIA_WARMUP_DELAY_S="600", PNEUMONIA_WARMUP_RELEASE_FILE=str(release))
+                         PNEUMONIA_WARMUP_DELAY_S="600", PNEUMONIA_WARMUP_RELEASE_FILE=str(release),
+                         PNEUMONIA_READY_WAIT_S="0.2")  # each early call waits this long for the model first
     path = sample_xrays(1, offset=9)[0]
     try:
         proc.start(ready_timeout=HANG_S, ready_path="/livez")  # listening, models held back

@@ -48,6 +48,15 @@ UNMATCHED = "unmatched"  # the labels of a call to a method this server does not
 AUTH: contextvars.ContextVar[str] = contextvars.ContextVar("pneumonia_grpc_auth", default="none")
 
 
+def first_values(metadata: Iterable[tuple[str, Any]] | None) -> dict[str, Any]:
+    """Metadata by lower-case key, the first value of a repeated key winning, as HTTP's headers are read (gRPC took
+    the last: two `x-api-key`s were judged by the second over gRPC and by the first over HTTP)."""
+    values: dict[str, Any] = {}
+    for key, value in metadata or ():
+        values.setdefault(key.lower(), value)
+    return values
+
+
 def _split_method(full_method: str) -> tuple[str, str]:
     """'/pneumonia.v1.Classifier/Classify' -> ('pneumonia.v1.Classifier', 'Classify')."""
     service, _, method = full_method.lstrip("/").rpartition("/")
@@ -306,7 +315,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         protected, limited = method in self.protected, method in self.limited
         if handler is None or handler.unary_unary is None or not (protected or limited):
             return handler
-        metadata = {key.lower(): value for key, value in (handler_call_details.invocation_metadata or ())}
+        metadata = first_values(handler_call_details.invocation_metadata)
         key = presented_key(_text(metadata.get(API_KEY_HEADER)), _text(metadata.get("authorization")))
         behaviour = handler.unary_unary
 

@@ -34,13 +34,19 @@ from api.status import REASONS_METADATA_KEY, REQUEST_ID_HEADER, RETRY_AFTER_HEAD
 from core.preprocess import PreparedImage
 from serving import request_log
 from serving.explain import ExplainRefused, shared_slots
-from serving.grpc.interceptors import AUTH, ROUTES, log_call
+from serving.grpc.interceptors import AUTH, ROUTES, first_values, log_call
+from serving.lifecycle import NOT_READY_MESSAGE, NOT_READY_RETRY_AFTER_S
+from serving.request_log import printable
 from settings import ServingSettings
 
 logger = logging.getLogger("pneumonia.grpc")
 
-NOT_READY_MESSAGE = "the model is still loading; retry shortly"
 T = TypeVar("T")
+
+
+class NotReady(Exception):
+    """This worker's model was not warm within `ready_wait_s`: UNAVAILABLE with reason `not_ready` and a
+    `retry-after`, as HTTP's 503 (the servicer used to answer at once, with neither, and log nothing)."""
 
 
 class Classifier(Protocol):
@@ -61,7 +67,8 @@ def describe_refusal(refused: Refused, images: Sequence[Any]) -> str:
         index = next((p for p in detail.get("loc") or [] if isinstance(p, int)), None)
         message = str(detail.get("msg", detail.get("type", "invalid")))
         if index is not None and 0 <= index < len(images):
-            name = images[index].filename if images[index].HasField("filename") else ""
+            # as the log keeps it: a 20,000-character name pushed the status over gRPC's metadata limit
+            name = printable(images[index].filename) if images[index].HasField("filename") else ""
             parts.append(f"image {index}" + (f" ({name})" if name else "") + f": {message}")
         else:
             parts.append(message)
@@ -80,11 +87,19 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         if not self.service.is_serving():
             await context.abort(grpc.StatusCode.UNAVAILABLE, NOT_READY_MESSAGE)
 
+    async def _wait_ready(self) -> None:
+        """Wait up to `ready_wait_s` for this worker's model, as an HTTP call does; then `NotReady`."""
+        deadline = time.monotonic() + self.settings.ready_wait_s
+        while not self.service.is_serving():
+            if time.monotonic() >= deadline:
+                raise NotReady()
+            await asyncio.sleep(0.05)
+
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        await self._require_ready(context)
         images = list(request.images)
 
         async def work() -> list[Prediction]:
+            await self._wait_ready()
             prepared = await self.service.prepare_images([image.data for image in images])
             return await asyncio.wait_for(self.service.classify_prepared(prepared), self.settings.timeout_s)
 
@@ -92,13 +107,14 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         return pb.ClassifyResponse(predictions=[prediction_message(p, image) for p, image in zip(predictions, images)])
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
-        await self._require_ready(context)
-        if not request.HasField("image"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send the image to explain in 'image'")
         image = request.image
         slots = shared_slots(self.settings.explain)
 
         async def work() -> Explanation:
+            if not request.HasField("image"):  # refused as HTTP's /explain without its file: logged, with an id
+                message = "send the image to explain in 'image'"
+                raise Refused(400, message, [{"type": "missing", "loc": ["image"], "msg": message}])
+            await self._wait_ready()
             slots.acquire()  # ExplainBusy when every slot of this worker is taken: before the image is decoded
             try:
                 prepared = await self.service.prepare_explain_image(image.data)
@@ -106,14 +122,15 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             finally:
                 slots.release()
 
-        explanation = await self._answer(context, ROUTES["Explain"], [image], work, "explain the image")
+        explanation = await self._answer(context, ROUTES["Explain"], [image] if request.HasField("image") else [],
+                                         work, "explain the image")
         return explanation_message(explanation, image)
 
     async def _answer(self, context: grpc.aio.ServicerContext, route: str, images: Sequence[Any],
                       work: Callable[[], Awaitable[T]], doing: str) -> T:
         """Run `work`, map its failure to a gRPC status, write the request-log line, set the trailing metadata."""
         started = time.perf_counter()
-        metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
+        metadata = first_values(context.invocation_metadata())
         supplied = metadata.get(REQUEST_ID_HEADER)
         request_id = request_log.request_id(str(supplied) if supplied is not None else None, self.settings.request_log)
         trailing: tuple[tuple[str, str], ...] = ((REQUEST_ID_HEADER, request_id),)
@@ -127,6 +144,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             status, reasons = refused.status, refused.reasons
             code = grpc.StatusCode[grpc_code_name(refused.status, refused.reasons)]
             failure = code, describe_refusal(refused, images), (*trailing, (REASONS_METADATA_KEY, ",".join(reasons)))
+        except NotReady:
+            status, reasons = 503, ["not_ready"]
+            failure = (grpc.StatusCode.UNAVAILABLE, NOT_READY_MESSAGE, (*trailing, (REASONS_METADATA_KEY, "not_ready"),
+                                                                       (RETRY_AFTER_HEADER, str(NOT_READY_RETRY_AFTER_S))))
         except ExplainRefused as refused:  # busy, loading or broken
             status, reasons = 503, [refused.reason]
             wait = () if refused.retry_after_s is None else ((RETRY_AFTER_HEADER, str(refused.retry_after_s)),)

@@ -19,7 +19,7 @@ from starlette.datastructures import Headers
 
 from api.models import error_body
 from serving.http.responses import STATIC_PREFIXES, Call, GuardError, Scope, Send, is_ui, send_json
-from serving.lifecycle import NOT_READY_MESSAGE, READINESS
+from serving.lifecycle import NOT_READY_MESSAGE, NOT_READY_RETRY_AFTER_S, READINESS
 from serving.security import API_KEY_HEADER, UNAUTHENTICATED_MESSAGE, AccessPolicy, presented_key
 
 PROBE_PATHS = frozenset({"/livez", "/healthz", "/readyz"})
@@ -37,7 +37,7 @@ class Admission:
         protect_metrics: bool,
         model_paths: frozenset[str],
         ready_wait_s: float,
-        retry_after_s: float = 5.0,
+        retry_after_s: float = NOT_READY_RETRY_AFTER_S,
     ) -> None:
         self.policy = policy
         self.open_paths = set(PROBE_PATHS | DOC_PATHS)
