@@ -643,6 +643,36 @@ def test_grpc_watch_streams_and_calls_still_arriving_leave_the_call_slots_free(m
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, exc
 
 
+def test_a_repeated_api_key_is_read_by_its_first_value_on_both_transports(mutual: ServerProcess,
+                                                                          own_pki: Pki) -> None:
+    """A helper's find: HTTP judged two `x-api-key` headers by the first, gRPC by the last."""
+    wrong = "w" * 24
+
+    def grpc_code(metadata: tuple[tuple[str, str], ...]) -> grpc.StatusCode:
+        deadline = time.monotonic() + 120
+        with grpc_channel(mutual.grpc_target, own_pki.trust()) as channel:
+            while True:
+                try:
+                    pb_grpc.ClassifierStub(channel).Classify(pb.ClassifyRequest(images=[pb.Image(data=xray_jpeg())]),
+                                                             metadata=metadata, timeout=60)
+                    return grpc.StatusCode.OK
+                except grpc.RpcError as exc:  # this server's 10 ms batching bound may shed a call: again
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                        return exc.code()
+
+    def http_status(headers: list[tuple[str, str]]) -> int:
+        with mutual.http_client() as client:
+            for _ in range(50):
+                if (status := client.post("/classify", files=upload(), headers=headers).status_code) != 503:
+                    return status
+        return status
+
+    assert grpc_code((("x-api-key", KEY_MUTUAL), ("x-api-key", wrong))) == grpc.StatusCode.OK
+    assert grpc_code((("x-api-key", wrong), ("x-api-key", KEY_MUTUAL))) == grpc.StatusCode.UNAUTHENTICATED
+    assert http_status([("x-api-key", KEY_MUTUAL), ("x-api-key", wrong)]) == 200
+    assert http_status([("x-api-key", wrong), ("x-api-key", KEY_MUTUAL)]) == 401
+
+
 def test_batching_latency_bound_answers_503(mutual: ServerProcess, own_pki: Pki) -> None:
     """A call that would wait longer than max_latency_ms (10 ms) behind a running forward pass is shed with 503,
     over HTTP and gRPC, while other calls are answered (the five-image call too). Which call waits depends on
