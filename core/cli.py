@@ -87,6 +87,14 @@ def output_folder(text: str) -> Path:
     return path
 
 
+def file_stem(text: str) -> str:
+    """An argparse `type=` for the start of file names a command writes (`--name`): one name, no folder in it (a
+    benchmark with `--name sub/x` failed only after all its runs, copying nothing)."""
+    if not text.strip() or text in (".", "..") or "/" in text or "\\" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file name (no folders, not empty)")
+    return text
+
+
 def positive_ints(text: str) -> list[int]:
     """An argparse `type=` for a comma-separated list of whole numbers >= 1, e.g. client counts '1,8,32'."""
     try:

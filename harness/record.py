@@ -66,3 +66,17 @@ def write(path: Path, record: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
+
+
+def read_json(path: Path) -> dict:
+    """A results file a command reads back (a benchmark run, a memory measurement): a JSON object, or ValueError
+    naming the file (a missing or malformed one gave FileNotFoundError or JSONDecodeError tracebacks)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not the object this command reads")
+    return data

@@ -125,6 +125,18 @@ def _sweep_stale_once() -> None:
             continue
 
 
+class ServerExited(RuntimeError):
+    """A started server exited: the full text keeps its log's tail (for tests); `summary` is one line for a
+    command to print (a benchmark with a bad --service-env printed a 14-frame traceback)."""
+
+    def __init__(self, code: int | None, log_path: Path, log_tail: str) -> None:
+        super().__init__(f"server exited with {code}:\n{log_tail}")
+        errors = [line.strip() for line in log_tail.splitlines() if line.strip().startswith("Error:")]
+        last = errors[-1] if errors else next((line.strip() for line in reversed(log_tail.splitlines()) if line.strip()),
+                                              "no output")
+        self.summary = f"the server exited with {code} before it was ready: {last[:600]} (log: {log_path})"
+
+
 @dataclass
 class ServerProcess:
     """A server subprocess in its own process group, logging to a file."""
@@ -207,7 +219,7 @@ class ServerProcess:
             with httpx.Client(verify=self.verify(), timeout=2) as probe:
                 while time.monotonic() < deadline:
                     if self.process.poll() is not None:
-                        raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
+                        raise ServerExited(self.process.returncode, self.log_path, self.logs()[-4000:])
                     try:
                         if probe.get(self.url + ready_path).status_code == 200 and (
                             (ready_path != "/readyz" and self.warm_pattern is None) or self._workers_warm()
@@ -230,7 +242,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while len(re.findall(r"explainers ready", self.logs())) < max(1, self.warm_workers):
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
+                raise ServerExited(self.process.returncode, self.log_path, self.logs()[-4000:])
             if time.monotonic() > deadline:
                 raise TimeoutError(f"explainers not ready after {timeout}s:\n{self.logs()[-4000:]}")
             time.sleep(0.2)
@@ -320,17 +332,32 @@ def interrupted_status(interrupt: KeyboardInterrupt) -> int:
     return 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
 
 
-def exit_with(main: Callable[[], int]) -> NoReturn:
-    """Run a command that starts servers (`main`'s finally blocks stop them) and exit with its status; Ctrl-C
-    ends it with one line and 130, not a traceback (the benchmark, the soak and the memory measurement printed one),
-    SIGTERM the same way with 143.
-    """
+def answered(main: Callable[[], int], interrupted: str = "any server this command started was stopped") -> int:
+    """The status of a command that starts servers (`main`'s finally blocks stop them). Ctrl-C ends it with one
+    line and 130, not a traceback (the benchmark, the soak and the memory measurement printed one), SIGTERM the same
+    way with 143; a server that would not start, or any other failure, with one line and 1 (a helper's find: a bad
+    --service-env, a model not in the store or an --out that is a file gave tracebacks)."""
     try:
         with sigterm_interrupts():
-            sys.exit(main())
+            return main()
     except KeyboardInterrupt as interrupt:
-        print("interrupted: any server this command started was stopped", file=sys.stderr)
-        sys.exit(interrupted_status(interrupt))
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return interrupted_status(interrupt)
+    except ServerExited as exc:
+        print(f"error: {exc.summary}", file=sys.stderr)
+        return 1
+    except KeyError as exc:  # e.g. a results file of another kind than the command reads
+        print(f"error: no field {exc} where this command expected one (a results file of another kind?)",
+              file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a command line answers with one line, never a stack trace
+        print(f"error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        return 1
+
+
+def exit_with(main: Callable[[], int]) -> NoReturn:
+    """Run a command that starts servers and exit with its status, failures in one line (`answered`)."""
+    sys.exit(answered(main))
 
 
 def server_env(**extra: str) -> dict[str, str]:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.cli import bounded, output_file
 from harness import record
 from harness.paths import DATA_DIR, RESULTS
 from harness.payloads import build_samples
@@ -235,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", type=ablation_names, default="preprocess,forward,bf16", help=",".join(ABLATIONS))
     p.add_argument("--model", default="production")
-    p.add_argument("--extra-images", type=int, default=100, help="training images per class added to the accuracy check")
-    p.add_argument("--out", type=Path, default=RESULTS / "ablations.json")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--extra-images", type=bounded(int, 1, 1300), default=100, help="training images per class added to the accuracy check")
+    p.add_argument("--out", type=output_file, default=RESULTS / "ablations.json")
+    p.add_argument("--threads", type=bounded(int, 0, 256), default=0,
                    help="torch (and ONNX Runtime) threads for the variant rows; 0: all cores (a service worker has 1)")
     args = p.parse_args(argv)
     provenance = record.provenance(argv)

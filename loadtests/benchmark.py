@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cli import bounded, key_value, output_folder, positive_ints
+from core.cli import bounded, file_stem, key_value, output_folder, positive_ints
 from harness.loadgen import encode_requests, run_load, run_mixed
 from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import IMAGE_KINDS, MIX_WEIGHTS, MULTI_COUNT, build_samples, explain_plan, request_plan
@@ -90,7 +90,7 @@ TARGETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short windows for CI (the table keeps every row)")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default results/benchmark/<time>)")
+    p.add_argument("--out", type=output_folder, default=None, help="results folder (default results/benchmark/<time>)")
     p.add_argument("--concurrency", type=positive_ints, default="1,8,32", help="comma-separated client counts")
     p.add_argument("--window-s", type=bounded(float, 0, low_open=True), default=None, help="measured seconds per point (default 20, quick 2)")
     p.add_argument("--warmup-s", type=bounded(float, 0), default=None, help="unmeasured seconds before each window (default 3, quick 0.5)")
@@ -107,7 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=bounded(int, 1), default=1, help="run the whole benchmark this many times and report the spread")
     p.add_argument("--results", type=output_folder, default=None,
                    help="with --repeat: also copy each run's JSON and the spread here (e.g. docs/results)")
-    p.add_argument("--name", default="benchmark", help="file name stem of the copies in --results")
+    p.add_argument("--name", type=file_stem, default="benchmark", help="file name stem of the copies in --results")
     p.add_argument("--explain-classify-clients", type=bounded(int, 1), default=8,
                    help="classify clients measured with and without the explain burst")
     p.add_argument("--explain-burst", type=bounded(int, 1), default=8, help="clients explaining back to back beside them")
@@ -482,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - {"bare", "explain", *SYSTEMS}
+    if not systems:  # it measured nothing, printed an empty table and claimed a plot (a helper's find)
+        print(f"--systems names no system; choose from bare,{','.join(SYSTEMS)},explain", file=sys.stderr)
+        return 2
     if unknown:
         print(f"unknown systems {sorted(unknown)}; choose from bare,{','.join(SYSTEMS)},explain", file=sys.stderr)
         return 2
@@ -496,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat <= 1:
         result = run_once(args, systems, variants, out, command)
         print(result["table"])
-        print(f"\nwrote {out}/benchmark.json, benchmark.md, benchmark.png")
+        written = ", ".join(name for name in ("benchmark.json", "benchmark.md", "benchmark.png") if (out / name).exists())
+        print(f"\nwrote {out}/: {written}")
         return 0
     from loadtests import spread
 

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import httpx
 
-from core.cli import bounded, key_value
+from core.cli import bounded, key_value, output_folder
 from harness import record
 from harness.paths import RESULTS, ROOT, VENV_BIN
 from harness.payloads import MULTI_COUNT
-from harness.servers import (ServerProcess, bentoml_serve, free_port, interrupted_status, server_env,
-                             sigterm_interrupts)
+from harness.servers import ServerProcess, answered, bentoml_serve, free_port, server_env
 
 IMAGES_PER_REQUEST = {"full-size": 1, "single": 1, f"{MULTI_COUNT} images": MULTI_COUNT, "explained": 1, "busy 503": 0}
 
@@ -47,6 +46,8 @@ def parse_duration(text: str) -> int:
         seconds = sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
     if seconds < 1:  # Locust reads a run time of 0 s as "run until stopped"
         raise argparse.ArgumentTypeError(f"must be at least 1 s, not {text!r}")
+    if seconds > 7 * 24 * 3600:  # 10**20 s reached Locust, which crashed on it after a server had started
+        raise argparse.ArgumentTypeError(f"must be at most a week (168h), not {text!r}")
     return seconds
 
 
@@ -56,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-u", "--users", type=bounded(int, 1), default=32, help="concurrent simulated clients")
     p.add_argument("-r", "--spawn-rate", type=bounded(float, 0, low_open=True), default=None, help="users started per second (default: all at once)")
     p.add_argument("-d", "--duration", type=parse_duration, default=60, help="test length, e.g. 60, 90s, 5m")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default results/locust/<time>)")
+    p.add_argument("--out", type=output_folder, default=None, help="results folder (default results/locust/<time>)")
     p.add_argument("--grpc", action="store_true", help="add the gRPC user class (PNEUMONIA_LOADTEST_GRPC=1)")
     p.add_argument("--wait-s", type=bounded(float, 0), default=0.0, help="mean think time per user between requests")
     p.add_argument("--explain-users", type=bounded(int, 0), default=0,
@@ -149,12 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.url is not None and (problem := check_reachable(args.url)):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    try:  # SIGTERM as Ctrl-C: the finally blocks stop Locust (its own process group) and the started server
-        with sigterm_interrupts():  # main() runs on the main thread (tests call it too)
-            return _run(args, argv)
-    except KeyboardInterrupt as interrupt:
-        print("interrupted: Locust and any server this command started were stopped", file=sys.stderr)
-        return interrupted_status(interrupt)
+    # SIGTERM as Ctrl-C: the finally blocks stop Locust (its own process group) and the started server; a server
+    # that does not start, or any other failure, is one line (main() runs on the main thread; tests call it too)
+    return answered(lambda: _run(args, argv), "Locust and any server this command started were stopped")
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:

@@ -20,6 +20,9 @@ import statistics
 import sys
 from pathlib import Path
 
+from core.cli import file_stem, output_folder
+from harness.record import read_json
+from harness.servers import answered
 from loadtests.benchmark import RATIO_ROWS, label, target_names
 
 FIGURES = ("images_per_s", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "full_p50_ms", "server_cpu_cores")
@@ -44,7 +47,7 @@ def text(s: dict | None, digits: int | None = 1) -> str:
 
 
 def summarise(paths: list[Path]) -> dict:
-    results = [json.loads(Path(p).read_text()) for p in paths]
+    results = [read_json(p) for p in paths]
     first = results[0]
     keys = list(dict.fromkeys((r["system"], r["clients"]) for result in results for r in result["runs"]))
     rows = []
@@ -143,9 +146,9 @@ def write(summary: dict, folder: Path, name: str, paths: list[Path] | None = Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="benchmark.json files of the runs")
-    parser.add_argument("--results", type=Path, default=None, help="also copy the runs and write the spread here")
-    parser.add_argument("--name", default="benchmark", help="file name stem in --results")
-    parser.add_argument("--out", type=Path, default=None, help="write <name>-spread.{json,md} here (without copies)")
+    parser.add_argument("--results", type=output_folder, default=None, help="also copy the runs and write the spread here")
+    parser.add_argument("--name", type=file_stem, default="benchmark", help="file name stem in --results")
+    parser.add_argument("--out", type=output_folder, default=None, help="write <name>-spread.{json,md} here (without copies)")
     args = parser.parse_args(argv)
     summary = summarise(args.runs)
     if args.out:
@@ -157,4 +160,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(answered(main, "stopped"))

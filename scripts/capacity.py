@@ -35,6 +35,9 @@ import sys
 from pathlib import Path
 
 from core.cli import bounded
+from harness.paths import numbered_runs
+from harness.record import read_json
+from harness.servers import answered
 
 ROOT = Path(__file__).resolve().parents[1]
 KEPT_RUNS = ROOT / "docs" / "results"
@@ -48,13 +51,13 @@ SERVICE_ROW = "service, adaptive batching"
 
 def median_kept_run(folder: Path = KEPT_RUNS) -> Path:
     """The kept benchmark run whose saturated service images/s is the median of the kept runs."""
-    runs = sorted(folder.glob("benchmark-[0-9].json"))
+    runs = numbered_runs(folder, "benchmark")
     if not runs:
         raise SystemExit(f"no kept benchmark runs (benchmark-<k>.json) in {folder}; run "
                          "python -m loadtests.benchmark --repeat 3 --results docs/results --name benchmark")
 
     def saturated(path: Path) -> float:
-        rows = [r for r in json.loads(path.read_text()).get("runs", []) if r.get("system") == "service"]
+        rows = [r for r in read_json(path).get("runs", []) if r.get("system") == "service"]
         return max(rows, key=lambda r: r["clients"])["images_per_s"] if rows else 0.0
 
     ranked = sorted(runs, key=saturated)
@@ -62,7 +65,7 @@ def median_kept_run(folder: Path = KEPT_RUNS) -> Path:
 
 
 def rows_from_benchmark_json(path: Path) -> tuple[list[dict], str]:
-    result = json.loads(path.read_text())
+    result = read_json(path)
     rows = [r for r in result.get("runs", []) if r.get("system") == "service"]
     if not rows:
         raise SystemExit(f"{path} has no 'service' rows")
@@ -161,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", type=Path, help="a benchmark.json of a re-run (default: the median of the kept runs in docs/results)")
     parser.add_argument("--memory", type=Path, default=MEMORY_JSON, help="scripts/measure_memory.py output")
-    positive = bounded(float, 0, low_open=True)  # 0 or less: a division by zero, or a plan of negative pods
-    parser.add_argument("--images-per-study", type=positive, default=2.0, help="e.g. PA and lateral (default 2)")
+    parser.add_argument("--images-per-study", type=bounded(float, 0, 1000, low_open=True), default=2.0,
+                        help="e.g. PA and lateral (default 2)")
     parser.add_argument("--utilisation", type=bounded(float, 0, 1, low_open=True), default=0.6,
                         help="target utilisation of a pod (default 0.6)")
     parser.add_argument("--min-replicas", type=bounded(int, 0), default=2)
-    parser.add_argument("--pod-cpus", type=positive, default=2.0, help="CPUs (= workers) per pod (default 2)")
+    parser.add_argument("--pod-cpus", type=bounded(float, 0.1, 1024), default=2.0, help="CPUs (= workers) per pod (default 2)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", type=Path, metavar="MARKDOWN", help="replace the table between the markers in this file")
     group.add_argument("--check", type=Path, metavar="MARKDOWN", help="exit 1 unless this file holds the current table")
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     benchmark = args.benchmark or median_kept_run()
     rows, command = rows_from_benchmark_json(benchmark)
     source = str(benchmark.resolve().relative_to(ROOT)) if benchmark.resolve().is_relative_to(ROOT) else str(benchmark)
-    measured = json.loads(args.memory.read_text())
+    measured = read_json(args.memory)
     derived = measured["derived"]
     request = manifest_memory()
     memory = {"request": request, "mib": mebibytes(request), "measured_need": derived["memory_request_limit"],
@@ -201,4 +204,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(answered(main, "stopped"))

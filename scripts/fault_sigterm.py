@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
+from core.cli import bounded, output_folder
 from harness import record
 from harness.faults import sigterm_experiment, write_json
 from harness.paths import RESULTS
@@ -28,10 +28,11 @@ from harness.servers import exit_with, kill_group, model_store, start_server
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--in-flight", type=int, default=4, help="heavy requests in flight at SIGTERM")
-    parser.add_argument("--images", type=int, default=16, help="large PNGs per heavy request")
-    parser.add_argument("--side", type=int, default=1536, help="side of the large PNGs in pixels")
-    parser.add_argument("--out", type=Path, default=RESULTS / "faults")
+    parser.add_argument("--in-flight", type=bounded(int, 1, 64), default=4, help="heavy requests in flight at SIGTERM")
+    parser.add_argument("--images", type=bounded(int, 1, 16), default=16, help="large PNGs per heavy request (at most "
+                        "the server's 16 per request)")
+    parser.add_argument("--side", type=bounded(int, 64, 4096), default=1536, help="side of the large PNGs in pixels")
+    parser.add_argument("--out", type=output_folder, default=RESULTS / "faults")
     args = parser.parse_args(argv)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
+from core.cli import bounded, output_folder
 from harness import record
 from harness.faults import worker_kill_experiment, write_json
 from harness.paths import RESULTS
@@ -29,12 +29,12 @@ from harness.servers import exit_with, kill_group, model_store, start_server
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=2, help="PNEUMONIA_WORKERS of the server (default 2)")
-    parser.add_argument("--clients", type=int, default=4, help="closed-loop clients, one image per request")
-    parser.add_argument("--repeat", type=int, default=1, help="kills, one after the other (same server)")
-    parser.add_argument("--warm-s", type=float, default=5.0, help="seconds of load before the kill")
-    parser.add_argument("--recover-timeout-s", type=float, default=120.0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "faults")
+    parser.add_argument("--workers", type=bounded(int, 1, 64), default=2, help="PNEUMONIA_WORKERS of the server (default 2)")
+    parser.add_argument("--clients", type=bounded(int, 1, 256), default=4, help="closed-loop clients, one image per request")
+    parser.add_argument("--repeat", type=bounded(int, 1, 100), default=1, help="kills, one after the other (same server)")
+    parser.add_argument("--warm-s", type=bounded(float, 0, 3600), default=5.0, help="seconds of load before the kill")
+    parser.add_argument("--recover-timeout-s", type=bounded(float, 1, 3600), default=120.0)
+    parser.add_argument("--out", type=output_folder, default=RESULTS / "faults")
     args = parser.parse_args(argv)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -10,10 +10,12 @@ fault-worker-kill) and prints one Markdown table per group: each figure as
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 
+from harness.paths import numbered_runs
+from harness.record import read_json
+from harness.servers import answered
 from loadtests.spread import stats, text
 
 Figure = tuple[str, Callable[[dict], float | None]]
@@ -80,15 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     found = False
     for name in GROUPS:
-        files = sorted(args.folder.glob(f"{name}-[0-9].json"))
+        files = numbered_runs(args.folder, name)
         if not files:
             continue
         found = True
-        print(table(name, [(p, json.loads(p.read_text())) for p in files]))
+        print(table(name, [(p, read_json(p)) for p in files]))
     if not found:
         parser.error(f"no runs in {args.folder} (expected files such as latency-224px-1.json)")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(answered(main, "stopped"))

@@ -133,7 +133,7 @@ def git_commit() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=None, help="PNEUMONIA_WORKERS (default: the service's own, one per core)")
+    parser.add_argument("--workers", type=bounded(int, 1, 64), default=None, help="PNEUMONIA_WORKERS (default: the service's own, one per core)")
     parser.add_argument("--seconds", type=bounded(float, 0, low_open=True), default=40.0,
                         help="seconds of load, split over the two phases")
     parser.add_argument("--out", type=output_file, default=DEFAULT_OUT)

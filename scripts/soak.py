@@ -36,6 +36,7 @@ import time
 from urllib.parse import urlsplit
 
 import numpy as np
+import psutil
 
 from core.cli import bounded, output_folder
 from harness import record
@@ -84,7 +85,7 @@ def soak(host: str, port: int, requests: list[bytes], rate: float, seconds: floa
 
 
 def memory_summary(samples: list[dict]) -> dict:
-    rss = [(s["t_s"], s["rss_mb"]) for s in samples if s["rss_mb"] is not None]
+    rss = [(s["t_s"], s["rss_mb"]) for s in samples if s["rss_mb"]]  # 0: the process was gone (no growth of 0 MB)
     if len(rss) < 2:
         return {}
     t, mb = np.array(rss).T
@@ -103,19 +104,22 @@ def memory_summary(samples: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     positive = bounded(float, 0, low_open=True)
-    parser.add_argument("--minutes", type=positive, default=10.0, help="soak duration (default 10)")
+    parser.add_argument("--minutes", type=bounded(float, 0, 7 * 24 * 60, low_open=True), default=10.0,
+                        help="soak duration (default 10; at most a week)")
     parser.add_argument("--fraction", type=positive, default=0.7, help="share of the measured capacity (default 0.7)")
     parser.add_argument("--rate", type=positive, help="requests per second; skips the capacity ramp")
     parser.add_argument("--ramp-step-s", type=positive, default=10.0, help="seconds per step of the capacity ramp")
     parser.add_argument("--sample-s", type=positive, default=10.0, help="seconds between memory samples")
     parser.add_argument("--url", help="a running service on this machine (default: start one on 127.0.0.1)")
-    parser.add_argument("--pid", type=int, help="with --url: the `bentoml serve` pid, for memory figures")
-    parser.add_argument("--workers", type=int, default=None, help="PNEUMONIA_WORKERS of a started service (default: the service's own)")
+    parser.add_argument("--pid", type=bounded(int, 1), help="with --url: the `bentoml serve` pid, for memory figures")
+    parser.add_argument("--workers", type=bounded(int, 1, 64), default=None,
+                        help="PNEUMONIA_WORKERS of a started service (default: the service's own)")
     parser.add_argument("--connections", type=bounded(int, 1), default=32, help="keep-alive connections of the soak")
     parser.add_argument("--max-queue", type=bounded(int, 1), default=2000, help="requests waiting for a connection "
                         "before further ones are counted as failures")
     parser.add_argument("--timeout-s", type=positive, default=30.0, help="per-request timeout")
-    parser.add_argument("--max-growth-pct", type=float, default=5.0)
+    parser.add_argument("--max-growth-pct", type=bounded(float, 0), default=5.0,
+                        help="largest memory growth over the soak, in percent, that passes (default 5)")
     parser.add_argument("--max-refused-pct", type=bounded(float, 0, 100), default=10.0,
                         help="share of the answers the validity gate may refuse (default 10: the shipped gate refuses "
                         "few of the soak's real X-rays; a server refusing them all soaked clean before)")
@@ -123,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.url and urlsplit(args.url).hostname not in ("127.0.0.1", "localhost"):
         parser.error("--url must point at this machine (127.0.0.1 or localhost)")
+    if args.url and urlsplit(args.url).scheme != "http":  # the soak speaks plain HTTP/1.1: https went out as http
+        parser.error("--url must be an http:// address (the soak sends plain HTTP)")
+    if args.pid is not None and not psutil.pid_exists(args.pid):  # its memory read as 0 MB for the whole soak
+        parser.error(f"--pid {args.pid}: no such process")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     report: dict = {**record.provenance(argv), "started": stamp, "minutes": args.minutes}
@@ -180,7 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the validity gate refused {result['refused']} of {result['served']} answers "
               f"({refused_pct:.1f} %, over --max-refused-pct {args.max_refused_pct:g})", file=sys.stderr)
         return 1
-    return 0 if result["failures"] == 0 and grew < args.max_growth_pct else 1
+    if result["failures"]:
+        print(f"error: {result['failures']} of the soak's requests failed", file=sys.stderr)
+        return 1
+    if grew >= args.max_growth_pct:  # it exited 1 without a word
+        print(f"error: memory grew {grew:g} % over the soak, not under --max-growth-pct {args.max_growth_pct:g}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -236,9 +236,12 @@ def script(name: str):
 @pytest.mark.parametrize("argv, words", [
     (["--rate", "-5"], "argument --rate: must be > 0, not -5"),
     (["--rate", "0"], "argument --rate: must be > 0, not 0"),  # ran the capacity ramp instead
-    (["--minutes", "-1"], "argument --minutes: must be > 0, not -1"),
-    (["--minutes", "0"], "argument --minutes: must be > 0, not 0"),
+    (["--minutes", "-1"], "argument --minutes: must be in (0, 10080], not -1"),
+    (["--minutes", "0"], "argument --minutes: must be in (0, 10080], not 0"),
+    (["--minutes", "1e306"], "argument --minutes: must be in (0, 10080], not 1e306"),  # ran for ever
     (["--fraction", "-1"], "argument --fraction: must be > 0, not -1"),  # above 1: an overload soak, allowed
+    (["--max-growth-pct", "nan"], "argument --max-growth-pct: must be >= 0, not nan"),  # failed every soak, silently
+    (["--pid", "4194305"], "--pid 4194305: no such process"),  # its memory read as 0 MB throughout
 ])
 def test_soak_refuses_numbers_that_measure_nothing(argv: list[str], words: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -466,7 +469,9 @@ def test_benchmark_targets_are_read_at_the_highest_client_count_in_any_order() -
 @pytest.mark.parametrize("command, option, kind", [
     ("soak", "--out", "file"), ("fuzz_decode", "--json", "folder"), ("loadtests.benchmark", "--results", "file"),
     ("loadtests.grpc_vs_http_latency", "--json", "folder"), ("loadtests.startup", "--json", "folder"),
-    ("measure_memory", "--out", "folder"),
+    ("measure_memory", "--out", "folder"), ("loadtests.benchmark", "--out", "file"), ("loadtests.run_locust", "--out", "file"),
+    ("fault_sigterm", "--out", "file"), ("fault_worker_kill", "--out", "file"), ("loadtests.spread", "--out", "file"),
+    ("loadtests.ablations", "--out", "folder"),
 ])
 def test_output_paths_are_checked_before_the_work(command: str, option: str, kind: str, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -537,9 +542,11 @@ def test_suite_runs_keeps_a_foreign_folder_and_takes_the_median_of_an_even_count
 @pytest.mark.parametrize("argv, words", [
     (["--utilisation", "0"], "argument --utilisation: must be in (0, 1], not 0"),  # ZeroDivisionError
     (["--utilisation", "-0.5"], "argument --utilisation: must be in (0, 1], not -0.5"),  # a plan of negative pods
-    (["--pod-cpus", "0"], "argument --pod-cpus: must be > 0, not 0"),
-    (["--pod-cpus", "-2"], "argument --pod-cpus: must be > 0, not -2"),
-    (["--images-per-study", "-1"], "argument --images-per-study: must be > 0, not -1"),
+    (["--pod-cpus", "0"], "argument --pod-cpus: must be in [0.1, 1024], not 0"),
+    (["--pod-cpus", "-2"], "argument --pod-cpus: must be in [0.1, 1024], not -2"),
+    (["--pod-cpus", "1e-300"], "argument --pod-cpus: must be in [0.1, 1024], not 1e-300"),  # a 300-digit plan
+    (["--images-per-study", "-1"], "argument --images-per-study: must be in (0, 1000], not -1"),
+    (["--images-per-study", "1e308"], "argument --images-per-study: must be in (0, 1000], not 1e308"),  # OverflowError
 ])
 def test_capacity_plan_refuses_numbers_it_cannot_plan_with(argv: list[str], words: str,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -610,3 +617,46 @@ def test_decoder_fuzzing_refuses_no_time_and_runs_at_least_one_round(tmp_path: P
     argv = ["--minutes", "1e-9", "--round", "3", "--out", str(tmp_path / "failing"), "--json", str(summary)]
     assert fuzz.main(argv) == 0
     assert json.loads(summary.read_text())["examples"] >= 1
+
+
+def test_a_command_whose_server_will_not_start_says_why_in_one_line(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A helper's find: benchmark, run_locust, soak and measure_memory printed a 14-frame traceback when the server
+    they started refused its configuration. Every such command runs through `answered`: one line and exit 1."""
+    from harness.servers import answered, start_server
+
+    assert answered(lambda: start_server(tmp_path / "server.log", PNEUMONIA_NOPE="1").stop() or 0) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: the server exited with 1 before it was ready: Error:"), err
+    assert "unknown environment variable PNEUMONIA_NOPE" in err and str(tmp_path / "server.log") in err
+
+
+@pytest.mark.parametrize("content, spread_words, capacity_words", [
+    ("{bad", "is not JSON", "is not JSON"), ("[]", "holds a JSON list, not the object", "holds a JSON list"),
+    ("{}", "no field 'runs'", "has no 'service' rows"),
+])
+def test_summaries_of_results_files_refuse_a_malformed_one_in_one_line(content: str, spread_words: str,
+                                                                       capacity_words: str, tmp_path: Path) -> None:
+    """spread and capacity gave JSONDecodeError, TypeError or KeyError tracebacks on such files (a helper's find)."""
+    bad = tmp_path / "benchmark-1.json"
+    bad.write_text(content)
+    for argv, words in ((["-m", "loadtests.spread", str(bad)], spread_words),
+                        ([str(ROOT / "scripts" / "capacity.py"), "--benchmark", str(bad)], capacity_words)):
+        done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=server_env(), capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1 and words in done.stderr, (argv, done.stderr)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--name", "sub/x"], "argument --name: 'sub/x' is not a file name"),  # failed after all runs, nothing copied
+    (["--systems", ","], "--systems names no system"),  # measured nothing, exit 0, claimed a plot
+])
+def test_benchmark_refuses_a_name_with_a_folder_and_an_empty_system_list(argv: list[str], words: str,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtests.benchmark import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2 and words in capsys.readouterr().err
