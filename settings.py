@@ -81,8 +81,10 @@ class RateLimitSettings(BaseModel):
 
     enabled: bool = Field(False, description="true: clients over their rate get 429 with Retry-After")
     # At least one an hour: 1e-320 made the wait infinite and the rate limiter raise in every request it refused.
-    requests_per_minute: float = Field(600.0, ge=1 / 60, description="sustained requests per client")
-    burst: int = Field(30, ge=1, description="requests a client may send at once before the rate applies")
+    # Bounded above: inf let every call through while the limit read enabled, and a burst past a float's range
+    # (1e400) crashed every worker in a loop (a helper's find).
+    requests_per_minute: float = Field(600.0, ge=1 / 60, le=1e6, description="sustained requests per client")
+    burst: int = Field(30, ge=1, le=1_000_000, description="requests a client may send at once before the rate applies")
     max_clients: int = Field(10_000, ge=1, description="buckets kept; the least recently seen client is forgotten")
 
 
@@ -183,8 +185,8 @@ class BatchingSettings(BaseModel):
 
     enabled: bool = Field(True, description="false: every request runs its own forward pass (for comparisons)")
     max_batch_size: int = Field(32, ge=2, le=512, description="most images in one forward pass")
-    max_latency_ms: int = Field(
-        10_000, ge=10, description="latency bound of the dispatcher; requests that cannot meet it get 503"
+    max_latency_ms: int = Field(  # at most 10 min: 1e400 crashed every worker in a loop (a helper's find)
+        10_000, ge=10, le=600_000, description="latency bound of the dispatcher; requests that cannot meet it get 503"
     )
     dispatcher: Literal["eager", "bentoml"] = Field(
         "eager",
@@ -258,6 +260,47 @@ def _check_tls_files(certfile: Path, keyfile: Path, client_ca_file: Path | None)
         except ssl.SSLError as exc:
             raise ValueError(f"grpc.tls.client_ca_file {client_ca_file} holds no readable PEM CA "
                              f"certificate{problem(exc)}") from None
+    _check_not_expired(certfile)
+    _check_grpc_takes(certfile, keyfile, client_ca_file)
+
+
+def _check_not_expired(certfile: Path) -> None:
+    """An expired server certificate started without a word, and every client then failed its handshake with
+    "certificate has expired" (a helper's find)."""
+    import ssl
+    import time
+
+    try:  # CPython's own certificate decoder (no extra package); where it is missing, the check is skipped
+        not_after = ssl._ssl._test_decode_cert(str(certfile))["notAfter"]  # type: ignore[attr-defined]
+        expired = ssl.cert_time_to_seconds(not_after) < time.time()
+    except (AttributeError, KeyError, ValueError, ssl.SSLError):
+        return
+    if expired:
+        raise ValueError(f"grpc.tls.certfile {certfile} expired on {not_after}: every client would refuse it; "
+                         "renew the certificate")
+
+
+def _check_grpc_takes(certfile: Path, keyfile: Path, client_ca_file: Path | None) -> None:
+    """Hand the files to gRPC itself on a throwaway port: its TLS library (BoringSSL) refuses some that OpenSSL reads
+    (brainpool curves, RSA-PSS and Ed448 keys, "TRUSTED CERTIFICATE" blocks), and then every worker served HTTP only,
+    retrying a gRPC port it blamed, for good (a helper's find)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    ca = client_ca_file.read_bytes() if client_ca_file is not None else None
+    credentials = grpc.ssl_server_credentials([(keyfile.read_bytes(), certfile.read_bytes())], root_certificates=ca,
+                                              require_client_auth=ca is not None)
+    trial = grpc.server(ThreadPoolExecutor(max_workers=1))
+    try:
+        trial.add_secure_port("127.0.0.1:0", credentials)
+    except RuntimeError:
+        raise ValueError(f"gRPC cannot use grpc.tls.certfile {certfile} with keyfile {keyfile}"
+                         + (f" and client_ca_file {client_ca_file}" if ca is not None else "")
+                         + ": its TLS library takes RSA keys and EC keys on NIST curves (P-256, P-384, P-521) in "
+                         "'BEGIN CERTIFICATE' blocks, not brainpool curves, RSA-PSS or Ed448 keys") from None
+    finally:
+        trial.stop(None)
 
 
 class GrpcTlsSettings(BaseModel):
@@ -316,10 +359,19 @@ class GrpcSettings(BaseModel):
     host: str | None = Field(
         None, description="interface to bind; unset: the HTTP host of `bentoml serve` (its --host), so that "
         "`--host 127.0.0.1` keeps both ports on this machine")
+
+    @field_validator("host")
+    @classmethod
+    def _no_wildcard(cls, host: str | None) -> str | None:
+        # '*' resolves in Python (all interfaces), so the start-up check passed, but gRPC cannot bind it and every
+        # worker then retried for good (a helper's find)
+        if host is not None and "*" in host:
+            raise ValueError(f"grpc.host {host!r}: write 0.0.0.0 (or ::) for every interface, not a wildcard")
+        return host
     port: int = Field(3001, ge=1, le=65535, description="shared by all workers (SO_REUSEPORT)")
-    shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get to finish on shutdown")
+    shutdown_grace_s: float = Field(5.0, ge=0, le=3600, description="time in-flight calls get to finish on shutdown")
     shutdown_quiet_s: float = Field(
-        1.0, ge=0, description="on shutdown, calls are taken until none has started for this long (within the grace): "
+        1.0, ge=0, le=3600, description="on shutdown, calls are taken until none has started for this long (within the grace): "
         "grpcio hands a call over only once its request has arrived, and cancels those still arriving when it stops")
     tls: GrpcTlsSettings = GrpcTlsSettings()
 
@@ -363,7 +415,7 @@ class ServingSettings(BaseSettings):
     max_images_per_request: int = Field(16, ge=1, le=256)
     # gRPC takes both below as C ints: 2**31 or more put every worker in a start-up crash loop (OverflowError).
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, le=2**31 - 1, description="largest accepted request body")
-    timeout_s: int = Field(60, ge=1, description="request timeout")
+    timeout_s: int = Field(60, ge=1, le=3600, description="request timeout")  # 1e400 crashed every worker in a loop
     max_concurrency: int = Field(
         256, ge=1, le=2**31 - 1,
         description="HTTP calls in flight per server, shared out over the workers, beyond which BentoML answers 429 "
@@ -437,12 +489,29 @@ class SettingsFile(JsonConfigSettingsSource):
     def _read_file(self, file_path: Any) -> dict[str, Any]:
         path = os.environ.get(self.ENV, str(file_path))
         try:
-            values = json.loads(read_small_text(Path(file_path), self.ENV))
+            values = json.loads(read_small_text(Path(file_path), self.ENV), object_pairs_hook=_distinct_keys)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{self.ENV} {path} is not valid JSON: {exc}") from None
+        except _RepeatedKey as exc:
+            raise ValueError(f"{self.ENV} {path} names {exc} twice; keep one") from None
         if not isinstance(values, dict):
             raise ValueError(f"{self.ENV} {path} must hold a JSON object of settings")
         return _paths_beside(values, self._model, Path(file_path).parent)
+
+
+class _RepeatedKey(Exception):
+    """A settings file's object names one key twice (in any case)."""
+
+
+def _distinct_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys differ even ignoring case: `{"workers": 2, "workers": 3}` read as 3 and
+    `{"Workers": 3, "workers": 4}` as 3 (a helper's find), one value of two silently dropped either way."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key.lower() in seen:
+            raise _RepeatedKey(repr(key))
+        seen.add(key.lower())
+    return dict(pairs)
 
 
 def _paths_beside(values: dict[str, Any], model: type[BaseModel], folder: Path) -> dict[str, Any]:
@@ -540,12 +609,16 @@ def refuse_unknown_variables(environ: Mapping[str, str]) -> None:
     """A `ValueError` naming every PNEUMONIA_* variable that is neither a setting nor in OTHER_VARIABLES (nor one
     Kubernetes set for a Service named pneumonia-...).
 
-    Names only, never values (they may be secrets). Upper case: pydantic-settings reads names case-insensitively.
+    Names only, never values (they may be secrets). A known name written in other than capitals is refused too:
+    pydantic-settings read `pneumonia_workers` as PNEUMONIA_WORKERS, but `pneumonia_settings_file` was accepted
+    and its file, API keys included, silently ignored (a helper's find), and two spellings of one setting were
+    resolved by their order in the environment.
     """
     settings, links = setting_variables(), service_links(environ)
     unknown = sorted(name for name in environ if name.upper().startswith(PREFIX) and name not in links
                      and name.upper() not in settings and name.upper() not in OTHER_VARIABLES)
     if not unknown:
+        _refuse_miscased(environ, links)
         return
     described = []
     for name in unknown:
@@ -555,3 +628,13 @@ def refuse_unknown_variables(environ: Mapping[str, str]) -> None:
         f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(described)}: neither a setting "
         "(settings.py; nested ones are spelled with __) nor a variable the project reads elsewhere; rename or unset it"
     )
+
+
+def _refuse_miscased(environ: Mapping[str, str], links: set[str]) -> None:
+    miscased = sorted(name for name in environ if name.upper().startswith(PREFIX) and name != name.upper()
+                      and name not in links)
+    if miscased:
+        raise ValueError(
+            f"environment variable{'s' if len(miscased) > 1 else ''} "
+            f"{', '.join(f'{name} (write {name.upper()})' for name in miscased)}: PNEUMONIA_* names are read in "
+            "capitals only; rename or unset it")

@@ -625,10 +625,10 @@ def test_a_command_whose_server_will_not_start_says_why_in_one_line(tmp_path: Pa
     they started refused its configuration. Every such command runs through `answered`: one line and exit 1."""
     from harness.servers import answered, start_server
 
-    assert answered(lambda: start_server(tmp_path / "server.log", PNEUMONIA_NOPE="1").stop() or 0) == 1
+    assert answered(lambda: start_server(tmp_path / "server.log", PNEUMONIA_FOO="1").stop() or 0) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: the server exited with 1 before it was ready: Error:"), err
-    assert "unknown environment variable PNEUMONIA_NOPE" in err and str(tmp_path / "server.log") in err
+    assert "unknown environment variable PNEUMONIA_FOO" in err and str(tmp_path / "server.log") in err
 
 
 @pytest.mark.parametrize("content, spread_words, capacity_words", [

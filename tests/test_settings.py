@@ -43,10 +43,14 @@ def test_unknown_variables_are_refused_by_name_never_by_value(monkeypatch: pytes
         ServingSettings()
 
 
-def test_settings_and_the_projects_other_variables_are_accepted() -> None:
+def test_settings_and_the_projects_other_variables_are_accepted_in_capitals_only() -> None:
     known = setting_variables() | set(OTHER_VARIABLES)
     assert {"PNEUMONIA_SECURITY__API_KEYS", "PNEUMONIA_SECURITY", "PNEUMONIA_GRPC__TLS__CERTFILE"} <= known
-    refuse_unknown_variables({name: "" for name in known} | {name.lower(): "" for name in known})
+    refuse_unknown_variables({name: "" for name in known})
+    # A helper's find: a lower-case PNEUMONIA_SETTINGS_FILE was accepted, and its file (API keys and all) ignored.
+    for name in ("pneumonia_settings_file", "Pneumonia_Workers"):
+        with pytest.raises(ValueError, match=rf"{name} \(write {name.upper()}\): PNEUMONIA_\* names are read in capitals"):
+            refuse_unknown_variables({name: "x", "PNEUMONIA_WORKERS": "1"})
 
 
 def test_every_pneumonia_variable_the_repository_names_is_known() -> None:
@@ -173,6 +177,24 @@ def test_grpc_tls_files_must_be_a_certificate_and_its_own_key(tmp_path, monkeypa
         with monkeypatch.context() as scope:
             message = _settings_error(scope, **{f"PNEUMONIA_GRPC__TLS__{k}": str(v) for k, v in files.items()})
         assert words in message, message
+    # Found by a helper: files OpenSSL reads but gRPC's BoringSSL does not (a brainpool key), and an expired
+    # certificate, both started a server whose gRPC port never opened or refused every client.
+    brainpool_key, brainpool_cert = tmp_path / "bp-key.pem", tmp_path / "bp-cert.pem"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:brainpoolP256r1", "-nodes", "-keyout",
+             str(brainpool_key), "-out", str(brainpool_cert), "-subj", "/CN=localhost", "-days", "2")
+    with monkeypatch.context() as scope:
+        message = _settings_error(scope, PNEUMONIA_GRPC__TLS__CERTFILE=str(brainpool_cert),
+                                  PNEUMONIA_GRPC__TLS__KEYFILE=str(brainpool_key))
+    assert f"gRPC cannot use grpc.tls.certfile {brainpool_cert}" in message and "brainpool" in message, message
+    expired_key, expired_cert = tmp_path / "old-key.pem", tmp_path / "old-cert.pem"
+    request = tmp_path / "old.csr"
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+             str(expired_key), "-out", str(request), "-subj", "/CN=localhost")
+    _openssl("x509", "-req", "-in", str(request), "-signkey", str(expired_key), "-days", "-1", "-out", str(expired_cert))
+    with monkeypatch.context() as scope:
+        message = _settings_error(scope, PNEUMONIA_GRPC__TLS__CERTFILE=str(expired_cert),
+                                  PNEUMONIA_GRPC__TLS__KEYFILE=str(expired_key))
+    assert f"grpc.tls.certfile {expired_cert} expired on " in message and "renew the certificate" in message, message
     with_bom = tmp_path / "bom.pem"  # a Windows editor's byte-order mark: OpenSSL reads past it, gRPC does not
     with_bom.write_bytes(b"\xef\xbb\xbf" + pki.server_cert.read_bytes())
     with monkeypatch.context() as scope:
@@ -316,3 +338,38 @@ def test_settings_and_key_files_must_be_small_regular_files_and_empty_paths_are_
         monkeypatch.setenv(name, "")
     settings = ServingSettings()
     assert settings.security.api_keys_file is None and not settings.grpc.tls.enabled
+
+
+@pytest.mark.parametrize("variable, field", [
+    ("PNEUMONIA_TIMEOUT_S", "timeout_s"), ("PNEUMONIA_BATCHING__MAX_LATENCY_MS", "max_latency_ms"),
+    ("PNEUMONIA_SECURITY__RATE_LIMIT__BURST", "burst"),
+])
+def test_numbers_past_a_float_are_refused(variable: str, field: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper's find: 1e400 written out passed validation, then crashed every worker in a loop (float overflow)."""
+    monkeypatch.setenv(variable, "1" + "0" * 400)
+    with pytest.raises(ValueError, match=field):
+        ServingSettings()
+
+
+@pytest.mark.parametrize("variable", ["PNEUMONIA_SECURITY__RATE_LIMIT__REQUESTS_PER_MINUTE", "PNEUMONIA_GRPC__SHUTDOWN_GRACE_S"])
+def test_infinity_is_refused(variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """inf turned the rate limit off while it read enabled, and made the shutdown wait unbounded (a helper's find)."""
+    monkeypatch.setenv(variable, "inf")
+    with pytest.raises(ValueError, match=variable.split("__")[-1].lower()):
+        ServingSettings()
+
+
+def test_a_settings_file_naming_a_key_twice_and_a_wildcard_grpc_host_are_refused(monkeypatch: pytest.MonkeyPatch,
+                                                                                 tmp_path: Path) -> None:
+    """A helper's finds: {"workers": 2, "workers": 3} read as 3 and {"Workers": 3, "workers": 4} as 3, one value
+    silently dropped; grpc.host '*' passed the start-up check, then no worker could bind it."""
+    for text, key in (('{"workers": 2, "workers": 3}', "'workers'"), ('{"Workers": 3, "workers": 4}', "'workers'"),
+                      ('{"grpc": {"port": 3001, "PORT": 3002}}', "'PORT'")):
+        settings = tmp_path / "settings.json"
+        settings.write_text(text)
+        with monkeypatch.context() as scope:
+            message = _settings_error(scope, PNEUMONIA_SETTINGS_FILE=str(settings))
+        assert f"names {key} twice; keep one" in message, message
+    with monkeypatch.context() as scope:
+        message = _settings_error(scope, PNEUMONIA_GRPC__HOST="*")
+    assert "grpc.host '*': write 0.0.0.0 (or ::) for every interface" in message, message

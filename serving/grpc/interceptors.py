@@ -447,7 +447,7 @@ def stream_slots(settings: ServingSettings) -> int:
 def grpcio_call_cap(settings: ServingSettings) -> int:
     """grpcio's own `maximum_concurrent_rpcs`, a backstop above the admission limits: it counts calls from their
     headers on, so it also bounds the messages being received at once (memory), which the admission cannot see."""
-    return 2 * settings.max_concurrency + stream_slots(settings)
+    return min(2**31 - 1, 2 * settings.max_concurrency + stream_slots(settings))  # grpcio takes a C int
 
 
 def build_interceptors(settings: ServingSettings, service_name: str) -> list[grpc.aio.ServerInterceptor]:
