@@ -106,10 +106,19 @@ class CorsSettings(BaseModel):
     @field_validator("allow_origins")
     @classmethod
     def _exact(cls, origins: list[str]) -> list[str]:
+        """Each origin as a browser sends it: lower case, without its scheme's default port. `https://App.Example.com`
+        and `https://a.com:443` never matched a browser's `Origin` header (a helper's find)."""
+        normalised = []
         for origin in origins:
-            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?", origin):
+            found = re.fullmatch(r"(https?)://([A-Za-z0-9.-]+)(?::(\d{1,5}))?", origin)
+            if not found:
                 raise ValueError(f"CORS origin {origin!r} is not scheme://host[:port] (wildcards are not allowed)")
-        return origins
+            scheme, host, port = found.group(1).lower(), found.group(2).lower(), found.group(3)
+            if port is not None and not 1 <= int(port) <= 65535:
+                raise ValueError(f"CORS origin {origin!r}: port {port} is not a port (1-65535)")
+            default = port is None or int(port) == {"http": 80, "https": 443}[scheme]
+            normalised.append(f"{scheme}://{host}" + ("" if default else f":{int(port)}"))
+        return normalised
 
 
 class SecuritySettings(BaseModel):

@@ -373,3 +373,15 @@ def test_a_settings_file_naming_a_key_twice_and_a_wildcard_grpc_host_are_refused
     with monkeypatch.context() as scope:
         message = _settings_error(scope, PNEUMONIA_GRPC__HOST="*")
     assert "grpc.host '*': write 0.0.0.0 (or ::) for every interface" in message, message
+
+
+def test_cors_origins_are_kept_as_a_browser_sends_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper's find: `https://App.Example.com` and `https://a.com:443` were accepted but never matched a browser's
+    Origin header (lower case, no default port), and `http://a.com:99999` was accepted at all."""
+    monkeypatch.setenv("PNEUMONIA_SECURITY__CORS__ALLOW_ORIGINS", "https://App.Example.com, https://a.com:443, "
+                       "http://b.org:80, http://c.org:8080")
+    assert ServingSettings().security.cors.allow_origins == [
+        "https://app.example.com", "https://a.com", "http://b.org", "http://c.org:8080"]
+    with monkeypatch.context() as scope:
+        message = _settings_error(scope, PNEUMONIA_SECURITY__CORS__ALLOW_ORIGINS="http://a.com:99999")
+    assert "port 99999 is not a port" in message, message
