@@ -16,6 +16,7 @@ checks, instead of grpcio's UNKNOWN (which names the decoder's exception class) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -87,41 +88,21 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return None
         service, method = _split_method(handler_call_details.method)
 
-        def record(started: float, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
-            code = _final_code(context, exc).name
-            HANDLED.labels(grpc_service=service, grpc_method=method, grpc_code=code).inc()
-            HANDLING_SECONDS.labels(grpc_service=service, grpc_method=method, grpc_code=code).observe(
-                time.perf_counter() - started)
+        @contextlib.asynccontextmanager
+        async def measured(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started, error = time.perf_counter(), None
+            try:
+                yield request
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                code = _final_code(context, error).name
+                HANDLED.labels(grpc_service=service, grpc_method=method, grpc_code=code).inc()
+                HANDLING_SECONDS.labels(grpc_service=service, grpc_method=method, grpc_code=code).observe(
+                    time.perf_counter() - started)
 
-        def wrap_unary_response(behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started, error = time.perf_counter(), None
-                try:
-                    result = behaviour(request, context)
-                    return await result if inspect.isawaitable(result) else result
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    record(started, context, error)
-
-            return wrapped
-
-        def wrap_stream_response(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-            async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                started, error = time.perf_counter(), None
-                try:
-                    async for item in behaviour(request, context):
-                        yield item
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    record(started, context, error)
-
-            return generator
-
-        return rewrapped(handler, wrap_unary_response, wrap_stream_response)
+        return rewrapped(handler, measured)
 
 
 _KINDS = {
@@ -132,12 +113,30 @@ _KINDS = {
 }
 
 
-def rewrapped(handler: grpc.RpcMethodHandler, wrap_coroutine: Callable[[Callable[..., Any]], Callable[..., Any]],
-              wrap_generator: Callable[[Callable[..., Any]], Callable[..., Any]],
+Around = Callable[[Any, grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[Any]]
+
+
+def rewrapped(handler: grpc.RpcMethodHandler, around: Around,
               request_deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
-    """`handler` with its behaviour wrapped: by `wrap_generator` when it is an async generator (a stream answered
-    by `yield`), else by `wrap_coroutine` (a single answer, or a stream written with `context.write()`); and with
-    `request_deserializer` in place of its own, when given."""
+    """`handler` with every call of its behaviour run inside `around(request, context)`, whose value is the request
+    the behaviour gets; whatever the kind of method: a single answer, a stream answered by `yield` (an async
+    generator) or written with `context.write()`. With `request_deserializer` in place of its own, when given."""
+    def wrap_coroutine(behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with around(request, context) as request:
+                result = behaviour(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+        return wrapped
+
+    def wrap_generator(behaviour: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with around(request, context) as request:
+                async for item in behaviour(request, context):
+                    yield item
+
+        return wrapped
+
     for kind, (make_handler, streams) in _KINDS.items():
         behaviour = getattr(handler, kind)
         if behaviour is not None:
@@ -175,36 +174,19 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             return handler
         pool = "calls" if handler.unary_unary is not None else "streams"
 
-        async def admit(context: grpc.aio.ServicerContext) -> None:
+        @contextlib.asynccontextmanager
+        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if self.running[pool] >= self.limits[pool]:
                 what = "calls" if pool == "calls" else "open streams (health Watch, reflection)"
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"this server is at its limit of {self.limits[pool]} {what} at once; retry shortly")
             self.running[pool] += 1
+            try:
+                yield request
+            finally:
+                self.running[pool] -= 1
 
-        def wrap_coroutine(behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-            async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await admit(context)
-                try:
-                    result = behaviour(request, context)
-                    return await result if inspect.isawaitable(result) else result
-                finally:
-                    self.running[pool] -= 1
-
-            return admitted
-
-        def wrap_generator(behaviour: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-            async def admitted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await admit(context)
-                try:
-                    async for item in behaviour(request, context):
-                        yield item
-                finally:
-                    self.running[pool] -= 1
-
-            return admitted
-
-        return rewrapped(handler, wrap_coroutine, wrap_generator)
+        return rewrapped(handler, admitted)
 
 
 
@@ -400,25 +382,13 @@ class ParseInterceptor(grpc.aio.ServerInterceptor):
 
             return messages()
 
-        def wrap_coroutine(behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-            async def parsed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if request is UNPARSED:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-                result = behaviour(checked(request, context), context)
-                return await result if inspect.isawaitable(result) else result
+        @contextlib.asynccontextmanager
+        async def parsed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if request is UNPARSED:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            yield checked(request, context)
 
-            return parsed
-
-        def wrap_generator(behaviour: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-            async def parsed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                if request is UNPARSED:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-                async for item in behaviour(checked(request, context), context):
-                    yield item
-
-            return parsed
-
-        return rewrapped(handler, wrap_coroutine, wrap_generator, request_deserializer=tolerant)
+        return rewrapped(handler, parsed, request_deserializer=tolerant)
 
 
 def _text(value: str | bytes | None) -> str | None:
