@@ -334,3 +334,15 @@ def test_augmentation_flags_default_to_the_augment_config(argv: list[str]) -> No
     args = get_args_parser().parse_args(["--data-dir", "d", "--out", "o", *argv])
     expected = AugmentConfig() if not argv else AugmentConfig(rotate_deg=4, scale=(0.9, 1.2), erase_p=0)
     assert augment_config(args) == expected
+
+
+def test_a_training_command_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    """A helper's find: `python -m training.evaluate ... | head` ended with "error: Broken pipe" once head had read
+    its lines. run_command, which every training command runs in, now ends quietly with 141 (128 + SIGPIPE)."""
+    program = ("import argparse, sys\nfrom training import run_command\n"
+               "sys.exit(run_command(lambda args: [print('row', i) for i in range(200000)] and 0, argparse.Namespace()))")
+    script = tmp_path / "many_rows.py"
+    script.write_text(program)
+    done = subprocess.run(["bash", "-c", f'"{sys.executable}" "{script}" | head -1; echo "status ${{PIPESTATUS[0]}}" >&2'],
+                          cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=120)
+    assert done.stdout == "row 0\n" and done.stderr == "status 141\n", done.stderr

@@ -21,6 +21,9 @@ def run_command(body: Callable[[argparse.Namespace], int], args: argparse.Namesp
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     try:
         return body(args)
+    except BrokenPipeError:  # `... | head` stopped reading: nothing to say ("error: Broken pipe" said it wrongly)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
     except Exception as exc:  # noqa: BLE001 - a command line answers with one line, never a stack trace
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
