@@ -48,8 +48,9 @@ REQUEST_REASONS: tuple[str, ...] = (
 ACCESS_REASONS: tuple[str, ...] = ("unauthorized", "rate_limited")
 # client_gone: the client left before its upload arrived (an answer nobody reads, sent to end the request).
 # explain_unavailable: this worker's explainers failed to build (permanent; /classify still answers).
+# too_many_calls: a gRPC worker at PNEUMONIA_MAX_CONCURRENCY calls in flight (RESOURCE_EXHAUSTED, retry-after).
 SERVER_REASONS: tuple[str, ...] = ("not_ready", "bad_request", "not_found", "method_not_allowed", "explain_busy",
-                                   "explain_unavailable", "internal_error", "client_gone")
+                                   "explain_unavailable", "internal_error", "client_gone", "too_many_calls")
 
 # Size limits (bytes, pixels, images per request) rather than bad input: RESOURCE_EXHAUSTED over gRPC.
 LIMIT_REASONS = frozenset({"too_many_bytes", "too_many_pixels", "too_many_images"})

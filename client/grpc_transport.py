@@ -94,8 +94,9 @@ def _error(exc: grpc.RpcError, target: str) -> ClientError:
         details, cls = f"no classifier at {target} ({details}): is it the service's gRPC address?", Unavailable
     if cls is InvalidInput and reasons and reasons[0] in LIMIT_REASONS:
         cls = LimitExceeded
-    # grpcio's own limit on calls in flight sends no reason, only its message
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and ("rate_limited" in reasons or "Concurrent RPC limit" in details):
+    # the server's limit on calls in flight says too_many_calls; grpcio's own backstop sends no reason, only its message
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (
+            {"rate_limited", "too_many_calls"} & set(reasons) or "Concurrent RPC limit" in details):
         cls = RateLimited
     # grpcio's message size limits (this channel's on sending, the server's on receiving) send no reason either:
     # name it as the HTTP API's byte limit does, so that a caller (the CLI) sends fewer images per request

@@ -330,6 +330,8 @@ def test_not_ready_until_warm_early_callers_get_503_and_unavailable(spawn: Spawn
         trailers = dict(error.value.trailing_metadata())
         assert trailers["pneumonia-reject-reasons"] == "not_ready" and trailers["retry-after"].isdigit(), trailers
         assert trailers["x-request-id"] and took >= wait - 0.1
+        info = pb_grpc.ClassifierStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        assert info.ready is False and info.model == health.json()["model"]  # as /health answers, not UNAVAILABLE
     assert "ready: model warm" not in server.logs()  # all of the above happened before the model was warm
     assert httpx.get(server.url + "/readyz", timeout=30).status_code == 503
 

@@ -613,6 +613,12 @@ def test_grpc_watch_streams_and_calls_still_arriving_leave_the_call_slots_free(m
             with pytest.raises(grpc.RpcError) as second:
                 next(watch(health_pb2.HealthCheckRequest(), timeout=30))
             assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "open streams" in second.value.details()
+            # "busy, retry" for the typed client, not a bad request (a review's find: it read only grpcio's wording)
+            from client.errors import RateLimited
+            from client.grpc_transport import _error
+
+            busy = _error(second.value, mutual.grpc_target)
+            assert isinstance(busy, RateLimited) and busy.retry_after_s == 1 and busy.reasons == ("too_many_calls",)
             stub = pb_grpc.ClassifierStub(channel)
             answered, deadline = 0, time.monotonic() + 120
             while answered < 2 * MAX_IN_FLIGHT:  # one after another: each takes a slot of 2 and gives it back

@@ -44,6 +44,7 @@ HANDLING_SECONDS = bentoml.metrics.Histogram(
     labelnames=["grpc_service", "grpc_method", "grpc_code"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
+BUSY_RETRY_AFTER_S = 1  # the retry-after of a call refused at the concurrency limit: calls end within seconds
 UNMATCHED = "unmatched"  # the labels of a call to a method this server does not have (as HTTP labels unknown paths)
 # How the access interceptor admitted the call in progress ("key" or "none"), for the servicer's request log.
 AUTH: contextvars.ContextVar[str] = contextvars.ContextVar("pneumonia_grpc_auth", default="none")
@@ -148,13 +149,14 @@ def rewrapped(handler: grpc.RpcMethodHandler, around: Around,
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """At most `calls` calls of one answer each in progress per worker (PNEUMONIA_MAX_CONCURRENCY), and at most
-    `streams` open streams (health Watch, reflection) apart from them; beyond, RESOURCE_EXHAUSTED.
+    `streams` open streams (health Watch, reflection) apart from them; beyond, RESOURCE_EXHAUSTED with reason
+    `too_many_calls` and a `retry-after` trailer.
 
     grpcio's own `maximum_concurrent_rpcs` counted a call from its headers on and every Watch stream for as long
     as it stayed open: a helper filled a server's slots with Watch streams (no key needed) or with calls that
     never sent their message, and keyed Classify calls and even health checks were refused until the holder
-    disconnected, while HTTP's probes read ready. Here a call counts only once its message has arrived (its
-    behaviour runs), streams have a pool of their own, and health `Check` (a probe) is never counted. Inside the
+    disconnected, while HTTP's probes read ready. Here a call of one request message counts only once that message
+    has arrived (its behaviour runs); streams (which start before their first message) have a pool of their own, and health `Check` (a probe) is never counted. Inside the
     metrics interceptor, so refusals are counted. grpcio's cap stays as a backstop at twice the call limit plus
     the streams (`grpcio_call_cap`): a client holding that many calls without their messages still locks the
     worker's gRPC port until it disconnects (HTTP ends such uploads after PNEUMONIA_TIMEOUT_S)."""
@@ -177,9 +179,14 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         @contextlib.asynccontextmanager
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if self.running[pool] >= self.limits[pool]:
-                what = "calls" if pool == "calls" else "open streams (health Watch, reflection)"
+                # A reason and a retry-after, so that clients read "busy, retry" (RateLimited), not a bad request:
+                # the client knew only grpcio's own wording of this refusal (a review's find).
+                what = "calls in flight" if pool == "calls" else "open streams (health Watch, reflection)"
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"this server is at its limit of {self.limits[pool]} {what} at once; retry shortly")
+                                    f"this server process is at its limit of {what} ({self.limits[pool]}); "
+                                    f"retry after {BUSY_RETRY_AFTER_S} s",
+                                    trailing_metadata=((REASONS_METADATA_KEY, "too_many_calls"),
+                                                       (RETRY_AFTER_HEADER, str(BUSY_RETRY_AFTER_S))))
             self.running[pool] += 1
             try:
                 yield request

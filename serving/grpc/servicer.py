@@ -83,10 +83,6 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self.settings = settings
         request_log.configure(settings.request_log)  # the access interceptor's lines and ours
 
-    async def _require_ready(self, context: grpc.aio.ServicerContext) -> None:
-        if not self.service.is_serving():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, NOT_READY_MESSAGE)
-
     async def _wait_ready(self) -> None:
         """Wait up to `ready_wait_s` for this worker's model, as an HTTP call does; then `NotReady`."""
         deadline = time.monotonic() + self.settings.ready_wait_s
@@ -175,7 +171,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         return result
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        await self._require_ready(context)
+        """Answered while the model loads too, with `ready` false, as HTTP's /health is (it was UNAVAILABLE)."""
         return model_info_message(self.service.model_info(), self.settings.max_request_bytes)
 
     def _log(self, request_id: str, started: float, route: str, images: Sequence[Any], status: int,
