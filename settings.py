@@ -306,8 +306,9 @@ def _check_grpc_takes(certfile: Path, keyfile: Path, client_ca_file: Path | None
     except RuntimeError:
         raise ValueError(f"gRPC cannot use grpc.tls.certfile {certfile} with keyfile {keyfile}"
                          + (f" and client_ca_file {client_ca_file}" if ca is not None else "")
-                         + ": its TLS library takes RSA keys and EC keys on NIST curves (P-256, P-384, P-521) in "
-                         "'BEGIN CERTIFICATE' blocks, not brainpool curves, RSA-PSS or Ed448 keys") from None
+                         + " (tried on a throwaway 127.0.0.1 port): its TLS library takes RSA keys and EC keys on "
+                         "NIST curves (P-256, P-384, P-521) in 'BEGIN CERTIFICATE' blocks, not brainpool curves, "
+                         "RSA-PSS or Ed448 keys") from None
     finally:
         trial.stop(None)
 

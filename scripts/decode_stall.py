@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from core.cli import bounded, output_folder
 from harness.paths import RESULTS
 from harness.payloads import sample_xrays
 from harness.servers import exit_with, kill_group, model_store, start_server
@@ -57,18 +58,18 @@ def slowest_classify_during_explain(url: str, png: bytes, xray: bytes) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3, help="explain calls per setting")
-    parser.add_argument("--side", type=int, default=7000, help="side of the 16-bit PNG in pixels")
-    parser.add_argument("--out", type=Path, default=RESULTS / "decode-stall", help="folder for the server logs")
+    parser.add_argument("--runs", type=bounded(int, 1, 100), default=3, help="explain calls per setting")
+    parser.add_argument("--side", type=bounded(int, 64, 7071), default=7000,
+                        help="side of the 16-bit PNG in pixels (at most the default 50-megapixel limit)")
+    parser.add_argument("--out", type=output_folder, default=RESULTS / "decode-stall", help="folder for the server logs")
     args = parser.parse_args(argv)
-    if args.runs < 1 or not 64 <= args.side <= 10000:
-        parser.error("--runs must be at least 1 and --side between 64 and 10000")
 
     png, xray = slow_png(args.side), sample_xrays(1)[0].read_bytes()
     print(f"{args.side}x{args.side} 16-bit PNG, {len(png):,} bytes; slowest concurrent classify per explain call")
     with model_store():
         for name, env in SETTINGS.items():
-            server = start_server(args.out / f"{len(env)}.log", PNEUMONIA_WORKERS="1", **env)
+            log = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{'threads' if env else 'loop'}.log"
+            server = start_server(log, PNEUMONIA_WORKERS="1", **env)
             try:
                 server.wait_for_explainers()
                 stalls = [slowest_classify_during_explain(server.url, png, xray) for _ in range(args.runs)]
