@@ -17,7 +17,6 @@ import io
 import statistics
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
