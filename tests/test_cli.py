@@ -341,3 +341,15 @@ def test_a_training_command_piped_into_head_ends_quietly(tmp_path: Path) -> None
     done = subprocess.run(["bash", "-c", f'"{sys.executable}" "{script}" | head -1; echo "status ${{PIPESTATUS[0]}}" >&2'],
                           cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=120)
     assert done.stdout == "row 0\n" and done.stderr == "status 141\n", done.stderr
+
+
+def test_training_without_registering_needs_no_bentoml(tmp_path: Path) -> None:
+    """On a lent GPU machine without BentoML, `training.train --no-register` failed at once importing it (the run
+    had to stub models_registry). With BentoML made unimportable, the command now gets as far as the data."""
+    program = ("import sys\nsys.modules['bentoml'] = None  # import bentoml raises ImportError\n"
+               "from training.train import cli\n"
+               f"sys.exit(cli(['--data-dir', {str(tmp_path / 'absent')!r}, '--out', {str(tmp_path / 'run')!r}, "
+               "'--no-register']))")
+    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=server_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "absent" in done.stderr and "bentoml" not in done.stderr.lower(), done.stderr

@@ -501,7 +501,10 @@ def cli(argv: list[str] | None = None) -> int:
     if args.promote and not args.register:  # nothing would be saved to promote (a helper's find: silently ignored)
         parser.error("--promote needs the model saved in the store: leave out --no-register")
     check_options(args)
-    from models_registry import RegistryError
+    registry_errors: tuple[type[Exception], ...] = ()
+    if args.register:  # without it, BentoML need not be installed (a lent GPU machine that only trains had to stub it)
+        from models_registry import RegistryError
+        registry_errors = (RegistryError,)
 
     made = not args.out.exists()  # a run folder this command makes is removed again if it writes nothing into it
     try:
@@ -510,7 +513,7 @@ def cli(argv: list[str] | None = None) -> int:
         _remove_unused(args.out, made, args)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (RegistryError, OSError, ValueError) as exc:  # pydantic's ValidationError (a bad --aug-* value) included
+    except (*registry_errors, OSError, ValueError) as exc:  # pydantic's ValidationError (a bad --aug-* value) included
         _remove_unused(args.out, made, args)
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
