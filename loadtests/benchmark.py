@@ -533,6 +533,10 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
     service_workers = _expected_workers(service_env)
     peer_workers = args.peer_workers or (1 if args.quick else usable_cores())
     out.mkdir(parents=True, exist_ok=True)
+    # A reused --out held the last run's results: a run interrupted before writing its own left them beside its
+    # logs as if they were this run's (a helper's find), as run_locust's reports once did.
+    for earlier in ("benchmark.json", "benchmark.md", "benchmark.png"):
+        (out / earlier).unlink(missing_ok=True)
 
     from models_registry import resolve_tag
     from models_registry.default import ensure_default

@@ -100,6 +100,13 @@ def format_summary(summary: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def remove_earlier_reports(out: Path) -> None:
+    """A reused --out holds the last run's statistics and reports: were Locust to fail at start, the statistics were
+    reported as this run's, and the reports stayed beside its log as if they were."""
+    for earlier in ("final_stats.json", "summary.json", "summary.md", "report.html"):
+        (out / earlier).unlink(missing_ok=True)
+
+
 def run_locust(url: str, users: int, duration_s: int, out: Path, spawn_rate: float | None = None,
                grpc_url: str | None = None, grpc: bool = False, wait_s: float = 0.0, explain_users: int = 0,
                stop_after: int = 0) -> int:
@@ -116,10 +123,7 @@ def run_locust(url: str, users: int, duration_s: int, out: Path, spawn_rate: flo
         "--host", url, "--csv", str(out / "locust"), "--html", str(out / "report.html"),
         "--only-summary", "--stop-timeout", "30",
     ]
-    # A reused --out holds the last run's statistics and reports: were Locust to fail at start, the statistics were
-    # reported as this run's, and the reports stayed beside its log as if they were.
-    for earlier in ("final_stats.json", "summary.json", "summary.md", "report.html"):
-        (out / earlier).unlink(missing_ok=True)
+    remove_earlier_reports(out)
     with open(out / "locust.log", "wb") as log:
         process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -160,6 +164,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     out = (args.out or RESULTS / "locust" / time.strftime("%Y%m%d-%H%M%S")).resolve()  # Locust runs in ROOT
     out.mkdir(parents=True, exist_ok=True)
+    remove_earlier_reports(out)  # before the server starts: an interrupted run leaves none of them either
     server: ServerProcess | None = None
     grpc_url = None  # with --url, the gRPC user finds the endpoint itself (PNEUMONIA_GRPC_URL or port 3001)
     try:

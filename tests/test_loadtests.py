@@ -352,7 +352,10 @@ def _carrying(token: str) -> list[psutil.Process]:
 def test_sigterm_stops_the_server_a_command_started(command: str, production_tag: str, tmp_path: Path) -> None:
     """SIGTERM (a timeout, `kill`) ended these commands at once and left the `bentoml serve` each had started running
     (in a session of its own), with its /tmp/bentoml-home-* folder. Sent while the server starts, it now unwinds as
-    Ctrl-C does: the server and its folder are gone, one line, exit 143."""
+    Ctrl-C does: the server and its folder are gone, one line, exit 143. An earlier run's results in the same
+    folder are not left beside the interrupted run's logs as if they were its own (a helper's find, benchmark)."""
+    stale = tmp_path / ("summary.json" if "run_locust" in command else "benchmark.json")
+    stale.write_text("{}")
     proc = subprocess.Popen([sys.executable, *command.format(tmp=tmp_path).split()], cwd=ROOT, env=server_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     token = None
@@ -369,6 +372,8 @@ def test_sigterm_stops_the_server_a_command_started(command: str, production_tag
         assert stderr.strip().splitlines()[-1].startswith("interrupted: ")
         assert not _carrying(token), "the server (or one of its workers) still runs"
         assert home.name.startswith("bentoml-home-") and not home.exists()
+        if "benchmark" in command or "run_locust" in command:
+            assert not stale.exists(), stale
     finally:
         proc.kill()
         proc.communicate()
