@@ -32,11 +32,12 @@ from typing import Literal, TypeVar
 import bentoml
 import numpy as np
 
-from api.models import SALIENCY_CAVEAT, Explanation, Heatmap, error_body
+from api.models import SALIENCY_CAVEAT, Explanation, Heatmap
 from core.explain import GRID_SIZE, METHOD, OVERLAY_MAX_SIDE, Explainer
 from core.inference import LoadedModel
 from core.preprocess import PreparedImage
 from serving.answers import answer
+from serving.lifecycle import WorkerRefused
 from settings import ExplainSettings
 
 T = TypeVar("T")
@@ -56,17 +57,8 @@ EXPLAIN_SECONDS = bentoml.metrics.Histogram(
 PREVIEW_SIDE = OVERLAY_MAX_SIDE  # what `prepare` keeps of an image to explain: the picture the heatmap is drawn on
 
 
-class ExplainRefused(Exception):
-    """An explain call this worker turns away with 503: `reason` is its code, `retry_after_s` its Retry-After (None:
-    waiting will not help here). Said by the HTTP guard as the guard's JSON and by the gRPC servicer as UNAVAILABLE,
-    since BentoML answers any 5xx an API raises with one generic sentence."""
-
-    def __init__(self, message: str, reason: str, retry_after_s: int | None) -> None:
-        super().__init__(message)
-        self.message, self.reason, self.retry_after_s = message, reason, retry_after_s
-
-    def body(self) -> bytes:
-        return error_body(self.message, [{"type": self.reason, "loc": [], "msg": self.message}])
+class ExplainRefused(WorkerRefused):
+    """An explain call this worker turns away with 503 (busy, loading or broken), before its image is decoded."""
 
 
 class ExplainBusy(ExplainRefused):

@@ -45,6 +45,7 @@ from pathlib import Path
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 
+from api.models import error_body
 from settings import GrpcSettings, ServingSettings
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
@@ -52,6 +53,26 @@ logger = logging.getLogger("bentoml.pneumonia.lifecycle")
 WARMUP_FAILED_EXIT_CODE = 3
 NOT_READY_MESSAGE = "the model is still loading on this server; retry shortly"
 NOT_READY_RETRY_AFTER_S = 5  # the Retry-After of that 503 (HTTP) or UNAVAILABLE (gRPC)
+
+
+class WorkerRefused(Exception):
+    """A call this worker turns away with 503 (gRPC UNAVAILABLE): `reason` is its code, `retry_after_s` its
+    Retry-After (None: waiting will not help here). Said by the HTTP guard as the guard's JSON and by the gRPC
+    servicer as UNAVAILABLE with trailers, since BentoML answers any 5xx an API raises with one generic sentence."""
+
+    def __init__(self, message: str, reason: str, retry_after_s: int | None) -> None:
+        super().__init__(message)
+        self.message, self.reason, self.retry_after_s = message, reason, retry_after_s
+
+    def body(self) -> bytes:
+        return error_body(self.message, [{"type": self.reason, "loc": [], "msg": self.message}])
+
+
+class NotReady(WorkerRefused):
+    """This worker's model was not warm within `ready_wait_s`."""
+
+    def __init__(self, retry_after_s: int = NOT_READY_RETRY_AFTER_S) -> None:
+        super().__init__(NOT_READY_MESSAGE, "not_ready", retry_after_s)
 
 
 class StartupError(BentoMLException):

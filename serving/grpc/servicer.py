@@ -33,20 +33,15 @@ from api.models import Explanation, ModelInfo, Prediction, Refused
 from api.status import REASONS_METADATA_KEY, REQUEST_ID_HEADER, RETRY_AFTER_HEADER, grpc_code_name
 from core.preprocess import PreparedImage
 from serving import request_log
-from serving.explain import ExplainRefused, shared_slots
+from serving.explain import shared_slots
 from serving.grpc.interceptors import AUTH, ROUTES, first_values, log_call
-from serving.lifecycle import NOT_READY_MESSAGE, NOT_READY_RETRY_AFTER_S
+from serving.lifecycle import NotReady, WorkerRefused
 from serving.request_log import printable
 from settings import ServingSettings
 
 logger = logging.getLogger("pneumonia.grpc")
 
 T = TypeVar("T")
-
-
-class NotReady(Exception):
-    """This worker's model was not warm within `ready_wait_s`: UNAVAILABLE with reason `not_ready` and a
-    `retry-after`, as HTTP's 503 (the servicer used to answer at once, with neither, and log nothing)."""
 
 
 class Classifier(Protocol):
@@ -84,7 +79,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         request_log.configure(settings.request_log)  # the access interceptor's lines and ours
 
     async def _wait_ready(self) -> None:
-        """Wait up to `ready_wait_s` for this worker's model, as an HTTP call does; then `NotReady`."""
+        """Wait up to `ready_wait_s` for this worker's model, as an HTTP call does; then `NotReady` (it answered at
+        once, without reason, retry-after or log line)."""
         deadline = time.monotonic() + self.settings.ready_wait_s
         while not self.service.is_serving():
             if time.monotonic() >= deadline:
@@ -140,11 +136,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             status, reasons = refused.status, refused.reasons
             code = grpc.StatusCode[grpc_code_name(refused.status, refused.reasons)]
             failure = code, describe_refusal(refused, images), (*trailing, (REASONS_METADATA_KEY, ",".join(reasons)))
-        except NotReady:
-            status, reasons = 503, ["not_ready"]
-            failure = (grpc.StatusCode.UNAVAILABLE, NOT_READY_MESSAGE, (*trailing, (REASONS_METADATA_KEY, "not_ready"),
-                                                                       (RETRY_AFTER_HEADER, str(NOT_READY_RETRY_AFTER_S))))
-        except ExplainRefused as refused:  # busy, loading or broken
+        except WorkerRefused as refused:  # not ready (NotReady), or an explain call busy, loading or broken
             status, reasons = 503, [refused.reason]
             wait = () if refused.retry_after_s is None else ((RETRY_AFTER_HEADER, str(refused.retry_after_s)),)
             failure = (grpc.StatusCode.UNAVAILABLE, refused.message,

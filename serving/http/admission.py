@@ -17,9 +17,8 @@ import math
 
 from starlette.datastructures import Headers
 
-from api.models import error_body
 from serving.http.responses import STATIC_PREFIXES, Call, GuardError, Scope, Send, is_ui, send_json
-from serving.lifecycle import NOT_READY_MESSAGE, NOT_READY_RETRY_AFTER_S, READINESS
+from serving.lifecycle import NOT_READY_RETRY_AFTER_S, READINESS, NotReady
 from serving.security import API_KEY_HEADER, UNAUTHENTICATED_MESSAGE, AccessPolicy, presented_key
 
 PROBE_PATHS = frozenset({"/livez", "/healthz", "/readyz"})
@@ -82,6 +81,5 @@ class Admission:
             return True
         if await READINESS.wait_async(self.ready_wait_s):
             return True
-        body = error_body(NOT_READY_MESSAGE, [{"type": "not_ready", "loc": [], "msg": NOT_READY_MESSAGE}])
-        await send_json(send, 503, body, {"retry-after": self.retry_after})
+        await send_json(send, 503, NotReady().body(), {"retry-after": self.retry_after})
         return False
