@@ -241,10 +241,11 @@ class ExplainSettings(BaseModel):
     )
 
 
-def _check_tls_files(certfile: Path, keyfile: Path, client_ca_file: Path | None) -> None:
+def _check_tls_files(certfile: Path, keyfile: Path, client_ca_file: Path | None, pem: dict[str, bytes]) -> None:
     """Load the files as gRPC will, so that a certificate and key that do not belong together, or files that only
     look like PEM, stop the start-up here: gRPC itself would only fail to bind, in every worker, while HTTP
-    reports the service ready. Python's ssl runs on OpenSSL, gRPC's on BoringSSL; both read the same PEM."""
+    reports the service ready. Python's ssl runs on OpenSSL, gRPC's on BoringSSL; both read the same PEM. `pem`
+    holds the files' bytes as read once at start-up."""
     import ssl
 
     def problem(exc: ssl.SSLError) -> str:  # OpenSSL's reason code, where it gives one
@@ -258,7 +259,7 @@ def _check_tls_files(certfile: Path, keyfile: Path, client_ca_file: Path | None)
     try:  # an encrypted key meets the empty password instead of a prompt on the terminal
         probe.load_cert_chain(str(certfile), str(keyfile), password=lambda: b"")
     except ssl.SSLError as exc:
-        key = keyfile.read_bytes()
+        key = pem["keyfile"]
         if exc.reason == "KEY_VALUES_MISMATCH" or (b"PRIVATE KEY-----" in key and b"ENCRYPTED" not in key):
             raise ValueError(f"grpc.tls.keyfile {keyfile} is not the private key of certfile {certfile} (a key of "
                              f"another certificate or of another type, or damaged){problem(exc)}") from None
@@ -270,7 +271,7 @@ def _check_tls_files(certfile: Path, keyfile: Path, client_ca_file: Path | None)
             raise ValueError(f"grpc.tls.client_ca_file {client_ca_file} holds no readable PEM CA "
                              f"certificate{problem(exc)}") from None
     _check_not_expired(certfile)
-    _check_grpc_takes(certfile, keyfile, client_ca_file)
+    _check_grpc_takes(certfile, keyfile, client_ca_file, pem)
 
 
 def _check_not_expired(certfile: Path) -> None:
@@ -289,7 +290,7 @@ def _check_not_expired(certfile: Path) -> None:
                          "renew the certificate")
 
 
-def _check_grpc_takes(certfile: Path, keyfile: Path, client_ca_file: Path | None) -> None:
+def _check_grpc_takes(certfile: Path, keyfile: Path, client_ca_file: Path | None, pem: dict[str, bytes]) -> None:
     """Hand the files to gRPC itself on a throwaway port: its TLS library (BoringSSL) refuses some that OpenSSL reads
     (brainpool curves, RSA-PSS and Ed448 keys, "TRUSTED CERTIFICATE" blocks), and then every worker served HTTP only,
     retrying a gRPC port it blamed, for good (a helper's find)."""
@@ -297,8 +298,8 @@ def _check_grpc_takes(certfile: Path, keyfile: Path, client_ca_file: Path | None
 
     import grpc
 
-    ca = client_ca_file.read_bytes() if client_ca_file is not None else None
-    credentials = grpc.ssl_server_credentials([(keyfile.read_bytes(), certfile.read_bytes())], root_certificates=ca,
+    ca = pem.get("client_ca_file")
+    credentials = grpc.ssl_server_credentials([(pem["keyfile"], pem["certfile"])], root_certificates=ca,
                                               require_client_auth=ca is not None)
     trial = grpc.server(ThreadPoolExecutor(max_workers=1))
     try:
@@ -348,7 +349,7 @@ class GrpcTlsSettings(BaseModel):
                                  "save it without one")
             self._pem[name] = data
         if self.certfile is not None and self.keyfile is not None:
-            _check_tls_files(self.certfile, self.keyfile, self.client_ca_file)
+            _check_tls_files(self.certfile, self.keyfile, self.client_ca_file, self._pem)
         return self
 
     @property
