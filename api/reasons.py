@@ -20,7 +20,7 @@ IMAGE_REASONS: tuple[str, ...] = (
     "dicom_unsupported_syntax",
 )
 # An image refused per image, in a 200 answer (status "refused"): by the model's validity gate (blank ... cropped),
-# or by its own DICOM tags before anything is decoded (dicom_*: Modality not CR/DX, Body Part Examined not the chest,
+# or by its own DICOM tags before anything is decoded (dicom_*: Modality not CR/DX/RG, Body Part Examined not the chest,
 # View Position not PA/AP, more than one frame).
 REFUSAL_REASONS: tuple[str, ...] = (
     "blank",

@@ -16,14 +16,17 @@ What is read, in order (each step refuses before the next one costs anything):
 2. Structure: a Pixel Data element, its image attributes (Rows, Columns,
    Bits Allocated/Stored, Samples per Pixel, Photometric Interpretation), nothing
    truncated. Then Rows x Columns against the pixel limits, before any decoding.
-3. The tag gate (a per-image refusal, nothing decoded): Modality CR, DX or DR;
-   Body Part Examined a chest term when present; View Position PA or AP when
-   present; a single frame.
+3. The tag gate (a per-image refusal, nothing decoded): Modality CR, DX, DR or
+   RG; Body Part Examined a chest term when present; View Position PA or AP when
+   present (else a View Code Sequence naming a non-frontal view refuses); a
+   single frame.
 4. The transfer syntax has a decoder here (pydicom's own for uncompressed data
    and RLE, the pylibjpeg plugins for JPEG baseline/extended/lossless, JPEG-LS
-   and JPEG 2000), and a
-   compressed frame's own header agrees with Rows x Columns (a codestream cannot
-   make the decoder allocate more than the limits allow).
+   and JPEG 2000); a compressed frame states its size in a header read here that
+   agrees with Rows x Columns and ends with its end marker (fail closed: a
+   codestream cannot make the decoder allocate more than the limits allow, nor be
+   padded silently when cut), and an 8-bit JPEG frame decodes strictly;
+   uncompressed Pixel Data holds what Rows x Columns need.
 5. Pixels, as a radiology viewer shows them: Modality LUT (Rescale Slope and
    Intercept, or a Modality LUT Sequence); then VOI: the VOI LUT Sequence if
    present, else Window Center/Width (LINEAR, LINEAR_EXACT or SIGMOID per
@@ -67,7 +70,8 @@ if TYPE_CHECKING:
 logging.getLogger("pydicom").propagate = False
 
 PART10_MAGIC = b"DICM"
-MODALITIES = frozenset({"CR", "DX", "DR"})  # computed / digital radiography; "DR" is a common non-standard DX
+# computed / digital radiography, and film-screen radiography (RG: a digitised film); "DR" is a common non-standard DX
+MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX"})
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
 MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
@@ -380,7 +384,7 @@ def _tag_gate(ds: Any, info: DicomInfo) -> tuple[str, str] | None:
     # Checked upper-cased, shown as `info` holds them (as sent, or "(invalid value)")
     if _code(ds, "Modality") not in MODALITIES:
         said = f"Modality (0008,0060) is {info.modality!r}" if info.modality else "the file has no Modality (0008,0060)"
-        return "dicom_modality", f"{said}; only chest radiographs (CR, DX) are classified"
+        return "dicom_modality", f"{said}; only chest radiographs (CR, DX, RG) are classified"
     body = _code(ds, "BodyPartExamined")
     if body is not None and body not in CHEST_BODY_PARTS:
         return "dicom_body_part", (f"BodyPartExamined (0018,0015) is {info.body_part!r}, not the chest; only chest "
@@ -389,11 +393,24 @@ def _tag_gate(ds: Any, info: DicomInfo) -> tuple[str, str] | None:
     if view is not None and view not in FRONTAL_VIEWS:
         return "dicom_view", (f"ViewPosition (0018,5101) is {info.view_position!r}: only frontal views (PA or AP) are "
                               "classified, not lateral, oblique or decubitus ones")
+    if view is None and (coded := _coded_view(ds)) is not None:  # the view as a code, where ViewPosition is absent
+        return "dicom_view", (f"the View Code Sequence (0054,0220) says {coded!r}: only frontal views (PA or AP) are "
+                              "classified, not lateral, oblique or decubitus ones")
     frames = _int(ds, "NumberOfFrames", "(0028,0008)", required=False, default=1)
     if frames is not None and frames > 1:
         return "dicom_multiframe", (f"the DICOM object has {frames} frames (a cine loop, a stack or a "
                                     "tomosynthesis series); send single-frame radiographs")
     return None
+
+
+def _coded_view(ds: Any) -> str | None:
+    """The View Code Sequence's meaning when it names a view that is not frontal (lateral, oblique, decubitus),
+    as a code-string-like text (upper case, letters and spaces only); None when frontal, absent or unreadable."""
+    items = _multi(ds, "ViewCodeSequence")
+    meaning = str(_value(items[0], "CodeMeaning", "") if items else "").upper()
+    if not any(word in meaning for word in ("LATERAL", "OBLIQUE", "DECUBITUS")):
+        return None
+    return re.sub(r"[^A-Z ]", "", meaning)[:32].strip() or None
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -431,6 +448,7 @@ def _codestream_size(frame: bytes) -> tuple[int, int] | None:
 def _check_decodable(ds: Any, syntax: UID, info: DicomInfo, width: int, height: int) -> None:
     from pydicom.encaps import generate_frames
     from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit, RLELossless
 
     shown = info.transfer_syntax
     if not syntax.is_transfer_syntax:
@@ -453,6 +471,9 @@ def _check_decodable(ds: Any, syntax: UID, info: DicomInfo, width: int, height: 
     if (photometric in MONOCHROME and samples != 1) or (photometric in COLOUR and samples != 3):
         raise DicomError("corrupt", f"SamplesPerPixel {samples} does not fit photometric interpretation {photometric}")
     allocated, stored = info.bits_allocated, info.bits_stored
+    if photometric in COLOUR and allocated != 8:
+        raise DicomError("unsupported_format", f"colour DICOM images ({photometric}) are accepted with 8 bits per "
+                         f"sample only, not {allocated}; radiographs are MONOCHROME1 or MONOCHROME2")
     if allocated not in ((8, 16) if photometric in MONOCHROME else (8,)) or not 1 <= stored <= allocated:
         raise DicomError("unsupported_format", f"{stored} bits stored in {allocated} allocated is not supported "
                          "(radiographs: 8 to 16 bits in 8 or 16)")
@@ -461,10 +482,58 @@ def _check_decodable(ds: Any, syntax: UID, info: DicomInfo, width: int, height: 
             frame = next(generate_frames(ds.PixelData, number_of_frames=1))
         except Exception:  # noqa: BLE001 - broken item tags or offsets
             raise DicomError("corrupt", f"the compressed ({shown}) pixel data items are damaged") from None
-        size = _codestream_size(frame)
-        if size is not None and size != (width, height):
-            raise DicomError("corrupt", f"the compressed frame is {size[0]}x{size[1]} pixels but the DICOM header "
-                             f"says {width}x{height}")
+        if syntax != RLELossless:  # RLE states no size of its own: its decoder fills Rows x Columns
+            _check_codestream(frame, shown, width, height)
+        if syntax in (JPEGBaseline8Bit, JPEGExtended12Bit) and allocated == 8:
+            _check_jpeg_data(frame, shown)
+    else:
+        needed = width * height * samples * allocated // 8
+        held = len(ds.PixelData)
+        if held < needed:
+            raise DicomError("corrupt", f"the DICOM pixel data holds {held:,} bytes, but {width}x{height} pixels of "
+                             f"{allocated} bits need {needed:,}: the file is incomplete; export or send it again")
+
+
+def _check_jpeg_data(frame: bytes, shown: str) -> None:
+    """An 8-bit JPEG frame decoded once by libjpeg-turbo, strictly, at 1/8 scale (its entropy-coded data read whole,
+    little else done): pydicom's decoders fill damaged data in without a word, and a frame with 2 KB zeroed was
+    classified as if whole (a helper's find), where the same JPEG uploaded as a file was refused. JPEG-LS and
+    lossless JPEG frames have no such strict decoder here: only a cut (the end marker) is caught for them."""
+    import simplejpeg
+
+    from core.preprocess import libjpeg_damage
+
+    try:
+        simplejpeg.decode_jpeg(frame, strict=True, colorspace="GRAY", min_factor=8, min_width=1, min_height=1)
+    except ValueError as exc:
+        if libjpeg_damage(str(exc)):
+            raise DicomError("corrupt", f"the compressed ({shown}) pixel data is damaged ({exc}): part of the "
+                             "picture would be noise; export or send the image again") from None
+
+
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def _check_codestream(frame: bytes, shown: str, width: int, height: int) -> None:
+    """A JPEG, JPEG-LS or JPEG 2000 frame must state its size in a header read here, agree with Rows x Columns, and
+    end with its end marker (JPEG's EOI and JPEG 2000's EOC are both FFD9), or it is refused before any decoder runs.
+
+    Fail closed: the decoders skip what this reader stops at (a stray byte after the start marker, a JP2 file box
+    around the codestream) and allocated the frame's own size, gigabytes from a 200 KB file; and they pad a frame
+    cut short without a word, so a truncated NORMAL X-ray was answered PNEUMONIA 0.988 (a helper's finds)."""
+    if frame.startswith(_JP2_SIGNATURE):
+        raise DicomError("corrupt", f"the compressed ({shown}) frame is a JP2 file, not the bare JPEG 2000 "
+                         "codestream DICOM requires (PS3.5 A.4.4); export the image again")
+    size = _codestream_size(frame)
+    if size is None:
+        raise DicomError("corrupt", f"the compressed ({shown}) frame has no frame header this service can read "
+                         "(damaged, or not the format its transfer syntax names); export the image again")
+    if size != (width, height):
+        raise DicomError("corrupt", f"the compressed frame is {size[0]}x{size[1]} pixels but the DICOM header "
+                         f"says {width}x{height}")
+    if not frame.rstrip(b"\x00\xff").endswith(b"\xff\xd9"):  # after the padding of an odd-length frame
+        raise DicomError("corrupt", f"the compressed ({shown}) frame ends before its image data does (no end "
+                         "marker): the file was cut short or damaged; export or send it again")
 
 
 def _float(value: Any) -> float | None:

@@ -152,6 +152,11 @@ _HARMLESS_JPEG = re.compile(r"Corrupt JPEG data: [12] extraneous bytes before ma
 _STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RST0-7, SOI: no length field
 
 
+def libjpeg_damage(message: str) -> bool:
+    """Whether libjpeg's warning (simplejpeg's strict error) says the compressed data is damaged, not harmless."""
+    return message.startswith(_DAMAGED_JPEG) and _HARMLESS_JPEG.fullmatch(message) is None
+
+
 def _without_header_junk(data: bytes) -> bytes | None:
     """`data` without the stray bytes between its segments before the first scan, or None when it has none (or
     its header cannot be walked: the decoder then says what is wrong)."""
@@ -200,11 +205,10 @@ def _decode_jpeg(data: bytes, header: Image.Image, side: int) -> Image.Image | N
         if message.startswith("Premature end of JPEG file"):
             raise ImageRejected("corrupt", "the image could not be decoded: the JPEG file ends before its image "
                                            "data does (it was cut short; send the whole file)") from None
-        harmless = _HARMLESS_JPEG.fullmatch(message) is not None
-        if message.startswith(_DAMAGED_JPEG) and not harmless:
+        if libjpeg_damage(message):
             raise ImageRejected("corrupt", f"the JPEG data is damaged ({message}): part of the picture would be "
                                            "noise; send the file again or export it anew") from None
-        if not harmless:
+        if _HARMLESS_JPEG.fullmatch(message) is None:
             return None
         pixels = simplejpeg.decode_jpeg(data, strict=False, **options)
     if pixels.shape[:2] != (options["min_height"], options["min_width"]):
@@ -429,15 +433,36 @@ def _prepare_dicom(data: bytes, config: PreprocessConfig, limits: InputLimits, p
     notes = list(read.warnings)
     try:
         coloured = read.image.mode == "RGB" and _looks_coloured(read.image)
-        pixels, preview = _grid(read.image, config, max(read.width, read.height), preview_side)
+        shown = _square_size(read.image.size, read.info.pixel_spacing_mm)
+        square = shown == read.image.size
+        pixels, preview = _grid(read.image, config, max(shown), preview_side if square else None)
+        if not square and preview_side is not None:  # the preview as a viewer shows it, from the resampled image
+            resampled = read.image.resize(shown, Image.Resampling.BILINEAR, reducing_gap=None)
+            preview = _preview(_to_grayscale(resampled), max(shown), preview_side)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory on a pathological image
         raise ImageRejected("corrupt", f"the DICOM image could not be resized ({type(exc).__name__})") from None
-    notes += _shape_notes(read.width, read.height, config)
+    notes += _shape_notes(*shown, config)
     if read.info.voi == "min_max":  # no window in the file: scaled min to max, as a 16-bit PNG
         notes += _range_note(pixels)
     if coloured:
         notes.append("colour image: it may not be a radiograph")
     return PreparedImage(pixels=pixels, warnings=tuple(notes), preview=preview, **common)
+
+
+def _square_size(size: tuple[int, int], spacing_mm: tuple[float, float] | None) -> tuple[int, int]:
+    """(width, height) of the image as a viewer shows it when its rows and columns are spaced differently (Pixel
+    Spacing or Imager Pixel Spacing, e.g. 0.2 x 0.1 mm): the finer axis at the coarser spacing, so nothing grows.
+    The preview (and heatmap) had the stored shape, 2:1 for a square field, and the shape check judged that (a
+    helper's find). The model's grid comes from the stored pixels all the same: it squeezes any shape to a square.
+    Spacings more than 4:1 apart are taken as wrong tags, and the stored shape is kept."""
+    if spacing_mm is None:
+        return size
+    row, column = spacing_mm  # the distance between rows (a pixel's height), between columns (its width)
+    ratio = row / column
+    if abs(ratio - 1) < 0.01 or not 0.25 <= ratio <= 4:
+        return size
+    width, height = size
+    return (max(1, round(width / ratio)), height) if ratio > 1 else (width, max(1, round(height * ratio)))
 
 
 def _looks_coloured(image: Image.Image) -> bool:

@@ -353,6 +353,99 @@ def test_limits_are_checked_from_the_header_before_decoding() -> None:
     assert lie.value.reason == "corrupt" and "224x224" in lie.value.message and "224x112" in lie.value.message
 
 
+def _with_frame(ds, frame: bytes):
+    """`ds` with its one compressed frame replaced by `frame` (items well formed: only the codestream is changed)."""
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    return ds
+
+
+def _frame(ds) -> bytes:
+    from pydicom.encaps import generate_frames
+
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+def _refusal(data: bytes) -> tuple[str, str]:
+    with pytest.raises(ImageRejected) as refused:
+        prepare(data, CONFIG)
+    return refused.value.reason, refused.value.message
+
+
+def test_compressed_frames_the_header_check_cannot_read_or_that_are_cut_or_damaged_are_refused() -> None:
+    """A helper's finds. The decoders skip what the size check stopped at (a stray byte after the start marker, a
+    JP2 file box around the codestream) and allocated the frame's own size, gigabytes from a 200 KB file whose
+    header said 112x112; and they filled in a frame cut in half (a NORMAL X-ray was answered PNEUMONIA 0.988) or
+    with 2 KB zeroed, without a word."""
+    import imagecodecs
+
+    a, _ = xrays()
+    s = D.stored_values(a, 12)
+    jpeg_ls = D.dataset(s.values, bits_stored=12, window=(s.center, s.width), syntax=D.SYNTAXES["jpeg-ls"])
+    frame = _frame(jpeg_ls)
+    reason, message = _refusal(D.to_bytes(_with_frame(jpeg_ls, frame[:2] + b"\x00" + frame[2:])))
+    assert reason == "corrupt" and "no frame header this service can read" in message, message
+    cut = frame[: len(frame) // 2]
+    reason, message = _refusal(D.to_bytes(_with_frame(jpeg_ls, cut + b"\x00" * (len(cut) % 2))))
+    assert reason == "corrupt" and "ends before its image data does" in message, message
+    j2k = D.dataset(s.values, bits_stored=12, window=(s.center, s.width), syntax=D.SYNTAXES["jpeg2000"])
+    jp2 = imagecodecs.jpeg2k_encode(s.values.astype(np.uint16), level=0, codecformat="jp2")
+    reason, message = _refusal(D.to_bytes(_with_frame(j2k, jp2 + b"\x00" * (len(jp2) % 2))))
+    assert reason == "corrupt" and "is a JP2 file, not the bare JPEG 2000 codestream" in message, message
+    baseline = D.dataset(a.copy(), bits_stored=8, syntax=D.SYNTAXES["jpeg-baseline"])
+    whole = _frame(baseline)
+    assert prepare(D.to_bytes(baseline), CONFIG).refusal is None
+    scan = whole.find(b"\xff\xda")
+    damaged = bytearray(whole)
+    middle = scan + (len(whole) - scan) // 3
+    damaged[middle : middle + 500] = bytes(500)
+    reason, message = _refusal(D.to_bytes(_with_frame(baseline, bytes(damaged))))
+    assert reason == "corrupt" and "pixel data is damaged (Corrupt JPEG data" in message, message
+
+
+def test_native_pixels_short_of_the_header_colour_depth_and_coded_views_are_named() -> None:
+    """Messages a radiographer can act on (a helper's finds): Pixel Data short of Rows x Columns said "could not be
+    decoded (ValueError)"; a 16-bit RGB object was told "12 bits stored in 16 allocated is not supported"; a
+    lateral view coded only in the View Code Sequence was classified; film-screen radiography (RG) was refused."""
+    a, _ = xrays()
+    s = D.stored_values(a, 12)
+    ds = D.dataset(s.values, bits_stored=12, window=(s.center, s.width))
+    needed = len(ds.PixelData)
+    ds.PixelData = ds.PixelData[:-1000]
+    reason, message = _refusal(D.to_bytes(ds))
+    assert reason == "corrupt" and f"holds {needed - 1000:,} bytes" in message and f"need {needed:,}" in message
+    rgb = D.dataset(np.stack([s.values] * 3, axis=-1), bits_stored=12, photometric="RGB")
+    rgb.SamplesPerPixel, rgb.PlanarConfiguration, rgb.BitsAllocated = 3, 0, 16
+    reason, message = _refusal(D.to_bytes(rgb))
+    assert reason == "unsupported_format" and "8 bits per sample only, not 16" in message, message
+    from pydicom.dataset import Dataset
+
+    lateral = D.dataset(s.values, bits_stored=12, window=(s.center, s.width), view=None)
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "R-10232", "SRT", "right lateral"
+    lateral.ViewCodeSequence = [code]
+    refused = prepare(D.to_bytes(lateral), CONFIG)
+    assert refused.refusal is not None and refused.refusal[0] == "dicom_view", refused.refusal
+    assert "'RIGHT LATERAL'" in refused.refusal[1]
+    code.CodeMeaning = "postero-anterior"
+    assert prepare(D.to_bytes(lateral), CONFIG).refusal is None
+    film = D.dataset(s.values, bits_stored=12, window=(s.center, s.width), modality="RG")
+    assert prepare(D.to_bytes(film), CONFIG).refusal is None
+
+
+def test_pixels_that_are_not_square_are_previewed_as_a_viewer_shows_them() -> None:
+    """Imager Pixel Spacing 0.2 x 0.1 mm (rows twice as far apart as columns): the preview (and heatmap) had the
+    stored square shape, a field twice as tall drawn square (a helper's find). The model's grid is unchanged."""
+    a, _ = xrays()
+    square = prepare(D.part10(a.copy(), bits_stored=8), CONFIG, preview_side=512)
+    tall = prepare(D.part10(a.copy(), bits_stored=8, spacing=(0.2, 0.1)), CONFIG, preview_side=512)
+    height, width = a.shape
+    assert square.preview.shape[0] / square.preview.shape[1] == pytest.approx(height / width, rel=0.02)
+    assert tall.preview.shape[0] / tall.preview.shape[1] == pytest.approx(2 * height / width, rel=0.02)
+    assert (tall.width, tall.height) == (width, height)  # the upload's own size is still what `image` reports
+    assert np.array_equal(tall.pixels, square.pixels)
+
+
 def test_malformed_files_are_rejected_with_their_reason_in_process() -> None:
     for name, (data, reason) in malformed_files().items():
         with pytest.raises(ImageRejected) as caught:
