@@ -47,12 +47,13 @@ from serving.grpc import server as grpc_server
 from serving.http import HttpGuard
 from serving.http.decoding import PREDECODED
 from serving.http.traffic_metrics import label_by_route
-from serving.lifecycle import (READINESS, StartupError, available_memory_mib, check_grpc_port, follow_http_host,
-                               check_http_port, forget_dead_workers,
+from serving.lifecycle import (READINESS, StartupError, available_memory_mib, check_bentoml_config, check_grpc_port,
+                               follow_http_host, check_http_port, forget_dead_workers,
                                http_address, load_settings, memory_warning, respawn_dead_workers,
                                warm_up_in_background)
 
 logger = logging.getLogger("bentoml.pneumonia.lifecycle")
+SERVICE_NAME = "pneumonia_classifier"  # BentoML's name for it: its configuration's `services.<name>` key
 
 
 # ---------------------------------------------------------------- start-up: the model to serve, checked once
@@ -233,7 +234,7 @@ def _batched(instance: object, api: str) -> Callable[[list[PreparedImage]], Awai
 
 
 @bentoml.service(
-    name="pneumonia_classifier",
+    name=SERVICE_NAME,
     workers=SETTINGS.worker_count(),
     threads=SETTINGS.batching.slots,  # forward passes at a time per worker (1); torch uses the cores inside each
     traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
@@ -287,6 +288,12 @@ class PneumoniaClassifier:
         bound, exits 1 with one line. The port is then held by this process until it exits (only this server's
         workers can bind it), and workers that would not fit in memory get a warning."""
         respawn_dead_workers()  # before BentoML makes the worker watchers (in a container it would not respawn)
+        check_bentoml_config(SERVICE_NAME, {
+            "workers": (SETTINGS.worker_count(), "PNEUMONIA_WORKERS"),
+            "threads": (SETTINGS.batching.slots, "PNEUMONIA_BATCHING__SLOTS"),
+            "traffic.timeout": (SETTINGS.timeout_s, "PNEUMONIA_TIMEOUT_S"),
+            "traffic.max_concurrency": (SETTINGS.max_concurrency, "PNEUMONIA_MAX_CONCURRENCY"),
+        })
         preflight(MODEL_TAG, SETTINGS.engine)
         http_host, http_port = http_address()
         check_http_port(http_host, http_port)

@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
@@ -192,6 +193,27 @@ def check_http_port(host: str, port: int) -> None:
     if taken:
         raise StartupError(f"cannot serve: the HTTP port {host}:{port} cannot be bound ({taken[0].strerror}); "
                            "choose another with `bentoml serve --port N` (`PORT=N ./dev.sh serve`)")
+
+
+def check_bentoml_config(service_name: str, ours: dict[str, tuple[Any, str]]) -> None:
+    """Refuse a BentoML configuration (`BENTOML_CONFIG`, `BENTOML_CONFIG_OVERRIDES`) that sets what a `PNEUMONIA_*`
+    setting sizes. `ours` maps a key under `services.<name>` (dotted) to (our value, the setting's variable).
+
+    BentoML's file wins over the service's decorator: with `workers: 4` there, four workers ran while each sized
+    its torch threads, memory warning and share of the HTTP calls for the setting's count, and `/health` reported
+    the setting (a helper's find). One place decides each of these; the other one is refused, naming it."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    effective = BentoMLContainer.config.services[service_name].get() or {}
+    for key, (value, variable) in ours.items():
+        found: Any = effective
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        if found != value:
+            raise StartupError(
+                f"invalid configuration: BentoML's configuration (BENTOML_CONFIG or BENTOML_CONFIG_OVERRIDES) sets "
+                f"services.{service_name}.{key} to {found!r}, but this service sizes itself from {variable} "
+                f"({value!r}); remove it from BentoML's configuration and set {variable} instead")
 
 
 def check_grpc_port(grpc: GrpcSettings, http_host: str, http_port: int) -> None:

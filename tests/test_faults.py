@@ -386,6 +386,15 @@ BAD_CONFIGS: dict[str, tuple[dict[str, str], str]] = {
     "unknown_variable": ({"PNEUMONIA_FOO": "1"}, "unknown environment variable PNEUMONIA_FOO:"),
     # An empty Secret mounted as the key file: the service started open to anyone, and said it was ready.
     "empty_api_keys_file": ({"PNEUMONIA_SECURITY__API_KEYS_FILE": "{empty}"}, "holds no key (only blank or # lines)"),
+    # BentoML's own configuration set the worker count behind PNEUMONIA_WORKERS: 3 workers ran, each sized its
+    # threads and its share of the HTTP calls for 1, and /health said 1 (a helper's find).
+    "bentoml_config_workers": ({"PNEUMONIA_WORKERS": "1", "BENTOML_CONFIG": "{bentoml_config}"},
+                               "sets services.pneumonia_classifier.workers to 3, but this service sizes itself from "
+                               "PNEUMONIA_WORKERS (1); remove it from BentoML's configuration"),
+    "bentoml_overrides_timeout": ({"BENTOML_CONFIG_OVERRIDES": '{{"services": {{"pneumonia_classifier": '
+                                                               '{{"traffic": {{"timeout": 7}}}}}}}}'},
+                                  "services.pneumonia_classifier.traffic.timeout to 7, but this service sizes itself "
+                                  "from PNEUMONIA_TIMEOUT_S (60)"),
 }
 
 
@@ -396,7 +405,10 @@ def test_bad_configuration_stops_the_server_with_one_clear_line(production_tag: 
     settings_file.write_text("{workers: 2}")
     empty = tmp_path / "api-keys"
     empty.write_text("# rotated keys go here\n\n")
-    cases = {case: ({k: v.format(settings=settings_file, empty=empty) for k, v in env.items()}, text)
+    bentoml_config = tmp_path / "bentoml.yaml"
+    bentoml_config.write_text("services:\n  pneumonia_classifier:\n    workers: 3\n")
+    cases = {case: ({k: v.format(settings=settings_file, empty=empty, bentoml_config=bentoml_config)
+                     for k, v in env.items()}, text)
              for case, (env, text) in BAD_CONFIGS.items()}
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = list(pool.map(lambda case: _serve_until_exit(case, bentoml_home, cases[case][0]), cases))
