@@ -276,18 +276,23 @@ def _check_tls_files(certfile: Path, keyfile: Path, client_ca_file: Path | None,
 
 def _check_not_expired(certfile: Path) -> None:
     """An expired server certificate started without a word, and every client then failed its handshake with
-    "certificate has expired" (a helper's find)."""
+    "certificate has expired" (a helper's find); one not valid yet fails them the same way ("not yet valid")."""
     import ssl
     import time
 
     try:  # CPython's own certificate decoder (no extra package); where it is missing, the check is skipped
-        not_after = ssl._ssl._test_decode_cert(str(certfile))["notAfter"]  # type: ignore[attr-defined]
-        expired = ssl.cert_time_to_seconds(not_after) < time.time()
+        decoded = ssl._ssl._test_decode_cert(str(certfile))  # type: ignore[attr-defined]
+        not_before, not_after = decoded["notBefore"], decoded["notAfter"]
+        starts, ends = ssl.cert_time_to_seconds(not_before), ssl.cert_time_to_seconds(not_after)
     except (AttributeError, KeyError, ValueError, ssl.SSLError):
         return
-    if expired:
+    now = time.time()
+    if ends < now:
         raise ValueError(f"grpc.tls.certfile {certfile} expired on {not_after}: every client would refuse it; "
                          "renew the certificate")
+    if starts > now:
+        raise ValueError(f"grpc.tls.certfile {certfile} is not valid before {not_before}: every client would refuse "
+                         "it until then; check this machine's clock or the certificate's dates")
 
 
 def _check_grpc_takes(certfile: Path, keyfile: Path, client_ca_file: Path | None, pem: dict[str, bytes]) -> None:

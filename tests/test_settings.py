@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from harness.paths import ROOT
 from settings import OTHER_VARIABLES, ServingSettings, refuse_unknown_variables, setting_variables, suggestion
 
 SECRET = "not-to-be-echoed-0123456789"
+real_time = time.time
 # Wrong on purpose: the names this file and the docs use as examples of mistakes.
 MISTAKES = {"PNEUMONIA_SECURITY_API_KEYS", "PNEUMONIA_API_KEYS", "PNEUMONIA_FOO", "PNEUMONIA_WORKER",
             "PNEUMONIA_SETTING_FILE", "PNEUMONIA_GRPC_PORT", "PNEUMONIA_ENABLED", "PNEUMONIA_SECURITY__APIKEYS"}
@@ -195,6 +197,12 @@ def test_grpc_tls_files_must_be_a_certificate_and_its_own_key(tmp_path, monkeypa
         message = _settings_error(scope, PNEUMONIA_GRPC__TLS__CERTFILE=str(expired_cert),
                                   PNEUMONIA_GRPC__TLS__KEYFILE=str(expired_key))
     assert f"grpc.tls.certfile {expired_cert} expired on " in message and "renew the certificate" in message, message
+    # Not valid yet, as it is for a server whose clock is a day behind the certificate's issuer: clients refuse it.
+    with monkeypatch.context() as scope:
+        scope.setattr(time, "time", lambda: real_time() - 86400)
+        message = _settings_error(scope, PNEUMONIA_GRPC__TLS__CERTFILE=str(pki.server_cert),
+                                  PNEUMONIA_GRPC__TLS__KEYFILE=str(pki.server_key))
+    assert f"grpc.tls.certfile {pki.server_cert} is not valid before " in message and "clock" in message, message
     with_bom = tmp_path / "bom.pem"  # a Windows editor's byte-order mark: OpenSSL reads past it, gRPC does not
     with_bom.write_bytes(b"\xef\xbb\xbf" + pki.server_cert.read_bytes())
     with monkeypatch.context() as scope:
