@@ -392,6 +392,39 @@ def test_every_query_parses_as_promql(tmp_path: Path) -> None:
     assert run([promtool, "check", "rules", str(broken)]).returncode != 0
 
 
+def test_adapter_metrics_answer_zero_for_a_warm_pod_without_the_signal(tmp_path: Path) -> None:
+    """Pod a has served HTTP /classify; pod b is warm (pneumonia_model_info) but has had no HTTP call and no image
+    yet, as on a fresh deployment or at a gRPC-only site. b must read 0, not be missing: a Pods metric missing for
+    some pods holds the HPA's scale-down (a helper's find: both adapter metrics were missing until then)."""
+    promtool = tool("promtool", "the adapter rules with promtool")
+    rules = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    records = [{"record": f"adapter:{rule['name']['as']}",
+                "expr": rule["metricsQuery"].replace("<<.GroupBy>>", "pod").replace("<<.Series>>", "unused")
+                .replace("<<.LabelMatchers>>", 'namespace="pneumonia"')} for rule in rules]
+    (tmp_path / "adapter.yaml").write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": records}]}))
+    info = 'pneumonia_model_info{{namespace="pneumonia",pod="{pod}",model="m",arch="x",threshold="0.5"}}'
+    series = [
+        {"series": info.format(pod="a"), "values": "1x10"},
+        {"series": info.format(pod="b"), "values": "1x10"},
+        {"series": 'bentoml_service_request_in_progress{namespace="pneumonia",pod="a",endpoint="/classify"}',
+         "values": "3x10"},
+        {"series": 'pneumonia_predictions_total{namespace="pneumonia",pod="a",label="NORMAL",model="m"}',
+         "values": "0+60x10"},  # one image a second
+    ]
+    expected = {
+        "adapter:pneumonia_classify_inflight_requests": {"a": 3, "b": 0},
+        "adapter:pneumonia_images_per_second": {"a": 1, "b": 0},
+    }
+    tests = [{"interval": "1m", "input_series": series, "promql_expr_test": [
+        {"expr": name, "eval_time": "5m",
+         "exp_samples": [{"labels": f'{name}{{pod="{pod}"}}', "value": value} for pod, value in by_pod.items()]}
+        for name, by_pod in expected.items()]}]
+    (tmp_path / "adapter_test.yaml").write_text(yaml.safe_dump({"rule_files": ["adapter.yaml"], "tests": tests}))
+    result = run([promtool, "test", "rules", str(tmp_path / "adapter_test.yaml")], timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(expected) == {record["record"] for record in records}
+
+
 # ---------------------------------------------------------------- metric names against a live /metrics
 
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or",
