@@ -22,7 +22,7 @@ from core.inference import Assessment
 from core.preprocess import PreparedImage
 
 PREDICTIONS = bentoml.metrics.Counter(
-    name="pneumonia_predictions_total", documentation="Classified images by predicted label", labelnames=["label", "model"]
+    name="pneumonia_predictions_total", documentation="Classified images by predicted label (classify, HTTP and gRPC; not explanations)", labelnames=["label", "model"]
 )
 PROBABILITY = bentoml.metrics.Histogram(
     name="pneumonia_probability",
@@ -78,13 +78,16 @@ def _validity(assessment: Assessment, card: ModelCard) -> Validity | None:
 
 
 def answer(item: PreparedImage, assessment: Assessment, card: ModelCard, tag: str,
-           mode: Literal["refuse", "warn", "off"], batch_size: int, done: float | None = None) -> Prediction:
-    """The prediction for one image, or its refusal; counts it in the metrics."""
+           mode: Literal["refuse", "warn", "off"], batch_size: int, done: float | None = None,
+           counted: bool = True) -> Prediction:
+    """The prediction for one image, or its refusal; counts it in the classification metrics unless `counted` is
+    False (an explanation: it repeats a classification, and counting it again skewed the drift histograms and
+    made a 2-second explanation one cheap image in the autoscaler's images per second)."""
     done = time.perf_counter() if done is None else done
     refusal, refused_by_file = item.refusal, item.refusal is not None
     # An image its own file refuses (DICOM tags) was never decoded: the gate's figures of its blank grid mean nothing.
     outcome = None if refused_by_file else assessment.validity
-    if outcome is not None:
+    if outcome is not None and counted:
         OUTLIER_SCORE.labels(model=tag).observe(outcome.outlier_score)
     if refusal is None and outcome is not None and outcome.reason is not None and mode != "off":
         refusal = (outcome.reason, outcome.message)
@@ -93,7 +96,8 @@ def answer(item: PreparedImage, assessment: Assessment, card: ModelCard, tag: st
                   image=_image_info(item),
                   processing_ms=round((done - getattr(item, "received", done)) * 1000, 2), batch_size=batch_size)
     if refusal is not None and (refused_by_file or mode == "refuse"):
-        REJECTED.labels(reason=refusal[0]).inc()
+        if counted:
+            REJECTED.labels(reason=refusal[0]).inc()
         return Prediction(status="refused", label=None, probability=None, confidence=None,
                           refusal=Refusal(reason=refusal[0], message=refusal[1]), warnings=warnings, **common)
     if refusal is not None:  # warn-only mode: answered, with the gate's finding first among the warnings
@@ -101,8 +105,9 @@ def answer(item: PreparedImage, assessment: Assessment, card: ModelCard, tag: st
     probability = assessment.probability
     pneumonia = probability >= card.threshold
     label = card.class_names[int(pneumonia)]
-    PREDICTIONS.labels(label=label, model=tag).inc()
-    PROBABILITY.labels(model=tag).observe(probability)
+    if counted:
+        PREDICTIONS.labels(label=label, model=tag).inc()
+        PROBABILITY.labels(model=tag).observe(probability)
     shown = rounded_on_its_side(probability, card.threshold)
     return Prediction(label=label, probability=shown, warnings=warnings,
                       confidence=shown if pneumonia else round(1 - shown, 6), **common)

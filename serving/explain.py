@@ -171,7 +171,7 @@ class ExplainerPool:
         explainer = self._free.get()
         try:
             assessment = explainer.assess(item.pixels)
-            prediction = answer(item, assessment, self.card, self.tag, mode, batch_size=1)
+            prediction = answer(item, assessment, self.card, self.tag, mode, batch_size=1, counted=False)
             if prediction.status == "refused" or prediction.label is None:
                 EXPLANATIONS.labels(outcome="refused").inc()
                 reason = prediction.refusal.reason if prediction.refusal else "refused"

@@ -36,6 +36,7 @@ from harness.payloads import build_samples, sample_xrays
 from harness.servers import ServerProcess, server_env
 from tests.conftest import API_KEY
 from tests.images import encode, gradient
+from tests.test_service import metric_total
 
 COMPARED = ("status", "label", "threshold", "model", "warnings", "refusal", "image")
 
@@ -87,6 +88,7 @@ def test_every_architecture_has_a_grad_cam_layer_that_is_its_last_convolutional_
 
 def test_http_and_grpc_explain_give_classify_s_prediction_and_a_heatmap(live: ServerProcess) -> None:
     files = sample_xrays(2, offset=40)  # both classes
+    before = httpx.get(live.url + "/metrics", timeout=30).text
     with grpc.insecure_channel(live.grpc_target) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         for path in files:
@@ -119,6 +121,16 @@ def test_http_and_grpc_explain_give_classify_s_prediction_and_a_heatmap(live: Se
             assert np.allclose(np.array(reply.heatmap.grid).reshape(GRID_SIZE, GRID_SIZE), grid, atol=1e-6)
             assert reply.heatmap.overlay_png == overlay and reply.heatmap.image_png == picture
             assert reply.note == explained["note"]
+    # Counted once, as the classification it is (a helper's find: each explanation counted again in the prediction,
+    # probability and outlier metrics, the drift panels and the autoscaler's images per second); the explanations
+    # in their own counter.
+    after = httpx.get(live.url + "/metrics", timeout=30).text
+    counted = {name: metric_total(after, name) - metric_total(before, name) for name in (
+        "pneumonia_predictions_total", "pneumonia_probability_count", "pneumonia_validity_outlier_score_count")}
+    assert counted == dict.fromkeys(counted, len(files)), counted
+    heatmaps = (metric_total(after, "pneumonia_explanations_total", outcome="heatmap")
+                - metric_total(before, "pneumonia_explanations_total", outcome="heatmap"))
+    assert heatmaps == 2 * len(files)
 
 
 def test_a_full_size_radiograph_s_heatmap_keeps_its_aspect_ratio(live: ServerProcess) -> None:
