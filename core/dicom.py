@@ -141,6 +141,44 @@ def is_dicom(data: bytes) -> bool:
     return data[128:132] == PART10_MAGIC and not data.startswith(_OTHER_IMAGE_SIGNATURES)
 
 
+def looks_like_bare_data_set(data: bytes) -> bool:
+    """A DICOM data set written without its Part 10 header (old ACR-NEMA style, raw PACS exports): its first
+    elements, little endian with implicit or explicit VR, start in group 0008 with tags in ascending order and
+    lengths that fit. Not read as DICOM (no transfer syntax to trust); only named, so the sender knows what to
+    export instead."""
+    return any(_elements_walk(data, explicit) for explicit in (False, True))
+
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+def _elements_walk(data: bytes, explicit: bool, elements: int = 3) -> bool:
+    offset, previous = 0, -1
+    for _ in range(elements):
+        if offset + 8 > len(data):
+            return offset == len(data) and previous >= 0  # a short data set, read to its end
+        group, element = struct.unpack_from("<HH", data, offset)
+        tag = group << 16 | element
+        if group < 0x0008 or tag <= previous or group & 1:  # private groups are odd: not where a data set starts
+            return False
+        if explicit:
+            vr = data[offset + 4 : offset + 6]
+            if not (vr.isalpha() and vr.isupper()):
+                return False
+            if vr in _LONG_VRS:
+                if offset + 12 > len(data):
+                    return False
+                length, header = struct.unpack_from("<I", data, offset + 8)[0], 12
+            else:
+                length, header = struct.unpack_from("<H", data, offset + 6)[0], 8
+        else:
+            length, header = struct.unpack_from("<I", data, offset + 4)[0], 8
+        if length == _UNDEFINED_LENGTH or offset + header + length > len(data):
+            return False
+        offset, previous = offset + header + length, tag
+    return True
+
+
 def read(data: bytes, *, max_pixels: int, min_side: int, window_index: int = 0) -> DicomImage:
     """One DICOM Part 10 file -> its 8-bit image and tags, or a refusal; raises `DicomError` for bad files."""
     if data[:4] == PART10_MAGIC:

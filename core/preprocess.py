@@ -236,6 +236,10 @@ def _open(data: bytes, limits: InputLimits) -> Image.Image:
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if dicom.looks_like_bare_data_set(data):
+            raise ImageRejected("not_an_image", "the file looks like a DICOM data set without its Part 10 header (no "
+                                "'DICM' marker, no File Meta Information): export it from the PACS or viewer as "
+                                "a DICOM Part 10 file") from None
         raise ImageRejected("not_an_image", "the file is not a recognised image file") from None
     except Exception as exc:  # PIL raises many types on hostile headers
         raise ImageRejected("corrupt", f"the image header could not be read: {exc}") from None

@@ -433,6 +433,22 @@ def test_native_pixels_short_of_the_header_colour_depth_and_coded_views_are_name
     assert prepare(D.to_bytes(film), CONFIG).refusal is None
 
 
+@pytest.mark.parametrize("implicit", [True, False])
+def test_a_data_set_without_its_part10_header_is_named_as_such(implicit: bool) -> None:
+    """It was "not a recognised image file" (a helper's find), which gives the sender no clue what to export."""
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_dataset
+
+    buffer = io.BytesIO()
+    out = DicomFileLike(buffer)
+    out.is_little_endian, out.is_implicit_VR = True, implicit
+    write_dataset(out, D.dataset(xrays()[0].copy(), bits_stored=8))
+    reason, message = _refusal(buffer.getvalue())
+    assert reason == "not_an_image" and "a DICOM data set without its Part 10 header" in message, message
+    reason, message = _refusal(b"\x08\x00\x05\x00" + bytes(100))  # a group-0008 tag and nothing a data set has
+    assert message == "the file is not a recognised image file"
+
+
 def test_pixels_that_are_not_square_are_previewed_as_a_viewer_shows_them() -> None:
     """Imager Pixel Spacing 0.2 x 0.1 mm (rows twice as far apart as columns): the preview (and heatmap) had the
     stored square shape, a field twice as tall drawn square (a helper's find). The model's grid is unchanged."""
