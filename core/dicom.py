@@ -23,7 +23,7 @@ What is read, in order (each step refuses before the next one costs anything):
 4. The transfer syntax has a decoder here (pydicom's own for uncompressed data
    and RLE, the pylibjpeg plugins for JPEG baseline/extended/lossless, JPEG-LS
    and JPEG 2000); a compressed frame states its size in a header read here that
-   agrees with Rows x Columns and ends with its end marker (fail closed: a
+   agrees with Rows x Columns, a JPEG one ends with its end marker (fail closed: a
    codestream cannot make the decoder allocate more than the limits allow, nor be
    padded silently when cut), and an 8-bit JPEG frame decodes strictly;
    uncompressed Pixel Data holds what Rows x Columns need.
@@ -553,8 +553,8 @@ _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 
 
 def _check_codestream(frame: bytes, shown: str, width: int, height: int) -> None:
-    """A JPEG, JPEG-LS or JPEG 2000 frame must state its size in a header read here, agree with Rows x Columns, and
-    end with its end marker (JPEG's EOI and JPEG 2000's EOC are both FFD9), or it is refused before any decoder runs.
+    """A JPEG, JPEG-LS or JPEG 2000 frame must state its size in a header read here and agree with Rows x Columns,
+    and a JPEG or JPEG-LS frame must end with its end marker (EOI), or it is refused before any decoder runs.
 
     Fail closed: the decoders skip what this reader stops at (a stray byte after the start marker, a JP2 file box
     around the codestream) and allocated the frame's own size, gigabytes from a 200 KB file; and they pad a frame
@@ -569,7 +569,8 @@ def _check_codestream(frame: bytes, shown: str, width: int, height: int) -> None
     if size != (width, height):
         raise DicomError("corrupt", f"the compressed frame is {size[0]}x{size[1]} pixels but the DICOM header "
                          f"says {width}x{height}")
-    if not frame.rstrip(b"\x00\xff").endswith(b"\xff\xd9"):  # after the padding of an odd-length frame
+    # JPEG and JPEG-LS only: OpenJPEG refuses a cut JPEG 2000 codestream itself, and some writers leave its end out
+    if frame.startswith(b"\xff\xd8") and not frame.rstrip(b"\x00\xff").endswith(b"\xff\xd9"):  # less padding
         raise DicomError("corrupt", f"the compressed ({shown}) frame ends before its image data does (no end "
                          "marker): the file was cut short or damaged; export or send it again")
 
