@@ -129,11 +129,15 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
     except DataFolderError as exc:
         raise CalibrationRefused(str(exc)) from None
     limits = InputLimits(max_bytes=2**40, max_pixels=2**40, min_side=1)
-    grids, kept, bad = [], [], []
+    grids, kept, bad, by_tags = [], [], [], {}
     for path, label in files:
         try:
-            grids.append(load_file(path, card.preprocess, limits).pixels)
+            prepared = load_file(path, card.preprocess, limits)
+            grids.append(prepared.pixels)
             kept.append((path, label))
+            # A DICOM its own tags refuse (a CT, a lateral view) is never decoded: its blank grid went into the fit
+            # with its label, and the refusal was counted as the validity gate's (a helper's find).
+            by_tags[path] = prepared.refusal is not None
         except (ImageRejected, OSError) as exc:
             bad.append(f"{path}: {exc}")
     if bad:  # before the copies: two empty downloads, one per class, are unreadable, not a labelling error
@@ -145,15 +149,17 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
     kept = distinct
     assessments = [a for i in range(0, len(grids), 64) for a in model.assess(np.stack(grids[i:i + 64]))]
     logits = np.array([a.logit for a in assessments], dtype=np.float64)
-    refused = [a.validity is not None and not a.validity.valid for a in assessments]
+    refused_by_tags = np.array([by_tags[path] for path, _ in kept], dtype=bool)
+    refused_by_gate = np.array([a.validity is not None and not a.validity.valid for a in assessments], dtype=bool)
+    refused_by_gate &= ~refused_by_tags
     labels = np.array([label for _, label in kept])
-    answered = ~np.array(refused)
+    answered = ~(refused_by_tags | refused_by_gate)
     counts = [int(((labels == c) & answered).sum()) for c in (0, 1)]
     if min(counts) < min_per_class:
         have = ", ".join(f"{n} {name}" for n, name in zip(counts, card.class_names))
         raise CalibrationRefused(
-            f"too few usable images to calibrate on: {have} (images the validity gate refuses and copies of other "
-            f"files do not count{f'; {len(copies)} copies left out' if copies else ''}); "
+            f"too few usable images to calibrate on: {have} (images the validity gate or their DICOM tags refuse "
+            f"and copies of other files do not count{f'; {len(copies)} copies left out' if copies else ''}); "
             f"at least {min_per_class} of each class are needed for a threshold that holds"
         )
     logits, labels = logits[answered], labels[answered]
@@ -169,7 +175,8 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
         "data_dir": str(Path(data_dir).resolve()),
         "data_fingerprint": _fingerprint(kept, digests),
         "images": {name: int((labels == c).sum()) for c, name in enumerate(card.class_names)},
-        "refused_by_validity_gate": int((~answered).sum()),
+        "refused_by_validity_gate": int(refused_by_gate.sum()),
+        "refused_by_dicom_tags": int(refused_by_tags.sum()),
         "copies_ignored": len(copies),
         "target_sensitivity": target,
         "before": {**before, "temperature": card.temperature, "threshold": card.threshold},
@@ -275,7 +282,8 @@ def write_report(out: Path, record: dict[str, Any], tag: str, labels: np.ndarray
         f"# Site calibration of {record['source_model']}", "",
         f"New version: `{tag}` (same weights and validity gate; temperature and threshold fitted on the site data).",
         f"Site data: `{record['data_dir']}`, {record['images']}, fingerprint `{record['data_fingerprint'][:16]}...`; "
-        f"{record['refused_by_validity_gate']} image(s) refused by the validity gate were left out.", "",
+        f"{record['refused_by_validity_gate']} image(s) refused by the validity gate and "
+        f"{record.get('refused_by_dicom_tags', 0)} by their DICOM tags were left out.", "",
         "| | threshold | temperature | sensitivity | specificity | accuracy | ROC-AUC | ECE (10 bins) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         row("before (as shipped)", record["before"]),

@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
+from harness import dicom_files as D
 from harness.payloads import sample_xrays
 from harness.servers import start_server
 from models_registry import production_tag as current_production
@@ -43,6 +46,11 @@ def calibrate(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_calibration_saves_a_new_version_and_leaves_the_original(production_tag: str, tmp_path: Path) -> None:
     site = site_folder(tmp_path / "site", per_class=40)
+    # DICOMs their own tags refuse (a CT, a lateral view) are left out, as the service refuses them; their blank
+    # grids went into the fit with their labels, counted as the validity gate's refusals (a helper's find).
+    normal, pneumonia = (np.asarray(Image.open(path).convert("L")) for path in sample_xrays(1, offset=700))
+    (site / "NORMAL" / "ct.dcm").write_bytes(D.part10(normal, bits_stored=8, modality="CT"))
+    (site / "PNEUMONIA" / "lateral.dcm").write_bytes(D.part10(pneumonia, bits_stored=8, view="LL"))
     original = read_card(production_tag)
     result = calibrate(production_tag, "--data", str(site), "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr
@@ -52,6 +60,7 @@ def test_calibration_saves_a_new_version_and_leaves_the_original(production_tag:
     card = read_card(new_tag)
     record = card.site_calibration
     assert record["source_model"] == production_tag and record["images"] == {"NORMAL": 40, "PNEUMONIA": 40}
+    assert (record["refused_by_dicom_tags"], record["refused_by_validity_gate"]) == (2, 0)
     assert len(record["data_fingerprint"]) == 64
     for side in ("before", "after_cross_validated"):
         figures = record[side]
