@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -220,10 +221,16 @@ def stored_tags(name: str = MODEL_NAME) -> list[str]:
 
 
 def production_tag(name: str = MODEL_NAME) -> str | None:
-    """The promoted tag, or the only model in the store when nothing was ever promoted."""
+    """The promoted tag, or the only model in the store when nothing was ever promoted.
+
+    Once a model was promoted, only a promotion makes production: after `delete production --force` the one
+    model left, which `promote` may refuse (a site calibration that misses its target), went into service,
+    unchecked, and `ensure-default` kept it (a helper's find)."""
     record = _read_record(name)
     if record.get("production"):
         return record["production"]
+    if record.get("log"):
+        return None
     versions = _versions(name)
     if len(versions) == 1:
         return str(versions[0].tag)
@@ -260,7 +267,8 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
                 "the store has no model: run `./dev.sh serve` (imports the shipped default model) "
                 "or `python -m models_registry import-default`"
                 if not versions
-                else f"{len(versions)} models are stored but none is promoted: run `python -m models_registry promote TAG`"
+                else (f"{len(versions)} model{' is' if len(versions) == 1 else 's are'} stored but none is promoted: "
+                      "run `python -m models_registry promote TAG`")
             )
             raise RegistryError(f"no production model; {hint}")
         if not is_stored(tag):
@@ -298,14 +306,20 @@ class DamagedModel(RegistryError):
         self.folder = folder
 
 
+# BentoML's own rule for a name and a version (bentoml._internal.tag): nothing else names a folder of the store.
+_TAG_PART = re.compile(r"[a-z0-9](?:[-._a-z0-9]*[a-z0-9])?")
+
+
 def folder_in_store(tag: str) -> Path | None:
     """The store folder of `tag` (a full tag) when it exists, else None: where BentoML could not read a model,
-    whether there is a damaged one to name or remove."""
+    whether there is a damaged one to name or remove. Only a tag BentoML could have written names a folder: a
+    path normalised into one ('VERSION/', 'VERSION/../OTHER') called a healthy model damaged, and `delete
+    --force` removed it, even a model of another name (a helper's find)."""
     name, _, version = tag.partition(":")
-    store = _model_store_dir()
-    folder = store / name / version
-    inside = folder.resolve().parent.parent == store.resolve()  # never a path out of the store ('../x')
-    return folder if version and inside and folder.is_dir() else None
+    if not (_TAG_PART.fullmatch(name.lower()) and _TAG_PART.fullmatch(version.lower())):
+        return None
+    folder = _model_store_dir() / name / version
+    return folder if folder.is_dir() else None
 
 
 def is_stored(tag: str) -> bool:
@@ -466,6 +480,8 @@ def delete_model(ref: str, name: str = MODEL_NAME, force: bool = False) -> str:
         try:
             tag = resolve_tag(ref, name)
         except DamagedModel as damaged:
+            if damaged.folder.parent.name != name:
+                raise RegistryError(f"cannot delete {ref}: it is not a {name} model") from None
             if not force:
                 raise RegistryError(f"{damaged}; --force removes its folder {damaged.folder}") from None
             shutil.rmtree(damaged.folder)

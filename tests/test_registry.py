@@ -234,6 +234,37 @@ def test_the_only_stored_model_stays_production_when_another_is_stored(capsys: p
     assert "warning: the promotion record could not be read or written" in capsys.readouterr().err
 
 
+def test_a_tag_with_a_path_in_it_names_no_folder_and_deletes_nothing() -> None:
+    """A helper's find: 'VERSION/' or 'VERSION/../OTHER' was normalised into a real folder, the healthy model was
+    called damaged, and `delete --force` removed it, even a model of another name."""
+    name, other = "registry-slash-model", "registry-other-family"
+    kept = reg.save_model(build_model(ModelSpec()).eval(), _card(0.5), name=name)
+    second = reg.save_model(build_model(ModelSpec()).eval(), _card(0.6), name=name)
+    foreign = reg.save_model(build_model(ModelSpec()).eval(), _card(0.5), name=other)
+    version, foreign_version = kept.split(":")[1], foreign.split(":")[1]
+    for ref in (f"{version}/", f"{second.split(':')[1]}/../{version}", f"{name}:{version}/",
+                f"{name}:{version}/../../{other}/{foreign_version}"):
+        with pytest.raises(reg.RegistryError, match="is not a model tag") as refused:
+            reg.delete_model(ref, name, force=True)
+        assert not isinstance(refused.value, reg.store.DamagedModel), ref
+    assert set(reg.store.stored_tags(name)) == {kept, second} and reg.store.stored_tags(other) == [foreign]
+
+
+def test_once_a_model_was_promoted_only_a_promotion_makes_production() -> None:
+    """After `delete production --force`, the one model left (one promote would refuse, a site calibration below
+    its target) went into service unchecked, and ensure-default kept it (a helper's find)."""
+    name = "registry-forced-delete-model"
+    first = reg.save_model(build_model(ModelSpec()).eval(), _card(0.5), name=name)
+    left = reg.save_model(build_model(ModelSpec()).eval(), _card(0.6), name=name)
+    reg.promote(first, name)
+    assert reg.delete_model("production", name, force=True) == first
+    assert reg.production_tag(name) is None
+    with pytest.raises(reg.RegistryError, match="no production model; 1 model is stored but none is promoted"):
+        reg.resolve_tag("production", name)
+    reg.promote(left, name)
+    assert reg.production_tag(name) == left
+
+
 def test_a_store_that_cannot_be_read_is_not_called_damaged(monkeypatch: pytest.MonkeyPatch) -> None:
     """An OSError reading the store (too many open files, a network file system) was reported as a damaged model
     with the advice to delete it with --force, which removes a healthy model's folder."""
