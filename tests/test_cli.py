@@ -122,7 +122,7 @@ def test_a_failed_export_leaves_the_previous_one_whole(production_tag: str, tmp_
 
 @pytest.mark.parametrize(("module", "argv", "words"), [
     ("training.train", ["--epochs", "0"], "argument --epochs: must be >= 1, not 0"),
-    ("training.train", ["--batch-size", "0"], "argument --batch-size: must be >= 1, not 0"),
+    ("training.train", ["--batch-size", "1"], "argument --batch-size: must be >= 2, not 1"),  # BatchNorm failed late
     ("training.train", ["--target-sensitivity", "2"], "argument --target-sensitivity: must be in (0, 1], not 2"),
     ("training.train", ["--lr", "nan"], "argument --lr: must be in (0, 10], not nan"),
     ("training.train", ["--ema-decay", "1.5"], "argument --ema-decay: must be in [0, 1), not 1.5"),

@@ -91,7 +91,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help=spec.description or _AUGMENT_HELP[name])
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=bounded(int, 1), default=20)
-    g.add_argument("--batch-size", type=bounded(int, 1), default=64, help="per process")
+    g.add_argument("--batch-size", type=bounded(int, 2), default=64,
+                   help="per process; at least 2 (BatchNorm needs two images to train on)")
     g.add_argument("--lr", type=bounded(float, 0, 10, low_open=True), default=3e-3, help="peak learning rate of the one-cycle schedule")
     g.add_argument("--weight-decay", type=bounded(float, 0, 10), default=0.05)
     g.add_argument("--warmup-fraction", type=bounded(float, 0, 1, high_open=True), default=0.1)
