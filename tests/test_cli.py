@@ -120,6 +120,25 @@ def test_a_failed_export_leaves_the_previous_one_whole(production_tag: str, tmp_
     assert {path.name: path.read_text() for path in out.iterdir()} == before  # and no scratch folder left behind
 
 
+def test_export_holds_the_default_to_promote_s_quality_rules(production_tag: str, tmp_path: Path) -> None:
+    """A helper shipped a one-epoch, 32 px run of validation ROC-AUC 0.44 over the default without a word: now a
+    model clearly below the shipped one, or without a validity gate, needs --force (as `promote` does)."""
+    from models_registry import read_card
+    from training.export import check_shippable
+
+    card = read_card(production_tag)
+    auc = card.val_metrics["roc_auc"]
+    (tmp_path / "provenance.json").write_text(json.dumps({"model_tag": "shipped:x", "validation": {"roc_auc": auc}}))
+    check_shippable(production_tag, card, tmp_path)  # the same figure: shippable
+    check_shippable(production_tag, card, tmp_path / "nothing-shipped-yet")
+    worse = card.model_copy(update={"val_metrics": {**card.val_metrics, "roc_auc": auc - 0.05}})
+    with pytest.raises(ValueError, match=f"ROC-AUC {auc - 0.05:.4f} is 0.0500 below the shipped shipped:x's "
+                                         f"{auc:.4f} .*pass --force"):
+        check_shippable(production_tag, worse, tmp_path)
+    with pytest.raises(ValueError, match="has no input-validity gate"):
+        check_shippable(production_tag, card.model_copy(update={"validity": None}), tmp_path / "nothing-shipped-yet")
+
+
 @pytest.mark.parametrize(("module", "argv", "words"), [
     ("training.train", ["--epochs", "0"], "argument --epochs: must be >= 1, not 0"),
     ("training.train", ["--batch-size", "1"], "argument --batch-size: must be >= 2, not 1"),  # BatchNorm failed late
