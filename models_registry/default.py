@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models_registry.store import import_model, is_stored, production_tag, promote, resolve_tag, stored_tags
+from models_registry.store import (MODEL_NAME, pin_implicit_production, import_model, is_stored, production_tag,
+                                   promote, resolve_tag, stored_tags)
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parent.parent / "default_model" / "pneumonia-classifier.bentomodel"
 
@@ -13,7 +14,9 @@ def import_default(archive: Path = DEFAULT_ARCHIVE) -> str:
     """Import the shipped archive; promote it when no production model exists or the promoted one is gone."""
     current = production_tag()
     if current is not None and is_stored(current):
-        promote(current)  # make an implicit single-model production explicit before adding a second model
+        # Make an implicit single-model production explicit before adding a second model. Not `promote`: it loads the
+        # model, and a production model whose weights were damaged stopped this import, the mend messages name.
+        pin_implicit_production(MODEL_NAME)
         known = set(stored_tags())
         tag = import_model(archive)
         done = f"{tag} is already in the store" if tag in known else f"imported {tag}"

@@ -107,7 +107,7 @@ def _record_lock(name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _pin_implicit_production(name: str) -> None:
+def pin_implicit_production(name: str) -> None:
     """Record the only stored model as production when nothing was promoted, before a second model is stored:
     the store's single model is served without a record, and a second one would have left no production model.
     Best effort: a record that cannot be read or written never stops a model from being stored (after a training
@@ -115,7 +115,8 @@ def _pin_implicit_production(name: str) -> None:
     try:
         with _record_lock(name):
             record = _read_record(name)
-            if record.get("production") is None and len(versions := _versions(name)) == 1:
+            never_promoted = record.get("production") is None and not record.get("log")  # as production_tag reads it
+            if never_promoted and len(versions := _versions(name)) == 1:
                 record["production"] = str(versions[0].tag)
                 record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(),
                                                      "promoted": record["production"], "why": "the only stored model"})
@@ -179,7 +180,7 @@ def derive_model(source: str, updates: dict[str, Any], name: str = MODEL_NAME) -
 def _create(name: str, card: ModelCard, payload: bytes, validity: bytes | None, derived_from: str | None = None) -> str:
     """One new version in the BentoML store: weights, optional validity arrays, and the card as metadata."""
     card = card.model_copy(update={"weights_sha256": hashlib.sha256(payload).hexdigest()})
-    _pin_implicit_production(name)
+    pin_implicit_production(name)
     labels = {"arch": card.spec.arch, "image_size": str(card.preprocess.image_size), "data": card.data_fingerprint[:12]}
     if derived_from:
         labels["derived_from"] = derived_from.split(":")[-1]
@@ -599,7 +600,7 @@ def import_model(path: str | Path, promote_if_none: bool = False, name: str = MO
         packed = None
     was_stored = packed is not None and folder_in_store(packed) is not None
     if packed is not None and not was_stored:  # a new model is about to be stored
-        _pin_implicit_production(name)
+        pin_implicit_production(name)
     try:
         tag = str(bentoml.models.import_model(str(archive)).tag)
     except KeyboardInterrupt:  # BentoML removes a half-copied model on errors only: remove it on Ctrl-C too

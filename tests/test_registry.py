@@ -261,6 +261,8 @@ def test_once_a_model_was_promoted_only_a_promotion_makes_production() -> None:
     assert reg.production_tag(name) is None
     with pytest.raises(reg.RegistryError, match="no production model; 1 model is stored but none is promoted"):
         reg.resolve_tag("production", name)
+    third = reg.save_model(build_model(ModelSpec()).eval(), _card(0.7), name=name)  # storing another pins nothing
+    assert reg.production_tag(name) is None and third != left
     reg.promote(left, name)
     assert reg.production_tag(name) == left
 
