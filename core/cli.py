@@ -61,6 +61,16 @@ def _check_writable_place(path: Path, text: str) -> None:
             raise argparse.ArgumentTypeError(f"{text}: cannot write in {parent} ({exc.strerror or exc})") from None
 
 
+def check_outside(out: Path, data: Path, out_option: str, data_option: str) -> None:
+    """Refuse an output folder inside the data folder (or the data folder itself): the curves, ROC and calibration
+    PNGs a run writes there were read by the next run as X-rays of the class folder they sat in (a helper's
+    find). ValueError naming both options."""
+    resolved_out, resolved_data = out.resolve(), data.resolve()
+    if resolved_out == resolved_data or resolved_data in resolved_out.parents:
+        raise ValueError(f"{out_option} {out} is inside {data_option} {data}: what it writes (PNG figures) would be "
+                         "read as images of the data set; choose a folder outside it")
+
+
 def output_file(text: str) -> Path:
     """An argparse `type=` for a file a command writes its figures to: a folder is refused at parse time (it failed
     with IsADirectoryError after the work, even after a new model version was saved), and so is a place that

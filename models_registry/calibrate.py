@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from core.calibration import choose_threshold, fit_temperature
+from core.cli import check_outside
 from core.folder import DataFolderError, labeled_images
 from sklearn.metrics import roc_auc_score
 
@@ -120,6 +121,10 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
         raise CalibrationRefused(f"at least {FLOOR_PER_CLASS} images of each class are needed for a {FOLDS}-fold "
                                  f"cross-validated check (asked for {min_per_class})")
     if report_dir is not None:
+        try:
+            check_outside(Path(report_dir), Path(data_dir), "--out", "--data")
+        except ValueError as exc:
+            raise CalibrationRefused(str(exc)) from None
         _writable_folder(Path(report_dir))
     model = load_model(ref)
     card = model.card

@@ -116,11 +116,14 @@ def test_calibration_refuses_bad_arguments_and_leaves_no_version(production_tag:
     """In process (the CLI's one-line answer to a RegistryError is checked below): each refusal, no new version."""
     site = site_folder(tmp_path / "site", per_class=35)  # good data: only the argument is wrong
     an_image = sorted((site / "NORMAL").iterdir())[0]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
     versions = stored_tags()
     for options, expected in (({"target_sensitivity": 1.5}, "target sensitivity must be in (0, 1]"),
                               ({"target_sensitivity": float("nan")}, "target sensitivity must be in (0, 1]"),
                               ({"min_per_class": -5}, "at least 10 images of each class"),
-                              ({"report_dir": an_image / "report"}, "cannot write the report")):
+                              ({"report_dir": a_file / "report"}, "cannot write the report"),
+                              ({"report_dir": site / "NORMAL" / "report"}, "is inside --data")):
         with pytest.raises(CalibrationRefused, match=re.escape(expected)):
             run_calibration(production_tag, site, **options)
     with pytest.raises(CalibrationRefused, match="is not a folder"):

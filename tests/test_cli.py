@@ -67,17 +67,17 @@ def test_training_commands_fail_with_one_line(production_tag: str, tmp_path: Pat
     one_clear_line(run("training.evaluate", "--model", "nope", "--data-dir", str(tmp_path)), 2, "not in the store")
     one_clear_line(run("training.export", "--run", "missing-run", cwd=tmp_path), 2, "missing-run")
     one_clear_line(run("training.framing_views", "--model", "nope", "--data-dir", str(tmp_path)), 2, "not in the store")
-    one_clear_line(run("training.ensemble", "--models", production_tag, "nope", "--data-dir", str(tmp_path),
+    one_clear_line(run("training.ensemble", "--models", production_tag, "nope", "--data-dir", str(tmp_path / "data"),
                        "--out", str(tmp_path / "ensemble")), 2, "not in the store")
     # The shipped model with itself: refused before any data is read, with the reason.
-    one_clear_line(run("training.ensemble", "--models", production_tag, production_tag, "--data-dir", str(tmp_path),
+    one_clear_line(run("training.ensemble", "--models", production_tag, production_tag, "--data-dir", str(tmp_path / "data"),
                        "--out", str(tmp_path / "ensemble")), 2, "listed twice")
     # The shipped network under a second tag (a card change only, as a gate re-fit makes one): a helper's find.
     from models_registry.store import delete_model, derive_model
 
     twin = derive_model(production_tag, {"temperature": 0.7})
     try:
-        one_clear_line(run("training.ensemble", "--models", production_tag, twin, "--data-dir", str(tmp_path),
+        one_clear_line(run("training.ensemble", "--models", production_tag, twin, "--data-dir", str(tmp_path / "data"),
                            "--out", str(tmp_path / "ensemble")), 2, "have the same weights: list each network once")
     finally:
         delete_model(twin, force=True)
@@ -246,6 +246,22 @@ def test_training_refuses_a_run_folder_it_would_overwrite_or_cannot_make(data_di
     (folds / "fold0.json").write_text("{}")
     assert cli(["--data-dir", str(tmp_path / "no-data"), "--out", str(folds), "--overwrite"]) == 2
     assert "holds a cross-validation" in capsys.readouterr().err and (folds / "fold0.json").exists()
+
+
+def test_an_output_folder_inside_the_data_folder_is_refused(production_tag: str, tmp_path: Path) -> None:
+    """A helper's find: `--out DATA/train/NORMAL` finished, and the next run read its curves, ROC and confusion PNGs
+    as NORMAL X-rays; a calibration report inside the site folder did the same."""
+    data = tmp_path / "data"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (data / "train" / label).mkdir(parents=True)
+    inside = data / "train" / "NORMAL"
+    one_clear_line(run("training.train", "--data-dir", str(data), "--out", str(inside), "--no-register"), 2,
+                   f"--out {inside} is inside --data-dir {data}")
+    assert not (inside / "config.json").exists()
+    site = data / "train"
+    one_clear_line(run("models_registry", "calibrate", production_tag, "--data", str(site), "--out",
+                       str(site / "report")), 1, f"--out {site / 'report'} is inside --data {site}")
+    assert not (site / "report").exists()
 
 
 @pytest.mark.parametrize("module", ["training.gate", "training.stress", "training.evaluate", "training.compare",

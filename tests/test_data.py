@@ -130,9 +130,9 @@ def test_fingerprint_changes_with_the_data(tmp_path: Path, data_dir: Path) -> No
 
 
 def test_training_cli_reports_a_bad_folder_without_a_traceback(tmp_path: Path) -> None:
-    (tmp_path / "train" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "NORMAL").mkdir(parents=True)
     result = subprocess.run(
-        [sys.executable, "-m", "training.train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "training.train", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")],
         cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2

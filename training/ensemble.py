@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.cli import bounded
+from core.cli import bounded, check_outside
 from training import check_distinct_networks, run_command
 
 # The member's training options that decide its patient split and input grid: the ensemble's run reuses them.
@@ -94,6 +94,7 @@ def _combine(args: argparse.Namespace) -> int:
                                 preprocess_config, replace_earlier_run)
 
     started = time.monotonic()
+    check_outside(args.out, args.data_dir, "--out", "--data-dir")
     check_out(args.out, args.overwrite)
     members = [load_model(ref) for ref in args.models]
     config = _members_agree(members)

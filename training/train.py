@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from core.cli import bounded
+from core.cli import bounded, check_outside
 from training import one_line, plots
 from training.augment import AugmentConfig, augment_batch, mix_batch
 from training.gate import fit_gate, format_report
@@ -377,6 +377,7 @@ def check_steps(images: int, batch_size: int, world: int = 1) -> None:
 def main(args: argparse.Namespace) -> int:
     # Validate the configuration before anything slow, so a bad option fails at once with its name.
     augment_config(args), preprocess_config(args), model_spec(args)
+    check_outside(args.out, args.data_dir, "--out", "--data-dir")
     check_out(args.out, args.overwrite)
     rank, world, device = setup_distributed()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
