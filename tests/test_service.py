@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.images import encode, gradient, png_bomb
 from harness.paths import ROOT
@@ -45,6 +46,8 @@ def test_served_probabilities_equal_offline_evaluation(server: ServerProcess, tm
         target = tmp_path / "eval" / path.parent.name
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target / path.name)
+    # An image the service refuses (blank): training.evaluate scored it as an answer without a word (a helper's find).
+    Image.new("L", (320, 300), 128).save(tmp_path / "eval" / "NORMAL" / "blank.png")
     report = tmp_path / "offline.json"
     result = subprocess.run(
         [sys.executable, "-m", "training.evaluate", "--model", "production", "--data-dir", str(tmp_path),
@@ -53,7 +56,10 @@ def test_served_probabilities_equal_offline_evaluation(server: ServerProcess, tm
     )
     assert result.returncode == 0, result.stderr
     assert "roc_auc" in result.stdout and "PNEUMONIA" in result.stdout
+    assert f"the validity gate refuses 1 of these {len(files) + 1} images (1 blank)" in result.stdout, result.stdout
+    assert f"on the {len(files)} it answers: ROC-AUC" in result.stdout
     offline = {Path(p["file"]).name: p for p in json.loads(report.read_text())["predictions"]}
+    assert offline["blank.png"]["refusal"] == "blank" and {p["refusal"] for p in offline.values()} == {"blank", None}
     response = classify(server, [(p.name, p.read_bytes()) for p in files])
     assert response.status_code == 200, response.text
     served = response.json()

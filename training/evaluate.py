@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -72,16 +73,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     samples = scan_split(args.data_dir, args.split)
     split = load_samples(samples, model.card.preprocess, skip_bad=args.skip_bad_images, progress=sys.stderr.isatty())
-    probs = np.concatenate([model.probabilities(split.pixels[i:i + args.batch_size])
-                            for i in range(0, len(split.labels), args.batch_size)])
-    report = classification_report(split.labels.numpy(), probs, model.card.threshold)
+    assessments = [a for i in range(0, len(split.labels), args.batch_size)
+                   for a in model.assess(split.pixels[i:i + args.batch_size])]
+    probs = np.array([a.probability for a in assessments])
+    # What the service would refuse (the validity gate): scored above all the same, counted and scored apart here.
+    refusals = [a.validity.reason if a.validity is not None and not a.validity.valid else None for a in assessments]
+    labels = split.labels.numpy()
+    report = classification_report(labels, probs, model.card.threshold)
     print(format_table(report, model.tag))
+    refused = Counter(reason for reason in refusals if reason is not None)
+    answered = np.array([reason is None for reason in refusals])
+    if refused:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in refused.most_common())
+        print(f"\nthe validity gate refuses {sum(refused.values())} of these {len(labels)} images ({reasons}); the "
+              f"figures above score them all, the service answers {int(answered.sum())}")
+        if len(set(labels[answered])) == 2:
+            served = classification_report(labels[answered], probs[answered], model.card.threshold)
+            print(f"on the {int(answered.sum())} it answers: ROC-AUC {served['roc_auc']:.4f}, sensitivity "
+                  f"{served['per_class']['PNEUMONIA']['recall']:.4f}, specificity "
+                  f"{served['per_class']['NORMAL']['recall']:.4f}, accuracy {served['accuracy']:.4f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "model": model.tag, "data_dir": str(args.data_dir), "split": args.split, "metrics": report,
-            "predictions": [{"file": str(s.path), "label": CLASS_NAMES[s.label], "probability": float(p)}
-                            for s, p in zip(split.samples, probs)],
+            "refused_by_validity_gate": dict(refused),
+            "predictions": [{"file": str(s.path), "label": CLASS_NAMES[s.label], "probability": float(p),
+                             "refusal": reason} for s, p, reason in zip(split.samples, probs, refusals)],
         }, indent=2))
         print(f"\nwrote {args.json}")
     return 0
