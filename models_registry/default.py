@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models_registry.store import (MODEL_NAME, pin_implicit_production, import_model, is_stored, production_tag,
-                                   promote, resolve_tag, stored_tags)
+from models_registry.store import (MODEL_NAME, RegistryError, import_model, is_stored, pin_implicit_production,
+                                   production_tag, promote, resolve_tag, stored_tags)
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parent.parent / "default_model" / "pneumonia-classifier.bentomodel"
 
@@ -37,6 +37,8 @@ def ensure_default(archive: Path = DEFAULT_ARCHIVE) -> str:
         resolve_tag(current)  # a damaged production folder: RegistryError naming it and the mend (`./dev.sh serve` stops)
         return f"production model: {current}"
     if stored_tags():  # other models are there: which one to serve is the operator's choice, not ours
-        return f"warning: the production model {current} is no longer in the store; promote one of the stored models"
+        # An error, not a warning on stdout with exit 0: `./dev.sh serve` went on to a server that could not start.
+        raise RegistryError(f"the production model {current} is no longer in the store; promote one of the stored "
+                            "models (python -m models_registry list, then promote TAG)")
     # The promoted model was deleted outside the registry (`bentoml models delete`) and nothing else is stored.
     return import_default(archive)

@@ -478,6 +478,15 @@ def test_a_production_model_deleted_with_bentomls_cli_is_explained_and_the_defau
     subprocess.run(deleted.args, cwd=ROOT, env=server_env(BENTOML_HOME=str(home)), check=True, capture_output=True)
     reimported = _cli(home, "import-default")  # what the error above suggests; it loads the model before promoting
     assert reimported.returncode == 0 and f"imported {tag} and promoted it" in reimported.stdout, reimported.stderr
+    # With another model stored, which to serve is the operator's choice: an error, so `./dev.sh serve` stops here
+    # (it printed a warning on stdout with exit 0 and went on to a server that could not start: a helper's find).
+    other = _repacked(DEFAULT_ARCHIVE, tmp_path / "other.bentomodel", version="anotherversion1")
+    assert _cli(home, "import", str(other)).returncode == 0
+    subprocess.run(deleted.args, cwd=ROOT, env=server_env(BENTOML_HOME=str(home)), check=True, capture_output=True)
+    stale = _cli(home, "ensure-default")
+    assert stale.returncode == 1 and stale.stdout == "", stale.stdout
+    assert stale.stderr.strip() == (f"error: the production model {tag} is no longer in the store; promote one of the "
+                                    "stored models (python -m models_registry list, then promote TAG)"), stale.stderr
 
 
 def test_a_damaged_version_is_named_and_spares_the_rest(production_tag: str, tmp_path: Path) -> None:
