@@ -514,10 +514,13 @@ def export_model(ref: str, path: str | Path, name: str = MODEL_NAME, overwrite: 
     """Write a `.bentomodel` archive (the format of `bentoml models export`), or `.zip`/`.tar[.gz|.xz|.bz2]` by
     the name's ending. An existing file is kept unless it already holds the same files or `overwrite`; the archive
     is written beside the target and moved into place, so an interrupted export never leaves half an archive."""
+    if not str(path).strip():
+        raise RegistryError("no path to export to: give an archive file or a folder")
     tag = resolve_tag(ref, name)
     _check_loads(tag, name, "cannot export")  # an archive of a model that does not load would fail only on import
     out = Path(path).expanduser().resolve()  # BentoML resolves relative paths against "/"
-    if out.is_dir():
+    # 'newdir/' names a folder even before it exists: it wrote 'newdir.bentomodel' (resolve drops the slash)
+    if out.is_dir() or str(path).endswith(("/", os.sep)):
         out = out / f"{tag.replace(':', '-')}.bentomodel"
     elif not out.name.endswith(ARCHIVE_ENDINGS):
         out = out.with_name(out.name + ".bentomodel")

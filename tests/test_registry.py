@@ -117,6 +117,12 @@ def test_export_leaves_an_identical_archive_alone_and_replaces_another(two_model
     (tmp_path / "a-file").write_text("")
     with pytest.raises(reg.RegistryError, match="cannot write .*a-file/x.bentomodel"):
         reg.export_model(first, tmp_path / "a-file" / "x.bentomodel", NAME)
+    # A folder named with a trailing slash, not there yet (the module's own example, `export production out/`):
+    # it wrote out.bentomodel beside it (a helper's find); an empty path wrote into the current folder.
+    into = reg.export_model(first, f"{tmp_path / 'newdir'}/", NAME)
+    assert into == tmp_path / "newdir" / f"{first.replace(':', '-')}.bentomodel" and into.is_file()
+    with pytest.raises(reg.RegistryError, match="no path to export to"):
+        reg.export_model(first, " ", NAME)
 
 
 def _repacked(archive: Path, out: Path, version: str | None = None, flip_weights: bool = False,
