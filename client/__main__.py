@@ -161,15 +161,21 @@ def _read(path: Path, client_id: str | None) -> ImageUpload | Unreadable:
     try:
         if not stat.S_ISREG(path.stat().st_mode):
             kind = "a folder" if path.is_dir() else "not a regular file"
-            return Unreadable(f"cannot read {_shown(path)}: {kind}")
+            return Unreadable(f"cannot read {_on_one_line(_shown(path))}: {kind}")
         return ImageUpload(data=path.read_bytes(), filename=file_name(path), client_id=client_id)
     except OSError as exc:
-        return Unreadable(f"cannot read {_shown(path)}: {exc.strerror or exc}")
+        return Unreadable(f"cannot read {_on_one_line(_shown(path))}: {exc.strerror or exc}")
 
 
 def _shown(path: Path) -> str:
     """A path as messages print it: bytes that are not UTF-8 replaced (a terminal cannot take them)."""
     return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _on_one_line(name: str) -> str:
+    """A name for a line of text output: control characters escaped as Python writes them (a newline in a file name
+    split the file's line in two, a carriage return overwrote it; --json escapes them itself)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
 
 
 def _batches(paths: list[Path]) -> Iterator[list[int]]:
@@ -273,14 +279,15 @@ def _classify(api: ClassifierClient, args: argparse.Namespace) -> int:
         stopped = next((r for r in results if isinstance(r, NotSent)), None)
     # shown as given: two files of one name in two folders were told apart only by their order
     names = [_shown(path) for path in paths]
-    failed = [(name, r) for name, r in zip(names, results) if isinstance(r, ClientError)]
-    refused = [(name, r) for name, r in zip(names, results) if isinstance(r, Prediction) and r.refusal is not None]
+    failed = [(_on_one_line(name), r) for name, r in zip(names, results) if isinstance(r, ClientError)]
+    refused = [(_on_one_line(name), r) for name, r in zip(names, results)
+               if isinstance(r, Prediction) and r.refusal is not None]
     if args.json:
         print(json.dumps([{**r.model_dump(), "path": name} if isinstance(r, Prediction)
                           else _error_entry(name, client_id, r) for name, client_id, r in zip(names, ids, results)],
                          indent=2))
     else:
-        answered = [(name, r) for name, r in zip(names, results) if isinstance(r, Prediction)]
+        answered = [(_on_one_line(name), r) for name, r in zip(names, results) if isinstance(r, Prediction)]
         if answered:
             print("\n".join(_format_prediction(p, name) for name, p in answered))
             print(f"model {answered[0][1].model} via {api.transport} {redact(api.url)}")
@@ -361,12 +368,13 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
         return _usage_error(args, f"cannot write {exc.filename}: {exc.strerror}")
     refusal = explanation.prediction.refusal
     if refusal is not None:
-        print(f"error: {_shown(args.image)}: refused ({refusal.reason}): {refusal.message}", file=sys.stderr)
+        print(f"error: {_on_one_line(_shown(args.image))}: refused ({refusal.reason}): {refusal.message}",
+              file=sys.stderr)
     status = 0 if refusal is None else InvalidInput.exit_code
     if args.json:
         print(json.dumps(explanation.model_dump(mode="json", exclude={"heatmap": {"overlay_png", "image_png"}}), indent=2))
         return status
-    print(_format_prediction(explanation.prediction, _shown(args.image)))
+    print(_format_prediction(explanation.prediction, _on_one_line(_shown(args.image))))
     if heatmap is None:
         print(f"    {explanation.note}")
         if args.out or args.grid:

@@ -266,6 +266,12 @@ def test_cli_odd_file_names_urls_keys_and_timeouts(live: ServerProcess, transpor
     both = _cli("classify", str(good), str(odd), *flags, "--url", url, "--json")
     assert both.returncode == 0, both.stderr
     assert [e["filename"] for e in json.loads(both.stdout)] == [good.name, "ok\ufffdname.jpeg"]
+    # A newline in a name split its line of text output in two (a helper's find): escaped on one line.
+    broken = tmp_path / "two\nlines.jpeg"
+    broken.write_bytes(good.read_bytes())
+    text = _cli("classify", str(broken), *flags, "--url", url)
+    assert text.returncode == 0 and len(text.stdout.strip().splitlines()) == 3, text.stdout  # answer, image, model
+    assert "two\\nlines.jpeg" in text.stdout.splitlines()[0], text.stdout
     secret = "sekrit-" + "k" * 20
     for key in (secret + "\r", secret + "\n", secret + "\u2013"):  # a line end read with it; a pasted en dash
         keyed = _cli("health", *flags, "--url", url, "--api-key", key)
