@@ -446,7 +446,7 @@ def _coded_view(ds: Any) -> str | None:
     as a code-string-like text (upper case, letters and spaces only); None when frontal, absent or unreadable."""
     items = _multi(ds, "ViewCodeSequence")
     meaning = str(_value(items[0], "CodeMeaning", "") if items else "").upper()
-    if not any(word in meaning for word in ("LATERAL", "OBLIQUE", "DECUBITUS")):
+    if not re.search(r"\b(LATERAL|OBLIQUE|DECUBITUS)\b", meaning):  # whole words: not "bilateral"
         return None
     return re.sub(r"[^A-Z ]", "", meaning)[:32].strip() or None
 
@@ -456,31 +456,53 @@ def _coded_view(ds: Any) -> str | None:
 
 def _codestream_size(frame: bytes) -> tuple[int, int] | None:
     """(width, height) stated by a JPEG / JPEG-LS frame header (SOF) or a JPEG 2000 SIZ segment; None if not found."""
-    try:
-        if frame[:4] == b"\xff\x4f\xff\x51":  # J2K: SOC, SIZ, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz
+    if frame[:4] == b"\xff\x4f\xff\x51":  # J2K: SOC, SIZ, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz
+        try:
             xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[8:24])
-            return xsiz - xo, ysiz - yo
-        if frame[:2] != b"\xff\xd8":
+        except struct.error:
             return None
-        offset = 2
+        return xsiz - xo, ysiz - yo
+    return _jpeg_header(frame)[0]
+
+
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RST0-7, SOI: no length field
+
+
+def _jpeg_header(frame: bytes) -> tuple[tuple[int, int] | None, int | None]:
+    """A JPEG / JPEG-LS frame's (width, height) from its frame header (SOF), and where its first scan (SOS) starts;
+    None for what is not found. Stray bytes between segments are skipped as libjpeg and CharLS skip them (and as
+    the upload path does): refusing them refused frames that decode, and stopping at them let the decoders find a
+    frame size this check never saw."""
+    if frame[:2] != b"\xff\xd8":
+        return None, None
+    size, offset = None, 2
+    try:
         while offset + 4 <= len(frame):
             if frame[offset] != 0xFF:
-                return None
+                offset = frame.find(b"\xff", offset)
+                if offset < 0:
+                    return size, None
+                continue
             marker = frame[offset + 1]
             if marker == 0xFF:  # fill byte
                 offset += 1
                 continue
+            if marker in _STANDALONE_MARKERS or marker == 0x00:
+                offset += 2
+                continue
+            if marker == 0xDA:
+                return size, offset
             length = struct.unpack(">H", frame[offset + 2 : offset + 4])[0]
-            # SOF0-SOF15 except DHT (C4), JPG (C8), DAC (CC); SOF55 (F7) is JPEG-LS
-            if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+            # SOF0-SOF15 except DHT (C4), JPG (C8), DAC (CC); SOF55 (F7) is JPEG-LS. The first one counts.
+            if size is None and ((0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7):
                 height, width = struct.unpack(">HH", frame[offset + 5 : offset + 9])
-                return width, height
-            if marker == 0xDA or length < 2:  # scan data before any frame header
-                return None
+                size = (width, height)
+            if length < 2:
+                return size, None
             offset += 2 + length
     except struct.error:
-        return None
-    return None
+        return size, None
+    return size, None
 
 
 def _check_decodable(ds: Any, syntax: UID, info: DicomInfo, width: int, height: int) -> None:
@@ -525,7 +547,9 @@ def _check_decodable(ds: Any, syntax: UID, info: DicomInfo, width: int, height: 
         if syntax in (JPEGBaseline8Bit, JPEGExtended12Bit) and allocated == 8:
             _check_jpeg_data(frame, shown)
     else:
-        needed = width * height * samples * allocated // 8
+        # YBR_FULL_422 shares each pair's chroma: two samples a pixel, not three (a review's find)
+        per_pixel = 2 if photometric == "YBR_FULL_422" else samples
+        needed = width * height * per_pixel * allocated // 8
         held = len(ds.PixelData)
         if held < needed:
             raise DicomError("corrupt", f"the DICOM pixel data holds {held:,} bytes, but {width}x{height} pixels of "
@@ -539,11 +563,13 @@ def _check_jpeg_data(frame: bytes, shown: str) -> None:
     lossless JPEG frames have no such strict decoder here: only a cut (the end marker) is caught for them."""
     import simplejpeg
 
-    from core.preprocess import libjpeg_damage
+    from core.preprocess import libjpeg_damage, without_header_junk
 
     try:
         simplejpeg.decode_jpeg(frame, strict=True, colorspace="GRAY", min_factor=8, min_width=1, min_height=1)
     except ValueError as exc:
+        if "extraneous bytes" in str(exc) and (cleaned := without_header_junk(frame)) is not None:
+            return _check_jpeg_data(cleaned, shown)  # stray bytes between header segments: no pixel depends on them
         if libjpeg_damage(str(exc)):
             raise DicomError("corrupt", f"the compressed ({shown}) pixel data is damaged ({exc}): part of the "
                              "picture would be noise; export or send the image again") from None
@@ -569,10 +595,14 @@ def _check_codestream(frame: bytes, shown: str, width: int, height: int) -> None
     if size != (width, height):
         raise DicomError("corrupt", f"the compressed frame is {size[0]}x{size[1]} pixels but the DICOM header "
                          f"says {width}x{height}")
-    # JPEG and JPEG-LS only: OpenJPEG refuses a cut JPEG 2000 codestream itself, and some writers leave its end out
-    if frame.startswith(b"\xff\xd8") and not frame.rstrip(b"\x00\xff").endswith(b"\xff\xd9"):  # less padding
-        raise DicomError("corrupt", f"the compressed ({shown}) frame ends before its image data does (no end "
-                         "marker): the file was cut short or damaged; export or send it again")
+    # JPEG and JPEG-LS only: OpenJPEG refuses a cut JPEG 2000 codestream itself, and some writers leave its end out.
+    # The end marker (EOI) anywhere after the first scan: entropy-coded data cannot hold FFD9 (a JPEG stuffs a zero
+    # after FF; JPEG-LS a byte below 0x80), so bytes after it are padding or junk the decoders ignore.
+    if frame.startswith(b"\xff\xd8"):
+        scan = _jpeg_header(frame)[1]
+        if scan is None or frame.find(b"\xff\xd9", scan) < 0:
+            raise DicomError("corrupt", f"the compressed ({shown}) frame ends before its image data does (no end "
+                             "marker): the file was cut short or damaged; export or send it again")
 
 
 def _float(value: Any) -> float | None:

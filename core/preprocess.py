@@ -157,7 +157,7 @@ def libjpeg_damage(message: str) -> bool:
     return message.startswith(_DAMAGED_JPEG) and _HARMLESS_JPEG.fullmatch(message) is None
 
 
-def _without_header_junk(data: bytes) -> bytes | None:
+def without_header_junk(data: bytes) -> bytes | None:
     """`data` without the stray bytes between its segments before the first scan, or None when it has none (or
     its header cannot be walked: the decoder then says what is wrong)."""
     out, pos, changed = bytearray(data[:2]), 2, False
@@ -200,7 +200,7 @@ def _decode_jpeg(data: bytes, header: Image.Image, side: int) -> Image.Image | N
         pixels = simplejpeg.decode_jpeg(data, strict=True, **options)
     except ValueError as exc:
         message = str(exc)
-        if "extraneous bytes" in message and (cleaned := _without_header_junk(data)) is not None:
+        if "extraneous bytes" in message and (cleaned := without_header_junk(data)) is not None:
             return _decode_jpeg(cleaned, header, side)
         if message.startswith("Premature end of JPEG file"):
             raise ImageRejected("corrupt", "the image could not be decoded: the JPEG file ends before its image "

@@ -383,8 +383,16 @@ def test_compressed_frames_the_header_check_cannot_read_or_that_are_cut_or_damag
     s = D.stored_values(a, 12)
     jpeg_ls = D.dataset(s.values, bits_stored=12, window=(s.center, s.width), syntax=D.SYNTAXES["jpeg-ls"])
     frame = _frame(jpeg_ls)
-    reason, message = _refusal(D.to_bytes(_with_frame(jpeg_ls, frame[:2] + b"\x00" + frame[2:])))
+    junk = frame[:2] + b"\x00" + frame[2:]  # a stray byte the decoders skip: so does the size check now
+    assert prepare(D.to_bytes(_with_frame(jpeg_ls, junk + b"\x00")), CONFIG).refusal is None
+    jpeg_ls.Rows = jpeg_ls.Columns = 112  # the header says 112 x 112; behind the stray byte, the frame is 224 x 224
+    reason, message = _refusal(D.to_bytes(_with_frame(jpeg_ls, junk + b"\x00")))
+    assert reason == "corrupt" and "the compressed frame is 224x224 pixels but the DICOM header says 112x112" in message
+    jpeg_ls.Rows = jpeg_ls.Columns = 224
+    reason, message = _refusal(D.to_bytes(_with_frame(jpeg_ls, b"\xff\xd8" + bytes(64))))
     assert reason == "corrupt" and "no frame header this service can read" in message, message
+    after_end = frame + b"\x00\x00garbage!"  # bytes after the end marker: ignored by the decoders, and here
+    assert prepare(D.to_bytes(_with_frame(jpeg_ls, after_end)), CONFIG).refusal is None
     cut = frame[: len(frame) // 2]
     reason, message = _refusal(D.to_bytes(_with_frame(jpeg_ls, cut + b"\x00" * (len(cut) % 2))))
     assert reason == "corrupt" and "ends before its image data does" in message, message
@@ -414,6 +422,10 @@ def test_native_pixels_short_of_the_header_colour_depth_and_coded_views_are_name
     ds.PixelData = ds.PixelData[:-1000]
     reason, message = _refusal(D.to_bytes(ds))
     assert reason == "corrupt" and f"holds {needed - 1000:,} bytes" in message and f"need {needed:,}" in message
+    ybr = D.dataset(np.stack([a] * 3, axis=-1), bits_stored=8, photometric="RGB")  # native YBR_FULL_422: 2 bytes a
+    ybr.PhotometricInterpretation, ybr.PixelData = "YBR_FULL_422", bytes(a.size * 2)  # pixel, not 3 (a review's find)
+    ybr.SamplesPerPixel, ybr.PlanarConfiguration = 3, 0
+    assert prepare(D.to_bytes(ybr), CONFIG).refusal is None
     rgb = D.dataset(np.stack([s.values] * 3, axis=-1), bits_stored=12, photometric="RGB")
     rgb.SamplesPerPixel, rgb.PlanarConfiguration, rgb.BitsAllocated = 3, 0, 16
     reason, message = _refusal(D.to_bytes(rgb))
@@ -427,8 +439,9 @@ def test_native_pixels_short_of_the_header_colour_depth_and_coded_views_are_name
     refused = prepare(D.to_bytes(lateral), CONFIG)
     assert refused.refusal is not None and refused.refusal[0] == "dicom_view", refused.refusal
     assert "'RIGHT LATERAL'" in refused.refusal[1]
-    code.CodeMeaning = "postero-anterior"
-    assert prepare(D.to_bytes(lateral), CONFIG).refusal is None
+    for frontal in ("postero-anterior", "bilateral postero-anterior"):
+        code.CodeMeaning = frontal
+        assert prepare(D.to_bytes(lateral), CONFIG).refusal is None, frontal
     film = D.dataset(s.values, bits_stored=12, window=(s.center, s.width), modality="RG")
     assert prepare(D.to_bytes(film), CONFIG).refusal is None
 
