@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from core.calibration import choose_threshold, fit_temperature
+from core.card import CLASS_NAMES
 from core.cli import check_outside
 from core.folder import DataFolderError, labeled_images
 from sklearn.metrics import roc_auc_score
@@ -122,7 +123,8 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
                                  f"cross-validated check (asked for {min_per_class})")
     if report_dir is not None:
         try:
-            check_outside(Path(report_dir), Path(data_dir), "--out", "--data")
+            check_outside(Path(report_dir), [Path(data_dir) / name for name in CLASS_NAMES], "--out", "--data",
+                          Path(data_dir))
         except ValueError as exc:
             raise CalibrationRefused(str(exc)) from None
         _writable_folder(Path(report_dir))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models_registry.store import (MODEL_NAME, RegistryError, import_model, is_stored, pin_implicit_production,
-                                   production_tag, promote, resolve_tag, stored_tags)
+from models_registry.store import (MODEL_NAME, RegistryError, ever_promoted, import_model, is_stored,
+                                   pin_implicit_production, production_tag, promote, resolve_tag, stored_tags)
 
 DEFAULT_ARCHIVE = Path(__file__).resolve().parent.parent / "default_model" / "pneumonia-classifier.bentomodel"
 
@@ -32,6 +32,10 @@ def ensure_default(archive: Path = DEFAULT_ARCHIVE) -> str:
     """Import and promote the shipped model only when the store has no production model."""
     current = production_tag()
     if current is None:
+        if stored_tags() and ever_promoted():  # `delete production --force` with other models stored (a review's find)
+            raise RegistryError("no production model: the promoted one was deleted and other models are stored; "
+                                "promote one of them (python -m models_registry list, then promote TAG), or restore "
+                                "the shipped one (python -m models_registry import-default)")
         return import_default(archive)
     if is_stored(current):
         resolve_tag(current)  # a damaged production folder: RegistryError naming it and the mend (`./dev.sh serve` stops)

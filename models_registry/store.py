@@ -221,6 +221,11 @@ def stored_tags(name: str = MODEL_NAME) -> list[str]:
     return [str(model.tag) for model in _versions(name)]
 
 
+def ever_promoted(name: str = MODEL_NAME) -> bool:
+    """Whether a model of `name` was ever promoted (or pinned): from then on only a promotion makes production."""
+    return bool(_read_record(name).get("log"))
+
+
 def production_tag(name: str = MODEL_NAME) -> str | None:
     """The promoted tag, or the only model in the store when nothing was ever promoted.
 
@@ -230,7 +235,7 @@ def production_tag(name: str = MODEL_NAME) -> str | None:
     record = _read_record(name)
     if record.get("production"):
         return record["production"]
-    if record.get("log"):
+    if record.get("log"):  # ever_promoted
         return None
     versions = _versions(name)
     if len(versions) == 1:
@@ -425,7 +430,7 @@ def _check_not_worse(tag: str, card: ModelCard, record: dict[str, Any]) -> None:
     references: dict[str, float] = {}
     for promoted in dict.fromkeys([record.get("production"), *record["history"]]):
         try:
-            auc = _roc_auc(read_card(promoted)) if promoted else None
+            auc = validation_roc_auc(read_card(promoted)) if promoted else None
         except Exception:  # noqa: BLE001 - deleted, or damaged in any way BentoML or pydantic can fail
             continue
         if auc is not None:
@@ -433,7 +438,7 @@ def _check_not_worse(tag: str, card: ModelCard, record: dict[str, Any]) -> None:
     if not references:
         return
     best = max(references, key=references.__getitem__)
-    new = _roc_auc(card)
+    new = validation_roc_auc(card)
     if new is None:
         raise RegistryError(f"cannot promote {tag}: its card has no validation ROC-AUC to compare with {best}'s "
                             f"{references[best]:.4f}; {_FORCE_HINT.format(tag=tag)}")
@@ -443,7 +448,7 @@ def _check_not_worse(tag: str, card: ModelCard, record: dict[str, Any]) -> None:
                             f"validation split); {_FORCE_HINT.format(tag=tag)}")
 
 
-def _roc_auc(card: ModelCard) -> float | None:
+def validation_roc_auc(card: ModelCard) -> float | None:
     """The card's validation ROC-AUC when it is a number in [0, 1] (`val_metrics` is free-form: a `true` there
     counted as 1.0 and became every later model's reference)."""
     value = card.val_metrics.get("roc_auc")

@@ -121,8 +121,9 @@ def test_export_leaves_an_identical_archive_alone_and_replaces_another(two_model
     # it wrote out.bentomodel beside it (a helper's find); an empty path wrote into the current folder.
     into = reg.export_model(first, f"{tmp_path / 'newdir'}/", NAME)
     assert into == tmp_path / "newdir" / f"{first.replace(':', '-')}.bentomodel" and into.is_file()
-    with pytest.raises(reg.RegistryError, match="no path to export to"):
-        reg.export_model(first, " ", NAME)
+    for empty in ("", " "):
+        with pytest.raises(reg.RegistryError, match="no path to export to"):
+            reg.export_model(first, empty, NAME)
 
 
 def _repacked(archive: Path, out: Path, version: str | None = None, flip_weights: bool = False,
@@ -267,8 +268,8 @@ def test_once_a_model_was_promoted_only_a_promotion_makes_production() -> None:
     assert reg.production_tag(name) is None
     with pytest.raises(reg.RegistryError, match="no production model; 1 model is stored but none is promoted"):
         reg.resolve_tag("production", name)
-    third = reg.save_model(build_model(ModelSpec()).eval(), _card(0.7), name=name)  # storing another pins nothing
-    assert reg.production_tag(name) is None and third != left
+    reg.save_model(build_model(ModelSpec()).eval(), _card(0.7), name=name)  # storing another pins nothing
+    assert reg.production_tag(name) is None and len(reg.store.stored_tags(name)) == 2
     reg.promote(left, name)
     assert reg.production_tag(name) == left
 
@@ -493,6 +494,13 @@ def test_a_production_model_deleted_with_bentomls_cli_is_explained_and_the_defau
     assert stale.returncode == 1 and stale.stdout == "", stale.stdout
     assert stale.stderr.strip() == (f"error: the production model {tag} is no longer in the store; promote one of the "
                                     "stored models (python -m models_registry list, then promote TAG)"), stale.stderr
+    # The same after `delete production --force`: it imported and promoted the shipped model beside the others
+    # without a word (a review's find).
+    other_tag = f"{tag.split(':')[0]}:anotherversion1"
+    assert _cli(home, "promote", other_tag).returncode == 0 and _cli(home, "import", str(DEFAULT_ARCHIVE)).returncode == 0
+    assert _cli(home, "delete", "production", "--force").returncode == 0
+    forced = _cli(home, "ensure-default")
+    assert forced.returncode == 1 and "no production model: the promoted one was deleted" in forced.stderr, forced.stderr
 
 
 def test_a_damaged_version_is_named_and_spares_the_rest(production_tag: str, tmp_path: Path) -> None:

@@ -139,7 +139,7 @@ def check_shippable(tag: str, card: ModelCard, out: Path) -> None:
     """`promote`'s quality rules for the default every fresh store serves: a model with a validity gate, whose
     validation ROC-AUC is not clearly below the shipped one's (a helper shipped a one-epoch, 32 px run of ROC-AUC
     0.44 over the default without a word). Each on its own validation split, as `promote` compares them."""
-    from models_registry.store import PROMOTE_MAX_ROC_AUC_DROP
+    from models_registry.store import PROMOTE_MAX_ROC_AUC_DROP, validation_roc_auc
 
     if card.validity is None:
         raise ValueError(f"{tag} has no input-validity gate (trained with --no-gate): the default would answer "
@@ -149,8 +149,8 @@ def check_shippable(tag: str, card: ModelCard, out: Path) -> None:
         shipped_tag, shipped_auc = shipped["model_tag"], float(shipped["validation"]["roc_auc"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # nothing shipped there yet (or no figure to compare with)
-    new = card.val_metrics.get("roc_auc")
-    if not isinstance(new, (int, float)) or isinstance(new, bool):
+    new = validation_roc_auc(card)  # as `promote` reads it: a number in [0, 1], else none (nan and 7.0 passed)
+    if new is None:
         raise ValueError(f"{tag}'s card has no validation ROC-AUC to compare with the shipped {shipped_tag}'s "
                          f"{shipped_auc:.4f}; pass --force to ship it anyway")
     if new < shipped_auc - PROMOTE_MAX_ROC_AUC_DROP:
