@@ -61,14 +61,16 @@ def _check_writable_place(path: Path, text: str) -> None:
             raise argparse.ArgumentTypeError(f"{text}: cannot write in {parent} ({exc.strerror or exc})") from None
 
 
-def check_outside(out: Path, data: Path, out_option: str, data_option: str) -> None:
-    """Refuse an output folder inside the data folder (or the data folder itself): the curves, ROC and calibration
-    PNGs a run writes there were read by the next run as X-rays of the class folder they sat in (a helper's
-    find). ValueError naming both options."""
-    resolved_out, resolved_data = out.resolve(), data.resolve()
-    if resolved_out == resolved_data or resolved_data in resolved_out.parents:
-        raise ValueError(f"{out_option} {out} is inside {data_option} {data}: what it writes (PNG figures) would be "
-                         "read as images of the data set; choose a folder outside it")
+def check_outside(out: Path, class_folders: list[Path], out_option: str, data_option: str, data: Path) -> None:
+    """Refuse an output folder that is, or lies inside, a class folder the data is read from: the curves, ROC and
+    calibration PNGs a run wrote there were read by the next run as X-rays of that class (a helper's find).
+    Elsewhere under the data folder is fine (`data/runs/r1`: never read). ValueError naming both options."""
+    resolved_out = out.resolve()
+    for folder in class_folders:
+        resolved = folder.resolve()
+        if resolved_out == resolved or resolved in resolved_out.parents:
+            raise ValueError(f"{out_option} {out} is inside {folder}, a class folder of {data_option} {data}: what it "
+                             "writes (PNG figures) would be read as images of that class; choose a folder outside it")
 
 
 def output_file(text: str) -> Path:

@@ -123,7 +123,7 @@ def test_calibration_refuses_bad_arguments_and_leaves_no_version(production_tag:
                               ({"target_sensitivity": float("nan")}, "target sensitivity must be in (0, 1]"),
                               ({"min_per_class": -5}, "at least 10 images of each class"),
                               ({"report_dir": a_file / "report"}, "cannot write the report"),
-                              ({"report_dir": site / "NORMAL" / "report"}, "is inside --data")):
+                              ({"report_dir": site / "NORMAL" / "report"}, "a class folder of --data")):
         with pytest.raises(CalibrationRefused, match=re.escape(expected)):
             run_calibration(production_tag, site, **options)
     with pytest.raises(CalibrationRefused, match="is not a folder"):

@@ -135,6 +135,10 @@ def test_export_holds_the_default_to_promote_s_quality_rules(production_tag: str
     with pytest.raises(ValueError, match=f"ROC-AUC {auc - 0.05:.4f} is 0.0500 below the shipped shipped:x's "
                                          f"{auc:.4f} .*pass --force"):
         check_shippable(production_tag, worse, tmp_path)
+    for unreadable in (float("nan"), 7.0, True):
+        odd = card.model_copy(update={"val_metrics": {**card.val_metrics, "roc_auc": unreadable}})
+        with pytest.raises(ValueError, match="has no validation ROC-AUC to compare"):
+            check_shippable(production_tag, odd, tmp_path)
     with pytest.raises(ValueError, match="has no input-validity gate"):
         check_shippable(production_tag, card.model_copy(update={"validity": None}), tmp_path / "nothing-shipped-yet")
 
@@ -256,12 +260,16 @@ def test_an_output_folder_inside_the_data_folder_is_refused(production_tag: str,
         (data / "train" / label).mkdir(parents=True)
     inside = data / "train" / "NORMAL"
     one_clear_line(run("training.train", "--data-dir", str(data), "--out", str(inside), "--no-register"), 2,
-                   f"--out {inside} is inside --data-dir {data}")
+                   f"--out {inside} is inside {inside}, a class folder of --data-dir {data}")
     assert not (inside / "config.json").exists()
+    elsewhere = run("training.train", "--data-dir", str(data), "--out", str(data / "runs" / "r1"), "--no-register")
+    assert elsewhere.returncode == 2 and "class folder" not in elsewhere.stderr, elsewhere.stderr  # never read: fine
+    assert "no images" in elsewhere.stderr, elsewhere.stderr  # (the class folders are empty)
     site = data / "train"
-    one_clear_line(run("models_registry", "calibrate", production_tag, "--data", str(site), "--out",
-                       str(site / "report")), 1, f"--out {site / 'report'} is inside --data {site}")
-    assert not (site / "report").exists()
+    report = site / "PNEUMONIA" / "report"
+    one_clear_line(run("models_registry", "calibrate", production_tag, "--data", str(site), "--out", str(report)), 1,
+                   f"--out {report} is inside {site / 'PNEUMONIA'}, a class folder of --data {site}")
+    assert not report.exists()
 
 
 @pytest.mark.parametrize("module", ["training.gate", "training.stress", "training.evaluate", "training.compare",

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.card import CLASS_NAMES
 from core.cli import bounded, check_outside
 from training import check_distinct_networks, run_command
 
@@ -94,7 +95,8 @@ def _combine(args: argparse.Namespace) -> int:
                                 preprocess_config, replace_earlier_run)
 
     started = time.monotonic()
-    check_outside(args.out, args.data_dir, "--out", "--data-dir")
+    check_outside(args.out, [args.data_dir / "train" / name for name in CLASS_NAMES], "--out", "--data-dir",
+                  args.data_dir)
     check_out(args.out, args.overwrite)
     members = [load_model(ref) for ref in args.models]
     config = _members_agree(members)

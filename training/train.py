@@ -377,7 +377,8 @@ def check_steps(images: int, batch_size: int, world: int = 1) -> None:
 def main(args: argparse.Namespace) -> int:
     # Validate the configuration before anything slow, so a bad option fails at once with its name.
     augment_config(args), preprocess_config(args), model_spec(args)
-    check_outside(args.out, args.data_dir, "--out", "--data-dir")
+    check_outside(args.out, [args.data_dir / "train" / name for name in CLASS_NAMES], "--out", "--data-dir",
+                  args.data_dir)
     check_out(args.out, args.overwrite)
     rank, world, device = setup_distributed()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
