@@ -355,7 +355,8 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
         if args.json:  # "sent": false unless the server answered about the file, as classify says it
             entry = failed if isinstance(failed, (InvalidInput, Unreadable)) else NotSent(failed)
             print(json.dumps(_error_entry(_shown(args.image), None, entry), indent=2))
-        said = str(failed) if isinstance(failed, Unreadable) else f"{_shown(args.image)}: {_own_message(str(failed))}"
+        said = (str(failed) if isinstance(failed, Unreadable)
+                else f"{_on_one_line(_shown(args.image))}: {_own_message(str(failed))}")
         print(f"error: {said}", file=sys.stderr)
         return failed.exit_code
     heatmap = explanation.heatmap

@@ -57,6 +57,7 @@ def test_served_probabilities_equal_offline_evaluation(server: ServerProcess, tm
     assert result.returncode == 0, result.stderr
     assert "roc_auc" in result.stdout and "PNEUMONIA" in result.stdout
     assert f"the validity gate refuses 1 of these {len(files) + 1} images (1 blank)" in result.stdout, result.stdout
+    assert f"validity mode (refuse) answers {len(files)}" in result.stdout
     assert f"on the {len(files)} it answers: ROC-AUC" in result.stdout
     offline = {Path(p["file"]).name: p for p in json.loads(report.read_text())["predictions"]}
     assert offline["blank.png"]["refusal"] == "blank" and {p["refusal"] for p in offline.values()} == {"blank", None}

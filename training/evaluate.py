@@ -86,7 +86,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if refused:
         reasons = ", ".join(f"{count} {reason}" for reason, count in refused.most_common())
         print(f"\nthe validity gate refuses {sum(refused.values())} of these {len(labels)} images ({reasons}); the "
-              f"figures above score them all, the service answers {int(answered.sum())}")
+              f"figures above score them all; a service in the default validity mode (refuse) answers "
+              f"{int(answered.sum())}")
         if len(set(labels[answered])) == 2:
             served = classification_report(labels[answered], probs[answered], model.card.threshold)
             print(f"on the {int(answered.sum())} it answers: ROC-AUC {served['roc_auc']:.4f}, sensitivity "
