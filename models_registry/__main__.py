@@ -35,15 +35,15 @@ def _table(rows: list[dict]) -> str:
     cols = ["tag", "production", "created", "arch", "image_size", "roc_auc", "sensitivity", "specificity", "threshold",
             "measured_on", "size_mb"]
 
-    def cell(v: object) -> str:
+    def cell(v: object, digits: int = 4) -> str:
         if isinstance(v, bool):
             return "*" if v else ""
         if isinstance(v, float):
-            return f"{v:.4f}"
+            return f"{v:.{digits}f}"
         return "" if v is None else str(v)
 
     readable = [r for r in rows if "broken" not in r]
-    body = [[cell(r.get(c)) for c in cols] for r in readable]
+    body = [[cell(r.get(c), 2 if c == "size_mb" else 4) for c in cols] for r in readable]
     widths = [max([len(c), *(len(b[i]) for b in body)]) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     broken = [f"{r['tag']}: unreadable, cannot be served ({r['broken']}); remove it with `python -m "

@@ -370,8 +370,9 @@ def test_corrupt_weights_are_detected_on_load(tmp_path: Path) -> None:
 def test_unknown_refs_give_a_clear_error() -> None:
     with pytest.raises(reg.RegistryError, match="not in the store"):
         reg.resolve_tag("doesnotexist", NAME)
-    with pytest.raises(reg.RegistryError, match="no production model"):
-        reg.resolve_tag("production", "never-saved-model")
+    for production in ("production", " PRODUCTION ", "Production"):  # capitals were read as a version
+        with pytest.raises(reg.RegistryError, match="no production model"):
+            reg.resolve_tag(production, "never-saved-model")
     for empty in ("", " ", f"{NAME}:"):
         with pytest.raises(reg.RegistryError, match="names no model"):
             reg.resolve_tag(empty, NAME)
