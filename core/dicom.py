@@ -454,18 +454,18 @@ def _coded_view(ds: Any) -> str | None:
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-def _codestream_size(frame: bytes) -> tuple[int, int] | None:
-    """(width, height) stated by a JPEG / JPEG-LS frame header (SOF) or a JPEG 2000 SIZ segment; None if not found."""
-    if frame[:4] == b"\xff\x4f\xff\x51":  # J2K: SOC, SIZ, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz
-        try:
-            xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[8:24])
-        except struct.error:
-            return None
-        return xsiz - xo, ysiz - yo
-    return _jpeg_header(frame)[0]
+def _j2k_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) stated by a JPEG 2000 codestream's SIZ segment; None if the frame does not start with one."""
+    if frame[:4] != b"\xff\x4f\xff\x51":  # SOC, SIZ, then Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz
+        return None
+    try:
+        xsiz, ysiz, xo, yo = struct.unpack(">IIII", frame[8:24])
+    except struct.error:
+        return None
+    return xsiz - xo, ysiz - yo
 
 
-_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RST0-7, SOI: no length field
+STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD9)})  # JPEG's TEM, RST0-7, SOI: no length field
 
 
 def _jpeg_header(frame: bytes) -> tuple[tuple[int, int] | None, int | None]:
@@ -487,7 +487,7 @@ def _jpeg_header(frame: bytes) -> tuple[tuple[int, int] | None, int | None]:
             if marker == 0xFF:  # fill byte
                 offset += 1
                 continue
-            if marker in _STANDALONE_MARKERS or marker == 0x00:
+            if marker in STANDALONE_MARKERS or marker == 0x00:
                 offset += 2
                 continue
             if marker == 0xDA:
@@ -582,13 +582,14 @@ def _check_codestream(frame: bytes, shown: str, width: int, height: int) -> None
     """A JPEG, JPEG-LS or JPEG 2000 frame must state its size in a header read here and agree with Rows x Columns,
     and a JPEG or JPEG-LS frame must end with its end marker (EOI), or it is refused before any decoder runs.
 
-    Fail closed: the decoders skip what this reader stops at (a stray byte after the start marker, a JP2 file box
-    around the codestream) and allocated the frame's own size, gigabytes from a 200 KB file; and they pad a frame
-    cut short without a word, so a truncated NORMAL X-ray was answered PNEUMONIA 0.988 (a helper's finds)."""
+    Fail closed: the decoders read past what this check once stopped at (a stray byte after the start marker, a JP2
+    file box around the codestream) and allocated the frame's own size, gigabytes from a 200 KB file; and they pad
+    a frame cut short without a word, so a truncated NORMAL X-ray was answered PNEUMONIA 0.988 (a helper's finds)."""
     if frame.startswith(_JP2_SIGNATURE):
         raise DicomError("corrupt", f"the compressed ({shown}) frame is a JP2 file, not the bare JPEG 2000 "
                          "codestream DICOM requires (PS3.5 A.4.4); export the image again")
-    size = _codestream_size(frame)
+    jpeg = frame.startswith(b"\xff\xd8")
+    size, scan = _jpeg_header(frame) if jpeg else (_j2k_size(frame), None)  # one walk of a JPEG header
     if size is None:
         raise DicomError("corrupt", f"the compressed ({shown}) frame has no frame header this service can read "
                          "(damaged, or not the format its transfer syntax names); export the image again")
@@ -598,11 +599,9 @@ def _check_codestream(frame: bytes, shown: str, width: int, height: int) -> None
     # JPEG and JPEG-LS only: OpenJPEG refuses a cut JPEG 2000 codestream itself, and some writers leave its end out.
     # The end marker (EOI) anywhere after the first scan: entropy-coded data cannot hold FFD9 (a JPEG stuffs a zero
     # after FF; JPEG-LS a byte below 0x80), so bytes after it are padding or junk the decoders ignore.
-    if frame.startswith(b"\xff\xd8"):
-        scan = _jpeg_header(frame)[1]
-        if scan is None or frame.find(b"\xff\xd9", scan) < 0:
-            raise DicomError("corrupt", f"the compressed ({shown}) frame ends before its image data does (no end "
-                             "marker): the file was cut short or damaged; export or send it again")
+    if jpeg and (scan is None or frame.find(b"\xff\xd9", scan) < 0):
+        raise DicomError("corrupt", f"the compressed ({shown}) frame ends before its image data does (no end "
+                         "marker): the file was cut short or damaged; export or send it again")
 
 
 def _float(value: Any) -> float | None:

@@ -149,7 +149,6 @@ def _check_png_crcs(data: bytes) -> None:
 # review found 8, with a quarter of the grid wrong).
 _DAMAGED_JPEG = ("Corrupt JPEG data", "Premature end of JPEG file")
 _HARMLESS_JPEG = re.compile(r"Corrupt JPEG data: [12] extraneous bytes before marker 0xd9")
-_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RST0-7, SOI: no length field
 
 
 def libjpeg_damage(message: str) -> bool:
@@ -175,7 +174,8 @@ def without_header_junk(data: bytes) -> bytes | None:
             return bytes(out + data[pos:]) if changed else None
         if marker is None or marker == 0x00:
             return None
-        end = pos + 2 if marker in _STANDALONE_MARKERS else pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        length = 0 if marker in dicom.STANDALONE_MARKERS else int.from_bytes(data[pos + 2 : pos + 4], "big")
+        end = pos + 2 + length
         out += data[pos:end]
         pos = end
     return None
