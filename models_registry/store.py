@@ -115,7 +115,7 @@ def pin_implicit_production(name: str) -> None:
     try:
         with _record_lock(name):
             record = _read_record(name)
-            never_promoted = record.get("production") is None and not record.get("log")  # as production_tag reads it
+            never_promoted = record.get("production") is None and not _promoted_once(record)
             if never_promoted and len(versions := _versions(name)) == 1:
                 record["production"] = str(versions[0].tag)
                 record.setdefault("log", []).append({"at": datetime.now(timezone.utc).isoformat(),
@@ -221,9 +221,14 @@ def stored_tags(name: str = MODEL_NAME) -> list[str]:
     return [str(model.tag) for model in _versions(name)]
 
 
+def _promoted_once(record: dict[str, Any]) -> bool:
+    """Whether the record logs a promotion (or a pin): from then on only a promotion makes production."""
+    return bool(record.get("log"))
+
+
 def ever_promoted(name: str = MODEL_NAME) -> bool:
     """Whether a model of `name` was ever promoted (or pinned): from then on only a promotion makes production."""
-    return bool(_read_record(name).get("log"))
+    return _promoted_once(_read_record(name))
 
 
 def production_tag(name: str = MODEL_NAME) -> str | None:
@@ -235,7 +240,7 @@ def production_tag(name: str = MODEL_NAME) -> str | None:
     record = _read_record(name)
     if record.get("production"):
         return record["production"]
-    if record.get("log"):  # ever_promoted
+    if _promoted_once(record):
         return None
     versions = _versions(name)
     if len(versions) == 1:
