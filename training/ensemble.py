@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.card import CLASS_NAMES
-from core.cli import bounded, check_outside
+from core.cli import bounded
 from training import check_distinct_networks, run_command
 
 # The member's training options that decide its patient split and input grid: the ensemble's run reuses them.
@@ -95,9 +94,7 @@ def _combine(args: argparse.Namespace) -> int:
                                 preprocess_config, replace_earlier_run)
 
     started = time.monotonic()
-    check_outside(args.out, [args.data_dir / "train" / name for name in CLASS_NAMES], "--out", "--data-dir",
-                  args.data_dir)
-    check_out(args.out, args.overwrite)
+    check_out(args.out, args.overwrite, args.data_dir)
     members = [load_model(ref) for ref in args.models]
     config = _members_agree(members)
     run = train_parser().parse_args(["--data-dir", str(args.data_dir), "--out", str(args.out)])

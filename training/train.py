@@ -330,9 +330,11 @@ RUN_FILES = ("config.json", "weights.pt", "metrics.json", "model_tag.txt")  # an
 RUN_OUTPUTS = (*RUN_FILES, "stress.md", "validity.md", "metrics.csv", "curves.png", "roc.png", "confusion.png")
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool, data_dir: Path) -> None:
     """Refuse a run folder that holds a run (its config would be replaced at once, its weights at the end: an
-    interrupted re-run leaves a mix) or cannot be made, before any image is read."""
+    interrupted re-run leaves a mix), lies in a class folder the training images are read from, or cannot be
+    made, before any image is read."""
+    check_outside(out, [data_dir / "train" / name for name in CLASS_NAMES], "--out", "--data-dir", data_dir)
     try:  # the card and config.json record it as text: a name that is not UTF-8 failed only after the training
         str(out.absolute()).encode("utf-8")
     except UnicodeEncodeError:
@@ -377,9 +379,7 @@ def check_steps(images: int, batch_size: int, world: int = 1) -> None:
 def main(args: argparse.Namespace) -> int:
     # Validate the configuration before anything slow, so a bad option fails at once with its name.
     augment_config(args), preprocess_config(args), model_spec(args)
-    check_outside(args.out, [args.data_dir / "train" / name for name in CLASS_NAMES], "--out", "--data-dir",
-                  args.data_dir)
-    check_out(args.out, args.overwrite)
+    check_out(args.out, args.overwrite, args.data_dir)
     rank, world, device = setup_distributed()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     started = time.monotonic()
