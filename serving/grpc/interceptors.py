@@ -156,8 +156,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     as it stayed open: a helper filled a server's slots with Watch streams (no key needed) or with calls that
     never sent their message, and keyed Classify calls and even health checks were refused until the holder
     disconnected, while HTTP's probes read ready. Here a call of one request message counts only once that message
-    has arrived (its behaviour runs); streams (which start before their first message) have a pool of their own, and health `Check` (a probe) is never counted. Inside the
-    metrics interceptor, so refusals are counted. grpcio's cap stays as a backstop at twice the call limit plus
+    has arrived (its behaviour runs); streams (which start before their first message) have a pool of their own,
+    and health `Check` (a probe) is never counted. Inside the metrics interceptor, so refusals are counted. grpcio's cap stays as a backstop at twice the call limit plus
     the streams (`grpcio_call_cap`): a client holding that many calls without their messages still locks the
     worker's gRPC port until it disconnects (HTTP ends such uploads after PNEUMONIA_TIMEOUT_S)."""
 
