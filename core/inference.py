@@ -23,6 +23,11 @@ class Assessment:
     validity: ValidityOutcome | None  # None: the model carries no gate
     logit: float = 0.0  # raw, before the card's temperature
 
+    @property
+    def gate_refusal(self) -> str | None:
+        """Why the validity gate refuses the image (its reason), or None when it may be answered or there is no gate."""
+        return None if self.validity is None else self.validity.reason
+
 
 @dataclass
 class LoadedModel:

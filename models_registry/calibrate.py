@@ -157,7 +157,7 @@ def calibrate(ref: str, data_dir: Path, report_dir: Path | None = None, target_s
     assessments = [a for i in range(0, len(grids), 64) for a in model.assess(np.stack(grids[i:i + 64]))]
     logits = np.array([a.logit for a in assessments], dtype=np.float64)
     refused_by_tags = np.array([by_tags[path] for path, _ in kept], dtype=bool)
-    refused_by_gate = np.array([a.validity is not None and not a.validity.valid for a in assessments], dtype=bool)
+    refused_by_gate = np.array([a.gate_refusal is not None for a in assessments], dtype=bool)
     refused_by_gate &= ~refused_by_tags
     labels = np.array([label for _, label in kept])
     answered = ~(refused_by_tags | refused_by_gate)

@@ -77,7 +77,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                    for a in model.assess(split.pixels[i:i + args.batch_size])]
     probs = np.array([a.probability for a in assessments])
     # What the service would refuse (the validity gate): scored above all the same, counted and scored apart here.
-    refusals = [a.validity.reason if a.validity is not None and not a.validity.valid else None for a in assessments]
+    refusals = [a.gate_refusal for a in assessments]
     labels = split.labels.numpy()
     report = classification_report(labels, probs, model.card.threshold)
     print(format_table(report, model.tag))

@@ -316,7 +316,7 @@ def served_side_rows(model: LoadedModel, paths: list[Path], labels: np.ndarray, 
         grids = stressed_grids(paths, _smaller(side), model.card.preprocess)
         assessed = [a for i in range(0, len(grids), 64) for a in model.assess(grids[i:i + 64])]
         p = np.array([a.probability for a in assessed])
-        answered = np.array([a.validity is None or a.validity.valid for a in assessed])
+        answered = np.array([a.gate_refusal is None for a in assessed])
         called = p >= model.card.threshold
         row: dict = {"side": side, "refused": float(1 - answered.mean())}
         for name, keep in (("all", np.ones_like(answered)), ("answered", answered)):
