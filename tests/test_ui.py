@@ -406,6 +406,101 @@ def test_a_missing_or_wrong_api_key_gets_a_message_a_person_can_act_on(browser, 
     browser.find_element("id", "forget-key").click()
 
 
+def test_the_page_says_what_the_gate_does_uses_a_typed_key_and_announces_warnings(browser, keyed_server: ServerProcess,
+                                                                                 tmp_path: Path) -> None:
+    """A helper's finds on the page: with the validity gate off a black image got "PNEUMONIA 0.99" under the page's
+    promise that such images are refused; a key typed and not yet used was not sent and the 401 asked for it; a
+    browser blocking site data could not set a key at all; warnings (low resolution) were shown but never
+    announced; a right-to-left override in a file name reversed the announced numbers; a server still starting
+    was called "busy"; an empty file read "The file is empty. (the file is empty (0 bytes))"."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, keyed_server, None)
+    notice = browser.find_element(By.ID, "gate-notice")
+    health = httpx.post(keyed_server.url + "/health", timeout=30).json()["validity"]
+    assert health == {**health, "mode": "refuse", "fitted": True} and not notice.is_displayed()  # the real server
+    browser.execute_script("""
+      window.__realFetch = window.__realFetch || window.fetch;
+      window.fetch = async (url, options) => {
+        const response = await window.__realFetch(url, options);
+        if (String(url).endsWith("/health")) window.__healthStatus = response.status;
+        return response;
+      };""")
+    browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+    wait_for(browser, lambda d: d.execute_script("return window.__healthStatus") == 200)  # it did ask the server
+    for validity, said in (({"mode": "off", "fitted": True}, "This server's validity gate is off"),
+                           ({"mode": "warn", "fitted": True}, "This server's validity gate only warns"),
+                           ({"mode": "refuse", "fitted": False}, "has no validity gate"),
+                           ({"mode": "refuse", "fitted": True}, None)):
+        browser.execute_script("""
+          window.__realFetch = window.__realFetch || window.fetch;
+          window.fetch = (url, options) => String(url).endsWith("/health")
+            ? Promise.resolve(new Response(JSON.stringify({validity: arguments[0]}), {status: 200}))
+            : window.__realFetch(url, options);""", validity)
+        browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()  # the page reads it again
+        if said:
+            wait_for(browser, lambda d: said in notice.text)
+        else:
+            wait_for(browser, lambda d: not notice.is_displayed())
+    browser.execute_script("window.fetch = window.__realFetch;")
+
+    # A key typed and not used yet is used by choosing a file.
+    browser.find_element(By.ID, "forget-key").click()
+    browser.find_element(By.ID, "api-key").send_keys(API_KEY)
+    xray = sample_xrays(1, offset=126)[0]
+    small = tmp_path / "small.png"
+    Image.open(xray).convert("L").resize((100, 100)).save(small)
+    card = upload(browser, small)
+    assert card.get_attribute("data-state") == "done", visible_text(card, ".error")
+    assert browser.find_element(By.ID, "key-status").text == "A key is set for this tab."
+    progress = browser.find_element(By.ID, "progress").text
+    assert "Warning: low resolution (100x100)" in progress, progress  # announced, not only shown
+
+    # A name with a right-to-left override is isolated from the sentence; a server still starting says so.
+    browser.execute_script("""
+      window.__realFetch = window.__realFetch || window.fetch;
+      let starting = true;
+      window.fetch = (url, options) => {
+        if (starting && String(url).endsWith("/explain")) {
+          starting = false;
+          return Promise.resolve(new Response(JSON.stringify({detail: [{type: "not_ready", msg: "loading"}]}),
+            {status: 503, headers: {"Retry-After": "1", "Content-Type": "application/json"}}));
+        }
+        return window.__realFetch(url, options);
+      };
+      const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+      const files = new DataTransfer();
+      files.items.add(new File([bytes], "\u202epatient.jpeg", {type: "image/jpeg"}));
+      window.dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));""",
+                           base64.b64encode(xray.read_bytes()).decode())
+    card = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results > li")[-1])
+    wait_for(browser, lambda d: "The server is still starting; trying again in 1 s" in card.text
+             or card.get_attribute("data-state") != "working")
+    wait_for(browser, lambda d: card.get_attribute("data-state") == "done")
+    progress = browser.find_element(By.ID, "progress").get_attribute("textContent")
+    assert progress.startswith("\u2068\u202epatient.jpeg\u2069: "), repr(progress)
+    browser.execute_script("window.fetch = window.__realFetch;")
+
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    card = upload(browser, empty)
+    assert visible_text(card, ".error") == "The file is empty (0 bytes).", visible_text(card, ".error")
+
+    # A browser that blocks site data: the key is kept by the page itself, and said so.
+    browser.execute_script("""
+      Object.defineProperty(window, "sessionStorage", {configurable: true,
+        get() { throw new DOMException("blocked", "SecurityError"); }});""")
+    field = browser.find_element(By.ID, "api-key")
+    field.send_keys(API_KEY)
+    browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+    assert browser.find_element(By.ID, "key-status").text.startswith("A key is set for this tab. This browser does "
+                                                                     "not let the page keep it")
+    assert upload(browser, xray).get_attribute("data-state") == "done"
+    browser.refresh()  # the real storage again, for the tests after this one
+
+
 def test_controls_are_labelled_focus_is_visible_and_text_has_contrast(browser, keyed_server: ServerProcess) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

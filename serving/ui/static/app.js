@@ -6,6 +6,7 @@
 (() => {
   const KEY_STORAGE = "pneumonia-api-key"; // sessionStorage: this tab only
   const EXPLAIN_URL = new URL("../explain", document.baseURI); // the page is /ui/: the API is beside /ui
+  const HEALTH_URL = new URL("../health", document.baseURI);
   const MAX_BUSY_RETRIES = 3;
   // A request the server has not answered in this long is given up (its own limit, PNEUMONIA_TIMEOUT_S, is 60 s
   // by default): a stopped server left "Sending the image…" on screen for good, and every later file behind it.
@@ -18,6 +19,7 @@
   const keyInput = $("#api-key");
   const keyStatus = $("#key-status");
   const progress = $("#progress");
+  const gateNotice = $("#gate-notice");
   const results = $("#results");
   const template = $("#result-template");
 
@@ -28,7 +30,12 @@
 
   // ------------------------------------------------------------------ API key, kept in this tab only
 
+  // A browser that blocks site data refuses sessionStorage: the key is then kept by this page alone (a helper's
+  // find: "Use this key" threw, and every upload went without the key the user had just given).
+  let keyInMemory = null;
+
   function apiKey() {
+    if (keyInMemory !== null) return keyInMemory;
     try {
       return sessionStorage.getItem(KEY_STORAGE) || "";
     } catch (_) {
@@ -36,31 +43,88 @@
     }
   }
 
+  function storeKey(key) {
+    try {
+      if (key) sessionStorage.setItem(KEY_STORAGE, key);
+      else sessionStorage.removeItem(KEY_STORAGE);
+      keyInMemory = null;
+    } catch (_) {
+      keyInMemory = key;
+    }
+  }
+
   function showKeyStatus() {
+    const unkept = keyInMemory ? " This browser does not let the page keep it: reloading the page forgets it." : "";
     keyStatus.textContent = apiKey()
-      ? "A key is set for this tab."
+      ? `A key is set for this tab.${unkept}`
       : "No key set: the server is called without one.";
   }
 
-  $("#key-form").addEventListener("submit", (event) => {
-    event.preventDefault();
+  // The key typed in the field, once it is used (the button, Enter, or choosing files with a key typed and not yet
+  // used: those went out without it, and the 401 then asked for the key the field held). False when it is not one.
+  function useTypedKey() {
     const key = keyInput.value.trim();
     if (key && !KEY_PATTERN.test(key)) {
       keyStatus.textContent = "Not used: an API key is at least 16 characters, letters, digits and ASCII "
         + "punctuation only (no spaces, no typographic dashes or quotes). Paste it again.";
-      return;
+      return false;
     }
-    if (key) sessionStorage.setItem(KEY_STORAGE, key);
-    else sessionStorage.removeItem(KEY_STORAGE);
+    storeKey(key);
+    keyInput.value = "";
+    showKeyStatus();
+    readGate();
+    return true;
+  }
+
+  $("#key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    useTypedKey();
+  });
+
+  $("#forget-key").addEventListener("click", () => {
+    storeKey("");
     keyInput.value = "";
     showKeyStatus();
   });
 
-  $("#forget-key").addEventListener("click", () => {
-    sessionStorage.removeItem(KEY_STORAGE);
-    keyInput.value = "";
-    showKeyStatus();
-  });
+  // ------------------------------------------------------------------ what this server's validity gate does
+
+  // The page says an image the model may not answer is refused; that holds only where the gate refuses. /health
+  // tells (it may need the key: until then nothing is said). A helper's find: with the gate off, a black image got
+  // "PNEUMONIA 0.99" and a heatmap under that promise.
+  async function readGate() {
+    const headers = { Accept: "application/json" };
+    const key = apiKey();
+    if (key) headers["X-API-Key"] = key;
+    let validity = null;
+    try {
+      const response = await fetch(HEALTH_URL, { method: "POST", headers });
+      if (response.ok) validity = (await response.json()).validity || null;
+    } catch (_) {
+      validity = null;
+    }
+    gateNotice.textContent = gateText(validity);
+    gateNotice.hidden = !gateNotice.textContent;
+  }
+
+  function gateText(validity) {
+    if (!validity) return "";
+    if (validity.mode === "off") {
+      return "This server's validity gate is off: every image that decodes gets a verdict and a heatmap, a blank "
+        + "image, a photograph or a knee X-ray too (only a DICOM whose tags name another modality, view or body "
+        + "part is still refused). Check that each file is a frontal chest X-ray yourself.";
+    }
+    if (validity.mode === "warn") {
+      return "This server's validity gate only warns: an image it would refuse (not a frontal chest X-ray, blank, "
+        + "inverted, rotated, a crop) still gets a verdict, with a warning naming the check it failed. Read each "
+        + "result's warnings before its verdict.";
+    }
+    if (validity.fitted === false) {
+      return "The model this server serves has no validity gate: an image that is not a frontal chest X-ray may "
+        + "get a verdict. Check that each file is one yourself.";
+    }
+    return "";
+  }
 
   // ------------------------------------------------------------------ choosing and dropping files
 
@@ -100,6 +164,7 @@
   });
 
   function enqueue(files) {
+    if (files.length && keyInput.value.trim()) useTypedKey();
     const current = generation;
     for (const file of files) {
       const card = newCard(file);
@@ -111,6 +176,10 @@
   }
 
   // ------------------------------------------------------------------ calling the server
+
+  // A file name in a sentence, isolated from the text around it: a name with a right-to-left override reversed the
+  // announced verdict and numbers ("4100.0" for 0.0014).
+  const isolated = (name) => `\u2068${name}\u2069`;
 
   function newCard(file) {
     const item = template.content.firstElementChild.cloneNode(true);
@@ -153,7 +222,7 @@
     for (let attempt = 0; ; attempt += 1) {
       if (cleared.aborted) return; // cleared while it waited
       setState(card, "working", "Sending the image and computing its heatmap…");
-      progress.textContent = `Explaining ${name}…`;
+      progress.textContent = `Explaining ${isolated(name)}…`;
       const form = new FormData();
       form.append("image", file, name);
       const headers = { Accept: "application/json" };
@@ -191,8 +260,13 @@
       // Busy (503) or this page sending faster than the rate limit allows (429): wait as asked, then go on.
       if ([429, 503].includes(response.status) && Number.isFinite(retryAfter) && attempt < MAX_BUSY_RETRIES) {
         const seconds = Math.min(Math.max(retryAfter, 1), 30);
-        const why = response.status === 429 ? "Sending too fast for the server's rate limit" : "The server is busy";
+        const reason = (detail(body) || {}).type;
+        const why = response.status === 429 ? "Sending too fast for the server's rate limit"
+          : reason === "not_ready" ? "The server is still starting"
+            : reason === "explain_busy" ? "The server is busy computing other explanations" : "The server is busy";
         setState(card, "working", `${why}; trying again in ${seconds} s.`);
+        progress.textContent = `${isolated(name)}: ${why.charAt(0).toLowerCase()}${why.slice(1)}; trying again in `
+          + `${seconds} s.`;
         await sleep(seconds * 1000, cleared);
         continue;
       }
@@ -222,6 +296,10 @@
     const said = serverMessage(body);
     const wait = Number.isFinite(retryAfter) ? `${retryAfter} s` : "a few seconds";
     if (status === 401 || status === 403) {
+      if (keyInput.value.trim()) {
+        return "The key typed above is not an API key (see the note under it), so it was not sent. Paste the key "
+          + "again, then choose the file again.";
+      }
       return apiKey()
         ? "The server did not accept the API key. Check the key, enter it again above, and choose the file again."
         : "This server needs an API key. Enter it above, then choose the file again.";
@@ -253,12 +331,17 @@
           + "WebP file.",
         corrupt: "The file looks damaged: the server could not decode it.",
         too_small: "The image is too small to classify.",
-        dicom_no_pixel_data: "This DICOM file holds no image (no Pixel Data): send the image object of the study.",
+        dicom_no_pixel_data: "This DICOM file holds no image the server can read.",
         dicom_unsupported_syntax: "The server cannot decode this DICOM file's compression. Export it uncompressed "
           + "(or as JPEG, JPEG-LS, JPEG 2000 or RLE) and send it again.",
       };
       const hint = hints[reason] || "The server refused this file.";
-      return said && !hint.includes(said) ? `${hint} (${said})` : hint;
+      if (!said || hint.includes(said)) return hint;
+      // The server's words alone where they say the hint and more: "The file is empty. (the file is empty (0 bytes))"
+      if (said.toLowerCase().startsWith(hint.replace(/\.$/, "").toLowerCase())) {
+        return `${said.charAt(0).toUpperCase()}${said.slice(1)}.`;
+      }
+      return `${hint} (${said})`;
     }
     if (status >= 500) {
       return `The server failed (HTTP ${status}). Try again; if it keeps failing, tell the service's operators.`;
@@ -271,7 +354,7 @@
     const error = $(".error", card);
     error.textContent = message;
     error.hidden = false;
-    progress.textContent = `${name}: not classified. ${message}`;
+    progress.textContent = `${isolated(name)}: not classified. ${message}`;
   }
 
   // ------------------------------------------------------------------ showing an answer
@@ -311,7 +394,8 @@
       none.textContent = body.note || "No heatmap: the image was refused.";
       none.hidden = false;
       setState(card, "refused", "Refused: no verdict.");
-      progress.textContent = `${name}: refused (${refusal.reason}): ${refusal.message}`;
+      const also = warnings.length ? `.${said(warnings)}` : "";
+      progress.textContent = `${isolated(name)}: refused (${refusal.reason}): ${refusal.message}${also}`;
       return;
     }
 
@@ -353,8 +437,14 @@
       applyOpacity(card);
     }
     setState(card, "done", "Done.");
-    progress.textContent = `${name}: ${prediction.label}, probability of pneumonia ${shownProbability} `
-      + `against the threshold ${shownThreshold}.`;
+    progress.textContent = `${isolated(name)}: ${prediction.label}, probability of pneumonia ${shownProbability} `
+      + `against the threshold ${shownThreshold}.${said(warnings)}`;
+  }
+
+  // The warnings in the announcement too: a screen reader heard a clean verdict for a 100 x 100 image.
+  function said(warnings) {
+    if (!warnings.length) return "";
+    return ` ${warnings.length === 1 ? "Warning" : `${warnings.length} warnings`}: ${warnings.join("; ")}.`;
   }
 
   function applyOpacity(card) {
@@ -365,4 +455,5 @@
   }
 
   showKeyStatus();
+  readGate();
 })();
