@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -131,13 +130,13 @@ def write(summary: dict, folder: Path, name: str, paths: list[Path] | None = Non
     """<name>-spread.json and .md in `folder`; with `paths`, copies of the runs as <name>-<k>.json (outside them)."""
     folder.mkdir(parents=True, exist_ok=True)
     if paths:
-        copies = []
-        for k, path in enumerate(paths, 1):
-            target = folder / f"{name}-{k}.json"
-            if Path(path).resolve() != target.resolve():
-                shutil.copyfile(path, target)
-            copies.append(str(target))
-        summary = {**summary, "copies": copies}
+        # Every run read before any copy is written: runs given as <name>-2.json <name>-1.json in --results itself
+        # had run 1 overwritten by run 2 before it was copied (a helper's find).
+        runs = [Path(path).read_bytes() for path in paths]
+        copies = [folder / f"{name}-{k}.json" for k in range(1, len(runs) + 1)]
+        for run, target in zip(runs, copies, strict=True):
+            target.write_bytes(run)
+        summary = {**summary, "copies": [str(target) for target in copies]}
     (folder / f"{name}-spread.json").write_text(json.dumps(summary, indent=2))
     commands = sorted({r["command"] for r in summary["runs"] if r.get("command")})
     (folder / f"{name}-spread.md").write_text("".join(f"`{c}`\n" for c in commands) + "\n" + format_spread(summary) + "\n")

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 
+import httpx
 import psutil
 
 from core.cli import bounded, output_file
@@ -144,15 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": {"cores": psutil.cpu_count(), "python": platform.python_version(),
                                 "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}}
     with model_store():
-        from settings import ServingSettings
-
         env = {} if args.workers is None else {"PNEUMONIA_WORKERS": str(args.workers)}
-        workers = ServingSettings.model_construct(workers=args.workers or 0).worker_count()
         log = ROOT / "results" / "memory" / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.log"
         server = start_server(log, **env)
         try:
             assert server.process is not None
             pid = server.process.pid
+            # What the server runs, as it reports it: PNEUMONIA_WORKERS or a settings file may set it (the count
+            # derived here from --workers alone recorded 2 workers for a 1-worker server, and sized the pod by it).
+            workers = httpx.post(server.url + "/health", timeout=60).json()["workers"]
             report["settings"] = {"workers": workers, "env": env}
             time.sleep(2.0)
             report["idle"] = snapshot(pid)

@@ -129,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--url must point at this machine (127.0.0.1 or localhost)")
     if args.url and urlsplit(args.url).scheme != "http":  # the soak speaks plain HTTP/1.1: https went out as http
         parser.error("--url must be an http:// address (the soak sends plain HTTP)")
+    if args.pid is not None and not args.url:  # it replaced the started server's pid: init's memory was soaked
+        parser.error("--pid goes with --url (the pid of the `bentoml serve` at that address); a server this command "
+                     "starts is measured by its own pid")
+    if args.workers is not None and args.url:  # the running server's workers are its own
+        parser.error("--workers sets a started server's workers; a server given by --url runs with its own")
     if args.pid is not None and not psutil.pid_exists(args.pid):  # its memory read as 0 MB for the whole soak
         parser.error(f"--pid {args.pid}: no such process")
 
