@@ -360,13 +360,13 @@ def _explain(api: ClassifierClient, args: argparse.Namespace) -> int:
         print(f"error: {said}", file=sys.stderr)
         return failed.exit_code
     heatmap = explanation.heatmap
-    try:
-        if heatmap is not None and args.out is not None:
-            args.out.write_bytes(heatmap.overlay_png)
-        if heatmap is not None and args.grid is not None:
-            args.grid.write_text(json.dumps(heatmap.grid))
-    except OSError as exc:
-        return _usage_error(args, f"cannot write {exc.filename}: {exc.strerror}")
+    if heatmap is not None:
+        for target, data in ((args.out, heatmap.overlay_png), (args.grid, json.dumps(heatmap.grid).encode())):
+            try:
+                if target is not None:
+                    target.write_bytes(data)
+            except OSError as exc:  # named here: a failed write (a full disk) has no `filename` ("cannot write None")
+                return _usage_error(args, f"cannot write {target}: {exc.strerror}")
     refusal = explanation.prediction.refusal
     if refusal is not None:
         print(f"error: {_on_one_line(_shown(args.image))}: refused ({refusal.reason}): {refusal.message}",

@@ -36,6 +36,7 @@ from core.cli import bounded, output_file
 from harness import record
 from harness.paths import DATA_DIR, RESULTS
 from harness.payloads import build_samples
+from harness.servers import answered
 
 
 def per_call_ms(fn, min_s: float = 1.5, min_calls: int = 3) -> float:
@@ -269,4 +270,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(answered(main, "stopped"))  # a model not in the store, no sample folder: one line, not a traceback

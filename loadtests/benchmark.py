@@ -116,7 +116,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="extra environment for both service rows, e.g. PNEUMONIA_WORKERS=2 (for ablations)")
     p.add_argument("--model", default="production", help="model reference served by every row")
     p.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads of the bare-model measurement (0: all cores)")
-    p.add_argument("--max-other-load", type=bounded(float, 0), default=0.25,
+    p.add_argument("--max-other-load", type=bounded(float, 0, low_open=True), default=0.25,
                    help="before each point, wait until other processes use fewer cores than this (shared machines)")
     p.add_argument("--quiet-timeout-s", type=bounded(float, 0), default=None,
                    help="longest such wait (default 600; quick 0: a smoke run only reads the other load, since "
@@ -489,10 +489,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown systems {sorted(unknown)}; choose from bare,{','.join(SYSTEMS)},explain", file=sys.stderr)
         return 2
     try:
-        variants = {name: dict(item.split("=", 1) for item in settings.split(","))
-                    for name, settings in (v.split("=", 1) for v in args.variant)}
+        named = [(name, dict(item.split("=", 1) for item in settings.split(",")))
+                 for name, settings in (v.split("=", 1) for v in args.variant)]
     except ValueError:
         print("--variant takes NAME=KEY=VALUE[,KEY=VALUE...]", file=sys.stderr)
+        return 2
+    variants = dict(named)
+    if len(variants) < len(named):  # the last of a name replaced the others without a word
+        twice = sorted({name for name, _ in named if [n for n, _ in named].count(name) > 1})
+        print(f"--variant names {', '.join(twice)} more than once; give each variant its own name", file=sys.stderr)
         return 2
     command = "python -m loadtests.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     out = args.out or RESULTS / "benchmark" / time.strftime("%Y%m%d-%H%M%S")
@@ -636,8 +641,9 @@ def run_once(args: argparse.Namespace, systems: list[str], variants: dict[str, d
                     for clients in concurrency if system in measured else ():
                         measure(system, clients)
                     explain(system)
-                finally:
-                    started.pop(system).stop()  # before the next system is measured: an idle server holds memory
+                finally:  # before the next system is measured: an idle server holds memory
+                    if (server := started.pop(system, None)) is not None:  # None: its start failed, or was interrupted
+                        server.stop()
         else:
             # Interleaved: every point of every system at one client count before the next, in an order that
             # rotates between client counts (and runs), so a slower or faster spell of a shared machine falls on

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", type=Path, help="image to send (default: a real X-ray from the data set)")
     parser.add_argument("--json", type=output_file, help="also write the figures here (with the command and machine)")
     args = parser.parse_args(argv)
+    if args.grpc_url and not args.url:  # it started a server of its own and measured that, without a word
+        parser.error("--grpc-url goes with --url (the HTTP address of the same server)")
     if args.image is not None and not args.image.is_file():  # found only after a server had started
         parser.error(f"--image {args.image}: no such file")
     provenance = record.provenance(argv)

@@ -141,6 +141,8 @@ def check_reachable(url: str) -> str | None:
         status = httpx.get(url.rstrip("/") + "/readyz", timeout=10).status_code
     except httpx.HTTPError as exc:
         return f"cannot reach {url} ({type(exc).__name__}: {exc})"
+    except httpx.InvalidURL as exc:  # not an HTTPError: 'http://[::1' gave a traceback
+        return f"--url {url!r} is not a URL ({exc})"
     if status != 200:
         return f"{url}/readyz answered {status}, not 200: not this service, or not ready yet"
     return None

@@ -14,12 +14,12 @@ the median and spread of the runs: a 2-core VM moves by 10-20 % from one run to 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 from core.cli import output_file
 from harness import record
+from harness.paths import RESULTS
 from harness.processes import tree_cpu_probe
 from harness.servers import exit_with, model_store, start_server
 from loadtests.spread import stats, text
@@ -47,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1 or args.workers < 1:
         parser.error("--runs and --workers must be at least 1")
     result = record.provenance(argv)
-    with model_store(), tempfile.TemporaryDirectory(prefix="startup-logs-") as logs:
+    # Kept (results/ is git-ignored): a start that fails names its log, which a temporary folder had already removed.
+    logs = RESULTS / "startup" / time.strftime("%Y%m%d-%H%M%S")
+    with model_store():
         runs = []
         for run in range(1, args.runs + 1):
-            runs.append(one_start(args.workers, Path(logs), run))
+            runs.append(one_start(args.workers, logs, run))
             print(f"run {run}: ready after {runs[-1]['ready_s']:.1f} s, {runs[-1]['cpu_s']:.1f} s of CPU", flush=True)
     ready, cpu = stats([r["ready_s"] for r in runs]), stats([r["cpu_s"] for r in runs])
     print(f"{args.workers} worker(s), {args.runs} run(s), median (min-max): ready after {text(ready)} s, "

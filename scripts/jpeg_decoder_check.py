@@ -24,6 +24,7 @@ from PIL import Image
 
 import core.preprocess as preprocess
 from harness.paths import ROOT
+from harness.servers import answered
 
 CONFIG = preprocess.PreprocessConfig()
 OURS = preprocess._decode_jpeg
@@ -122,4 +123,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(answered(main, "stopped"))  # a file that is no JPEG: one line, not a traceback

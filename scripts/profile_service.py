@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from core.cli import key_value
+from core.cli import bounded, key_value, output_folder
 from harness.loadgen import encode_requests, run_load
 from harness.paths import RESULTS, VENV_BIN
 from harness.payloads import build_samples, request_plan
@@ -117,12 +117,12 @@ def peer_pids(serve_pid: int) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--system", choices=("service", "peer"), default="service")
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--clients", type=bounded(int, 1), default=8)
+    p.add_argument("--seconds", type=bounded(float, 0, 24 * 3600, low_open=True), default=20.0)
+    p.add_argument("--rate", type=bounded(int, 1, 10_000), default=100, help="py-spy samples per second")
     p.add_argument("--env", type=key_value, action="append", default=[], metavar="KEY=VALUE", help="server environment")
-    p.add_argument("--workers", type=int, default=0, help="peer workers (0: one per usable core)")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--workers", type=bounded(int, 0, 64), default=0, help="peer workers (0: one per usable core)")
+    p.add_argument("--out", type=output_folder, default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     from models_registry.default import ensure_default

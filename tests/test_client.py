@@ -248,6 +248,8 @@ def test_cli_explain_never_leaves_an_earlier_heatmap_in_place(live: ServerProces
     (tmp_path / "to-folder").symlink_to(tmp_path / "folder")
     kept = _cli("explain", str(xray), "--grid", str(tmp_path / "to-folder"), *flags, "--url", _target(live, transport))
     assert kept.returncode == 2 and "cannot replace" in kept.stderr and (tmp_path / "to-folder").is_symlink()
+    full = _cli("explain", str(xray), "--grid", "/dev/full", *flags, "--url", _target(live, transport))
+    assert full.returncode == 2 and "cannot write /dev/full: No space left on device" in full.stderr, full.stderr
 
 
 @pytest.mark.parametrize("transport", ["http", "grpc"])

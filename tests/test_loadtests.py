@@ -203,6 +203,11 @@ def test_benchmark_quick_has_every_row_and_no_failures(production_tag: str, tmp_
     assert service_32["images_per_s"]["median"] == service_32["images_per_s"]["min"] == first["images_per_s"]
     assert summary["targets"]["service_vs_peer"]["runs"] == 2
     assert "Median (min-max) of 2 runs." in (kept / "x-spread.md").read_text()
+    # Runs named in --results itself, in another order: each is read before any copy is written (run 1 was lost).
+    second = {**result, "started": "another run"}
+    (kept / "x-2.json").write_text(json.dumps(second))
+    assert spread.main([str(kept / "x-2.json"), str(kept / "x-1.json"), "--results", str(kept), "--name", "x"]) == 0
+    assert json.loads((kept / "x-1.json").read_text()) == second and json.loads((kept / "x-2.json").read_text()) == result
 
 
 def test_startup_benchmark_times_a_real_start(production_tag: str, tmp_path: Path) -> None:
@@ -248,6 +253,17 @@ def test_soak_refuses_numbers_that_measure_nothing(argv: list[str], words: str,
     """Each of these soaked nothing and passed (exit 0); now one line and exit 2 before any request."""
     with pytest.raises(SystemExit) as exit_:
         script("soak").main(["--url", "http://127.0.0.1:1", *argv])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--pid", "1"], "--pid goes with --url"),  # it measured init's process tree instead of the started server
+    (["--url", "http://127.0.0.1:1", "--workers", "2"], "--workers sets a started server's workers"),  # ignored
+])
+def test_soak_refuses_options_that_do_not_go_together(argv: list[str], words: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        script("soak").main(argv)
     assert exit_.value.code == 2 and words in capsys.readouterr().err
 
 
@@ -476,7 +492,7 @@ def test_benchmark_targets_are_read_at_the_highest_client_count_in_any_order() -
     ("loadtests.grpc_vs_http_latency", "--json", "folder"), ("loadtests.startup", "--json", "folder"),
     ("measure_memory", "--out", "folder"), ("loadtests.benchmark", "--out", "file"), ("loadtests.run_locust", "--out", "file"),
     ("fault_sigterm", "--out", "file"), ("fault_worker_kill", "--out", "file"), ("loadtests.spread", "--out", "file"),
-    ("loadtests.ablations", "--out", "folder"),
+    ("loadtests.ablations", "--out", "folder"), ("profile_service", "--out", "file"),
 ])
 def test_output_paths_are_checked_before_the_work(command: str, option: str, kind: str, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -491,6 +507,31 @@ def test_output_paths_are_checked_before_the_work(command: str, option: str, kin
         main([option, str(wrong)])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"argument {option}: {wrong} is a {kind}; give a " in err, err
+
+
+@pytest.mark.parametrize("command, argv, words", [
+    ("profile_service", ["--rate", "0"], "argument --rate: must be in [1, 10000], not 0"),  # py-spy timed out
+    ("profile_service", ["--clients", "0"], "argument --clients: must be >= 1, not 0"),  # "0.0 images/s", exit 0
+    ("loadtests.grpc_vs_http_latency", ["--grpc-url", "127.0.0.1:1"], "--grpc-url goes with --url"),  # ignored
+])
+def test_options_that_measure_nothing_or_something_else_are_refused(command: str, argv: list[str], words: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    main = importlib.import_module(command).main if command.startswith("loadtests.") else script(command).main
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and words in err, err
+
+
+def test_a_url_that_is_not_one_and_a_model_not_stored_are_one_line(production_tag: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A helper's finds: `run_locust --url 'http://[::1'` and `ablations --model nope` ended in tracebacks."""
+    assert run_locust.main(["--url", "http://[::1", "-d", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --url 'http://[::1' is not a URL (Invalid port: ':1')"
+    done = subprocess.run([sys.executable, "-m", "loadtests.ablations", "--only", "preprocess", "--model", "nope"],
+                          cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=HANG_S)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: model pneumonia-classifier:nope is not in the store")
 
 
 @pytest.mark.parametrize("command, option", [
@@ -652,9 +693,24 @@ def test_summaries_of_results_files_refuse_a_malformed_one_in_one_line(content: 
         assert done.returncode == 1 and done.stderr.count("\n") == 1 and words in done.stderr, (argv, done.stderr)
 
 
+def test_a_sequential_benchmark_whose_server_cannot_start_says_why(production_tag: str, tmp_path: Path) -> None:
+    """A helper's find: a failed start under --sequential was reported as "no field 'service' where this command
+    expected one" (the clean-up's KeyError replaced the start's error, and a Ctrl-C too)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.benchmark", "--sequential", "--systems", "service", "--service-env",
+         "PNEUMONIA_WORKERS=abc", "--window-s", "1", "--warmup-s", "0", "--concurrency", "1", "--quiet-timeout-s", "0",
+         "--out", str(tmp_path / "bench")], cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("error: the server exited with 1 before it was ready"), done.stderr
+    assert "workers" in last and "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--name", "sub/x"], "argument --name: 'sub/x' is not a file name"),  # failed after all runs, nothing copied
     (["--systems", ","], "--systems names no system"),  # measured nothing, exit 0, claimed a plot
+    (["--max-other-load", "0"], "argument --max-other-load: must be > 0, not 0"),  # waited out every timeout
+    (["--variant", "a=PNEUMONIA_WORKERS=1", "--variant", "a=PNEUMONIA_WORKERS=2"],
+     "--variant names a more than once"),  # the first was dropped without a word
 ])
 def test_benchmark_refuses_a_name_with_a_folder_and_an_empty_system_list(argv: list[str], words: str,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
