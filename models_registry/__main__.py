@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from models_registry.default import ensure_default, import_default
 
     try:
+        reg.store.check_home()
         if args.command == "list":
             rows = reg.list_models()
             print(json.dumps(rows, indent=2) if args.json else _table(rows))

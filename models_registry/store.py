@@ -44,6 +44,20 @@ class RegistryError(Exception):
     """A registry operation that cannot be carried out; the message says what to do."""
 
 
+def check_home() -> None:
+    """Raise RegistryError, naming BENTOML_HOME, if BentoML cannot use its home folder (it makes the folders on
+    first use): its own NotADirectoryError or FileNotFoundError named no setting to change."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    try:
+        BentoMLContainer.bentoml_home.get()
+    except OSError as exc:
+        detail = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror or str(exc)
+        where = f"BENTOML_HOME={os.environ['BENTOML_HOME']}" if os.environ.get("BENTOML_HOME") else "~/bentoml"
+        raise RegistryError(f"the BentoML store cannot be used ({where}): {detail}; point BENTOML_HOME at a "
+                            "folder this user can write") from None
+
+
 def _model_store_dir() -> Path:
     from bentoml._internal.configuration.containers import BentoMLContainer
 

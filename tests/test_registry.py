@@ -419,6 +419,17 @@ def test_cli_lists_and_fails_cleanly(production_tag: str) -> None:
     assert left.returncode == 141 and left.stderr == "", left.stderr
 
 
+def test_a_store_folder_that_cannot_be_used_is_named_with_its_setting(tmp_path: Path) -> None:
+    """BENTOML_HOME naming a file said "error: NotADirectoryError: [Errno 20] ... is not a directory", naming no
+    setting to change."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    done = _cli(a_file, "list")
+    assert done.returncode == 1 and done.stderr == (
+        f"error: the BentoML store cannot be used (BENTOML_HOME={a_file}): {a_file} is not a directory; point "
+        "BENTOML_HOME at a folder this user can write\n"), done.stderr
+
+
 def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(production_tag: str) -> None:
     """The package imported torch and BentoML before its `__main__` could catch Ctrl-C: an interrupt in the first
     1.7 s printed a traceback. The signal is sent once torch's library is mapped into the process."""
