@@ -382,7 +382,8 @@ def _describe(ds: Any, syntax: UID) -> tuple[int, int, DicomInfo, str]:
     spacing, source = _spacing(ds)
     shown_uid = str(syntax) if len(syntax) <= 64 and _UID.fullmatch(str(syntax)) else "(invalid UID)"
     info = DicomInfo(
-        photometric_interpretation=_shown(photometric) or "",
+        # as sent, or upper-cased when a supported one: checked upper-cased, 'Jane Doe' showed as 'JANE DOE'
+        photometric_interpretation=_shown_tag(ds, "PhotometricInterpretation", MONOCHROME | COLOUR) or "",
         bits_allocated=allocated,  # type: ignore[arg-type]
         bits_stored=stored,  # type: ignore[arg-type]
         transfer_syntax=syntax.name if syntax.is_transfer_syntax else shown_uid,
@@ -432,8 +433,8 @@ def _tag_gate(ds: Any, info: DicomInfo) -> tuple[str, str] | None:
         return "dicom_view", (f"ViewPosition (0018,5101) is {info.view_position!r}: only frontal views (PA or AP) are "
                               "classified, not lateral, oblique or decubitus ones")
     if view is None and (coded := _coded_view(ds)) is not None:  # the view as a code, where ViewPosition is absent
-        return "dicom_view", (f"the View Code Sequence (0054,0220) says {coded!r}: only frontal views (PA or AP) are "
-                              "classified, not lateral, oblique or decubitus ones")
+        return "dicom_view", (f"the View Code Sequence (0054,0220) names {coded} view: only frontal views (PA or AP) "
+                              "are classified, not lateral, oblique or decubitus ones")
     frames = _int(ds, "NumberOfFrames", "(0028,0008)", required=False, default=1)
     if frames is not None and frames > 1:
         return "dicom_multiframe", (f"the DICOM object has {frames} frames (a cine loop, a stack or a "
@@ -442,13 +443,16 @@ def _tag_gate(ds: Any, info: DicomInfo) -> tuple[str, str] | None:
 
 
 def _coded_view(ds: Any) -> str | None:
-    """The View Code Sequence's meaning when it names a view that is not frontal (lateral, oblique, decubitus),
-    as a code-string-like text (upper case, letters and spaces only); None when frontal, absent or unreadable."""
+    """'a lateral', 'an oblique' or 'a decubitus' when the View Code Sequence's meaning names a view that is not
+    frontal; None when frontal, absent or unreadable. Only the word is shown: the meaning is free text, and a
+    'lateral view of Alice Leakcheck' was echoed (a helper's find)."""
     items = _multi(ds, "ViewCodeSequence")
     meaning = str(_value(items[0], "CodeMeaning", "") if items else "").upper()
-    if not re.search(r"\b(LATERAL|OBLIQUE|DECUBITUS)\b", meaning):  # whole words: not "bilateral"
+    found = re.search(r"\b(LATERAL|OBLIQUE|DECUBITUS)\b", meaning)  # whole words: not "bilateral"
+    if found is None:
         return None
-    return re.sub(r"[^A-Z ]", "", meaning)[:32].strip() or None
+    word = found.group(1).lower()
+    return f"{'an' if word == 'oblique' else 'a'} {word}"
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -745,7 +749,8 @@ def _pixels(ds: Any, info: DicomInfo, shape: tuple[int, int], window_index: int,
         center, width = _float(centers[index]), _float(widths[index])
         function = _code(ds, "VOILUTFunction") or "LINEAR"
         if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
-            notes.append(f"unknown VOI LUT Function {_shown(function)}; LINEAR was used")
+            # as sent: upper-cased, a 'Jane Doe' read as a code string
+            notes.append(f"unknown VOI LUT Function {_shown(_sent(ds, 'VOILUTFunction'))}; LINEAR was used")
             function = "LINEAR"
         if center is not None and width is not None:
             display = _window(values, center, width, function)

@@ -285,6 +285,26 @@ def test_tag_values_are_shown_only_as_sent_code_strings() -> None:
     ds.Modality, ds.ViewPosition = "DX", "ll"
     lateral = prepare(D.to_bytes(ds), CONFIG)
     assert lateral.refusal is not None and lateral.refusal[0] == "dicom_view" and "'(invalid value)'" in lateral.refusal[1]
+    # Free text in other tags a message or `image.dicom` names (a helper's finds: all three were echoed).
+    from pydicom.dataset import Dataset
+
+    ds.ViewPosition, ds.VOILUTFunction = "PA", "Alice Leakcheck"  # answered, with a warning about the function
+    warned = prepare(D.to_bytes(ds), CONFIG)
+    assert warned.refusal is None and "unknown VOI LUT Function (invalid value); LINEAR was used" in warned.warnings
+    del ds.VOILUTFunction
+    ds.PhotometricInterpretation = "Alice Leakcheck"
+    assert _refusal(D.to_bytes(ds)) == ("unsupported_format", "photometric interpretation (invalid value) is not "
+                                        "supported; radiographs are MONOCHROME1 or MONOCHROME2")
+    ds.PhotometricInterpretation, ds.Modality = "Alice Leakcheck", "CT"  # refused by its tags: `image.dicom` shown
+    assert prepare(D.to_bytes(ds), CONFIG).dicom.photometric_interpretation == "(invalid value)"
+    ds.PhotometricInterpretation, ds.Modality, ds.ViewPosition = "MONOCHROME2", "DX", None
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "R-10232", "SRT", "lateral view of Alice Leakcheck"
+    ds.ViewCodeSequence = [code]
+    coded = prepare(D.to_bytes(ds), CONFIG)
+    assert coded.refusal is not None and coded.refusal[1].startswith("the View Code Sequence (0054,0220) names a "
+                                                                     "lateral view: only frontal views")
+    assert all("ALICE" not in text.upper() for text in (*coded.refusal, *coded.warnings, str(coded.dicom)))
 
 
 def test_sigmoid_window_and_preamble_left_out() -> None:
@@ -438,7 +458,7 @@ def test_native_pixels_short_of_the_header_colour_depth_and_coded_views_are_name
     lateral.ViewCodeSequence = [code]
     refused = prepare(D.to_bytes(lateral), CONFIG)
     assert refused.refusal is not None and refused.refusal[0] == "dicom_view", refused.refusal
-    assert "'RIGHT LATERAL'" in refused.refusal[1]
+    assert "names a lateral view" in refused.refusal[1]
     for frontal in ("postero-anterior", "bilateral postero-anterior"):
         code.CodeMeaning = frontal
         assert prepare(D.to_bytes(lateral), CONFIG).refusal is None, frontal
