@@ -384,6 +384,7 @@ def test_client_identifiers_are_logged_only_when_enabled(secured: ServerProcess)
     assert line["file_names"] == [markers["file name"]] and line["client_request_id"] == line["request_id"]
     logs = secured.logs()
     assert markers["payload (good image)"] not in logs and markers["payload (bad upload)"] not in logs
+    assert "Exception on /classify" not in logs  # a refused upload is a request line, not an ERROR traceback
 
 
 # --------------------------------------------------------------------------- gRPC
