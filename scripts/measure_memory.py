@@ -37,7 +37,7 @@ import psutil
 from core.cli import bounded, output_file
 from harness.loadgen import encode_requests, run_load
 from harness.paths import ROOT
-from harness.payloads import PlannedRequest, build_samples, encode_multipart, request_plan
+from harness.payloads import PlannedRequest, api_key_headers, build_samples, encode_multipart, request_plan
 from harness.processes import MB, WORKER_MODULE
 from harness.servers import exit_with, kill_group, model_store, start_server
 
@@ -153,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             pid = server.process.pid
             # What the server runs, as it reports it: PNEUMONIA_WORKERS or a settings file may set it (the count
             # derived here from --workers alone recorded 2 workers for a 1-worker server, and sized the pod by it).
-            workers = httpx.post(server.url + "/health", timeout=60).json()["workers"]
+            health = httpx.post(server.url + "/health", headers=api_key_headers(), timeout=60)
+            if health.status_code != 200:  # PROTECT_HEALTH with keys: the load's key ($PNEUMONIA_API_KEY) opens it
+                print(f"error: /health answered {health.status_code}; with API keys on, set PNEUMONIA_API_KEY to "
+                      "one of them", file=sys.stderr)
+                return 1
+            workers = health.json()["workers"]
             report["settings"] = {"workers": workers, "env": env}
             time.sleep(2.0)
             report["idle"] = snapshot(pid)

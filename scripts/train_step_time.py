@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--arch", action="append", choices=list(ModelSpec.model_fields["arch"].annotation.__args__),
                    help="architecture (repeat; default: mobilenet_v3_small and resnet18)")
     p.add_argument("--threads", type=bounded(int, 1), default=2)
-    p.add_argument("--batch-size", type=bounded(int, 2), default=64)  # BatchNorm trains on 2 or more
+    p.add_argument("--batch-size", type=bounded(int, 1), default=64)
     p.add_argument("--image-size", type=bounded(int, 1), default=224)
     p.add_argument("--steps", type=bounded(int, 1), default=5)
     args = p.parse_args()

@@ -260,6 +260,7 @@ def test_soak_refuses_numbers_that_measure_nothing(argv: list[str], words: str,
     (["--pid", "1"], "--pid goes with --url"),  # it measured init's process tree instead of the started server
     (["--url", "http://127.0.0.1:1", "--workers", "2"], "--workers sets a started server's workers"),  # ignored
 ])
+@pytest.mark.timeout(120)  # refused at once; without the check a soak of a started server would run
 def test_soak_refuses_options_that_do_not_go_together(argv: list[str], words: str,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -514,6 +515,7 @@ def test_output_paths_are_checked_before_the_work(command: str, option: str, kin
     ("profile_service", ["--clients", "0"], "argument --clients: must be >= 1, not 0"),  # "0.0 images/s", exit 0
     ("loadtests.grpc_vs_http_latency", ["--grpc-url", "127.0.0.1:1"], "--grpc-url goes with --url"),  # ignored
 ])
+@pytest.mark.timeout(120)  # refused at once; without the checks a server would start and be loaded
 def test_options_that_measure_nothing_or_something_else_are_refused(command: str, argv: list[str], words: str,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     main = importlib.import_module(command).main if command.startswith("loadtests.") else script(command).main
@@ -712,6 +714,7 @@ def test_a_sequential_benchmark_whose_server_cannot_start_says_why(production_ta
     (["--variant", "a=PNEUMONIA_WORKERS=1", "--variant", "a=PNEUMONIA_WORKERS=2"],
      "--variant names a more than once"),  # the first was dropped without a word
 ])
+@pytest.mark.timeout(120)  # refused at once; without the checks a whole benchmark would run
 def test_benchmark_refuses_a_name_with_a_folder_and_an_empty_system_list(argv: list[str], words: str,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from loadtests.benchmark import main

@@ -446,17 +446,32 @@ def test_the_page_says_what_the_gate_does_uses_a_typed_key_and_announces_warning
             wait_for(browser, lambda d: not notice.is_displayed())
     browser.execute_script("window.fetch = window.__realFetch;")
 
-    # A key typed and not used yet is used by choosing a file.
+    # Every text the live region is given, in order (a retry's lasts a second).
+    browser.execute_script("""
+      window.__said = [];
+      new MutationObserver(() => window.__said.push(document.getElementById("progress").textContent))
+        .observe(document.getElementById("progress"), {childList: true, characterData: true, subtree: true});""")
+
+    # A key typed and not used yet is used by choosing a file; one that cannot be a key is not sent, and said so.
     browser.find_element(By.ID, "forget-key").click()
-    browser.find_element(By.ID, "api-key").send_keys(API_KEY)
+    field = browser.find_element(By.ID, "api-key")
+    field.send_keys("too-short")
     xray = sample_xrays(1, offset=126)[0]
-    small = tmp_path / "small.png"
+    card = upload(browser, xray)
+    assert visible_text(card, ".error").startswith("The key typed above is not an API key"), visible_text(card, ".error")
+    field.clear()
+    field.send_keys(API_KEY)
+    small, blank = tmp_path / "small.png", tmp_path / "blank.png"
     Image.open(xray).convert("L").resize((100, 100)).save(small)
+    Image.new("L", (100, 100), 128).save(blank)
     card = upload(browser, small)
     assert card.get_attribute("data-state") == "done", visible_text(card, ".error")
     assert browser.find_element(By.ID, "key-status").text == "A key is set for this tab."
     progress = browser.find_element(By.ID, "progress").text
     assert "Warning: low resolution (100x100)" in progress, progress  # announced, not only shown
+    card = upload(browser, blank)
+    progress = browser.find_element(By.ID, "progress").text
+    assert card.get_attribute("data-state") == "refused" and "(blank)" in progress and "Warning: low resolution" in progress
 
     # A name with a right-to-left override is isolated from the sentence; a server still starting says so.
     browser.execute_script("""
@@ -476,9 +491,9 @@ def test_the_page_says_what_the_gate_does_uses_a_typed_key_and_announces_warning
       window.dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));""",
                            base64.b64encode(xray.read_bytes()).decode())
     card = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results > li")[-1])
-    wait_for(browser, lambda d: "The server is still starting; trying again in 1 s" in card.text
-             or card.get_attribute("data-state") != "working")
     wait_for(browser, lambda d: card.get_attribute("data-state") == "done")
+    said = browser.execute_script("return window.__said")
+    assert "\u2068\u202epatient.jpeg\u2069: the server is still starting; trying again in 1 s." in said, said
     progress = browser.find_element(By.ID, "progress").get_attribute("textContent")
     assert progress.startswith("\u2068\u202epatient.jpeg\u2069: "), repr(progress)
     browser.execute_script("window.fetch = window.__realFetch;")

@@ -116,8 +116,9 @@
     }
     if (validity.mode === "warn") {
       return "This server's validity gate only warns: an image it would refuse (not a frontal chest X-ray, blank, "
-        + "inverted, rotated, a crop) still gets a verdict, with a warning naming the check it failed. Read each "
-        + "result's warnings before its verdict.";
+        + "inverted, rotated, a crop) still gets a verdict, with a warning naming the check it failed (a DICOM whose "
+        + "tags name another modality, view or body part is still refused). Read each result's warnings before its "
+        + "verdict.";
     }
     if (validity.fitted === false) {
       return "The model this server serves has no validity gate: an image that is not a frontal chest X-ray may "
