@@ -435,7 +435,7 @@ APIMethod._local_call = _cached_local_call  # type: ignore[method-assign]
 # model routes (a warming worker holds them briefly, then answers 503).
 PneumoniaClassifier.add_asgi_middleware(HttpGuard, settings=SETTINGS, upload_routes={"/classify": "images", "/explain": "image"},
                                         explain_slots={"/explain": EXPLAIN_SLOTS}, decoders={"/classify": _decoded, "/explain": _decoded_for_explain},
-                                        decode_pool=DECODE_POOL)
+                                        decode_pool=DECODE_POOL, openapi=lambda: PneumoniaClassifier.openapi_spec.asdict())
 # The web page (serving/ui/): static files, no build step, nothing fetched from elsewhere.
 PneumoniaClassifier.mount_asgi_app(ui.app, path=ui.PATH, name="ui")
 # BentoML's request metrics carry the route, not the raw path: a scanner's URLs cannot grow /metrics without bound.

@@ -432,3 +432,39 @@ def test_a_server_whose_explainers_fail_says_so_and_still_classifies(production_
         assert trailing["pneumonia-reject-reasons"] == "explain_unavailable" and "retry-after" not in trailing
     finally:
         server.stop()
+
+
+def test_real_answers_validate_against_the_published_openapi_document(live: ServerProcess, tmp_path: Path) -> None:
+    """A helper checked real answers against /docs.json with jsonschema: every error body failed (BentoML declared
+    `detail` a string), and so did a refused image's explanation and every /health (`null` dropped from optional
+    fields); the document claimed OpenAPI 3.0.2 while writing 3.1's JSON Schema. The guard now publishes it mended."""
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    from serving.http.openapi import published
+
+    spec = httpx.get(live.url + "/docs.json", timeout=60).json()
+    assert spec["openapi"] == "3.1.0" and "securitySchemes" not in spec["components"]  # no keys on this server
+    registry = Registry().with_resource("urn:spec", Resource.from_contents(spec, default_specification=DRAFT202012))
+
+    def check(path: str, status: int, response: httpx.Response) -> None:
+        assert response.status_code == status, response.text
+        declared = spec["paths"][path]["post"]["responses"][str(status)]
+        assert "X-Request-ID" in declared["headers"] and response.headers["x-request-id"]
+        assert "schema" in declared["content"]["application/json"]
+        where = f"urn:spec#/paths/~1{path[1:]}/post/responses/{status}/content/application~1json/schema"  # in place
+        validator = Draft202012Validator({"$ref": where}, registry=registry)
+        errors = [e.message for e in validator.iter_errors(response.json())]
+        assert not errors, (path, status, errors[:3])
+
+    xray, blank = sample_xrays(1, offset=140)[0].read_bytes(), encode(Image.new("L", (300, 300), 128), "PNG")
+    check("/explain", 200, explain_http(live.url, xray))
+    check("/explain", 200, explain_http(live.url, blank))  # refused: heatmap null
+    check("/classify", 200, classify_http(live.url, xray))
+    check("/classify", 400, classify_http(live.url, b"not an image"))
+    check("/explain", 413, explain_http(live.url, bytes(70 * 2**20)))
+    check("/health", 200, httpx.post(live.url + "/health", timeout=60))  # site_calibration null
+    keyed = published(spec, {"/classify": "images", "/explain": "image"}, keys=True, protect_health=False)
+    assert keyed["components"]["securitySchemes"]["ApiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert "401" in keyed["paths"]["/classify"]["post"]["responses"] and "security" not in keyed["paths"]["/health"]["post"]

@@ -23,6 +23,7 @@ Registered in service.py with `PneumoniaClassifier.add_asgi_middleware(HttpGuard
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from serving import request_log
 from serving.explain import ExplainRefused, ExplainSlots
 from serving.http.admission import PROBE_PATHS, SYSTEM_PATHS, Admission
 from serving.http.body import ClientGone, read_body
+from serving.http.openapi import OPENAPI_PATH, published
 from serving.http.decoding import PREDECODED, Predecoder
 from serving.http.responses import (
     REFUSED,
@@ -74,7 +76,7 @@ class HttpGuard:
     def __init__(self, app: ASGIApp, settings: ServingSettings, upload_routes: dict[str, str],
                  explain_slots: dict[str, ExplainSlots] | None = None,
                  decoders: dict[str, Callable[[bytes, float], Any]] | None = None,
-                 decode_pool: Executor | None = None) -> None:
+                 decode_pool: Executor | None = None, openapi: Callable[[], dict[str, Any]] | None = None) -> None:
         self.app = app
         self.settings = settings
         self.upload_routes = dict(upload_routes)
@@ -94,6 +96,9 @@ class HttpGuard:
         logging.getLogger("python_multipart").setLevel(logging.ERROR)  # our 400s say it; no warning per bad body
         self.known_routes = set(SYSTEM_PATHS | {"/health"} | set(self.upload_routes))
         self.entry: ASGIApp = self._checked
+        # /docs.json as the service answers (serving/http/openapi.py), made once on the first request for it
+        self.openapi = openapi
+        self._openapi_body: bytes | None = None
         if security.cors.allow_origins:
             self.entry = CORSMiddleware(
                 self._checked,
@@ -161,6 +166,14 @@ class HttpGuard:
             await send_json(send, 400, error_body("the client disconnected before its upload arrived",
                                                   [{"type": "client_gone", "loc": [], "msg": "client disconnected"}]), {})
             call.status = 499  # the log's name for it (nginx's), not the status that was never delivered
+            return
+        if scope["path"] == OPENAPI_PATH and scope["method"] == "GET" and self.openapi is not None:
+            if self._openapi_body is None:
+                security = self.settings.security
+                self._openapi_body = json.dumps(published(
+                    self.openapi(), self.upload_routes, keys=bool(security.keys()),
+                    protect_health=security.protect_health)).encode()
+            await send_json(send, 200, self._openapi_body, {})
             return
         slots = self.explain_slots.get(scope["path"]) if field_name is not None else None
         held = False
