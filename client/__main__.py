@@ -64,7 +64,8 @@ def _seconds(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--grpc", action="store_true", help="use the gRPC endpoint instead of HTTP")
-    common.add_argument("--url", help="http://host:port (HTTP) or host:port (gRPC)")
+    common.add_argument("--url", help="http://host:port (HTTP) or host:port (gRPC); default $PNEUMONIA_URL or "
+                        "http://127.0.0.1:3000, with --grpc $PNEUMONIA_GRPC_URL or 127.0.0.1:3001")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
     common.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for an answer (default 60)")
     common.add_argument("--api-key", default=os.environ.get("PNEUMONIA_API_KEY"),
