@@ -747,10 +747,10 @@ def _pixels(ds: Any, info: DicomInfo, shape: tuple[int, int], window_index: int,
     if display is None and centers and widths:
         index = _choose(window_index, min(len(centers), len(widths)), "window", notes)
         center, width = _float(centers[index]), _float(widths[index])
-        function = _code(ds, "VOILUTFunction") or "LINEAR"
+        sent = _sent(ds, "VOILUTFunction")  # read once: checked upper-cased, shown as sent ('Jane Doe' not 'JANE DOE')
+        function = (sent or "LINEAR").upper()
         if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
-            # as sent: upper-cased, a 'Jane Doe' read as a code string
-            notes.append(f"unknown VOI LUT Function {_shown(_sent(ds, 'VOILUTFunction'))}; LINEAR was used")
+            notes.append(f"unknown VOI LUT Function {_shown(sent)}; LINEAR was used")
             function = "LINEAR"
         if center is not None and width is not None:
             display = _window(values, center, width, function)

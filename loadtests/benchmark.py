@@ -48,6 +48,7 @@ and the spread over the runs (median, min-max; loadtests/spread.py), copied into
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -496,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     variants = dict(named)
     if len(variants) < len(named):  # the last of a name replaced the others without a word
-        twice = sorted({name for name, _ in named if [n for n, _ in named].count(name) > 1})
+        twice = sorted(name for name, count in collections.Counter(name for name, _ in named).items() if count > 1)
         print(f"--variant names {', '.join(twice)} more than once; give each variant its own name", file=sys.stderr)
         return 2
     command = "python -m loadtests.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -277,6 +277,12 @@ def _unreadable() -> tuple[type[BaseException], ...]:
 _UNREADABLE = _unreadable()
 
 
+def names_production(ref: str) -> bool:
+    """Whether `ref` is the alias 'production', in any case ('PRODUCTION' was read as a version: versions are lower
+    case)."""
+    return ref.strip().lower() == PRODUCTION
+
+
 def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
     """'production', 'latest', a version or a full tag -> an existing full tag."""
     if not ref.strip() or ref.strip().endswith(":"):
@@ -284,7 +290,7 @@ def resolve_tag(ref: str = PRODUCTION, name: str = MODEL_NAME) -> str:
     if ref.strip() == name:  # BentoML would read it as the version 'pneumonia-classifier' of the model
         raise RegistryError(f"{ref!r} is the model's name, not one of its versions: give 'production', 'latest', a "
                             f"version or {name}:VERSION (python -m models_registry list)")
-    if ref.strip().lower() == PRODUCTION:  # 'PRODUCTION' was read as a version (versions are lower case)
+    if names_production(ref):
         tag = production_tag(name)
         if tag is None:
             versions = _versions(name)
@@ -695,7 +701,7 @@ def resolve_service_tag(ref: str, service_dir: Path, name: str = MODEL_NAME) -> 
     serves what it was built with; elsewhere it is the store's promoted model.
     """
     manifest = service_dir.parent / "bento.yaml"
-    if ref.strip().lower() == PRODUCTION and manifest.is_file():
+    if names_production(ref) and manifest.is_file():
         import yaml
 
         info = yaml.safe_load(manifest.read_text())

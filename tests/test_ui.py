@@ -245,17 +245,7 @@ def test_clearing_ends_a_wait_before_a_retry_and_counts_each_file_once(browser, 
     from selenium.webdriver.common.by import By
 
     open_page(browser, keyed_server, API_KEY)
-    browser.execute_script("""
-      const real = window.fetch;
-      let busy = true;  // the server's first answer: busy, retry after 30 s
-      window.fetch = (url, options) => {
-        if (busy && String(url).endsWith("/explain")) {
-          busy = false;
-          return Promise.resolve(new Response(JSON.stringify({error: "busy"}),
-            {status: 503, headers: {"Retry-After": "30", "Content-Type": "application/json"}}));
-        }
-        return real(url, options);
-      };""")
+    _first_explain_answered(browser, 503, {"error": "busy"}, retry_after_s=30)  # busy, retry after 30 s
     xrays = sample_xrays(1, offset=150)
     browser.find_element(By.ID, "files").send_keys(str(xrays[0]))
     wait_for(browser, lambda d: "trying again in 30 s" in d.find_element(By.CSS_SELECTOR, "#results > li .state").text)
@@ -283,6 +273,23 @@ def _answering_with(browser, changes_js: str) -> None:
         """ + changes_js + """
         return new Response(JSON.stringify(body), {status: 200, headers: {"Content-Type": "application/json"}});
       };""")
+
+
+def _first_explain_answered(browser, status: int, body: dict, retry_after_s: int) -> None:
+    """The page's next /explain call gets this answer (with Retry-After) instead of the server's, the calls after it
+    the server's own: how the page waits and retries on statuses the server does not give on demand is under test."""
+    browser.execute_script("""
+      const [status, body, wait] = arguments;
+      window.__realFetch = window.__realFetch || window.fetch;
+      let first = true;
+      window.fetch = (url, options) => {
+        if (first && String(url).endsWith("/explain")) {
+          first = false;
+          return Promise.resolve(new Response(JSON.stringify(body),
+            {status, headers: {"Retry-After": String(wait), "Content-Type": "application/json"}}));
+        }
+        return window.__realFetch(url, options);
+      };""", status, body, retry_after_s)
 
 
 def test_the_verdict_and_its_numbers_never_disagree_near_the_threshold(browser, keyed_server: ServerProcess) -> None:
@@ -358,17 +365,8 @@ def test_a_rate_limited_file_waits_as_asked_and_files_dropped_anywhere_are_expla
     from selenium.webdriver.common.by import By
 
     open_page(browser, keyed_server, API_KEY)
-    browser.execute_script("""
-      window.__realFetch = window.__realFetch || window.fetch;
-      let limited = true;  // the first answer: this browser is over its rate limit, retry after 1 s
-      window.fetch = (url, options) => {
-        if (limited && String(url).endsWith("/explain")) {
-          limited = false;
-          return Promise.resolve(new Response(JSON.stringify({detail: [{type: "rate_limited", msg: "slow down"}]}),
-            {status: 429, headers: {"Retry-After": "1", "Content-Type": "application/json"}}));
-        }
-        return window.__realFetch(url, options);
-      };""")
+    # the first answer: this browser is over its rate limit, retry after 1 s
+    _first_explain_answered(browser, 429, {"detail": [{"type": "rate_limited", "msg": "slow down"}]}, retry_after_s=1)
     xray = sample_xrays(1, offset=125)[0]
     browser.find_element(By.ID, "files").send_keys(str(xray))
     card = wait_for(browser, lambda d: (d.find_elements(By.CSS_SELECTOR, "#results > li") or [None])[-1])
@@ -474,17 +472,8 @@ def test_the_page_says_what_the_gate_does_uses_a_typed_key_and_announces_warning
     assert card.get_attribute("data-state") == "refused" and "(blank)" in progress and "Warning: low resolution" in progress
 
     # A name with a right-to-left override is isolated from the sentence; a server still starting says so.
+    _first_explain_answered(browser, 503, {"detail": [{"type": "not_ready", "msg": "loading"}]}, retry_after_s=1)
     browser.execute_script("""
-      window.__realFetch = window.__realFetch || window.fetch;
-      let starting = true;
-      window.fetch = (url, options) => {
-        if (starting && String(url).endsWith("/explain")) {
-          starting = false;
-          return Promise.resolve(new Response(JSON.stringify({detail: [{type: "not_ready", msg: "loading"}]}),
-            {status: 503, headers: {"Retry-After": "1", "Content-Type": "application/json"}}));
-        }
-        return window.__realFetch(url, options);
-      };
       const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
       const files = new DataTransfer();
       files.items.add(new File([bytes], "\u202epatient.jpeg", {type: "image/jpeg"}));

@@ -157,9 +157,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     never sent their message, and keyed Classify calls and even health checks were refused until the holder
     disconnected, while HTTP's probes read ready. Here a call of one request message counts only once that message
     has arrived (its behaviour runs); streams (which start before their first message) have a pool of their own,
-    and health `Check` (a probe) is never counted. Inside the metrics interceptor, so refusals are counted. grpcio's cap stays as a backstop at twice the call limit plus
-    the streams (`grpcio_call_cap`): a client holding that many calls without their messages still locks the
-    worker's gRPC port until it disconnects (HTTP ends such uploads after PNEUMONIA_TIMEOUT_S)."""
+    and health `Check` (a probe) is never counted. Inside the metrics interceptor, so refusals are counted.
+    grpcio's cap stays as a backstop at twice the call limit plus the streams (`grpcio_call_cap`): a client
+    holding that many calls without their messages still locks the worker's gRPC port until it disconnects (HTTP
+    ends such uploads after PNEUMONIA_TIMEOUT_S)."""
 
     def __init__(self, calls: int, streams: int, exempt: Iterable[str]) -> None:
         self.limits = {"calls": calls, "streams": streams}

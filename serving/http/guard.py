@@ -167,7 +167,7 @@ class HttpGuard:
                                                   [{"type": "client_gone", "loc": [], "msg": "client disconnected"}]), {})
             call.status = 499  # the log's name for it (nginx's), not the status that was never delivered
             return
-        if scope["path"] == OPENAPI_PATH and scope["method"] == "GET" and self.openapi is not None:
+        if self.openapi is not None and scope["path"] == OPENAPI_PATH and scope["method"] == "GET":
             if self._openapi_body is None:
                 security = self.settings.security
                 self._openapi_body = json.dumps(published(

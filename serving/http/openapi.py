@@ -56,7 +56,7 @@ def published(spec: dict[str, Any], upload_routes: dict[str, str], keys: bool, p
     for name in ("InvalidArgument", "NotFound", "InternalServerError"):  # BentoML's, with `detail` a string
         components[name] = error
     answers = {"/explain": ("Explanation", Explanation), "/health": ("ModelInfo", ModelInfo)}
-    for path, (name, model) in answers.items():
+    for name, model in answers.values():
         components[name] = _schema(model, components)
         components.pop(f"{name}IODescriptor", None)
     if keys:
@@ -70,14 +70,14 @@ def published(spec: dict[str, Any], upload_routes: dict[str, str], keys: bool, p
             responses = operation["responses"] = {str(k): v for k, v in operation.get("responses", {}).items()}
             for response in responses.values():  # the guard gives every answer one
                 response["headers"] = {**response.get("headers", {}), **_REQUEST_ID}
-            if "200" in responses:
-                if path in answers:
-                    responses["200"]["content"] = {"application/json": {"schema": {
-                        "$ref": _REF.format(model=answers[path][0])}}}
+            if "200" in responses and path in answers:
+                responses["200"]["content"] = {"application/json": {"schema": {
+                    "$ref": _REF.format(model=answers[path][0])}}}
             protected = path in upload_routes or (path == "/health" and protect_health)
             if keys and protected:
                 operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
                 responses["401"] = _response("unauthorized: no API key, or not one of the server's", {})
             if path in upload_routes:
-                responses.update({status: _response(text, headers) for status, (text, headers) in _UPLOAD_ERRORS.items()})
+                responses.update({status: _response(text, headers)
+                                  for status, (text, headers) in _UPLOAD_ERRORS.items()})
     return spec
